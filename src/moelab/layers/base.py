@@ -1,0 +1,205 @@
+"""Contracts shared by every routed FFN-slot layer (MoE, PEER, PKM).
+
+Shape legend used in names and docstrings across ``moelab.layers``:
+
+    T  tokens (all leading dims of ``x`` flattened)     D  model dim
+    F  expert hidden dim                                E  experts
+    K  top-k (experts per token for TopK routing)       N  flat (token, expert) assignments
+    H  heads (PEER / PKM retrieval heads)               S  sub-keys per half (sqrt of #experts)
+    C  candidates per head (k*k in product-key search)
+
+A routed layer is a drop-in for an FFN: ``y = layer(x)`` with ``x: [..., D]``; an optional keyword
+``token_mask`` (bool, same leading shape, True = real token) excludes padding from losses and
+statistics. Everything else a layer produces is *recorded on the layer* rather than returned:
+
+* ``layer.aux_losses``: raw (un-weighted) auxiliary losses of the last grad-enabled training forward,
+  keyed by name (``"load_balance"``, ``"z_loss"``, ``"remoe_l1"``). Each is already normalised by the
+  layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L`` of the
+  papers) and :func:`weighted_aux_loss` multiplies by coefficients.
+* ``layer.aux_coefficients``: the fixed coefficient of each loss this layer makes. A loss whose
+  coefficient is adaptive (ReMoE's L1, driven by :class:`~moelab.layers.SparsityController`) is
+  absent here and supplied by the caller.
+* ``layer.last_stats``: a detached :class:`RoutingStats`, refreshed only by training forwards with
+  grad enabled (or while ``layer.force_stats`` is set, which is how evaluation passes collect their
+  own statistics) so that eval passes never pollute training counters.
+* ``layer.routing_observer``: optional callback ``f(layer, decision, x_TD)`` called on every forward
+  (training or not) - analysis uses it to see per-token routing without recomputing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What any router hands to any dispatcher: a flat list of (token, expert, weight) assignments.
+
+    The flat form fits both fixed top-k routing and ReLU routing, where each token activates a
+    variable number of experts. Assignments are in no particular order; dispatchers sort them.
+
+    Attributes:
+        token_idx_N: long ``[N]`` row of the flattened input each assignment reads.
+        expert_idx_N: long ``[N]`` expert id in ``[0, E)``.
+        weight_N: ``[N]`` gate weight multiplying the expert output (carries gradient).
+        tokens_per_expert_E: long ``[E]`` histogram of ``expert_idx_N`` (after any dropping).
+        num_tokens: T, rows of the flattened input (including padding rows).
+        num_experts: E.
+        dropped: number of assignments removed by a capacity limit (0 for dropless).
+    """
+
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    weight_N: Tensor
+    tokens_per_expert_E: Tensor
+    num_tokens: int
+    num_experts: int
+    dropped: int | Tensor = 0
+
+    @property
+    def num_assignments(self) -> int:
+        return int(self.token_idx_N.numel())
+
+
+@dataclass
+class RoutingStats:
+    """Detached routing statistics of one forward of one layer (all counts over valid tokens).
+
+    Counts (not fractions) are kept so that statistics from several micro-batches, layers or ranks
+    can be summed exactly before dividing.
+    """
+
+    num_tokens: Tensor  # valid tokens seen
+    num_experts: int
+    tokens_per_expert: Tensor | None = None  # long [E]; None for layers with too many experts
+    router_nonzero: Tensor | None = None  # (token, expert) router outputs > 0 (selected for TopK)
+    router_total: Tensor | None = None  # valid tokens * E
+    active_min: Tensor | None = None  # active experts per token
+    active_max: Tensor | None = None
+    active_sum: Tensor | None = None
+    dropped: Tensor | None = None  # assignments dropped by capacity
+    assigned: Tensor | None = None  # assignments before dropping
+    distinct_experts: Tensor | None = None  # PEER/PKM: distinct experts hit in this forward
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of router outputs that are exactly zero (ReMoE's S for this layer)."""
+        if self.router_nonzero is None or self.router_total is None:
+            return float("nan")
+        total = float(self.router_total)
+        return 1.0 - float(self.router_nonzero) / total if total > 0 else float("nan")
+
+    @property
+    def active_mean(self) -> float:
+        if self.active_sum is None:
+            return float("nan")
+        n = float(self.num_tokens)
+        return float(self.active_sum) / n if n > 0 else float("nan")
+
+    @property
+    def dropped_fraction(self) -> float:
+        if self.dropped is None or self.assigned is None or float(self.assigned) == 0:
+            return 0.0
+        return float(self.dropped) / float(self.assigned)
+
+    def as_dict(self) -> dict[str, float | list[int]]:
+        """Plain-Python view for logs (this is where a device sync happens, once)."""
+        out: dict[str, float | list[int]] = {"num_tokens": float(self.num_tokens)}
+        if self.router_nonzero is not None:
+            out["sparsity"] = self.sparsity
+        if self.active_sum is not None:
+            out["active_mean"] = self.active_mean
+            out["active_min"] = float(self.active_min)
+            out["active_max"] = float(self.active_max)
+        if self.dropped is not None:
+            out["dropped_fraction"] = self.dropped_fraction
+        if self.tokens_per_expert is not None:
+            out["tokens_per_expert"] = [int(v) for v in self.tokens_per_expert.tolist()]
+        if self.distinct_experts is not None:
+            out["distinct_experts"] = float(self.distinct_experts)
+        for k, v in self.extra.items():
+            out[k] = float(v)
+        return out
+
+
+RoutingObserver = Callable[["RoutedLayer", RoutingDecision, Tensor], None]
+
+
+class RoutedLayer(nn.Module):
+    """Base class of every layer that routes tokens; see the module docstring for the contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_losses: dict[str, Tensor] = {}
+        self.aux_coefficients: dict[str, float] = {}
+        self.last_stats: RoutingStats | None = None
+        self.force_stats: bool = False
+        self.routing_observer: RoutingObserver | None = None
+
+    def should_record(self) -> bool:
+        """Statistics and aux losses come only from training forwards with grad (or when forced)."""
+        return (self.training and torch.is_grad_enabled()) or self.force_stats
+
+
+def routed_layers(model: nn.Module) -> list[RoutedLayer]:
+    """All routed layers of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, RoutedLayer)]
+
+
+def collect_aux_losses(layers: Iterable[RoutedLayer]) -> dict[str, Tensor]:
+    """Average each named aux loss over the layers that produced it (the ``1/L`` of the papers).
+
+    Averaging per name keeps each layer's balance term computed from its own statistics; layers are
+    never concatenated before the loss (PITFALLS: per-layer load balancing).
+    """
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for layer in layers:
+        for name, value in layer.aux_losses.items():
+            sums[name] = sums[name] + value if name in sums else value
+            counts[name] = counts.get(name, 0) + 1
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def aux_coefficients(layers: Iterable[RoutedLayer]) -> dict[str, float]:
+    """Fixed coefficients by loss name (the first layer that declares one wins; they agree)."""
+    coefs: dict[str, float] = {}
+    for layer in layers:
+        for name, c in layer.aux_coefficients.items():
+            coefs.setdefault(name, c)
+    return coefs
+
+
+def weighted_aux_loss(
+    losses: dict[str, Tensor],
+    coefficients: dict[str, float],
+    adaptive: dict[str, float | Tensor] | None = None,
+) -> Tensor | None:
+    """``Σ coef·loss`` over named aux losses; ``adaptive`` supplies coefficients such as ReMoE's λ.
+
+    A loss with no coefficient at all is an error, not silently dropped.
+    """
+    adaptive = adaptive or {}
+    total: Tensor | None = None
+    for name, value in losses.items():
+        if name in adaptive:
+            coef = adaptive[name]
+        elif name in coefficients:
+            coef = coefficients[name]
+        else:
+            raise KeyError(f"aux loss {name!r} has no coefficient (pass it in `adaptive`)")
+        term = value * coef
+        total = term if total is None else total + term
+    return total
+
+
+def clear_routing_state(layers: Iterable[RoutedLayer]) -> None:
+    """Forget aux losses and stats (e.g. before an evaluation pass)."""
+    for layer in layers:
+        layer.aux_losses = {}
+        layer.last_stats = None
