@@ -1,0 +1,317 @@
+"""A LLaMA-style decoder LM with a swappable FFN slot, readable top to bottom.
+
+    tokens ─► embedding ─► n_layers × Block ─► RMSNorm ─► LM head ─► logits
+    Block:  x = x + Attention(RMSNorm(x))        (GQA, RoPE, causal SDPA)
+            x = x + FFN(RMSNorm(x), token_mask)   (DenseFFN | MoE | PEER | PKM)
+
+Shape legend: B batch, L sequence (new tokens), P cached positions, D d_model, H query heads,
+G key/value heads (GQA groups), Hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moelab.layers.base import RoutedLayer, routed_layers
+from moelab.layers.dense import DenseFFN
+from moelab.model.config import FFNConfig, ModelConfig
+
+# ----------------------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) · w`` (Zhang & Sennrich 2019), computed in float32 for bf16 stability."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tensor]:
+    """RoPE tables (Su et al. 2021), cos and sin ``[max_len, Hd/2]``.
+
+    Pair i turns by ``pos·base^(-2i/Hd)``. Built in float64 so that long contexts with base 1e6
+    keep exact angles; cast on use.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLd: Tensor, cos_Ld2: Tensor, sin_Ld2: Tensor) -> Tensor:
+    """Rotate the pairs ``(x[i], x[i + Hd/2])`` (the "half split" layout LLaMA checkpoints in
+    ``transformers`` use, so exported weights need no permutation)."""
+    x1, x2 = x_BHLd.chunk(2, dim=-1)
+    cos, sin = cos_Ld2.to(x_BHLd.dtype), sin_Ld2.to(x_BHLd.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every block for incremental decoding.
+
+    ``length`` is the number of positions already stored; a forward with a cache appends its L new
+    positions (at RoPE positions ``length .. length+L-1``) and then advances ``length``.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k_BGLd: Tensor, v_BGLd: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``layer``'s new keys/values; return all of them so far, ``[B, G, P+L, Hd]``."""
+        start, end = self.length, self.length + k_BGLd.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer][:, :, start:end] = k_BGLd
+        self.v[layer][:, :, start:end] = v_BGLd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention (Ainslie et al. 2023) with RoPE and no biases.
+
+    G key/value heads serve H query heads (H/G queries share one K/V); G == H is plain MHA.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self, x_BLD: Tensor, cos_Ld2: Tensor, sin_Ld2: Tensor, kv_cache: KVCache | None = None
+    ) -> Tensor:
+        B, L, _ = x_BLD.shape
+        q_BHLd = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGLd = self.wk(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGLd = self.wv(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHLd, k_BGLd = apply_rope(q_BHLd, cos_Ld2, sin_Ld2), apply_rope(k_BGLd, cos_Ld2, sin_Ld2)
+
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k_BGLd, v_BGLd = kv_cache.update(self.layer_idx, k_BGLd, v_BGLd)
+        if past == 0:  # square causal mask
+            mask, causal = None, True
+        elif L == 1:  # one new query sees every cached key
+            mask, causal = None, False
+        else:  # L new queries at positions past.., keys 0..past+L-1: bottom-right aligned mask
+            q_pos = torch.arange(past, past + L, device=x_BLD.device)
+            k_pos = torch.arange(past + L, device=x_BLD.device)
+            mask, causal = k_pos[None, :] <= q_pos[:, None], False
+        y_BHLd = F.scaled_dot_product_attention(
+            q_BHLd,
+            k_BGLd,
+            v_BGLd,
+            attn_mask=mask,
+            is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(y_BHLd.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+def build_ffn(ffn: FFNConfig, d_model: int, init_std: float) -> nn.Module:
+    """The FFN-slot module of a resolved :class:`FFNConfig` (see :meth:`ModelConfig.ffn_for`).
+
+    Routed layers are imported lazily so the model imports without them.
+    """
+    if ffn.kind == "dense":
+        return DenseFFN(d_model, ffn.d_hidden, ffn.activation, init_std=init_std)
+    if ffn.kind == "moe":
+        from moelab.layers.moe import MoE
+
+        return MoE(
+            d_model,
+            ffn.d_hidden,
+            ffn.num_experts,
+            ffn.top_k,
+            router=ffn.router,
+            granularity=ffn.granularity,
+            shared_experts=ffn.shared_experts,
+            capacity_factor=ffn.capacity_factor,
+            renormalize=ffn.renormalize,
+            softmax_after_topk=ffn.softmax_after_topk,
+            balance_coef=ffn.balance_coef,
+            z_loss_coef=ffn.z_loss_coef,
+            l1_balanced=ffn.l1_balanced,
+            activation=ffn.activation,
+            backend=ffn.backend,
+            init_std=init_std,
+        )
+    if ffn.kind == "peer":
+        from moelab.layers.peer import PEER
+
+        kwargs = dict(
+            num_experts=ffn.num_experts,
+            heads=ffn.heads,
+            top_k=ffn.top_k,
+            d_key=ffn.d_key,
+            query_batchnorm=ffn.query_batchnorm,
+            activation=ffn.activation,
+            gate=ffn.gate,
+        )
+        return PEER(d_model, **kwargs, **_init_kwarg(PEER, init_std))
+    if ffn.kind == "pkm":
+        from moelab.layers.pkm import PKM
+
+        kwargs = dict(
+            num_memories=ffn.num_memories,
+            heads=ffn.heads,
+            top_k=ffn.top_k,
+            d_key=ffn.d_key,
+            query_batchnorm=ffn.query_batchnorm,
+        )
+        return PKM(d_model, **kwargs, **_init_kwarg(PKM, init_std))
+    raise ValueError(f"unknown ffn kind {ffn.kind!r}")
+
+
+def _init_kwarg(cls: type, init_std: float) -> dict[str, float]:
+    """Pass ``init_std`` only to layers that take it (PEER/PKM may choose their own init)."""
+    return {"init_std": init_std} if "init_std" in inspect.signature(cls).parameters else {}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then the FFN slot."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = build_ffn(cfg.ffn_for(layer_idx), cfg.d_model, cfg.init_std)
+
+    def forward(
+        self,
+        x_BLD: Tensor,
+        cos_Ld2: Tensor,
+        sin_Ld2: Tensor,
+        token_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_Ld2, sin_Ld2, kv_cache)
+        return x_BLD + self.ffn(self.ffn_norm(x_BLD), token_mask=token_mask)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM; ``forward(input_ids [B, L], token_mask=None, kv_cache=None) -> [B, L, V]``.
+
+    ``token_mask`` (bool, True = real token) is handed to every FFN slot so routed layers leave
+    padding out of their losses and statistics. It is *not* an attention mask: attention is causal
+    only, which is exact for right padding (pad positions come after every real token).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"TransformerLM expects a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.activation_checkpointing = cfg.activation_checkpointing
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere (ReMoE: 0.01), norms at 1.
+
+        With ``scaled_residual_init`` the projections that write into the residual stream
+        (attention ``wo`` and the FFN/expert down projections ``w2*``) use
+        ``init_std / sqrt(2·n_layers)`` (GPT-2 / Megatron-LM, which ReMoE trains with), so the
+        residual stream's variance does not grow with depth. PEER / PKM keep their own init.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scaled_residual_init else std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for i, block in enumerate(self.blocks):
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            for norm in (block.attn_norm, block.ffn_norm):
+                nn.init.ones_(norm.weight)
+            if self.cfg.ffn_for(i).kind in ("dense", "moe"):  # DenseFFN.w2_FD, experts' w2_EFD
+                for name, p in block.ffn.named_parameters():
+                    if name.rsplit(".", 1)[-1].startswith("w2"):
+                        nn.init.normal_(p, std=out_std)
+        nn.init.ones_(self.norm.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        B, L = input_ids.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + L > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + L} positions exceeds max_seq_len={self.cfg.max_seq_len}"
+            )
+        if token_mask is not None and token_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"token_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(token_mask.shape)}"
+            )
+        cos_Ld2, sin_Ld2 = self.rope_cos[start : start + L], self.rope_sin[start : start + L]
+
+        x_BLD = self.tok_emb(input_ids)
+        use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
+        for block in self.blocks:
+            if use_ckpt:
+                x_BLD = checkpoint(
+                    block, x_BLD, cos_Ld2, sin_Ld2, token_mask, None, use_reentrant=False
+                )
+            else:
+                x_BLD = block(x_BLD, cos_Ld2, sin_Ld2, token_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += L
+        return self.lm_head(self.norm(x_BLD))
+
+    def routed_layers(self) -> list[RoutedLayer]:
+        """The MoE / PEER / PKM layers, in block order (for aux losses and routing statistics)."""
+        return routed_layers(self)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache on this model's device and dtype."""
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def num_params(self) -> int:
+        """Parameters counted once (a tied head shares the embedding)."""
+        return sum(p.numel() for p in self.parameters())
