@@ -1,0 +1,234 @@
+"""The optimizer: AdamW (Loshchilov & Hutter 2019) that also takes sparse, row-wise gradients.
+
+One :class:`torch.optim.Optimizer` object with two param groups (``decay`` and ``no_decay``) so any
+LR scheduler works unchanged. Weight decay goes to matrices only (``ndim >= 2``); norms, biases and
+other vectors are never decayed.
+
+Dense gradients get the textbook AdamW update (identical to ``torch.optim.AdamW``,
+``amsgrad=False``):
+
+    p ← p·(1 − lr·λ);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
+    p ← p − lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + ε)
+
+Sparse gradients (``torch.sparse_coo`` with ``sparse_dim == 1``: a set of rows of a ``[N, D]``
+table, as produced by ``nn.Embedding(sparse=True)``, ``F.embedding_bag(sparse=True)`` and the PEER /
+PKM layers) get **lazy** AdamW: only the rows present in the gradient are touched. For each touched
+row the same update is applied with that row's *own* step count ``t_row`` (number of steps in which
+the row received a gradient) in the bias corrections, and decoupled weight decay is applied to the
+touched rows only. Equivalently: every row follows exactly the AdamW trajectory it would follow if
+the optimizer only ever saw the steps in which that row was retrieved. A row never retrieved is
+never changed (no decay, no moment decay). With every row touched in every step this is exactly
+dense AdamW. Rows listed in a sparse gradient with an explicit zero value count as touched.
+
+Optimizer state for a sparse ``[N, D]`` table: ``exp_avg`` and ``exp_avg_sq`` (``[N, D]``, the
+parameter's dtype) and ``row_step`` (int32 ``[N]``); the update runs in row chunks so its scratch
+memory stays bounded regardless of N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SparseAdamW", "build_optimizer", "clip_grad_norm_", "optimizer_state_bytes"]
+
+_ROW_CHUNK = 8192  # rows updated per fused chunk of the sparse path (bounds scratch memory)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into ``decay`` (matrices) and ``no_decay`` (vectors/scalars)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay; dense grads exact, sparse (row) grads lazy per row.
+
+    See the module docstring for the update equations and the lazy semantics.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must each be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            beta1, beta2 = group["betas"]
+            eps, wd = float(group["eps"]), float(group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    self._sparse_step(p, p.grad, lr, beta1, beta2, eps, wd)
+                else:
+                    self._dense_step(p, p.grad, lr, beta1, beta2, eps, wd)
+        return loss
+
+    def _dense_step(
+        self, p: Tensor, g: Tensor, lr: float, beta1: float, beta2: float, eps: float, wd: float
+    ) -> None:
+        state = self.state[p]
+        if "row_step" in state:  # a table that usually gets sparse grads: treat as all rows touched
+            idx = torch.arange(p.shape[0], device=p.device)
+            self._rows_update(p, idx, g, lr, beta1, beta2, eps, wd)
+            return
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if wd != 0.0:
+            p.mul_(1.0 - lr * wd)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        bc1 = 1.0 - beta1**t
+        bc2 = 1.0 - beta2**t
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+
+    def _sparse_step(
+        self, p: Tensor, g: Tensor, lr: float, beta1: float, beta2: float, eps: float, wd: float
+    ) -> None:
+        if g.sparse_dim() != 1 or g.shape != p.shape:
+            raise ValueError(
+                f"sparse gradient must select rows (sparse_dim 1) of the parameter, got sparse_dim "
+                f"{g.sparse_dim()} and shape {tuple(g.shape)} for a {tuple(p.shape)} parameter"
+            )
+        g = g.coalesce()  # no-op for gradients built coalesced (PEER/PKM); sums duplicate rows
+        idx = g.indices()[0]
+        if idx.numel() == 0:
+            return
+        self._rows_update(p, idx, g.values(), lr, beta1, beta2, eps, wd)
+
+    def _rows_update(
+        self,
+        p: Tensor,
+        idx_U: Tensor,
+        g_UD: Tensor,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        wd: float,
+    ) -> None:
+        """Lazy AdamW on the (unique) rows ``idx_U`` of ``p`` with their gradient rows ``g_UD``."""
+        state = self.state[p]
+        if "step" in state and "row_step" not in state:
+            # a parameter that so far got dense grads: every row has had `step` updates.
+            state["row_step"] = torch.full(
+                (p.shape[0],), int(state.pop("step")), dtype=torch.int32, device=p.device
+            )
+        if not state:
+            state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        row_step, m, v = state["row_step"], state["exp_avg"], state["exp_avg_sq"]
+        p2 = p.view(p.shape[0], -1)
+        m2, v2 = m.view(p.shape[0], -1), v.view(p.shape[0], -1)
+        g2 = g_UD.reshape(idx_U.numel(), -1)
+        decay = 1.0 - lr * wd
+        for start in range(0, idx_U.numel(), _ROW_CHUNK):
+            rows = idx_U[start : start + _ROW_CHUNK]
+            gc = g2[start : start + _ROW_CHUNK]
+            t = row_step.index_select(0, rows) + 1
+            row_step.index_copy_(0, rows, t)
+            t_f = t.to(p.dtype).unsqueeze(1)
+            bc1 = 1.0 - torch.pow(beta1, t_f)  # [R, 1] per-row bias corrections
+            bc2_sqrt = (1.0 - torch.pow(beta2, t_f)).sqrt_()
+            mc = m2.index_select(0, rows).lerp_(gc, 1.0 - beta1)
+            vc = v2.index_select(0, rows).mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
+            m2.index_copy_(0, rows, mc)
+            v2.index_copy_(0, rows, vc)
+            pc = p2.index_select(0, rows)
+            if wd != 0.0:
+                pc.mul_(decay)
+            denom = vc.sqrt_().div_(bc2_sqrt).add_(eps)  # vc is scratch from here on
+            pc.addcdiv_(mc.div_(bc1), denom, value=-lr)
+            p2.index_copy_(0, rows, pc)
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """One AdamW over ``model`` (decay on matrices only) that also handles sparse row gradients.
+
+    Groups are named ``"decay"`` / ``"no_decay"`` (``group["name"]``); LR schedulers act on both.
+    """
+    return SparseAdamW(
+        _param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+    )
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2) that also accepts sparse gradients.
+
+    Sparse gradients are coalesced first (duplicate rows summed) so the norm is that of the
+    equivalent dense gradient. Returns the total norm before clipping (float32 scalar).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norms_sq = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            norms_sq.append(p.grad._values().float().pow(2).sum())
+        else:
+            norms_sq.append(p.grad.float().pow(2).sum())
+    total = torch.stack([n.to(norms_sq[0].device) for n in norms_sq]).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad._values().mul_(coef.to(p.grad.device, p.grad.dtype))
+        else:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return total
+
+
+def optimizer_state_bytes(p: Tensor, sparse: bool = False) -> int:
+    """Bytes of AdamW state for ``p``: two moments (+ an int32 row-step per row when sparse)."""
+    moments = 2 * p.numel() * p.element_size()
+    return moments + (4 * p.shape[0] if sparse else 0)
