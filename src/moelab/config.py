@@ -83,6 +83,15 @@ class Config:
     """
 
     def __post_init__(self) -> None:
+        # Nested sections may be given as plain dicts also from Python: ModelConfig(ffn={...}).
+        hints = None
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping):
+                hints = hints or typing.get_type_hints(type(self))
+                sub = _config_class(hints[f.name])
+                if sub is not None:
+                    setattr(self, f.name, from_dict(sub, value, f.name))
         self.validate()
 
     def validate(self) -> None:

@@ -267,10 +267,10 @@ class ModelConfig(Config):
             )
         if self.ffn.kind == "moe":
             g = self.ffn.granularity
-            layers = self.ffn_layer_indices()
-            d_hidden = self.ffn_for(layers[0]).d_hidden if layers else None
+            activation = str(self.ffn.option("activation"))
+            d_hidden = self.ffn.d_hidden or auto_d_hidden(self.d_model, activation)
             check(
-                d_hidden is None or d_hidden % g == 0,
+                d_hidden % g == 0,
                 "ffn.granularity",
                 f"must divide the expert width d_hidden ({d_hidden}), got {g}",
             )
