@@ -259,7 +259,7 @@ def to_dict(obj: Any) -> Any:
 
 def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     """YAML text of a config (in field order), also written to ``path`` when given."""
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
     if path is not None:
         Path(path).write_text(text)
     return text
