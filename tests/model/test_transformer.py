@@ -224,3 +224,14 @@ def test_moe_routing_excludes_padding():
     model(ids(), token_mask=mask)
     for layer in model.routed_layers():
         assert int(layer.last_stats.num_tokens) == 16
+
+
+def test_bfloat16_model_keeps_float32_rope_tables():
+    torch.manual_seed(0)
+    model = TransformerLM(tiny_cfg())
+    ref = model(ids())
+    model = model.to(torch.bfloat16)
+    assert model._rope_cos.dtype == torch.float32
+    logits = model(ids())
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), ref, rtol=0.05, atol=0.05)

@@ -52,10 +52,11 @@ def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tenso
 
 def apply_rope(x_BHLd: Tensor, cos_Ld2: Tensor, sin_Ld2: Tensor) -> Tensor:
     """Rotate the pairs ``(x[i], x[i + Hd/2])`` (the "half split" layout LLaMA checkpoints in
-    ``transformers`` use, so exported weights need no permutation)."""
-    x1, x2 = x_BHLd.chunk(2, dim=-1)
-    cos, sin = cos_Ld2.to(x_BHLd.dtype), sin_Ld2.to(x_BHLd.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    ``transformers`` use, so exported weights need no permutation), in at least float32."""
+    dtype = torch.promote_types(x_BHLd.dtype, torch.float32)  # rotate in >= float32
+    x1, x2 = x_BHLd.to(dtype).chunk(2, dim=-1)
+    cos, sin = cos_Ld2.to(dtype), sin_Ld2.to(dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BHLd.dtype)
 
 
 class KVCache:
@@ -241,9 +242,11 @@ class TransformerLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
-        self.register_buffer("rope_cos", cos.float(), persistent=False)
-        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        # RoPE tables are plain float32 attributes, not buffers, so that model.to(bfloat16) cannot
+        # round the angles; they follow the model's device on first use (see rope()).
+        self._rope_cos, self._rope_sin = (
+            t.float() for t in rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -288,7 +291,7 @@ class TransformerLM(nn.Module):
                 f"token_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(token_mask.shape)}"
             )
-        cos_Ld2, sin_Ld2 = self.rope_cos[start : start + L], self.rope_sin[start : start + L]
+        cos_Ld2, sin_Ld2 = self.rope(start, L, input_ids.device)
 
         x_BLD = self.tok_emb(input_ids)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
@@ -302,6 +305,13 @@ class TransformerLM(nn.Module):
         if kv_cache is not None:
             kv_cache.length += L
         return self.lm_head(self.norm(x_BLD))
+
+    def rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """float32 cos / sin ``[length, Hd/2]`` of positions ``start .. start+length-1``."""
+        if self._rope_cos.device != device:
+            self._rope_cos, self._rope_sin = self._rope_cos.to(device), self._rope_sin.to(device)
+        end = start + length
+        return self._rope_cos[start:end], self._rope_sin[start:end]
 
     def routed_layers(self) -> list[RoutedLayer]:
         """The MoE / PEER / PKM layers, in block order (for aux losses and routing statistics)."""
