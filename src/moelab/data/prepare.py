@@ -58,10 +58,11 @@ def choose_dtype(vocab_size: int, dtype: str = "auto") -> str:
 
 
 def assign_splits(domains: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean "is validation" per document: round(fraction * n) documents of each domain.
+    """Boolean "is validation" per document: round-half-up(fraction * n) documents of each domain.
 
     Every domain with at least two documents gets at least one validation and one training
-    document. Deterministic in (domains, val_fraction, seed).
+    document; if that leaves validation empty, whole documents are drawn across domains.
+    Deterministic in (domains, val_fraction, seed).
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(domains, dtype=object)
@@ -70,8 +71,11 @@ def assign_splits(domains: Sequence[str], val_fraction: float, seed: int) -> np.
         idx = np.flatnonzero(labels == name)
         if len(idx) < 2:
             continue
-        n_val = min(max(1, round(val_fraction * len(idx))), len(idx) - 1)
+        n_val = min(max(1, int(val_fraction * len(idx) + 0.5)), len(idx) - 1)
         is_val[idx[rng.permutation(len(idx))[:n_val]]] = True
+    if not is_val.any() and len(labels) >= 2:  # every domain has one document: hold out whole ones
+        n_val = min(max(1, int(val_fraction * len(labels) + 0.5)), len(labels) - 1)
+        is_val[rng.permutation(len(labels))[:n_val]] = True
     return is_val
 
 
@@ -93,6 +97,9 @@ def _validate(inputs: Sequence[Path], output_dir: Path, val_fraction: float,
         raise ValueError("inputs: at least one input path is required")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction: must be strictly between 0 and 1, got {val_fraction!r}")
+    for path in inputs:
+        if not path.exists():
+            raise ValueError(f"input {path}: no such file or directory")
     if output_dir.exists():
         if not output_dir.is_dir():
             raise ValueError(f"output {output_dir}: exists and is not a directory")
