@@ -395,6 +395,8 @@ def test_bad_inputs(tmp_path):
     for bad in (0, 1, 1.5, -0.1):
         with pytest.raises(ValueError, match="val_fraction"):
             prepare(good, out, val_fraction=bad)
+    with pytest.raises(ValueError, match="seed: must be a non-negative"):
+        prepare(good, out, seed=-1)
     write_jsonl(tmp_path / "notext.jsonl", [{"text": "ok"}, {"body": "no text"}])
     with pytest.raises(ValueError, match=r"line 2: missing text field 'text'.*\['body'\]"):
         prepare(tmp_path / "notext.jsonl", out)
@@ -437,6 +439,8 @@ def test_dataset_and_sampler_errors(tmp_path, small_ds):
         BatchSampler(small_ds, "val", seq_len=small_ds.num_tokens("val"), batch_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         BatchSampler(small_ds, "train", seq_len=8, batch_size=0)
+    with pytest.raises(ValueError, match="seed/rank"):
+        BatchSampler(small_ds, "train", seq_len=8, batch_size=2, seed=-3)
     check_vocab_compatible(small_ds.meta, 8192)
     check_vocab_compatible(small_ds, 8256)
     with pytest.raises(ValueError, match=r"model.vocab_size: 8000 .* 8192"):

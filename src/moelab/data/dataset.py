@@ -126,6 +126,8 @@ class BatchSampler:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
+        if self.seed < 0 or self.rank < 0:
+            raise ValueError(f"seed/rank: must be non-negative integers, got {seed}/{rank}")
         self.position = 0
         self._tokens = _check_window(dataset, split, self.seq_len, self.batch_size)
         self._offsets = np.arange(self.seq_len + 1)

@@ -91,8 +91,10 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _validate(inputs: Sequence[Path], output_dir: Path, val_fraction: float,
+def _validate(inputs: Sequence[Path], output_dir: Path, val_fraction: float, seed: int,
               overwrite: bool) -> None:
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
     if not inputs:
         raise ValueError("inputs: at least one input path is required")
     if not isinstance(val_fraction, (int, float)) or not 0.0 < float(val_fraction) < 1.0:
@@ -163,7 +165,7 @@ def prepare(
     """
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     output_dir = Path(output_dir).expanduser()
-    _validate(paths, output_dir, val_fraction, overwrite)
+    _validate(paths, output_dir, val_fraction, seed, overwrite)
     tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
     np_dtype = choose_dtype(tok.vocab_size, dtype)
     if tok.eos_id is None:
