@@ -27,15 +27,89 @@ memory stays bounded regardless of N.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from moelab.layers.product_keys import load_c_kernel
+
 __all__ = ["SparseAdamW", "build_optimizer", "clip_grad_norm_", "optimizer_state_bytes"]
 
-_ROW_CHUNK = 8192  # rows updated per fused chunk of the sparse path (bounds scratch memory)
+_ROW_CHUNK = 1024  # rows per chunk of the eager sparse path (bounds scratch memory)
+
+# One pass over each touched row: read g, p, m, v; write p, m, v (the eager path needs ~15 passes).
+# Same equations and operation order as the eager path (_rows_update_eager).
+_SPARSE_ADAMW_C = r"""
+#include <math.h>
+#include <stdint.h>
+#define DEFINE(NAME, T, SQRT)                                                                   \
+void NAME(T* p, T* m, T* v, int32_t* step, const int64_t* rows, const T* g, int64_t n_rows,   \
+          int64_t dim, double lr, double beta1, double beta2, double eps, double wd, int nth) { \
+  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+  for (int64_t i = 0; i < n_rows; ++i) {                                                        \
+    const int64_t r = rows[i];                                                                  \
+    const int32_t t = step[r] + 1;                                                              \
+    step[r] = t;                                                                                \
+    const T bc1 = (T)(1.0 - pow(beta1, (double)t));                                             \
+    const T bc2s = SQRT((T)(1.0 - pow(beta2, (double)t)));                                      \
+    const T w1 = (T)(1.0 - beta1), b2 = (T)beta2, w2 = (T)(1.0 - beta2);                        \
+    const T decay = (T)(1.0 - lr * wd), nlr = (T)(-lr), e = (T)eps;                             \
+    T* pr = p + r * dim; T* mr = m + r * dim; T* vr = v + r * dim;                              \
+    const T* gr = g + i * dim;                                                                  \
+    for (int64_t d = 0; d < dim; ++d) {                                                         \
+      const T gi = gr[d];                                                                       \
+      const T mi = mr[d] + w1 * (gi - mr[d]);                                                   \
+      const T vi = vr[d] * b2 + w2 * gi * gi;                                                   \
+      mr[d] = mi; vr[d] = vi;                                                                   \
+      pr[d] = pr[d] * decay + nlr * ((mi / bc1) / (SQRT(vi) / bc2s + e));                       \
+    }                                                                                           \
+  }                                                                                             \
+}
+DEFINE(sparse_adamw_f32, float, sqrtf)
+DEFINE(sparse_adamw_f64, double, sqrt)
+"""
+_C_FUNCS = {torch.float32: "sparse_adamw_f32", torch.float64: "sparse_adamw_f64"}
+
+
+def _c_rows_update(
+    p2: Tensor, m2: Tensor, v2: Tensor, row_step: Tensor, idx_U: Tensor, g2: Tensor, hp: tuple
+) -> bool:
+    """Fused C row update; False when the kernel or the dtype/layout is unavailable."""
+    if p2.device.type != "cpu" or p2.dtype not in _C_FUNCS or not p2.is_contiguous():
+        return False
+    lib = load_c_kernel("sparse_adamw", _SPARSE_ADAMW_C)
+    if lib is None:
+        return False
+    fn = getattr(lib, _C_FUNCS[p2.dtype])
+    idx = idx_U.to(torch.int64).contiguous()
+    g = g2.to(p2.dtype).contiguous()
+    lr, beta1, beta2, eps, wd = hp
+    ptr = ctypes.c_void_p
+    fn(
+        ptr(p2.data_ptr()), ptr(m2.data_ptr()), ptr(v2.data_ptr()), ptr(row_step.data_ptr()),
+        ptr(idx.data_ptr()), ptr(g.data_ptr()), ctypes.c_int64(idx.numel()),
+        ctypes.c_int64(p2.shape[1]), ctypes.c_double(lr), ctypes.c_double(beta1),
+        ctypes.c_double(beta2), ctypes.c_double(eps), ctypes.c_double(wd),
+        ctypes.c_int(torch.get_num_threads()),
+    )
+    return True
+
+
+def _coalesced(g: Tensor) -> Tensor:
+    """Coalesce a sparse row gradient, cheaply when its rows are already sorted and unique.
+
+    Autograd drops the ``is_coalesced`` flag of gradients built coalesced (PEER/PKM), so check the
+    O(rows) invariant first instead of paying for a sort.
+    """
+    if g.is_coalesced():
+        return g
+    idx = g._indices()[0]
+    if g.sparse_dim() == 1 and bool((idx[1:] > idx[:-1]).all()):
+        return g._coalesced_(True)
+    return g.coalesce()
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -80,6 +154,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.use_c_kernel = True  # fused C row update when it compiles; eager otherwise
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
@@ -132,7 +207,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 f"sparse gradient must select rows (sparse_dim 1) of the parameter, got sparse_dim "
                 f"{g.sparse_dim()} and shape {tuple(g.shape)} for a {tuple(p.shape)} parameter"
             )
-        g = g.coalesce()  # no-op for gradients built coalesced (PEER/PKM); sums duplicate rows
+        g = _coalesced(g)  # sums duplicate rows (nn.Embedding); cheap for PEER/PKM gradients
         idx = g.indices()[0]
         if idx.numel() == 0:
             return
@@ -164,6 +239,10 @@ class SparseAdamW(torch.optim.Optimizer):
         p2 = p.view(p.shape[0], -1)
         m2, v2 = m.view(p.shape[0], -1), v.view(p.shape[0], -1)
         g2 = g_UD.reshape(idx_U.numel(), -1)
+        if self.use_c_kernel and _c_rows_update(
+            p2, m2, v2, row_step, idx_U, g2, (lr, beta1, beta2, eps, wd)
+        ):
+            return
         decay = 1.0 - lr * wd
         for start in range(0, idx_U.numel(), _ROW_CHUNK):
             rows = idx_U[start : start + _ROW_CHUNK]
@@ -214,7 +293,7 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     norms_sq = []
     for p in params:
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
+            p.grad = _coalesced(p.grad)
             norms_sq.append(p.grad._values().float().pow(2).sum())
         else:
             norms_sq.append(p.grad.float().pow(2).sum())
