@@ -148,3 +148,22 @@ def test_clip_grad_norm_sparse_equals_dense() -> None:
     nb = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.1)
     torch.testing.assert_close(na.double(), nb.double())
     torch.testing.assert_close(a.emb.weight.grad.to_dense(), b.emb.weight.grad)
+
+
+def test_c_kernel_and_eager_paths_agree() -> None:
+    torch.manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        a = nn.Embedding(50, 16, sparse=True, dtype=dtype)
+        b = nn.Embedding(50, 16, sparse=True, dtype=dtype)
+        b.load_state_dict(a.state_dict())
+        opt_a = SparseAdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+        opt_b = SparseAdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+        opt_b.use_c_kernel = False
+        for _ in range(3):
+            ids = torch.randint(0, 50, (30,))
+            for emb, opt in ((a, opt_a), (b, opt_b)):
+                opt.zero_grad()
+                emb(ids).pow(2).sum().backward()
+                opt.step()
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(a.weight, b.weight, rtol=tol, atol=tol)

@@ -1,0 +1,375 @@
+"""Product-key retrieval and sparse row ops shared by PEER and PKM.
+
+* :func:`product_key_topk` - exact top-k over N = S² product keys at cost O((S + k²)·d_key)
+  (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2).
+* :func:`gather_dot` / :func:`weighted_row_sum` - the two ways a layer reads retrieved rows of a
+  ``[N, D]`` table. Both are fused (no ``[T, H·K, D]`` tensor is ever materialised: the gather-dot
+  runs in token chunks, the weighted sum and every backward reduction are ``F.embedding_bag``) and
+  both return *sparse, coalesced* row gradients for the table (``sparse=True``), so gradient and
+  optimizer cost scale with the rows retrieved, not with N.
+* :class:`UsageTracker` - PEER's expert usage and unevenness (PEER §3.3) and head duplication.
+* Argument validation and a memory estimate shared by both layers.
+
+Shape legend (see ``moelab.layers.base``): T tokens, D model dim, H heads, K top-k, S sub-keys per
+half (√N), C = K² candidates, R = H·K retrievals per token, U distinct rows retrieved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_GATHER_ROWS = 4096  # gathered rows per chunk of gather_dot (4096 x 512 fp32 = 8 MB scratch)
+
+
+# --------------------------------------------------------------------------- validation / memory
+
+
+def check_product_key_args(
+    *, num_keys: int, top_k: int, d_key: int, heads: int, keys_name: str
+) -> int:
+    """Validate product-key hyper-parameters; return S = √N. Errors name the argument."""
+    if not isinstance(num_keys, int) or num_keys < 1:
+        raise ValueError(
+            f"{keys_name} must be a positive perfect square (e.g. 1024**2), got {num_keys!r}"
+        )
+    s = math.isqrt(num_keys)
+    if s * s != num_keys:
+        raise ValueError(
+            f"{keys_name} must be a perfect square (product keys use √{keys_name} sub-keys per "
+            f"half), got {num_keys}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
+        )
+    if not isinstance(top_k, int) or top_k < 1 or top_k > s:
+        raise ValueError(
+            f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}"
+        )
+    if not isinstance(d_key, int) or d_key < 2 or d_key % 2:
+        raise ValueError(
+            f"d_key must be an even integer >= 2 (split into two halves), got {d_key!r}"
+        )
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    return s
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo, else free pages via sysconf; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(what: str, param_bytes: int, state_bytes: int) -> None:
+    """Raise ``MemoryError`` before allocating if params + optimizer state exceed available RAM."""
+    avail = available_memory_bytes()
+    need = param_bytes + state_bytes
+    if avail is not None and need > avail:
+        gib = 1024**3
+        raise MemoryError(
+            f"{what} would need about {need / gib:.1f} GiB (parameters {param_bytes / gib:.1f} GiB "
+            f"+ AdamW state {state_bytes / gib:.1f} GiB) but only {avail / gib:.1f} GiB is "
+            f"available; use fewer experts/memories or a smaller d_model (or check_memory=False)"
+        )
+
+
+# --------------------------------------------------------------------------- optional C kernels
+
+_KERNELS: dict[str, ctypes.CDLL | None] = {}
+
+
+def _cpu_signature() -> str:
+    """Machine + CPU model/flags, so a cache shared between hosts never loads a foreign -march."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    sig += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def load_c_kernel(name: str, source: str) -> ctypes.CDLL | None:
+    """Compile (once, cached on disk) and load a small OpenMP C kernel; None if unavailable.
+
+    Used for memory-bound row loops that eager PyTorch can only express as several passes
+    (e.g. the fused lazy AdamW row update). Plain C with raw pointers via ``ctypes`` (no torch
+    headers, compiles in about a second). Disabled by ``MOELAB_NO_C_KERNELS=1``; every caller keeps
+    an eager fallback, and tests check both paths agree. Cache: ``$MOELAB_CACHE/kernels`` or
+    ``~/.cache/moelab/kernels``.
+    """
+    if os.environ.get("MOELAB_NO_C_KERNELS"):
+        return None
+    if name in _KERNELS:
+        return _KERNELS[name]
+    lib = None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is not None:
+        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+        blob = (source + _cpu_signature() + " ".join(flags)).encode()
+        key = hashlib.sha256(blob).hexdigest()[:16]
+        root = Path(os.environ.get("MOELAB_CACHE") or Path.home() / ".cache" / "moelab")
+        path = root.expanduser() / "kernels" / f"{name}-{key}.so"
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                    src = Path(tmp) / f"{name}.c"
+                    src.write_text(source)
+                    out = Path(tmp) / "k.so"
+                    cmd = [cc, *flags, str(src), "-o", str(out)]
+                    subprocess.run(cmd + ["-lm"], check=True, capture_output=True, timeout=120)
+                    os.replace(out, path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError):
+            lib = None
+    _KERNELS[name] = lib
+    return lib
+
+
+# --------------------------------------------------------------------------- queries and retrieval
+
+
+def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | None) -> Tensor:
+    """Batch-norm the queries (PEER §2, "query batch normalisation") using valid tokens only.
+
+    Padding rows are normalised with the running statistics and never update them.
+    """
+    if bn is None:
+        return q_TC
+    if mask_T is None or not bn.training or bool(mask_T.all()):
+        return bn(q_TC)
+    out = torch.empty_like(q_TC)
+    out[mask_T] = bn(q_TC[mask_T])
+    out[~mask_T] = F.batch_norm(
+        q_TC[~mask_T], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+    )
+    return out
+
+
+def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of ``q·key_n`` over the N = S² product keys ``key_{i·S+j} = [c_i ; c'_j]``.
+
+    Lample et al. 2019, §3.2 (used unchanged by PEER): split the query into halves ``q1, q2``;
+    take the top-k of ``q1·C`` and of ``q2·C'``; the top-k of all N sums lies among the k×k sums of
+    those candidates, so a second top-k over the C = k² sums is exact. Grid positions ``(a, b)`` of
+    the second top-k are mapped back to sub-key ids and then to the expert id ``i·S + j``
+    (PITFALLS: returning the grid position instead is a known bug).
+
+    Args:
+        q_THK: queries ``[T, H, d_key]`` (d_key here is the full key size).
+        sub_keys: ``[Hk, 2, S, d_key/2]`` with ``Hk`` = 1 (keys shared by heads, PEER) or H (PKM).
+        top_k: k.
+
+    Returns:
+        ``scores_THK`` (differentiable w.r.t. queries and keys) and long ``idx_THK`` in ``[0, S²)``,
+        both sorted by descending score.
+    """
+    T, H, d_key = q_THK.shape
+    S, half = sub_keys.shape[-2], sub_keys.shape[-1]
+    q_TH2d = q_THK.view(T, H, 2, half)
+    keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
+    # [T, H, 2, S] half-scores via one batched matmul per (head, half): [H*2, T, d] @ [H*2, d, S]
+    q_2HTd = q_TH2d.permute(1, 2, 0, 3).reshape(H * 2, T, half)
+    s_2HTS = torch.bmm(q_2HTd, keys.reshape(H * 2, S, half).transpose(1, 2))
+    top_v, top_i = s_2HTS.topk(top_k, dim=-1)  # [H*2, T, k]
+    top_v = top_v.view(H, 2, T, top_k)
+    top_i = top_i.view(H, 2, T, top_k)
+    cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
+    best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # [H, T, k], grid positions in [0, k²)
+    i = top_i[:, 0].gather(-1, pos // top_k)
+    j = top_i[:, 1].gather(-1, pos % top_k)
+    idx = i * S + j
+    return best_v.permute(1, 0, 2), idx.permute(1, 0, 2)
+
+
+def duplicated_retrievals(idx_THK: Tensor) -> Tensor:
+    """Per token, retrievals (over all heads) that repeat an expert already retrieved by another
+    head (within one head the k ids are distinct). Returns long ``[T]``."""
+    T = idx_THK.shape[0]
+    s = idx_THK.reshape(T, -1).sort(dim=-1).values
+    return (s[:, 1:] == s[:, :-1]).sum(-1)
+
+
+# --------------------------------------------------------------------------- sparse row ops
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Retrievals ``idx_TR`` grouped by table row: the sort every sparse backward reuses.
+
+    ``order_M`` sorts the flat retrievals by row; ``rows_U`` are the distinct rows (ascending);
+    ``offsets_U`` start each row's segment in the sorted order; ``tok_M`` is the token of each
+    sorted retrieval.
+    """
+
+    order_M: Tensor
+    tok_M: Tensor
+    rows_U: Tensor
+    offsets_U: Tensor
+    num_rows: int
+
+    @staticmethod
+    def build(idx_TR: Tensor, num_rows: int) -> RowGroups:
+        flat = idx_TR.reshape(-1)
+        sorted_M, order_M = flat.sort()
+        rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
+        offsets_U = counts_U.cumsum(0) - counts_U
+        tok_M = torch.div(order_M, idx_TR.shape[1], rounding_mode="floor")
+        return RowGroups(order_M, tok_M, rows_U, offsets_U, num_rows)
+
+    def row_sums(self, weight_TR: Tensor, src_TD: Tensor) -> Tensor:
+        """``out[u] = Σ_{(t,r): idx[t,r] = rows[u]} weight[t,r] · src[t]`` as ``[U, D]`` (fused)."""
+        return F.embedding_bag(
+            self.tok_M,
+            src_TD,
+            self.offsets_U,
+            mode="sum",
+            per_sample_weights=weight_TR.reshape(-1)[self.order_M],
+        )
+
+    def table_grad(self, weight_TR: Tensor, src_TD: Tensor, like: Tensor, sparse: bool) -> Tensor:
+        """Gradient of ``table`` for rows read with weights: sparse coalesced or dense."""
+        vals_UD = self.row_sums(weight_TR, src_TD).to(like.dtype)
+        if sparse:
+            return torch.sparse_coo_tensor(
+                self.rows_U[None], vals_UD, like.shape, is_coalesced=True, check_invariants=False
+            )
+        return torch.zeros_like(like).index_copy_(0, self.rows_U, vals_UD)
+
+
+def _gather_dot_impl(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
+    """``out[t, r] = table[idx[t, r]] · x[t]`` in token chunks (bounded scratch, no [T,R,D])."""
+    T, R = idx_TR.shape
+    D = table_ND.shape[1]
+    out_TR = torch.empty(T, R, dtype=table_ND.dtype, device=table_ND.device)
+    chunk = max(1, _GATHER_ROWS // R)
+    buf = torch.empty(min(chunk, T) * R, D, dtype=table_ND.dtype, device=table_ND.device)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        rows = buf[: (e - s) * R]
+        torch.index_select(table_ND, 0, idx_TR[s:e].reshape(-1), out=rows)
+        torch.sum(rows.view(e - s, R, D) * x_TD[s:e, None, :], dim=-1, out=out_TR[s:e])
+    return out_TR
+
+
+class _GatherDot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table_ND, idx_TR, x_TD, groups, sparse):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(table_ND, idx_TR, x_TD)
+        ctx.groups, ctx.sparse = groups, sparse
+        return _gather_dot_impl(table_ND, idx_TR, x_TD.to(table_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_TR):  # noqa: ANN001, ANN205
+        table_ND, idx_TR, x_TD = ctx.saved_tensors
+        grad_TR = grad_TR.contiguous()
+        g_table = g_x = None
+        if ctx.needs_input_grad[0]:
+            g_table = ctx.groups.table_grad(grad_TR, x_TD.to(table_ND.dtype), table_ND, ctx.sparse)
+        if ctx.needs_input_grad[2]:  # dx[t] = Σ_r grad[t,r] · table[idx[t,r]]
+            g_x = F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=grad_TR)
+            g_x = g_x.to(x_TD.dtype)
+        return g_table, None, g_x, None, None
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table_ND, idx_TR, w_TR, groups, sparse):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(table_ND, idx_TR, w_TR)
+        ctx.groups, ctx.sparse = groups, sparse
+        return F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=w_TR)
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # noqa: ANN001, ANN205
+        table_ND, idx_TR, w_TR = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        g_table = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_table = ctx.groups.table_grad(w_TR, grad_TD, table_ND, ctx.sparse)
+        if ctx.needs_input_grad[2]:  # dw[t,r] = table[idx[t,r]] · grad[t]
+            g_w = _gather_dot_impl(table_ND, idx_TR, grad_TD)
+        return g_table, None, g_w, None, None
+
+
+def gather_dot(
+    table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor, groups: RowGroups, sparse: bool = True
+) -> Tensor:
+    """``h[t, r] = table[idx[t, r]] · x[t]`` (PEER's ``u_iᵀx``); differentiable in table and x."""
+    return _GatherDot.apply(table_ND, idx_TR, x_TD, groups, sparse)
+
+
+def weighted_row_sum(
+    table_ND: Tensor, idx_TR: Tensor, w_TR: Tensor, groups: RowGroups, sparse: bool = True
+) -> Tensor:
+    """``y[t] = Σ_r w[t, r] · table[idx[t, r]]`` (PEER's ``Σ g·σ(·)·v_i``, PKM's ``Σ w·m_i``)."""
+    return _WeightedRowSum.apply(table_ND, idx_TR, w_TR.to(table_ND.dtype), groups, sparse)
+
+
+# --------------------------------------------------------------------------- usage statistics
+
+
+def usage_and_unevenness(z_prime_N: Tensor) -> tuple[float, float]:
+    """PEER §3.3: usage = fraction of experts with ``z'_i ≠ 0``; unevenness = ``log N + Σ z log z``
+    with ``z = z'/‖z'‖₁`` (0·log 0 = 0). Unevenness is 0 for perfectly even use, log N at worst."""
+    n = z_prime_N.numel()
+    z = z_prime_N.double()
+    total = z.abs().sum()
+    usage = float((z != 0).sum()) / n
+    if total == 0:
+        return usage, float("nan")
+    z = z.abs() / total
+    nz = z[z > 0]
+    return usage, float(math.log(n) + (nz * nz.log()).sum())
+
+
+class UsageTracker:
+    """Evaluation accumulator of ``z'_i = Σ_x g_i(x)`` and head duplication over a pass."""
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu") -> None:
+        self.z_prime = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self.retrievals = 0
+        self.duplicates = 0
+
+    @torch.no_grad()
+    def update(self, idx_THK: Tensor, gate_THK: Tensor) -> None:
+        """Add one forward's valid tokens (already masked) to the totals."""
+        self.z_prime.index_add_(0, idx_THK.reshape(-1), gate_THK.reshape(-1).double())
+        self.tokens += int(idx_THK.shape[0])
+        self.retrievals += int(idx_THK.numel())
+        self.duplicates += int(duplicated_retrievals(idx_THK).sum())
+
+    def report(self) -> dict[str, float]:
+        usage, unevenness = usage_and_unevenness(self.z_prime)
+        dup = self.duplicates / self.retrievals if self.retrievals else float("nan")
+        return {
+            "usage": usage,
+            "unevenness": unevenness,
+            "duplicate_fraction": dup,
+            "tokens": float(self.tokens),
+            "num_experts": float(self.z_prime.numel()),
+        }

@@ -1,0 +1,140 @@
+"""Product-key retrieval vs brute force, fused sparse row ops vs dense autograd, usage formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelab.layers import product_keys as pk
+from moelab.layers.product_keys import (
+    RowGroups,
+    UsageTracker,
+    check_product_key_args,
+    duplicated_retrievals,
+    gather_dot,
+    product_key_topk,
+    usage_and_unevenness,
+    weighted_row_sum,
+)
+
+
+def full_keys(sub_keys_2Sd: torch.Tensor) -> torch.Tensor:
+    """All N = S² keys ``key_{i·S+j} = [c_i ; c'_j]`` (the brute-force reference)."""
+    c1, c2 = sub_keys_2Sd[0], sub_keys_2Sd[1]
+    S = c1.shape[0]
+    return torch.cat([c1.repeat_interleave(S, 0), c2.repeat(S, 1)], dim=1)
+
+
+@pytest.mark.parametrize("S,k,H,shared", [(4, 1, 1, True), (8, 3, 2, True), (16, 5, 3, False),
+                                          (32, 16, 2, True), (64, 8, 2, False)])
+def test_retrieval_equals_brute_force_topk(S: int, k: int, H: int, shared: bool) -> None:
+    g = torch.Generator().manual_seed(S * 100 + k)
+    d_key, T = 12, 9
+    q = torch.randn(T, H, d_key, generator=g, dtype=torch.float64)
+    sub = torch.randn(1 if shared else H, 2, S, d_key // 2, generator=g, dtype=torch.float64)
+    scores, idx = product_key_topk(q, sub, k)
+    assert scores.shape == idx.shape == (T, H, k)
+    for h in range(H):
+        keys_N = full_keys(sub[0 if shared else h])
+        ref = (q[:, h] @ keys_N.T).topk(k, dim=-1)
+        assert torch.equal(idx[:, h], ref.indices), h  # expert ids i·S + j, not grid positions
+        torch.testing.assert_close(scores[:, h], ref.values, rtol=1e-12, atol=1e-12)
+
+
+def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    sub = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    scores, _ = product_key_topk(q, sub, 4)
+    gq, gk = torch.autograd.grad(scores.sin().sum(), [q, sub])
+    keys = full_keys(sub[0])
+    ref = torch.einsum("thd,nd->thn", q, keys).topk(4, dim=-1).values
+    rq, rk = torch.autograd.grad(ref.sin().sum(), [q, sub])
+    torch.testing.assert_close(gq, rq)
+    torch.testing.assert_close(gk, rk)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_fused_row_ops_match_dense_autograd(sparse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks
+    torch.manual_seed(1)
+    N, D, T, R = 20, 6, 11, 5
+    table = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(T, R, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, N, (T, R))  # duplicates within and across tokens
+    groups = RowGroups.build(idx, N)
+    h = gather_dot(table, idx, x, groups, sparse)
+    y = weighted_row_sum(table, idx, w * h, groups, sparse)
+    grads = torch.autograd.grad((y.cos().sum() + h.sum()), [table, x, w])
+    assert grads[0].is_sparse == sparse
+
+    rows = table[idx]  # [T, R, D] dense reference
+    h_ref = (rows * x[:, None, :]).sum(-1)
+    y_ref = ((w * h_ref)[..., None] * rows).sum(1)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(y, y_ref)
+    refs = torch.autograd.grad((y_ref.cos().sum() + h_ref.sum()), [table, x, w])
+    got_table = grads[0].to_dense() if sparse else grads[0]
+    torch.testing.assert_close(got_table, refs[0])
+    torch.testing.assert_close(grads[1], refs[1])
+    torch.testing.assert_close(grads[2], refs[2])
+    if sparse:  # only retrieved rows appear in the gradient
+        assert set(grads[0].coalesce().indices()[0].tolist()) == set(idx.flatten().tolist())
+
+
+def test_usage_and_unevenness_hand_computed() -> None:
+    # N = 4 experts, z' = [3, 1, 0, 0]: usage 2/4; z = [.75, .25]; log 4 + .75 log .75 + .25 log .25
+    usage, unev = usage_and_unevenness(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    assert usage == 0.5
+    assert unev == pytest.approx(math.log(4) + 0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    usage, unev = usage_and_unevenness(torch.ones(8))  # perfectly even: 0
+    assert usage == 1.0 and unev == pytest.approx(0.0, abs=1e-12)
+    usage, unev = usage_and_unevenness(torch.tensor([0.0, 2.0, 0.0]))  # one expert: log N
+    assert unev == pytest.approx(math.log(3))
+
+
+def test_usage_tracker_accumulates_gates_and_duplicates() -> None:
+    tracker = UsageTracker(num_experts=6)
+    # token 0: head0 -> {1, 2}, head1 -> {2, 5}; token 1: head0 -> {0, 1}, head1 -> {3, 4}
+    idx = torch.tensor([[[1, 2], [2, 5]], [[0, 1], [3, 4]]])
+    gate = torch.tensor([[[0.6, 0.4], [0.5, 0.5]], [[0.9, 0.1], [0.2, 0.8]]])
+    tracker.update(idx[:1], gate[:1])
+    tracker.update(idx[1:], gate[1:])
+    torch.testing.assert_close(
+        tracker.z_prime, torch.tensor([0.9, 0.7, 0.9, 0.2, 0.8, 0.5], dtype=torch.float64)
+    )
+    rep = tracker.report()
+    assert rep["usage"] == 1.0 and rep["tokens"] == 2
+    assert rep["duplicate_fraction"] == pytest.approx(1 / 8)  # expert 2 twice for token 0
+    assert duplicated_retrievals(idx).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_keys=1000, top_k=4, d_key=8, heads=1), r"perfect square.*961 or 1024"),
+        (dict(num_keys=0, top_k=4, d_key=8, heads=1), "num_keys must be a positive"),
+        (dict(num_keys=64, top_k=9, d_key=8, heads=1), r"top_k must be .*\[1, 8\]"),
+        (dict(num_keys=64, top_k=0, d_key=8, heads=1), "top_k"),
+        (dict(num_keys=64, top_k=2, d_key=7, heads=1), "d_key must be an even"),
+        (dict(num_keys=64, top_k=2, d_key=8, heads=0), "heads must be"),
+    ],
+)
+def test_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_product_key_args(keys_name="num_keys", **kwargs)
+
+
+def test_memory_check_reports_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pk, "available_memory_bytes", lambda: 1024**3)
+    with pytest.raises(MemoryError, match=r"about 3\.0 GiB .*only 1\.0 GiB"):
+        pk.check_fits_in_memory("X", param_bytes=1024**3, state_bytes=2 * 1024**3)
+    pk.check_fits_in_memory("X", param_bytes=1, state_bytes=1)
+
+
+def test_c_kernels_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
+    assert pk.load_c_kernel("anything", "int f(void){return 0;}") is None
