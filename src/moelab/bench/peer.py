@@ -1,0 +1,227 @@
+"""PEER / PKM training-step speed and memory at 128²..1024² experts vs a dense FFN.
+
+Each configuration runs in a fresh subprocess (clean peak memory): build the layer and
+:func:`moelab.train.optim.build_optimizer`, run warm-up steps (which create the AdamW state; the
+state is then written once so that it is resident like in a long run), reset the kernel's peak-RSS
+mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + backward
+(``y.square().mean()``) + optimizer step on ``--tokens`` random tokens. Reported per config:
+
+* ``ms`` median step time (and its forward / backward / optimizer parts), ``tok/s``;
+* ``x256²``: step time relative to PEER at 256² experts (the "cost does not grow with N" check);
+* ``state GB``: parameters + AdamW state (analytic); ``peak GB``: peak RSS during the timed steps
+  above the resident RSS before them (activations, gradients, scratch);
+* ``rows``: distinct expert rows touched per step (what the sparse gradient and update cost scale
+  with).
+
+The dense baselines have the same active expert FLOPs as PEER (``H·k`` hidden ReLU units) and the
+usual ``4·D``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+SIZES = (128, 256, 512, 1024)
+
+
+@dataclass
+class Result:
+    layer: str
+    experts: int
+    params_m: float
+    ms: float
+    fwd_ms: float
+    bwd_ms: float
+    opt_ms: float
+    tokens_per_s: float
+    state_gb: float
+    peak_gb: float
+    rows: int
+    ratio_vs_256: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small smoke run (seconds)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="√N values")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per config")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-pkm", action="store_true", help="skip the PKM baseline")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense baselines")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _child(cfg: dict) -> dict:
+    """Measure one configuration in this (fresh) process."""
+    import torch
+    from torch import nn
+
+    from moelab.layers.peer import PEER
+    from moelab.layers.pkm import PKM
+    from moelab.train.optim import build_optimizer
+
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(0)
+    D, T, kind = cfg["d_model"], cfg["tokens"], cfg["layer"]
+    if kind == "peer":
+        layer = PEER(D, num_experts=cfg["experts"], heads=cfg["heads"], top_k=cfg["top_k"])
+    elif kind == "pkm":
+        layer = PKM(D, num_memories=cfg["experts"], heads=cfg["heads"], top_k=cfg["top_k"])
+    else:
+        layer = nn.Sequential(nn.Linear(D, cfg["hidden"]), nn.ReLU(), nn.Linear(cfg["hidden"], D))
+    opt = build_optimizer(layer, lr=1e-3, weight_decay=0.1)
+    x = torch.randn(T, D)
+    times: list[tuple[float, float, float]] = []
+    rows = 0
+
+    def step() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        y = layer(x)
+        t1 = time.perf_counter()
+        y.square().mean().backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+    for _ in range(2):
+        step()
+    with torch.no_grad():  # make the lazily allocated AdamW state resident, as in a long run
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1:
+                    v.mul_(1.0)
+    rss_kb = _status_kb("VmRSS") or 0
+    clean = _reset_peak()
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(cfg["steps"]):
+        times.append(step())
+        stats = getattr(layer, "last_stats", None)
+        if stats is not None and stats.distinct_experts is not None:
+            rows = int(stats.distinct_experts)
+    peak_kb = _status_kb("VmHWM") if clean else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not clean:
+        rss_kb = maxrss0
+    n_params = sum(p.numel() for p in layer.parameters())
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    totals = [sum(t) for t in times]
+    med = sorted(range(len(totals)), key=lambda i: totals[i])[len(totals) // 2]
+    f, b, o = times[med]
+    ms = totals[med] * 1000
+    name = kind if kind != "dense" else f"dense-{cfg['hidden']}"
+    return asdict(
+        Result(
+            layer=name,
+            experts=cfg.get("experts", 0),
+            params_m=n_params / 1e6,
+            ms=ms,
+            fwd_ms=f * 1000,
+            bwd_ms=b * 1000,
+            opt_ms=o * 1000,
+            tokens_per_s=T / (ms / 1000),
+            state_gb=(n_params * 4 + state_bytes) / 1e9,
+            peak_gb=max(0, (peak_kb or 0) - rss_kb) * 1024 / 1e9,
+            rows=rows,
+        )
+    )
+
+
+def _run_child(cfg: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "moelab.bench.peer", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark config {cfg} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _configs(args: argparse.Namespace) -> list[dict]:
+    base = dict(d_model=args.d_model, tokens=args.tokens, steps=args.steps, threads=args.threads)
+    sizes = args.sizes
+    if args.quick:
+        base.update(d_model=128, tokens=256, steps=2)
+        sizes = [16, 64]
+    cfgs = [dict(base, layer="peer", experts=s * s, heads=args.heads, top_k=args.top_k)
+            for s in sizes]
+    if not args.no_pkm:
+        s = max(sizes)
+        cfgs.append(dict(base, layer="pkm", experts=s * s, heads=args.heads, top_k=2 * args.top_k))
+    if not args.no_dense:
+        cfgs.append(dict(base, layer="dense", hidden=args.heads * args.top_k))
+        cfgs.append(dict(base, layer="dense", hidden=4 * base["d_model"]))
+    return cfgs
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'layer':<10} {'experts':>9} {'params M':>9} {'ms':>8} {'fwd':>7} {'bwd':>7} "
+            f"{'opt':>7} {'tok/s':>8} {'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = "" if r["ratio_vs_256"] is None else f"{r['ratio_vs_256']:.2f}"
+        lines.append(
+            f"{r['layer']:<10} {r['experts']:>9} {r['params_m']:>9.1f} {r['ms']:>8.1f} "
+            f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['opt_ms']:>7.1f} "
+            f"{r['tokens_per_s']:>8.0f} {ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} "
+            f"{r['rows']:>7}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = []
+    for cfg in _configs(args):
+        print(f"running {cfg['layer']} {cfg.get('experts', cfg.get('hidden'))} ...",
+              file=sys.stderr, flush=True)
+        results.append(_run_child(cfg))
+    ref = next((r for r in results if r["layer"] == "peer" and r["experts"] == 256**2), None)
+    for r in results:
+        if ref is not None and r["layer"] == "peer":
+            r["ratio_vs_256"] = r["ms"] / ref["ms"]
+    print(format_table(results))
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args) | {"func": None}, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":  # child process: one configuration, JSON on the last stdout line
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
