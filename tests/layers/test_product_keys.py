@@ -56,9 +56,18 @@ def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
     torch.testing.assert_close(gk, rk)
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("sparse", [True, False])
-def test_fused_row_ops_match_dense_autograd(sparse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks
+def test_fused_row_ops_match_dense_autograd(
+    sparse: bool, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
+    if not c_kernels:
+        monkeypatch.setattr(pk, "_KERNELS", {})
+        monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
+    else:
+        if pk.load_c_kernel("rows", pk._ROWS_C) is None:
+            pytest.skip("no C compiler: only the eager path can be checked")
     torch.manual_seed(1)
     N, D, T, R = 20, 6, 11, 5
     table = torch.randn(N, D, dtype=torch.float64, requires_grad=True)

@@ -24,6 +24,7 @@ from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
     RowGroups,
     UsageTracker,
+    advise_huge_pages,
     check_fits_in_memory,
     check_product_key_args,
     duplicated_retrievals,
@@ -113,8 +114,9 @@ class PEER(RoutedLayer):
         self.query = nn.Linear(d_model, heads * d_key, bias=False, **factory)
         self.query_bn = nn.BatchNorm1d(heads * d_key, **factory) if query_batchnorm else None
         self.sub_keys = nn.Parameter(torch.empty(1, 2, S, d_key // 2, **factory))
-        self.u = nn.Parameter(torch.empty(num_experts, d_model, **factory))  # u_i (expert input)
-        self.v = nn.Parameter(torch.empty(num_experts, d_model, **factory))  # v_i (expert output)
+        # u_i (expert input) and v_i (expert output) rows, huge-page backed (random row reads)
+        self.u = nn.Parameter(advise_huge_pages(torch.empty(num_experts, d_model, **factory)))
+        self.v = nn.Parameter(advise_huge_pages(torch.empty(num_experts, d_model, **factory)))
         self.init_std = init_std
         self.usage_tracker: UsageTracker | None = None
         self.reset_parameters()

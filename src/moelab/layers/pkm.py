@@ -15,6 +15,7 @@ from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
     RowGroups,
     UsageTracker,
+    advise_huge_pages,
     check_fits_in_memory,
     check_product_key_args,
     duplicated_retrievals,
@@ -73,7 +74,7 @@ class PKM(RoutedLayer):
         self.query = nn.Linear(d_model, heads * d_key, bias=False, **factory)
         self.query_bn = nn.BatchNorm1d(heads * d_key, **factory) if query_batchnorm else None
         self.sub_keys = nn.Parameter(torch.empty(heads, 2, S, d_key // 2, **factory))
-        self.values = nn.Parameter(torch.empty(num_memories, d_model, **factory))
+        self.values = nn.Parameter(advise_huge_pages(torch.empty(num_memories, d_model, **factory)))
         self.usage_tracker: UsageTracker | None = None
         self.reset_parameters()
 

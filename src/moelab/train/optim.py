@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from moelab.layers.product_keys import load_c_kernel
+from moelab.layers.product_keys import advise_huge_pages, load_c_kernel
 
 __all__ = ["SparseAdamW", "build_optimizer", "clip_grad_norm_", "optimizer_state_bytes"]
 
@@ -233,8 +233,9 @@ class SparseAdamW(torch.optim.Optimizer):
             )
         if not state:
             state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for name in ("exp_avg", "exp_avg_sq"):  # huge pages: random row access (product_keys)
+                buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                state[name] = advise_huge_pages(buf).zero_()
         row_step, m, v = state["row_step"], state["exp_avg"], state["exp_avg_sq"]
         p2 = p.view(p.shape[0], -1)
         m2, v2 = m.view(p.shape[0], -1), v.view(p.shape[0], -1)
