@@ -196,6 +196,41 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
+class _HalfTopK(torch.autograd.Function):
+    """Top-k of ``q·c`` over one half's S sub-keys, batched over (head, half) pairs.
+
+    Same values/indices as ``torch.bmm(q, keysᵀ).topk(k)`` but the backward only touches the k
+    selected sub-keys per row (O(T·k·d) instead of two dense O(T·S·d) matmuls and a dense
+    ``[B, T, S]`` zero-filled score gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, q_BTd, keys_BSd, k):  # noqa: ANN001, ANN205
+        scores_BTS = torch.bmm(q_BTd, keys_BSd.transpose(1, 2))
+        top_v, top_i = scores_BTS.topk(k, dim=-1)
+        ctx.save_for_backward(q_BTd, keys_BSd, top_i)
+        ctx.mark_non_differentiable(top_i)
+        return top_v, top_i
+
+    @staticmethod
+    def backward(ctx, g_BTk, _g_idx):  # noqa: ANN001, ANN205
+        q_BTd, keys_BSd, top_i = ctx.saved_tensors
+        g_BTk = g_BTk.contiguous()
+        g_q = g_keys = None
+        if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
+            g_q = torch.stack([
+                F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
+                for b in range(q_BTd.shape[0])
+            ])
+        if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
+            g_keys = torch.zeros_like(keys_BSd)
+            B, T, k = top_i.shape
+            for b in range(B):
+                contrib = (g_BTk[b, :, :, None] * q_BTd[b, :, None, :]).reshape(T * k, -1)
+                g_keys[b].index_add_(0, top_i[b].reshape(-1), contrib)
+        return g_q, g_keys, None
+
+
 def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """Exact top-k of ``q·key_n`` over the N = S² product keys ``key_{i·S+j} = [c_i ; c'_j]``.
 
@@ -216,12 +251,9 @@ def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tenso
     """
     T, H, d_key = q_THK.shape
     S, half = sub_keys.shape[-2], sub_keys.shape[-1]
-    q_TH2d = q_THK.view(T, H, 2, half)
     keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
-    # [T, H, 2, S] half-scores via one batched matmul per (head, half): [H*2, T, d] @ [H*2, d, S]
-    q_2HTd = q_TH2d.permute(1, 2, 0, 3).reshape(H * 2, T, half)
-    s_2HTS = torch.bmm(q_2HTd, keys.reshape(H * 2, S, half).transpose(1, 2))
-    top_v, top_i = s_2HTS.topk(top_k, dim=-1)  # [H*2, T, k]
+    q_BTd = q_THK.view(T, H * 2, half).transpose(0, 1)  # B = (head, half) pairs
+    top_v, top_i = _HalfTopK.apply(q_BTd, keys.reshape(H * 2, S, half), top_k)  # [B, T, k]
     top_v = top_v.view(H, 2, T, top_k)
     top_i = top_i.view(H, 2, T, top_k)
     cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
