@@ -43,6 +43,15 @@ def test_retrieval_equals_brute_force_topk(S: int, k: int, H: int, shared: bool)
         torch.testing.assert_close(scores[:, h], ref.values, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,k", [(1, 1), (7, 7), (64, 5), (1024, 16), (1024, 32)])
+def test_topk_kernel_matches_torch_topk(dtype: torch.dtype, S: int, k: int) -> None:
+    x = torch.randn(3, 37, S, dtype=dtype, generator=torch.Generator().manual_seed(S + k))
+    v, i = pk.topk_last_dim(x, k)
+    ref = x.topk(k, dim=-1)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
+
+
 def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
     torch.manual_seed(0)
     q = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)

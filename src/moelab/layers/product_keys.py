@@ -196,6 +196,29 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
+def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)`` (descending, first index wins ties) via a fused C selection kernel.
+
+    An insertion-sorted buffer of k per row: each of the S entries costs one comparison with the
+    current k-th value (most are rejected), about 10x faster than ``torch.topk`` here. Falls back
+    to ``torch.topk`` without the kernel or when ``x`` needs a gradient. Unlike ``torch.topk``, a
+    NaN is never selected (scores of finite queries and keys are finite).
+    """
+    x = x.contiguous()
+    lib = _rows_lib(x)
+    if lib is None or x.requires_grad:
+        return x.topk(k, dim=-1)
+    S = x.shape[-1]
+    rows = x.numel() // S
+    v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
+    i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
+    getattr(lib, f"topk_rows_{_C_SUFFIX[x.dtype]}")(
+        _ptr(x), ctypes.c_int64(rows), ctypes.c_int64(S), ctypes.c_int64(k), _ptr(v), _ptr(i),
+        ctypes.c_int(torch.get_num_threads()),
+    )
+    return v, i
+
+
 class _HalfTopK(torch.autograd.Function):
     """Top-k of ``q·c`` over one half's S sub-keys, batched over (head, half) pairs.
 
@@ -207,7 +230,7 @@ class _HalfTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BTd, keys_BSd, k):  # noqa: ANN001, ANN205
         scores_BTS = torch.bmm(q_BTd, keys_BSd.transpose(1, 2))
-        top_v, top_i = scores_BTS.topk(k, dim=-1)
+        top_v, top_i = topk_last_dim(scores_BTS, k)
         ctx.save_for_backward(q_BTd, keys_BSd, top_i)
         ctx.mark_non_differentiable(top_i)
         return top_v, top_i
@@ -311,6 +334,26 @@ void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64
 }
 DEFINE(f32, float)
 DEFINE(f64, double)
+#define DEFINE_TOPK(SUF, T)                                                                     \
+void topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v, int64_t* out_i, \
+                     int nth) {                                                                 \
+  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+  for (int64_t r = 0; r < rows; ++r) {                                                          \
+    const T* x = s + r * S;                                                                     \
+    T* v = out_v + r * k;                                                                       \
+    int64_t* ix = out_i + r * k;                                                                \
+    int64_t n = 0;                                                                              \
+    for (int64_t j = 0; j < S; ++j) {                                                           \
+      const T xj = x[j];                                                                        \
+      if (n == k && !(xj > v[k - 1])) continue;                                                 \
+      int64_t p = n < k ? n++ : k - 1;                                                          \
+      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
+      v[p] = xj; ix[p] = j;                                                                     \
+    }                                                                                           \
+  }                                                                                             \
+}
+DEFINE_TOPK(f32, float)
+DEFINE_TOPK(f64, double)
 """
 _C_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
