@@ -192,3 +192,16 @@ def test_too_large_for_memory_fails_before_allocating(monkeypatch: pytest.Monkey
     monkeypatch.setattr(pk, "available_memory_bytes", lambda: 2 * 1024**3)
     with pytest.raises(MemoryError, match=r"PEER\(num_experts=1048576, d_model=4096\).*GiB"):
         PEER(4096)  # 2 x 1M x 4096 fp32 tables = 32 GiB + 64 GiB AdamW state
+
+
+def test_bfloat16_params_and_autocast_train_without_errors():
+    layer = PEER(16, num_experts=64, heads=2, top_k=4, d_key=8, dtype=torch.bfloat16)
+    opt = build_optimizer(layer, lr=1e-3, weight_decay=0.1)
+    layer(torch.randn(6, 16, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    layer = PEER(16, num_experts=64, heads=2, top_k=4, d_key=8)
+    x = torch.randn(6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(layer.sub_keys.grad).all()

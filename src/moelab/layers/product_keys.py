@@ -238,16 +238,17 @@ class _HalfTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BTk, _g_idx):  # noqa: ANN001, ANN205
         q_BTd, keys_BSd, top_i = ctx.saved_tensors
-        g_BTk = g_BTk.contiguous()
+        g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()  # (autocast: scores may be lower precision)
         g_q = g_keys = None
         if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
             g_q = torch.stack([
                 F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
                 for b in range(q_BTd.shape[0])
-            ])
+            ]).to(q_BTd.dtype)
         if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
             g_keys = torch.zeros_like(keys_BSd)
             B, T, k = top_i.shape
+            q_BTd = q_BTd.to(keys_BSd.dtype)
             for b in range(B):
                 contrib = (g_BTk[b, :, :, None] * q_BTd[b, :, None, :]).reshape(T * k, -1)
                 g_keys[b].index_add_(0, top_i[b].reshape(-1), contrib)
