@@ -247,11 +247,10 @@ class _HalfTopK(torch.autograd.Function):
             ]).to(q_BTd.dtype)
         if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
             g_keys = torch.zeros_like(keys_BSd)
-            B, T, k = top_i.shape
             q_BTd = q_BTd.to(keys_BSd.dtype)
-            for b in range(B):
-                contrib = (g_BTk[b, :, :, None] * q_BTd[b, :, None, :]).reshape(T * k, -1)
-                g_keys[b].index_add_(0, top_i[b].reshape(-1), contrib)
+            for b in range(top_i.shape[0]):  # segment sums over the sorted selections (fused)
+                groups = RowGroups.build(top_i[b], keys_BSd.shape[1])
+                g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
         return g_q, g_keys, None
 
 
