@@ -8,8 +8,14 @@ from moelab.layers.base import (
     routed_layers,
     weighted_aux_loss,
 )
+from moelab.layers.dense import DenseFFN
+from moelab.layers.moe import MoE
+from moelab.layers.sparsity import SparsityController
 
 __all__ = [
+    "DenseFFN",
+    "MoE",
+    "SparsityController",
     "RoutedLayer",
     "RoutingDecision",
     "RoutingStats",

@@ -1,0 +1,186 @@
+"""Forward+backward time of TopK and ReLU MoE layers against a dense FFN of equal active FLOPs.
+
+Every configuration is measured in one process, interleaved, so ratios compare like with like:
+``ratio_vs_dense = dense_time / moe_time`` (1.0 = as fast as the dense FFN; higher is better).
+``route_share`` is the part of the layer's time not spent in expert matmuls: routing, sorting,
+gathering and scattering back (the layer time minus the time of the same experts run alone on
+pre-sorted rows).
+
+The ReLU router is calibrated so that its *achieved* number of active experts per token equals the
+configuration's k (a constant input feature with a per-expert negative router weight at the
+``1 − k/E`` quantile of its logits), which is what a trained ReMoE layer reaches: speed is then
+compared at the same E and achieved k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moelab.layers import dispatch
+from moelab.layers.dense import DenseFFN
+from moelab.layers.moe import MoE
+
+CONFIGS = {
+    # name: (d_hidden of one coarse expert... expressed as routed experts, width, top-k)
+    "coarse": dict(num_experts=8, top_k=1, granularity=1),
+    "fine-grained": dict(num_experts=8, top_k=1, granularity=8),
+    "very-fine-grained": dict(num_experts=8, top_k=1, granularity=32),
+}
+TARGETS = {"coarse": 0.95, "fine-grained": 0.85, "very-fine-grained": 0.6}
+
+
+@dataclass
+class Row:
+    config: str
+    layer: str
+    experts: int
+    width: int
+    top_k: float
+    ms: float
+    ratio_vs_dense: float
+    route_share: float
+    target: float | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-hidden", type=int, default=2048, help="dense FFN width (active width)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per layer")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS), metavar="NAME"
+    )
+    parser.add_argument("--backend", default="auto", choices=("auto", "loop", "grouped_mm"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (allocator, kernels)
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def calibrate_relu_router(moe: MoE, x_TD: torch.Tensor, k: int) -> None:
+    """Make ``moe``'s ReLU router activate ~k experts per token on inputs like ``x_TD``.
+
+    ``x_TD``'s last feature is set to 1 (a constant direction, as real hidden states have) and each
+    expert's router weight on it to minus the ``1 − k/E`` quantile of that expert's other logits.
+    """
+    with torch.no_grad():
+        x_TD[:, -1] = 1.0
+        w = moe.router.weight
+        w[:, -1] = 0.0
+        logits_TE = x_TD.float() @ w.float().T
+        q_E = torch.quantile(logits_TE, 1.0 - k / moe.num_experts, dim=0)
+        w[:, -1] = -q_E
+
+
+def bench_config(name: str, args: argparse.Namespace, dense_ms: float) -> list[Row]:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    spec = CONFIGS[name]
+    rows = []
+    for router in ("topk", "relu"):
+        torch.manual_seed(0)
+        moe = MoE(
+            args.d_model,
+            args.d_hidden,
+            spec["num_experts"],
+            spec["top_k"],
+            router=router,
+            granularity=spec["granularity"],
+            backend=args.backend,
+        ).to(device=device, dtype=dtype)
+        x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype)
+        k_fine = spec["top_k"] * spec["granularity"]
+        if router == "relu":
+            calibrate_relu_router(moe, x, k_fine)
+        x.requires_grad_(True)
+        moe.train()
+
+        def step(moe: MoE = moe, x: torch.Tensor = x) -> None:
+            y = moe(x)
+            loss = y.float().square().mean() + sum(moe.aux_losses.values())
+            loss.backward()
+
+        ms = _time(step, args.repeats, device)
+        achieved_k = moe.last_stats.active_mean
+
+        # The same experts alone on pre-sorted rows: the rest of the layer time is routing + permutation.
+        with torch.no_grad():
+            perm = dispatch.permute(moe.router(x.detach(), None).decision)
+            x_ND = dispatch.gather(x.detach(), perm)
+        x_ND.requires_grad_(True)
+
+        def experts_only(moe: MoE = moe, x_ND: torch.Tensor = x_ND, perm=perm) -> None:
+            moe.experts(x_ND, perm.counts).float().square().mean().backward()
+
+        experts_ms = _time(experts_only, args.repeats, device)
+        rows.append(
+            Row(
+                config=name,
+                layer=f"{router} MoE",
+                experts=moe.num_experts,
+                width=moe.expert_hidden,
+                top_k=round(achieved_k, 2),
+                ms=round(ms, 2),
+                ratio_vs_dense=round(dense_ms / ms, 3),
+                route_share=round(max(0.0, 1.0 - experts_ms / ms), 3),
+                target=TARGETS[name],
+            )
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    dense = DenseFFN(args.d_model, args.d_hidden).to(device=device, dtype=dtype)
+    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
+
+    def dense_step() -> None:
+        dense(x).float().square().mean().backward()
+
+    rows: list[Row] = []
+    for name in args.configs:
+        dense_ms = _time(dense_step, args.repeats, device)  # re-measured next to each config
+        rows.append(Row(name, "dense FFN", 1, args.d_hidden, 1, round(dense_ms, 2), 1.0, 0.0, None))
+        rows.extend(bench_config(name, args, dense_ms))
+
+    print(
+        f"MoE forward+backward, d_model={args.d_model}, tokens={args.tokens}, {args.dtype} on "
+        f"{device.type} ({torch.get_num_threads()} threads), median of {args.repeats}"
+    )
+    header = f"{'config':<18} {'layer':<10} {'E':>4} {'width':>6} {'k':>6} {'ms':>9} "
+    header += f"{'ratio_vs_dense':>15} {'route_share':>12} {'target':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        target = "" if r.target is None or r.layer == "dense FFN" else f">={r.target}"
+        print(
+            f"{r.config:<18} {r.layer:<10} {r.experts:>4} {r.width:>6} {r.top_k:>6} {r.ms:>9.1f} "
+            f"{r.ratio_vs_dense:>15.3f} {r.route_share:>12.1%} {target:>7}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=2)
+    return 0

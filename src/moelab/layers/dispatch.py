@@ -1,0 +1,106 @@
+"""Token permutation: the speed-critical glue between a router and the experts.
+
+``permute`` sorts a decision's assignments by expert once (stable, so token order is kept inside an
+expert); ``gather`` builds the expert-sorted input rows; ``combine`` scales expert outputs by their
+gate weights and scatter-adds them back to token rows. Capacity limiting is a pure function on
+decisions, applied before permutation. An expert-parallel dispatcher (all-to-all) slots in between
+``gather`` and ``combine`` with the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moelab.layers.base import RoutingDecision
+
+# Refuse capacity buffers beyond this many assignment slots (PITFALLS: a huge capacity factor must be
+# a clear error, not a terabyte allocation).
+MAX_CAPACITY_SLOTS = 1 << 31
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """Assignments of a decision sorted by expert.
+
+    Attributes:
+        token_idx_N: source token row of each sorted assignment.
+        weight_N: gate weight of each sorted assignment.
+        counts_E: assignments per expert (long tensor), in expert order.
+        counts: the same as Python ints (split sizes for the expert loop).
+        num_tokens: T, rows of the output.
+    """
+
+    token_idx_N: Tensor
+    weight_N: Tensor
+    counts_E: Tensor
+    counts: list[int]
+    num_tokens: int
+
+
+def permute(decision: RoutingDecision) -> Permutation:
+    """Sort assignments by expert with one stable argsort."""
+    order_N = torch.argsort(decision.expert_idx_N, stable=True)
+    counts_E = decision.tokens_per_expert_E
+    return Permutation(
+        token_idx_N=decision.token_idx_N[order_N],
+        weight_N=decision.weight_N[order_N],
+        counts_E=counts_E,
+        counts=counts_E.tolist(),
+        num_tokens=decision.num_tokens,
+    )
+
+
+def gather(x_TD: Tensor, perm: Permutation) -> Tensor:
+    """Expert-sorted input rows ``x_ND`` (one row per assignment)."""
+    return x_TD.index_select(0, perm.token_idx_N)
+
+
+def combine(y_ND: Tensor, perm: Permutation) -> Tensor:
+    """``y_TD[t] = Σ_{assignments a of t} weight_a · y_ND[a]`` (tokens with none stay 0)."""
+    weighted_ND = y_ND * perm.weight_N.to(y_ND.dtype)[:, None]
+    y_TD = y_ND.new_zeros(perm.num_tokens, y_ND.shape[-1])
+    return y_TD.index_add(0, perm.token_idx_N, weighted_ND)
+
+
+def expert_capacity(capacity_factor: float, num_valid_tokens: int, top_k: float, num_experts: int) -> int:
+    """Switch-style capacity: ``ceil(capacity_factor · T · k / E)`` slots per expert."""
+    slots = math.ceil(capacity_factor * num_valid_tokens * top_k / num_experts)
+    if slots * num_experts > MAX_CAPACITY_SLOTS:
+        raise ValueError(
+            f"capacity_factor={capacity_factor} gives {slots} slots per expert x {num_experts} "
+            f"experts, over the limit of {MAX_CAPACITY_SLOTS} assignment slots; use a smaller "
+            "capacity_factor or capacity_factor=None (dropless)"
+        )
+    return slots
+
+
+def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:
+    """Drop assignments beyond ``capacity`` per expert, earlier tokens first (Switch's priority).
+
+    Exactly ``Σ_e max(0, count_e − capacity)`` assignments are dropped; the result carries that
+    number in ``dropped``.
+    """
+    expert_idx_N = decision.expert_idx_N
+    # Order by (expert, token) so "first `capacity` of each expert" means the earliest tokens.
+    key_N = expert_idx_N * max(decision.num_tokens, 1) + decision.token_idx_N
+    order_N = torch.argsort(key_N, stable=True)
+    counts_E = decision.tokens_per_expert_E
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_expert_N = expert_idx_N[order_N]
+    rank_N = torch.arange(order_N.numel(), device=order_N.device) - starts_E[sorted_expert_N]
+    keep_N = torch.empty_like(rank_N, dtype=torch.bool)
+    keep_N[order_N] = rank_N < capacity
+    kept_expert_N = expert_idx_N[keep_N]
+    return RoutingDecision(
+        token_idx_N=decision.token_idx_N[keep_N],
+        expert_idx_N=kept_expert_N,
+        weight_N=decision.weight_N[keep_N],
+        tokens_per_expert_E=counts_E.clamp(max=capacity),
+        num_tokens=decision.num_tokens,
+        num_experts=decision.num_experts,
+        dropped=(counts_E - capacity).clamp_min(0).sum(),
+    )

@@ -1,0 +1,67 @@
+"""Auxiliary losses of routed layers: each paper formula in exactly one function.
+
+All functions take a layer's own router outputs ``[T, E]`` and a boolean ``token_mask_T`` (True = real
+token); padding rows never count. Every loss is normalised by the number of valid tokens of the call
+so that a model averages them over layers (the ``1/L`` factor) and a trainer weights micro-batches by
+their share of the step's tokens, exactly as it does for the LM loss. All arithmetic is float32 (the
+inputs are upcast), whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _valid(token_mask_T: Tensor | None, scores_TE: Tensor) -> Tensor:
+    if token_mask_T is None:
+        return torch.ones(scores_TE.shape[0], dtype=torch.bool, device=scores_TE.device)
+    return token_mask_T
+
+
+def switch_load_balance_loss(
+    probs_TE: Tensor, tokens_per_expert_E: Tensor, token_mask_T: Tensor | None, top_k: int
+) -> Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
+
+    ``L = E · Σ_e f_e · P_e`` with ``f_e`` the fraction of the ``T·k`` routed slots that went to
+    expert ``e`` (from ``tokens_per_expert_E``, before capacity dropping; no gradient) and ``P_e`` the
+    mean router probability of ``e`` over valid tokens. Normalised so that **1.0 means perfectly
+    balanced** (uniform probabilities and uniform assignment); it grows to ``E`` when all tokens go to
+    one expert with probability 1.
+    """
+    valid_T = _valid(token_mask_T, probs_TE)
+    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
+    num_experts = probs_TE.shape[-1]
+    f_E = tokens_per_expert_E.detach().to(torch.float32) / (n_valid * top_k)
+    p_E = (probs_TE.float() * valid_T[:, None]).sum(0) / n_valid
+    return num_experts * (f_E * p_E).sum()
+
+
+def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None) -> Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of ``logsumexp(logits)²``."""
+    valid_T = _valid(token_mask_T, logits_TE)
+    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (z_T.square() * valid_T).sum() / n_valid
+
+
+def remoe_l1_loss(
+    relu_TE: Tensor, token_mask_T: Tensor | None, top_k: int, balanced: bool = True
+) -> Tensor:
+    """ReMoE's (load-balanced) L1 penalty on router outputs (Wang et al. 2024, arXiv 2412.14711, eq. 7).
+
+    For one layer: ``1/T · Σ_t Σ_e f_e · R_e(x_t)`` with
+    ``f_e = E/(k·T) · Σ_t 1{R_e(x_t) > 0}`` treated as a constant (no gradient). Averaging over the
+    L layers gives the paper's ``1/(L·T)`` normalisation. With ``balanced=False`` it is plain L1
+    (``f_e = 1``). Rows with no active expert contribute 0 (no division by their count anywhere).
+    """
+    valid_T = _valid(token_mask_T, relu_TE)
+    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
+    r_TE = relu_TE.float() * valid_T[:, None]
+    if balanced:
+        num_experts = relu_TE.shape[-1]
+        active_E = (r_TE > 0).sum(0).to(torch.float32)
+        f_E = (num_experts / (top_k * n_valid)) * active_E
+        return (r_TE.sum(0) * f_E.detach()).sum() / n_valid
+    return r_TE.sum() / n_valid
