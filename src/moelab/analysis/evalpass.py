@@ -1,0 +1,127 @@
+"""Loading a trained run and running the routing-collection pass over its validation data.
+
+This is the only place that touches the training library (``moelab.train.load_run``) and the run's
+configuration; everything downstream works on :class:`~moelab.analysis.collect.RoutingTrace`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from moelab.analysis.collect import RoutingTrace, collect_routing
+
+
+@dataclass
+class EvalSettings:
+    """Which validation tokens a per-token analysis reads (the same for every compared run)."""
+
+    dataset: str | None = None  # prepared dataset directory; None: the run's, else the default
+    split: str = "val"
+    seq_len: int | None = None  # None: the run's training sequence length (capped by the model)
+    batch_size: int = 8
+    max_batches: int | None = 16
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    """``a.b.c`` from nested dataclasses / dicts; None when any part is missing."""
+    for part in dotted.split("."):
+        if obj is None:
+            return None
+        obj = obj.get(part) if isinstance(obj, Mapping) else getattr(obj, part, None)
+    return obj
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint directories (``checkpoints/step_*``), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[nn.Module, Any]:
+    """``moelab.train.load_run`` with errors that name the run directory."""
+    try:
+        from moelab.train import load_run
+    except ImportError as err:
+        raise ValueError(
+            f"{run_dir}: per-token analysis needs moelab.train.load_run, which is not available "
+            f"in this installation ({err})"
+        ) from err
+    if not list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir}: no checkpoints/step_* directory, so no model to analyse")
+    return load_run(run_dir, checkpoint=checkpoint)
+
+
+def dataset_path(run_config: Any, settings: EvalSettings) -> Path:
+    """The prepared dataset to read: explicit setting, else the run's ``data.path`` (or
+    ``data.dataset``), else moelab's embedded default corpus."""
+    if settings.dataset:
+        return Path(settings.dataset)
+    for key in ("data.path", "data.dataset", "data.dir", "dataset"):
+        v = _get(run_config, key)
+        if isinstance(v, str | Path) and str(v) not in ("", "default"):
+            return Path(v)
+    from moelab.data import default_dataset_dir
+
+    return default_dataset_dir()
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "vocab_size", None):
+        return int(cfg.vocab_size)
+    emb = getattr(model, "tok_emb", None)
+    if emb is not None:
+        return int(emb.num_embeddings)
+    raise ValueError("cannot tell the model's vocabulary size")
+
+
+def check_same_vocab(entries: list[tuple[str, int, str]]) -> None:
+    """Per-token analyses compare runs on the same validation tokens, so every run must read the
+    same token ids: ``entries`` are ``(run_dir, model_vocab_size, tokenizer_id)``. Raises
+    ValueError naming the first run that disagrees with the first one, and why."""
+    if not entries:
+        return
+    ref_dir, ref_vocab, ref_tok = entries[0]
+    for run_dir, vocab, tok in entries[1:]:
+        if vocab != ref_vocab or tok != ref_tok:
+            raise ValueError(
+                f"{run_dir}: vocabulary (size {vocab}, tokenizer {tok}) differs from {ref_dir} "
+                f"(size {ref_vocab}, tokenizer {ref_tok}); per-token analyses compare runs on the "
+                "same validation tokens - report these runs separately, or without per-token "
+                "analysis (--no-analysis)"
+            )
+
+
+def run_eval_pass(
+    model: nn.Module, run_config: Any, settings: EvalSettings, run_dir: str | Path = "?"
+) -> tuple[RoutingTrace, Any]:
+    """Collect the routing trace of ``model`` over the settings' validation windows. Returns the
+    trace and the :class:`moelab.data.TokenDataset` read."""
+    from moelab.data import TokenDataset, check_vocab_compatible, iter_eval_batches
+
+    ds = TokenDataset(dataset_path(run_config, settings))
+    try:
+        check_vocab_compatible(ds, model_vocab_size(model))
+    except ValueError as err:
+        raise ValueError(f"{run_dir}: cannot analyse on {ds.path}: {err}") from err
+    max_len = int(getattr(getattr(model, "cfg", None), "max_seq_len", 1 << 30))
+    seq_len = settings.seq_len or _get(run_config, "train.seq_len") or _get(
+        run_config, "data.seq_len"
+    ) or min(max_len, 256)
+    seq_len = min(int(seq_len), max_len)
+    batches = iter_eval_batches(ds, settings.split, seq_len, settings.batch_size,
+                                settings.max_batches)
+    return collect_routing(model, batches, domains=ds.domains), ds
+
+
+def train_token_counts(ds: Any) -> np.ndarray:
+    """Occurrences of each id in the training split (for the rare-vs-frequent analysis)."""
+    return np.bincount(np.asarray(ds.split("train"), dtype=np.int64), minlength=ds.vocab_size)
