@@ -79,6 +79,22 @@ def expert_load_analysis(trace: RoutingTrace) -> dict:
     return _clean(out)
 
 
+def training_load(tokens_per_expert: dict[str, list[int]]) -> dict:
+    """Expert load from the trainer's last logged ``tokens_per_expert`` per layer (used when no
+    checkpoint is available for a validation pass)."""
+    out = {}
+    for name, counts in tokens_per_expert.items():
+        load = np.asarray(counts, dtype=np.int64)
+        out[name] = {
+            "kind": "logged",
+            "num_experts": int(load.size),
+            "dead_fraction": stats.dead_expert_fraction(load),
+            "imbalance": stats.load_imbalance(load),
+            "load_fraction": stats.load_fractions(load).tolist() if load.size <= 1024 else None,
+        }
+    return _clean(out)
+
+
 def dynamic_compute(
     trace: RoutingTrace, train_counts_V: np.ndarray | None = None, num_bins: int = 5
 ) -> dict:

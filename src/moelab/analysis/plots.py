@@ -38,7 +38,9 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def _shade_stages(ax: Any, steps: np.ndarray, stages: SparsityStages | None) -> None:
+def _shade_stages(
+    ax: Any, steps: np.ndarray, stages: SparsityStages | None, label: bool = True
+) -> None:
     if stages is None or stages.dense_end is None or not steps.size:
         return
     first, last = float(steps[0]), float(steps[-1])
@@ -49,7 +51,8 @@ def _shade_stages(ax: Any, steps: np.ndarray, stages: SparsityStages | None) -> 
         spans.append(("stable", float(settle), last))
     for name, a, b in spans:
         if b > a:
-            ax.axvspan(a, b, color=STAGE_COLORS[name], alpha=0.6, lw=0, label=f"stage: {name}")
+            ax.axvspan(a, b, color=STAGE_COLORS[name], alpha=0.6, lw=0,
+                       label=f"stage: {name}" if label else None)
 
 
 def plot_dynamics(
@@ -67,7 +70,7 @@ def plot_dynamics(
     if curves.val_loss.size:
         ax.plot(curves.eval_steps, curves.val_loss, "o-", color="C3", ms=3, label="val loss")
     ax.set_ylabel("loss (nats/token)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
     ax = axes[1]
     for i, (name, v) in enumerate(curves.aux.items()):
@@ -75,7 +78,7 @@ def plot_dynamics(
     if curves.aux:
         if all(np.nanmin(v) > 0 for v in curves.aux.values() if np.isfinite(v).any()):
             ax.set_yscale("log")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     else:
         ax.text(0.5, 0.5, "no aux losses logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("aux loss (raw)")
@@ -88,17 +91,19 @@ def plot_dynamics(
         if stages is not None:
             ax.axhline(stages.target, color="r", ls="--", lw=1, label=f"target {stages.target:.3f}")
             if stages.settle_step is not None:
-                ax.axvline(stages.settle_step, color="g", ls=":", lw=1.2)
+                ax.axvline(stages.settle_step, color="g", ls=":", lw=1.2,
+                           label=f"settled at step {stages.settle_step}: "
+                           f"{stages.settled_mean:.4f} ± {stages.settled_std:.4f}")
         ax.set_ylabel("sparsity (zero router\noutputs, fraction)")
         ax.set_ylim(-0.02, 1.02)
-        ax.legend(loc="lower right", fontsize=7, ncol=3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
         ax = axes[3]
-        _shade_stages(ax, s, stages)
+        _shade_stages(ax, s, stages, label=False)
         ax.plot(s, curves.lam, color="C4", lw=1.2, label="λ (L1 coefficient)")
         if np.isfinite(curves.lam).any() and np.nanmin(curves.lam) > 0:
             ax.set_yscale("log")
-        ax.set_ylabel("λ")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_ylabel("λ (log scale)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     axes[-1].set_xlabel("training step")
     return _save(fig, path)
 
@@ -134,19 +139,18 @@ def plot_expert_load(load: dict[str, dict], title: str, path: str | Path) -> Pat
     for i, k in enumerate(names):
         f = rows[k]["load_fraction"]
         mat[i, : len(f)] = 100.0 * np.asarray(f, dtype=float)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * E, 16), 1.2 + 0.45 * len(names)))
+    fig, ax = plt.subplots(figsize=(min(max(7.0, 3 + 0.4 * E), 16), 1.6 + 0.4 * len(names)))
     im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0)
     for i, k in enumerate(names):
         thr = 100.0 / (8 * len(rows[k]["load_fraction"]))
         for j in np.nonzero(mat[i] < thr)[0]:
             ax.text(j, i, "×", ha="center", va="center", color="r", fontsize=9)
-    ax.set_yticks(range(len(names)), [f"layer {k}" for k in names])
+    labels = [f"layer {k} (dead {100 * (rows[k]['dead_fraction'] or 0):.0f}%)" for k in names]
+    ax.set_yticks(range(len(names)), labels)
     ax.set_xlabel("expert")
     if E <= 32:
         ax.set_xticks(range(E))
-    dead = ", ".join(f"{k}: {100 * rows[k]['dead_fraction']:.0f}%" for k in names)
-    ax.set_title(f"{title}\nshare of tokens per expert; × = nearly dead (<1/(8E)); dead {dead}",
-                 fontsize=9)
+    ax.set_title(f"{title}\n× = nearly dead expert (< 1/(8E) of the layer's tokens)", fontsize=9)
     fig.colorbar(im, ax=ax, label="share of layer's assignments (%)")
     return _save(fig, path)
 

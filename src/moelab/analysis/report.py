@@ -77,6 +77,8 @@ def analyze_run(
     curves = training_curves(rec)
     if "dynamics" in what:
         out.results["dynamics"] = analyses.dynamics(curves, sparsity_target(rec), tolerance)
+    if curves.last_tokens_per_expert:
+        out.results["train_load"] = analyses.training_load(curves.last_tokens_per_expert)
     per_token = [w for w in what if w != "dynamics"]
     if not per_token:
         return out
@@ -141,7 +143,7 @@ def _pm(values: list[Any], digits: int = 3, si: bool = False) -> str:
     if not math.isfinite(m):
         return "–"
     f = _si if si else (lambda x: f"{x:.{digits}f}")
-    if len(v) == 1:
+    if len(v) == 1 or s == 0:
         return f(m)
     return f"{f(m)} ± {f(s)}"
 
@@ -221,14 +223,18 @@ def analysis_table(grouped: dict[str, list[RunAnalysis]]) -> list[list[str]]:
 
         targets = col(lambda r: r["dynamics"]["stages"]["target"])
         target = next((t for t in targets if t is not None), None)
-        settled = _pm(col(lambda r: r["dynamics"]["stages"]["settled_mean"]), 4)
+        settled_means = col(lambda r: r["dynamics"]["stages"]["settled_mean"])
+        settled = _pm(settled_means, 4)
+        if len(ras) == 1 and settled_means[0] is not None:  # one seed: the std over steps
+            settled += f" ± {ras[0].results['dynamics']['stages']['settled_std']:.4f}"
         if target is not None:
             settled += f" ({target:.3f})"
         rows.append([
             g,
             _pm(col(lambda r: r["dynamics"]["stages"]["settle_step"]), 0),
             settled,
-            _pm(col(lambda r: layer_mean(r, "load", "dead_fraction")), 3),
+            _pm(col(lambda r: layer_mean(r, "load" if "load" in r else "train_load",
+                                         "dead_fraction")), 3),
             _pm(col(lambda r: layer_mean(r, "compute", "mean")), 3),
             _pm(col(rare), 3),
             _pm(col(lambda r: r["domains"]["mean_kl"]), 4),
@@ -414,6 +420,10 @@ def _plot_sections(
                                            img_dir / f"dynamics_{stem}.png"))
         if r.get("load") and any(v.get("load_fraction") for v in r["load"].values()):
             load.append(plots.plot_expert_load(r["load"], f"{g}: expert load (validation)",
+                                               img_dir / f"load_{stem}.png"))
+        elif r.get("train_load"):
+            load.append(plots.plot_expert_load(r["train_load"],
+                                               f"{g}: expert load (last logged training step)",
                                                img_dir / f"load_{stem}.png"))
         if r.get("compute"):
             comp.append(plots.plot_active_by_frequency(r["compute"], f"{g}: dynamic compute",
