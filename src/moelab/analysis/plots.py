@@ -123,7 +123,8 @@ def plot_loss_curves(runs: dict[str, TrainingCurves], path: str | Path) -> Path:
     for ax in (a1, a2):
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 

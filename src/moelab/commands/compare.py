@@ -1,0 +1,58 @@
+"""``moelab compare --suite NAME``: train a named suite of runs and report them side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from moelab.commands.report import add_eval_arguments, eval_settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from moelab.analysis.suites import SUITES
+
+    names = ", ".join(f"{k} ({v['description']})" for k, v in SUITES.items())
+    p = sub.add_parser(
+        "compare",
+        help="train a named suite (e.g. paper-mini) and write its report",
+        description="Train every run of a suite (runs already finished under OUT/runs are "
+        "kept, so an interrupted suite resumes), then write OUT/report.md and OUT/report.html "
+        f"with seeds averaged. Suites: {names}.",
+    )
+    p.add_argument("--suite", required=False, choices=sorted(SUITES), help="suite to run")
+    p.add_argument("-o", "--out", default=None, help="output directory (default runs/<suite>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds (default: the suite's, e.g. 0 1 2 for paper-mini)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override train.steps of every run (quick, reduced suites)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra dotted override for every run, e.g. --set train.threads=2")
+    p.add_argument("--list", action="store_true", help="list the suites and their runs, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
+    p.add_argument("--no-analysis", action="store_true",
+                   help="report without the per-token analysis pass")
+    add_eval_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moelab.analysis.suites import SUITES, plan_suite, run_suite
+
+    if args.list:
+        for name, suite in SUITES.items():
+            print(f"{name}: {suite['description']} (seeds {suite['seeds']})")
+            for run_name, spec in suite["runs"].items():
+                print(f"  {run_name:<12} preset {spec['preset']} {' '.join(spec['overrides'])}")
+        return 0
+    if not args.suite:
+        raise ValueError("--suite: required (or --list)")
+    out = args.out or f"runs/{args.suite}"
+    if args.dry_run:
+        for p in plan_suite(args.suite, out, args.seeds, args.steps, args.overrides):
+            print(f"{p.run_dir}  preset {p.preset}  {' '.join(p.overrides)}")
+        return 0
+    res = run_suite(args.suite, out, seeds=args.seeds, steps=args.steps,
+                    extra_overrides=args.overrides, analyze=not args.no_analysis,
+                    report_settings=eval_settings(args))
+    print(f"wrote {res['markdown']}")
+    print(f"wrote {res['html']} ({len(res['images'])} plots, total {res['train_seconds']:.0f} s)")
+    return 0
