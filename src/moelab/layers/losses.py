@@ -13,6 +13,11 @@ import torch
 from torch import Tensor
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64 so reference tests can be tight)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _valid(token_mask_T: Tensor | None, scores_TE: Tensor) -> Tensor:
     if token_mask_T is None:
         return torch.ones(scores_TE.shape[0], dtype=torch.bool, device=scores_TE.device)
@@ -31,18 +36,18 @@ def switch_load_balance_loss(
     one expert with probability 1.
     """
     valid_T = _valid(token_mask_T, probs_TE)
-    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
+    n_valid = valid_T.sum().clamp_min(1)
     num_experts = probs_TE.shape[-1]
-    f_E = tokens_per_expert_E.detach().to(torch.float32) / (n_valid * top_k)
-    p_E = (probs_TE.float() * valid_T[:, None]).sum(0) / n_valid
+    f_E = tokens_per_expert_E.detach() / (n_valid * top_k)
+    p_E = (_upcast(probs_TE) * valid_T[:, None]).sum(0) / n_valid
     return num_experts * (f_E * p_E).sum()
 
 
 def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None) -> Tensor:
     """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of ``logsumexp(logits)²``."""
     valid_T = _valid(token_mask_T, logits_TE)
-    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
-    z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    n_valid = valid_T.sum().clamp_min(1)
+    z_T = torch.logsumexp(_upcast(logits_TE), dim=-1)
     return (z_T.square() * valid_T).sum() / n_valid
 
 
@@ -57,11 +62,11 @@ def remoe_l1_loss(
     (``f_e = 1``). Rows with no active expert contribute 0 (no division by their count anywhere).
     """
     valid_T = _valid(token_mask_T, relu_TE)
-    n_valid = valid_T.sum().clamp_min(1).to(torch.float32)
-    r_TE = relu_TE.float() * valid_T[:, None]
+    n_valid = valid_T.sum().clamp_min(1)
+    r_TE = _upcast(relu_TE) * valid_T[:, None]
     if balanced:
         num_experts = relu_TE.shape[-1]
-        active_E = (r_TE > 0).sum(0).to(torch.float32)
+        active_E = (r_TE > 0).sum(0)
         f_E = (num_experts / (top_k * n_valid)) * active_E
         return (r_TE.sum(0) * f_E.detach()).sum() / n_valid
     return r_TE.sum() / n_valid

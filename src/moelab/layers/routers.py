@@ -52,8 +52,10 @@ class LinearRouter(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits in at least float32 (float64 stays float64, for reference tests)."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float())
+            return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
 
 class TopKRouter(LinearRouter):
