@@ -12,10 +12,10 @@ A routed layer is a drop-in for an FFN: ``y = layer(x)`` with ``x: [..., D]``; a
 ``token_mask`` (bool, same leading shape, True = real token) excludes padding from losses and
 statistics. Everything else a layer produces is *recorded on the layer* rather than returned:
 
-* ``layer.aux_losses``: raw (un-weighted) auxiliary losses of the last grad-enabled training forward,
-  keyed by name (``"load_balance"``, ``"z_loss"``, ``"remoe_l1"``). Each is already normalised by the
-  layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L`` of the
-  papers) and :func:`weighted_aux_loss` multiplies by coefficients.
+* ``layer.aux_losses``: raw (unweighted) aux losses of the last grad-enabled training forward,
+  keyed by name (``"load_balance"``, ``"z_loss"``, ``"remoe_l1"``). Each is already normalised by
+  the layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L`` of
+  the papers) and :func:`weighted_aux_loss` multiplies by coefficients.
 * ``layer.aux_coefficients``: the fixed coefficient of each loss this layer makes. A loss whose
   coefficient is adaptive (ReMoE's L1, driven by :class:`~moelab.layers.SparsityController`) is
   absent here and supplied by the caller.

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from moelab.layers.base import RoutingDecision
 
-# Refuse capacity buffers beyond this many assignment slots (PITFALLS: a huge capacity factor must be
-# a clear error, not a terabyte allocation).
+# Refuse capacity buffers beyond this many assignment slots (PITFALLS: a huge capacity factor must
+# be a clear error, not a terabyte allocation).
 MAX_CAPACITY_SLOTS = 1 << 31
 
 
@@ -66,7 +66,9 @@ def combine(y_ND: Tensor, perm: Permutation) -> Tensor:
     return y_TD.index_add(0, perm.token_idx_N, weighted_ND)
 
 
-def expert_capacity(capacity_factor: float, num_valid_tokens: int, top_k: float, num_experts: int) -> int:
+def expert_capacity(
+    capacity_factor: float, num_valid_tokens: int, top_k: float, num_experts: int
+) -> int:
     """Switch-style capacity: ``ceil(capacity_factor · T · k / E)`` slots per expert."""
     slots = math.ceil(capacity_factor * num_valid_tokens * top_k / num_experts)
     if slots * num_experts > MAX_CAPACITY_SLOTS:

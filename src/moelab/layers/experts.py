@@ -1,9 +1,9 @@
 """Expert weights and their grouped compute.
 
-Weights are stored 3-D, one slice per expert, in the fused layout of :class:`~moelab.layers.DenseFFN`:
-``w13_EDF2: [E, D, 2F]`` (gate half then up half for SwiGLU; ``[E, D, F]`` otherwise) and
-``w2_EFD: [E, F, D]``. This maps onto ``transformers``' fused Mixtral/Qwen-MoE experts by a transpose
-and lets every compute backend read the same parameters:
+Weights are stored 3-D, one slice per expert, in the fused layout of
+:class:`~moelab.layers.DenseFFN`: ``w13_EDF2: [E, D, 2F]`` (gate half then up half for SwiGLU;
+``[E, D, F]`` otherwise) and ``w2_EFD: [E, F, D]``. This maps onto ``transformers``' fused
+Mixtral/Qwen-MoE experts by a transpose and lets every compute backend read the same parameters:
 
 * ``"loop"``: one matmul per expert over its contiguous slice of expert-sorted rows (never a loop
   over tokens). Fastest measured on CPU, and the oracle the other backends are tested against.

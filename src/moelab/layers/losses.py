@@ -1,10 +1,15 @@
 """Auxiliary losses of routed layers: each paper formula in exactly one function.
 
-All functions take a layer's own router outputs ``[T, E]`` and a boolean ``token_mask_T`` (True = real
-token); padding rows never count. Every loss is normalised by the number of valid tokens of the call
-so that a model averages them over layers (the ``1/L`` factor) and a trainer weights micro-batches by
-their share of the step's tokens, exactly as it does for the LM loss. All arithmetic is float32 (the
-inputs are upcast), whatever the autocast dtype.
+All functions take a layer's own router outputs ``[T, E]`` and a boolean ``token_mask_T``
+(True = real token); padding rows never count. Every loss is normalised by the number of valid
+tokens of the call so that a model averages them over layers (the ``1/L`` factor) and a trainer
+weights micro-batches by their share of the step's tokens, exactly as it does for the LM loss. All
+arithmetic is at least float32 (inputs are upcast), whatever the autocast dtype.
+
+The balance statistics (``f_e``) are those of the call: one micro-batch on one rank. Plain L1,
+z-loss and the mean-probability side of the Switch loss are therefore exactly invariant to how a
+step is split into micro-batches; the ``f``-weighted terms are invariant when the pieces share
+their statistics (tests/layers/test_losses.py pins both).
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ def switch_load_balance_loss(
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
     ``L = E · Σ_e f_e · P_e`` with ``f_e`` the fraction of the ``T·k`` routed slots that went to
-    expert ``e`` (from ``tokens_per_expert_E``, before capacity dropping; no gradient) and ``P_e`` the
-    mean router probability of ``e`` over valid tokens. Normalised so that **1.0 means perfectly
-    balanced** (uniform probabilities and uniform assignment); it grows to ``E`` when all tokens go to
-    one expert with probability 1.
+    expert ``e`` (from ``tokens_per_expert_E``, before capacity dropping; no gradient) and ``P_e``
+    the mean router probability of ``e`` over valid tokens. Normalised so that **1.0 means perfectly
+    balanced** (uniform probabilities and uniform assignment); it grows to ``E`` when all tokens go
+    to one expert with probability 1.
     """
     valid_T = _valid(token_mask_T, probs_TE)
     n_valid = valid_T.sum().clamp_min(1)
@@ -44,7 +49,7 @@ def switch_load_balance_loss(
 
 
 def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None) -> Tensor:
-    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of ``logsumexp(logits)²``."""
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): token mean of ``logsumexp(logits)²``."""
     valid_T = _valid(token_mask_T, logits_TE)
     n_valid = valid_T.sum().clamp_min(1)
     z_T = torch.logsumexp(_upcast(logits_TE), dim=-1)
@@ -54,7 +59,7 @@ def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None) -> Tensor:
 def remoe_l1_loss(
     relu_TE: Tensor, token_mask_T: Tensor | None, top_k: int, balanced: bool = True
 ) -> Tensor:
-    """ReMoE's (load-balanced) L1 penalty on router outputs (Wang et al. 2024, arXiv 2412.14711, eq. 7).
+    """ReMoE's load-balanced L1 penalty on router outputs (arXiv 2412.14711, eq. 7).
 
     For one layer: ``1/T · Σ_t Σ_e f_e · R_e(x_t)`` with
     ``f_e = E/(k·T) · Σ_t 1{R_e(x_t) > 0}`` treated as a constant (no gradient). Averaging over the

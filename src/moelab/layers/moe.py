@@ -94,7 +94,8 @@ class MoE(RoutedLayer):
             )
         if d_hidden % granularity:
             raise ValueError(
-                f"d_hidden ({d_hidden}) must be divisible by granularity, got granularity={granularity}"
+                f"d_hidden ({d_hidden}) must be divisible by granularity, "
+                f"got granularity={granularity}"
             )
         if not isinstance(shared_experts, int) or shared_experts < 0:
             raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
@@ -104,7 +105,8 @@ class MoE(RoutedLayer):
             or capacity_factor <= 0
         ):
             raise ValueError(
-                f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}"
+                "capacity_factor must be None (dropless) or a finite number > 0, "
+                f"got {capacity_factor!r}"
             )
         _check_coef("balance_coef", balance_coef)
         _check_coef("z_loss_coef", z_loss_coef)
@@ -206,7 +208,9 @@ class MoE(RoutedLayer):
             num_experts=self.num_experts,
         )
 
-    def _record(self, routed, decision: RoutingDecision, valid_T: Tensor | None, assigned: int) -> None:
+    def _record(
+        self, routed, decision: RoutingDecision, valid_T: Tensor | None, assigned: int
+    ) -> None:
         """Aux losses (with graph) and detached statistics of this training forward."""
         losses: dict[str, Tensor] = {}
         if self.router_name == "topk" and self.balance_coef > 0:
@@ -224,10 +228,7 @@ class MoE(RoutedLayer):
             num_tokens = decision.num_tokens
             n_valid = torch.tensor(num_tokens) if valid_T is None else valid_T.sum()
             per_token_T = torch.bincount(decision.token_idx_N, minlength=num_tokens)
-            if valid_T is not None:
-                per_valid = per_token_T[valid_T]
-            else:
-                per_valid = per_token_T
+            per_valid = per_token_T[valid_T] if valid_T is not None else per_token_T
             empty = per_valid.numel() == 0
             zero = torch.zeros((), dtype=torch.long)
             self.last_stats = RoutingStats(

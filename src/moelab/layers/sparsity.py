@@ -32,9 +32,9 @@ class SparsityController:
     Between-step state lives here, never in a forward: the trainer calls :meth:`observe` after each
     micro-batch forward (it sums the layers' ``router_nonzero``/``router_total`` counts) and
     :meth:`step` once per optimizer step, after all micro-batches. The step's sparsity is therefore
-    averaged over layers, micro-batches and (when ``torch.distributed`` is initialised) data-parallel
-    ranks, weighted by tokens. ``lam`` is a Python float kept at float32 precision, so it is untouched
-    by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
+    averaged over layers, micro-batches and (when ``torch.distributed`` is initialised)
+    data-parallel ranks, weighted by tokens. ``lam`` is a Python float kept at float32 precision, so
+    it is untouched by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
     """
 
     def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2) -> None:
