@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from moelab.analysis import stats
-from moelab.analysis.collect import LayerTrace, RoutingTrace
+from moelab.analysis.collect import RoutingTrace
 from moelab.analysis.runs import TrainingCurves
 
 ANALYSES = ("dynamics", "load", "compute", "domains", "stability", "usage", "top-tokens")
@@ -119,14 +119,6 @@ def dynamic_compute(
     return _clean(out)
 
 
-def _flat(lt: LayerTrace, what: str) -> None:
-    if not lt.has_flat:
-        raise ValueError(
-            f"layer {lt.name}: {what} needs per-assignment arrays, which were not kept for "
-            f"{lt.num_experts} experts (collect with store_flat=True)"
-        )
-
-
 def domain_analysis(trace: RoutingTrace) -> dict:
     """Per layer: routed-token share per expert per domain ``[M, E]`` and the mean over domains of
     KL(domain ‖ all domains); ``summary`` averages the KL over layers."""
@@ -151,19 +143,24 @@ def stability(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict:
     """Flip rates per layer between two traces of the same tokens (two checkpoints of one run)."""
     if not np.array_equal(trace_a.token_ids_T, trace_b.token_ids_T):
         raise ValueError("stability: the two traces were not collected on the same tokens")
-    out = {}
+    out, skipped = {}, []
     for name, la in trace_a.layers.items():
         lb = trace_b.layers.get(name)
         if lb is None or lb.num_experts != la.num_experts:
             raise ValueError(f"stability: layer {name} differs between the two checkpoints")
-        _flat(la, "the flip rate")
-        _flat(lb, "the flip rate")
+        if not (la.has_flat and lb.has_flat):  # aggregates only (e.g. PEER's many experts)
+            skipped.append(name)
+            continue
         out[name] = stats.flip_rate(
             la.token_idx_N, la.expert_idx_N, lb.token_idx_N, lb.expert_idx_N,
             trace_a.num_tokens, la.num_experts,
         )
     rates = [v["token_flip_rate"] for v in out.values()]
-    return _clean({"layers": out, "mean_token_flip_rate": float(np.mean(rates)) if rates else None})
+    return _clean({
+        "layers": out,
+        "mean_token_flip_rate": float(np.mean(rates)) if rates else None,
+        "skipped_layers": skipped,  # no per-assignment arrays kept (collect with store_flat=True)
+    })
 
 
 def usage_analysis(trace: RoutingTrace) -> dict:

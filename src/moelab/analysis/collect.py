@@ -19,8 +19,9 @@ from torch import nn
 from moelab.layers.base import RoutedLayer, RoutingDecision, routed_layers
 
 # Layers with more experts than this keep only aggregates (z', loads, distinct per batch) by
-# default: PEER/PKM at 1024² experts and 128 retrievals per token would store ~1 KB per token.
-MAX_FLAT_EXPERTS = 65536
+# default: PEER/PKM retrieve hundreds of experts per token (16 bytes each per assignment), and
+# their per-expert tables (domains, top tokens) would not be readable anyway.
+MAX_FLAT_EXPERTS = 1024
 
 
 @dataclass

@@ -6,12 +6,13 @@ configuration; everything downstream works on :class:`~moelab.analysis.collect.R
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from moelab.analysis.collect import RoutingTrace, collect_routing
@@ -24,7 +25,7 @@ class EvalSettings:
     dataset: str | None = None  # prepared dataset directory; None: the run's, else the default
     split: str = "val"
     seq_len: int | None = None  # None: the run's training sequence length (capped by the model)
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the run's data.eval_batch_size
     max_batches: int | None = 16
 
 
@@ -59,18 +60,41 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tup
     return load_run(run_dir, checkpoint=checkpoint)
 
 
-def dataset_path(run_config: Any, settings: EvalSettings) -> Path:
-    """The prepared dataset to read: explicit setting, else the run's ``data.path`` (or
-    ``data.dataset``), else moelab's embedded default corpus."""
-    if settings.dataset:
-        return Path(settings.dataset)
-    for key in ("data.path", "data.dataset", "data.dir", "dataset"):
-        v = _get(run_config, key)
-        if isinstance(v, str | Path) and str(v) not in ("", "default"):
-            return Path(v)
-    from moelab.data import default_dataset_dir
+def open_eval_dataset(run_config: Any, settings: EvalSettings, run_dir: str | Path) -> Any:
+    """The prepared dataset to read: the explicit setting, else the run's own (``data.path``, or
+    the embedded corpus when null, via ``moelab.train.open_dataset``). A dataset tokenised with
+    another tokenizer than the run's is refused (its per-token numbers would be meaningless)."""
+    from moelab.data import TokenDataset
 
-    return default_dataset_dir()
+    if settings.dataset:
+        ds = TokenDataset(settings.dataset)
+    else:
+        from moelab.train import open_dataset
+
+        ds = open_dataset(run_config)
+    own = Path(run_dir) / "tokenizer.json"
+    theirs = ds.meta.get("tokenizer_sha256")
+    if own.is_file() and theirs and _sha256(own) != theirs:
+        raise ValueError(
+            f"{run_dir}: trained with another tokenizer than {ds.path} was prepared with "
+            f"({ds.meta.get('tokenizer')}); analyse it on data prepared with its tokenizer.json"
+        )
+    return ds
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tokenizer_id(run_dir: str | Path, ds: Any) -> str:
+    """What identifies a run's token ids: its tokenizer.json hash, else its dataset's tokenizer."""
+    own = Path(run_dir) / "tokenizer.json"
+    if own.is_file():
+        return f"sha256:{_sha256(own)[:12]}"
+    sha = ds.meta.get("tokenizer_sha256")
+    return f"sha256:{sha[:12]}" if sha else str(ds.meta.get("tokenizer"))
 
 
 def model_vocab_size(model: nn.Module) -> int:
@@ -105,21 +129,47 @@ def run_eval_pass(
 ) -> tuple[RoutingTrace, Any]:
     """Collect the routing trace of ``model`` over the settings' validation windows. Returns the
     trace and the :class:`moelab.data.TokenDataset` read."""
-    from moelab.data import TokenDataset, check_vocab_compatible, iter_eval_batches
+    from moelab.data import check_vocab_compatible
 
-    ds = TokenDataset(dataset_path(run_config, settings))
+    ds = open_eval_dataset(run_config, settings, run_dir)
     try:
         check_vocab_compatible(ds, model_vocab_size(model))
     except ValueError as err:
         raise ValueError(f"{run_dir}: cannot analyse on {ds.path}: {err}") from err
     max_len = int(getattr(getattr(model, "cfg", None), "max_seq_len", 1 << 30))
-    seq_len = settings.seq_len or _get(run_config, "train.seq_len") or _get(
-        run_config, "data.seq_len"
-    ) or min(max_len, 256)
+    seq_len = settings.seq_len or _get(run_config, "data.seq_len") or min(max_len, 256)
     seq_len = min(int(seq_len), max_len)
-    batches = iter_eval_batches(ds, settings.split, seq_len, settings.batch_size,
-                                settings.max_batches)
+    batch_size = settings.batch_size or _get(run_config, "data.eval_batch_size") or 8
+    batches = spread_eval_batches(ds, settings.split, seq_len, int(batch_size),
+                                  settings.max_batches)
     return collect_routing(model, batches, domains=ds.domains), ds
+
+
+def spread_eval_batches(
+    ds: Any, split: str, seq_len: int, batch_size: int, max_batches: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Non-overlapping windows like :func:`moelab.data.iter_eval_batches`, but when only
+    ``max_batches`` batches are read they are spread evenly over the whole split instead of taken
+    from its start: splits are stored domain by domain, so the first windows would all come from
+    one domain and the domain analysis would see nothing. Deterministic (no randomness)."""
+    from moelab.data import iter_eval_batches
+
+    tokens = ds.split(split)
+    n_windows = (len(tokens) - 1) // seq_len
+    if max_batches is None or max_batches * batch_size >= n_windows:
+        yield from iter_eval_batches(ds, split, seq_len, batch_size, max_batches)
+        return
+    domains = ds.domain_ids(split)
+    chosen = np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(np.int64)
+    offsets = np.arange(seq_len + 1)
+    for b in range(max_batches):
+        idx = chosen[b * batch_size : (b + 1) * batch_size, None] * seq_len + offsets
+        windows = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+        yield {
+            "input_ids": windows[:, :-1],
+            "targets": windows[:, 1:],
+            "domain_ids": torch.from_numpy(np.asarray(domains[idx[:, 1:]], dtype=np.int64)),
+        }
 
 
 def train_token_counts(ds: Any) -> np.ndarray:

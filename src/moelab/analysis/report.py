@@ -26,6 +26,7 @@ from moelab.analysis.evalpass import (
     load_model,
     model_vocab_size,
     run_eval_pass,
+    tokenizer_id,
     train_token_counts,
 )
 from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
@@ -85,7 +86,7 @@ def analyze_run(
     model, run_config = load_model(rec.path, checkpoint)
     trace, ds = run_eval_pass(model, run_config, settings, rec.path)
     out.results["vocab_size"] = model_vocab_size(model)
-    out.results["tokenizer"] = str(ds.meta.get("tokenizer"))
+    out.results["tokenizer"] = tokenizer_id(rec.path, ds)
     out.results["eval_tokens"] = trace.num_tokens
     out.results["eval_loss_by_domain"] = analyses.loss_by_domain(trace)
     if not trace.layers:
@@ -101,7 +102,7 @@ def analyze_run(
         out.results["usage"] = analyses.usage_analysis(trace)
         out.z_primes = {k: lt.z_prime_E for k, lt in trace.layers.items()}
     if "top-tokens" in what:
-        tok = ds.tokenizer()
+        tok = _run_tokenizer(rec.path, ds)
         out.results["top_tokens"] = analyses.top_tokens(trace, decode=tok.decode)
     if "stability" in what:
         ckpts = list_checkpoints(rec.path)
@@ -115,6 +116,15 @@ def analyze_run(
             res["checkpoints"] = [str(other), str(checkpoint or ckpts[-1])]
             out.results["stability"] = res
     return out
+
+
+def _run_tokenizer(run_dir: Path, ds: Any) -> Any:
+    own = run_dir / "tokenizer.json"
+    if own.is_file():
+        from moelab.data import load_tokenizer
+
+        return load_tokenizer(own)
+    return ds.tokenizer()
 
 
 # ----------------------------------------------------------------------------- formatting

@@ -108,7 +108,10 @@ def _default_trainer() -> Callable[[PlannedRun], Any]:
 
     def run(p: PlannedRun) -> Any:
         cfg = resolve_run_config(preset=p.preset, overrides=list(p.overrides))
-        return train(cfg, p.run_dir)
+        started = (p.run_dir / "config.yaml").is_file()
+        resume = started and (p.run_dir / "checkpoints" / "latest").is_file()
+        return train(cfg, p.run_dir, resume=resume, overwrite=started and not resume,
+                     preset=p.preset)
 
     return run
 

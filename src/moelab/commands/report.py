@@ -13,7 +13,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="split read by the per-token analyses (default val)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length of the analysis pass (default: the run's data.seq_len)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per analysis batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per analysis batch (default: the run's data.eval_batch_size)")
     p.add_argument("--max-batches", type=int, default=16,
                    help="analysis batches per run (0: the whole split)")
 
