@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from moelab.layers import DenseFFN, MoE
 from moelab.layers.base import collect_aux_losses
+from moelab.layers.experts import GroupedExperts
 
 torch.set_num_threads(2)
 
@@ -234,19 +235,36 @@ def test_bf16_module_runs_and_keeps_router_fp32_math():
     torch.testing.assert_close(y16.float(), y32, rtol=0.1, atol=0.05)
 
 
-@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
-def test_grouped_mm_backend_equals_loop():
+@pytest.mark.parametrize(
+    "backend, activation, dtype",
+    [
+        ("fused", "swiglu", torch.float64),
+        ("fused", "gelu", torch.float64),
+        ("fused", "relu", torch.float64),
+        ("fused", "swiglu", torch.float32),
+        pytest.param(
+            "grouped_mm",
+            "swiglu",
+            torch.float32,
+            marks=pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="no grouped_mm"),
+        ),
+    ],
+)
+def test_backend_equals_loop(backend, activation, dtype):
+    """Every compute backend gives the autograd loop's outputs and gradients, empty experts too."""
     torch.manual_seed(6)
-    loop = MoE(16, 32, 4, 2, router="topk", backend="loop")
-    grouped = MoE(16, 32, 4, 2, router="topk", backend="grouped_mm")
-    grouped.load_state_dict(loop.state_dict())
-    x = torch.randn(33, 16, requires_grad=True)
-    y_loop, y_grouped = loop(x), grouped(x)
-    torch.testing.assert_close(y_grouped, y_loop, rtol=1e-5, atol=1e-6)
+    loop = GroupedExperts(8, 16, 32, activation, backend="loop").to(dtype)
+    other = GroupedExperts(8, 16, 32, activation, backend=backend).to(dtype)
+    other.load_state_dict(loop.state_dict())
+    counts = [5, 0, 10, 0, 3, 1, 0, 14]  # experts 1, 3 and 6 get no rows
+    x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
+    y_loop, y_other = loop(x, counts), other(x, counts)
+    torch.testing.assert_close(y_other, y_loop, rtol=1e-5, atol=1e-6)
     g_loop = torch.autograd.grad(y_loop.square().sum(), [x, *loop.parameters()])
-    g_grouped = torch.autograd.grad(y_grouped.square().sum(), [x, *grouped.parameters()])
-    for a, b in zip(g_grouped, g_loop, strict=True):
+    g_other = torch.autograd.grad(y_other.square().sum(), [x, *other.parameters()])
+    for a, b in zip(g_other, g_loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert g_other[1][1].abs().max() == 0 and g_other[2][3].abs().max() == 0
 
 
 def test_uniform_debug_routing_is_balanced():
