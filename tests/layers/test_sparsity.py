@@ -41,6 +41,15 @@ def test_sparsity_is_token_weighted_over_layers_and_micro_batches():
     assert ctl.step() == pytest.approx(1 - 100 / 400)
 
 
+def test_per_layer_sparsity_and_collapse_warning():
+    ctl = SparsityController(target=0.5)
+    ctl.observe([_FakeLayer(50, 100), _FakeLayer(0, 100)])
+    ctl.observe([_FakeLayer(30, 100), _FakeLayer(0, 100)])
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \[1\]"):
+        ctl.step()
+    assert ctl.last_layer_sparsity == pytest.approx([0.6, 1.0])
+
+
 def test_step_without_observations_is_an_error():
     with pytest.raises(RuntimeError, match="observe"):
         SparsityController(target=0.5).step()

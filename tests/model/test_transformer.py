@@ -149,9 +149,14 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["dense", pytest.param("moe", marks=needs_moe)])
+@pytest.mark.parametrize(
+    "kind", ["dense", pytest.param("topk", marks=needs_moe), pytest.param("relu", marks=needs_moe)]
+)
 def test_activation_checkpointing_gives_identical_outputs_and_grads(kind):
-    ffn = {"kind": "dense"} if kind == "dense" else {"kind": "moe", "num_experts": 4, "top_k": 2}
+    """Recompute-safe routing: the recomputed forward routes exactly as the first one did."""
+    ffn = {"kind": "dense"}
+    if kind != "dense":
+        ffn = {"kind": "moe", "num_experts": 4, "top_k": 2, "router": kind}
     cfg = ModelConfig.from_dict({**tiny_cfg().to_dict(), "ffn": ffn})
     torch.manual_seed(0)
     plain = TransformerLM(cfg).double()

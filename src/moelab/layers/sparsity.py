@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -50,17 +51,27 @@ class SparsityController:
         self.lam = float(torch.tensor(lambda0, dtype=torch.float32))
         self.steps = 0
         self.last_sparsity = float("nan")
+        self.last_layer_sparsity: list[float] = []  # per observed layer, in observe() order
         self._nonzero = 0
         self._total = 0
+        self._layer_counts: list[list[int]] = []  # [nonzero, total] per layer position
+        self._warned_collapse = False
 
     def observe(self, layers: Iterable[RoutedLayer]) -> None:
         """Add the last forward's router counts of ``layers`` (layers without them are skipped)."""
+        position = 0
         for layer in layers:
             stats = layer.last_stats
             if stats is None or stats.router_nonzero is None or stats.router_total is None:
                 continue
-            self._nonzero += int(stats.router_nonzero)
-            self._total += int(stats.router_total)
+            nonzero, total = int(stats.router_nonzero), int(stats.router_total)
+            self._nonzero += nonzero
+            self._total += total
+            if position == len(self._layer_counts):
+                self._layer_counts.append([0, 0])
+            self._layer_counts[position][0] += nonzero
+            self._layer_counts[position][1] += total
+            position += 1
 
     def step(self) -> float:
         """Update λ from the sparsity accumulated since the last step; return that sparsity."""
@@ -72,6 +83,11 @@ class SparsityController:
             counts = counts.cpu()
         nonzero, total = counts.tolist()
         self._nonzero = self._total = 0
+        self.last_layer_sparsity = [
+            1.0 - nz / t if t else float("nan") for nz, t in self._layer_counts
+        ]
+        self._layer_counts = []
+        self._warn_on_collapse()
         if total <= 0:
             raise RuntimeError(
                 "SparsityController.step() saw no router outputs since the last step: call "
@@ -82,6 +98,19 @@ class SparsityController:
         self.steps += 1
         self.last_sparsity = sparsity
         return sparsity
+
+    def _warn_on_collapse(self) -> None:
+        """One λ for all layers can drive a single layer to 100% sparsity (its tokens then keep only
+        the residual path) while the average sits at the target: say so once (PITFALLS)."""
+        collapsed = [i for i, s in enumerate(self.last_layer_sparsity) if s == 1.0]
+        if collapsed and not self._warned_collapse and len(self.last_layer_sparsity) > 1:
+            self._warned_collapse = True
+            warnings.warn(
+                f"ReMoE routed layer(s) {collapsed} (in model order) have collapsed to 100% "
+                "sparsity: no token reaches any of their experts",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def state_dict(self) -> dict[str, float | int]:
         return {
@@ -101,6 +130,7 @@ class SparsityController:
         self.steps = int(state["steps"])
         self.last_sparsity = float(state["last_sparsity"])
         self._nonzero = self._total = 0
+        self._layer_counts = []
 
     def __repr__(self) -> str:
         return f"SparsityController(target={self.target}, lam={self.lam:.3e}, alpha={self.alpha})"
