@@ -1,0 +1,37 @@
+"""``moelab generate RUN_DIR --prompt TEXT``: sample a continuation with the KV cache."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moelab.eval import generate_text
+    from moelab.train import load_run, run_tokenizer
+
+    model, _ = load_run(args.run_dir, checkpoint=args.checkpoint)
+    text = generate_text(
+        model,
+        run_tokenizer(args.run_dir),
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(args.prompt + text)
+    return 0

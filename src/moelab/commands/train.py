@@ -1,0 +1,118 @@
+"""``moelab train``: train a preset or YAML config (plus dotted overrides) into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a preset or config file (default preset: remoe-tiny)",
+        description="Train a model. With no arguments trains the default preset (remoe-tiny) on "
+        "the embedded corpus. Overrides are dotted key=value pairs, e.g. train.steps=100 "
+        "model.ffn.top_k=2.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a shipped preset (see --list-presets)")
+    src.add_argument("--config", metavar="FILE.yaml", help="a run config file")
+    src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted override (repeatable)",
+    )
+    p.add_argument("--run-dir", help="output directory (default: runs/<preset>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and its parameter/FLOP counts, then exit",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moelab.config import dump_yaml
+    from moelab.model import accounting
+    from moelab.train import (
+        DEFAULT_PRESET,
+        Trainer,
+        list_presets,
+        load_run_config,
+        resolve_run_config,
+    )
+
+    if args.list_presets:
+        for name in list_presets():
+            print(name)
+        return 0
+    overrides = [*args.overrides, *args.set_overrides]
+    if args.resume:
+        if args.run_dir and Path(args.run_dir) != Path(args.resume):
+            raise ValueError("--run-dir: not used with --resume (the run continues in RUN_DIR)")
+        config = load_run_config(args.resume).with_overrides(overrides)
+        run_dir, preset = Path(args.resume), None
+    else:
+        preset = None if args.config else (args.preset or DEFAULT_PRESET)
+        config = resolve_run_config(preset=preset, config_file=args.config, overrides=overrides)
+        name = preset or Path(args.config).stem
+        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        acc = accounting(config.model)
+        print(json.dumps({k: acc[k] for k in ("total_params", "active_params", "flops_per_token")}))
+        return 0
+    trainer = Trainer(
+        config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, preset=preset
+    )
+    print_start(trainer)
+    summary = trainer.run()
+    if summary.get("interrupted"):
+        return 130
+    print_summary(summary, run_dir)
+    return 0
+
+
+def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer
+    cfg, acc = trainer.config, trainer.accounting
+    d = cfg.data
+    ent = trainer.dataset.meta.get("unigram_entropy_nats", {})
+    action = f"resuming at step {trainer.step}" if trainer.step else "new run"
+    print(f"run        {trainer.run_dir} ({action})")
+    print(
+        f"method     {cfg.method}: {acc['total_params']:,} params, {acc['active_params']:,} "
+        f"active, {acc['flops_per_token'] / 1e6:.2f} MFLOPs/token (forward)"
+    )
+    print(
+        f"data       {trainer.dataset.path}  unigram entropy train {ent.get('train', 0):.3f} / "
+        f"val {ent.get('val', 0):.3f} nats/token"
+    )
+    print(
+        f"schedule   {cfg.train.steps} steps x {d.batch_size} x {d.seq_len} tokens "
+        f"({d.accumulation_steps} micro-batches), lr {cfg.optim.lr:g} -> "
+        f"{cfg.optim.lr * cfg.optim.min_lr_ratio:g}, device {trainer.device}"
+        f"{' bf16' if trainer.bf16 else ''}"
+    )
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    ent = (summary.get("unigram_entropy") or {}).get("val")
+    by_dom = ", ".join(f"{k} {v:.3f}" for k, v in summary["val_loss_by_domain"].items())
+    print(
+        f"done       {summary['steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['wall_time_s']:.0f} s ({summary['tokens_per_s']:,.0f} tokens/s)"
+    )
+    line = f"val loss   {summary['final_val_loss']:.3f} (ppl {summary['final_val_ppl']:.1f})"
+    if ent:
+        line += f" vs unigram entropy {ent:.3f}"
+    print(f"{line}; by domain: {by_dom}")
+    print(f"saved      {run_dir}/ (summary.json, metrics.jsonl, checkpoints/)")

@@ -1,0 +1,85 @@
+"""Validation loss and perplexity, overall and per domain, without touching training state.
+
+Why its own function (not the training loss): evaluation walks the split in sequential,
+non-overlapping windows (``iter_eval_batches``) so every run is scored on exactly the same tokens,
+and it runs in ``eval()`` mode under ``no_grad`` so routed layers record no statistics and no aux
+losses (PITFALLS: statistics only from training forwards). Per-domain losses are token-weighted
+sums divided by each domain's token count, so they average back to the overall loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.data import TokenDataset, iter_eval_batches
+
+__all__ = ["autocast_context", "evaluate"]
+
+
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked, a no-op otherwise (CPU runs stay in fp32)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: TokenDataset,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    split: str = "val",
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Mean next-token loss (nats) and perplexity of ``split``, overall and per domain.
+
+    Returns ``val_loss``, ``val_ppl``, ``tokens``, ``val_loss_by_domain``,
+    ``tokens_by_domain`` (domains with no evaluated token are left out).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    domains = dataset.domains
+    loss_sum = torch.zeros(len(domains), dtype=torch.float64)
+    count = torch.zeros(len(domains), dtype=torch.float64)
+    try:
+        for batch in iter_eval_batches(dataset, split, seq_len, batch_size, max_batches):
+            ids = batch["input_ids"].to(device)
+            with autocast_context(device, bf16):
+                logits = model(ids)
+            loss_T = (
+                F.cross_entropy(
+                    logits.float().flatten(0, 1),
+                    batch["targets"].to(device).flatten(),
+                    reduction="none",
+                )
+                .double()
+                .cpu()
+            )
+            dom_T = batch["domain_ids"].flatten()
+            loss_sum.index_add_(0, dom_T, loss_T)
+            count.index_add_(0, dom_T, torch.ones_like(loss_T))
+    finally:
+        model.train(was_training)
+    total = float(count.sum())
+    if total == 0:
+        raise ValueError(f"split {split!r} of {dataset.path} gave no evaluation tokens")
+    val_loss = float(loss_sum.sum()) / total
+    by_domain = {
+        name: float(loss_sum[i] / count[i]) for i, name in enumerate(domains) if count[i] > 0
+    }
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "tokens": int(total),
+        "val_loss_by_domain": by_domain,
+        "tokens_by_domain": {name: int(count[i]) for i, name in enumerate(domains) if count[i] > 0},
+    }

@@ -1,0 +1,149 @@
+"""Checkpoints: atomic writes, keep-last-K, clear errors for corrupt files, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import REMOE, tiny_config
+
+from moelab.train import CheckpointError, Trainer, find_checkpoint, load_run, train
+from moelab.train.checkpoint import clean_temporary, list_checkpoints
+from moelab.train.metrics import read_metrics
+
+COMPARED = ("step", "tokens", "lr", "loss", "aux", "grad_norm", "lambda", "sparsity", "layers")
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return [{k: r.get(k) for k in COMPARED} for r in read_metrics(run_dir, "train")]
+
+
+def test_layout_latest_and_keep_last(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(data_dir, train={"steps": 5}, checkpoint={"every": 1, "keep_last": 2})
+    summary = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["step_00000004", "step_00000005"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "accounting.json", "tokenizer.json"):
+        assert (run / f).is_file(), f
+    assert {"model.safetensors", "state.pt"} <= {
+        p.name for p in (run / "checkpoints" / "step_00000005").iterdir()
+    }
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 5
+    for key in (
+        "method",
+        "tokens",
+        "wall_time_s",
+        "tokens_per_s",
+        "final_val_loss",
+        "final_val_ppl",
+        "val_loss_by_domain",
+        "params",
+        "unigram_entropy",
+    ):
+        assert key in on_disk, key
+    model, run_cfg = load_run(run)
+    assert run_cfg == cfg and not model.training
+    model4, _ = load_run(run, checkpoint=4)
+    assert not torch.equal(model.lm_head.weight, model4.lm_head.weight)
+
+
+def test_partial_temp_dir_is_ignored_and_cleaned(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(data_dir, train={"steps": 2})
+    run = tmp_path / "run"
+    train(cfg, run)
+    partial = run / "checkpoints" / ".tmp-step_00000003-999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)  # a killed writer's leftovers
+    assert find_checkpoint(run).name == "step_00000002"
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert clean_temporary(run) == [partial] and not partial.exists()
+    # without `latest` (killed between the rename and the pointer update) the newest complete one
+    (run / "checkpoints" / "latest").unlink()
+    assert find_checkpoint(run).name == "step_00000002"
+
+
+def test_truncated_weights_raise_naming_the_file(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, train={"steps": 2}), run)
+    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt or truncated"):
+        load_run(run)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Trainer(tiny_config(data_dir, train={"steps": 4}), run, resume=True)
+
+
+def test_truncated_state_raises_naming_the_file(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, train={"steps": 2}), run)
+    state = run / "checkpoints" / "step_00000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"state\.pt: corrupt or truncated"):
+        Trainer(tiny_config(data_dir, train={"steps": 4}), run, resume=True)
+    (run / "checkpoints" / "latest").write_text("step_00000099\n")
+    with pytest.raises(CheckpointError, match="names checkpoint 'step_00000099'"):
+        load_run(run)
+
+
+@pytest.mark.parametrize("micro", [None, 2], ids=["no-accum", "accum"])
+def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, data_dir: Path, micro) -> None:
+    """On CPU, 3 steps + a resumed 3 steps log exactly what 6 uninterrupted steps log."""
+    cfg = tiny_config(
+        data_dir,
+        ffn=REMOE,
+        train={"steps": 6, "eval_every": 2},
+        data={"micro_batch_size": micro},
+    )
+    train(cfg, tmp_path / "full")
+    first = train(cfg, tmp_path / "resumed", stop_after=3)
+    assert first["interrupted"] and find_checkpoint(tmp_path / "resumed").name == "step_00000003"
+    train(cfg, tmp_path / "resumed", resume=True)
+    full, resumed = train_records(tmp_path / "full"), train_records(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed == full  # bit-identical losses, lr, grad norms, λ, sparsity, expert counts
+    evals = [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "resumed", "eval")]
+    assert evals == [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "full", "eval")]
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    s_res = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert s_res["final_val_loss"] == s_full["final_val_loss"]
+    assert s_res["final_lambda"] == s_full["final_lambda"]
+
+
+def test_resume_drops_metrics_after_the_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    """A run killed after its last checkpoint logged more steps: the resumed run rewrites them."""
+    cfg = tiny_config(data_dir, train={"steps": 4}, checkpoint={"every": 2})
+    run = tmp_path / "run"
+    train(cfg, run, stop_after=2)
+    with open(run / "metrics.jsonl", "a") as f:  # what a killed process logged after step 2
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": 123.0}) + "\n")
+    train(cfg, run, resume=True)
+    steps = [r["step"] for r in read_metrics(run, "train")]
+    assert steps == [1, 2, 3, 4]
+    assert all(r["loss"] != 123.0 for r in read_metrics(run, "train"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(data_dir, train={"steps": 10})
+    trainer = Trainer(cfg, tmp_path / "run")
+    step = trainer.train_step
+
+    def step_then_interrupt():
+        record = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return record
+
+    trainer.train_step = step_then_interrupt
+    summary = trainer.run()
+    assert summary["interrupted"] and summary["steps"] == 2
+    assert find_checkpoint(tmp_path / "run").name == "step_00000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    done = train(cfg, tmp_path / "run", resume=True)
+    assert done["steps"] == 10 and not done.get("interrupted")

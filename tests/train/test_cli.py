@@ -1,0 +1,62 @@
+"""``moelab train`` / ``demo`` end to end through the CLI on a tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moelab.cli import main
+from moelab.train.metrics import read_metrics
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.ffn.d_hidden=32",
+    "data.seq_len=16",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.eval_max_batches=1",
+    "logging.progress=false",
+    "logging.log_every=1",
+]
+
+
+def test_train_resume_and_print_config(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        "topk-tiny",
+        *TINY,
+        f"data.path={data_dir}",
+        "--set",
+        "train.steps=2",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "unigram entropy" in out and "val loss" in out and "MFLOPs/token" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "topk" and summary["steps"] == 2
+    assert main(["train", "--resume", str(run), "train.steps=3"]) == 0  # extend the run
+    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert main(["train", "--preset", "dense-tiny", "--print-config"]) == 0
+    assert '"flops_per_token"' in capsys.readouterr().out
+    assert main(["train", "--list-presets"]) == 0
+    assert "remoe-tiny" in capsys.readouterr().out.split()
+
+
+def test_demo_command(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "demo"
+    args = ["demo", *TINY, f"data.path={data_dir}", "train.steps=2", "--run-dir", str(run)]
+    assert main(args) == 0
+    assert main(args) == 0  # a second demo replaces the first
+    out = capsys.readouterr().out
+    assert "--- generate 'def '" in out and (run / "summary.json").is_file()
