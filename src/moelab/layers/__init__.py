@@ -10,11 +10,15 @@ from moelab.layers.base import (
 )
 from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
+from moelab.layers.peer import PEER
+from moelab.layers.pkm import PKM
 from moelab.layers.sparsity import SparsityController
 
 __all__ = [
     "DenseFFN",
     "MoE",
+    "PEER",
+    "PKM",
     "SparsityController",
     "RoutedLayer",
     "RoutingDecision",
