@@ -73,3 +73,17 @@ def test_empty_decision_round_trips():
     x = torch.randn(3, 2)
     assert dispatch.gather(x, perm).shape == (0, 2)
     torch.testing.assert_close(dispatch.combine(dispatch.gather(x, perm), perm), torch.zeros(3, 2))
+
+
+def test_padded_permutation_gives_equal_blocks_and_the_same_combine():
+    torch.manual_seed(0)
+    d = _decision([0, 1, 2, 3, 4, 5, 5], [2, 0, 2, 0, 3, 2, 1], torch.rand(7).tolist())
+    plain, padded = dispatch.permute(d), dispatch.permute(d, pad_limit=2.0)
+    assert padded.padded and padded.counts == [3, 3, 3, 3]
+    # expert 0: tokens 1, 3 then one padding slot (token index T = 6, weight 0)
+    assert padded.token_idx_N[:3].tolist() == [1, 3, 6] and padded.weight_N[2] == 0
+    x = torch.randn(6, 5)
+    torch.testing.assert_close(dispatch.gather(x, padded)[2], torch.zeros(5))
+    y = {p.padded: dispatch.combine(dispatch.gather(x, p) * 2.0, p) for p in (plain, padded)}
+    torch.testing.assert_close(y[True], y[False])
+    assert not dispatch.permute(d, pad_limit=1.2).padded  # 12 slots for 7 rows: too much padding

@@ -242,6 +242,8 @@ def test_bf16_module_runs_and_keeps_router_fp32_math():
         ("fused", "gelu", torch.float64),
         ("fused", "relu", torch.float64),
         ("fused", "swiglu", torch.float32),
+        ("bmm", "swiglu", torch.float64),
+        ("bmm", "gelu", torch.float64),
         pytest.param(
             "grouped_mm",
             "swiglu",
@@ -257,6 +259,8 @@ def test_backend_equals_loop(backend, activation, dtype):
     other = GroupedExperts(8, 16, 32, activation, backend=backend).to(dtype)
     other.load_state_dict(loop.state_dict())
     counts = [5, 0, 10, 0, 3, 1, 0, 14]  # experts 1, 3 and 6 get no rows
+    if backend == "bmm":
+        counts = [4] * 8  # equal blocks, as a padded permutation delivers
     x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
     y_loop, y_other = loop(x, counts), other(x, counts)
     torch.testing.assert_close(y_other, y_loop, rtol=1e-5, atol=1e-6)
@@ -264,7 +268,8 @@ def test_backend_equals_loop(backend, activation, dtype):
     g_other = torch.autograd.grad(y_other.square().sum(), [x, *other.parameters()])
     for a, b in zip(g_other, g_loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert g_other[1][1].abs().max() == 0 and g_other[2][3].abs().max() == 0
+    if backend != "bmm":
+        assert g_other[1][1].abs().max() == 0 and g_other[2][3].abs().max() == 0
 
 
 def test_uniform_debug_routing_is_balanced():

@@ -40,14 +40,27 @@ def peer_reference(layer: PEER, x_TD: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "gate,activation,bn,sparse",
-    [("softmax", "relu", True, True), ("sigmoid", "gelu", False, True),
-     ("softmax", "gelu", True, False)],
+    [
+        ("softmax", "relu", True, True),
+        ("sigmoid", "gelu", False, True),
+        ("softmax", "gelu", True, False),
+    ],
 )
 def test_output_and_gradients_match_reference(gate: str, activation: str, bn: bool, sparse: bool):
     torch.manual_seed(0)
-    layer = PEER(8, num_experts=64, heads=3, top_k=4, d_key=6, query_batchnorm=bn,
-                 activation=activation, gate=gate, init_std=0.5, sparse_grad=sparse,
-                 dtype=torch.float64)
+    layer = PEER(
+        8,
+        num_experts=64,
+        heads=3,
+        top_k=4,
+        d_key=6,
+        query_batchnorm=bn,
+        activation=activation,
+        gate=gate,
+        init_std=0.5,
+        sparse_grad=sparse,
+        dtype=torch.float64,
+    )
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     params = [x, layer.u, layer.v, layer.query.weight, layer.sub_keys]
     y = layer(x)

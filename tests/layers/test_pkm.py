@@ -32,8 +32,16 @@ def pkm_reference(layer: PKM, x_TD: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bn,sparse", [(True, True), (False, False)])
 def test_output_and_gradients_match_reference(bn: bool, sparse: bool):
     torch.manual_seed(0)
-    layer = PKM(6, num_memories=49, heads=2, top_k=5, d_key=8, query_batchnorm=bn,
-                sparse_grad=sparse, dtype=torch.float64)
+    layer = PKM(
+        6,
+        num_memories=49,
+        heads=2,
+        top_k=5,
+        d_key=8,
+        query_batchnorm=bn,
+        sparse_grad=sparse,
+        dtype=torch.float64,
+    )
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     params = [x, layer.values, layer.query.weight, layer.sub_keys]
     y = layer(x)

@@ -27,8 +27,10 @@ def full_keys(sub_keys_2Sd: torch.Tensor) -> torch.Tensor:
     return torch.cat([c1.repeat_interleave(S, 0), c2.repeat(S, 1)], dim=1)
 
 
-@pytest.mark.parametrize("S,k,H,shared", [(4, 1, 1, True), (8, 3, 2, True), (16, 5, 3, False),
-                                          (32, 16, 2, True), (64, 8, 2, False)])
+@pytest.mark.parametrize(
+    "S,k,H,shared",
+    [(4, 1, 1, True), (8, 3, 2, True), (16, 5, 3, False), (32, 16, 2, True), (64, 8, 2, False)],
+)
 def test_retrieval_equals_brute_force_topk(S: int, k: int, H: int, shared: bool) -> None:
     g = torch.Generator().manual_seed(S * 100 + k)
     d_key, T = 12, 9

@@ -25,6 +25,7 @@ import torch
 
 from moelab.layers import dispatch
 from moelab.layers.dense import DenseFFN
+from moelab.layers.experts import BACKENDS
 from moelab.layers.moe import MoE
 
 CONFIGS = {
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS), metavar="NAME"
     )
-    parser.add_argument("--backend", default="auto", choices=("auto", "loop", "grouped_mm"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
 
 
 def _sync(device: torch.device) -> None:
@@ -125,9 +126,11 @@ def bench_config(name: str, args: argparse.Namespace, dense_ms: float) -> list[R
         ms = _time(step, args.repeats, device)
         achieved_k = moe.last_stats.active_mean
 
-        # The same experts alone on pre-sorted rows: the rest of the layer time is routing + permutation.
+        # The same experts alone on pre-sorted rows: the rest of the time is routing + permutation.
         with torch.no_grad():
-            perm = dispatch.permute(moe.router(x.detach(), None).decision)
+            perm = dispatch.permute(
+                moe.router(x.detach(), None).decision, pad_limit=moe.experts.pad_limit(x)
+            )
             x_ND = dispatch.gather(x.detach(), perm)
         x_ND.requires_grad_(True)
 

@@ -24,14 +24,17 @@ MAX_CAPACITY_SLOTS = 1 << 31
 
 @dataclass(frozen=True)
 class Permutation:
-    """Assignments of a decision sorted by expert.
+    """Assignments of a decision sorted by expert, optionally padded to equal-size expert blocks.
 
     Attributes:
-        token_idx_N: source token row of each sorted assignment.
-        weight_N: gate weight of each sorted assignment.
-        counts_E: assignments per expert (long tensor), in expert order.
-        counts: the same as Python ints (split sizes for the expert loop).
+        token_idx_N: source token row of each sorted row (``num_tokens`` for a padding row).
+        weight_N: gate weight of each sorted row (0 for padding rows).
+        counts_E: assignments per expert (long tensor), in expert order, before padding.
+        counts: rows per expert as Python ints (split sizes for the experts): ``counts_E`` when
+            unpadded, ``[C] * E`` when padded to capacity C.
         num_tokens: T, rows of the output.
+        padded: rows form E blocks of C (a batched matmul runs them all at once); padding rows
+            read a zero row and are combined with weight 0.
     """
 
     token_idx_N: Tensor
@@ -39,31 +42,54 @@ class Permutation:
     counts_E: Tensor
     counts: list[int]
     num_tokens: int
+    padded: bool = False
 
 
-def permute(decision: RoutingDecision) -> Permutation:
-    """Sort assignments by expert with one stable argsort."""
+def permute(decision: RoutingDecision, pad_limit: float = 0.0) -> Permutation:
+    """Sort assignments by expert with one stable argsort.
+
+    With ``pad_limit > 0`` the rows are laid out in E equal blocks of ``C = max count`` (padding
+    rows point at a zero row) whenever that costs at most ``pad_limit`` times the real rows: one
+    batched matmul over equal blocks is several times faster on CPU than E small matmuls when the
+    experts are narrow (fine-grained), and as fast when they are wide. Nothing is ever dropped.
+    """
     order_N = torch.argsort(decision.expert_idx_N, stable=True)
     counts_E = decision.tokens_per_expert_E
+    counts = counts_E.tolist()
+    token_idx_N = decision.token_idx_N[order_N]
+    weight_N = decision.weight_N[order_N]
+    num_rows, num_experts = len(order_N), len(counts)
+    capacity = max(counts, default=0)
+    if pad_limit <= 0 or num_rows == 0 or capacity * num_experts > pad_limit * num_rows:
+        return Permutation(token_idx_N, weight_N, counts_E, counts, decision.num_tokens)
+    # Row i of expert e (sorted order) goes to slot e·C + (i − start_e).
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_expert_N = decision.expert_idx_N[order_N]
+    slot_N = torch.arange(num_rows, device=order_N.device) + (
+        sorted_expert_N * capacity - starts_E[sorted_expert_N]
+    )
+    num_slots = capacity * num_experts
+    token_idx_S = token_idx_N.new_full((num_slots,), decision.num_tokens)
+    token_idx_S[slot_N] = token_idx_N
+    weight_S = weight_N.new_zeros(num_slots).index_copy(0, slot_N, weight_N)
     return Permutation(
-        token_idx_N=decision.token_idx_N[order_N],
-        weight_N=decision.weight_N[order_N],
-        counts_E=counts_E,
-        counts=counts_E.tolist(),
-        num_tokens=decision.num_tokens,
+        token_idx_S, weight_S, counts_E, [capacity] * num_experts, decision.num_tokens, True
     )
 
 
 def gather(x_TD: Tensor, perm: Permutation) -> Tensor:
-    """Expert-sorted input rows ``x_ND`` (one row per assignment)."""
+    """Expert-sorted input rows ``x_ND`` (one row per assignment or padding slot)."""
+    if perm.padded:  # padding slots read row T, a zero row
+        x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[-1])])
     return x_TD.index_select(0, perm.token_idx_N)
 
 
 def combine(y_ND: Tensor, perm: Permutation) -> Tensor:
     """``y_TD[t] = Σ_{assignments a of t} weight_a · y_ND[a]`` (tokens with none stay 0)."""
     weighted_ND = y_ND * perm.weight_N.to(y_ND.dtype)[:, None]
-    y_TD = y_ND.new_zeros(perm.num_tokens, y_ND.shape[-1])
-    return y_TD.index_add(0, perm.token_idx_N, weighted_ND)
+    rows = perm.num_tokens + int(perm.padded)  # padding rows land in a discarded extra row
+    y_TD = y_ND.new_zeros(rows, y_ND.shape[-1]).index_add(0, perm.token_idx_N, weighted_ND)
+    return y_TD[: perm.num_tokens] if perm.padded else y_TD
 
 
 def expert_capacity(

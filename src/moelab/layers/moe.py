@@ -174,7 +174,7 @@ class MoE(RoutedLayer):
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
-        perm = dispatch.permute(decision)
+        perm = dispatch.permute(decision, pad_limit=self.experts.pad_limit(x_TD))
         y_ND = self.experts(dispatch.gather(x_TD, perm), perm.counts)
         y_TD = dispatch.combine(y_ND, perm)
         if self.shared is not None:

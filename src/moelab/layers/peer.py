@@ -98,7 +98,11 @@ class PEER(RoutedLayer):
         if init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         self.d_model, self.num_experts, self.heads, self.top_k, self.d_key = (
-            d_model, num_experts, heads, top_k, d_key
+            d_model,
+            num_experts,
+            heads,
+            top_k,
+            d_key,
         )
         self.activation, self.gate, self.sparse_grad = activation, gate, sparse_grad
         factory = {"device": device, "dtype": dtype}

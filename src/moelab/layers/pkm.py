@@ -56,7 +56,11 @@ class PKM(RoutedLayer):
         if init_std is not None and init_std <= 0:
             raise ValueError(f"init_std must be > 0 or None, got {init_std!r}")
         self.d_model, self.num_memories, self.heads, self.top_k, self.d_key = (
-            d_model, num_memories, heads, top_k, d_key
+            d_model,
+            num_memories,
+            heads,
+            top_k,
+            d_key,
         )
         self.num_experts = num_memories
         self.sparse_grad = sparse_grad

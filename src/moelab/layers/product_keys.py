@@ -52,9 +52,7 @@ def check_product_key_args(
             f"half), got {num_keys}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
         )
     if not isinstance(top_k, int) or top_k < 1 or top_k > s:
-        raise ValueError(
-            f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}"
-        )
+        raise ValueError(f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}")
     if not isinstance(d_key, int) or d_key < 2 or d_key % 2:
         raise ValueError(
             f"d_key must be an even integer >= 2 (split into two halves), got {d_key!r}"
@@ -213,7 +211,12 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
     i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
     getattr(lib, f"topk_rows_{_C_SUFFIX[x.dtype]}")(
-        _ptr(x), ctypes.c_int64(rows), ctypes.c_int64(S), ctypes.c_int64(k), _ptr(v), _ptr(i),
+        _ptr(x),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(S),
+        ctypes.c_int64(k),
+        _ptr(v),
+        _ptr(i),
         ctypes.c_int(torch.get_num_threads()),
     )
     return v, i
@@ -241,10 +244,12 @@ class _HalfTopK(torch.autograd.Function):
         g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()  # (autocast: scores may be lower precision)
         g_q = g_keys = None
         if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
-            g_q = torch.stack([
-                F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
-                for b in range(q_BTd.shape[0])
-            ]).to(q_BTd.dtype)
+            g_q = torch.stack(
+                [
+                    F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
+                    for b in range(q_BTd.shape[0])
+                ]
+            ).to(q_BTd.dtype)
         if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
             g_keys = torch.zeros_like(keys_BSd)
             q_BTd = q_BTd.to(keys_BSd.dtype)
@@ -405,8 +410,14 @@ class RowGroups:
             U, D = self.rows_U.numel(), src_TD.shape[1]
             out = advise_huge_pages(torch.empty(U, D, dtype=src_TD.dtype))
             getattr(lib, f"segment_sum_{_C_SUFFIX[src_TD.dtype]}")(
-                _ptr(src_TD), _ptr(self.tok_M), _ptr(w_M), _ptr(self.offsets_U), _ptr(out),
-                ctypes.c_int64(U), ctypes.c_int64(w_M.numel()), ctypes.c_int64(D),
+                _ptr(src_TD),
+                _ptr(self.tok_M),
+                _ptr(w_M),
+                _ptr(self.offsets_U),
+                _ptr(out),
+                ctypes.c_int64(U),
+                ctypes.c_int64(w_M.numel()),
+                ctypes.c_int64(D),
                 ctypes.c_int(torch.get_num_threads()),
             )
             return out
@@ -437,8 +448,13 @@ def _gather_dot_impl(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
         T, R = idx_TR.shape
         out_TR = torch.empty(T, R, dtype=table_ND.dtype)
         getattr(lib, f"gather_dot_{_C_SUFFIX[table_ND.dtype]}")(
-            _ptr(table_ND), _ptr(idx_TR), _ptr(x_TD), _ptr(out_TR), ctypes.c_int64(T),
-            ctypes.c_int64(R), ctypes.c_int64(table_ND.shape[1]),
+            _ptr(table_ND),
+            _ptr(idx_TR),
+            _ptr(x_TD),
+            _ptr(out_TR),
+            ctypes.c_int64(T),
+            ctypes.c_int64(R),
+            ctypes.c_int64(table_ND.shape[1]),
             ctypes.c_int(torch.get_num_threads()),
         )
         return out_TR

@@ -92,7 +92,7 @@ class FFNConfig(Config):
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
     l1_balanced: bool = True
-    backend: Literal["auto", "loop", "fused", "grouped_mm"] = "auto"
+    backend: Literal["auto", "loop", "fused", "bmm", "grouped_mm"] = "auto"
     heads: int = 8
     d_key: int = 128
     query_batchnorm: bool = True
