@@ -89,6 +89,7 @@ def analyze_run(
     out.results["tokenizer"] = tokenizer_id(rec.path, ds)
     out.results["eval_tokens"] = trace.num_tokens
     out.results["eval_loss_by_domain"] = analyses.loss_by_domain(trace)
+    out.results["eval_loss"] = float(trace.loss_T.mean()) if trace.num_tokens else None
     if not trace.layers:
         out.notes.append("no routed layers: routing analyses do not apply")
         return out
@@ -255,6 +256,32 @@ def analysis_table(grouped: dict[str, list[RunAnalysis]]) -> list[list[str]]:
     return rows
 
 
+def eval_loss_table(grouped: dict[str, list[RunAnalysis]]) -> list[list[str]] | None:
+    """Per group, the analysis pass's loss per domain (mean ± std over seeds); None if no run
+    had an analysis pass."""
+    domains: list[str] = []
+    for ras in grouped.values():
+        for ra in ras:
+            for d in ra.results.get("eval_loss_by_domain", {}):
+                if d not in domains:
+                    domains.append(d)
+    if not domains:
+        return None
+    rows = [["run", "tokens", "all", *domains]]
+    for g, ras in grouped.items():
+        with_pass = [ra for ra in ras if "eval_loss_by_domain" in ra.results]
+        if not with_pass:
+            continue
+        rows.append([
+            g,
+            _pm([ra.results["eval_tokens"] for ra in with_pass], si=True),
+            _pm([ra.results.get("eval_loss") for ra in with_pass], 4),
+            *[_pm([ra.results["eval_loss_by_domain"].get(d) for ra in with_pass], 4)
+              for d in domains],
+        ])
+    return rows
+
+
 def _md_table(rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
@@ -380,6 +407,15 @@ def build_report(
         "tokens whose experts changed between the last two checkpoints.",
         analysis_table(ra_grouped),
     ))
+    dom_table = eval_loss_table(ra_grouped)
+    if dom_table:
+        sections.append(Section(
+            "Validation loss by domain (analysis pass)",
+            "Mean loss (nats/token) of the analysis pass, whose windows are spread evenly over "
+            "the whole split, so every domain is represented (the trainer's evaluation may read "
+            "only the start of the split).",
+            dom_table,
+        ))
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
     if plots_enabled:
         sections += _plot_sections(grouped, results, img_dir)
