@@ -63,6 +63,10 @@ def _grads(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[
         dict(router="topk", granularity=2, shared_experts=1),
         dict(router="relu"),
         dict(router="relu", granularity=2, shared_experts=2),
+        dict(router="topk", granularity=4),  # experts narrower than d_model: gate on the hidden
+        dict(router="relu", granularity=4),
+        dict(router="topk", granularity=4, backend="fused"),
+        dict(router="relu", backend="loop"),
     ],
     ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),
 )

@@ -84,9 +84,12 @@ def gather(x_TD: Tensor, perm: Permutation) -> Tensor:
     return x_TD.index_select(0, perm.token_idx_N)
 
 
-def combine(y_ND: Tensor, perm: Permutation) -> Tensor:
-    """``y_TD[t] = Σ_{assignments a of t} weight_a · y_ND[a]`` (tokens with none stay 0)."""
-    weighted_ND = y_ND * perm.weight_N.to(y_ND.dtype)[:, None]
+def combine(y_ND: Tensor, perm: Permutation, weighted: bool = False) -> Tensor:
+    """``y_TD[t] = Σ_{assignments a of t} weight_a · y_ND[a]`` (tokens with none stay 0).
+
+    ``weighted=True``: the rows already carry their gate weights (the experts applied them).
+    """
+    weighted_ND = y_ND if weighted else y_ND * perm.weight_N.to(y_ND.dtype)[:, None]
     rows = perm.num_tokens + int(perm.padded)  # padding rows land in a discarded extra row
     y_TD = y_ND.new_zeros(rows, y_ND.shape[-1]).index_add(0, perm.token_idx_N, weighted_ND)
     return y_TD[: perm.num_tokens] if perm.padded else y_TD

@@ -83,16 +83,24 @@ class GroupedExperts(nn.Module):
             return "bmm"
         return "fused"  # unequal blocks (padding would have cost too much): per-expert matmuls
 
-    def forward(self, x_ND: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None = None) -> Tensor:
+        """Each row's expert output, multiplied by ``weight_N`` (its gate) when given.
+
+        The gate is applied where the rows are narrowest: on the hidden activation (``F`` wide)
+        for fine-grained experts narrower than ``D``, on the output otherwise; the two are equal
+        because the down projection is linear.
+        """
         backend = self.resolved_backend(x_ND, counts)
         if backend == "bmm":
-            return self._bmm(x_ND, counts[0])
+            return self._bmm(x_ND, counts[0], weight_N)
         if backend == "grouped_mm":
-            return self._grouped_mm(x_ND, counts)
-        if backend == "fused":
+            y_ND = self._grouped_mm(x_ND, counts)
+        elif backend == "fused":
             w13, w2 = self.w13_EDF2.to(x_ND.dtype), self.w2_EFD.to(x_ND.dtype)
-            return FusedExpertLoop.apply(x_ND.contiguous(), w13, w2, counts, self.activation)
-        return self._loop(x_ND, counts)
+            y_ND = FusedExpertLoop.apply(x_ND.contiguous(), w13, w2, counts, self.activation)
+        else:
+            y_ND = self._loop(x_ND, counts)
+        return y_ND if weight_N is None else y_ND * weight_N.to(y_ND.dtype)[:, None]
 
     def _loop(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         # unbind/split once: indexing the 3-D parameter per expert (``w13[e]``) would make autograd
@@ -108,10 +116,16 @@ class GroupedExperts(nn.Module):
             return x_ND.new_zeros(0, self.d_model) + 0.0 * (w13s[0].sum() + w2s[0].sum())
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
-    def _bmm(self, x_ND: Tensor, capacity: int) -> Tensor:
+    def _bmm(self, x_ND: Tensor, capacity: int, weight_N: Tensor | None) -> Tensor:
         w13, w2 = self.w13_EDF2.to(x_ND.dtype), self.w2_EFD.to(x_ND.dtype)
         x_ECD = x_ND.view(self.num_experts, capacity, self.d_model)
-        y_ECD = torch.bmm(activate(torch.bmm(x_ECD, w13), self.activation), w2)
+        a_ECF = activate(torch.bmm(x_ECD, w13), self.activation)
+        on_hidden = weight_N is not None and self.d_hidden < self.d_model
+        if on_hidden:
+            a_ECF = a_ECF * weight_N.to(a_ECF.dtype).view(self.num_experts, capacity, 1)
+        y_ECD = torch.bmm(a_ECF, w2)
+        if weight_N is not None and not on_hidden:
+            y_ECD = y_ECD * weight_N.to(y_ECD.dtype).view(self.num_experts, capacity, 1)
         return y_ECD.view(-1, self.d_model)
 
     def _grouped_mm(self, x_ND: Tensor, counts: list[int]) -> Tensor:

@@ -175,8 +175,8 @@ class MoE(RoutedLayer):
             decision = dispatch.apply_capacity(decision, capacity)
 
         perm = dispatch.permute(decision, pad_limit=self.experts.pad_limit(x_TD))
-        y_ND = self.experts(dispatch.gather(x_TD, perm), perm.counts)
-        y_TD = dispatch.combine(y_ND, perm)
+        y_ND = self.experts(dispatch.gather(x_TD, perm), perm.counts, perm.weight_N)
+        y_TD = dispatch.combine(y_ND, perm, weighted=True)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
