@@ -156,6 +156,19 @@ class SparseAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.use_c_kernel = True  # fused C row update when it compiles; eager otherwise
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``Optimizer.load_state_dict``, keeping ``row_step`` int32.
+
+        torch casts every non-``step`` state tensor of a floating-point parameter to the
+        parameter's dtype, which turns ``row_step`` into float32 (and the C kernel reads it as
+        int32): a resumed run would then use wrong bias corrections for sparse rows.
+        """
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            row_step = state.get("row_step")
+            if row_step is not None and row_step.dtype != torch.int32:
+                state["row_step"] = row_step.round().to(torch.int32)
+
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
         loss = None
