@@ -83,3 +83,19 @@ def test_no_controller_without_relu_router(tmp_path: Path, data_dir: Path) -> No
     assert trainer.controller is None
     record = trainer.train_step()
     assert "lambda" not in record and set(record["aux"]) == {"load_balance"}
+
+
+def test_peer_trains_with_sparse_rows_and_resumes(tmp_path: Path, data_dir: Path) -> None:
+    """PEER's sparse row gradients go through clipping, AdamW and an exact resume."""
+    from moelab.train import train
+    from moelab.train.metrics import read_metrics
+
+    peer = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
+    cfg = tiny_config(data_dir, ffn=peer, train={"steps": 4})
+    train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "resumed", stop_after=2)
+    train(cfg, tmp_path / "resumed", resume=True)
+    full = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "full", "train")]
+    resumed = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "resumed", "train")]
+    assert len(full) == 4 and resumed == full
+    assert full[-1][0] < full[0][0]
