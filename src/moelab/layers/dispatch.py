@@ -45,6 +45,14 @@ class Permutation:
     padded: bool = False
 
 
+def _narrow_keys(expert_idx_N: Tensor, num_experts: int) -> Tensor:
+    """Expert ids in the narrowest integer type: torch's stable sort of int16/int32 keys is a radix
+    sort, over 10x faster on CPU than sorting the int64 ids."""
+    if num_experts <= torch.iinfo(torch.int16).max:
+        return expert_idx_N.to(torch.int16)
+    return expert_idx_N.to(torch.int32)
+
+
 def permute(decision: RoutingDecision, pad_limit: float = 0.0) -> Permutation:
     """Sort assignments by expert with one stable argsort.
 
@@ -53,7 +61,7 @@ def permute(decision: RoutingDecision, pad_limit: float = 0.0) -> Permutation:
     batched matmul over equal blocks is several times faster on CPU than E small matmuls when the
     experts are narrow (fine-grained), and as fast when they are wide. Nothing is ever dropped.
     """
-    order_N = torch.argsort(decision.expert_idx_N, stable=True)
+    order_N = torch.argsort(_narrow_keys(decision.expert_idx_N, decision.num_experts), stable=True)
     counts_E = decision.tokens_per_expert_E
     counts = counts_E.tolist()
     token_idx_N = decision.token_idx_N[order_N]
