@@ -128,7 +128,7 @@ def test_dotted_overrides():
         (tiny(ffn={"kind": "moe", "shared_experts": -1}), "ffn.shared_experts: must be >= 0"),
         (
             tiny(ffn={"kind": "moe", "backend": "cuda"}),
-            "ffn.backend: must be one of 'auto', 'loop', 'grouped_mm'",
+            "ffn.backend: must be one of 'auto', 'loop', 'fused', 'bmm', 'grouped_mm'",
         ),
         (
             tiny(ffn={"kind": "peer", "num_experts": 50}),
