@@ -148,3 +148,19 @@ def test_tokenizer_mismatch_is_refused(trained_run: Path, tmp_path: Path) -> Non
     )
     with pytest.raises(ValueError, match="--data: .* was tokenised with"):
         check_same_tokenizer(trained_run, TokenDataset(out))
+
+
+def test_max_batches_spreads_windows_over_every_domain(data_dir: Path) -> None:
+    from moelab.eval.perplexity import eval_batches
+
+    ds = TokenDataset(data_dir)
+    batches = list(eval_batches(ds, "val", seq_len=16, batch_size=2, max_batches=2))
+    assert len(batches) == 2
+    seen = torch.cat([b["domain_ids"].flatten() for b in batches]).unique().tolist()
+    assert sorted(seen) == [0, 1]  # a prefix of the split would hold the first domain only
+    tokens = torch.from_numpy(ds.split("val").astype("int64"))
+    for b in batches:
+        for row_in, row_t in zip(b["input_ids"], b["targets"], strict=True):
+            assert torch.equal(row_in[1:], row_t[:-1])
+            start = int(row_in[0])  # windows are real slices of the split
+            assert start in tokens.tolist()

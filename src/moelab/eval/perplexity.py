@@ -5,14 +5,19 @@ non-overlapping windows (``iter_eval_batches``) so every run is scored on exactl
 and it runs in ``eval()`` mode under ``no_grad`` so routed layers record no statistics and no aux
 losses (PITFALLS: statistics only from training forwards). Per-domain losses are token-weighted
 sums divided by each domain's token count, so they average back to the overall loss.
+
+With ``max_batches`` the windows are spread evenly over the whole split (not its first batches):
+prepared splits are ordered by domain, so a prefix would score one domain only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +32,28 @@ def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractCon
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def eval_batches(
+    dataset: TokenDataset, split: str, seq_len: int, batch_size: int, max_batches: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """All sequential windows (``iter_eval_batches``), or ``max_batches`` batches of windows
+    evenly spaced over the split when that is fewer than all of them."""
+    n_windows = (dataset.num_tokens(split) - 1) // seq_len
+    if max_batches is None or max_batches * batch_size >= n_windows:
+        yield from iter_eval_batches(dataset, split, seq_len, batch_size, max_batches)
+        return
+    tokens, domains = dataset.split(split), dataset.domain_ids(split)
+    chosen = np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(np.int64)
+    offsets = np.arange(seq_len + 1)
+    for first in range(0, len(chosen), batch_size):
+        idx = chosen[first : first + batch_size, None] * seq_len + offsets
+        windows = torch.from_numpy(tokens[idx].astype(np.int64))
+        yield {
+            "input_ids": windows[:, :-1],
+            "targets": windows[:, 1:],
+            "domain_ids": torch.from_numpy(domains[idx[:, 1:]].astype(np.int64)),
+        }
 
 
 @torch.no_grad()
@@ -51,7 +78,7 @@ def evaluate(
     loss_sum = torch.zeros(len(domains), dtype=torch.float64)
     count = torch.zeros(len(domains), dtype=torch.float64)
     try:
-        for batch in iter_eval_batches(dataset, split, seq_len, batch_size, max_batches):
+        for batch in eval_batches(dataset, split, seq_len, batch_size, max_batches):
             ids = batch["input_ids"].to(device)
             with autocast_context(device, bf16):
                 logits = model(ids)
