@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests
 
 bench: setup
 	$(VENV)/bin/moelab bench moe
