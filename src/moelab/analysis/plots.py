@@ -162,12 +162,16 @@ def plot_active_by_frequency(compute: dict[str, dict], title: str, path: str | P
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
     names = list(compute)
+    ticks: list[str] = []
     for i, k in enumerate(names):
         bf = compute[k].get("by_frequency")
         if bf:
             y = [np.nan if v is None else v for v in bf["bin_mean"]]
             a1.plot(range(1, len(y) + 1), y, "o-", ms=3, color=f"C{i % 10}", label=f"layer {k}")
-    a1.set_xlabel("token-frequency bin (1 = rarest … most frequent)")
+            ticks = [f"{j + 1}\n≤{_si(c)}" for j, c in enumerate(bf["bin_max_count"])]
+    if ticks:
+        a1.set_xticks(range(1, len(ticks) + 1), ticks)
+    a1.set_xlabel("token-frequency bin (rarest → most frequent; ≤ max training count)")
     a1.set_ylabel("active experts per token (mean)")
     a1.set_title("active experts vs token frequency")
     if names:
@@ -181,6 +185,15 @@ def plot_active_by_frequency(compute: dict[str, dict], title: str, path: str | P
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _si(x: float | None) -> str:
+    if x is None or not np.isfinite(x):
+        return "–"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
 
 
 def plot_domain_shares(domains: dict, title: str, path: str | Path, max_layers: int = 4) -> Path:
@@ -204,7 +217,7 @@ def plot_domain_shares(domains: dict, title: str, path: str | Path, max_layers: 
         ax.set_title(f"layer {k} (KL {layers[k]['mean_kl']:.3f} nats)", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("share of domain's tokens (%)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{title}: domain specialisation, mean KL {domains['mean_kl']:.3f}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -46,6 +46,19 @@ SUITES: dict[str, dict[str, Any]] = {
             for e in (4, 8, 16, 32)
         },
     },
+    "load-balance": {
+        "description": "expert load with and without load balancing: TopK with / without the "
+        "Switch loss, ReMoE with load-balanced / plain L1, 1 seed",
+        "seeds": [0],
+        "overrides": [],
+        "runs": {
+            "topk-balanced": {"preset": "topk-tiny", "overrides": []},
+            "topk-unbalanced": {"preset": "topk-tiny", "overrides": ["model.ffn.balance_coef=0"]},
+            "remoe-balanced-l1": {"preset": "remoe-tiny", "overrides": []},
+            "remoe-plain-l1": {"preset": "remoe-tiny",
+                               "overrides": ["model.ffn.l1_balanced=false"]},
+        },
+    },
 }
 
 
