@@ -59,4 +59,4 @@ def test_demo_command(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixt
     assert main(args) == 0
     assert main(args) == 0  # a second demo replaces the first
     out = capsys.readouterr().out
-    assert "--- generate 'def '" in out and (run / "summary.json").is_file()
+    assert "--- generate 'def main('" in out and (run / "summary.json").is_file()

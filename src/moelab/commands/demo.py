@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-PROMPTS = ("def ", "The ")
+PROMPTS = ("def main(", "The meaning of life is")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -23,7 +23,11 @@ def run(args: argparse.Namespace) -> int:
     from moelab.eval import generate_text
     from moelab.train import load_run, run_tokenizer
 
-    model, _ = load_run(args.run_dir, checkpoint=args.checkpoint)
+    model, config = load_run(args.run_dir, checkpoint=args.checkpoint)
+    if config.train.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.train.threads)
     text = generate_text(
         model,
         run_tokenizer(args.run_dir),

@@ -42,6 +42,8 @@ def evaluate_run(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size: must be >= 1, got {batch_size}")
     model, config = load_run(run_dir, checkpoint)
+    if config.train.threads is not None:  # the run's choice (tiny presets: 1, see training.md)
+        torch.set_num_threads(config.train.threads)
     if data is not None:
         path = Path(data).expanduser()
         if not path.exists():
