@@ -60,3 +60,14 @@ def test_demo_command(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixt
     assert main(args) == 0  # a second demo replaces the first
     out = capsys.readouterr().out
     assert "--- generate 'def main('" in out and (run / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_default_preset_learns(tmp_path: Path) -> None:
+    """`moelab train` with no arguments: validation loss well below the unigram entropy (~2 min)."""
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "logging.progress=false"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "remoe" and summary["steps"] == 300
+    assert summary["final_val_loss"] < summary["unigram_entropy"]["val"] - 1.0
+    assert abs(summary["final_sparsity"] - summary["sparsity_target"]) < 0.05
