@@ -101,3 +101,14 @@ def test_logging_backend_missing_is_clear(tmp_path: Path, data_dir: Path) -> Non
     cfg = tiny_config(data_dir, logging={"tensorboard": True})
     with pytest.raises(ValueError, match=r"logging\.tensorboard: needs the 'tensorboard' package"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_config_is_bad(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    run = tmp_path / "run"
+    Trainer(tiny_config(data_dir, train={"steps": 1}), run)
+    bad = tiny_config(data_dir, data={"path": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="data.path"):
+        Trainer(bad, run, overwrite=True)
+    assert (run / "config.yaml").is_file()

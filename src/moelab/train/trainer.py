@@ -184,14 +184,13 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.preset = preset
-        if not resume and (self.run_dir / "config.yaml").exists():
-            if not overwrite:
-                raise ConfigError(
-                    "run_dir",
-                    f"{str(self.run_dir)!r} already holds a run; continue it with --resume "
-                    f"{self.run_dir} or replace it with --overwrite",
-                )
-            shutil.rmtree(self.run_dir)
+        if not resume and (self.run_dir / "config.yaml").exists() and not overwrite:
+            raise ConfigError(
+                "run_dir",
+                f"{str(self.run_dir)!r} already holds a run; continue it with --resume "
+                f"{self.run_dir} or replace it with --overwrite",
+            )
+        replace = not resume and (self.run_dir / "config.yaml").exists()  # only after all checks
         if resume and not (self.run_dir / "config.yaml").is_file():
             raise ConfigError("resume", f"{str(self.run_dir)!r} holds no run (no config.yaml)")
         check_backends(config.logging)
@@ -224,6 +223,8 @@ class Trainer:
         if resume:
             self._restore()
         else:
+            if replace:
+                shutil.rmtree(self.run_dir)
             self._create_run_dir()
 
     # ---- run directory ------------------------------------------------------------------------
@@ -398,11 +399,13 @@ class Trainer:
                     and self.step < total
                 ):
                     logger.log(self._eval_record())
+                    last_t, last_step = time.perf_counter(), self.step  # tokens/s: training only
                 stop = self._stop_requested or (stop_after is not None and self.step >= stop_after)
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == total or stop:
                     self._save_with_elapsed(start)
                     last_saved = self.step
+                    last_t, last_step = time.perf_counter(), self.step
                 if stop and self.step < total:
                     interrupted = True
                     break
