@@ -24,10 +24,12 @@ def test_report_command_bad_dir(tmp_path, capsys):
     assert f"{tmp_path}: not a run directory" in err
 
 
-def test_analyze_dynamics_command(fake_runs, capsys):
-    assert main(["analyze", str(fake_runs["remoe"]), "--what", "dynamics"]) == 0
+def test_analyze_dynamics_command(fake_runs, capsys, tmp_path):
+    assert main(["analyze", str(fake_runs["remoe"]), "--what", "dynamics",
+                 "--plots", str(tmp_path / "p")]) == 0
     text = capsys.readouterr().out
     assert "settled at step 96" in text and "0.8749" in text
+    assert (tmp_path / "p" / "dynamics_remoe-seed0.png").is_file()
     assert main(["analyze", str(fake_runs["remoe"]), "--what", "dynamics", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["results"]["dynamics"]["stages"]["dense_end"] == 45
@@ -55,7 +57,9 @@ def test_plan_suite(tmp_path):
     plan = suites.plan_suite("paper-mini", tmp_path, seeds=[3], steps=2, extra_overrides=["a=1"])
     assert [p.group for p in plan] == ["dense", "topk", "remoe", "peer"]
     assert plan[1].run_dir == tmp_path / "runs" / "topk-seed3"
-    assert plan[1].overrides == ("train.steps=2", "a=1", "train.seed=3", "data.seed=3")
+    assert plan[1].overrides == (
+        "train.steps=250", "train.steps=2", "a=1", "train.seed=3", "data.seed=3"
+    )
     with pytest.raises(ValueError, match="seeds"):
         suites.plan_suite("paper-mini", tmp_path, seeds=[])
     with pytest.raises(ValueError, match="steps"):

@@ -412,8 +412,7 @@ def build_report(
         sections.append(Section(
             "Validation loss by domain (analysis pass)",
             "Mean loss (nats/token) of the analysis pass, whose windows are spread evenly over "
-            "the whole split, so every domain is represented (the trainer's evaluation may read "
-            "only the start of the split).",
+            "the whole split, so every domain is represented; the same tokens for every run.",
             dom_table,
         ))
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
