@@ -19,7 +19,7 @@ TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
     "model.ffn.d_hidden=64", "train.steps=2", "data.batch_size=2", "data.seq_len=32",
     "data.eval_batch_size=2", "data.eval_max_batches=1", "checkpoint.every=1",
-    "logging.log_every=1", "logging.progress=false", "train.eval_every=0", "train.threads=2",
+    "logging.log_every=1", "logging.progress=false", "train.eval_every=0",
 ]
 FAST = EvalSettings(batch_size=2, max_batches=3)
 
