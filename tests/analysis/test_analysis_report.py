@@ -60,6 +60,8 @@ def test_read_run_and_curves(fake_runs):
     assert d["stages"]["settle_step"] == 96 and d["stages"]["dense_end"] == 45
     assert d["layer_sparsity"]["1"]["mean"] == pytest.approx(0.877, abs=1e-3)
     assert d["collapsed_layers"] == []
+    c.layer_sparsity["1"][-5:] = 0.99  # one layer driven (almost) fully sparse by the shared λ
+    assert dynamics(c, 0.875, tolerance=0.025)["collapsed_layers"] == ["1"]
     dense = training_curves(read_run(fake_runs["dense"]))
     assert not dense.has_sparsity and dense.layer_sparsity == {}
     assert sparsity_target(read_run(fake_runs["dense"])) is None

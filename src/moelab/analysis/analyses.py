@@ -36,9 +36,12 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def dynamics(curves: TrainingCurves, target: float | None, tolerance: float = 0.03) -> dict:
+def dynamics(
+    curves: TrainingCurves, target: float | None, tolerance: float = 0.03, collapse_at: float = 0.98
+) -> dict:
     """Training dynamics: final LM loss, aux losses, and for ReMoE runs the three stages, the
-    settling step, settled sparsity mean ± std vs target, per layer too."""
+    settling step, settled sparsity mean ± std vs target, per layer too, and the layers whose
+    sparsity averaged ``>= collapse_at`` over the last five logged steps (collapsed layers)."""
     out: dict[str, Any] = {
         "steps": int(curves.steps[-1]) if curves.steps.size else 0,
         "final_loss": float(curves.loss[-1]) if curves.loss.size else float("nan"),
@@ -58,8 +61,10 @@ def dynamics(curves: TrainingCurves, target: float | None, tolerance: float = 0.
             else:
                 per_layer[lk] = {"final": float(s[np.isfinite(s)][-1])}
         out["layer_sparsity"] = per_layer
-        collapsed = [lk for lk, s in curves.layer_sparsity.items() if np.nanmax(s[-5:]) >= 0.999]
-        out["collapsed_layers"] = collapsed
+        # PITFALLS: one shared λ can drive a single layer to (near) 100% sparsity
+        out["collapsed_layers"] = [
+            lk for lk, s in curves.layer_sparsity.items() if np.nanmean(s[-5:]) >= collapse_at
+        ]
     return _clean(out)
 
 

@@ -56,7 +56,8 @@ def print_summary(name: str, res: dict[str, Any], notes: list[str]) -> None:
             for lk, v in dyn.get("layer_sparsity", {}).items():
                 print(f"    layer {lk}: " + ", ".join(f"{k} {_f(x)}" for k, x in v.items()))
             if dyn.get("collapsed_layers"):
-                print(f"  WARNING collapsed layers (sparsity 1.0): {dyn['collapsed_layers']}")
+                print(f"  WARNING near-collapsed layers (sparsity >= 0.98 at the end): "
+                      f"{dyn['collapsed_layers']}")
     if "eval_tokens" in res:
         by_dom = ", ".join(f"{k} {_f(v)}" for k, v in res["eval_loss_by_domain"].items())
         print(f"  eval pass: {res['eval_tokens']} tokens; loss by domain: {by_dom}")
