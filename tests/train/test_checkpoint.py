@@ -147,3 +147,36 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     done = train(cfg, tmp_path / "run", resume=True)
     assert done["steps"] == 10 and not done.get("interrupted")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path: Path, data_dir: Path) -> None:
+    """A real `kill -9` at an arbitrary point after the first checkpoint, then --resume."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny_config(
+        data_dir, ffn=REMOE, train={"steps": 200, "threads": 1}, checkpoint={"every": 5}
+    )
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    train(cfg, tmp_path / "full")
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "moelab.cli", "train", "--config", str(tmp_path / "run.yaml")]
+    proc = subprocess.Popen([*cmd, "--run-dir", str(run)])
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the middle of later steps (or a checkpoint write)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "summary.json").exists()
+    assert main_resume(run) == 0
+    assert train_records(run) == train_records(tmp_path / "full")
+
+
+def main_resume(run: Path) -> int:
+    from moelab.cli import main
+
+    return main(["train", "--resume", str(run)])
