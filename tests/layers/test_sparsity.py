@@ -50,6 +50,30 @@ def test_per_layer_sparsity_and_collapse_warning():
     assert ctl.last_layer_sparsity == pytest.approx([0.6, 1.0])
 
 
+def test_per_layer_lambdas_follow_their_own_layer():
+    ctl = SparsityController(target=0.75, lambda0=1.0, alpha=2.0, per_layer=True)
+    ctl.observe([_FakeLayer(10, 100), _FakeLayer(50, 100)])  # sparsities 0.9 and 0.5
+    ctl.step()
+    assert ctl.layer_lams == [0.5, 2.0]  # too sparse: halve; too dense: double
+    assert ctl.lam == pytest.approx(1.25)
+    restored = SparsityController(target=0.5)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.per_layer and restored.layer_lams == [0.5, 2.0]
+
+
+def test_penalty_applies_the_shared_or_per_layer_lambda():
+    class _L1Layer:
+        def __init__(self, value: float) -> None:
+            self.aux_losses = {"remoe_l1": torch.tensor(value)}
+
+    layers = [_L1Layer(1.0), _L1Layer(3.0)]
+    shared = SparsityController(target=0.5, lambda0=0.1)
+    assert shared.penalty(layers).item() == pytest.approx(0.1 * 2.0)
+    per_layer = SparsityController(target=0.5, per_layer=True)
+    per_layer.layer_lams = [0.5, 2.0]
+    assert per_layer.penalty(layers).item() == pytest.approx((0.5 * 1.0 + 2.0 * 3.0) / 2)
+
+
 def test_step_without_observations_is_an_error():
     with pytest.raises(RuntimeError, match="observe"):
         SparsityController(target=0.5).step()

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from moelab.layers.base import RoutedLayer
+from moelab.layers.base import RoutedLayer, RoutingStats
 
 
 def _check_finite_positive(name: str, value: float) -> None:
@@ -24,7 +25,7 @@ def next_lambda(lam: float, alpha: float, target: float, sparsity: float) -> flo
     The product is rounded to float32, the precision λ is kept in.
     """
     factor = alpha if target > sparsity else 1.0 / alpha
-    return float(torch.tensor(lam * factor, dtype=torch.float32))
+    return _f32(lam * factor)
 
 
 class SparsityController:
@@ -34,11 +35,17 @@ class SparsityController:
     micro-batch forward (it sums the layers' ``router_nonzero``/``router_total`` counts) and
     :meth:`step` once per optimizer step, after all micro-batches. The step's sparsity is therefore
     averaged over layers, micro-batches and (when ``torch.distributed`` is initialised)
-    data-parallel ranks, weighted by tokens. ``lam`` is a Python float kept at float32 precision, so
-    it is untouched by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
+    data-parallel ranks, weighted by tokens. λ is a Python float kept at float32 precision, so it is
+    untouched by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
+
+    ``per_layer=True`` keeps one λ per routed layer, each driven by its own layer's sparsity, so a
+    layer cannot collapse to 100% sparsity while the average sits at the target (the paper uses
+    one shared λ, the default). :meth:`penalty` applies whichever λ the controller keeps.
     """
 
-    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2) -> None:
+    def __init__(
+        self, target: float, lambda0: float = 1e-8, alpha: float = 1.2, per_layer: bool = False
+    ) -> None:
         if not isinstance(target, int | float) or not math.isfinite(target) or not 0 < target < 1:
             raise ValueError(f"target must be a finite number in (0, 1), got {target!r}")
         _check_finite_positive("lambda0", lambda0)
@@ -48,56 +55,72 @@ class SparsityController:
         self.target = float(target)
         self.alpha = float(alpha)
         self.lambda0 = float(lambda0)
-        self.lam = float(torch.tensor(lambda0, dtype=torch.float32))
+        self.per_layer = bool(per_layer)
+        self.lam = _f32(lambda0)  # the shared λ (per_layer: the mean of the layers' λ, for logs)
+        self.layer_lams: list[float] = []  # per_layer only, in observe() order
         self.steps = 0
         self.last_sparsity = float("nan")
         self.last_layer_sparsity: list[float] = []  # per observed layer, in observe() order
-        self._nonzero = 0
-        self._total = 0
         self._layer_counts: list[list[int]] = []  # [nonzero, total] per layer position
         self._warned_collapse = False
 
     def observe(self, layers: Iterable[RoutedLayer]) -> None:
         """Add the last forward's router counts of ``layers`` (layers without them are skipped)."""
-        position = 0
-        for layer in layers:
-            stats = layer.last_stats
-            if stats is None or stats.router_nonzero is None or stats.router_total is None:
-                continue
-            nonzero, total = int(stats.router_nonzero), int(stats.router_total)
-            self._nonzero += nonzero
-            self._total += total
+        for position, stats in enumerate(_router_stats(layers)):
             if position == len(self._layer_counts):
                 self._layer_counts.append([0, 0])
-            self._layer_counts[position][0] += nonzero
-            self._layer_counts[position][1] += total
-            position += 1
+            self._layer_counts[position][0] += int(stats.router_nonzero)
+            self._layer_counts[position][1] += int(stats.router_total)
 
     def step(self) -> float:
         """Update λ from the sparsity accumulated since the last step; return that sparsity."""
-        counts = torch.tensor([self._nonzero, self._total], dtype=torch.float64)
+        counts_L2 = torch.tensor(self._layer_counts, dtype=torch.float64).reshape(-1, 2)
         if dist.is_available() and dist.is_initialized():
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            counts = counts.to(device)
-            dist.all_reduce(counts)
-            counts = counts.cpu()
-        nonzero, total = counts.tolist()
-        self._nonzero = self._total = 0
-        self.last_layer_sparsity = [
-            1.0 - nz / t if t else float("nan") for nz, t in self._layer_counts
-        ]
+            counts_L2 = counts_L2.to(device)
+            dist.all_reduce(counts_L2)
+            counts_L2 = counts_L2.cpu()
         self._layer_counts = []
-        self._warn_on_collapse()
+        nonzero, total = counts_L2.sum(0).tolist() if len(counts_L2) else (0.0, 0.0)
         if total <= 0:
             raise RuntimeError(
                 "SparsityController.step() saw no router outputs since the last step: call "
                 "observe(model.routed_layers()) after each training forward"
             )
+        self.last_layer_sparsity = [
+            1.0 - nz / t if t else float("nan") for nz, t in counts_L2.tolist()
+        ]
         sparsity = 1.0 - nonzero / total
-        self.lam = next_lambda(self.lam, self.alpha, self.target, sparsity)
+        if self.per_layer:
+            if not self.layer_lams:
+                self.layer_lams = [_f32(self.lambda0)] * len(self.last_layer_sparsity)
+            self.layer_lams = [
+                next_lambda(lam, self.alpha, self.target, s)
+                for lam, s in zip(self.layer_lams, self.last_layer_sparsity, strict=True)
+            ]
+            self.lam = _f32(sum(self.layer_lams) / len(self.layer_lams))
+        else:
+            self.lam = next_lambda(self.lam, self.alpha, self.target, sparsity)
+            self._warn_on_collapse()
         self.steps += 1
         self.last_sparsity = sparsity
         return sparsity
+
+    def penalty(self, layers: Iterable[RoutedLayer], name: str = "remoe_l1") -> Tensor | None:
+        """``1/L · Σ_l λ_l · L1_l`` over the layers that recorded ``name`` (None if none did).
+
+        With one shared λ this is ``λ`` times :func:`~moelab.layers.collect_aux_losses`'s average;
+        with ``per_layer`` each layer's term gets its own λ.
+        """
+        terms = [layer.aux_losses[name] for layer in layers if name in layer.aux_losses]
+        if not terms:
+            return None
+        if not self.per_layer:
+            return self.lam * (sum(terms) / len(terms))
+        lams = self.layer_lams or [self.lam] * len(terms)
+        if len(lams) != len(terms):
+            raise RuntimeError(f"per-layer λ for {len(lams)} layers, but {len(terms)} layers")
+        return sum(lam * t for lam, t in zip(lams, terms, strict=True)) / len(terms)
 
     def _warn_on_collapse(self) -> None:
         """One λ for all layers can drive a single layer to 100% sparsity (its tokens then keep only
@@ -107,30 +130,56 @@ class SparsityController:
             self._warned_collapse = True
             warnings.warn(
                 f"ReMoE routed layer(s) {collapsed} (in model order) have collapsed to 100% "
-                "sparsity: no token reaches any of their experts",
+                "sparsity: no token reaches any of their experts (per_layer=True gives each "
+                "layer its own λ)",
                 RuntimeWarning,
                 stacklevel=3,
             )
 
-    def state_dict(self) -> dict[str, float | int]:
+    def state_dict(self) -> dict[str, object]:
         return {
             "target": self.target,
             "alpha": self.alpha,
             "lambda0": self.lambda0,
             "lam": self.lam,
+            "per_layer": self.per_layer,
+            "layer_lams": list(self.layer_lams),
             "steps": self.steps,
             "last_sparsity": self.last_sparsity,
         }
 
-    def load_state_dict(self, state: dict[str, float | int]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
         self.target = float(state["target"])
         self.alpha = float(state["alpha"])
         self.lambda0 = float(state["lambda0"])
         self.lam = float(state["lam"])
+        self.per_layer = bool(state.get("per_layer", False))
+        self.layer_lams = [float(v) for v in state.get("layer_lams", [])]
         self.steps = int(state["steps"])
         self.last_sparsity = float(state["last_sparsity"])
-        self._nonzero = self._total = 0
         self._layer_counts = []
 
     def __repr__(self) -> str:
-        return f"SparsityController(target={self.target}, lam={self.lam:.3e}, alpha={self.alpha})"
+        mode = ", per_layer=True" if self.per_layer else ""
+        return (
+            f"SparsityController(target={self.target}, lam={self.lam:.3e}, alpha={self.alpha}"
+            f"{mode})"
+        )
+
+
+def _f32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _router_stats(layers: Iterable[RoutedLayer]) -> list[RoutingStats]:
+    """The last stats of the layers that count router outputs (ReLU/TopK MoE), in order."""
+    out = []
+    for layer in layers:
+        stats = layer.last_stats
+        if (
+            stats is not None
+            and stats.router_nonzero is not None
+            and stats.router_total is not None
+        ):
+            out.append(stats)
+    return out
