@@ -78,6 +78,17 @@ def test_controller_steps_once_per_optimizer_step(tmp_path: Path, data_dir: Path
     assert record["lambda"] != lam0 and record["lambda_next"] == ctrl.lam
 
 
+def test_per_layer_lambda_option(tmp_path: Path, data_dir: Path) -> None:
+    cfg = tiny_config(data_dir, ffn=REMOE, train={"lambda_per_layer": True, "lambda0": 1e-3})
+    trainer = Trainer(cfg, tmp_path / "run")
+    n_layers = len(trainer.layers)
+    record = trainer.train_step()
+    lams = record["lambda_layers"]
+    assert len(lams) == n_layers == len(trainer.controller.last_layer_sparsity)
+    for lam, s in zip(lams, trainer.controller.last_layer_sparsity, strict=True):
+        assert lam == pytest.approx(1e-3 * (1.2 if s < 0.75 else 1 / 1.2), rel=1e-6)
+
+
 def test_no_controller_without_relu_router(tmp_path: Path, data_dir: Path) -> None:
     trainer = Trainer(tiny_config(data_dir, ffn=TOPK), tmp_path / "run")
     assert trainer.controller is None

@@ -120,6 +120,7 @@ class TrainConfig(Config):
     threads: int | None = None  # torch CPU threads; null: torch's default
     lambda0: float = 1e-8  # ReMoE λ_0
     lambda_alpha: float = 1.2  # ReMoE α
+    lambda_per_layer: bool = False  # one λ per ReLU-routed layer (default: the paper's shared λ)
 
     def validate(self) -> None:
         check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")

@@ -105,8 +105,9 @@ def build_controller(model: TransformerLM, config: RunConfig) -> SparsityControl
     ]
     if not targets:
         return None
+    t = config.train
     return SparsityController(
-        targets[0], lambda0=config.train.lambda0, alpha=config.train.lambda_alpha
+        targets[0], lambda0=t.lambda0, alpha=t.lambda_alpha, per_layer=t.lambda_per_layer
     )
 
 
@@ -312,6 +313,8 @@ class Trainer:
         if self.controller is not None:
             out["lambda"] = lam  # the λ this step's loss used
             out["lambda_next"] = self.controller.lam
+            if self.controller.per_layer:
+                out["lambda_layers"] = list(self.controller.layer_lams)
             out["sparsity"] = sparsity
         out["layers"] = record["layers"]
         return out
@@ -325,7 +328,6 @@ class Trainer:
         """
         n_micro = self.config.data.accumulation_steps
         total_tokens = y.numel()
-        adaptive = None if self.controller is None else {"remoe_l1": self.controller.lam}
         coefs = aux_coefficients(self.layers.values())
         lm_sum = 0.0
         aux_sum: dict[str, float] = {}
@@ -341,9 +343,11 @@ class Trainer:
             if self.controller is not None:
                 self.controller.observe(self.layers.values())
             loss = lm
-            weighted = weighted_aux_loss(aux, coefs, adaptive) if aux else None
-            if weighted is not None:
-                loss = loss + weighted
+            fixed = {name: value for name, value in aux.items() if name != "remoe_l1"}
+            if fixed:
+                loss = loss + weighted_aux_loss(fixed, coefs)
+            if self.controller is not None and "remoe_l1" in aux:
+                loss = loss + self.controller.penalty(self.layers.values())  # λ-weighted L1
             (loss * share).backward()
             lm_sum += float(lm.detach()) * share
             for name, value in aux.items():
