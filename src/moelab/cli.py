@@ -14,6 +14,7 @@ import sys
 
 import moelab
 import moelab.commands
+from moelab.runtime import keep_freed_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # recycle large CPU buffers between steps (see moelab.runtime)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -67,6 +67,8 @@ def _grads(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[
         dict(router="relu", granularity=4),
         dict(router="topk", granularity=4, backend="fused"),
         dict(router="relu", backend="loop"),
+        dict(router="topk", backend="bmm"),  # padded equal blocks when cheap, else fused
+        dict(router="relu", granularity=4, backend="bmm"),
     ],
     ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),
 )

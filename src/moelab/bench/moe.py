@@ -27,6 +27,7 @@ from moelab.layers import dispatch
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import BACKENDS
 from moelab.layers.moe import MoE
+from moelab.runtime import allocator_mode
 
 CONFIGS = {
     # name: (d_hidden of one coarse expert... expressed as routed experts, width, top-k)
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS), metavar="NAME"
     )
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _sync(device: torch.device) -> None:
@@ -155,6 +157,8 @@ def bench_config(name: str, args: argparse.Namespace, dense_ms: float) -> list[R
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     dense = DenseFFN(args.d_model, args.d_hidden).to(device=device, dtype=dtype)
@@ -171,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"MoE forward+backward, d_model={args.d_model}, tokens={args.tokens}, {args.dtype} on "
-        f"{device.type} ({torch.get_num_threads()} threads), median of {args.repeats}"
+        f"{device.type} ({torch.get_num_threads()} threads), median of {args.repeats}, "
+        f"allocator: {allocator_mode()}"
     )
     header = f"{'config':<18} {'layer':<10} {'E':>4} {'width':>6} {'k':>6} {'ms':>9} "
     header += f"{'ratio_vs_dense':>15} {'route_share':>12} {'target':>7}"

@@ -10,13 +10,14 @@ Mixtral/Qwen-MoE experts by a transpose and lets every compute backend read the 
 * ``"fused"``: the same matmuls in one autograd function that writes every expert's result into
   preallocated row slices (no concatenation, no per-expert gradient stacking) and applies the
   activation once over all rows; its backward is written out by hand. Fastest measured on CPU.
-* ``"bmm"``: one ``torch.bmm`` over E equal blocks of rows; needs a padded permutation
-  (:func:`moelab.layers.dispatch.permute` with ``pad_limit``), which the MoE block asks for when
-  the padding is cheap. Several times faster than per-expert matmuls for narrow experts on CPU.
+* ``"bmm"``: one ``torch.bmm`` over E equal blocks of rows; the MoE block asks the dispatcher for
+  a padded permutation (:func:`moelab.layers.dispatch.permute` with ``pad_limit``) and falls back
+  to ``fused`` when padding would cost more than ``PAD_LIMIT``. It pays only when the experts'
+  loads are nearly equal: with the allocator tuned (:mod:`moelab.runtime`), ``fused`` measured
+  faster on CPU at the loads a top-k router produces.
 * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` over all experts at once (CUDA bf16 kernels;
   on CPU a loop fallback that needs int32 offsets and 16-byte-aligned strides).
-* ``"auto"``: ``grouped_mm`` on CUDA with bf16 inputs; otherwise ``bmm`` when the rows arrive
-  in equal blocks and ``fused`` when they do not.
+* ``"auto"``: ``grouped_mm`` on CUDA with bf16 inputs, ``fused`` otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from moelab.layers.dense import activate, up_width
 
 BACKENDS = ("auto", "loop", "fused", "bmm", "grouped_mm")
 
-# Padded slots allowed per real row before the MoE block falls back to unpadded rows (auto / bmm).
+# Padded slots allowed per real row before the bmm backend falls back to unpadded rows.
 PAD_LIMIT = 1.5
 
 
@@ -74,14 +75,12 @@ class GroupedExperts(nn.Module):
         return PAD_LIMIT if self.resolved_backend(x) == "bmm" else 0.0
 
     def resolved_backend(self, x: Tensor, counts: list[int] | None = None) -> str:
-        """The backend that runs ``x``; ``auto`` and ``bmm`` take ``bmm`` only for equal blocks."""
-        if self.backend in ("loop", "fused", "grouped_mm"):
-            return self.backend
-        if self.backend == "auto" and x.is_cuda and x.dtype == torch.bfloat16:
-            return "grouped_mm"
-        if counts is None or len(set(counts)) <= 1:
-            return "bmm"
-        return "fused"  # unequal blocks (padding would have cost too much): per-expert matmuls
+        """The backend that runs ``x``; ``bmm`` runs only equal blocks (else ``fused``)."""
+        if self.backend == "auto":
+            return "grouped_mm" if x.is_cuda and x.dtype == torch.bfloat16 else "fused"
+        if self.backend == "bmm" and counts is not None and len(set(counts)) > 1:
+            return "fused"  # unequal blocks (padding would have cost too much): per-expert matmuls
+        return self.backend
 
     def forward(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None = None) -> Tensor:
         """Each row's expert output, multiplied by ``weight_N`` (its gate) when given.
