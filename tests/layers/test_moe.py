@@ -241,6 +241,7 @@ def test_bf16_module_runs_and_keeps_router_fp32_math():
     torch.testing.assert_close(y16.float(), y32, rtol=0.1, atol=0.05)
 
 
+@pytest.mark.parametrize("width", [32, 8], ids=["wide", "narrow"])  # narrow: gate on hidden
 @pytest.mark.parametrize(
     "backend, activation, dtype",
     [
@@ -258,24 +259,26 @@ def test_bf16_module_runs_and_keeps_router_fp32_math():
         ),
     ],
 )
-def test_backend_equals_loop(backend, activation, dtype):
-    """Every compute backend gives the autograd loop's outputs and gradients, empty experts too."""
+def test_backend_equals_loop(backend, activation, dtype, width):
+    """Every compute backend gives the autograd loop's outputs and gradients (gate weights
+    included, wherever the backend applies them), empty experts too."""
     torch.manual_seed(6)
-    loop = GroupedExperts(8, 16, 32, activation, backend="loop").to(dtype)
-    other = GroupedExperts(8, 16, 32, activation, backend=backend).to(dtype)
+    loop = GroupedExperts(8, 16, width, activation, backend="loop").to(dtype)
+    other = GroupedExperts(8, 16, width, activation, backend=backend).to(dtype)
     other.load_state_dict(loop.state_dict())
     counts = [5, 0, 10, 0, 3, 1, 0, 14]  # experts 1, 3 and 6 get no rows
     if backend == "bmm":
         counts = [4] * 8  # equal blocks, as a padded permutation delivers
     x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
-    y_loop, y_other = loop(x, counts), other(x, counts)
+    gate = torch.rand(sum(counts), dtype=dtype, requires_grad=True)
+    y_loop, y_other = loop(x, counts, gate), other(x, counts, gate)
     torch.testing.assert_close(y_other, y_loop, rtol=1e-5, atol=1e-6)
-    g_loop = torch.autograd.grad(y_loop.square().sum(), [x, *loop.parameters()])
-    g_other = torch.autograd.grad(y_other.square().sum(), [x, *other.parameters()])
+    g_loop = torch.autograd.grad(y_loop.square().sum(), [x, gate, *loop.parameters()])
+    g_other = torch.autograd.grad(y_other.square().sum(), [x, gate, *other.parameters()])
     for a, b in zip(g_other, g_loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     if backend != "bmm":
-        assert g_other[1][1].abs().max() == 0 and g_other[2][3].abs().max() == 0
+        assert g_other[2][1].abs().max() == 0 and g_other[3][3].abs().max() == 0
 
 
 def test_uniform_debug_routing_is_balanced():

@@ -96,7 +96,12 @@ class GroupedExperts(nn.Module):
             y_ND = self._grouped_mm(x_ND, counts)
         elif backend == "fused":
             w13, w2 = self.w13_EDF2.to(x_ND.dtype), self.w2_EFD.to(x_ND.dtype)
-            y_ND = FusedExpertLoop.apply(x_ND.contiguous(), w13, w2, counts, self.activation)
+            gate_N = None
+            if weight_N is not None and self.d_hidden < self.d_model:
+                gate_N, weight_N = weight_N.to(x_ND.dtype), None  # applied on the hidden rows
+            y_ND = FusedExpertLoop.apply(
+                x_ND.contiguous(), w13, w2, gate_N, counts, self.activation
+            )
         else:
             y_ND = self._loop(x_ND, counts)
         return y_ND if weight_N is None else y_ND * weight_N.to(y_ND.dtype)[:, None]
@@ -176,42 +181,51 @@ class FusedExpertLoop(torch.autograd.Function):
     its derivative run once over all rows. Compared with autograd over per-expert ops this removes
     a concatenation of the outputs, a stack of the weight gradients and one pass per expert over
     the activation. Saved for backward: the inputs and the pre-activation ``h`` (``[N, 2F]``).
+
+    ``gate_N`` (optional) multiplies each row's hidden activation before the down projection: for
+    experts narrower than ``d_model`` that is the cheapest place to apply the router's weights.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w13_EDF2, w2_EFD, counts, activation):  # type: ignore[override]
+    def forward(ctx, x_ND, w13_EDF2, w2_EFD, gate_N, counts, activation):  # type: ignore[override]
         n_rows = x_ND.shape[0]
         h_NF2 = x_ND.new_empty(n_rows, w13_EDF2.shape[-1])
         for e, rows in _expert_slices(counts):
             torch.mm(x_ND[rows], w13_EDF2[e], out=h_NF2[rows])
         a_NF = _swiglu_forward(h_NF2) if activation == "swiglu" else activate(h_NF2, activation)
+        ga_NF = a_NF if gate_N is None else a_NF * gate_N[:, None]
         y_ND = x_ND.new_empty(n_rows, w2_EFD.shape[-1])
         for e, rows in _expert_slices(counts):
-            torch.mm(a_NF[rows], w2_EFD[e], out=y_ND[rows])
-        ctx.save_for_backward(x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF)
+            torch.mm(ga_NF[rows], w2_EFD[e], out=y_ND[rows])
+        ctx.save_for_backward(x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF, gate_N)
         ctx.counts, ctx.activation = counts, activation
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_ND):  # type: ignore[override]
-        x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF = ctx.saved_tensors
+        x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF, gate_N = ctx.saved_tensors
         grad_y_ND = grad_y_ND.contiguous()
         slices = list(_expert_slices(ctx.counts))
         # Experts without rows get zero gradients; when every expert has rows nothing is zeroed.
         new_grad = torch.empty_like if len(slices) == len(ctx.counts) else torch.zeros_like
         grad_w2 = new_grad(w2_EFD)
-        grad_a_NF = torch.empty_like(a_NF)
+        ga_NF = a_NF if gate_N is None else a_NF * gate_N[:, None]
+        grad_a_NF = torch.empty_like(a_NF)  # gradient of the (gated) hidden rows
         for e, rows in slices:
-            torch.mm(a_NF[rows].T, grad_y_ND[rows], out=grad_w2[e])
+            torch.mm(ga_NF[rows].T, grad_y_ND[rows], out=grad_w2[e])
             torch.mm(grad_y_ND[rows], w2_EFD[e].T, out=grad_a_NF[rows])
+        grad_gate_N = None
+        if gate_N is not None:
+            grad_gate_N = (grad_a_NF * a_NF).sum(1) if ctx.needs_input_grad[3] else None
+            grad_a_NF.mul_(gate_N[:, None])
         grad_h_NF2 = _activation_backward(h_NF2, grad_a_NF, ctx.activation)
         grad_w13 = new_grad(w13_EDF2)
         grad_x_ND = torch.empty_like(x_ND)
         for e, rows in slices:
             torch.mm(x_ND[rows].T, grad_h_NF2[rows], out=grad_w13[e])
             torch.mm(grad_h_NF2[rows], w13_EDF2[e].T, out=grad_x_ND[rows])
-        return grad_x_ND, grad_w13, grad_w2, None, None
+        return grad_x_ND, grad_w13, grad_w2, grad_gate_N, None, None
 
 
 def _expert_slices(counts: list[int]):
