@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from moelab.analysis.collect import RoutingTrace, collect_routing
+from moelab.data.tokenizer import file_sha256
+from moelab.eval.run import check_same_tokenizer
 
 
 @dataclass
@@ -72,27 +74,15 @@ def open_eval_dataset(run_config: Any, settings: EvalSettings, run_dir: str | Pa
         from moelab.train import open_dataset
 
         ds = open_dataset(run_config)
-    own = Path(run_dir) / "tokenizer.json"
-    theirs = ds.meta.get("tokenizer_sha256")
-    if own.is_file() and theirs and _sha256(own) != theirs:
-        raise ValueError(
-            f"{run_dir}: trained with another tokenizer than {ds.path} was prepared with "
-            f"({ds.meta.get('tokenizer')}); analyse it on data prepared with its tokenizer.json"
-        )
+    check_same_tokenizer(run_dir, ds, field="--dataset")
     return ds
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tokenizer_id(run_dir: str | Path, ds: Any) -> str:
     """What identifies a run's token ids: its tokenizer.json hash, else its dataset's tokenizer."""
     own = Path(run_dir) / "tokenizer.json"
     if own.is_file():
-        return f"sha256:{_sha256(own)[:12]}"
+        return f"sha256:{file_sha256(own)[:12]}"
     sha = ds.meta.get("tokenizer_sha256")
     return f"sha256:{sha[:12]}" if sha else str(ds.meta.get("tokenizer"))
 
