@@ -2,7 +2,7 @@
 
 Every configuration is measured in one process, interleaved, so ratios compare like with like:
 ``ratio_vs_dense = dense_time / moe_time`` (1.0 = as fast as the dense FFN; higher is better).
-``route_share`` is the part of the layer's time not spent in expert matmuls: routing, sorting,
+``route_share`` is the part of the layer's time not spent in expert compute: routing, sorting,
 gathering and scattering back (the layer time minus the time of the same experts run alone on
 pre-sorted rows).
 
@@ -70,17 +70,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (allocator, kernels)
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+def _time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, float]:
+    """Median ms of each function, timed round-robin (one call of each per round) so that drift in
+    the machine's speed (other load, allocator warm-up, clocks) hits every layer alike."""
+    for fn in fns.values():  # warm-up (allocator, kernels)
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1000.0 for name, t in times.items()}
 
 
 def calibrate_relu_router(moe: MoE, x_TD: torch.Tensor, k: int) -> None:
@@ -98,58 +102,61 @@ def calibrate_relu_router(moe: MoE, x_TD: torch.Tensor, k: int) -> None:
         w[:, -1] = -q_E
 
 
-def bench_config(name: str, args: argparse.Namespace, dense_ms: float) -> list[Row]:
+def _moe_steps(name: str, router: str, args: argparse.Namespace):
+    """The layer's forward+backward step, its experts-only step (same experts on pre-sorted rows:
+    the rest of the layer's time is routing + permutation) and the layer itself."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     spec = CONFIGS[name]
-    rows = []
+    torch.manual_seed(0)
+    moe = MoE(
+        args.d_model,
+        args.d_hidden,
+        spec["num_experts"],
+        spec["top_k"],
+        router=router,
+        granularity=spec["granularity"],
+        backend=args.backend,
+    ).to(device=device, dtype=dtype)
+    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype)
+    if router == "relu":
+        calibrate_relu_router(moe, x, spec["top_k"] * spec["granularity"])
+    x.requires_grad_(True)
+    moe.train()
+
+    def step() -> None:
+        y = moe(x)
+        (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
+
+    with torch.no_grad():
+        decision = moe.router(x.detach(), None).decision
+        perm = dispatch.permute(decision, pad_limit=moe.experts.pad_limit(x))
+        x_ND = dispatch.gather(x.detach(), perm).requires_grad_(True)
+
+    def experts_only() -> None:
+        moe.experts(x_ND, perm.counts, perm.weight_N).float().square().mean().backward()
+
+    return step, experts_only, moe
+
+
+def bench_config(name: str, args: argparse.Namespace, dense_step: Callable[[], None]) -> list[Row]:
+    """Dense, TopK and ReLU layers of one configuration, timed interleaved in one process."""
+    fns: dict[str, Callable[[], None]] = {"dense": dense_step}
+    layers: dict[str, MoE] = {}
     for router in ("topk", "relu"):
-        torch.manual_seed(0)
-        moe = MoE(
-            args.d_model,
-            args.d_hidden,
-            spec["num_experts"],
-            spec["top_k"],
-            router=router,
-            granularity=spec["granularity"],
-            backend=args.backend,
-        ).to(device=device, dtype=dtype)
-        x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype)
-        k_fine = spec["top_k"] * spec["granularity"]
-        if router == "relu":
-            calibrate_relu_router(moe, x, k_fine)
-        x.requires_grad_(True)
-        moe.train()
-
-        def step(moe: MoE = moe, x: torch.Tensor = x) -> None:
-            y = moe(x)
-            loss = y.float().square().mean() + sum(moe.aux_losses.values())
-            loss.backward()
-
-        ms = _time(step, args.repeats, device)
-        achieved_k = moe.last_stats.active_mean
-
-        # The same experts alone on pre-sorted rows: the rest of the time is routing + permutation.
-        with torch.no_grad():
-            perm = dispatch.permute(
-                moe.router(x.detach(), None).decision, pad_limit=moe.experts.pad_limit(x)
-            )
-            x_ND = dispatch.gather(x.detach(), perm)
-        x_ND.requires_grad_(True)
-
-        def experts_only(moe: MoE = moe, x_ND: torch.Tensor = x_ND, perm=perm) -> None:
-            moe.experts(x_ND, perm.counts).float().square().mean().backward()
-
-        experts_ms = _time(experts_only, args.repeats, device)
+        fns[router], fns[f"{router}-experts"], layers[router] = _moe_steps(name, router, args)
+    ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
+    rows = [Row(name, "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, None)]
+    for router, moe in layers.items():
         rows.append(
             Row(
                 config=name,
                 layer=f"{router} MoE",
                 experts=moe.num_experts,
                 width=moe.expert_hidden,
-                top_k=round(achieved_k, 2),
-                ms=round(ms, 2),
-                ratio_vs_dense=round(dense_ms / ms, 3),
-                route_share=round(max(0.0, 1.0 - experts_ms / ms), 3),
+                top_k=round(moe.last_stats.active_mean, 2),
+                ms=round(ms[router], 2),
+                ratio_vs_dense=round(ms["dense"] / ms[router], 3),
+                route_share=round(max(0.0, 1.0 - ms[f"{router}-experts"] / ms[router]), 3),
                 target=TARGETS[name],
             )
         )
@@ -168,10 +175,8 @@ def run(args: argparse.Namespace) -> int:
         dense(x).float().square().mean().backward()
 
     rows: list[Row] = []
-    for name in args.configs:
-        dense_ms = _time(dense_step, args.repeats, device)  # re-measured next to each config
-        rows.append(Row(name, "dense FFN", 1, args.d_hidden, 1, round(dense_ms, 2), 1.0, 0.0, None))
-        rows.extend(bench_config(name, args, dense_ms))
+    for name in args.configs:  # the dense baseline is re-measured next to each configuration
+        rows.extend(bench_config(name, args, dense_step))
 
     print(
         f"MoE forward+backward, d_model={args.d_model}, tokens={args.tokens}, {args.dtype} on "
