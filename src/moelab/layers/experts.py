@@ -42,9 +42,9 @@ def check_backend(backend: str) -> None:
 class GroupedExperts(nn.Module):
     """E independent FFN experts computed on expert-sorted rows.
 
-    ``forward(x_ND, counts)`` takes rows already sorted by expert (``counts[e]`` rows for expert
-    ``e``, in order) and returns each row's expert output ``y_ND``; gate weights are applied by the
-    caller's combine step.
+    ``forward(x_ND, counts, weight_N=None)`` takes rows already sorted by expert (``counts[e]`` rows
+    for expert ``e``, in order) and returns each row's expert output ``y_ND``, multiplied by its
+    gate weight when ``weight_N`` is given (otherwise the caller's combine step applies it).
     """
 
     def __init__(
