@@ -130,8 +130,8 @@ class SparsityController:
             self._warned_collapse = True
             warnings.warn(
                 f"ReMoE routed layer(s) {collapsed} (in model order) have collapsed to 100% "
-                "sparsity: no token reaches any of their experts (per_layer=True gives each "
-                "layer its own λ)",
+                "sparsity: no token reaches any of their experts (a λ per layer: "
+                "SparsityController(per_layer=True), train.lambda_per_layer=true)",
                 RuntimeWarning,
                 stacklevel=3,
             )
