@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.layers import DenseFFN, MoE
-from moelab.layers.base import collect_aux_losses
+from moelab.layers.base import collect_aux_losses, weighted_aux_loss
 from moelab.layers.experts import GroupedExperts
 
 torch.set_num_threads(2)
@@ -285,6 +285,15 @@ def test_uniform_debug_routing_is_balanced():
     moe = MoE(8, 16, 4, 2, router="topk", debug_uniform_routing=True)
     moe(torch.randn(10, 8))
     assert moe.last_stats.tokens_per_expert.tolist() == [5, 5, 5, 5]
+
+
+def test_weighted_aux_loss_leaves_remoe_l1_to_the_controller():
+    losses = {"load_balance": torch.tensor(2.0), "remoe_l1": torch.tensor(1.0)}
+    with pytest.raises(KeyError, match="SparsityController.penalty"):
+        weighted_aux_loss(losses, {"load_balance": 0.01})
+    assert weighted_aux_loss(
+        {"load_balance": torch.tensor(2.0)}, {"load_balance": 0.01}
+    ).item() == (pytest.approx(0.02))
 
 
 def test_aux_losses_average_over_layers():

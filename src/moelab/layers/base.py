@@ -17,8 +17,8 @@ statistics. Everything else a layer produces is *recorded on the layer* rather t
   the layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L`` of
   the papers) and :func:`weighted_aux_loss` multiplies by coefficients.
 * ``layer.aux_coefficients``: the fixed coefficient of each loss this layer makes. A loss whose
-  coefficient is adaptive (ReMoE's L1, driven by :class:`~moelab.layers.SparsityController`) is
-  absent here and supplied by the caller.
+  coefficient is adaptive (ReMoE's L1) is absent here: :class:`~moelab.layers.SparsityController`
+  applies it with ``penalty(layers)``.
 * ``layer.last_stats``: a detached :class:`RoutingStats`, refreshed only by training forwards with
   grad enabled (or while ``layer.force_stats`` is set, which is how evaluation passes collect their
   own statistics) so that eval passes never pollute training counters.
@@ -175,25 +175,19 @@ def aux_coefficients(layers: Iterable[RoutedLayer]) -> dict[str, float]:
     return coefs
 
 
-def weighted_aux_loss(
-    losses: dict[str, Tensor],
-    coefficients: dict[str, float],
-    adaptive: dict[str, float | Tensor] | None = None,
-) -> Tensor | None:
-    """``Σ coef·loss`` over named aux losses; ``adaptive`` supplies coefficients such as ReMoE's λ.
+def weighted_aux_loss(losses: dict[str, Tensor], coefficients: dict[str, float]) -> Tensor | None:
+    """``Σ coef·loss`` over the named aux losses that have a fixed coefficient.
 
-    A loss with no coefficient at all is an error, not silently dropped.
+    A loss with no coefficient is an error, not silently dropped. ReMoE's ``remoe_l1`` has none: its
+    λ lives in :class:`~moelab.layers.SparsityController`, whose ``penalty(layers)`` adds it (one
+    shared λ or one per layer), so leave it out of ``losses``.
     """
-    adaptive = adaptive or {}
     total: Tensor | None = None
     for name, value in losses.items():
-        if name in adaptive:
-            coef = adaptive[name]
-        elif name in coefficients:
-            coef = coefficients[name]
-        else:
-            raise KeyError(f"aux loss {name!r} has no coefficient (pass it in `adaptive`)")
-        term = value * coef
+        if name not in coefficients:
+            hint = " (add SparsityController.penalty(layers) instead)" if name == "remoe_l1" else ""
+            raise KeyError(f"aux loss {name!r} has no fixed coefficient{hint}")
+        term = value * coefficients[name]
         total = term if total is None else total + term
     return total
 

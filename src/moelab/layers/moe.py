@@ -16,7 +16,13 @@ from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
 from moelab.layers.experts import GroupedExperts, check_backend
 from moelab.layers.losses import remoe_l1_loss, router_z_loss, switch_load_balance_loss
-from moelab.layers.routers import ROUTERS, ReLURouter, TopKRouter, uniform_assignment
+from moelab.layers.routers import (
+    ROUTERS,
+    ReLURouter,
+    TopKRouter,
+    make_decision,
+    uniform_assignment,
+)
 
 
 def _check_coef(name: str, value: float) -> None:
@@ -199,14 +205,7 @@ class MoE(RoutedLayer):
             x_TD.shape[0], self.num_experts, k, valid_T, x_TD.device
         )
         weight_N = torch.full(token_idx_N.shape, 1.0 / k, device=x_TD.device)
-        return RoutingDecision(
-            token_idx_N=token_idx_N,
-            expert_idx_N=expert_idx_N,
-            weight_N=weight_N,
-            tokens_per_expert_E=torch.bincount(expert_idx_N, minlength=self.num_experts),
-            num_tokens=x_TD.shape[0],
-            num_experts=self.num_experts,
-        )
+        return make_decision(token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts)
 
     def _record(
         self, routed, decision: RoutingDecision, valid_T: Tensor | None, assigned: int

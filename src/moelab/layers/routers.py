@@ -27,9 +27,10 @@ class RouterOutput:
     nonzero: Tensor  # selected / positive (token, expert) pairs over valid tokens, before dropping
 
 
-def _decision(
+def make_decision(
     token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor, num_tokens: int, num_experts: int
 ) -> RoutingDecision:
+    """A decision from flat assignments, with its per-expert histogram."""
     counts_E = torch.bincount(expert_idx_N, minlength=num_experts)
     return RoutingDecision(
         token_idx_N=token_idx_N,
@@ -105,7 +106,7 @@ class TopKRouter(LinearRouter):
                 expert_idx_N[keep_N],
                 weight_N[keep_N],
             )
-        decision = _decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
+        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
@@ -125,7 +126,9 @@ class ReLURouter(LinearRouter):
             active_TE = active_TE & valid_T[:, None]
         token_idx_N, expert_idx_N = active_TE.nonzero(as_tuple=True)
         weight_N = relu_TE[token_idx_N, expert_idx_N]
-        decision = _decision(token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts)
+        decision = make_decision(
+            token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts
+        )
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, relu_TE, nonzero)
 
