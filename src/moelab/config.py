@@ -28,7 +28,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 
@@ -89,10 +89,13 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, Mapping):
                 hints = hints or typing.get_type_hints(type(self))
-                sub = _config_class(hints[f.name])
-                if sub is not None:
-                    setattr(self, f.name, from_dict(sub, value, f.name))
+                tp = hints[f.name]
+                if _config_class(tp) is not None or _tagged_members(tp):
+                    setattr(self, f.name, _convert(value, tp, f.name))
         self.validate()
+
+    # Fields for which an explicit null (written by older versions) means "the default".
+    null_means_default: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Range and cross-field checks; raise :class:`ConfigError` (via :func:`check`)."""
@@ -123,10 +126,14 @@ class Config:
 # ----------------------------------------------------------------------------- building from data
 
 
-def from_dict(cls: type[C], data: Any, path: str = "") -> C:
+def from_dict(
+    cls: type[C], data: Any, path: str = "", siblings: Mapping[str, type] | None = None
+) -> C:
     """Build config dataclass ``cls`` from plain data, type-checking every field.
 
-    ``path`` is the dotted name of ``data`` inside the enclosing config, used in error messages.
+    ``path`` is the dotted name of ``data`` inside the enclosing config, used in error messages;
+    ``siblings`` are the other members of a tagged union (by ``kind``), named in the message when
+    a key belongs to one of them.
     """
     if dataclasses.is_dataclass(data) and isinstance(data, cls):
         return data
@@ -136,9 +143,12 @@ def from_dict(cls: type[C], data: Any, path: str = "") -> C:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(path, _unknown_key(key, fields))
+            raise ConfigError(path, _unknown_key(key, fields, cls, siblings))
     kwargs: dict[str, Any] = {}
+    null_default = getattr(cls, "null_means_default", ())
     for name, f in fields.items():
+        if name in null_default and data.get(name, 0) is None:
+            continue
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -151,11 +161,53 @@ def from_dict(cls: type[C], data: Any, path: str = "") -> C:
         raise ConfigError(path, str(e)) from None
 
 
-def _unknown_key(key: Any, fields: Iterable[str]) -> str:
+def _unknown_key(
+    key: Any,
+    fields: Iterable[str],
+    cls: type | None = None,
+    siblings: Mapping[str, type] | None = None,
+) -> str:
     names = sorted(fields)
     close = difflib.get_close_matches(str(key), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; allowed keys: {', '.join(names)}"
+    kind = ""
+    if siblings and cls is not None:
+        own = _kind_of(cls)
+        kind = f" for kind {own!r}"
+        others = [k for k, c in siblings.items() if k != own and key in _init_fields(c)]
+        if others:
+            hint = f" (an option of kind {' / '.join(repr(k) for k in others)})"
+    return f"unknown key {key!r}{kind}{hint}; allowed keys: {', '.join(names)}"
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _kind_of(cls: type) -> Any:
+    return _init_fields(cls)["kind"].default
+
+
+def _tagged_members(tp: Any) -> dict[Any, type]:
+    """``{kind: class}`` when ``tp`` is a union of config dataclasses told apart by a ``kind``
+    field with a default (a tagged union: ``DenseConfig | MoEConfig``); else empty."""
+    if not _is_union(tp):
+        return {}
+    members = [m for m in typing.get_args(tp) if m is not type(None)]
+    if len(members) < 2 or not all(dataclasses.is_dataclass(m) for m in members):
+        return {}
+    if not all("kind" in _init_fields(m) for m in members):
+        return {}
+    return {_kind_of(m): m for m in members}
+
+
+def _tagged_member(members: Mapping[Any, type], data: Mapping[str, Any], path: str) -> type:
+    """The member of a tagged union that ``data`` describes (no ``kind``: the first member)."""
+    kind = data.get("kind", next(iter(members)))
+    if kind not in members:
+        choices = ", ".join(repr(k) for k in members)
+        raise ConfigError(_join(path, "kind"), f"must be one of {choices}, got {kind!r}")
+    return members[kind]
 
 
 def _show(value: Any) -> str:
@@ -184,6 +236,13 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if _is_union(tp):
         if value is None and type(None) in args:
             return None
+        members = _tagged_members(tp)
+        if members:
+            if any(isinstance(value, m) for m in members.values()):
+                return value
+            if not isinstance(value, Mapping):
+                raise ConfigError(path, f"expected a mapping with a 'kind', got {_show(value)}")
+            return from_dict(_tagged_member(members, value, path), value, path, members)
         errors = []
         for member in args:
             if member is type(None):
@@ -299,29 +358,54 @@ def parse_override(text: str) -> tuple[str, str]:
 def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """A copy of ``data`` with each ``a.b.c=value`` set, the value parsed from the field's type.
 
-    Unknown keys are reported at the level where they occur, with that level's allowed keys.
+    Unknown keys are reported at the level where they occur, with that level's allowed keys. In a
+    tagged union (``model.ffn``) the section's current ``kind`` decides the allowed keys; setting
+    ``kind`` to another value drops the keys the new kind does not have (``model.ffn.kind=peer``
+    on a MoE preset keeps ``num_experts`` and ``top_k``, forgets ``router``). A ``dict`` field takes
+    one more level: ``model.ffn.router_options.p=0.4``.
     """
     out = _deep_copy(data)
     for text in overrides:
         key, raw = parse_override(text)
         parts = key.split(".")
         node, node_cls, path = out, cls, ""
+        members: Mapping[Any, type] = {}  # set while node is a tagged-union section
         for i, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
+            fields = _init_fields(node_cls)
             if part not in fields:
-                raise ConfigError(path, _unknown_key(part, fields))
+                raise ConfigError(path, _unknown_key(part, fields, node_cls, members))
             tp = typing.get_type_hints(node_cls)[part]
             path = _join(path, part)
-            if i == len(parts) - 1:
+            last = i == len(parts) - 1
+            if last and part == "kind" and members:
+                kind = _parse_text(raw, Literal[tuple(members)], path)
+                keep = _init_fields(members[kind])
+                for name in [k for k in node if k not in keep]:
+                    del node[name]
+                node[part] = kind
+                break
+            if last:
                 node[part] = _parse_text(raw, tp, path)
                 break
-            sub_cls = _config_class(tp)
-            if sub_cls is None:
+            if typing.get_origin(tp) is dict and i == len(parts) - 2:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = node[part] = {}
+                value_tp = (typing.get_args(tp) or (str, Any))[1]
+                child[parts[-1]] = _parse_text(raw, value_tp, _join(path, parts[-1]))
+                break
+            tagged = _tagged_members(tp)
+            sub_cls = _config_class(tp) if not tagged else None
+            if sub_cls is None and not tagged:
                 raise ConfigError(path, f"is a {_type_name(tp)}, it has no field {parts[i + 1]!r}")
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}  # a section left at its default (or None): start from its defaults
                 node[part] = child
+            if tagged:
+                sub_cls, members = _tagged_member(tagged, child, path), tagged
+            else:
+                members = {}
             node, node_cls = child, sub_cls
     return out
 
@@ -335,10 +419,10 @@ def _deep_copy(data: Any) -> Any:
 
 
 def _config_class(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``Sub`` or ``Sub | None``), if any."""
+    """The dataclass inside ``tp`` (``Sub`` or ``Sub | None``), if any (not a tagged union)."""
     if dataclasses.is_dataclass(tp):
         return tp
-    if _is_union(tp):
+    if _is_union(tp) and not _tagged_members(tp):
         for member in typing.get_args(tp):
             if dataclasses.is_dataclass(member):
                 return member

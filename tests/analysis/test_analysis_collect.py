@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.analysis import analyses, collect_routing
-from moelab.model import FFNConfig, ModelConfig, TransformerLM
+from moelab.model import DenseConfig, FFNConfig, ModelConfig, MoEConfig, PEERConfig, TransformerLM
 
 
 def tiny_model(ffn: FFNConfig, seed: int = 0) -> TransformerLM:
@@ -21,13 +21,18 @@ def batches(n: int = 3, B: int = 2, L: int = 8, seed: int = 0) -> list[dict[str,
     out = []
     for _ in range(n):
         ids = torch.randint(0, 64, (B, L + 1), generator=g)
-        out.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                    "domain_ids": torch.randint(0, 2, (B, L), generator=g)})
+        out.append(
+            {
+                "input_ids": ids[:, :-1],
+                "targets": ids[:, 1:],
+                "domain_ids": torch.randint(0, 2, (B, L), generator=g),
+            }
+        )
     return out
 
 
 def test_topk_trace_matches_layer_decisions():
-    model = tiny_model(FFNConfig(kind="moe", num_experts=4, top_k=2))
+    model = tiny_model(MoEConfig(num_experts=4, top_k=2))
     model.train()
     seen: list[torch.Tensor] = []
     layer0 = model.routed_layers()[0]
@@ -52,8 +57,10 @@ def test_topk_trace_matches_layer_decisions():
         model.eval()
         logits = torch.cat([model(b["input_ids"]) for b in data])
     ref = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, 64), torch.cat([b["targets"] for b in data]).reshape(-1),
-        reduction="none")
+        logits.reshape(-1, 64),
+        torch.cat([b["targets"] for b in data]).reshape(-1),
+        reduction="none",
+    )
     np.testing.assert_allclose(trace.loss_T, ref.numpy(), rtol=1e-5, atol=1e-5)
     # the analyses run on it
     load = analyses.expert_load_analysis(trace)
@@ -69,7 +76,7 @@ def test_topk_trace_matches_layer_decisions():
 
 
 def test_relu_trace_variable_experts_and_flips_between_models():
-    ffn = FFNConfig(kind="moe", num_experts=8, top_k=1, router="relu")
+    ffn = MoEConfig(num_experts=8, top_k=1, router="relu")
     data = batches()
     a = collect_routing(tiny_model(ffn, seed=0), data)
     b = collect_routing(tiny_model(ffn, seed=1), data)
@@ -85,7 +92,7 @@ def test_relu_trace_variable_experts_and_flips_between_models():
 
 
 def test_peer_usage_matches_layer_tracker():
-    ffn = FFNConfig(kind="peer", num_experts=64, heads=2, top_k=4, d_key=8)
+    ffn = PEERConfig(num_experts=64, heads=2, top_k=4, d_key=8)
     model = tiny_model(ffn)
     for layer in model.routed_layers():
         layer.start_usage_tracking()
@@ -100,11 +107,11 @@ def test_peer_usage_matches_layer_tracker():
 
 
 def test_aggregates_only_and_dense_model():
-    ffn = FFNConfig(kind="moe", num_experts=4, top_k=1)
+    ffn = MoEConfig(num_experts=4, top_k=1)
     trace = collect_routing(tiny_model(ffn), batches(), store_flat=False)
     assert not trace.layers["0"].has_flat and trace.layers["0"].load_E.sum() == 48
     stab = analyses.stability(trace, trace)
     assert stab["skipped_layers"] == ["0", "1"] and stab["mean_token_flip_rate"] is None
-    dense = collect_routing(tiny_model(FFNConfig(kind="dense")), batches())
+    dense = collect_routing(tiny_model(DenseConfig()), batches())
     assert dense.layers == {} and dense.loss_T.size == 48
     assert analyses.loss_by_domain(dense).keys() == {"all"}

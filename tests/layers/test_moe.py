@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.layers import DenseFFN, MoE
-from moelab.layers.base import collect_aux_losses, weighted_aux_loss
+from moelab.layers.base import collect_aux_losses, fixed_aux_loss
 from moelab.layers.experts import GroupedExperts
 
 torch.set_num_threads(2)
@@ -287,13 +287,19 @@ def test_uniform_debug_routing_is_balanced():
     assert moe.last_stats.tokens_per_expert.tolist() == [5, 5, 5, 5]
 
 
-def test_weighted_aux_loss_leaves_remoe_l1_to_the_controller():
-    losses = {"load_balance": torch.tensor(2.0), "remoe_l1": torch.tensor(1.0)}
-    with pytest.raises(KeyError, match="SparsityController.penalty"):
-        weighted_aux_loss(losses, {"load_balance": 0.01})
-    assert weighted_aux_loss(
-        {"load_balance": torch.tensor(2.0)}, {"load_balance": 0.01}
-    ).item() == (pytest.approx(0.02))
+def test_fixed_aux_loss_leaves_the_controlled_loss_to_the_controller():
+    torch.manual_seed(3)
+    topk = MoE(8, 16, 4, 1, router="topk", z_loss_coef=0.1)
+    relu = MoE(8, 16, 4, 1, router="relu")
+    for layer in (topk, relu):
+        layer(torch.randn(6, 8))
+    assert set(relu.aux_losses) == {"remoe_l1"} and relu.controlled_loss == "remoe_l1"
+    want = 0.01 * topk.aux_losses["load_balance"] + 0.1 * topk.aux_losses["z_loss"]
+    torch.testing.assert_close(fixed_aux_loss([topk, relu]), want)
+    assert fixed_aux_loss([relu]) is None
+    relu.controlled_loss = None  # a loss with neither a coefficient nor a controller
+    with pytest.raises(KeyError, match="remoe_l1"):
+        fixed_aux_loss([relu])
 
 
 def test_aux_losses_average_over_layers():

@@ -69,6 +69,8 @@ def test_per_layer_lambdas_follow_their_own_layer():
 
 def test_penalty_applies_the_shared_or_per_layer_lambda():
     class _L1Layer:
+        controlled_loss = "remoe_l1"
+
         def __init__(self, value: float) -> None:
             self.aux_losses = {"remoe_l1": torch.tensor(value)}
 

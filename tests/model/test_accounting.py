@@ -6,8 +6,7 @@ import importlib.util
 
 import pytest
 
-from moelab.model import FFNConfig, ModelConfig, TransformerLM, accounting
-from moelab.model.accounting import ffn_accounting
+from moelab.model import ModelConfig, MoEConfig, PEERConfig, PKMConfig, TransformerLM, accounting
 
 HAS_MOE = importlib.util.find_spec("moelab.layers.moe") is not None
 
@@ -39,10 +38,8 @@ def test_tied_embeddings_count_once():
 
 
 def test_moe_by_hand_with_granularity_and_shared_expert():
-    ffn = FFNConfig(
-        kind="moe", d_hidden=16, num_experts=4, top_k=2, granularity=2, shared_experts=1
-    )
-    a = ffn_accounting(ModelConfig(**TINY, ffn=ffn).ffn_for(0), 8)
+    ffn = MoEConfig(d_hidden=16, num_experts=4, top_k=2, granularity=2, shared_experts=1)
+    a = ModelConfig(**TINY, ffn=ffn).ffn_for(0).accounting(8)
     # 8 fine experts of width 8: 8*16 + 8*8 = 192 each; router 8*8 = 64; shared (width 8) 192
     assert a["total_params"] == 8 * 192 + 64 + 192 == 1792
     assert a["active_params"] == 4 * 192 + 64 + 192 == 1024  # top_k*G = 4 fine experts
@@ -58,8 +55,8 @@ def test_relu_router_counts_the_target_k():
 
 
 def test_peer_by_hand():
-    ffn = FFNConfig(kind="peer", num_experts=16, heads=2, top_k=3, d_key=4)
-    a = ffn_accounting(ModelConfig(**TINY, ffn=ffn).ffn_for(0), 8)
+    ffn = PEERConfig(num_experts=16, heads=2, top_k=3, d_key=4)
+    a = ModelConfig(**TINY, ffn=ffn).ffn_for(0).accounting(8)
     # experts 16 * (down 8 + up 8) = 256; queries 2*8*4 = 64; BN 2*2*4 = 16; keys 2*4*(4/2) = 16
     assert a["total_params"] == 256 + 64 + 16 + 16
     assert a["active_params"] == 2 * 3 * 16 + 64 + 16 == 176
@@ -69,8 +66,8 @@ def test_peer_by_hand():
 
 
 def test_pkm_by_hand():
-    ffn = FFNConfig(kind="pkm", num_memories=16, heads=2, top_k=3, d_key=4, query_batchnorm=False)
-    a = ffn_accounting(ModelConfig(**TINY, ffn=ffn).ffn_for(0), 8)
+    ffn = PKMConfig(num_memories=16, heads=2, top_k=3, d_key=4, query_batchnorm=False)
+    a = ModelConfig(**TINY, ffn=ffn).ffn_for(0).accounting(8)
     # values 16*8 = 128; queries 64; sub-keys per head 2 * 4 * 2 = 16 -> 32
     assert a["total_params"] == 128 + 64 + 32
     assert a["active_params"] == 2 * 3 * 8 + 64 == 112

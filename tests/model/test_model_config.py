@@ -1,10 +1,11 @@
-"""ModelConfig / FFNConfig: defaults, round trips, per-kind options, validation errors."""
+"""ModelConfig and the per-kind FFN configs: defaults, round trips, options, validation errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from moelab.model import FFNConfig, ModelConfig, auto_d_hidden
+from moelab.model import DenseConfig, ModelConfig, MoEConfig, auto_d_hidden
+from moelab.model.ffn_configs import FFN_KINDS
 
 
 def tiny(**kw) -> dict:
@@ -25,7 +26,7 @@ def test_paper_defaults():
         {"kind": "dense", "d_hidden": 48, "activation": "gelu"},
         {"kind": "moe", "num_experts": 4, "top_k": 2, "router": "relu", "granularity": 2},
         {"kind": "moe", "capacity_factor": 1.25, "shared_experts": 1, "backend": "loop"},
-        {"kind": "peer", "num_experts": 64, "heads": 2, "top_k": 4, "d_key": 8, "gate": "relu"},
+        {"kind": "peer", "num_experts": 64, "heads": 2, "top_k": 4, "d_key": 8, "gate": "sigmoid"},
         {"kind": "pkm", "num_memories": 64, "heads": 2, "top_k": 4, "d_key": 8},
     ],
 )
@@ -36,14 +37,25 @@ def test_round_trip_every_kind(ffn, tmp_path):
     cfg.to_yaml(path)
     assert ModelConfig.from_yaml(path) == cfg
     # only the options of the kind are written
-    assert set(cfg.to_dict()["ffn"]) <= {"kind", *ffn, *FFNConfig(kind=ffn["kind"]).dict_fields()}
+    assert set(cfg.to_dict()["ffn"]) <= set(FFN_KINDS[ffn["kind"]]().to_dict())
     assert "num_memories" not in cfg.to_dict()["ffn"] or ffn["kind"] == "pkm"
 
 
-def test_options_of_other_kinds_are_reset():
-    ffn = FFNConfig(kind="dense", top_k=3, num_experts=5)
-    assert ffn.top_k is None and ffn.num_experts is None
-    assert ffn == FFNConfig(kind="dense")
+def test_options_of_other_kinds_are_errors_that_name_the_kind():
+    with pytest.raises(ValueError, match=r"ffn: unknown key 'top_k' for kind 'dense' \(an option"):
+        ModelConfig.from_dict(tiny(ffn={"kind": "dense", "top_k": 3}))
+    with pytest.raises(ValueError, match="ffn.balance_coef: is not an option of router 'relu'"):
+        ModelConfig.from_dict(tiny(ffn={"kind": "moe", "router": "relu", "balance_coef": 0.1}))
+
+
+def test_config_and_layer_agree_on_peer_gates():
+    with pytest.raises(ValueError, match="ffn.gate: must be one of 'softmax', 'sigmoid'"):
+        ModelConfig.from_dict(tiny(ffn={"kind": "peer", "num_experts": 64, "gate": "relu"}))
+
+
+def test_older_configs_with_null_kind_defaults_still_load():
+    ffn = {"kind": "moe", "activation": None, "num_experts": None, "top_k": None}
+    assert ModelConfig.from_dict(tiny(ffn=ffn)).ffn == MoEConfig()
 
 
 def test_kind_defaults_resolved_per_layer():
@@ -79,7 +91,7 @@ def test_dotted_overrides():
     assert cfg.kv_heads == 2 and cfg.ffn.capacity_factor == 1.5
     # switching kind from the command line keeps working: stale options are dropped
     dense = ModelConfig.from_dict(cfg.to_dict(), ["ffn.kind=dense"])
-    assert dense.ffn == FFNConfig(kind="dense")
+    assert dense.ffn == DenseConfig()
 
 
 @pytest.mark.parametrize(
@@ -96,14 +108,17 @@ def test_dotted_overrides():
         (tiny(ffn_layers=[1, 1]), "ffn_layers: has repeated indices"),
         (tiny(ffn_layers="first"), "ffn_layers: expected"),
         (tiny(ffn={"kind": "mlp"}), "ffn.kind: must be one of 'dense', 'moe', 'peer', 'pkm'"),
-        (tiny(ffn={"kind": "moe", "topk": 2}), "ffn: unknown key 'topk' (did you mean 'top_k'?)"),
+        (
+            tiny(ffn={"kind": "moe", "topk": 2}),
+            "ffn: unknown key 'topk' for kind 'moe' (did you mean 'top_k'?)",
+        ),
         (
             tiny(ffn={"kind": "moe", "num_experts": 4, "top_k": 5}),
             "ffn.top_k: must be <= num_experts (4), got 5",
         ),
         (
             tiny(ffn={"kind": "moe", "num_experts": 4, "top_k": 4, "router": "relu"}),
-            "ffn.top_k: router 'relu' needs top_k < num_experts",
+            "ffn.top_k: must be < num_experts for router 'relu'",
         ),
         (
             tiny(ffn={"kind": "moe", "router": "softmax"}),
@@ -115,34 +130,37 @@ def test_dotted_overrides():
         ),
         (
             tiny(ffn={"kind": "moe", "granularity": 5}),
-            "ffn.granularity: must divide the expert width d_hidden (88)",
+            "ffn.granularity: must divide d_hidden (88)",
         ),
         (
             tiny(ffn={"kind": "moe", "capacity_factor": 0.0}),
-            "ffn.capacity_factor: must be null (dropless)",
+            "ffn.capacity_factor: must be None (dropless)",
         ),
         (
             tiny(ffn={"kind": "moe", "balance_coef": -1.0}),
             "ffn.balance_coef: must be a finite number >= 0",
         ),
-        (tiny(ffn={"kind": "moe", "shared_experts": -1}), "ffn.shared_experts: must be >= 0"),
+        (
+            tiny(ffn={"kind": "moe", "shared_experts": -1}),
+            "ffn.shared_experts: must be an integer >= 0",
+        ),
         (
             tiny(ffn={"kind": "moe", "backend": "cuda"}),
             "ffn.backend: must be one of 'auto', 'loop', 'fused', 'bmm', 'grouped_mm'",
         ),
         (
             tiny(ffn={"kind": "peer", "num_experts": 50}),
-            "ffn.num_experts: must be a perfect square (product keys), got 50",
+            "ffn.num_experts: must be a perfect square",
         ),
         (
             tiny(ffn={"kind": "peer", "num_experts": 16, "top_k": 5}),
-            "ffn.top_k: must be <= sqrt(num_experts) = 4",
+            "ffn.top_k: must be an integer in [1, √num_experts] = [1, 4], got 5",
         ),
         (
             tiny(ffn={"kind": "pkm", "num_memories": 64, "top_k": 4, "d_key": 7}),
-            "ffn.d_key: must be even",
+            "ffn.d_key: must be an even integer",
         ),
-        (tiny(ffn={"kind": "pkm", "heads": 0}), "ffn.heads: must be a positive integer, got 0"),
+        (tiny(ffn={"kind": "pkm", "heads": 0}), "ffn.heads: must be an integer >= 1, got 0"),
         (tiny(ffn={"kind": "dense", "activation": "tanh"}), "ffn.activation: "),
         (tiny(d_model="big"), "d_model: expected int, got str 'big'"),
     ],

@@ -5,13 +5,14 @@ from moelab.layers.base import (
     RoutingDecision,
     RoutingStats,
     collect_aux_losses,
+    fixed_aux_loss,
     routed_layers,
-    weighted_aux_loss,
 )
 from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
+from moelab.layers.routers import ROUTERS, Router, register_router
 from moelab.layers.sparsity import SparsityController
 
 __all__ = [
@@ -19,11 +20,14 @@ __all__ = [
     "MoE",
     "PEER",
     "PKM",
+    "ROUTERS",
+    "Router",
+    "register_router",
     "SparsityController",
     "RoutedLayer",
     "RoutingDecision",
     "RoutingStats",
     "collect_aux_losses",
+    "fixed_aux_loss",
     "routed_layers",
-    "weighted_aux_loss",
 ]

@@ -13,12 +13,13 @@ A routed layer is a drop-in for an FFN: ``y = layer(x)`` with ``x: [..., D]``; a
 statistics. Everything else a layer produces is *recorded on the layer* rather than returned:
 
 * ``layer.aux_losses``: raw (unweighted) aux losses of the last grad-enabled training forward,
-  keyed by name (``"load_balance"``, ``"z_loss"``, ``"remoe_l1"``). Each is already normalised by
-  the layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L`` of
-  the papers) and :func:`weighted_aux_loss` multiplies by coefficients.
-* ``layer.aux_coefficients``: the fixed coefficient of each loss this layer makes. A loss whose
-  coefficient is adaptive (ReMoE's L1) is absent here: :class:`~moelab.layers.SparsityController`
-  applies it with ``penalty(layers)``.
+  keyed by name; the layer's router (or the layer itself) defines them. Each is already normalised
+  by the layer's own token count; :func:`collect_aux_losses` averages them over layers (the ``1/L``
+  of the papers) and :func:`fixed_aux_loss` weights those with a fixed coefficient.
+* ``layer.aux_coefficients``: the fixed coefficient of each loss this layer makes.
+* ``layer.controlled_loss``: the name of the loss (if any) whose coefficient is adapted between
+  steps, and ``layer.sparsity_target`` what the adaptation aims at (ReMoE's L1 and ``1 − k/E``):
+  :class:`~moelab.layers.SparsityController` applies it with ``penalty(layers)``.
 * ``layer.last_stats``: a detached :class:`RoutingStats`, refreshed only by training forwards with
   grad enabled (or while ``layer.force_stats`` is set, which is how evaluation passes collect their
   own statistics) so that eval passes never pollute training counters.
@@ -137,9 +138,15 @@ class RoutedLayer(nn.Module):
         super().__init__()
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_coefficients: dict[str, float] = {}
+        self.controlled_loss: str | None = None
         self.last_stats: RoutingStats | None = None
         self.force_stats: bool = False
         self.routing_observer: RoutingObserver | None = None
+
+    @property
+    def sparsity_target(self) -> float | None:
+        """Target fraction of zero router outputs for the λ controller (None: not controlled)."""
+        return None
 
     def should_record(self) -> bool:
         """Statistics and aux losses come only from training forwards with grad (or when forced)."""
@@ -155,7 +162,8 @@ def collect_aux_losses(layers: Iterable[RoutedLayer]) -> dict[str, Tensor]:
     """Average each named aux loss over the layers that produced it (the ``1/L`` of the papers).
 
     Averaging per name keeps each layer's balance term computed from its own statistics; layers are
-    never concatenated before the loss (PITFALLS: per-layer load balancing).
+    never concatenated before the loss: a balance term over the concatenation of all layers' tokens
+    would let one layer's imbalance be offset by another's.
     """
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -166,34 +174,27 @@ def collect_aux_losses(layers: Iterable[RoutedLayer]) -> dict[str, Tensor]:
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def aux_coefficients(layers: Iterable[RoutedLayer]) -> dict[str, float]:
-    """Fixed coefficients by loss name (the first layer that declares one wins; they agree)."""
+def fixed_aux_loss(layers: Iterable[RoutedLayer]) -> Tensor | None:
+    """``Σ_name coef · mean_layers(loss)`` over the aux losses with a fixed coefficient.
+
+    The controlled loss of a layer (its coefficient adapted between steps) is left to the
+    controller's ``penalty(layers)``; a loss that is neither fixed nor controlled is an error, never
+    silently dropped. Returns None when no layer recorded a fixed-coefficient loss.
+    """
+    layers = list(layers)
     coefs: dict[str, float] = {}
+    controlled: set[str] = set()
     for layer in layers:
         for name, c in layer.aux_coefficients.items():
             coefs.setdefault(name, c)
-    return coefs
-
-
-def weighted_aux_loss(losses: dict[str, Tensor], coefficients: dict[str, float]) -> Tensor | None:
-    """``Σ coef·loss`` over the named aux losses that have a fixed coefficient.
-
-    A loss with no coefficient is an error, not silently dropped. ReMoE's ``remoe_l1`` has none: its
-    λ lives in :class:`~moelab.layers.SparsityController`, whose ``penalty(layers)`` adds it (one
-    shared λ or one per layer), so leave it out of ``losses``.
-    """
+        if layer.controlled_loss is not None:
+            controlled.add(layer.controlled_loss)
     total: Tensor | None = None
-    for name, value in losses.items():
-        if name not in coefficients:
-            hint = " (add SparsityController.penalty(layers) instead)" if name == "remoe_l1" else ""
-            raise KeyError(f"aux loss {name!r} has no fixed coefficient{hint}")
-        term = value * coefficients[name]
+    for name, value in collect_aux_losses(layers).items():
+        if name in controlled:
+            continue
+        if name not in coefs:
+            raise KeyError(f"aux loss {name!r} has neither a fixed coefficient nor a controller")
+        term = value * coefs[name]
         total = term if total is None else total + term
     return total
-
-
-def clear_routing_state(layers: Iterable[RoutedLayer]) -> None:
-    """Forget aux losses and stats (e.g. before an evaluation pass)."""
-    for layer in layers:
-        layer.aux_losses = {}
-        layer.last_stats = None

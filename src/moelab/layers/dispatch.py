@@ -17,8 +17,8 @@ from torch import Tensor
 
 from moelab.layers.base import RoutingDecision
 
-# Refuse capacity buffers beyond this many assignment slots (PITFALLS: a huge capacity factor must
-# be a clear error, not a terabyte allocation).
+# Refuse capacity buffers beyond this many assignment slots: a huge capacity factor must be a clear
+# error, not a terabyte allocation.
 MAX_CAPACITY_SLOTS = 1 << 31
 
 

@@ -1,20 +1,34 @@
 """Routers: map tokens to a :class:`RoutingDecision` (flat token/expert/weight assignments).
 
-A router is a small module ``router(x_TD, valid_T) -> RouterOutput``. Its logits are computed in
-float32 whatever the input dtype (PITFALLS: router numerics). Adding a router from the literature
-means one class here and one entry in :data:`ROUTERS`; every dispatcher and expert backend works
-with it unchanged.
+A router owns everything that follows from its own outputs:
+
+* ``forward(x_TD, valid_T) -> RouterOutput``: the decision plus the dense router tensors;
+* :meth:`Router.aux_losses`: its auxiliary losses, computed from that output and the token mask,
+  and :meth:`Router.aux_coefficients`, their fixed coefficients;
+* ``controlled_loss``: the name of the one loss (if any) whose coefficient is adapted between
+  steps by :class:`~moelab.layers.SparsityController` (ReMoE's L1), and ``sparsity_target``, what
+  that controller drives towards.
+
+Logits are computed in float32 whatever the input dtype: a bf16 router flips near-tied top-k
+choices and under-resolves small ReLU outputs. Adding a router from the literature is one
+:class:`Router` subclass decorated with :func:`register_router` (and its tests); :class:`~moelab.
+layers.MoE`, every dispatcher and expert backend, the configs (``model.ffn.router=NAME``) and the
+trainer work with it unchanged. A router's keyword-only constructor arguments are its options.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.layers.base import RoutingDecision
+from moelab.layers.losses import remoe_l1_loss, router_z_loss, switch_load_balance_loss
 
 
 @dataclass(frozen=True)
@@ -42,13 +56,52 @@ def make_decision(
     )
 
 
-class LinearRouter(nn.Module):
-    """Shared part of the routers: a bias-free ``[E, D]`` gate (``nn.Linear(D, E)`` layout, the one
-    ``transformers`` uses for Mixtral's ``gate``), applied in float32."""
+def _check_coef(name: str, value: object) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not value >= 0
+        or value == float("inf")
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
-    def __init__(self, d_model: int, num_experts: int, init_std: float) -> None:
+
+class Router(nn.Module):
+    """Base of every router: a bias-free ``[E, D]`` gate (``nn.Linear(D, E)`` layout, the one
+    ``transformers`` uses for Mixtral's ``gate``) applied in float32, and the router z-loss.
+
+    Subclasses set ``name`` (the registry key), ``method`` (how runs and reports name the
+    method) and implement :meth:`forward`; they extend :meth:`aux_losses` /
+    :meth:`aux_coefficients` with their own terms.
+
+    Args:
+        d_model: D.
+        num_experts: E routed experts.
+        top_k: k, experts per token (for ReLU routing: the k of the sparsity target ``1 − k/E``).
+        init_std: normal init std of the gate.
+        z_loss_coef: router z-loss coefficient (ST-MoE); 0 disables it.
+    """
+
+    name: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+    controlled_loss: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        init_std: float = 0.02,
+        z_loss_coef: float = 0.0,
+    ) -> None:
         super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
+        _check_coef("z_loss_coef", z_loss_coef)
         self.num_experts = num_experts
+        self.top_k = top_k
+        self.z_loss_coef = float(z_loss_coef)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=init_std)
 
@@ -58,14 +111,82 @@ class LinearRouter(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
+    def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
+        raise NotImplementedError
 
-class TopKRouter(LinearRouter):
-    """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral).
+    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
+        """Unweighted aux losses of one forward, each normalised by its valid tokens."""
+        if self.z_loss_coef > 0:
+            return {"z_loss": router_z_loss(out.logits_TE, valid_T)}
+        return {}
+
+    def aux_coefficients(self) -> dict[str, float]:
+        """Fixed coefficient of each aux loss (the controlled loss has none here)."""
+        return {"z_loss": self.z_loss_coef} if self.z_loss_coef > 0 else {}
+
+    @property
+    def sparsity_target(self) -> float | None:
+        """Fraction of zero router outputs the λ controller drives towards (None: no controller)."""
+        return None
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(cls: type[Router]) -> type[Router]:
+    """Class decorator: make ``cls`` available as ``MoE(router=cls.name)`` and in configs."""
+    if not cls.name or cls.name in ROUTERS:
+        raise ValueError(f"router name {cls.name!r} is empty or already registered")
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def router_class(name: str) -> type[Router]:
+    """The registered router called ``name``; the error lists the registered ones."""
+    if name not in ROUTERS:
+        close = difflib.get_close_matches(str(name), ROUTERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        choices = ", ".join(repr(n) for n in ROUTERS)
+        raise ValueError(f"router must be one of {choices}, got {name!r}{hint}")
+    return ROUTERS[name]
+
+
+def router_options(name: str) -> dict[str, Any]:
+    """Options of router ``name``: its keyword-only constructor arguments and their defaults
+    (``init_std`` excluded: it comes from the model)."""
+    params = inspect.signature(router_class(name)).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init_std"
+    }
+
+
+def build_router(
+    name: str, d_model: int, num_experts: int, top_k: int, init_std: float, **options: Any
+) -> Router:
+    """Construct router ``name``; an option it does not take is an error naming its options."""
+    allowed = router_options(name)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(
+                f"router {name!r} has no option {key!r}; its options: {', '.join(allowed)}"
+            )
+    return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
+
+
+@register_router
+class TopKRouter(Router):
+    """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral), with the Switch
+    load-balancing loss (Fedus et al. 2021, eq. 4) weighted by ``balance_coef``.
 
     ``softmax_after_topk=False`` (default, as ReMoE's baseline): weights are the softmax over all E
     logits, taken at the top-k; ``renormalize=True`` rescales those k weights to sum to 1 (Mixtral).
     ``softmax_after_topk=True``: softmax over the k selected logits only.
     """
+
+    name = "topk"
+    method = "topk"
 
     def __init__(
         self,
@@ -75,12 +196,15 @@ class TopKRouter(LinearRouter):
         *,
         renormalize: bool = False,
         softmax_after_topk: bool = False,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
-        super().__init__(d_model, num_experts, init_std)
-        self.top_k = top_k
+        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        _check_coef("balance_coef", balance_coef)
         self.renormalize = renormalize
         self.softmax_after_topk = softmax_after_topk
+        self.balance_coef = float(balance_coef)
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
@@ -110,13 +234,51 @@ class TopKRouter(LinearRouter):
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
+    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if self.balance_coef > 0:
+            losses["load_balance"] = switch_load_balance_loss(
+                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, self.top_k
+            )
+        return losses | super().aux_losses(out, valid_T)
 
-class ReLURouter(LinearRouter):
+    def aux_coefficients(self) -> dict[str, float]:
+        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
+        return own | super().aux_coefficients()
+
+
+@register_router
+class ReLURouter(Router):
     """ReMoE's router (arXiv 2412.14711, eq. 5): ``R(x) = ReLU(x W)``; no softmax, no top-k.
 
     Every positive output is an assignment whose weight is that output, so each token gets a
-    variable number of experts (possibly none: it then keeps only the residual path).
+    variable number of experts (possibly none: it then keeps only the residual path). Its L1
+    penalty (eq. 7, load-balanced unless ``l1_balanced=False``) is the controlled loss: its
+    coefficient λ is adapted each step towards ``sparsity_target = 1 − k/E`` (eq. 8) by
+    :class:`~moelab.layers.SparsityController`.
     """
+
+    name = "relu"
+    method = "remoe"
+    controlled_loss = "remoe_l1"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        l1_balanced: bool = True,
+        z_loss_coef: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        if top_k >= num_experts:
+            raise ValueError(
+                f"top_k must be < num_experts for router 'relu' (target sparsity 1 - k/E > 0), "
+                f"got top_k={top_k}, num_experts={num_experts}"
+            )
+        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        self.l1_balanced = l1_balanced
 
     def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
@@ -132,8 +294,13 @@ class ReLURouter(LinearRouter):
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, relu_TE, nonzero)
 
+    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
+        l1 = remoe_l1_loss(out.scores_TE, valid_T, self.top_k, self.l1_balanced)
+        return {self.controlled_loss: l1} | super().aux_losses(out, valid_T)
 
-ROUTERS = {"topk": TopKRouter, "relu": ReLURouter}
+    @property
+    def sparsity_target(self) -> float:
+        return 1.0 - self.top_k / self.num_experts
 
 
 def uniform_assignment(

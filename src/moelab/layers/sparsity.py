@@ -106,13 +106,18 @@ class SparsityController:
         self.last_sparsity = sparsity
         return sparsity
 
-    def penalty(self, layers: Iterable[RoutedLayer], name: str = "remoe_l1") -> Tensor | None:
-        """``1/L · Σ_l λ_l · L1_l`` over the layers that recorded ``name`` (None if none did).
+    def penalty(self, layers: Iterable[RoutedLayer]) -> Tensor | None:
+        """``1/L · Σ_l λ_l · L1_l`` over the layers that recorded their controlled loss (ReMoE's L1;
+        None if none did).
 
         With one shared λ this is ``λ`` times :func:`~moelab.layers.collect_aux_losses`'s average;
         with ``per_layer`` each layer's term gets its own λ.
         """
-        terms = [layer.aux_losses[name] for layer in layers if name in layer.aux_losses]
+        terms = [
+            layer.aux_losses[layer.controlled_loss]
+            for layer in layers
+            if layer.controlled_loss is not None and layer.controlled_loss in layer.aux_losses
+        ]
         if not terms:
             return None
         if not self.per_layer:
@@ -124,7 +129,7 @@ class SparsityController:
 
     def _warn_on_collapse(self) -> None:
         """One λ for all layers can drive a single layer to 100% sparsity (its tokens then keep only
-        the residual path) while the average sits at the target: say so once (PITFALLS)."""
+        the residual path) while the average sits at the target: say so, once."""
         collapsed = [i for i, s in enumerate(self.last_layer_sparsity) if s == 1.0]
         if collapsed and not self._warned_collapse and len(self.last_layer_sparsity) > 1:
             self._warned_collapse = True

@@ -17,70 +17,20 @@ Conventions (so numbers compare across dense, MoE, PEER and PKM models):
   masking would halve the average) + product-key retrieval (per head: ``2·√N·d_key`` to score both
   sub-key halves, plus the ``top_k²`` candidate sums).
 
-Product-key layouts assumed for a config (a built model's ``total_params`` are counted from its
-real parameters instead): PEER shares one set of ``2·√N`` sub-keys of ``d_key/2`` across heads (the
-keys index the shared experts); PKM has one set per head (Lample et al. 2019).
+Each FFN kind counts itself (:meth:`moelab.model.ffn_configs.DenseConfig.accounting` and its
+siblings); a built model's ``total_params`` are counted from its real parameters.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 from torch import nn
 
-from moelab.layers.dense import up_width
-from moelab.model.config import FFNConfig, ModelConfig
+from moelab.model.config import ModelConfig
+from moelab.model.ffn_configs import FFN_KINDS
 
-LAYER_TYPES = ("embeddings", "attention", "norms", "dense_ffn", "moe", "peer", "pkm")
-
-
-def _ffn_params(d_model: int, d_hidden: int, activation: str) -> int:
-    """One (bias-free) FFN: fused up/gate ``[D, up]`` and down ``[F, D]``."""
-    return d_model * up_width(d_hidden, activation) + d_hidden * d_model
-
-
-def ffn_accounting(ffn: FFNConfig, d_model: int) -> dict[str, int]:
-    """``total_params``, ``active_params``, ``matmul_active`` and ``extra_flops`` of one resolved
-    FFN slot (see the module docstring for what counts)."""
-    D = d_model
-    if ffn.kind == "dense":
-        p = _ffn_params(D, ffn.d_hidden, ffn.activation)
-        return {"total_params": p, "active_params": p, "matmul_active": p, "extra_flops": 0}
-    if ffn.kind == "moe":
-        g = ffn.granularity
-        width = ffn.d_hidden // g
-        expert = _ffn_params(D, width, ffn.activation)
-        router = D * ffn.num_experts * g
-        shared = (
-            _ffn_params(D, ffn.shared_experts * width, ffn.activation) if ffn.shared_experts else 0
-        )
-        total = ffn.num_experts * g * expert + router + shared
-        active = ffn.top_k * g * expert + router + shared
-        return {
-            "total_params": total,
-            "active_params": active,
-            "matmul_active": active,
-            "extra_flops": 0,
-        }
-    h, k, dk = ffn.heads, ffn.top_k, ffn.d_key
-    queries = h * D * dk
-    bn = 2 * h * dk if ffn.query_batchnorm else 0
-    if ffn.kind == "peer":
-        n = ffn.num_experts
-        keys = math.isqrt(n) * dk  # 2 halves x sqrt(N) sub-keys x d_key/2, shared by the heads
-        experts_total, experts_active = n * 2 * D, h * k * 2 * D
-    else:  # pkm
-        n = ffn.num_memories
-        keys = h * math.isqrt(n) * dk  # one set of sub-keys per head
-        experts_total, experts_active = n * D, h * k * D
-    retrieval = h * (2 * math.isqrt(n) * dk + k * k)
-    return {
-        "total_params": experts_total + queries + bn + keys,
-        "active_params": experts_active + queries + bn,
-        "matmul_active": experts_active + queries,
-        "extra_flops": retrieval,
-    }
+LAYER_TYPES = ("embeddings", "attention", "norms", *(c.layer_type for c in FFN_KINDS.values()))
 
 
 def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
@@ -114,9 +64,9 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     for i in range(cfg.n_layers):
         add("attention", attn, attn, 2 * attn + 4 * L * attn_dim)
         ffn = cfg.ffn_for(i)
-        a = ffn_accounting(ffn, D)
-        kind = "dense_ffn" if ffn.kind == "dense" else ffn.kind
-        add(kind, a["total_params"], a["active_params"], 2 * a["matmul_active"] + a["extra_flops"])
+        a = ffn.accounting(D)
+        flops = 2 * a["matmul_active"] + a["extra_flops"]
+        add(ffn.layer_type, a["total_params"], a["active_params"], flops)
 
     if model is not None:
         _count_real_totals(model, rows)
@@ -143,8 +93,6 @@ def _count_real_totals(model: nn.Module, rows: dict[str, dict[str, int]]) -> Non
     """Replace the analytic FFN totals by the built layers' own parameter counts."""
     real: dict[str, int] = defaultdict(int)
     for i, block in enumerate(model.blocks):
-        kind = model.cfg.ffn_for(i).kind
-        kind = "dense_ffn" if kind == "dense" else kind
-        real[kind] += sum(p.numel() for p in block.ffn.parameters())
+        real[model.cfg.ffn_for(i).layer_type] += sum(p.numel() for p in block.ffn.parameters())
     for kind, n in real.items():
         rows[kind]["total_params"] = n

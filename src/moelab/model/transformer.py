@@ -10,7 +10,6 @@ G key/value heads (GQA groups), Hd head dim, V vocabulary.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -20,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from moelab.layers.base import RoutedLayer, routed_layers
 from moelab.layers.dense import DenseFFN
-from moelab.model.config import FFNConfig, ModelConfig
+from moelab.layers.moe import MoE
+from moelab.model.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------- pieces
 
@@ -137,66 +137,6 @@ class Attention(nn.Module):
         return self.wo(y_BHLd.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
-def build_ffn(ffn: FFNConfig, d_model: int, init_std: float) -> nn.Module:
-    """The FFN-slot module of a resolved :class:`FFNConfig` (see :meth:`ModelConfig.ffn_for`).
-
-    Routed layers are imported lazily so the model imports without them.
-    """
-    if ffn.kind == "dense":
-        return DenseFFN(d_model, ffn.d_hidden, ffn.activation, init_std=init_std)
-    if ffn.kind == "moe":
-        from moelab.layers.moe import MoE
-
-        return MoE(
-            d_model,
-            ffn.d_hidden,
-            ffn.num_experts,
-            ffn.top_k,
-            router=ffn.router,
-            granularity=ffn.granularity,
-            shared_experts=ffn.shared_experts,
-            capacity_factor=ffn.capacity_factor,
-            renormalize=ffn.renormalize,
-            softmax_after_topk=ffn.softmax_after_topk,
-            balance_coef=ffn.balance_coef,
-            z_loss_coef=ffn.z_loss_coef,
-            l1_balanced=ffn.l1_balanced,
-            activation=ffn.activation,
-            backend=ffn.backend,
-            init_std=init_std,
-        )
-    if ffn.kind == "peer":
-        from moelab.layers.peer import PEER
-
-        kwargs = dict(
-            num_experts=ffn.num_experts,
-            heads=ffn.heads,
-            top_k=ffn.top_k,
-            d_key=ffn.d_key,
-            query_batchnorm=ffn.query_batchnorm,
-            activation=ffn.activation,
-            gate=ffn.gate,
-        )
-        return PEER(d_model, **kwargs, **_init_kwarg(PEER, init_std))
-    if ffn.kind == "pkm":
-        from moelab.layers.pkm import PKM
-
-        kwargs = dict(
-            num_memories=ffn.num_memories,
-            heads=ffn.heads,
-            top_k=ffn.top_k,
-            d_key=ffn.d_key,
-            query_batchnorm=ffn.query_batchnorm,
-        )
-        return PKM(d_model, **kwargs, **_init_kwarg(PKM, init_std))
-    raise ValueError(f"unknown ffn kind {ffn.kind!r}")
-
-
-def _init_kwarg(cls: type, init_std: float) -> dict[str, float]:
-    """Pass ``init_std`` only to layers that take it (PEER/PKM may choose their own init)."""
-    return {"init_std": init_std} if "init_std" in inspect.signature(cls).parameters else {}
-
-
 class Block(nn.Module):
     """Pre-norm residual block: attention, then the FFN slot."""
 
@@ -205,7 +145,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = build_ffn(cfg.ffn_for(layer_idx), cfg.d_model, cfg.init_std)
+        self.ffn = cfg.ffn_for(layer_idx).build(cfg.d_model, cfg.init_std)
 
     def forward(
         self,
@@ -262,13 +202,13 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=std)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
             for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
                 nn.init.normal_(lin.weight, std=std)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
             for norm in (block.attn_norm, block.ffn_norm):
                 nn.init.ones_(norm.weight)
-            if self.cfg.ffn_for(i).kind in ("dense", "moe"):  # DenseFFN.w2_FD, experts' w2_EFD
+            if isinstance(block.ffn, DenseFFN | MoE):  # DenseFFN.w2_FD, experts' w2_EFD
                 for name, p in block.ffn.named_parameters():
                     if name.rsplit(".", 1)[-1].startswith("w2"):
                         nn.init.normal_(p, std=out_std)

@@ -183,11 +183,8 @@ class RunConfig(Config):
 
 
 def method_name(model: ModelConfig) -> str:
-    """Short name of the FFN method: ``dense``, ``topk``, ``remoe``, ``peer`` or ``pkm``."""
-    kind = model.ffn.kind
-    if kind == "moe":
-        return "remoe" if model.ffn.router == "relu" else "topk"
-    return kind
+    """Short name of the FFN method: ``dense``, ``topk``, ``remoe``, ``peer``, ``pkm``, ..."""
+    return model.ffn.method
 
 
 # ------------------------------------------------------------------------------------- presets

@@ -33,13 +33,7 @@ import torch.nn.functional as F
 from moelab.config import ConfigError, dump_yaml
 from moelab.data import BatchSampler, TokenDataset, check_vocab_compatible, default_dataset_dir
 from moelab.eval.perplexity import autocast_context, evaluate
-from moelab.layers.base import (
-    RoutedLayer,
-    RoutingStats,
-    aux_coefficients,
-    collect_aux_losses,
-    weighted_aux_loss,
-)
+from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
 from moelab.layers.sparsity import SparsityController
 from moelab.model import TransformerLM, accounting
 from moelab.train.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
@@ -328,7 +322,6 @@ class Trainer:
         """
         n_micro = self.config.data.accumulation_steps
         total_tokens = y.numel()
-        coefs = aux_coefficients(self.layers.values())
         lm_sum = 0.0
         aux_sum: dict[str, float] = {}
         stats: dict[str, RoutingStats | None] = dict.fromkeys(self.layers)
@@ -343,11 +336,12 @@ class Trainer:
             if self.controller is not None:
                 self.controller.observe(self.layers.values())
             loss = lm
-            fixed = {name: value for name, value in aux.items() if name != "remoe_l1"}
-            if fixed:
-                loss = loss + weighted_aux_loss(fixed, coefs)
-            if self.controller is not None and "remoe_l1" in aux:
-                loss = loss + self.controller.penalty(self.layers.values())  # λ-weighted L1
+            fixed = fixed_aux_loss(self.layers.values())
+            if fixed is not None:
+                loss = loss + fixed
+            if self.controller is not None:
+                penalty = self.controller.penalty(self.layers.values())  # ReMoE's λ-weighted L1
+                loss = loss if penalty is None else loss + penalty
             (loss * share).backward()
             lm_sum += float(lm.detach()) * share
             for name, value in aux.items():
