@@ -236,3 +236,54 @@ def test_with_overrides_and_yaml_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     cfg.to_yaml(path)
     assert Outer.from_yaml(path, ["flag=yes"]).flag is True
+
+
+# ---- tagged unions (a section whose ``kind`` picks its class, like model.ffn)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Cat(Config):
+    kind: Literal["cat"] = "cat"
+    lives: int = 9
+    name: str = "tom"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Dog(Config):
+    kind: Literal["dog"] = "dog"
+    name: str = "rex"
+    tricks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Home(Config):
+    pet: Cat | Dog = field(default_factory=Cat)
+
+
+def test_tagged_union_picks_the_class_by_kind():
+    assert load_config(Home, {"pet": {"kind": "dog", "name": "fido"}}).pet == Dog(name="fido")
+    assert load_config(Home, {"pet": {"lives": 3}}).pet == Cat(lives=3)  # no kind: the first
+    assert Home(pet={"kind": "dog"}).pet == Dog()  # also from Python
+
+
+def test_tagged_union_errors_name_kind_and_the_kind_that_has_the_key():
+    with pytest.raises(ConfigError, match=r"pet.kind: must be one of 'cat', 'dog', got 'cow'"):
+        load_config(Home, {"pet": {"kind": "cow"}})
+    with pytest.raises(ConfigError, match=r"unknown key 'tricks' for kind 'cat' \(an option of"):
+        load_config(Home, {"pet": {"tricks": {}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'lives' for kind 'dog'"):
+        load_config(Home, {"pet": {"kind": "dog"}}, ["pet.lives=2"])
+
+
+def test_kind_override_keeps_shared_keys_and_drops_the_others():
+    home = load_config(Home, {"pet": {"lives": 3, "name": "kit"}}, ["pet.kind=dog"])
+    assert home.pet == Dog(name="kit")
+    home = load_config(Home, {}, ["pet.kind=dog", "pet.tricks.sit=2", "pet.tricks.roll=1"])
+    assert home.pet.tricks == {"sit": 2, "roll": 1}
+    with pytest.raises(ConfigError, match="pet.tricks.sit: expected int"):
+        load_config(Home, {}, ["pet.kind=dog", "pet.tricks.sit=x"])
+
+
+def test_float_fields_accept_yaml_exponent_text():
+    # YAML 1.1 (PyYAML) reads `rate: 1e-3` as the string '1e-3'
+    assert build({"name": "x", "inner": {"rate": "1e-3"}}).inner.rate == 1e-3

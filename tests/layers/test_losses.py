@@ -1,4 +1,5 @@
-"""Aux losses against hand-computed values; normalisation invariances (PITFALLS: normalise once)."""
+"""Aux losses against hand-computed values; normalisation invariances (each loss normalised once,
+by its own valid tokens)."""
 
 from __future__ import annotations
 

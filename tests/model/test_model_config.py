@@ -176,3 +176,10 @@ def test_override_errors_name_the_field():
         ModelConfig.from_dict(tiny(ffn={"kind": "moe"}), ["ffn.top_k=two"])
     with pytest.raises(ValueError, match=r"ffn: unknown key 'topk'"):
         ModelConfig.from_dict(tiny(), ["ffn.topk=2"])
+
+
+def test_sparsity_target_comes_from_the_router():
+    relu = ModelConfig.from_dict(tiny(ffn={"kind": "moe", "router": "relu", "num_experts": 8}))
+    assert relu.ffn.sparsity_target == 1 - 1 / 8
+    assert MoEConfig(router="topk").sparsity_target is None
+    assert DenseConfig().sparsity_target is None

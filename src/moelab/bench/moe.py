@@ -118,7 +118,7 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
         backend=args.backend,
     ).to(device=device, dtype=dtype)
     x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype)
-    if router == "relu":
+    if moe.sparsity_target is not None:  # a controlled router: start it at its target sparsity
         calibrate_relu_router(moe, x, spec["top_k"] * spec["granularity"])
     x.requires_grad_(True)
     moe.train()

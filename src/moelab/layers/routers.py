@@ -169,8 +169,10 @@ def build_router(
     allowed = router_options(name)
     for key in options:
         if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
-                f"router {name!r} has no option {key!r}; its options: {', '.join(allowed)}"
+                f"router {name!r} has no option {key!r}{hint}; its options: {', '.join(allowed)}"
             )
     return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
 

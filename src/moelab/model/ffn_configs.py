@@ -35,7 +35,7 @@ from moelab.layers.peer import GATES as PEER_GATES
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
 from moelab.layers.product_keys import check_product_key_args
-from moelab.layers.routers import ROUTERS, build_router, router_options
+from moelab.layers.routers import ROUTERS, Router, build_router, router_options
 
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 Backend = Literal["auto", "loop", "fused", "bmm", "grouped_mm"]
@@ -94,6 +94,11 @@ class _FFNSlot(Config):
     def method(self) -> str:
         """Short name of the method, used in run names and reports."""
         return self.kind
+
+    @property
+    def sparsity_target(self) -> float | None:
+        """The target of the λ controller for this layer (None: the layer has none)."""
+        return None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -196,17 +201,7 @@ class MoEConfig(_FFNSlot):
             ),
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
-            _layer_checks(
-                self,
-                lambda: build_router(
-                    self.router,
-                    1,
-                    self.num_experts * self.granularity,
-                    self.top_k * self.granularity,
-                    1.0,
-                    **self.router_kwargs(),
-                ),
-            )
+            _layer_checks(self, self._meta_router)
 
     def router_kwargs(self) -> dict[str, Any]:
         """The options handed to the router: its option fields, then ``router_options``."""
@@ -257,6 +252,21 @@ class MoEConfig(_FFNSlot):
     @property
     def method(self) -> str:
         return ROUTERS[self.router].method
+
+    @property
+    def sparsity_target(self) -> float | None:
+        with torch.device("meta"):  # asks the router itself; no memory, no random numbers
+            return self._meta_router().sparsity_target
+
+    def _meta_router(self) -> Router:
+        return build_router(
+            self.router,
+            1,
+            self.num_experts * self.granularity,
+            self.top_k * self.granularity,
+            1.0,
+            **self.router_kwargs(),
+        )
 
 
 @dataclasses.dataclass(kw_only=True)
