@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from moelab import native
 from moelab.layers import product_keys as pk
 from moelab.layers.product_keys import (
     RowGroups,
@@ -74,10 +75,10 @@ def test_fused_row_ops_match_dense_autograd(
 ) -> None:
     monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
     if not c_kernels:
-        monkeypatch.setattr(pk, "_KERNELS", {})
+        monkeypatch.setattr(native, "_KERNELS", {})
         monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
     else:
-        if pk.load_c_kernel("rows", pk._ROWS_C) is None:
+        if native.load_c_kernel("rows", pk._ROWS_C) is None:
             pytest.skip("no C compiler: only the eager path can be checked")
     torch.manual_seed(1)
     N, D, T, R = 20, 6, 11, 5
@@ -146,15 +147,3 @@ def test_usage_tracker_accumulates_gates_and_duplicates() -> None:
 def test_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_product_key_args(keys_name="num_keys", **kwargs)
-
-
-def test_memory_check_reports_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pk, "available_memory_bytes", lambda: 1024**3)
-    with pytest.raises(MemoryError, match=r"about 3\.0 GiB .*only 1\.0 GiB"):
-        pk.check_fits_in_memory("X", param_bytes=1024**3, state_bytes=2 * 1024**3)
-    pk.check_fits_in_memory("X", param_bytes=1, state_bytes=1)
-
-
-def test_c_kernels_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
-    assert pk.load_c_kernel("anything", "int f(void){return 0;}") is None

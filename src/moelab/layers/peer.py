@@ -24,8 +24,6 @@ from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
     RowGroups,
     UsageTracker,
-    advise_huge_pages,
-    check_fits_in_memory,
     check_product_key_args,
     duplicated_retrievals,
     gather_dot,
@@ -33,6 +31,7 @@ from moelab.layers.product_keys import (
     product_key_topk,
     weighted_row_sum,
 )
+from moelab.native import advise_huge_pages, check_fits_in_memory
 
 ACTIVATIONS = ("relu", "gelu")
 GATES = ("softmax", "sigmoid")

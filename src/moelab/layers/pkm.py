@@ -15,14 +15,13 @@ from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
     RowGroups,
     UsageTracker,
-    advise_huge_pages,
-    check_fits_in_memory,
     check_product_key_args,
     duplicated_retrievals,
     normalize_queries,
     product_key_topk,
     weighted_row_sum,
 )
+from moelab.native import advise_huge_pages, check_fits_in_memory
 
 
 class PKM(RoutedLayer):

@@ -8,7 +8,9 @@
   both return *sparse, coalesced* row gradients for the table (``sparse=True``), so gradient and
   optimizer cost scale with the rows retrieved, not with N.
 * :class:`UsageTracker` - PEER's expert usage and unevenness (PEER §3.3) and head duplication.
-* Argument validation and a memory estimate shared by both layers.
+* Argument validation shared by both layers.
+
+The C kernel loader, huge pages and the memory check live in :mod:`moelab.native`.
 
 Shape legend (see ``moelab.layers.base``): T tokens, D model dim, H heads, K top-k, S sub-keys per
 half (√N), C = K² candidates, R = H·K retrievals per token, U distinct rows retrieved.
@@ -17,24 +19,19 @@ half (√N), C = K² candidates, R = H·K retrievals per token, U distinct rows 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.native import advise_huge_pages, load_c_kernel
+
 _GATHER_ROWS = 4096  # gathered rows per chunk of gather_dot (4096 x 512 fp32 = 8 MB scratch)
 
 
-# --------------------------------------------------------------------------- validation / memory
+# --------------------------------------------------------------------------- validation
 
 
 def check_product_key_args(
@@ -60,118 +57,6 @@ def check_product_key_args(
     if not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
     return s
-
-
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo, else free pages via sysconf; None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits_in_memory(what: str, param_bytes: int, state_bytes: int) -> None:
-    """Raise ``MemoryError`` before allocating if params + optimizer state exceed available RAM."""
-    avail = available_memory_bytes()
-    need = param_bytes + state_bytes
-    if avail is not None and need > avail:
-        gib = 1024**3
-        raise MemoryError(
-            f"{what} would need about {need / gib:.1f} GiB (parameters {param_bytes / gib:.1f} GiB "
-            f"+ AdamW state {state_bytes / gib:.1f} GiB) but only {avail / gib:.1f} GiB is "
-            f"available; use fewer experts/memories or a smaller d_model (or check_memory=False)"
-        )
-
-
-# --------------------------------------------------------------------------- optional C kernels
-
-_KERNELS: dict[str, ctypes.CDLL | None] = {}
-
-
-def _cpu_signature() -> str:
-    """Machine + CPU model/flags, so a cache shared between hosts never loads a foreign -march."""
-    sig = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    sig += line
-                if line.startswith("flags"):
-                    break
-    except OSError:
-        pass
-    return sig
-
-
-def load_c_kernel(name: str, source: str) -> ctypes.CDLL | None:
-    """Compile (once, cached on disk) and load a small OpenMP C kernel; None if unavailable.
-
-    Used for memory-bound row loops that eager PyTorch can only express as several passes
-    (e.g. the fused lazy AdamW row update). Plain C with raw pointers via ``ctypes`` (no torch
-    headers, compiles in about a second). Disabled by ``MOELAB_NO_C_KERNELS=1``; every caller keeps
-    an eager fallback, and tests check both paths agree. Cache: ``$MOELAB_CACHE/kernels`` or
-    ``~/.cache/moelab/kernels``.
-    """
-    if os.environ.get("MOELAB_NO_C_KERNELS"):
-        return None
-    if name in _KERNELS:
-        return _KERNELS[name]
-    lib = None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is not None:
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-        blob = (source + _cpu_signature() + " ".join(flags)).encode()
-        key = hashlib.sha256(blob).hexdigest()[:16]
-        root = Path(os.environ.get("MOELAB_CACHE") or Path.home() / ".cache" / "moelab")
-        path = root.expanduser() / "kernels" / f"{name}-{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                    src = Path(tmp) / f"{name}.c"
-                    src.write_text(source)
-                    out = Path(tmp) / "k.so"
-                    cmd = [cc, *flags, str(src), "-o", str(out)]
-                    subprocess.run(cmd + ["-lm"], check=True, capture_output=True, timeout=120)
-                    os.replace(out, path)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError):
-            lib = None
-    _KERNELS[name] = lib
-    return lib
-
-
-_MADV_HUGEPAGE = 14
-_HUGE = 2 * 1024 * 1024
-
-
-def advise_huge_pages(t: Tensor) -> Tensor:
-    """Advise transparent huge pages for a large CPU tensor *before* first touch; returns ``t``.
-
-    Random row reads from GB-sized tables (expert tables, their AdamW moments) are dominated by
-    TLB misses on 4 KiB pages; 2 MiB pages cut PEER's step time at 1024² experts by about a third
-    (docs/peer.md). ``madvise(MADV_HUGEPAGE)`` covers the 2 MiB-aligned interior of the buffer
-    (Linux with THP in "madvise" or "always" mode; silently a no-op elsewhere). Memory contents and
-    tensor layout are unchanged.
-    """
-    nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < 8 * _HUGE or not t.is_contiguous():
-        return t
-    lo = -(-t.data_ptr() // _HUGE) * _HUGE
-    hi = (t.data_ptr() + nbytes) // _HUGE * _HUGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_HUGEPAGE))
-    except (OSError, AttributeError):
-        pass
-    return t
 
 
 # --------------------------------------------------------------------------- queries and retrieval
