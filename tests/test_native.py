@@ -27,14 +27,14 @@ def test_c_kernels_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_leaf_modules_do_not_import_train() -> None:
-    """``moelab.native`` imports no other moelab module; the product-key module imports neither
-    ``moelab.train`` nor anything outside ``moelab.layers`` and ``moelab.native``."""
+    """``moelab.native`` imports no other moelab module; the retrieval and sparse-row modules
+    import neither ``moelab.train`` nor anything outside ``moelab.layers`` and ``moelab.native``."""
     code = (
         "import json, sys\n"
         "def loaded(): return sorted(m for m in sys.modules if m.split('.')[0] == 'moelab')\n"
         "import moelab.native\n"
         "after_native = loaded()\n"
-        "import moelab.layers.product_keys\n"
+        "import moelab.layers.product_keys, moelab.layers.sparse_rows\n"
         "print(json.dumps([after_native, loaded()]))\n"
     )
     src = str(Path(moelab.__file__).resolve().parents[1])
@@ -45,6 +45,7 @@ def test_leaf_modules_do_not_import_train() -> None:
     after_native, after_layers = json.loads(out.stdout.strip().splitlines()[-1])
     assert after_native == ["moelab", "moelab.native"]
     assert "moelab.layers.product_keys" in after_layers
+    assert "moelab.layers.sparse_rows" in after_layers
     assert not [m for m in after_layers if m.startswith("moelab.train")]
     allowed = ("moelab", "moelab.layers", "moelab.native")
     outside = [m for m in after_layers if ".".join(m.split(".")[:2]) not in allowed]

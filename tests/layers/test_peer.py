@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from moelab import native
 from moelab.layers import product_keys as pk
 from moelab.layers.peer import PEER
+from moelab.layers.usage import usage_and_unevenness
 from moelab.train.optim import build_optimizer
 
 
@@ -130,7 +131,7 @@ def test_usage_report_equals_summed_gates():
         scores, idx = layer.retrieve(x)
     gates = scores.softmax(-1).flatten()
     z = torch.zeros(16, dtype=torch.float64).index_add_(0, idx.flatten(), gates)
-    usage, unev = pk.usage_and_unevenness(z)
+    usage, unev = usage_and_unevenness(z)
     rep = layer.stop_usage_tracking()
     assert rep["usage"] == pytest.approx(usage)
     assert rep["unevenness"] == pytest.approx(unev)

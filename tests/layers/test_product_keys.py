@@ -9,16 +9,14 @@ import torch
 
 from moelab import native
 from moelab.layers import product_keys as pk
+from moelab.layers import sparse_rows
 from moelab.layers.product_keys import (
-    RowGroups,
-    UsageTracker,
     check_product_key_args,
     duplicated_retrievals,
-    gather_dot,
     product_key_topk,
-    usage_and_unevenness,
-    weighted_row_sum,
 )
+from moelab.layers.sparse_rows import RowGroups, gather_dot, weighted_row_sum
+from moelab.layers.usage import UsageTracker, usage_and_unevenness
 
 
 def full_keys(sub_keys_2Sd: torch.Tensor) -> torch.Tensor:
@@ -73,12 +71,12 @@ def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
 def test_fused_row_ops_match_dense_autograd(
     sparse: bool, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
+    monkeypatch.setattr(sparse_rows, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
     if not c_kernels:
         monkeypatch.setattr(native, "_KERNELS", {})
         monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
     else:
-        if native.load_c_kernel("rows", pk._ROWS_C) is None:
+        if native.load_c_kernel("rows", sparse_rows._ROWS_C) is None:
             pytest.skip("no C compiler: only the eager path can be checked")
     torch.manual_seed(1)
     N, D, T, R = 20, 6, 11, 5
@@ -86,7 +84,7 @@ def test_fused_row_ops_match_dense_autograd(
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     w = torch.randn(T, R, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, N, (T, R))  # duplicates within and across tokens
-    groups = RowGroups.build(idx, N)
+    groups = RowGroups.build(idx)
     h = gather_dot(table, idx, x, groups, sparse)
     y = weighted_row_sum(table, idx, w * h, groups, sparse)
     grads = torch.autograd.grad((y.cos().sum() + h.sum()), [table, x, w])
