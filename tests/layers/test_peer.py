@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab import native
 from moelab.layers import product_keys as pk
 from moelab.layers.peer import PEER
+from moelab.layers.usage import usage_and_unevenness
 from moelab.train.optim import build_optimizer
 
 
@@ -129,7 +131,7 @@ def test_usage_report_equals_summed_gates():
         scores, idx = layer.retrieve(x)
     gates = scores.softmax(-1).flatten()
     z = torch.zeros(16, dtype=torch.float64).index_add_(0, idx.flatten(), gates)
-    usage, unev = pk.usage_and_unevenness(z)
+    usage, unev = usage_and_unevenness(z)
     rep = layer.stop_usage_tracking()
     assert rep["usage"] == pytest.approx(usage)
     assert rep["unevenness"] == pytest.approx(unev)
@@ -202,7 +204,7 @@ def test_bad_arguments_raise_value_error(kwargs: dict, match: str):
 
 
 def test_too_large_for_memory_fails_before_allocating(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(pk, "available_memory_bytes", lambda: 2 * 1024**3)
+    monkeypatch.setattr(native, "available_memory_bytes", lambda: 2 * 1024**3)
     with pytest.raises(MemoryError, match=r"PEER\(num_experts=1048576, d_model=4096\).*GiB"):
         PEER(4096)  # 2 x 1M x 4096 fp32 tables = 32 GiB + 64 GiB AdamW state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.layers import product_keys as pk
+from moelab import native
 from moelab.layers.pkm import PKM
 
 
@@ -89,6 +89,6 @@ def test_bad_arguments(kwargs: dict, match: str):
 
 
 def test_too_large_for_memory(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(pk, "available_memory_bytes", lambda: 1024**3)
+    monkeypatch.setattr(native, "available_memory_bytes", lambda: 1024**3)
     with pytest.raises(MemoryError, match=r"PKM\(num_memories=1048576, d_model=512\)"):
         PKM(512)

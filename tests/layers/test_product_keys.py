@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 
+from moelab import native
 from moelab.layers import product_keys as pk
+from moelab.layers import sparse_rows
 from moelab.layers.product_keys import (
-    RowGroups,
-    UsageTracker,
     check_product_key_args,
     duplicated_retrievals,
-    gather_dot,
     product_key_topk,
-    usage_and_unevenness,
-    weighted_row_sum,
 )
+from moelab.layers.sparse_rows import RowGroups, gather_dot, weighted_row_sum
+from moelab.layers.usage import UsageTracker, usage_and_unevenness
 
 
 def full_keys(sub_keys_2Sd: torch.Tensor) -> torch.Tensor:
@@ -72,12 +71,12 @@ def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
 def test_fused_row_ops_match_dense_autograd(
     sparse: bool, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pk, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
+    monkeypatch.setattr(sparse_rows, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
     if not c_kernels:
-        monkeypatch.setattr(pk, "_KERNELS", {})
+        monkeypatch.setattr(native, "_KERNELS", {})
         monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
     else:
-        if pk.load_c_kernel("rows", pk._ROWS_C) is None:
+        if native.load_c_kernel("rows", sparse_rows._ROWS_C) is None:
             pytest.skip("no C compiler: only the eager path can be checked")
     torch.manual_seed(1)
     N, D, T, R = 20, 6, 11, 5
@@ -85,7 +84,7 @@ def test_fused_row_ops_match_dense_autograd(
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     w = torch.randn(T, R, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, N, (T, R))  # duplicates within and across tokens
-    groups = RowGroups.build(idx, N)
+    groups = RowGroups.build(idx)
     h = gather_dot(table, idx, x, groups, sparse)
     y = weighted_row_sum(table, idx, w * h, groups, sparse)
     grads = torch.autograd.grad((y.cos().sum() + h.sum()), [table, x, w])
@@ -146,15 +145,3 @@ def test_usage_tracker_accumulates_gates_and_duplicates() -> None:
 def test_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_product_key_args(keys_name="num_keys", **kwargs)
-
-
-def test_memory_check_reports_estimate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pk, "available_memory_bytes", lambda: 1024**3)
-    with pytest.raises(MemoryError, match=r"about 3\.0 GiB .*only 1\.0 GiB"):
-        pk.check_fits_in_memory("X", param_bytes=1024**3, state_bytes=2 * 1024**3)
-    pk.check_fits_in_memory("X", param_bytes=1, state_bytes=1)
-
-
-def test_c_kernels_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
-    assert pk.load_c_kernel("anything", "int f(void){return 0;}") is None

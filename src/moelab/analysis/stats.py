@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from moelab.layers.usage import usage_and_unevenness
 
 # ----------------------------------------------------------------------------- training dynamics
 
@@ -302,11 +305,7 @@ def gate_mass(expert_idx_N: np.ndarray, weight_N: np.ndarray, num_experts: int) 
 
 def usage_unevenness(z_prime_E: np.ndarray) -> tuple[float, float]:
     """PEER §3.3 usage and unevenness ``log N + Σ z log z``; delegates to the layer library's
-    :func:`moelab.layers.product_keys.usage_and_unevenness` so there is one formula."""
-    import torch
-
-    from moelab.layers.product_keys import usage_and_unevenness
-
+    :func:`moelab.layers.usage.usage_and_unevenness` so there is one formula."""
     return usage_and_unevenness(torch.as_tensor(np.asarray(z_prime_E, dtype=np.float64)))
 
 

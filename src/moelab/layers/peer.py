@@ -4,9 +4,10 @@
 
 ``f(x) = Σ_{h=1..H} Σ_{i ∈ topk_h(x)} g_i(x) · e_i(x)`` with singleton experts
 ``e_i(x) = σ(u_iᵀx) · v_i`` (PEER eq. 1-3), where ``topk_h`` is the exact top-k of ``q_h(x)·k_i``
-over N product keys (shared by all heads) found by :func:`product_key_topk`, and ``g`` is a softmax
-(default) or sigmoid over the k scores of each head. Queries ``q_h(x)`` come from per-head linear
-query networks followed by batch normalisation (PEER §2).
+over N product keys (shared by all heads) found by
+:func:`~moelab.layers.product_keys.product_key_topk`, and ``g`` is a softmax (default) or sigmoid
+over the k scores of each head. Queries ``q_h(x)`` come from per-head linear query networks
+followed by batch normalisation (PEER §2).
 
 Cost does not grow with N except through retrieval (O(√N·d_key) per head) and the number of
 *distinct* rows touched: the expert tables ``u, v: [N, D]`` are read only at retrieved rows with
@@ -20,19 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
-from moelab.layers.product_keys import (
-    RowGroups,
-    UsageTracker,
-    advise_huge_pages,
-    check_fits_in_memory,
-    check_product_key_args,
-    duplicated_retrievals,
-    gather_dot,
-    normalize_queries,
-    product_key_topk,
-    weighted_row_sum,
-)
+from moelab.layers.product_key_layer import ProductKeyLayer
+from moelab.layers.sparse_rows import RowGroups, gather_dot, weighted_row_sum
 
 ACTIVATIONS = ("relu", "gelu")
 GATES = ("softmax", "sigmoid")
@@ -49,7 +39,7 @@ def expert_activation(h: Tensor, activation: str) -> Tensor:
     return F.relu(h) if activation == "relu" else F.gelu(h)
 
 
-class PEER(RoutedLayer):
+class PEER(ProductKeyLayer):
     """PEER layer, a drop-in for an FFN: ``y = peer(x, token_mask=None)`` with ``x: [..., D]``.
 
     Args:
@@ -67,7 +57,12 @@ class PEER(RoutedLayer):
             gradients (small N, or wrappers that cannot take sparse grads).
         check_memory: refuse to allocate (``MemoryError``) when parameters + AdamW state would not
             fit in available RAM.
+
+    Retrieval, the forward pass, statistics and usage tracking come from
+    :class:`~moelab.layers.product_key_layer.ProductKeyLayer`.
     """
+
+    keys_name = "num_experts"
 
     def __init__(
         self,
@@ -85,11 +80,8 @@ class PEER(RoutedLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
-        self.num_sub_keys = check_product_key_args(
-            num_keys=num_experts, top_k=top_k, d_key=d_key, heads=heads, keys_name="num_experts"
+        super().__init__(
+            d_model, num_experts, heads=heads, top_k=top_k, d_key=d_key, sparse_grad=sparse_grad
         )
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -97,32 +89,18 @@ class PEER(RoutedLayer):
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
-        self.d_model, self.num_experts, self.heads, self.top_k, self.d_key = (
-            d_model,
-            num_experts,
-            heads,
-            top_k,
-            d_key,
+        self.activation, self.gate, self.init_std = activation, gate, init_std
+        self._build_retrieval(
+            tables=2,
+            shared_keys=True,
+            query_batchnorm=query_batchnorm,
+            check_memory=check_memory,
+            device=device,
+            dtype=dtype,
         )
-        self.activation, self.gate, self.sparse_grad = activation, gate, sparse_grad
-        factory = {"device": device, "dtype": dtype}
-        elem = torch.empty((), **factory).element_size()
-        if check_memory and torch.device(device or "cpu").type == "cpu":
-            table = num_experts * d_model * elem
-            check_fits_in_memory(
-                f"PEER(num_experts={num_experts}, d_model={d_model})",
-                param_bytes=2 * table,
-                state_bytes=2 * 2 * table + 2 * 4 * num_experts,
-            )
-        S = self.num_sub_keys
-        self.query = nn.Linear(d_model, heads * d_key, bias=False, **factory)
-        self.query_bn = nn.BatchNorm1d(heads * d_key, **factory) if query_batchnorm else None
-        self.sub_keys = nn.Parameter(torch.empty(1, 2, S, d_key // 2, **factory))
-        # u_i (expert input) and v_i (expert output) rows, huge-page backed (random row reads)
-        self.u = nn.Parameter(advise_huge_pages(torch.empty(num_experts, d_model, **factory)))
-        self.v = nn.Parameter(advise_huge_pages(torch.empty(num_experts, d_model, **factory)))
-        self.init_std = init_std
-        self.usage_tracker: UsageTracker | None = None
+        # u_i (expert input) and v_i (expert output) rows
+        self.u = self._new_table(device, dtype)
+        self.v = self._new_table(device, dtype)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -141,87 +119,12 @@ class PEER(RoutedLayer):
             f"gate={self.gate!r}, sparse_grad={self.sparse_grad}"
         )
 
-    # ----------------------------------------------------------------------------- retrieval
-    def retrieve(self, x_TD: Tensor, mask_T: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Queries → (scores ``[T, H, K]``, expert ids ``[T, H, K]``)."""
-        q_TC = normalize_queries(self.query_bn, self.query(x_TD), mask_T)
-        q_THK = q_TC.view(x_TD.shape[0], self.heads, self.d_key)
-        return product_key_topk(q_THK, self.sub_keys, self.top_k)
+    def retrieval_weights(self, scores_THK: Tensor) -> Tensor:
+        """Router weights ``g`` over each head's k scores (PEER §2)."""
+        return peer_gate(scores_THK, self.gate)
 
-    # ----------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        shape = x.shape
-        x_TD = x.reshape(-1, self.d_model)
-        T = x_TD.shape[0]
-        mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        scores_THK, idx_THK = self.retrieve(x_TD, mask_T)
-        gate_THK = peer_gate(scores_THK, self.gate)
-        idx_TR = idx_THK.reshape(T, -1)
-        groups = RowGroups.build(idx_TR, self.num_experts)
+    def read_rows(self, x_TD: Tensor, idx_TR: Tensor, w_TR: Tensor, groups: RowGroups) -> Tensor:
+        """``Σ_r g_r · σ(u_rᵀx) · v_r`` over the retrieved experts (PEER eq. 1-3)."""
         h_TR = gather_dot(self.u, idx_TR, x_TD, groups, self.sparse_grad)
-        w_TR = gate_THK.reshape(T, -1) * expert_activation(h_TR, self.activation)
-        y_TD = weighted_row_sum(self.v, idx_TR, w_TR, groups, self.sparse_grad)
-        self._record(idx_THK, gate_THK, mask_T, groups, x_TD, self.should_record())
-        return y_TD.to(x.dtype).view(shape)
-
-    # ----------------------------------------------------------------------------- statistics
-    @torch.no_grad()
-    def _record(
-        self,
-        idx_THK: Tensor,
-        gate_THK: Tensor,
-        mask_T: Tensor | None,
-        groups: RowGroups,
-        x_TD: Tensor,
-        record: bool,
-    ) -> None:
-        if self.routing_observer is not None:
-            T, R = idx_THK.shape[0], idx_THK.shape[1] * idx_THK.shape[2]
-            expert_N = idx_THK.reshape(-1)
-            decision = RoutingDecision(
-                token_idx_N=torch.arange(T, device=x_TD.device).repeat_interleave(R),
-                expert_idx_N=expert_N,
-                weight_N=gate_THK.detach().reshape(-1),
-                tokens_per_expert_E=torch.bincount(expert_N, minlength=self.num_experts),
-                num_tokens=T,
-                num_experts=self.num_experts,
-            )
-            self.routing_observer(self, decision, x_TD)
-        if mask_T is not None:
-            idx_THK, gate_THK = idx_THK[mask_T], gate_THK[mask_T]
-        if self.usage_tracker is not None:
-            self.usage_tracker.update(idx_THK, gate_THK.detach())
-        if not record:  # decided outside no_grad (should_record looks at grad mode)
-            return
-        n_valid = idx_THK.shape[0]
-        distinct = groups.rows_U.numel() if mask_T is None else torch.unique(idx_THK).numel()
-        dup = duplicated_retrievals(idx_THK).sum()
-        per_token = idx_THK.shape[1] * idx_THK.shape[2]
-        self.last_stats = RoutingStats(
-            num_tokens=torch.tensor(n_valid),
-            num_experts=self.num_experts,
-            distinct_experts=torch.tensor(distinct),
-            active_sum=torch.tensor(n_valid * per_token),
-            active_min=torch.tensor(per_token),
-            active_max=torch.tensor(per_token),
-            extra={"duplicate_retrievals": dup, "retrievals": torch.tensor(n_valid * per_token)},
-        )
-
-    # ----------------------------------------------------------------------------- evaluation
-    def start_usage_tracking(self) -> None:
-        """Start accumulating ``z'_i = Σ_x g_i(x)`` over every forward (any mode) until
-        :meth:`usage_report` / :meth:`stop_usage_tracking`."""
-        self.usage_tracker = UsageTracker(self.num_experts, device=self.u.device)
-
-    def usage_report(self) -> dict[str, float]:
-        """PEER §3.3 usage (fraction of experts with non-zero summed gate) and unevenness
-        (``log N + Σ z log z``), plus the fraction of retrievals duplicated across heads."""
-        if self.usage_tracker is None:
-            raise RuntimeError("call start_usage_tracking() before usage_report()")
-        return self.usage_tracker.report()
-
-    def stop_usage_tracking(self) -> dict[str, float]:
-        """Final report; frees the accumulator."""
-        report = self.usage_report()
-        self.usage_tracker = None
-        return report
+        w_TR = w_TR * expert_activation(h_TR, self.activation)
+        return weighted_row_sum(self.v, idx_TR, w_TR, groups, self.sparse_grad)

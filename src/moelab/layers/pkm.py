@@ -11,27 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
-from moelab.layers.product_keys import (
-    RowGroups,
-    UsageTracker,
-    advise_huge_pages,
-    check_fits_in_memory,
-    check_product_key_args,
-    duplicated_retrievals,
-    normalize_queries,
-    product_key_topk,
-    weighted_row_sum,
-)
+from moelab.layers.product_key_layer import ProductKeyLayer
+from moelab.layers.sparse_rows import RowGroups, weighted_row_sum
 
 
-class PKM(RoutedLayer):
+class PKM(ProductKeyLayer):
     """Product-key memory, a drop-in for an FFN: ``y = pkm(x, token_mask=None)``.
 
     Args mirror :class:`moelab.layers.peer.PEER`: ``num_memories`` (perfect square N), ``heads``,
     ``top_k`` (<= √N), ``d_key`` (even; default 256), ``query_batchnorm``, ``init_std`` (values:
-    N(0, init_std); Lample uses N(0, D^-1/2)), ``sparse_grad``, ``check_memory``.
+    N(0, init_std); Lample uses N(0, D^-1/2)), ``sparse_grad``, ``check_memory``. Statistics and
+    usage tracking have PEER's semantics with ``z'_i = Σ_x w_i(x)`` (both come from
+    :class:`~moelab.layers.product_key_layer.ProductKeyLayer`).
     """
+
+    keys_name = "num_memories"
 
     def __init__(
         self,
@@ -47,39 +41,22 @@ class PKM(RoutedLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
-        self.num_sub_keys = check_product_key_args(
-            num_keys=num_memories, top_k=top_k, d_key=d_key, heads=heads, keys_name="num_memories"
+        super().__init__(
+            d_model, num_memories, heads=heads, top_k=top_k, d_key=d_key, sparse_grad=sparse_grad
         )
         if init_std is not None and init_std <= 0:
             raise ValueError(f"init_std must be > 0 or None, got {init_std!r}")
-        self.d_model, self.num_memories, self.heads, self.top_k, self.d_key = (
-            d_model,
-            num_memories,
-            heads,
-            top_k,
-            d_key,
-        )
-        self.num_experts = num_memories
-        self.sparse_grad = sparse_grad
+        self.num_memories = num_memories
         self.init_std = d_model**-0.5 if init_std is None else init_std
-        factory = {"device": device, "dtype": dtype}
-        elem = torch.empty((), **factory).element_size()
-        if check_memory and torch.device(device or "cpu").type == "cpu":
-            table = num_memories * d_model * elem
-            check_fits_in_memory(
-                f"PKM(num_memories={num_memories}, d_model={d_model})",
-                param_bytes=table,
-                state_bytes=2 * table + 4 * num_memories,
-            )
-        S = self.num_sub_keys
-        self.query = nn.Linear(d_model, heads * d_key, bias=False, **factory)
-        self.query_bn = nn.BatchNorm1d(heads * d_key, **factory) if query_batchnorm else None
-        self.sub_keys = nn.Parameter(torch.empty(heads, 2, S, d_key // 2, **factory))
-        self.values = nn.Parameter(advise_huge_pages(torch.empty(num_memories, d_model, **factory)))
-        self.usage_tracker: UsageTracker | None = None
+        self._build_retrieval(
+            tables=1,
+            shared_keys=False,
+            query_batchnorm=query_batchnorm,
+            check_memory=check_memory,
+            device=device,
+            dtype=dtype,
+        )
+        self.values = self._new_table(device, dtype)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -96,81 +73,10 @@ class PKM(RoutedLayer):
             f"top_k={self.top_k}, d_key={self.d_key}, sparse_grad={self.sparse_grad}"
         )
 
-    def retrieve(self, x_TD: Tensor, mask_T: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Queries → (scores ``[T, H, K]``, memory ids ``[T, H, K]``), per-head keys."""
-        q_TC = normalize_queries(self.query_bn, self.query(x_TD), mask_T)
-        q_THK = q_TC.view(x_TD.shape[0], self.heads, self.d_key)
-        return product_key_topk(q_THK, self.sub_keys, self.top_k)
+    def retrieval_weights(self, scores_THK: Tensor) -> Tensor:
+        """Softmax over each head's k scores (Lample et al. eq. 3)."""
+        return scores_THK.softmax(dim=-1)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        shape = x.shape
-        x_TD = x.reshape(-1, self.d_model)
-        T = x_TD.shape[0]
-        mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        scores_THK, idx_THK = self.retrieve(x_TD, mask_T)
-        w_THK = scores_THK.softmax(dim=-1)  # Lample et al. eq. 3
-        idx_TR = idx_THK.reshape(T, -1)
-        groups = RowGroups.build(idx_TR, self.num_memories)
-        y_TD = weighted_row_sum(self.values, idx_TR, w_THK.reshape(T, -1), groups, self.sparse_grad)
-        self._record(idx_THK, w_THK, mask_T, groups, x_TD, self.should_record())
-        return y_TD.to(x.dtype).view(shape)
-
-    # statistics and evaluation: identical semantics to PEER (z'_i = Σ_x w_i(x)).
-    @torch.no_grad()
-    def _record(
-        self,
-        idx_THK: Tensor,
-        w_THK: Tensor,
-        mask_T: Tensor | None,
-        groups: RowGroups,
-        x_TD: Tensor,
-        record: bool,
-    ) -> None:
-        if self.routing_observer is not None:
-            T, R = idx_THK.shape[0], idx_THK.shape[1] * idx_THK.shape[2]
-            expert_N = idx_THK.reshape(-1)
-            decision = RoutingDecision(
-                token_idx_N=torch.arange(T, device=x_TD.device).repeat_interleave(R),
-                expert_idx_N=expert_N,
-                weight_N=w_THK.detach().reshape(-1),
-                tokens_per_expert_E=torch.bincount(expert_N, minlength=self.num_memories),
-                num_tokens=T,
-                num_experts=self.num_memories,
-            )
-            self.routing_observer(self, decision, x_TD)
-        if mask_T is not None:
-            idx_THK, w_THK = idx_THK[mask_T], w_THK[mask_T]
-        if self.usage_tracker is not None:
-            self.usage_tracker.update(idx_THK, w_THK.detach())
-        if not record:  # decided outside no_grad (should_record looks at grad mode)
-            return
-        n_valid = idx_THK.shape[0]
-        distinct = groups.rows_U.numel() if mask_T is None else torch.unique(idx_THK).numel()
-        per_token = idx_THK.shape[1] * idx_THK.shape[2]
-        self.last_stats = RoutingStats(
-            num_tokens=torch.tensor(n_valid),
-            num_experts=self.num_memories,
-            distinct_experts=torch.tensor(distinct),
-            active_sum=torch.tensor(n_valid * per_token),
-            active_min=torch.tensor(per_token),
-            active_max=torch.tensor(per_token),
-            extra={
-                "duplicate_retrievals": duplicated_retrievals(idx_THK).sum(),
-                "retrievals": torch.tensor(n_valid * per_token),
-            },
-        )
-
-    def start_usage_tracking(self) -> None:
-        """Accumulate ``z'_i = Σ_x w_i(x)`` over every forward until :meth:`stop_usage_tracking`."""
-        self.usage_tracker = UsageTracker(self.num_memories, device=self.values.device)
-
-    def usage_report(self) -> dict[str, float]:
-        """Usage / unevenness / head-duplication of the pass so far (see PEER §3.3)."""
-        if self.usage_tracker is None:
-            raise RuntimeError("call start_usage_tracking() before usage_report()")
-        return self.usage_tracker.report()
-
-    def stop_usage_tracking(self) -> dict[str, float]:
-        report = self.usage_report()
-        self.usage_tracker = None
-        return report
+    def read_rows(self, x_TD: Tensor, idx_TR: Tensor, w_TR: Tensor, groups: RowGroups) -> Tensor:
+        """``Σ_r w_r · m_r`` over the retrieved memories (Lample et al. §3.2)."""
+        return weighted_row_sum(self.values, idx_TR, w_TR, groups, self.sparse_grad)

@@ -1,40 +1,27 @@
-"""Product-key retrieval and sparse row ops shared by PEER and PKM.
+"""Product-key retrieval: each query head's exact top-k of N = S² keys, without scoring all N.
 
 * :func:`product_key_topk` - exact top-k over N = S² product keys at cost O((S + k²)·d_key)
-  (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2).
-* :func:`gather_dot` / :func:`weighted_row_sum` - the two ways a layer reads retrieved rows of a
-  ``[N, D]`` table. Both are fused (no ``[T, H·K, D]`` tensor is ever materialised: the gather-dot
-  runs in token chunks, the weighted sum and every backward reduction are ``F.embedding_bag``) and
-  both return *sparse, coalesced* row gradients for the table (``sparse=True``), so gradient and
-  optimizer cost scale with the rows retrieved, not with N.
-* :class:`UsageTracker` - PEER's expert usage and unevenness (PEER §3.3) and head duplication.
-* Argument validation and a memory estimate shared by both layers.
+  (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2), with a
+  backward that touches only the selected sub-keys.
+* :func:`normalize_queries` - query batch normalisation that ignores padding tokens.
+* :func:`check_product_key_args` - the hyper-parameter checks both layers share.
+* :func:`duplicated_retrievals` - retrievals one head repeats from another.
 
-Shape legend (see ``moelab.layers.base``): T tokens, D model dim, H heads, K top-k, S sub-keys per
-half (√N), C = K² candidates, R = H·K retrievals per token, U distinct rows retrieved.
+Shape legend (see ``moelab.layers.base``): T tokens, H heads, K top-k, S sub-keys per half (√N),
+C = K² candidates per head, B = 2·H (head, half) pairs, d = d_key / 2 (one half of a key).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_GATHER_ROWS = 4096  # gathered rows per chunk of gather_dot (4096 x 512 fp32 = 8 MB scratch)
-
-
-# --------------------------------------------------------------------------- validation / memory
+from moelab.layers.sparse_rows import RowGroups
+from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
 
 
 def check_product_key_args(
@@ -62,121 +49,6 @@ def check_product_key_args(
     return s
 
 
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` from /proc/meminfo, else free pages via sysconf; None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits_in_memory(what: str, param_bytes: int, state_bytes: int) -> None:
-    """Raise ``MemoryError`` before allocating if params + optimizer state exceed available RAM."""
-    avail = available_memory_bytes()
-    need = param_bytes + state_bytes
-    if avail is not None and need > avail:
-        gib = 1024**3
-        raise MemoryError(
-            f"{what} would need about {need / gib:.1f} GiB (parameters {param_bytes / gib:.1f} GiB "
-            f"+ AdamW state {state_bytes / gib:.1f} GiB) but only {avail / gib:.1f} GiB is "
-            f"available; use fewer experts/memories or a smaller d_model (or check_memory=False)"
-        )
-
-
-# --------------------------------------------------------------------------- optional C kernels
-
-_KERNELS: dict[str, ctypes.CDLL | None] = {}
-
-
-def _cpu_signature() -> str:
-    """Machine + CPU model/flags, so a cache shared between hosts never loads a foreign -march."""
-    sig = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags")):
-                    sig += line
-                if line.startswith("flags"):
-                    break
-    except OSError:
-        pass
-    return sig
-
-
-def load_c_kernel(name: str, source: str) -> ctypes.CDLL | None:
-    """Compile (once, cached on disk) and load a small OpenMP C kernel; None if unavailable.
-
-    Used for memory-bound row loops that eager PyTorch can only express as several passes
-    (e.g. the fused lazy AdamW row update). Plain C with raw pointers via ``ctypes`` (no torch
-    headers, compiles in about a second). Disabled by ``MOELAB_NO_C_KERNELS=1``; every caller keeps
-    an eager fallback, and tests check both paths agree. Cache: ``$MOELAB_CACHE/kernels`` or
-    ``~/.cache/moelab/kernels``.
-    """
-    if os.environ.get("MOELAB_NO_C_KERNELS"):
-        return None
-    if name in _KERNELS:
-        return _KERNELS[name]
-    lib = None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is not None:
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
-        blob = (source + _cpu_signature() + " ".join(flags)).encode()
-        key = hashlib.sha256(blob).hexdigest()[:16]
-        root = Path(os.environ.get("MOELAB_CACHE") or Path.home() / ".cache" / "moelab")
-        path = root.expanduser() / "kernels" / f"{name}-{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                    src = Path(tmp) / f"{name}.c"
-                    src.write_text(source)
-                    out = Path(tmp) / "k.so"
-                    cmd = [cc, *flags, str(src), "-o", str(out)]
-                    subprocess.run(cmd + ["-lm"], check=True, capture_output=True, timeout=120)
-                    os.replace(out, path)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError):
-            lib = None
-    _KERNELS[name] = lib
-    return lib
-
-
-_MADV_HUGEPAGE = 14
-_HUGE = 2 * 1024 * 1024
-
-
-def advise_huge_pages(t: Tensor) -> Tensor:
-    """Advise transparent huge pages for a large CPU tensor *before* first touch; returns ``t``.
-
-    Random row reads from GB-sized tables (expert tables, their AdamW moments) are dominated by
-    TLB misses on 4 KiB pages; 2 MiB pages cut PEER's step time at 1024² experts by about a third
-    (docs/peer.md). ``madvise(MADV_HUGEPAGE)`` covers the 2 MiB-aligned interior of the buffer
-    (Linux with THP in "madvise" or "always" mode; silently a no-op elsewhere). Memory contents and
-    tensor layout are unchanged.
-    """
-    nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < 8 * _HUGE or not t.is_contiguous():
-        return t
-    lo = -(-t.data_ptr() // _HUGE) * _HUGE
-    hi = (t.data_ptr() + nbytes) // _HUGE * _HUGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_HUGEPAGE))
-    except (OSError, AttributeError):
-        pass
-    return t
-
-
-# --------------------------------------------------------------------------- queries and retrieval
-
-
 def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | None) -> Tensor:
     """Batch-norm the queries (PEER §2, "query batch normalisation") using valid tokens only.
 
@@ -194,6 +66,32 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
+# Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim.
+_TOPK_C = r"""
+#include <stdint.h>
+#define DEFINE_TOPK(SUF, T)                                                                     \
+void topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v, int64_t* out_i, \
+                     int nth) {                                                                 \
+  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+  for (int64_t r = 0; r < rows; ++r) {                                                          \
+    const T* x = s + r * S;                                                                     \
+    T* v = out_v + r * k;                                                                       \
+    int64_t* ix = out_i + r * k;                                                                \
+    int64_t n = 0;                                                                              \
+    for (int64_t j = 0; j < S; ++j) {                                                           \
+      const T xj = x[j];                                                                        \
+      if (n == k && !(xj > v[k - 1])) continue;                                                 \
+      int64_t p = n < k ? n++ : k - 1;                                                          \
+      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
+      v[p] = xj; ix[p] = j;                                                                     \
+    }                                                                                           \
+  }                                                                                             \
+}
+DEFINE_TOPK(f32, float)
+DEFINE_TOPK(f64, double)
+"""
+
+
 def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``x.topk(k, dim=-1)`` (descending, first index wins ties) via a fused C selection kernel.
 
@@ -203,20 +101,20 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     NaN is never selected (scores of finite queries and keys are finite).
     """
     x = x.contiguous()
-    lib = _rows_lib(x)
+    lib = float_kernel("topk", _TOPK_C, x)
     if lib is None or x.requires_grad:
         return x.topk(k, dim=-1)
     S = x.shape[-1]
     rows = x.numel() // S
     v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
     i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
-    getattr(lib, f"topk_rows_{_C_SUFFIX[x.dtype]}")(
-        _ptr(x),
+    getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")(
+        c_ptr(x),
         ctypes.c_int64(rows),
         ctypes.c_int64(S),
         ctypes.c_int64(k),
-        _ptr(v),
-        _ptr(i),
+        c_ptr(v),
+        c_ptr(i),
         ctypes.c_int(torch.get_num_threads()),
     )
     return v, i
@@ -254,7 +152,7 @@ class _HalfTopK(torch.autograd.Function):
             g_keys = torch.zeros_like(keys_BSd)
             q_BTd = q_BTd.to(keys_BSd.dtype)
             for b in range(top_i.shape[0]):  # segment sums over the sorted selections (fused)
-                groups = RowGroups.build(top_i[b], keys_BSd.shape[1])
+                groups = RowGroups.build(top_i[b])
                 g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
         return g_q, g_keys, None
 
@@ -266,7 +164,8 @@ def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tenso
     take the top-k of ``q1·C`` and of ``q2·C'``; the top-k of all N sums lies among the k×k sums of
     those candidates, so a second top-k over the C = k² sums is exact. Grid positions ``(a, b)`` of
     the second top-k are mapped back to sub-key ids and then to the expert id ``i·S + j``
-    (PITFALLS: returning the grid position instead is a known bug).
+    (returning the grid position ``a·k + b`` instead still yields ids in range, so the mistake is
+    silent: the layer would read the wrong rows).
 
     Args:
         q_THK: queries ``[T, H, d_key]`` (d_key here is the full key size).
@@ -298,278 +197,3 @@ def duplicated_retrievals(idx_THK: Tensor) -> Tensor:
     T = idx_THK.shape[0]
     s = idx_THK.reshape(T, -1).sort(dim=-1).values
     return (s[:, 1:] == s[:, :-1]).sum(-1)
-
-
-# --------------------------------------------------------------------------- sparse row ops
-
-# Fused row kernels (eager equivalents: _gather_dot_eager, F.embedding_bag in RowGroups.row_sums).
-_ROWS_C = r"""
-#include <stdint.h>
-#define DEFINE(SUF, T)                                                                          \
-void gather_dot_##SUF(const T* table, const int64_t* idx, const T* x, T* out, int64_t n_tok,  \
-                      int64_t R, int64_t D, int nth) {                                          \
-  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
-  for (int64_t t = 0; t < n_tok; ++t) {                                                         \
-    const T* xt = x + t * D;                                                                    \
-    const int64_t* it = idx + t * R;                                                            \
-    for (int64_t r = 0; r < R; ++r) {                                                           \
-      if (r + 4 < R) __builtin_prefetch(table + it[r + 4] * D);                                 \
-      const T* row = table + it[r] * D;                                                         \
-      T acc = 0;                                                                                \
-      _Pragma("omp simd reduction(+:acc)")                                                      \
-      for (int64_t d = 0; d < D; ++d) acc += row[d] * xt[d];                                    \
-      out[t * R + r] = acc;                                                                     \
-    }                                                                                           \
-  }                                                                                             \
-}                                                                                               \
-void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64_t* offsets,  \
-                       T* out, int64_t U, int64_t M, int64_t D, int nth) {                      \
-  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
-  for (int64_t u = 0; u < U; ++u) {                                                             \
-    const int64_t s = offsets[u], e = (u + 1 < U) ? offsets[u + 1] : M;                         \
-    T* o = out + u * D;                                                                         \
-    for (int64_t d = 0; d < D; ++d) o[d] = 0;                                                   \
-    for (int64_t m = s; m < e; ++m) {                                                           \
-      const T wm = w[m];                                                                        \
-      const T* sr = src + tok[m] * D;                                                           \
-      _Pragma("omp simd")                                                                       \
-      for (int64_t d = 0; d < D; ++d) o[d] += wm * sr[d];                                       \
-    }                                                                                           \
-  }                                                                                             \
-}
-DEFINE(f32, float)
-DEFINE(f64, double)
-#define DEFINE_TOPK(SUF, T)                                                                     \
-void topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v, int64_t* out_i, \
-                     int nth) {                                                                 \
-  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
-  for (int64_t r = 0; r < rows; ++r) {                                                          \
-    const T* x = s + r * S;                                                                     \
-    T* v = out_v + r * k;                                                                       \
-    int64_t* ix = out_i + r * k;                                                                \
-    int64_t n = 0;                                                                              \
-    for (int64_t j = 0; j < S; ++j) {                                                           \
-      const T xj = x[j];                                                                        \
-      if (n == k && !(xj > v[k - 1])) continue;                                                 \
-      int64_t p = n < k ? n++ : k - 1;                                                          \
-      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
-      v[p] = xj; ix[p] = j;                                                                     \
-    }                                                                                           \
-  }                                                                                             \
-}
-DEFINE_TOPK(f32, float)
-DEFINE_TOPK(f64, double)
-"""
-_C_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def _rows_lib(*tensors: Tensor) -> ctypes.CDLL | None:
-    """The fused row kernels when every tensor is a contiguous CPU float32/float64 one."""
-    t0 = tensors[0]
-    if t0.device.type != "cpu" or t0.dtype not in _C_SUFFIX:
-        return None
-    if any(t.dtype != t0.dtype or not t.is_contiguous() for t in tensors):
-        return None
-    return load_c_kernel("rows", _ROWS_C)
-
-
-def _ptr(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
-
-@dataclass(frozen=True)
-class RowGroups:
-    """Retrievals ``idx_TR`` grouped by table row: the sort every sparse backward reuses.
-
-    ``order_M`` sorts the flat retrievals by row; ``rows_U`` are the distinct rows (ascending);
-    ``offsets_U`` start each row's segment in the sorted order; ``tok_M`` is the token of each
-    sorted retrieval.
-    """
-
-    order_M: Tensor
-    tok_M: Tensor
-    rows_U: Tensor
-    offsets_U: Tensor
-    num_rows: int
-
-    @staticmethod
-    def build(idx_TR: Tensor, num_rows: int) -> RowGroups:
-        flat = idx_TR.reshape(-1)
-        sorted_M, order_M = flat.sort()
-        rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
-        offsets_U = counts_U.cumsum(0) - counts_U
-        tok_M = torch.div(order_M, idx_TR.shape[1], rounding_mode="floor")
-        return RowGroups(order_M, tok_M, rows_U, offsets_U, num_rows)
-
-    def row_sums(self, weight_TR: Tensor, src_TD: Tensor) -> Tensor:
-        """``out[u] = Σ_{(t,r): idx[t,r] = rows[u]} weight[t,r] · src[t]`` as ``[U, D]`` (fused)."""
-        w_M = weight_TR.reshape(-1)[self.order_M].contiguous()
-        src_TD = src_TD.contiguous()
-        lib = _rows_lib(src_TD, w_M)
-        if lib is not None:
-            U, D = self.rows_U.numel(), src_TD.shape[1]
-            out = advise_huge_pages(torch.empty(U, D, dtype=src_TD.dtype))
-            getattr(lib, f"segment_sum_{_C_SUFFIX[src_TD.dtype]}")(
-                _ptr(src_TD),
-                _ptr(self.tok_M),
-                _ptr(w_M),
-                _ptr(self.offsets_U),
-                _ptr(out),
-                ctypes.c_int64(U),
-                ctypes.c_int64(w_M.numel()),
-                ctypes.c_int64(D),
-                ctypes.c_int(torch.get_num_threads()),
-            )
-            return out
-        return F.embedding_bag(
-            self.tok_M,
-            src_TD,
-            self.offsets_U,
-            mode="sum",
-            per_sample_weights=w_M,
-        )
-
-    def table_grad(self, weight_TR: Tensor, src_TD: Tensor, like: Tensor, sparse: bool) -> Tensor:
-        """Gradient of ``table`` for rows read with weights: sparse coalesced or dense."""
-        vals_UD = self.row_sums(weight_TR, src_TD).to(like.dtype)
-        if sparse:
-            return torch.sparse_coo_tensor(
-                self.rows_U[None], vals_UD, like.shape, is_coalesced=True, check_invariants=False
-            )
-        return torch.zeros_like(like).index_copy_(0, self.rows_U, vals_UD)
-
-
-def _gather_dot_impl(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
-    """``out[t, r] = table[idx[t, r]] · x[t]``: fused C kernel, else eager token chunks."""
-    x_TD = x_TD.contiguous()
-    idx_TR = idx_TR.contiguous()
-    lib = _rows_lib(table_ND, x_TD) if idx_TR.dtype == torch.int64 else None
-    if lib is not None:
-        T, R = idx_TR.shape
-        out_TR = torch.empty(T, R, dtype=table_ND.dtype)
-        getattr(lib, f"gather_dot_{_C_SUFFIX[table_ND.dtype]}")(
-            _ptr(table_ND),
-            _ptr(idx_TR),
-            _ptr(x_TD),
-            _ptr(out_TR),
-            ctypes.c_int64(T),
-            ctypes.c_int64(R),
-            ctypes.c_int64(table_ND.shape[1]),
-            ctypes.c_int(torch.get_num_threads()),
-        )
-        return out_TR
-    return _gather_dot_eager(table_ND, idx_TR, x_TD)
-
-
-def _gather_dot_eager(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
-    """Eager ``table[idx]·x`` in token chunks (bounded scratch, never a [T, R, D] tensor)."""
-    T, R = idx_TR.shape
-    D = table_ND.shape[1]
-    out_TR = torch.empty(T, R, dtype=table_ND.dtype, device=table_ND.device)
-    chunk = max(1, _GATHER_ROWS // R)
-    buf = torch.empty(min(chunk, T) * R, D, dtype=table_ND.dtype, device=table_ND.device)
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        rows = buf[: (e - s) * R]
-        torch.index_select(table_ND, 0, idx_TR[s:e].reshape(-1), out=rows)
-        torch.sum(rows.view(e - s, R, D) * x_TD[s:e, None, :], dim=-1, out=out_TR[s:e])
-    return out_TR
-
-
-class _GatherDot(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table_ND, idx_TR, x_TD, groups, sparse):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(table_ND, idx_TR, x_TD)
-        ctx.groups, ctx.sparse = groups, sparse
-        return _gather_dot_impl(table_ND, idx_TR, x_TD.to(table_ND.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_TR):  # noqa: ANN001, ANN205
-        table_ND, idx_TR, x_TD = ctx.saved_tensors
-        grad_TR = grad_TR.contiguous()
-        g_table = g_x = None
-        if ctx.needs_input_grad[0]:
-            g_table = ctx.groups.table_grad(grad_TR, x_TD.to(table_ND.dtype), table_ND, ctx.sparse)
-        if ctx.needs_input_grad[2]:  # dx[t] = Σ_r grad[t,r] · table[idx[t,r]]
-            g_x = F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=grad_TR)
-            g_x = g_x.to(x_TD.dtype)
-        return g_table, None, g_x, None, None
-
-
-class _WeightedRowSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, table_ND, idx_TR, w_TR, groups, sparse):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(table_ND, idx_TR, w_TR)
-        ctx.groups, ctx.sparse = groups, sparse
-        return F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=w_TR)
-
-    @staticmethod
-    def backward(ctx, grad_TD):  # noqa: ANN001, ANN205
-        table_ND, idx_TR, w_TR = ctx.saved_tensors
-        grad_TD = grad_TD.contiguous()
-        g_table = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_table = ctx.groups.table_grad(w_TR, grad_TD, table_ND, ctx.sparse)
-        if ctx.needs_input_grad[2]:  # dw[t,r] = table[idx[t,r]] · grad[t]
-            g_w = _gather_dot_impl(table_ND, idx_TR, grad_TD)
-        return g_table, None, g_w, None, None
-
-
-def gather_dot(
-    table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor, groups: RowGroups, sparse: bool = True
-) -> Tensor:
-    """``h[t, r] = table[idx[t, r]] · x[t]`` (PEER's ``u_iᵀx``); differentiable in table and x."""
-    return _GatherDot.apply(table_ND, idx_TR, x_TD, groups, sparse)
-
-
-def weighted_row_sum(
-    table_ND: Tensor, idx_TR: Tensor, w_TR: Tensor, groups: RowGroups, sparse: bool = True
-) -> Tensor:
-    """``y[t] = Σ_r w[t, r] · table[idx[t, r]]`` (PEER's ``Σ g·σ(·)·v_i``, PKM's ``Σ w·m_i``)."""
-    return _WeightedRowSum.apply(table_ND, idx_TR, w_TR.to(table_ND.dtype), groups, sparse)
-
-
-# --------------------------------------------------------------------------- usage statistics
-
-
-def usage_and_unevenness(z_prime_N: Tensor) -> tuple[float, float]:
-    """PEER §3.3: usage = fraction of experts with ``z'_i ≠ 0``; unevenness = ``log N + Σ z log z``
-    with ``z = z'/‖z'‖₁`` (0·log 0 = 0). Unevenness is 0 for perfectly even use, log N at worst."""
-    n = z_prime_N.numel()
-    z = z_prime_N.double()
-    total = z.abs().sum()
-    usage = float((z != 0).sum()) / n
-    if total == 0:
-        return usage, float("nan")
-    z = z.abs() / total
-    nz = z[z > 0]
-    return usage, float(math.log(n) + (nz * nz.log()).sum())
-
-
-class UsageTracker:
-    """Evaluation accumulator of ``z'_i = Σ_x g_i(x)`` and head duplication over a pass."""
-
-    def __init__(self, num_experts: int, device: torch.device | str = "cpu") -> None:
-        self.z_prime = torch.zeros(num_experts, dtype=torch.float64, device=device)
-        self.tokens = 0
-        self.retrievals = 0
-        self.duplicates = 0
-
-    @torch.no_grad()
-    def update(self, idx_THK: Tensor, gate_THK: Tensor) -> None:
-        """Add one forward's valid tokens (already masked) to the totals."""
-        self.z_prime.index_add_(0, idx_THK.reshape(-1), gate_THK.reshape(-1).double())
-        self.tokens += int(idx_THK.shape[0])
-        self.retrievals += int(idx_THK.numel())
-        self.duplicates += int(duplicated_retrievals(idx_THK).sum())
-
-    def report(self) -> dict[str, float]:
-        usage, unevenness = usage_and_unevenness(self.z_prime)
-        dup = self.duplicates / self.retrievals if self.retrievals else float("nan")
-        return {
-            "usage": usage,
-            "unevenness": unevenness,
-            "duplicate_fraction": dup,
-            "tokens": float(self.tokens),
-            "num_experts": float(self.z_prime.numel()),
-        }

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from moelab.layers.product_keys import advise_huge_pages, load_c_kernel
+from moelab.native import advise_huge_pages, load_c_kernel
 
 __all__ = ["SparseAdamW", "build_optimizer", "clip_grad_norm_", "optimizer_state_bytes"]
 
@@ -246,7 +246,7 @@ class SparseAdamW(torch.optim.Optimizer):
             )
         if not state:
             state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
-            for name in ("exp_avg", "exp_avg_sq"):  # huge pages: random row access (product_keys)
+            for name in ("exp_avg", "exp_avg_sq"):  # huge pages: random row access (PEER/PKM)
                 buf = torch.empty_like(p, memory_format=torch.contiguous_format)
                 state[name] = advise_huge_pages(buf).zero_()
         row_step, m, v = state["row_step"], state["exp_avg"], state["exp_avg_sq"]

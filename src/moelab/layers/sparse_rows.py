@@ -1,0 +1,230 @@
+"""Sparse row ops: read retrieved rows of an ``[N, D]`` table and return sparse row gradients.
+
+The two ways a product-key layer reads its tables, each a differentiable ``autograd.Function``:
+
+* :func:`gather_dot` - ``h[t, r] = table[idx[t, r]] · x[t]`` (PEER's ``u_iᵀx``).
+* :func:`weighted_row_sum` - ``y[t] = Σ_r w[t, r] · table[idx[t, r]]`` (PEER's ``Σ g·σ(·)·v_i``,
+  PKM's ``Σ w·m_i``).
+
+Both are fused: no ``[T, R, D]`` tensor is ever materialised (the gather-dot runs in a C kernel or
+in token chunks, the weighted sum and every backward reduction are segment sums over the
+retrievals sorted by row, :class:`RowGroups`, in a C kernel or ``F.embedding_bag``). Both return
+*sparse, coalesced* row gradients for the table (``sparse=True``), so gradient and optimizer cost
+scale with the rows retrieved, not with N.
+
+Shape legend (see ``moelab.layers.base``): N table rows, D row width (model dim), T tokens,
+R retrievals per token (H·K for the product-key layers), M = T·R flat retrievals, U distinct rows
+retrieved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelab.native import FLOAT_SUFFIX, advise_huge_pages, c_ptr, float_kernel
+
+_GATHER_ROWS = 4096  # gathered rows per chunk of gather_dot (4096 x 512 fp32 = 8 MB scratch)
+
+# Fused row kernels (eager equivalents: _gather_dot_eager, F.embedding_bag in RowGroups.row_sums).
+_ROWS_C = r"""
+#include <stdint.h>
+#define DEFINE(SUF, T)                                                                          \
+void gather_dot_##SUF(const T* table, const int64_t* idx, const T* x, T* out, int64_t n_tok,  \
+                      int64_t R, int64_t D, int nth) {                                          \
+  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+  for (int64_t t = 0; t < n_tok; ++t) {                                                         \
+    const T* xt = x + t * D;                                                                    \
+    const int64_t* it = idx + t * R;                                                            \
+    for (int64_t r = 0; r < R; ++r) {                                                           \
+      if (r + 4 < R) __builtin_prefetch(table + it[r + 4] * D);                                 \
+      const T* row = table + it[r] * D;                                                         \
+      T acc = 0;                                                                                \
+      _Pragma("omp simd reduction(+:acc)")                                                      \
+      for (int64_t d = 0; d < D; ++d) acc += row[d] * xt[d];                                    \
+      out[t * R + r] = acc;                                                                     \
+    }                                                                                           \
+  }                                                                                             \
+}                                                                                               \
+void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64_t* offsets,  \
+                       T* out, int64_t U, int64_t M, int64_t D, int nth) {                      \
+  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+  for (int64_t u = 0; u < U; ++u) {                                                             \
+    const int64_t s = offsets[u], e = (u + 1 < U) ? offsets[u + 1] : M;                         \
+    T* o = out + u * D;                                                                         \
+    for (int64_t d = 0; d < D; ++d) o[d] = 0;                                                   \
+    for (int64_t m = s; m < e; ++m) {                                                           \
+      const T wm = w[m];                                                                        \
+      const T* sr = src + tok[m] * D;                                                           \
+      _Pragma("omp simd")                                                                       \
+      for (int64_t d = 0; d < D; ++d) o[d] += wm * sr[d];                                       \
+    }                                                                                           \
+  }                                                                                             \
+}
+DEFINE(f32, float)
+DEFINE(f64, double)
+"""
+
+
+def _rows_lib(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The fused row kernels when every tensor is a contiguous CPU float32/float64 one."""
+    return float_kernel("rows", _ROWS_C, *tensors)
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Retrievals ``idx_TR`` grouped by table row: the sort every sparse backward reuses.
+
+    ``order_M`` sorts the flat retrievals by row; ``rows_U`` are the distinct rows (ascending);
+    ``offsets_U`` start each row's segment in the sorted order; ``tok_M`` is the token of each
+    sorted retrieval.
+    """
+
+    order_M: Tensor
+    tok_M: Tensor
+    rows_U: Tensor
+    offsets_U: Tensor
+
+    @staticmethod
+    def build(idx_TR: Tensor) -> RowGroups:
+        flat = idx_TR.reshape(-1)
+        sorted_M, order_M = flat.sort()
+        rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
+        offsets_U = counts_U.cumsum(0) - counts_U
+        tok_M = torch.div(order_M, idx_TR.shape[1], rounding_mode="floor")
+        return RowGroups(order_M, tok_M, rows_U, offsets_U)
+
+    def row_sums(self, weight_TR: Tensor, src_TD: Tensor) -> Tensor:
+        """``out[u] = Σ_{(t,r): idx[t,r] = rows[u]} weight[t,r] · src[t]`` as ``[U, D]`` (fused)."""
+        w_M = weight_TR.reshape(-1)[self.order_M].contiguous()
+        src_TD = src_TD.contiguous()
+        lib = _rows_lib(src_TD, w_M)
+        if lib is not None:
+            U, D = self.rows_U.numel(), src_TD.shape[1]
+            out = advise_huge_pages(torch.empty(U, D, dtype=src_TD.dtype))
+            getattr(lib, f"segment_sum_{FLOAT_SUFFIX[src_TD.dtype]}")(
+                c_ptr(src_TD),
+                c_ptr(self.tok_M),
+                c_ptr(w_M),
+                c_ptr(self.offsets_U),
+                c_ptr(out),
+                ctypes.c_int64(U),
+                ctypes.c_int64(w_M.numel()),
+                ctypes.c_int64(D),
+                ctypes.c_int(torch.get_num_threads()),
+            )
+            return out
+        return F.embedding_bag(
+            self.tok_M,
+            src_TD,
+            self.offsets_U,
+            mode="sum",
+            per_sample_weights=w_M,
+        )
+
+    def table_grad(self, weight_TR: Tensor, src_TD: Tensor, like: Tensor, sparse: bool) -> Tensor:
+        """Gradient of ``table`` for rows read with weights: sparse coalesced or dense."""
+        vals_UD = self.row_sums(weight_TR, src_TD).to(like.dtype)
+        if sparse:
+            return torch.sparse_coo_tensor(
+                self.rows_U[None], vals_UD, like.shape, is_coalesced=True, check_invariants=False
+            )
+        return torch.zeros_like(like).index_copy_(0, self.rows_U, vals_UD)
+
+
+def _gather_dot_impl(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
+    """``out[t, r] = table[idx[t, r]] · x[t]``: fused C kernel, else eager token chunks."""
+    x_TD = x_TD.contiguous()
+    idx_TR = idx_TR.contiguous()
+    lib = _rows_lib(table_ND, x_TD) if idx_TR.dtype == torch.int64 else None
+    if lib is not None:
+        T, R = idx_TR.shape
+        out_TR = torch.empty(T, R, dtype=table_ND.dtype)
+        getattr(lib, f"gather_dot_{FLOAT_SUFFIX[table_ND.dtype]}")(
+            c_ptr(table_ND),
+            c_ptr(idx_TR),
+            c_ptr(x_TD),
+            c_ptr(out_TR),
+            ctypes.c_int64(T),
+            ctypes.c_int64(R),
+            ctypes.c_int64(table_ND.shape[1]),
+            ctypes.c_int(torch.get_num_threads()),
+        )
+        return out_TR
+    return _gather_dot_eager(table_ND, idx_TR, x_TD)
+
+
+def _gather_dot_eager(table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor) -> Tensor:
+    """Eager ``table[idx]·x`` in token chunks (bounded scratch, never a [T, R, D] tensor)."""
+    T, R = idx_TR.shape
+    D = table_ND.shape[1]
+    out_TR = torch.empty(T, R, dtype=table_ND.dtype, device=table_ND.device)
+    chunk = max(1, _GATHER_ROWS // R)
+    buf = torch.empty(min(chunk, T) * R, D, dtype=table_ND.dtype, device=table_ND.device)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        rows = buf[: (e - s) * R]
+        torch.index_select(table_ND, 0, idx_TR[s:e].reshape(-1), out=rows)
+        torch.sum(rows.view(e - s, R, D) * x_TD[s:e, None, :], dim=-1, out=out_TR[s:e])
+    return out_TR
+
+
+class _GatherDot(torch.autograd.Function):
+    """:func:`gather_dot`; backward: row sums for the table, an embedding bag for ``x``."""
+
+    @staticmethod
+    def forward(ctx, table_ND, idx_TR, x_TD, groups, sparse):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(table_ND, idx_TR, x_TD)
+        ctx.groups, ctx.sparse = groups, sparse
+        return _gather_dot_impl(table_ND, idx_TR, x_TD.to(table_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_TR):  # noqa: ANN001, ANN205
+        table_ND, idx_TR, x_TD = ctx.saved_tensors
+        grad_TR = grad_TR.contiguous()
+        g_table = g_x = None
+        if ctx.needs_input_grad[0]:
+            g_table = ctx.groups.table_grad(grad_TR, x_TD.to(table_ND.dtype), table_ND, ctx.sparse)
+        if ctx.needs_input_grad[2]:  # dx[t] = Σ_r grad[t,r] · table[idx[t,r]]
+            g_x = F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=grad_TR)
+            g_x = g_x.to(x_TD.dtype)
+        return g_table, None, g_x, None, None
+
+
+class _WeightedRowSum(torch.autograd.Function):
+    """:func:`weighted_row_sum`; backward: row sums for the table, a gather-dot for ``w``."""
+
+    @staticmethod
+    def forward(ctx, table_ND, idx_TR, w_TR, groups, sparse):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(table_ND, idx_TR, w_TR)
+        ctx.groups, ctx.sparse = groups, sparse
+        return F.embedding_bag(idx_TR, table_ND, mode="sum", per_sample_weights=w_TR)
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # noqa: ANN001, ANN205
+        table_ND, idx_TR, w_TR = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        g_table = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_table = ctx.groups.table_grad(w_TR, grad_TD, table_ND, ctx.sparse)
+        if ctx.needs_input_grad[2]:  # dw[t,r] = table[idx[t,r]] · grad[t]
+            g_w = _gather_dot_impl(table_ND, idx_TR, grad_TD)
+        return g_table, None, g_w, None, None
+
+
+def gather_dot(
+    table_ND: Tensor, idx_TR: Tensor, x_TD: Tensor, groups: RowGroups, sparse: bool = True
+) -> Tensor:
+    """``h[t, r] = table[idx[t, r]] · x[t]`` (PEER's ``u_iᵀx``); differentiable in table and x."""
+    return _GatherDot.apply(table_ND, idx_TR, x_TD, groups, sparse)
+
+
+def weighted_row_sum(
+    table_ND: Tensor, idx_TR: Tensor, w_TR: Tensor, groups: RowGroups, sparse: bool = True
+) -> Tensor:
+    """``y[t] = Σ_r w[t, r] · table[idx[t, r]]`` (PEER's ``Σ g·σ(·)·v_i``, PKM's ``Σ w·m_i``)."""
+    return _WeightedRowSum.apply(table_ND, idx_TR, w_TR.to(table_ND.dtype), groups, sparse)
