@@ -325,6 +325,7 @@ def test_aux_losses_average_over_layers():
         (dict(capacity_factor=float("nan")), "capacity_factor"),
         (dict(balance_coef=float("nan")), "balance_coef"),
         (dict(activation="tanh"), "activation"),
+        (dict(softmax_after_topk=True), "softmax_after_topk needs top_k > 1"),
         (dict(backend="triton"), "backend"),
         (dict(router="relu", top_k=8), "top_k"),
     ],

@@ -3,6 +3,7 @@ average over data-parallel ranks."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 
 from moelab.layers import MoE, SparsityController
 from moelab.layers.base import RoutingStats
-from moelab.layers.sparsity import next_lambda
+from moelab.layers.sparsity import LAMBDA_MIN, next_lambda
 
 
 class _FakeLayer:
@@ -184,3 +185,29 @@ def test_step_all_reduces_counts_across_ranks():
         assert sparsity == pytest.approx(1 - 420 / 800)
         assert layers == pytest.approx([0.75, 0.2])
         assert lams == [0.5, 2.0]  # both ranks take the same decision
+
+
+def test_lambda_has_a_floor_it_can_recover_from():
+    ctl = SparsityController(target=0.5)
+    for _ in range(1000):  # too sparse for 1000 steps: λ falls, but not into float32 denormals
+        ctl.observe([_FakeLayer(0, 100)])
+        ctl.step()
+    assert ctl.lam == pytest.approx(LAMBDA_MIN, rel=1e-6)
+    ctl.observe([_FakeLayer(100, 100)])  # too dense: λ rises again
+    ctl.step()
+    assert ctl.lam == pytest.approx(LAMBDA_MIN * 1.2, rel=1e-6)
+    high = SparsityController(target=0.5, lambda0=1.0, lambda_max=2.0)
+    for _ in range(10):
+        high.observe([_FakeLayer(100, 100)])
+        high.step()
+    assert high.lam == 2.0
+
+
+def test_an_all_padding_step_leaves_lambda_unchanged():
+    ctl = SparsityController(target=0.5, lambda0=1e-3)
+    ctl.observe([_FakeLayer(0, 0), _FakeLayer(0, 0)])  # observed, but no valid token
+    assert math.isnan(ctl.step()) and ctl.lam == pytest.approx(1e-3)
+    per_layer = SparsityController(target=0.5, lambda0=1e-3, per_layer=True)
+    per_layer.observe([_FakeLayer(0, 0), _FakeLayer(100, 100)])  # layer 0 saw no valid token
+    per_layer.step()
+    assert per_layer.layer_lams == pytest.approx([1e-3, 1.2e-3])

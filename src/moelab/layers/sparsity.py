@@ -18,14 +18,34 @@ def _check_finite_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def next_lambda(lam: float, alpha: float, target: float, sparsity: float) -> float:
-    """ReMoE's update (arXiv 2412.14711, eq. 8): ``λ ← λ · α^sign(S* − S)``.
+LAMBDA_MIN = 1e-20
+"""Default floor of λ. Without one, ~460 consecutive decreases from 1e-8 reach the float32
+denormal 2.8e-45, where ``λ·1.2`` rounds back to λ: the controller could never raise it again.
+From the floor, 150 increases bring λ back to 1e-8."""
+LAMBDA_MAX = 1e6
+"""Default ceiling of λ (an L1 term a million times the LM loss has long stopped being useful;
+without a ceiling a target the router cannot reach would drive λ to inf and the loss to NaN)."""
+
+
+def next_lambda(
+    lam: float,
+    alpha: float,
+    target: float,
+    sparsity: float,
+    lam_min: float = LAMBDA_MIN,
+    lam_max: float = LAMBDA_MAX,
+) -> float:
+    """ReMoE's update (arXiv 2412.14711, eq. 8): ``λ ← λ · α^sign(S* − S)``, kept in
+    ``[lam_min, lam_max]``.
 
     At ``S == S*`` the reference implementation divides by α (sign taken as −1); we follow it.
-    The product is rounded to float32, the precision λ is kept in.
+    A NaN sparsity (a layer that saw no valid token this step) leaves λ unchanged. The product is
+    rounded to float32, the precision λ is kept in.
     """
+    if math.isnan(sparsity):
+        return lam
     factor = alpha if target > sparsity else 1.0 / alpha
-    return _f32(lam * factor)
+    return min(max(_f32(lam * factor), _f32(lam_min)), _f32(lam_max))
 
 
 class SparsityController:
@@ -44,7 +64,13 @@ class SparsityController:
     """
 
     def __init__(
-        self, target: float, lambda0: float = 1e-8, alpha: float = 1.2, per_layer: bool = False
+        self,
+        target: float,
+        lambda0: float = 1e-8,
+        alpha: float = 1.2,
+        per_layer: bool = False,
+        lambda_min: float = LAMBDA_MIN,
+        lambda_max: float = LAMBDA_MAX,
     ) -> None:
         if not isinstance(target, int | float) or not math.isfinite(target) or not 0 < target < 1:
             raise ValueError(f"target must be a finite number in (0, 1), got {target!r}")
@@ -52,6 +78,14 @@ class SparsityController:
         _check_finite_positive("alpha", alpha)
         if alpha <= 1:
             raise ValueError(f"alpha must be > 1 (1.2 in the paper), got {alpha!r}")
+        _check_finite_positive("lambda_min", lambda_min)
+        _check_finite_positive("lambda_max", lambda_max)
+        if not lambda_min <= lambda0 <= lambda_max:
+            raise ValueError(
+                f"lambda0 must lie in [lambda_min, lambda_max] = [{lambda_min}, {lambda_max}], "
+                f"got {lambda0!r}"
+            )
+        self.lambda_min, self.lambda_max = float(lambda_min), float(lambda_max)
         self.target = float(target)
         self.alpha = float(alpha)
         self.lambda0 = float(lambda0)
@@ -81,12 +115,17 @@ class SparsityController:
             dist.all_reduce(counts_L2)
             counts_L2 = counts_L2.cpu()
         self._layer_counts = []
-        nonzero, total = counts_L2.sum(0).tolist() if len(counts_L2) else (0.0, 0.0)
-        if total <= 0:
+        if not len(counts_L2):
             raise RuntimeError(
                 "SparsityController.step() saw no router outputs since the last step: call "
                 "observe(model.routed_layers()) after each training forward"
             )
+        nonzero, total = counts_L2.sum(0).tolist()
+        if total <= 0:  # observed, but every token of the step was padding: nothing to learn from
+            self.steps += 1
+            self.last_sparsity = float("nan")
+            self.last_layer_sparsity = [float("nan")] * len(counts_L2)
+            return self.last_sparsity
         self.last_layer_sparsity = [
             1.0 - nz / t if t else float("nan") for nz, t in counts_L2.tolist()
         ]
@@ -95,12 +134,14 @@ class SparsityController:
             if not self.layer_lams:
                 self.layer_lams = [_f32(self.lambda0)] * len(self.last_layer_sparsity)
             self.layer_lams = [
-                next_lambda(lam, self.alpha, self.target, s)
+                next_lambda(lam, self.alpha, self.target, s, self.lambda_min, self.lambda_max)
                 for lam, s in zip(self.layer_lams, self.last_layer_sparsity, strict=True)
             ]
             self.lam = _f32(sum(self.layer_lams) / len(self.layer_lams))
         else:
-            self.lam = next_lambda(self.lam, self.alpha, self.target, sparsity)
+            self.lam = next_lambda(
+                self.lam, self.alpha, self.target, sparsity, self.lambda_min, self.lambda_max
+            )
             self._warn_on_collapse()
         self.steps += 1
         self.last_sparsity = sparsity
@@ -146,6 +187,8 @@ class SparsityController:
             "target": self.target,
             "alpha": self.alpha,
             "lambda0": self.lambda0,
+            "lambda_min": self.lambda_min,
+            "lambda_max": self.lambda_max,
             "lam": self.lam,
             "per_layer": self.per_layer,
             "layer_lams": list(self.layer_lams),
@@ -157,6 +200,8 @@ class SparsityController:
         self.target = float(state["target"])
         self.alpha = float(state["alpha"])
         self.lambda0 = float(state["lambda0"])
+        self.lambda_min = float(state.get("lambda_min", LAMBDA_MIN))
+        self.lambda_max = float(state.get("lambda_max", LAMBDA_MAX))
         self.lam = float(state["lam"])
         self.per_layer = bool(state.get("per_layer", False))
         self.layer_lams = [float(v) for v in state.get("layer_lams", [])]
