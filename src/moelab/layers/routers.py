@@ -204,8 +204,8 @@ class TopKRouter(Router):
     ) -> None:
         if softmax_after_topk and top_k == 1:
             raise ValueError(
-                "softmax_after_topk needs top_k > 1: a softmax over one selected logit is always 1, "
-                "so the router would get no gradient"
+                "softmax_after_topk needs top_k > 1: a softmax over one selected logit is "
+                "always 1, so the router would get no gradient"
             )
         super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
         _check_coef("balance_coef", balance_coef)
