@@ -1,0 +1,99 @@
+"""Where a number came from: the code, the software, the machine and the data of a run.
+
+Every run directory records :func:`collect` at creation (``provenance.json``), and reports show it
+in their header, so a reader can tell whether two results are comparable: bit-for-bit (same
+commit, same torch build, same CPU, same thread count) or only within tolerance (anything else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moelab
+
+# Fields that must agree for two runs' numbers to be reproducible bit for bit on CPU.
+BITWISE_KEYS = ("git_commit", "git_dirty", "torch", "cpu", "threads")
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the moelab checkout, or ``(None, None)`` outside a git checkout
+    (an installed wheel) or without git."""
+    root = root or Path(moelab.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def data_checksum(dataset_dir: Path) -> str | None:
+    """sha256 over a prepared dataset's ``meta.json`` and token files (None if absent), in name
+    order: two runs with equal checksums trained on the same tokens."""
+    files = sorted(p for p in Path(dataset_dir).glob("*") if p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def collect(device: torch.device | str = "cpu", dataset_dir: Path | None = None) -> dict[str, Any]:
+    """The provenance record of a run about to train on ``device`` with ``dataset_dir``."""
+    commit, dirty = git_state()
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "moelab": moelab.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "gpu": gpu,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "data": None if dataset_dir is None else str(dataset_dir),
+        "data_sha256": None if dataset_dir is None else data_checksum(dataset_dir),
+    }
+
+
+def differences(records: dict[str, dict[str, Any]], keys: tuple[str, ...] = BITWISE_KEYS) -> dict:
+    """``{key: {name: value}}`` for each of ``keys`` on which the named records disagree."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        values = {name: rec.get(key) for name, rec in records.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            out[key] = values
+    return out
