@@ -296,6 +296,8 @@ def test_fixed_aux_loss_leaves_the_controlled_loss_to_the_controller():
     assert set(relu.aux_losses) == {"remoe_l1"} and relu.controlled_loss == "remoe_l1"
     want = 0.01 * topk.aux_losses["load_balance"] + 0.1 * topk.aux_losses["z_loss"]
     torch.testing.assert_close(fixed_aux_loss([topk, relu]), want)
+    # summed over layers (ReMoE's reference code): two identical layers give twice one layer
+    torch.testing.assert_close(fixed_aux_loss([topk, topk]), 2 * want)
     assert fixed_aux_loss([relu]) is None
     relu.controlled_loss = None  # a loss with neither a coefficient nor a controller
     with pytest.raises(KeyError, match="remoe_l1"):

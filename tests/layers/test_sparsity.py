@@ -77,10 +77,10 @@ def test_penalty_applies_the_shared_or_per_layer_lambda():
 
     layers = [_L1Layer(1.0), _L1Layer(3.0)]
     shared = SparsityController(target=0.5, lambda0=0.1)
-    assert shared.penalty(layers).item() == pytest.approx(0.1 * 2.0)
+    assert shared.penalty(layers).item() == pytest.approx(0.1 * (1.0 + 3.0))  # summed
     per_layer = SparsityController(target=0.5, per_layer=True)
     per_layer.layer_lams = [0.5, 2.0]
-    assert per_layer.penalty(layers).item() == pytest.approx((0.5 * 1.0 + 2.0 * 3.0) / 2)
+    assert per_layer.penalty(layers).item() == pytest.approx(0.5 * 1.0 + 2.0 * 3.0)
 
 
 def test_step_without_observations_is_an_error():

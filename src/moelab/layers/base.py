@@ -175,26 +175,27 @@ def collect_aux_losses(layers: Iterable[RoutedLayer]) -> dict[str, Tensor]:
 
 
 def fixed_aux_loss(layers: Iterable[RoutedLayer]) -> Tensor | None:
-    """``Σ_name coef · mean_layers(loss)`` over the aux losses with a fixed coefficient.
+    """``Σ_layers Σ_name coef · loss`` over the aux losses with a fixed coefficient.
+
+    Each layer's term is computed from its own statistics and the terms are **summed** over layers,
+    as ReMoE's reference code (Megatron-LM's per-layer aux-loss scaler) does for its TopK baseline:
+    a coefficient of 0.01 acts on every layer with its full weight, whatever the depth. (Averaging
+    over layers instead would weaken the balance pressure L-fold.) Logs show the layer mean
+    (:func:`collect_aux_losses`), as Megatron's do.
 
     The controlled loss of a layer (its coefficient adapted between steps) is left to the
     controller's ``penalty(layers)``; a loss that is neither fixed nor controlled is an error, never
     silently dropped. Returns None when no layer recorded a fixed-coefficient loss.
     """
-    layers = list(layers)
-    coefs: dict[str, float] = {}
-    controlled: set[str] = set()
-    for layer in layers:
-        for name, c in layer.aux_coefficients.items():
-            coefs.setdefault(name, c)
-        if layer.controlled_loss is not None:
-            controlled.add(layer.controlled_loss)
     total: Tensor | None = None
-    for name, value in collect_aux_losses(layers).items():
-        if name in controlled:
-            continue
-        if name not in coefs:
-            raise KeyError(f"aux loss {name!r} has neither a fixed coefficient nor a controller")
-        term = value * coefs[name]
-        total = term if total is None else total + term
+    for layer in layers:
+        for name, value in layer.aux_losses.items():
+            if name == layer.controlled_loss:
+                continue
+            if name not in layer.aux_coefficients:
+                raise KeyError(
+                    f"aux loss {name!r} has neither a fixed coefficient nor a controller"
+                )
+            term = value * layer.aux_coefficients[name]
+            total = term if total is None else total + term
     return total

@@ -148,11 +148,12 @@ class SparsityController:
         return sparsity
 
     def penalty(self, layers: Iterable[RoutedLayer]) -> Tensor | None:
-        """``1/L · Σ_l λ_l · L1_l`` over the layers that recorded their controlled loss (ReMoE's L1;
+        """``Σ_l λ_l · L1_l`` over the layers that recorded their controlled loss (ReMoE's L1;
         None if none did).
 
-        With one shared λ this is ``λ`` times :func:`~moelab.layers.collect_aux_losses`'s average;
-        with ``per_layer`` each layer's term gets its own λ.
+        Summed over layers as ReMoE's reference code does (each layer attaches ``λ·L1_l`` to the
+        graph); the paper's ``1/(L·T)`` would only rescale the λ the controller settles at by L.
+        With one shared λ this is ``λ · Σ_l L1_l``; with ``per_layer`` each term has its own λ.
         """
         terms = [
             layer.aux_losses[layer.controlled_loss]
@@ -162,11 +163,11 @@ class SparsityController:
         if not terms:
             return None
         if not self.per_layer:
-            return self.lam * (sum(terms) / len(terms))
+            return self.lam * sum(terms)
         lams = self.layer_lams or [self.lam] * len(terms)
         if len(lams) != len(terms):
             raise RuntimeError(f"per-layer λ for {len(lams)} layers, but {len(terms)} layers")
-        return sum(lam * t for lam, t in zip(lams, terms, strict=True)) / len(terms)
+        return sum(lam * t for lam, t in zip(lams, terms, strict=True))
 
     def _warn_on_collapse(self) -> None:
         """One λ for all layers can drive a single layer to 100% sparsity (its tokens then keep only

@@ -203,6 +203,16 @@ class MoEConfig(_FFNSlot):
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             _layer_checks(self, self._meta_router)
 
+    def dict_fields(self) -> list[str]:
+        """What a run's config.yaml shows: the chosen router's options only."""
+        accepted = router_options(self.router)
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if (f.name not in ROUTER_OPTION_FIELDS or f.name in accepted)
+            and (f.name != "router_options" or self.router_options)
+        ]
+
     def router_kwargs(self) -> dict[str, Any]:
         """The options handed to the router: its option fields, then ``router_options``."""
         accepted = router_options(self.router)
