@@ -3,7 +3,7 @@
 A change that alters training numerics (a loss, an init, an optimizer detail, the data order) makes
 this fail on purpose. If the change is intended, regenerate the file and say why in the commit:
 
-    MOELAB_UPDATE_GOLDEN="why the numbers moved" .venv/bin/python -m pytest tests/test_golden_curves.py
+    MOELAB_UPDATE_GOLDEN="why the numbers moved" make golden
 
 On the machine, torch build and thread count recorded in the file the curves must match exactly
 (training on CPU is deterministic); elsewhere (another CPU model or torch build: other kernels,
