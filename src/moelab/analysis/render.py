@@ -11,6 +11,8 @@ from pathlib import Path
 
 @dataclass
 class Section:
+    """One titled part of a report: paragraphs, an optional table, images (PNG files)."""
+
     title: str
     text: str = ""
     table: list[list[str]] | None = None  # first row is the header

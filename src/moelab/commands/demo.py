@@ -7,7 +7,6 @@ the package), and the whole thing takes a few minutes on a laptop CPU.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -37,12 +36,9 @@ def run(args: argparse.Namespace) -> int:
     preset = args.preset or DEFAULT_PRESET
     config = resolve_run_config(preset=preset, overrides=args.overrides)
     run_dir = Path(args.run_dir)
-    earlier = RunDir(run_dir).holds_run
-    if run_dir.exists() and not earlier and any(run_dir.iterdir()):
+    if run_dir.exists() and not RunDir(run_dir).holds_run and any(run_dir.iterdir()):
         raise ValueError(f"--run-dir: {run_dir} exists and is not a moelab run; choose another")
-    if earlier:
-        shutil.rmtree(run_dir)  # an earlier demo run
-    trainer = Trainer(config, run_dir, preset=preset)
+    trainer = Trainer(config, run_dir, preset=preset, overwrite=True)  # an earlier demo run goes
     print_start(trainer)
     summary = trainer.run()
     if summary.get("interrupted"):
