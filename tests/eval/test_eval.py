@@ -14,8 +14,9 @@ from train_fixtures import REMOE, TOPK, tiny_config
 
 from moelab.cli import main
 from moelab.data import TokenDataset, load_tokenizer
-from moelab.eval import evaluate, evaluate_run, generate_text
-from moelab.train import Trainer, train
+from moelab.eval import evaluate, generate_text
+from moelab.rundir import RunDir
+from moelab.train import Trainer, evaluate_run, train
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,6 @@ def test_eval_bad_input(trained_run: Path, tmp_path: Path, capsys: pytest.Captur
 def test_tokenizer_mismatch_is_refused(trained_run: Path, tmp_path: Path) -> None:
     """A dataset prepared with another tokenizer cannot be scored by this run."""
     from moelab.data import prepare
-    from moelab.eval import check_same_tokenizer
 
     other_tok = tmp_path / "tok.json"
     src = json.loads(Path(load_tokenizer().path).read_text())
@@ -159,7 +159,7 @@ def test_tokenizer_mismatch_is_refused(trained_run: Path, tmp_path: Path) -> Non
         progress=False,
     )
     with pytest.raises(ValueError, match="--data: .* was tokenised with"):
-        check_same_tokenizer(trained_run, TokenDataset(out))
+        RunDir(trained_run).check_same_tokenizer(TokenDataset(out))
 
 
 def test_max_batches_spreads_windows_over_every_domain(data_dir: Path) -> None:

@@ -98,15 +98,17 @@ def test_no_controller_without_relu_router(tmp_path: Path, data_dir: Path) -> No
 
 def test_peer_trains_with_sparse_rows_and_resumes(tmp_path: Path, data_dir: Path) -> None:
     """PEER's sparse row gradients go through clipping, AdamW and an exact resume."""
+    from moelab.rundir import RunDir
     from moelab.train import train
-    from moelab.train.metrics import read_metrics
 
     peer = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
     cfg = tiny_config(data_dir, ffn=peer, train={"steps": 4})
     train(cfg, tmp_path / "full")
     train(cfg, tmp_path / "resumed", stop_after=2)
     train(cfg, tmp_path / "resumed", resume=True)
-    full = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "full", "train")]
-    resumed = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "resumed", "train")]
+    full, resumed = (
+        [(r["loss"], r["grad_norm"]) for r in RunDir(tmp_path / name).read_metrics("train")]
+        for name in ("full", "resumed")
+    )
     assert len(full) == 4 and resumed == full
     assert full[-1][0] < full[0][0]

@@ -11,22 +11,21 @@ import pytest
 import torch
 from train_fixtures import REMOE, tiny_config
 
-from moelab.train import CheckpointError, Trainer, find_checkpoint, load_run, train
-from moelab.train.checkpoint import clean_temporary, list_checkpoints
-from moelab.train.metrics import read_metrics
+from moelab.rundir import RunDir
+from moelab.train import CheckpointError, Trainer, load_run, train
 
 COMPARED = ("step", "tokens", "lr", "loss", "aux", "grad_norm", "lambda", "sparsity", "layers")
 
 
 def train_records(run_dir: Path) -> list[dict]:
-    return [{k: r.get(k) for k in COMPARED} for r in read_metrics(run_dir, "train")]
+    return [{k: r.get(k) for k in COMPARED} for r in RunDir(run_dir).read_metrics("train")]
 
 
 def test_layout_latest_and_keep_last(tmp_path: Path, data_dir: Path) -> None:
     cfg = tiny_config(data_dir, train={"steps": 5}, checkpoint={"every": 1, "keep_last": 2})
     summary = train(cfg, tmp_path / "run")
     run = tmp_path / "run"
-    names = [p.name for p in list_checkpoints(run)]
+    names = [p.name for p in RunDir(run).checkpoints()]
     assert names == ["step_00000004", "step_00000005"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000005"
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "accounting.json", "tokenizer.json"):
@@ -61,12 +60,12 @@ def test_partial_temp_dir_is_ignored_and_cleaned(tmp_path: Path, data_dir: Path)
     partial = run / "checkpoints" / ".tmp-step_00000003-999"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\x00" * 10)  # a killed writer's leftovers
-    assert find_checkpoint(run).name == "step_00000002"
-    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
-    assert clean_temporary(run) == [partial] and not partial.exists()
+    assert RunDir(run).latest_checkpoint().name == "step_00000002"
+    assert [p.name for p in RunDir(run).checkpoints()] == ["step_00000002"]
+    assert RunDir(run).clean_temporary() == [partial] and not partial.exists()
     # without `latest` (killed between the rename and the pointer update) the newest complete one
     (run / "checkpoints" / "latest").unlink()
-    assert find_checkpoint(run).name == "step_00000002"
+    assert RunDir(run).latest_checkpoint().name == "step_00000002"
 
 
 def test_truncated_weights_raise_naming_the_file(tmp_path: Path, data_dir: Path) -> None:
@@ -103,13 +102,15 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, data_dir: Path,
     )
     train(cfg, tmp_path / "full")
     first = train(cfg, tmp_path / "resumed", stop_after=3)
-    assert first["interrupted"] and find_checkpoint(tmp_path / "resumed").name == "step_00000003"
+    resumed_run = RunDir(tmp_path / "resumed")
+    assert first["interrupted"] and resumed_run.latest_checkpoint().name == "step_00000003"
     train(cfg, tmp_path / "resumed", resume=True)
     full, resumed = train_records(tmp_path / "full"), train_records(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert resumed == full  # bit-identical losses, lr, grad norms, λ, sparsity, expert counts
-    evals = [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "resumed", "eval")]
-    assert evals == [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path / "full", "eval")]
+    evals = [(r["step"], r["val_loss"]) for r in resumed_run.read_metrics("eval")]
+    full_evals = RunDir(tmp_path / "full").read_metrics("eval")
+    assert evals == [(r["step"], r["val_loss"]) for r in full_evals]
     s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
     s_res = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert s_res["final_val_loss"] == s_full["final_val_loss"]
@@ -124,9 +125,9 @@ def test_resume_drops_metrics_after_the_checkpoint(tmp_path: Path, data_dir: Pat
     with open(run / "metrics.jsonl", "a") as f:  # what a killed process logged after step 2
         f.write(json.dumps({"kind": "train", "step": 3, "loss": 123.0}) + "\n")
     train(cfg, run, resume=True)
-    steps = [r["step"] for r in read_metrics(run, "train")]
+    steps = [r["step"] for r in RunDir(run).read_metrics("train")]
     assert steps == [1, 2, 3, 4]
-    assert all(r["loss"] != 123.0 for r in read_metrics(run, "train"))
+    assert all(r["loss"] != 123.0 for r in RunDir(run).read_metrics("train"))
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> None:
@@ -143,7 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> 
     trainer.train_step = step_then_interrupt
     summary = trainer.run()
     assert summary["interrupted"] and summary["steps"] == 2
-    assert find_checkpoint(tmp_path / "run").name == "step_00000002"
+    assert RunDir(tmp_path / "run").latest_checkpoint().name == "step_00000002"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     done = train(cfg, tmp_path / "run", resume=True)
     assert done["steps"] == 10 and not done.get("interrupted")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moelab.cli import main
-from moelab.train.metrics import read_metrics
+from moelab.rundir import RunDir
 
 TINY = [
     "model.d_model=32",
@@ -45,7 +45,7 @@ def test_train_resume_and_print_config(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "topk" and summary["steps"] == 2
     assert main(["train", "--resume", str(run), "train.steps=3"]) == 0  # extend the run
-    assert [r["step"] for r in read_metrics(run, "train")] == [1, 2, 3]
+    assert [r["step"] for r in RunDir(run).read_metrics("train")] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert main(["train", "--preset", "dense-tiny", "--print-config"]) == 0
     assert '"flops_per_token"' in capsys.readouterr().out

@@ -44,3 +44,22 @@ def test_scheduler_drives_every_param_group() -> None:
         sched.step()
     state = sched.state_dict()
     assert state["lr_lambdas"][0]["total_steps"] == 8  # the schedule's parameters are saved
+
+
+def test_retarget_follows_a_longer_run_from_the_current_step() -> None:
+    """A resumed run with more steps (or another lr) continues on the new schedule."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [p]}, {"params": []}], lr=1e-3)
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=8, min_lr_ratio=0.1)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    restored = build_scheduler(opt, warmup_steps=2, total_steps=8, min_lr_ratio=0.1)
+    restored.load_state_dict(sched.state_dict())
+    restored.retarget(2e-3, 2, 20, 0.2)
+    for step in range(5, 20):
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(lr_at(step, 2e-3, 2, 20, 0.2))
+        opt.step()
+        restored.step()
+    assert restored.state_dict()["lr_lambdas"][0]["total_steps"] == 20

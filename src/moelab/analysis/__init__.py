@@ -1,11 +1,12 @@
 """Routing analysis and side-by-side experiment reports (docs/analysis.md).
 
 * :mod:`moelab.analysis.stats` - the statistics, pure functions of numpy arrays.
-* :mod:`moelab.analysis.runs` - reading run directories (``metrics.jsonl``, ``summary.json``).
+* :mod:`moelab.analysis.runs` - a run's logged metrics and summary as arrays (via ``RunDir``).
 * :mod:`moelab.analysis.collect` - one eval pass recording every layer's routing decisions.
 * :mod:`moelab.analysis.analyses` - the papers' analyses on collected traces and metrics.
 * :mod:`moelab.analysis.plots` - PNG plots (matplotlib, the optional ``analysis`` extra).
-* :mod:`moelab.analysis.report` - ``report.md`` / ``report.html`` for one or many runs.
+* :mod:`moelab.analysis.report` - ``report.md`` / ``report.html`` for one or many runs, from the
+  tables of :mod:`moelab.analysis.tables`, rendered by :mod:`moelab.analysis.render`.
 * :mod:`moelab.analysis.suites` - named experiment suites for ``moelab compare``.
 
 Importing this package does not import matplotlib.

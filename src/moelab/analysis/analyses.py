@@ -61,7 +61,7 @@ def dynamics(
             else:
                 per_layer[lk] = {"final": float(s[np.isfinite(s)][-1])}
         out["layer_sparsity"] = per_layer
-        # PITFALLS: one shared λ can drive a single layer to (near) 100% sparsity
+        # one shared λ holds the *average* at the target and can drive one layer to ~100% sparsity
         out["collapsed_layers"] = [
             lk for lk, s in curves.layer_sparsity.items() if np.nanmean(s[-5:]) >= collapse_at
         ]

@@ -3,7 +3,7 @@
 The layers report their own decisions through ``routing_observer`` (``moelab.layers.base``); this
 module only stores them with global token positions, so analyses never recompute routing. The pass
 runs under ``model.eval()`` and ``torch.no_grad()``, which leaves the layers' training statistics
-and aux losses untouched (PITFALLS: statistics only from training forwards).
+and aux losses untouched: those describe training batches only (the λ controller reads them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Loading a trained run and running the routing-collection pass over its validation data.
 
-This is the only place that touches the training library (``moelab.train.load_run``) and the run's
-configuration; everything downstream works on :class:`~moelab.analysis.collect.RoutingTrace`.
+This is the only analysis module that touches the training library (``moelab.train.load_run``) and
+the run's configuration; everything downstream works on
+:class:`~moelab.analysis.collect.RoutingTrace`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from moelab.analysis.collect import RoutingTrace, collect_routing
-from moelab.data.tokenizer import file_sha256
-from moelab.eval.run import check_same_tokenizer
+from moelab.data import TokenDataset, check_vocab_compatible, iter_eval_batches
+from moelab.rundir import RunDir
+from moelab.train import load_run, open_dataset
 
 
 @dataclass
@@ -40,25 +42,13 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoint directories (``checkpoints/step_*``), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[nn.Module, Any]:
-    """``moelab.train.load_run`` with errors that name the run directory."""
-    try:
-        from moelab.train import load_run
-    except ImportError as err:
+    """``moelab.train.load_run``, refusing (naming the run) a run with no checkpoint."""
+    if not RunDir(run_dir).checkpoints():
         raise ValueError(
-            f"{run_dir}: per-token analysis needs moelab.train.load_run, which is not available "
-            f"in this installation ({err})"
-        ) from err
-    if not list_checkpoints(run_dir):
-        raise ValueError(f"{run_dir}: no checkpoints/step_* directory, so no model to analyse")
+            f"{run_dir}: no {RunDir.CHECKPOINTS}/{RunDir.STEP_PREFIX}* directory, so no model to "
+            "analyse"
+        )
     return load_run(run_dir, checkpoint=checkpoint)
 
 
@@ -66,23 +56,16 @@ def open_eval_dataset(run_config: Any, settings: EvalSettings, run_dir: str | Pa
     """The prepared dataset to read: the explicit setting, else the run's own (``data.path``, or
     the embedded corpus when null, via ``moelab.train.open_dataset``). A dataset tokenised with
     another tokenizer than the run's is refused (its per-token numbers would be meaningless)."""
-    from moelab.data import TokenDataset
-
-    if settings.dataset:
-        ds = TokenDataset(settings.dataset)
-    else:
-        from moelab.train import open_dataset
-
-        ds = open_dataset(run_config)
-    check_same_tokenizer(run_dir, ds, field="--dataset")
+    ds = TokenDataset(settings.dataset) if settings.dataset else open_dataset(run_config)
+    RunDir(run_dir).check_same_tokenizer(ds, field="--dataset")
     return ds
 
 
 def tokenizer_id(run_dir: str | Path, ds: Any) -> str:
-    """What identifies a run's token ids: its tokenizer.json hash, else its dataset's tokenizer."""
-    own = Path(run_dir) / "tokenizer.json"
-    if own.is_file():
-        return f"sha256:{file_sha256(own)[:12]}"
+    """What identifies a run's token ids: its tokenizer copy's hash, else its dataset's one."""
+    own = RunDir(run_dir).tokenizer_sha256()
+    if own:
+        return f"sha256:{own[:12]}"
     sha = ds.meta.get("tokenizer_sha256")
     return f"sha256:{sha[:12]}" if sha else str(ds.meta.get("tokenizer"))
 
@@ -119,8 +102,6 @@ def run_eval_pass(
 ) -> tuple[RoutingTrace, Any]:
     """Collect the routing trace of ``model`` over the settings' validation windows. Returns the
     trace and the :class:`moelab.data.TokenDataset` read."""
-    from moelab.data import check_vocab_compatible
-
     ds = open_eval_dataset(run_config, settings, run_dir)
     try:
         check_vocab_compatible(ds, model_vocab_size(model))
@@ -142,8 +123,6 @@ def spread_eval_batches(
     ``max_batches`` batches are read they are spread evenly over the whole split instead of taken
     from its start: splits are stored domain by domain, so the first windows would all come from
     one domain and the domain analysis would see nothing. Deterministic (no randomness)."""
-    from moelab.data import iter_eval_batches
-
     tokens = ds.split(split)
     n_windows = (len(tokens) - 1) // seq_len
     if max_batches is None or max_batches * batch_size >= n_windows:

@@ -1,14 +1,13 @@
 """Side-by-side experiment reports: ``report.md`` + self-contained ``report.html`` + PNG plots.
 
-A report is built as a list of sections (text, tables, images) and rendered twice, so Markdown and
-HTML always say the same thing. Runs sharing a name up to a ``-seedN`` suffix (or grouped
-explicitly) are averaged: numbers are shown as mean ± std over seeds.
+A report is built as a list of sections (text, tables, images) and rendered twice
+(:mod:`moelab.analysis.render`), so Markdown and HTML always say the same thing. Runs sharing a
+name up to a ``-seedN`` suffix (or grouped explicitly) are averaged: numbers are shown as mean ± std
+over seeds (:mod:`moelab.analysis.tables`).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import time
@@ -22,23 +21,17 @@ from moelab.analysis import analyses, plots
 from moelab.analysis.evalpass import (
     EvalSettings,
     check_same_vocab,
-    list_checkpoints,
     load_model,
     model_vocab_size,
     run_eval_pass,
     tokenizer_id,
     train_token_counts,
 )
+from moelab.analysis.render import Section, render
 from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
-from moelab.analysis.stats import mean_std
-
-
-@dataclass
-class Section:
-    title: str
-    text: str = ""
-    table: list[list[str]] | None = None  # first row is the header
-    images: list[Path] = field(default_factory=list)
+from moelab.analysis.stats import SparsityStages, mean_std
+from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
+from moelab.rundir import RunDir
 
 
 @dataclass
@@ -103,10 +96,10 @@ def analyze_run(
         out.results["usage"] = analyses.usage_analysis(trace)
         out.z_primes = {k: lt.z_prime_E for k, lt in trace.layers.items()}
     if "top-tokens" in what:
-        tok = _run_tokenizer(rec.path, ds)
+        tok = RunDir(rec.path).tokenizer(ds)
         out.results["top_tokens"] = analyses.top_tokens(trace, decode=tok.decode)
     if "stability" in what:
-        ckpts = list_checkpoints(rec.path)
+        ckpts = RunDir(rec.path).checkpoints()
         if compare_checkpoint is None and len(ckpts) < 2:
             out.notes.append("stability: needs two checkpoints; this run has one")
         else:
@@ -117,227 +110,6 @@ def analyze_run(
             res["checkpoints"] = [str(other), str(checkpoint or ckpts[-1])]
             out.results["stability"] = res
     return out
-
-
-def _run_tokenizer(run_dir: Path, ds: Any) -> Any:
-    own = run_dir / "tokenizer.json"
-    if own.is_file():
-        from moelab.data import load_tokenizer
-
-        return load_tokenizer(own)
-    return ds.tokenizer()
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and not math.isfinite(x):
-        return "–"
-    if isinstance(x, int | np.integer) or (isinstance(x, float) and x.is_integer() and x > 1e3):
-        return _si(float(x))
-    return f"{x:.{digits}f}"
-
-
-def _si(x: float) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.0f}"
-
-
-def _pm(values: list[Any], digits: int = 3, si: bool = False) -> str:
-    v = [float(x) for x in values if x is not None]
-    m, s = mean_std(v)
-    if not math.isfinite(m):
-        return "–"
-    f = _si if si else (lambda x: f"{x:.{digits}f}")
-    if len(v) == 1 or s == 0:
-        return f(m)
-    return f"{f(m)} ± {f(s)}"
-
-
-def group_runs(records: list[RunRecord], groups: dict[str, list[str]] | None) -> dict[str, list]:
-    """``group name → records``; explicit ``groups`` map names to run directories, otherwise runs
-    are grouped by their name without a ``-seedN`` suffix. Order follows first appearance."""
-    if groups:
-        by_path = {str(r.path.resolve()): r for r in records}
-        return {
-            g: [by_path[str(Path(p).expanduser().resolve())] for p in dirs]
-            for g, dirs in groups.items()
-        }
-    out: dict[str, list[RunRecord]] = {}
-    for r in records:
-        out.setdefault(r.group, []).append(r)
-    return out
-
-
-def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
-    """The main table: method, params, FLOPs/token, tokens, final val loss/ppl (overall and per
-    domain) and throughput, mean ± std over each group's seeds."""
-    domains: list[str] = []
-    for recs in grouped.values():
-        for r in recs:
-            for d in r.final_val()["val_loss_by_domain"]:
-                if d not in domains:
-                    domains.append(d)
-    header = ["run", "method", "seeds", "active params", "total params", "FLOPs/token", "tokens",
-              "val loss", "val ppl", *[f"loss: {d}" for d in domains], "tokens/s"]
-    rows = [header]
-    for g, recs in grouped.items():
-        p = [r.summary.get("params") or {} for r in recs]
-        fv = [r.final_val() for r in recs]
-        methods = sorted({r.method for r in recs})
-        rows.append([
-            g,
-            "/".join(methods),
-            str(len(recs)),
-            _pm([x.get("active_params") for x in p], si=True),
-            _pm([x.get("total_params") for x in p], si=True),
-            _pm([x.get("flops_per_token") for x in p], si=True),
-            _pm([r.summary.get("tokens") or (r.train[-1].get("tokens") if r.train else None)
-                 for r in recs], si=True),
-            _pm([f["val_loss"] for f in fv], 4),
-            _pm([f["val_ppl"] for f in fv], 2),
-            *[_pm([f["val_loss_by_domain"].get(d) for f in fv], 4) for d in domains],
-            _pm([r.summary.get("tokens_per_s") for r in recs], si=True),
-        ])
-    return rows
-
-
-def analysis_table(grouped: dict[str, list[RunAnalysis]]) -> list[list[str]]:
-    """Per group, mean ± std over seeds of the headline routing numbers."""
-    header = ["run", "settle step", "sparsity after settling (target)", "dead experts",
-              "active experts/token", "rare − frequent active", "domain KL (nats)", "usage",
-              "unevenness", "flip rate"]
-    rows = [header]
-    for g, ras in grouped.items():
-        def col(fn: Any, ras: list[RunAnalysis] = ras) -> list[Any]:
-            vals = []
-            for ra in ras:
-                try:
-                    vals.append(fn(ra.results))
-                except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                    vals.append(None)
-            return vals
-
-        def layer_mean(res: dict, key: str, field_: str) -> float | None:
-            v = [x.get(field_) for x in res[key].values() if x.get(field_) is not None]
-            return float(np.mean(v)) if v else None
-
-        def rare(res: dict) -> float | None:
-            v = [x["by_frequency"]["rare_minus_frequent"] for x in res["compute"].values()
-                 if x.get("by_frequency") and x["by_frequency"]["rare_minus_frequent"] is not None]
-            return float(np.mean(v)) if v else None
-
-        targets = col(lambda r: r["dynamics"]["stages"]["target"])
-        target = next((t for t in targets if t is not None), None)
-        settled_means = col(lambda r: r["dynamics"]["stages"]["settled_mean"])
-        settled = _pm(settled_means, 4)
-        if len(ras) == 1 and settled_means[0] is not None:  # one seed: the std over steps
-            settled += f" ± {ras[0].results['dynamics']['stages']['settled_std']:.4f}"
-        if target is not None:
-            settled += f" ({target:.3f})"
-        rows.append([
-            g,
-            _pm(col(lambda r: r["dynamics"]["stages"]["settle_step"]), 0),
-            settled,
-            _pm(col(lambda r: layer_mean(r, "load" if "load" in r else "train_load",
-                                         "dead_fraction")), 3),
-            _pm(col(lambda r: layer_mean(r, "compute", "mean")), 3),
-            _pm(col(rare), 3),
-            _pm(col(lambda r: r["domains"]["mean_kl"]), 4),
-            _pm(col(lambda r: layer_mean(r, "usage", "usage")), 3),
-            _pm(col(lambda r: layer_mean(r, "usage", "unevenness")), 3),
-            _pm(col(lambda r: r["stability"]["mean_token_flip_rate"]), 3),
-        ])
-    return rows
-
-
-def eval_loss_table(grouped: dict[str, list[RunAnalysis]]) -> list[list[str]] | None:
-    """Per group, the analysis pass's loss per domain (mean ± std over seeds); None if no run
-    had an analysis pass."""
-    domains: list[str] = []
-    for ras in grouped.values():
-        for ra in ras:
-            for d in ra.results.get("eval_loss_by_domain", {}):
-                if d not in domains:
-                    domains.append(d)
-    if not domains:
-        return None
-    rows = [["run", "tokens", "all", *domains]]
-    for g, ras in grouped.items():
-        with_pass = [ra for ra in ras if "eval_loss_by_domain" in ra.results]
-        if not with_pass:
-            continue
-        rows.append([
-            g,
-            _pm([ra.results["eval_tokens"] for ra in with_pass], si=True),
-            _pm([ra.results.get("eval_loss") for ra in with_pass], 4),
-            *[_pm([ra.results["eval_loss_by_domain"].get(d) for ra in with_pass], 4)
-              for d in domains],
-        ])
-    return rows
-
-
-def _md_table(rows: list[list[str]]) -> str:
-    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
-    return "\n".join(lines)
-
-
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-    "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-    "td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;"
-    "margin:0.5em 0 1.5em}pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em}"
-)
-
-
-def render(title: str, sections: list[Section], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (images linked) and ``report.html`` (images embedded as base64)."""
-    md = [f"# {title}", ""]
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for s in sections:
-        md += [f"## {s.title}", ""]
-        body.append(f"<h2>{html.escape(s.title)}</h2>")
-        if s.text:
-            md += [s.text, ""]
-            for para in s.text.split("\n\n"):
-                body.append(f"<p>{html.escape(para)}</p>")
-        if s.table:
-            md += [_md_table(s.table), ""]
-            body.append(_html_table(s.table))
-        for img in s.images:
-            rel = img.relative_to(out_dir).as_posix()
-            md += [f"![{img.stem}]({rel})", ""]
-            data = base64.b64encode(img.read_bytes()).decode("ascii")
-            body.append(
-                f'<figure><img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(img.stem)}</figcaption></figure>"
-            )
-    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text("\n".join(md), "utf-8")
-    html_path.write_text(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n",
-        "utf-8",
-    )
-    return md_path, html_path
 
 
 # ----------------------------------------------------------------------------- report
@@ -378,7 +150,7 @@ def build_report(
     results: dict[str, RunAnalysis] = {}
     vocab_entries: list[tuple[str, int, str]] = []
     for rec in records:
-        can_eval = analyze and bool(list_checkpoints(rec.path))
+        can_eval = analyze and bool(RunDir(rec.path).checkpoints())
         what = analyses.ANALYSES if can_eval else ("dynamics",)
         ra = analyze_run(rec.path, what, settings)
         if analyze and not can_eval:
@@ -396,7 +168,7 @@ def build_report(
         "loss in nats/token; FLOPs/token are forward FLOPs (moelab.model.accounting).",
         runs_table(grouped),
     ))
-    ra_grouped = {g: [results[str(r.path)] for r in recs] for g, recs in grouped.items()}
+    ra_grouped = {g: [results[str(r.path)].results for r in recs] for g, recs in grouped.items()}
     sections.append(Section(
         "Routing summary",
         "Settle step and sparsity: ReMoE's stage III (sparsity held within ±0.03 of the target 1 − "
@@ -417,7 +189,7 @@ def build_report(
         ))
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
     if plots_enabled:
-        sections += _plot_sections(grouped, results, img_dir)
+        sections += plot_sections(grouped, results, img_dir)
     if notes:
         sections.append(Section("Notes", "\n\n".join(notes)))
     md_path, html_path = render(title, sections, out)
@@ -433,7 +205,7 @@ def build_report(
     }
 
 
-def _plot_sections(
+def plot_sections(
     grouped: dict[str, list[RunRecord]], results: dict[str, RunAnalysis], img_dir: Path
 ) -> list[Section]:
     """Plots of each group's first run (the representative seed), plus cross-run comparisons."""
@@ -457,8 +229,6 @@ def _plot_sections(
         stem = _safe(g)
         d = r.get("dynamics", {})
         if "stages" in d:
-            from moelab.analysis.stats import SparsityStages
-
             st = SparsityStages(**{k: (float("nan") if v is None and k.startswith("settled")
                                        else v) for k, v in d["stages"].items()})
             dyn.append(plots.plot_dynamics(curves[g], st, f"{g}: ReMoE training dynamics",

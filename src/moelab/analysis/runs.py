@@ -1,4 +1,4 @@
-"""Reading run directories (``docs/CONTRACTS.md``: ``metrics.jsonl``, ``summary.json``) into arrays.
+"""Reading run directories (``docs/CONTRACTS.md`` "Runs": metrics and summary) into arrays.
 
 Only the files are read here - no model is built - so loss tables and training curves work for any
 run, including runs with no routed layer and runs whose checkpoints were deleted.
@@ -6,7 +6,6 @@ run, including runs with no routed layer and runs whose checkpoints were deleted
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from moelab.rundir import RunDir
+
 
 @dataclass
 class RunRecord:
-    """One run directory's logged data: the summary, the train and eval lines of metrics.jsonl."""
+    """One run directory's logged data: the summary, the train and eval lines of its metrics."""
 
     path: Path
     summary: dict[str, Any]
@@ -52,43 +53,27 @@ class RunRecord:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """Read ``summary.json`` and ``metrics.jsonl`` of a run directory.
+    """Read the summary and the metrics of a run directory.
 
     Raises ValueError naming the directory when it is not a run: missing, not a directory, or
     holding neither file (either one alone is enough: a crashed run has metrics but no summary),
     or with a malformed line.
     """
-    path = Path(run_dir).expanduser()
+    run = RunDir(run_dir)
+    path = run.path
     if not path.is_dir():
         raise ValueError(f"{path}: not a run directory (does not exist or is not a directory)")
-    summary_file, metrics_file = path / "summary.json", path / "metrics.jsonl"
-    if not summary_file.is_file() and not metrics_file.is_file():
+    if not run.has_summary and not run.has_metrics:
         raise ValueError(
-            f"{path}: not a run directory (no summary.json or metrics.jsonl; expected a directory "
-            "written by `moelab train`)"
+            f"{path}: not a run directory (no {RunDir.SUMMARY} or {RunDir.METRICS}; expected a "
+            "directory written by `moelab train`)"
         )
-    summary: dict[str, Any] = {}
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text("utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{summary_file}: not valid JSON ({err})") from err
-        if not isinstance(summary, dict):
-            raise ValueError(f"{summary_file}: expected a JSON object")
-    rec = RunRecord(path=path, summary=summary)
-    if metrics_file.is_file():
-        for n, line in enumerate(metrics_file.read_text("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{metrics_file}:{n}: not valid JSON ({err})") from err
-            kind = obj.get("kind") if isinstance(obj, dict) else None
-            if kind == "train":
-                rec.train.append(obj)
-            elif kind == "eval":
-                rec.evals.append(obj)
+    rec = RunRecord(path=path, summary=run.read_summary())
+    for obj in run.read_metrics():
+        if obj.get("kind") == "train":
+            rec.train.append(obj)
+        elif obj.get("kind") == "eval":
+            rec.evals.append(obj)
     return rec
 
 
@@ -167,8 +152,8 @@ def training_curves(rec: RunRecord) -> TrainingCurves:
 
 
 def sparsity_target(rec: RunRecord) -> float | None:
-    """ReMoE's target ``1 − k/E`` of a run, read from ``summary.json`` (``sparsity_target``) or
-    from ``config.yaml`` (``model.ffn`` with ``router: relu``); None for runs without one."""
+    """ReMoE's target ``1 − k/E`` of a run, read from its summary (``sparsity_target``) or its
+    config (``model.ffn`` with ``router: relu``); None for runs without one."""
     t = rec.summary.get("sparsity_target")
     if t is not None:
         return float(t)
@@ -180,15 +165,7 @@ def sparsity_target(rec: RunRecord) -> float | None:
 
 
 def _config_ffn(path: Path) -> dict[str, Any] | None:
-    cfg_file = path / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text("utf-8")) or {}
-    except yaml.YAMLError:
-        return None
-    model = cfg.get("model", cfg) if isinstance(cfg, dict) else {}
+    cfg = RunDir(path).raw_config()
+    model = cfg.get("model", cfg)
     ffn = model.get("ffn") if isinstance(model, dict) else None
     return ffn if isinstance(ffn, dict) else None

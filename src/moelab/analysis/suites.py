@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moelab.analysis.report import build_report
+from moelab.rundir import RunDir
+from moelab.train import resolve_run_config, train
+
 SUITES: dict[str, dict[str, Any]] = {
     "paper-mini": {
         "description": "ReMoE Table 2 in miniature: dense vs TopK MoE vs ReMoE vs PEER, matched "
@@ -115,17 +119,14 @@ def plan_suite(
 
 
 def _default_trainer() -> Callable[[PlannedRun], Any]:
-    """Train one planned run with ``moelab.train`` (resolved lazily: the analysis package does
-    not import the trainer)."""
-    try:
-        from moelab.train import resolve_run_config, train
-    except ImportError as err:
-        raise ValueError(f"compare: moelab.train is not available ({err})") from err
+    """Train one planned run with ``moelab.train``: a run stopped after a checkpoint resumes, one
+    stopped before its first checkpoint starts again."""
 
     def run(p: PlannedRun) -> Any:
         cfg = resolve_run_config(preset=p.preset, overrides=list(p.overrides))
-        started = (p.run_dir / "config.yaml").is_file()
-        resume = started and (p.run_dir / "checkpoints" / "latest").is_file()
+        rundir = RunDir(p.run_dir)
+        started = rundir.holds_run
+        resume = started and rundir.has_latest
         return train(cfg, p.run_dir, resume=resume, overwrite=started and not resume,
                      preset=p.preset)
 
@@ -144,11 +145,9 @@ def run_suite(
     report_settings: Any = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every run of suite ``name`` under ``out_dir/runs/`` (runs whose ``summary.json``
-    already exists are kept, so an interrupted suite resumes), then write the report to
-    ``out_dir`` (``report.md``, ``report.html``) with seeds averaged per run name."""
-    from moelab.analysis.report import build_report
-
+    """Train every run of suite ``name`` under ``out_dir/runs/`` (runs that completed, i.e. have
+    a summary, are kept, so an interrupted suite resumes), then write the report to ``out_dir``
+    (``report.md``, ``report.html``) with seeds averaged per run name."""
     plan = plan_suite(name, out_dir, seeds, steps, extra_overrides)
     trainer = trainer or _default_trainer()
     out = Path(out_dir).expanduser()
@@ -160,7 +159,7 @@ def run_suite(
     }, indent=1), "utf-8")
     t0 = time.time()
     for i, p in enumerate(plan, 1):
-        if (p.run_dir / "summary.json").is_file():
+        if RunDir(p.run_dir).has_summary:
             log(f"[{i}/{len(plan)}] {p.run_dir.name}: done already, kept")
             continue
         log(f"[{i}/{len(plan)}] {p.run_dir.name}: training ({p.preset} {' '.join(p.overrides)})")

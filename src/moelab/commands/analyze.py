@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from moelab.commands.report import add_eval_arguments, eval_settings
@@ -99,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     ra = analyze_run(args.run, what, eval_settings(args), checkpoint=args.checkpoint,
                      compare_checkpoint=args.compare_checkpoint, tolerance=args.tolerance)
     if args.plots:
-        from moelab.analysis.report import Section, _plot_sections
+        from moelab.analysis.report import plot_sections
 
-        secs: list[Section] = _plot_sections({ra.record.name: [ra.record]},
-                                             {str(ra.record.path): ra}, _plots_dir(args.plots))
+        secs = plot_sections({ra.record.name: [ra.record]}, {str(ra.record.path): ra},
+                             Path(args.plots).expanduser())
         for s in secs:
             for img in s.images:
                 print(f"wrote {img}")
@@ -112,9 +113,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(str(ra.record.path), ra.results, ra.notes)
     return 0
-
-
-def _plots_dir(path: str):
-    from pathlib import Path
-
-    return Path(path).expanduser()

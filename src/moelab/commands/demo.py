@@ -7,7 +7,6 @@ the package), and the whole thing takes a few minutes on a laptop CPU.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -30,17 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moelab.commands.train import print_start, print_summary
     from moelab.eval import generate_text
+    from moelab.rundir import RunDir
     from moelab.train import DEFAULT_PRESET, Trainer, resolve_run_config, run_tokenizer
 
     t0 = time.perf_counter()
     preset = args.preset or DEFAULT_PRESET
     config = resolve_run_config(preset=preset, overrides=args.overrides)
     run_dir = Path(args.run_dir)
-    if run_dir.exists() and not (run_dir / "config.yaml").is_file() and any(run_dir.iterdir()):
+    if run_dir.exists() and not RunDir(run_dir).holds_run and any(run_dir.iterdir()):
         raise ValueError(f"--run-dir: {run_dir} exists and is not a moelab run; choose another")
-    if (run_dir / "config.yaml").is_file():
-        shutil.rmtree(run_dir)  # an earlier demo run
-    trainer = Trainer(config, run_dir, preset=preset)
+    trainer = Trainer(config, run_dir, preset=preset, overwrite=True)  # an earlier demo run goes
     print_start(trainer)
     summary = trainer.run()
     if summary.get("interrupted"):

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moelab.eval import evaluate_run
+    from moelab.train import evaluate_run
 
     result = evaluate_run(
         args.run_dir,

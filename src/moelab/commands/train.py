@@ -105,6 +105,8 @@ def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
+    from moelab.rundir import RunDir
+
     ent = (summary.get("unigram_entropy") or {}).get("val")
     by_dom = ", ".join(f"{k} {v:.3f}" for k, v in summary["val_loss_by_domain"].items())
     print(
@@ -115,4 +117,4 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     if ent:
         line += f" vs unigram entropy {ent:.3f}"
     print(f"{line}; by domain: {by_dom}")
-    print(f"saved      {run_dir}/ (summary.json, metrics.jsonl, checkpoints/)")
+    print(f"saved      {run_dir}/ ({RunDir.SUMMARY}, {RunDir.METRICS}, {RunDir.CHECKPOINTS}/)")

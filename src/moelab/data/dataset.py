@@ -68,9 +68,14 @@ class TokenDataset:
     def num_tokens(self, name: str) -> int:
         return len(self.split(name))
 
+    @property
+    def tokenizer_file(self) -> Path:
+        """The copy of the tokenizer these ids came from, stored in the directory."""
+        return self.path / self.meta.get("tokenizer_file", "tokenizer.json")
+
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer these ids came from (the copy stored in the directory)."""
-        return load_tokenizer(self.path / self.meta.get("tokenizer_file", "tokenizer.json"))
+        return load_tokenizer(self.tokenizer_file)
 
     def __repr__(self) -> str:
         return (f"TokenDataset({str(self.path)!r}, vocab_size={self.vocab_size}, "

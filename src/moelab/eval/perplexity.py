@@ -3,7 +3,8 @@
 Why its own function (not the training loss): evaluation walks the split in sequential,
 non-overlapping windows (``iter_eval_batches``) so every run is scored on exactly the same tokens,
 and it runs in ``eval()`` mode under ``no_grad`` so routed layers record no statistics and no aux
-losses (PITFALLS: statistics only from training forwards). Per-domain losses are token-weighted
+losses (an eval forward that counted would skew the λ controller and the logged expert load,
+which must describe training batches only). Per-domain losses are token-weighted
 sums divided by each domain's token count, so they average back to the overall loss.
 
 With ``max_batches`` the windows are spread evenly over the whole split (not its first batches):

@@ -30,7 +30,8 @@ statistics. Everything else a layer produces is *recorded on the layer* rather t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,32 @@ class RoutingStats:
     assigned: Tensor | None = None  # assignments before dropping
     distinct_experts: Tensor | None = None  # PEER/PKM: distinct experts hit in this forward
     extra: dict[str, Tensor] = field(default_factory=dict)
+
+    # Counts that add up across micro-batches (``merge``); min / max / distinct are combined apart.
+    SUMMED: ClassVar[tuple[str, ...]] = (
+        "num_tokens",
+        "tokens_per_expert",
+        "router_nonzero",
+        "router_total",
+        "active_sum",
+        "dropped",
+        "assigned",
+    )
+
+    def merge(self, other: RoutingStats | None) -> RoutingStats:
+        """Sum the counts of two forwards' statistics (micro-batches of one step)."""
+        if other is None:
+            return self
+        out = replace(self, extra=dict(other.extra))
+        for name in self.SUMMED:
+            x, y = getattr(self, name), getattr(other, name)
+            setattr(out, name, None if x is None or y is None else x + y)
+        if self.active_min is not None and other.active_min is not None:
+            out.active_min = torch.minimum(self.active_min, other.active_min)
+            out.active_max = torch.maximum(self.active_max, other.active_max)
+        if self.distinct_experts is not None and other.distinct_experts is not None:
+            out.distinct_experts = torch.maximum(self.distinct_experts, other.distinct_experts)
+        return out
 
     @property
     def sparsity(self) -> float:

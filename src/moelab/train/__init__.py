@@ -1,11 +1,12 @@
-"""Training: typed run configs and presets, the trainer, checkpoints, metrics, ``load_run``.
+"""Training: typed run configs and presets, the trainer, reading runs back (``load_run``).
 
 Public API (see ``docs/training.md`` and ``docs/CONTRACTS.md`` "Runs"): :class:`RunConfig`,
 :func:`resolve_run_config`, :func:`list_presets`, :class:`Trainer`, :func:`train`,
-:func:`load_run`, :class:`CheckpointError`, :func:`lr_at`.
+:func:`load_run`, :func:`run_tokenizer`, :func:`evaluate_run`, :class:`CheckpointError`,
+:func:`lr_at`. A run directory's files are :class:`moelab.rundir.RunDir`'s.
 """
 
-from moelab.train.checkpoint import CheckpointError, find_checkpoint, save_checkpoint
+from moelab.checkpoint_io import CheckpointError
 from moelab.train.config import (
     DEFAULT_PRESET,
     RunConfig,
@@ -14,16 +15,17 @@ from moelab.train.config import (
     preset_path,
     resolve_run_config,
 )
-from moelab.train.run import load_run, load_run_config, run_tokenizer
+from moelab.train.run import evaluate_run, load_run, load_run_config, run_tokenizer
 from moelab.train.schedule import lr_at
-from moelab.train.trainer import Trainer, open_dataset, train
+from moelab.train.setup import open_dataset
+from moelab.train.trainer import Trainer, train
 
 __all__ = [
     "DEFAULT_PRESET",
     "CheckpointError",
     "RunConfig",
     "Trainer",
-    "find_checkpoint",
+    "evaluate_run",
     "list_presets",
     "load_run",
     "load_run_config",
@@ -33,6 +35,5 @@ __all__ = [
     "preset_path",
     "resolve_run_config",
     "run_tokenizer",
-    "save_checkpoint",
     "train",
 ]

@@ -1,4 +1,4 @@
-"""Where metrics go: ``metrics.jsonl`` (always), TensorBoard and W&B offline (on request), tqdm.
+"""Where metrics go: the run's metrics file (always), TensorBoard and W&B (on request), tqdm.
 
 Kept out of the trainer so the training loop reads as training. Every sink gets the same flat
 records (see ``docs/CONTRACTS.md`` "Runs"); optional backends are imported lazily and a missing one
@@ -7,15 +7,14 @@ is a clear error at start-up, before any training.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
+from moelab.rundir import RunDir
 from moelab.train.config import LoggingConfig, RunConfig
 
-__all__ = ["MetricsLogger", "Progress", "check_backends", "flatten", "read_metrics"]
+__all__ = ["MetricsLogger", "Progress", "check_backends", "flatten"]
 
 
 def flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -51,33 +50,31 @@ def check_backends(cfg: LoggingConfig) -> None:
 
 
 class MetricsLogger:
-    """Appends JSON lines to ``RUN_DIR/metrics.jsonl`` and mirrors scalars to TB / W&B."""
+    """Appends records to the run's metrics file and mirrors scalars to TB / W&B."""
 
-    def __init__(self, run_dir: str | Path, config: RunConfig) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+    def __init__(self, run: RunDir, config: RunConfig) -> None:
+        self._file = run.metrics_writer()
         self._tb = None
         self._wandb = None
         cfg = config.logging
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(run.tensorboard_dir))
         if cfg.wandb:
             import wandb
 
             self._wandb = wandb.init(
                 project=cfg.wandb_project,
-                dir=str(run_dir),
+                dir=str(run.path),
                 mode="offline",
-                name=Path(run_dir).name,
+                name=run.name,
                 config=config.to_dict(),
                 resume="allow",
             )
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._file.write(record)
         step = int(record.get("step", 0))
         kind = record.get("kind", "train")
         scalars = {f"{kind}/{k}": v for k, v in flatten(record) if k not in ("step", "kind")}
@@ -93,30 +90,6 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of ``metrics.jsonl`` (optionally only one ``kind``)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if kind is None or r.get("kind") == kind]
-
-
-def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop records after ``step`` (a resumed run rewrites what followed its checkpoint)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
 
 
 class Progress:
@@ -142,9 +115,6 @@ class Progress:
             post["λ"] = f"{lam:.2e}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
-
-    def write(self, text: str) -> None:
-        self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()

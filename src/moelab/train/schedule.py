@@ -1,8 +1,9 @@
 """Learning-rate schedule: linear warm-up, then a half cosine down to a floor (ReMoE: 5e-4 → 5e-5).
 
 The schedule is a pure function of the optimizer step (:func:`lr_at`), so tests can check it against
-the formula and a resumed run recomputes exactly the same values; :class:`CosineWithWarmup` wraps it
-as a ``LambdaLR`` multiplier whose state (its parameters) is saved in checkpoints.
+the formula and a resumed run recomputes exactly the same values. :class:`WarmupCosineLR` is the
+``LambdaLR`` that applies it; its parameters are part of its ``state_dict`` (saved in checkpoints),
+and :meth:`WarmupCosineLR.retarget` points a restored one at a changed run length or lr.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["CosineWithWarmup", "build_scheduler", "lr_at"]
+__all__ = ["CosineWithWarmup", "WarmupCosineLR", "build_scheduler", "lr_at"]
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -42,10 +43,36 @@ class CosineWithWarmup:
         return lr_at(step, 1.0, self.warmup_steps, self.total_steps, self.min_lr_ratio)
 
 
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """A ``LambdaLR`` over every param group: group lr = its base lr × the :func:`lr_at` multiplier.
+
+    Its ``state_dict`` is ``LambdaLR``'s (the multiplier's parameters included), so checkpoints
+    written before this class existed load into it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        total_steps: int,
+        min_lr_ratio: float,
+    ) -> None:
+        super().__init__(optimizer, CosineWithWarmup(warmup_steps, total_steps, min_lr_ratio))
+
+    def retarget(self, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
+        """Follow new settings from the current step on (a resumed run may change ``train.steps``
+        or ``optim.*``) and set every group's lr for that step."""
+        fn = self.lr_lambdas[0]  # one multiplier object shared by every group
+        assert isinstance(fn, CosineWithWarmup)
+        fn.warmup_steps, fn.total_steps, fn.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        self.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * fn(self.last_epoch)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over every param group: group lr = its base lr × :func:`lr_at` multiplier."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, CosineWithWarmup(warmup_steps, total_steps, min_lr_ratio)
-    )
+) -> WarmupCosineLR:
+    """The run's lr schedule over every param group of ``optimizer``."""
+    return WarmupCosineLR(optimizer, warmup_steps, total_steps, min_lr_ratio)

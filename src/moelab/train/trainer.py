@@ -5,158 +5,67 @@ Ordering that matters (and is tested):
 * Each micro-batch's loss (LM + weighted aux losses) is scaled by its share of the step's tokens, so
   a step's gradient is the same with or without gradient accumulation.
 * ReMoE's :class:`~moelab.layers.SparsityController` *observes* after every micro-batch forward and
-  *steps* once per optimizer step, after all micro-batches (PITFALLS: between-step controllers run
-  at a named hook, never inside a forward). The λ used by a step's loss is the one from before it.
+  *steps* once per optimizer step, after all micro-batches: λ changes between steps at this one
+  named point, never inside a forward, so every micro-batch of a step uses the same λ. The λ used
+  by a step's loss is the one from before it.
 * Everything a resumed run needs (weights, optimizer, scheduler, controller, RNG, sampler position,
   elapsed time) is in the checkpoint, so on CPU a killed and resumed run logs the same numbers as
   an uninterrupted one.
 
-Logging (``metrics.py``) and checkpointing (``checkpoint.py``) live in their own modules.
+Set-up (``setup.py``), the run directory (:class:`~moelab.rundir.RunDir`), logging
+(``metrics.py``), eval lines and the summary (``records.py``) and Ctrl-C (``signals.py``) live
+elsewhere, so this file is the step and the loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
-import shutil
-import signal
-import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from moelab.config import ConfigError, dump_yaml
-from moelab.data import BatchSampler, TokenDataset, check_vocab_compatible, default_dataset_dir
+from moelab.config import ConfigError
+from moelab.data import BatchSampler
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
 from moelab.layers.sparsity import SparsityController
 from moelab.model import TransformerLM, accounting
-from moelab.train.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
+from moelab.rundir import RunDir
 from moelab.train.config import RunConfig
-from moelab.train.metrics import MetricsLogger, Progress, check_backends, truncate_metrics
+from moelab.train.metrics import MetricsLogger, Progress, check_backends
 from moelab.train.optim import build_optimizer, clip_grad_norm_
+from moelab.train.records import build_summary, eval_record
 from moelab.train.schedule import build_scheduler
+from moelab.train.setup import (
+    build_controller,
+    open_dataset,
+    resolve_device,
+    rng_state,
+    routed_by_block,
+    set_rng_state,
+    use_bf16,
+)
+from moelab.train.signals import StopOnCtrlC
 
-__all__ = ["Trainer", "build_controller", "open_dataset", "resolve_device", "train"]
-
-
-# ------------------------------------------------------------------------------- set-up helpers
-
-
-def open_dataset(config: RunConfig) -> TokenDataset:
-    """The run's dataset (embedded corpus when ``data.path`` is null), checked against the model."""
-    if config.data.path is None:
-        path = default_dataset_dir()
-    else:
-        path = Path(config.data.path).expanduser()
-        if not path.exists():
-            raise ConfigError(
-                "data.path",
-                f"{str(path)!r} does not exist; expected a directory made by `moelab data "
-                "prepare`, or null for the embedded corpus",
-            )
-    try:
-        ds = TokenDataset(path)
-    except ValueError as err:
-        raise ConfigError("data.path", str(err)) from None
-    check_vocab_compatible(ds, config.model.vocab_size)
-    for split in ("train", "val"):
-        n = ds.num_tokens(split)
-        if n < config.data.seq_len + 1:
-            raise ConfigError(
-                "data.seq_len",
-                f"{config.data.seq_len} needs at least {config.data.seq_len + 1} tokens, split "
-                f"{split!r} of {ds.path} has {n}",
-            )
-    return ds
+__all__ = ["Trainer", "aux_loss", "train"]
 
 
-def resolve_device(config: RunConfig) -> torch.device:
-    want = config.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "'cuda' requested but CUDA is not available; use cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-def use_bf16(config: RunConfig, device: torch.device) -> bool:
-    p = config.train.precision
-    if p == "bf16" and device.type != "cuda":
-        raise ConfigError("train.precision", "'bf16' autocast needs CUDA here; use fp32 or auto")
-    return p == "bf16" or (p == "auto" and device.type == "cuda")
-
-
-def build_controller(model: TransformerLM, config: RunConfig) -> SparsityController | None:
-    """ReMoE's λ controller when any routed layer has a sparsity target (router="relu")."""
-    targets = [
-        t for layer in model.routed_layers() if (t := getattr(layer, "sparsity_target", None))
-    ]
-    if not targets:
-        return None
-    t = config.train
-    return SparsityController(
-        targets[0], lambda0=t.lambda0, alpha=t.lambda_alpha, per_layer=t.lambda_per_layer
-    )
-
-
-def routed_by_block(model: TransformerLM) -> dict[str, RoutedLayer]:
-    """Routed layers keyed by their block index (the ``layers`` keys of metrics lines)."""
-    return {
-        str(i): block.ffn
-        for i, block in enumerate(model.blocks)
-        if isinstance(block.ffn, RoutedLayer)
-    }
-
-
-def merge_stats(a: RoutingStats | None, b: RoutingStats | None) -> RoutingStats | None:
-    """Sum the counts of two forwards' statistics (micro-batches of one step)."""
-    if a is None or b is None:
-        return b if a is None else a
-    out = dataclasses.replace(a, extra=dict(b.extra))
-    for name in (
-        "num_tokens",
-        "tokens_per_expert",
-        "router_nonzero",
-        "router_total",
-        "active_sum",
-        "dropped",
-        "assigned",
-    ):
-        x, y = getattr(a, name), getattr(b, name)
-        setattr(out, name, None if x is None or y is None else x + y)
-    if a.active_min is not None and b.active_min is not None:
-        out.active_min = torch.minimum(a.active_min, b.active_min)
-        out.active_max = torch.maximum(a.active_max, b.active_max)
-    if a.distinct_experts is not None and b.distinct_experts is not None:
-        out.distinct_experts = torch.maximum(a.distinct_experts, b.distinct_experts)
-    return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-# ---------------------------------------------------------------------------------------- trainer
+def aux_loss(
+    layers: Iterable[RoutedLayer], controller: SparsityController | None
+) -> Tensor | float:
+    """What the routed layers add to the LM loss: their fixed-coefficient aux losses and, with a
+    λ controller, its penalty on their controlled loss (ReMoE's λ·L1), each summed over layers."""
+    layers = list(layers)
+    fixed = fixed_aux_loss(layers)
+    penalty = None if controller is None else controller.penalty(layers)
+    total: Tensor | float = 0.0 if fixed is None else fixed
+    return total if penalty is None else total + penalty
 
 
 class Trainer:
@@ -177,17 +86,20 @@ class Trainer:
         preset: str | None = None,
     ) -> None:
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.rundir = RunDir(run_dir)
+        self.run_dir = self.rundir.path
         self.preset = preset
-        if not resume and (self.run_dir / "config.yaml").exists() and not overwrite:
+        if not resume and self.rundir.holds_run and not overwrite:
             raise ConfigError(
                 "run_dir",
                 f"{str(self.run_dir)!r} already holds a run; continue it with --resume "
                 f"{self.run_dir} or replace it with --overwrite",
             )
-        replace = not resume and (self.run_dir / "config.yaml").exists()  # only after all checks
-        if resume and not (self.run_dir / "config.yaml").is_file():
-            raise ConfigError("resume", f"{str(self.run_dir)!r} holds no run (no config.yaml)")
+        replace = not resume and self.rundir.holds_run  # only after all checks
+        if resume and not self.rundir.holds_run:
+            raise ConfigError(
+                "resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})"
+            )
         check_backends(config.logging)
         self.device = resolve_device(config)
         self.bf16 = use_bf16(config, self.device)
@@ -214,56 +126,36 @@ class Trainer:
         self._sampler_state = self.sampler.state_dict()  # as of the last completed step
         self.step = 0
         self.elapsed = 0.0  # training wall time of earlier processes of this run
-        self._stop_requested = False
         if resume:
             self._restore()
         else:
-            if replace:
-                shutil.rmtree(self.run_dir)
-            self._create_run_dir()
+            self.rundir.create(config, self.dataset, self.accounting, replace=replace)
 
-    # ---- run directory ------------------------------------------------------------------------
-
-    def _create_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(self.config, self.run_dir / "config.yaml")
-        tok = self.dataset.path / self.dataset.meta.get("tokenizer_file", "tokenizer.json")
-        if tok.is_file():
-            shutil.copyfile(tok, self.run_dir / "tokenizer.json")
-        (self.run_dir / "accounting.json").write_text(json.dumps(self.accounting, indent=2))
+    # ---- checkpoints --------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        clean_temporary(self.run_dir)
-        from moelab.eval.run import check_same_tokenizer
-
-        check_same_tokenizer(self.run_dir, self.dataset, field="data.path")
-        dump_yaml(self.config, self.run_dir / "config.yaml")  # overrides given on resume
-        ckpt, state = load_checkpoint(self.run_dir, self.model)
+        run = self.rundir
+        run.clean_temporary()
+        run.check_same_tokenizer(self.dataset, field="data.path")
+        run.write_config(self.config)  # overrides given on resume
+        ckpt, state = run.load_checkpoint(self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self._refresh_schedule()  # train.steps / optim.* may be changed on resume
+            oc, steps = self.config.optim, self.config.train.steps  # may be changed on resume
+            self.scheduler.retarget(oc.lr, oc.warmup_steps, steps, oc.min_lr_ratio)
             if self.controller is not None:
                 self.controller.load_state_dict(state["controller"])
             self.sampler.load_state_dict(state["sampler"])
             self._sampler_state = self.sampler.state_dict()
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             self.step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
         except (KeyError, ValueError, RuntimeError) as err:
-            raise ConfigError("resume", f"{ckpt}/state.pt does not fit this run: {err}") from None
-        truncate_metrics(self.run_dir, self.step)
-
-    def _refresh_schedule(self) -> None:
-        """Point the restored scheduler at this config's schedule and set the current lr from it."""
-        oc = self.config.optim
-        fn = self.scheduler.lr_lambdas[0]
-        fn.warmup_steps, fn.total_steps = oc.warmup_steps, self.config.train.steps
-        fn.min_lr_ratio = oc.min_lr_ratio
-        self.scheduler.base_lrs = [oc.lr for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = oc.lr
-            group["lr"] = oc.lr * fn(self.scheduler.last_epoch)
+            raise ConfigError(
+                "resume", f"{ckpt / RunDir.STATE} does not fit this run: {err}"
+            ) from None
+        run.truncate_metrics(self.step)
 
     def save(self) -> Path:
         state = {
@@ -273,10 +165,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
             "sampler": self._sampler_state,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
-        return save_checkpoint(
-            self.run_dir, self.step, self.model, state, self.config.checkpoint.keep_last
+        return self.rundir.save_checkpoint(
+            self.step, self.model, state, self.config.checkpoint.keep_last
         )
 
     # ---- one optimizer step ---------------------------------------------------------------------
@@ -335,19 +227,14 @@ class Trainer:
             aux = collect_aux_losses(self.layers.values())
             if self.controller is not None:
                 self.controller.observe(self.layers.values())
-            loss = lm
-            fixed = fixed_aux_loss(self.layers.values())
-            if fixed is not None:
-                loss = loss + fixed
-            if self.controller is not None:
-                penalty = self.controller.penalty(self.layers.values())  # ReMoE's λ-weighted L1
-                loss = loss if penalty is None else loss + penalty
+            loss = lm + aux_loss(self.layers.values(), self.controller)
             (loss * share).backward()
             lm_sum += float(lm.detach()) * share
             for name, value in aux.items():
                 aux_sum[name] = aux_sum.get(name, 0.0) + float(value.detach()) * share
             for key, layer in self.layers.items():
-                stats[key] = merge_stats(stats[key], layer.last_stats)
+                so_far = stats[key]
+                stats[key] = layer.last_stats if so_far is None else so_far.merge(layer.last_stats)
         layers = {k: st.as_dict() for k, st in stats.items() if st is not None}
         return {"loss": lm_sum, "aux": aux_sum, "layers": layers}
 
@@ -364,6 +251,9 @@ class Trainer:
             bf16=self.bf16,
         )
 
+    def _eval_record(self) -> dict[str, Any]:
+        return eval_record(self.step, self.step * self._tokens_per_step, self.evaluate())
+
     # ---- the loop -------------------------------------------------------------------------------
 
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -371,49 +261,48 @@ class Trainer:
         does); returns the summary (``interrupted`` tells which)."""
         cfg = self.config
         total = cfg.train.steps
-        logger = MetricsLogger(self.run_dir, cfg)
+        logger = MetricsLogger(self.rundir, cfg)
         progress = Progress(total, self.step, cfg.logging.progress, f"{cfg.method}")
-        handler = self._install_sigint()
         start, tokens_at_start = time.perf_counter(), self.step * self._tokens_per_step
         last_t, last_step = start, self.step
         last_saved = self.step if self.step > 0 else -1
         interrupted = False
         record: dict[str, Any] = {}
-        try:
-            while self.step < total:
-                record = self.train_step()
-                now = time.perf_counter()
-                tps = (self.step - last_step) * self._tokens_per_step / max(now - last_t, 1e-9)
-                record["tokens_per_s"] = tps
-                progress.update(
-                    record["loss"], tps, record.get("sparsity"), record.get("lambda_next")
-                )
-                if self.step % cfg.logging.log_every == 0 or self.step == total:
-                    logger.log(record)
-                    last_t, last_step = now, self.step
-                if (
-                    cfg.train.eval_every
-                    and self.step % cfg.train.eval_every == 0
-                    and self.step < total
-                ):
-                    logger.log(self._eval_record())
-                    last_t, last_step = time.perf_counter(), self.step  # tokens/s: training only
-                stop = self._stop_requested or (stop_after is not None and self.step >= stop_after)
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == total or stop:
+        with StopOnCtrlC() as ctrl_c:
+            try:
+                while self.step < total:
+                    record = self.train_step()
+                    now = time.perf_counter()
+                    tps = (self.step - last_step) * self._tokens_per_step / max(now - last_t, 1e-9)
+                    record["tokens_per_s"] = tps
+                    progress.update(
+                        record["loss"], tps, record.get("sparsity"), record.get("lambda_next")
+                    )
+                    if self.step % cfg.logging.log_every == 0 or self.step == total:
+                        logger.log(record)
+                        last_t, last_step = now, self.step
+                    if (
+                        cfg.train.eval_every
+                        and self.step % cfg.train.eval_every == 0
+                        and self.step < total
+                    ):
+                        logger.log(self._eval_record())
+                        last_t, last_step = time.perf_counter(), self.step  # tokens/s: training
+                    stop = ctrl_c.requested or (stop_after is not None and self.step >= stop_after)
+                    every = cfg.checkpoint.every
+                    if (every and self.step % every == 0) or self.step == total or stop:
+                        self._save_with_elapsed(start)
+                        last_saved = self.step
+                        last_t, last_step = time.perf_counter(), self.step
+                    if stop and self.step < total:
+                        interrupted = True
+                        break
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
+                interrupted = True
+                if last_saved != self.step:
                     self._save_with_elapsed(start)
-                    last_saved = self.step
-                    last_t, last_step = time.perf_counter(), self.step
-                if stop and self.step < total:
-                    interrupted = True
-                    break
-        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
-            interrupted = True
-            if last_saved != self.step:
-                self._save_with_elapsed(start)
-        finally:
-            self._restore_sigint(handler)
-            progress.close()
+            finally:
+                progress.close()
         wall = self.elapsed + (time.perf_counter() - start)
         if interrupted:
             logger.close()
@@ -426,10 +315,21 @@ class Trainer:
         logger.log(final)
         logger.close()
         trained = self.step * self._tokens_per_step - tokens_at_start
-        summary = self._summary(
-            final, record, wall, trained / max(time.perf_counter() - start, 1e-9)
+        summary = build_summary(
+            cfg,
+            preset=self.preset,
+            steps=self.step,
+            tokens=self.step * self._tokens_per_step,
+            wall_time_s=wall,
+            tokens_per_s=trained / max(time.perf_counter() - start, 1e-9),
+            final=final,
+            last=record,
+            sparsity_target=None if self.controller is None else self.controller.target,
+            accounting=self.accounting,
+            dataset=self.dataset,
+            device=self.device,
         )
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.rundir.write_summary(summary)
         return summary
 
     @property
@@ -443,68 +343,6 @@ class Trainer:
             self.save()
         finally:
             self.elapsed = saved_elapsed
-
-    def _eval_record(self) -> dict[str, Any]:
-        ev = self.evaluate()
-        return {
-            "kind": "eval",
-            "step": self.step,
-            "tokens": self.step * self._tokens_per_step,
-            "val_loss": ev["val_loss"],
-            "val_ppl": ev["val_ppl"],
-            "val_loss_by_domain": ev["val_loss_by_domain"],
-            "val_tokens": ev["tokens"],
-        }
-
-    def _summary(
-        self, final: dict[str, Any], last: dict[str, Any], wall: float, tokens_per_s: float
-    ) -> dict[str, Any]:
-        acc = self.accounting
-        meta = self.dataset.meta
-        return {
-            "method": self.config.method,
-            "preset": self.preset,
-            "steps": self.step,
-            "tokens": self.step * self._tokens_per_step,
-            "wall_time_s": wall,
-            "tokens_per_s": tokens_per_s,
-            "final_train_loss": last.get("loss"),
-            "final_val_loss": final["val_loss"],
-            "final_val_ppl": final["val_ppl"],
-            "val_loss_by_domain": final["val_loss_by_domain"],
-            "val_tokens": final["val_tokens"],
-            "unigram_entropy": meta.get("unigram_entropy_nats", {}),
-            "final_sparsity": last.get("sparsity"),
-            "sparsity_target": None if self.controller is None else self.controller.target,
-            "final_lambda": last.get("lambda_next"),
-            "params": {
-                "total_params": acc["total_params"],
-                "active_params": acc["active_params"],
-                "flops_per_token": acc["flops_per_token"],
-            },
-            "device": str(self.device),
-            "dataset": str(self.dataset.path),
-        }
-
-    # ---- Ctrl-C ---------------------------------------------------------------------------------
-
-    def _install_sigint(self) -> Any:
-        """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop right away."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            print("\nCtrl-C: finishing this step and saving a checkpoint (again to abort)")
-
-        return signal.signal(signal.SIGINT, on_sigint)
-
-    @staticmethod
-    def _restore_sigint(previous: Any) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def train(

@@ -1,0 +1,109 @@
+"""How checkpoint files are written and read: atomic renames, fsync, clear errors.
+
+Why atomic: a run killed at any instant (Ctrl-C, OOM, pre-emption) must leave either the previous
+checkpoint or the new one, never half of one. Files are written into a temporary directory,
+flushed, then renamed into place with :func:`os.replace`; a pointer file is replaced the same way.
+A file that *is* in place but unreadable (truncated, corrupt) raises :class:`CheckpointError`
+naming it: it is never silently skipped, since a silent fallback to an older checkpoint would
+quietly repeat or lose training.
+
+This module knows mechanics only; which files a run directory holds and what they are called is
+:class:`moelab.rundir.RunDir`'s business, so every function here takes explicit paths.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "commit_directory",
+    "load_state",
+    "load_weights",
+    "replace_text",
+    "save_state",
+    "save_weights",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or corrupt (the message names the file)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_weights(model: nn.Module, path: Path, step: int) -> None:
+    """Weights as safetensors (shared tensors such as a tied head are stored once)."""
+    save_model(model, str(path), metadata={"step": str(step)})
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Training state (optimizer, scheduler, RNG...) as a ``torch.save`` file."""
+    torch.save(state, path)
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    """Flush every file of ``tmp``, then rename it to ``final`` (replacing an older ``final``)."""
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def replace_text(path: Path, text: str, tmp: Path) -> None:
+    """Write ``text`` to ``tmp``, flush it, and rename it over ``path``."""
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model`` (strict); CheckpointError when unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing weights file")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint file ({err})") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a training-state file; CheckpointError when missing or unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing training-state file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # EOFError, UnpicklingError, RuntimeError (zip) ...
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint file ({err})") from None

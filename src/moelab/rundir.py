@@ -1,0 +1,356 @@
+"""A run directory: the one place that knows what a run keeps where.
+
+::
+
+    RUN_DIR/
+      config.yaml          the resolved run config (re-read by --resume, eval, generate, analysis)
+      tokenizer.json       copy of the dataset's tokenizer (the ids of every file below)
+      accounting.json      params / active params / FLOPs of the model
+      metrics.jsonl        one JSON object per line: train and eval records
+      summary.json         written when the run completes
+      tensorboard/         only with logging.tensorboard
+      checkpoints/
+        latest             text: the newest checkpoint's name
+        step_XXXXXXXX/     model.safetensors (weights) + state.pt (everything a resume needs)
+
+Training, evaluation, analysis and the commands reach these files through :class:`RunDir` only, so
+the layout can change in one place. How a checkpoint is written safely (temporary directory,
+fsync, rename) is :mod:`moelab.checkpoint_io`'s job; which names it writes is decided here.
+
+``RunDir`` sits below :mod:`moelab.train`: it reads and writes any typed :class:`~moelab.config.
+Config` and the caller names the class (``moelab.train.RunConfig``), so the training, evaluation
+and analysis packages can all use it without importing one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import yaml
+from torch import nn
+
+from moelab.checkpoint_io import (
+    CheckpointError,
+    commit_directory,
+    load_state,
+    load_weights,
+    replace_text,
+    save_state,
+    save_weights,
+)
+from moelab.config import Config, ConfigError, dump_yaml, load_config
+from moelab.data import TokenDataset, load_tokenizer
+from moelab.data.tokenizer import TextTokenizer, file_sha256
+from moelab.model import ModelConfig, TransformerLM
+
+__all__ = ["CheckpointError", "MetricsWriter", "RunDir"]
+
+C = TypeVar("C", bound=Config)
+
+
+class MetricsWriter:
+    """Appends records to ``metrics.jsonl``, one JSON object per line, flushed at once (a killed
+    run loses at most the line being written)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class RunDir:
+    """The files of one training run (see the module docstring for the layout)."""
+
+    CONFIG = "config.yaml"
+    TOKENIZER = "tokenizer.json"
+    ACCOUNTING = "accounting.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    TENSORBOARD = "tensorboard"
+    CHECKPOINTS = "checkpoints"
+    LATEST = "latest"
+    WEIGHTS = "model.safetensors"
+    STATE = "state.pt"
+    STEP_PREFIX = "step_"
+    TMP_PREFIX = ".tmp-"  # half-written checkpoints and pointers; ignored, then removed
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ---- what is there --------------------------------------------------------------------------
+
+    @property
+    def holds_run(self) -> bool:
+        """A run was started here (its config is written before the first step)."""
+        return (self.path / self.CONFIG).is_file()
+
+    @property
+    def has_summary(self) -> bool:
+        """The run completed (the summary is written last)."""
+        return (self.path / self.SUMMARY).is_file()
+
+    @property
+    def has_metrics(self) -> bool:
+        return (self.path / self.METRICS).is_file()
+
+    @property
+    def has_latest(self) -> bool:
+        """A checkpoint was committed and pointed at."""
+        return (self._ckpt_root / self.LATEST).is_file()
+
+    def create(
+        self, config: Config, dataset: TokenDataset, accounting: dict[str, Any], *, replace: bool
+    ) -> None:
+        """Lay out a new run: its config, its dataset's tokenizer and its model's accounting.
+        ``replace`` first removes the run already here."""
+        if replace:
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+        if dataset.tokenizer_file.is_file():
+            shutil.copyfile(dataset.tokenizer_file, self.path / self.TOKENIZER)
+        (self.path / self.ACCOUNTING).write_text(json.dumps(accounting, indent=2))
+
+    # ---- config ---------------------------------------------------------------------------------
+
+    def write_config(self, config: Config) -> None:
+        dump_yaml(config, self.path / self.CONFIG)
+
+    def read_config(self, cls: type[C]) -> C:
+        """The run's config as ``cls`` (validated); ConfigError when this is not a run."""
+        path = self.path / self.CONFIG
+        if not path.is_file():
+            raise ConfigError(
+                "run_dir", f"{str(self.path)!r} is not a moelab run (no {self.CONFIG})"
+            )
+        return load_config(cls, path)
+
+    def raw_config(self) -> dict[str, Any]:
+        """The config as plain data, unvalidated (``{}`` when missing or unreadable): analysis
+        reads hand-written or older runs whose config would not validate today."""
+        path = self.path / self.CONFIG
+        if not path.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text("utf-8")) or {}
+        except yaml.YAMLError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # ---- tokenizer ------------------------------------------------------------------------------
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.path / self.TOKENIZER).is_file()
+
+    def tokenizer(self, dataset: TokenDataset | None = None) -> TextTokenizer:
+        """The tokenizer the run was trained with: its own copy, else ``dataset``'s, else the
+        shipped one."""
+        if self.has_tokenizer:
+            return load_tokenizer(self.path / self.TOKENIZER)
+        return dataset.tokenizer() if dataset is not None else load_tokenizer()
+
+    def tokenizer_sha256(self) -> str | None:
+        """Hash of the run's tokenizer copy (None without one): what identifies its token ids."""
+        return file_sha256(self.path / self.TOKENIZER) if self.has_tokenizer else None
+
+    def check_same_tokenizer(self, dataset: TokenDataset, field: str = "--data") -> None:
+        """Refuse a dataset tokenised with another tokenizer than the run's (meaningless losses)."""
+        own = self.tokenizer_sha256()
+        theirs = dataset.meta.get("tokenizer_sha256")
+        if own and theirs and own != theirs:
+            raise ValueError(
+                f"{field}: {dataset.path} was tokenised with {dataset.meta.get('tokenizer')} "
+                f"(sha256 {theirs[:12]}), but run {self.path} was trained with another "
+                f"tokenizer (sha256 {own[:12]}); prepare the data with the run's {self.TOKENIZER}"
+            )
+
+    # ---- summary --------------------------------------------------------------------------------
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        (self.path / self.SUMMARY).write_text(json.dumps(summary, indent=2))
+
+    def read_summary(self) -> dict[str, Any]:
+        """The summary (``{}`` while the run has none); ValueError naming the file if malformed."""
+        path = self.path / self.SUMMARY
+        if not path.is_file():
+            return {}
+        try:
+            summary = json.loads(path.read_text("utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(summary, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return summary
+
+    # ---- metrics --------------------------------------------------------------------------------
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    def metrics_writer(self) -> MetricsWriter:
+        """Appends to the run's metrics (a resumed run continues the same file)."""
+        return MetricsWriter(self.path / self.METRICS)
+
+    def read_metrics(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The metrics records in order (only those of ``kind`` when given; ``[]`` without a
+        metrics file). ValueError naming the file and line for a line that is not JSON."""
+        path = self.path / self.METRICS
+        if not path.is_file():
+            return []
+        records = []
+        for n, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
+            if isinstance(obj, dict) and (kind is None or obj.get("kind") == kind):
+                records.append(obj)
+        return records
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed run rewrites what followed its checkpoint)."""
+        path = self.path / self.METRICS
+        if not path.is_file():
+            return
+        keep = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def _ckpt_root(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @classmethod
+    def step_name(cls, step: int) -> str:
+        return f"{cls.STEP_PREFIX}{step:08d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first; temporary ones are ignored."""
+        root = self._ckpt_root
+        if not root.is_dir():
+            return []
+        return sorted(
+            p for p in root.iterdir() if p.is_dir() and p.name.startswith(self.STEP_PREFIX)
+        )
+
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint ``latest`` names, or the newest complete one when ``latest`` is missing
+        (a run killed between committing a checkpoint and pointing at it)."""
+        root = self._ckpt_root
+        latest = root / self.LATEST
+        if latest.is_file():
+            name = latest.read_text().strip()
+            path = root / name
+            if not name.startswith(self.STEP_PREFIX) or not path.is_dir():
+                raise CheckpointError(
+                    f"{latest}: names checkpoint {name!r}, which does not exist in {root}"
+                )
+            return path
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise CheckpointError(
+                f"{self.path}: no checkpoint found (expected {root}/{self.STEP_PREFIX}*/)"
+            )
+        return ckpts[-1]
+
+    def find_checkpoint(self, checkpoint: str | int | Path | None = None) -> Path:
+        """A checkpoint directory: ``None`` = :meth:`latest_checkpoint`, a step number, a
+        ``step_*`` name, or a path."""
+        if checkpoint is None:
+            return self.latest_checkpoint()
+        if isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.isdigit()):
+            path = self._ckpt_root / self.step_name(int(checkpoint))
+        else:
+            path = Path(checkpoint)
+            if not path.is_absolute() and not path.exists():
+                path = self._ckpt_root / str(checkpoint)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {checkpoint!r} not found (looked for {path})")
+        return path
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove half-written checkpoints left by a killed run; returns what was removed."""
+        root = self._ckpt_root
+        removed = []
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.name.startswith(self.TMP_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        return removed
+
+    def save_checkpoint(
+        self, step: int, model: nn.Module, state: dict[str, Any], keep_last: int = 2
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically, point ``latest`` at it, keep the last
+        ``keep_last``. ``state`` (optimizer, scheduler, controller, RNG, sampler, step...) goes
+        to the state file, the weights to safetensors."""
+        root = self._ckpt_root
+        root.mkdir(parents=True, exist_ok=True)
+        self.clean_temporary()
+        name = self.step_name(step)
+        tmp = root / f"{self.TMP_PREFIX}{name}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            save_weights(model, tmp / self.WEIGHTS, step)
+            save_state(state, tmp / self.STATE)
+            commit_directory(tmp, root / name)
+        except BaseException:  # a failed write leaves nothing behind, not even its temporary
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pointer_tmp = root / f"{self.TMP_PREFIX}{self.LATEST}-{os.getpid()}"
+        replace_text(root / self.LATEST, name + "\n", pointer_tmp)
+        for old in self.checkpoints()[:-keep_last]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        return root / name
+
+    def load_weights(self, model: nn.Module, checkpoint: str | int | Path | None = None) -> Path:
+        """Load a checkpoint's weights into ``model`` (strict); returns the checkpoint used."""
+        ckpt = self.find_checkpoint(checkpoint)
+        load_weights(model, ckpt / self.WEIGHTS)
+        return ckpt
+
+    def load_checkpoint(
+        self, model: nn.Module, checkpoint: str | int | Path | None = None
+    ) -> tuple[Path, dict[str, Any]]:
+        """Load weights into ``model`` and return ``(checkpoint dir, training state)``."""
+        ckpt = self.load_weights(model, checkpoint)
+        return ckpt, load_state(ckpt / self.STATE)
+
+    def load_model(
+        self, model_config: ModelConfig, checkpoint: str | int | Path | None = None
+    ) -> TransformerLM:
+        """A model built from ``model_config`` with a checkpoint's weights (default: the latest),
+        on CPU in ``eval()`` mode."""
+        model = TransformerLM(model_config)
+        self.load_weights(model, checkpoint)
+        return model.eval()
