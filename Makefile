@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean golden
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: setup
 	$(VENV)/bin/moelab demo
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
+
+golden: setup   # rewrite tests/golden/curves.json: MOELAB_UPDATE_GOLDEN="why" make golden
+	$(PY) -m pytest -q tests/test_golden_curves.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_fixtures import REMOE, TOPK, tiny_config
+from run_fixtures import REMOE, TOPK, tiny_config
 
 from moelab.cli import main
 from moelab.data import TokenDataset, load_tokenizer

@@ -1,3 +1,3 @@
-"""Fixtures of the training tests (defined in train_fixtures.py, shared with tests/eval)."""
+"""Fixtures of the training tests (shared with the evaluation tests, from tests/run_fixtures.py)."""
 
-from train_fixtures import data_dir, one_torch_thread  # noqa: F401
+from run_fixtures import data_dir, one_torch_thread  # noqa: F401

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import REMOE, TOPK, tiny_config
+from run_fixtures import REMOE, TOPK, tiny_config
 
 from moelab.train import Trainer
 

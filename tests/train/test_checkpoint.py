@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import REMOE, tiny_config
+from run_fixtures import REMOE, tiny_config
 
 from moelab.rundir import RunDir
 from moelab.train import CheckpointError, Trainer, load_run, train

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from torch import Tensor
-from train_fixtures import tiny_config
+from run_fixtures import tiny_config
 
 from moelab.layers import MoE, fixed_aux_loss
 from moelab.layers.routers import (

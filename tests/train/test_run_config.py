@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_fixtures import tiny_config
+from run_fixtures import tiny_config
 
 from moelab.cli import main
 from moelab.model import accounting

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from train_fixtures import tiny_config
+from run_fixtures import tiny_config
 
 import moelab.checkpoint_io
 from moelab.config import ConfigError
