@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from run_fixtures import REMOE, TOPK, tiny_config
 
 from moelab.cli import main
 from moelab.data import TokenDataset, load_tokenizer
 from moelab.eval import evaluate, generate_text
 from moelab.rundir import RunDir
 from moelab.train import Trainer, evaluate_run, train
+from run_fixtures import REMOE, TOPK, tiny_config
 
 
 @pytest.fixture(scope="module")

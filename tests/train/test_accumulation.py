@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_fixtures import REMOE, TOPK, tiny_config
 
 from moelab.train import Trainer
+from run_fixtures import REMOE, TOPK, tiny_config
 
 
 def grads_after_one_batch(cfg, run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

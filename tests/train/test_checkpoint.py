@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_fixtures import REMOE, tiny_config
 
 from moelab.rundir import RunDir
 from moelab.train import CheckpointError, Trainer, load_run, train
+from run_fixtures import REMOE, tiny_config
 
 COMPARED = ("step", "tokens", "lr", "loss", "aux", "grad_norm", "lambda", "sparsity", "layers")
 

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from torch import Tensor
-from run_fixtures import tiny_config
 
 from moelab.layers import MoE, fixed_aux_loss
 from moelab.layers.routers import (
@@ -20,6 +19,7 @@ from moelab.layers.routers import (
     router_options,
 )
 from moelab.train import train
+from run_fixtures import tiny_config
 
 
 class ArgmaxRouter(Router):

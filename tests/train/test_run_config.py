@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from run_fixtures import tiny_config
 
 from moelab.cli import main
 from moelab.model import accounting
 from moelab.train import DEFAULT_PRESET, RunConfig, Trainer, list_presets, resolve_run_config
+from run_fixtures import tiny_config
 
 
 def test_presets_load_and_match_active_flops() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from run_fixtures import tiny_config
 
 import moelab.checkpoint_io
 from moelab.config import ConfigError
@@ -17,6 +16,7 @@ from moelab.data import TokenDataset
 from moelab.data.tokenizer import file_sha256
 from moelab.rundir import RunDir
 from moelab.train import CheckpointError, RunConfig
+from run_fixtures import tiny_config
 
 
 def _model(seed: int) -> nn.Module:
