@@ -13,7 +13,7 @@ from moelab.layers.moe import MoE
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
 from moelab.layers.routers import ROUTERS, Router, register_router
-from moelab.layers.sparsity import SparsityController
+from moelab.layers.sparsity_controller import SparsityController
 
 __all__ = [
     "DenseFFN",

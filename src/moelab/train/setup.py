@@ -15,7 +15,7 @@ import torch
 from moelab.config import ConfigError
 from moelab.data import TokenDataset, check_vocab_compatible, default_dataset_dir
 from moelab.layers.base import RoutedLayer
-from moelab.layers.sparsity import SparsityController
+from moelab.layers.sparsity_controller import SparsityController
 from moelab.model import TransformerLM
 from moelab.train.config import RunConfig
 

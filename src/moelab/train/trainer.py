@@ -34,7 +34,7 @@ from moelab.config import ConfigError
 from moelab.data import BatchSampler
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
-from moelab.layers.sparsity import SparsityController
+from moelab.layers.sparsity_controller import SparsityController
 from moelab.model import TransformerLM, accounting
 from moelab.rundir import RunDir
 from moelab.train.config import RunConfig

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from moelab.layers import MoE, SparsityController
 from moelab.layers.base import RoutingStats
-from moelab.layers.sparsity import LAMBDA_MIN, next_lambda
+from moelab.layers.sparsity_controller import LAMBDA_MIN, next_lambda
 
 
 class _FakeLayer:
