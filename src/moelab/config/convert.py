@@ -10,7 +10,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -142,6 +142,40 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def first_member(tp: Any, attempt: Callable[[Any], Any], path: str, shown: str) -> Any:
+    """The result of ``attempt(member)`` for the first member of union ``tp`` (None left out) that
+    does not raise a :class:`ConfigError`; else an error naming ``path`` (the member's own message
+    when there is one member, ``expected A | B`` otherwise)."""
+    errors = []
+    for member in typing.get_args(tp):
+        if member is type(None):
+            continue
+        try:
+            return attempt(member)
+        except ConfigError as e:
+            errors.append(e.message)
+    if len(errors) == 1:
+        raise ConfigError(path, errors[0])
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {shown}")
+
+
+def map_items(
+    values: list[Any], tp: Any, path: str, convert: Callable[[Any, Any, str], Any], shown: str
+) -> list[Any] | tuple[Any, ...]:
+    """``convert(item, item_type, "path[i]")`` over the items of a ``list[X]``, ``tuple[X, ...]``
+    or fixed ``tuple[X, Y]`` value (``shown``: how the value reads in a wrong-length error)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(values) != len(args):
+            raise ConfigError(path, f"expected {len(args)} items, got {shown}")
+        return tuple(
+            convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(values, args, strict=True))
+        )
+    item = args[0] if args else Any
+    out = [convert(v, item, f"{path}[{i}]") for i, v in enumerate(values)]
+    return tuple(out) if origin is tuple else out
+
+
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against type ``tp`` (converting where lossless) or raise naming ``path``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -161,17 +195,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(path, f"expected a mapping with a 'kind', got {_show(value)}")
             return from_dict(_tagged_member(members, value, path), value, path, members)
-        errors = []
-        for member in args:
-            if member is type(None):
-                continue
-            try:
-                return _convert(value, member, path)
-            except ConfigError as e:
-                errors.append(e.message)
-        if len(errors) == 1:
-            raise ConfigError(path, errors[0])
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {_show(value)}")
+        return first_member(tp, lambda member: _convert(value, member, path), path, _show(value))
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
             return value
@@ -182,16 +206,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(path, f"expected a list ({_type_name(tp)}), got {_show(value)}")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
-            return tuple(
-                _convert(v, a, f"{path}[{i}]")
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        return map_items(list(value), tp, path, _convert, str(len(value)))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {_show(value)}")

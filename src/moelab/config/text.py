@@ -20,6 +20,8 @@ from moelab.config.convert import (
     _tagged_members,
     _type_name,
     _unknown_key,
+    first_member,
+    map_items,
 )
 
 _NONE_WORDS = ("none", "null", "~")
@@ -108,17 +110,7 @@ def _parse_text(raw: str, tp: Any, path: str) -> Any:
     if _is_union(tp):
         if text.lower() in _NONE_WORDS and type(None) in args:
             return None
-        errors = []
-        for member in args:
-            if member is type(None):
-                continue
-            try:
-                return _parse_text(raw, member, path)
-            except ConfigError as e:
-                errors.append(e.message)
-        if len(errors) == 1:
-            raise ConfigError(path, errors[0])
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {raw!r}")
+        return first_member(tp, lambda member: _parse_text(raw, member, path), path, repr(raw))
     if tp is type(None):
         if text.lower() in _NONE_WORDS:
             return None
@@ -132,15 +124,7 @@ def _parse_text(raw: str, tp: Any, path: str) -> Any:
     if origin in (list, tuple):
         inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
         items = [s.strip() for s in inner.split(",")] if inner.strip() else []
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(items) != len(args):
-                raise ConfigError(path, f"expected {len(args)} items, got {raw!r}")
-            return tuple(
-                _parse_text(s, a, f"{path}[{i}]")
-                for i, (s, a) in enumerate(zip(items, args, strict=True))
-            )
-        item = args[0] if args else Any
-        return [_parse_text(s, item, f"{path}[{i}]") for i, s in enumerate(items)]
+        return map_items(items, tp, path, _parse_text, repr(raw))
     if origin is dict or dataclasses.is_dataclass(tp):
         try:
             value = yaml.safe_load(text)

@@ -24,12 +24,8 @@ def generate_text(
 
     The prompt and the new tokens must fit in the model's ``max_seq_len`` (the KV cache size).
     """
-    if max_new_tokens < 1:
+    if max_new_tokens < 1:  # temperature and top_p are checked by moelab.model.generate
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
     ids = tokenizer.encode(prompt)
     if tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id, *ids]  # documents start after an end-of-text, as in training
