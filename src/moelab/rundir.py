@@ -8,6 +8,8 @@
       accounting.json      params / active params / FLOPs of the model
       metrics.jsonl        one JSON object per line: train and eval records
       summary.json         written when the run completes
+      provenance.json      per training process: code (git commit, dirty), torch, CPU/GPU,
+                           threads, data checksum, the step it started at (moelab.provenance)
       tensorboard/         only with logging.tensorboard
       checkpoints/
         latest             text: the newest checkpoint's name
@@ -76,6 +78,7 @@ class RunDir:
     ACCOUNTING = "accounting.json"
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
+    PROVENANCE = "provenance.json"
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
     LATEST = "latest"
@@ -177,6 +180,26 @@ class RunDir:
                 f"(sha256 {theirs[:12]}), but run {self.path} was trained with another "
                 f"tokenizer (sha256 {own[:12]}); prepare the data with the run's {self.TOKENIZER}"
             )
+
+    # ---- summary --------------------------------------------------------------------------------
+
+    # ---- provenance -----------------------------------------------------------------------------
+
+    def add_provenance(self, record: dict[str, Any]) -> None:
+        """Append the provenance of one training process (start and each resume) to the run."""
+        records = self.provenance() + [record]
+        (self.path / self.PROVENANCE).write_text(json.dumps(records, indent=2))
+
+    def provenance(self) -> list[dict[str, Any]]:
+        """One record per training process of this run, oldest first (``[]`` for older runs)."""
+        path = self.path / self.PROVENANCE
+        if not path.is_file():
+            return []
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        return records if isinstance(records, list) else [records]
 
     # ---- summary --------------------------------------------------------------------------------
 

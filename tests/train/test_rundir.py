@@ -133,3 +133,18 @@ def test_atomic_write_leaves_no_partial_files(tmp_path: Path, monkeypatch) -> No
     assert run.latest_checkpoint().name == "step_00000001"
     run.save_checkpoint(2, _model(2), {"step": 2})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+
+
+def test_provenance_records_every_training_process(data_dir, tmp_path):
+    from moelab import provenance
+    from moelab.train import train
+
+    cfg = tiny_config(data_dir)
+    run = RunDir(tmp_path / "run")
+    train(cfg, run.path, stop_after=2)
+    train(cfg, run.path, resume=True)
+    records = run.provenance()
+    assert [r["start_step"] for r in records] == [0, 2]
+    assert records[0]["torch"] == records[1]["torch"] and records[0]["data_sha256"]
+    assert records[0]["data_sha256"] == provenance.data_checksum(data_dir)
+    assert not provenance.differences({"a": records[0], "b": records[1]})

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab import provenance
 from moelab.config import ConfigError
 from moelab.data import BatchSampler
 from moelab.eval.perplexity import autocast_context, evaluate
@@ -130,6 +131,8 @@ class Trainer:
             self._restore()
         else:
             self.rundir.create(config, self.dataset, self.accounting, replace=replace)
+        record = provenance.collect(self.device, self.dataset.path)
+        self.rundir.add_provenance(record | {"start_step": self.step})
 
     # ---- checkpoints --------------------------------------------------------------------------
 
