@@ -112,3 +112,21 @@ def test_overwrite_keeps_the_old_run_when_the_new_config_is_bad(
     with pytest.raises(ValueError, match="data.path"):
         Trainer(bad, run, overwrite=True)
     assert (run / "config.yaml").is_file()
+
+
+def test_lambda_bounds_reach_the_controller(data_dir: Path) -> None:
+    """``train.lambda_min`` / ``train.lambda_max`` (defaults: the controller's) bound ReMoE's λ."""
+    from moelab.layers.sparsity_controller import LAMBDA_MAX, LAMBDA_MIN
+    from moelab.model import TransformerLM
+    from moelab.train.setup import build_controller
+    from run_fixtures import REMOE
+
+    default = tiny_config(data_dir, ffn=REMOE)
+    assert (default.train.lambda_min, default.train.lambda_max) == (LAMBDA_MIN, LAMBDA_MAX)
+    cfg = tiny_config(data_dir, ffn=REMOE, train={"lambda_min": 1e-12, "lambda_max": 1e-2})
+    controller = build_controller(TransformerLM(cfg.model), cfg)
+    assert (controller.lambda_min, controller.lambda_max) == (1e-12, 1e-2)
+    with pytest.raises(ValueError, match=r"train\.lambda0: must lie in \[lambda_min, lambda_max\]"):
+        resolve_run_config(overrides=["train.lambda_min=1e-6"])  # above lambda0 = 1e-8
+    with pytest.raises(ValueError, match=r"train\.lambda_max: must be finite and > 0"):
+        resolve_run_config(overrides=["train.lambda_max=0"])

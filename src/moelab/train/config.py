@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from moelab.config import Config, ConfigError, check, load_config
+from moelab.layers.sparsity_controller import LAMBDA_MAX, LAMBDA_MIN
 from moelab.model import ModelConfig
 
 __all__ = [
@@ -121,6 +122,8 @@ class TrainConfig(Config):
     lambda0: float = 1e-8  # ReMoE λ_0
     lambda_alpha: float = 1.2  # ReMoE α
     lambda_per_layer: bool = False  # one λ per ReLU-routed layer (default: the paper's shared λ)
+    lambda_min: float = LAMBDA_MIN  # λ's floor (so it can always climb back)
+    lambda_max: float = LAMBDA_MAX  # λ's ceiling (so an unreachable target cannot drive it to inf)
 
     def validate(self) -> None:
         check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")
@@ -130,6 +133,15 @@ class TrainConfig(Config):
         check(t is None or t > 0, "threads", f"must be null or a positive integer, got {t}")
         check(self.lambda0 > 0, "lambda0", f"must be > 0, got {self.lambda0}")
         check(self.lambda_alpha > 1, "lambda_alpha", f"must be > 1, got {self.lambda_alpha}")
+        for name in ("lambda_min", "lambda_max"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value > 0, name, f"must be finite and > 0, got {value}")
+        check(
+            self.lambda_min <= self.lambda0 <= self.lambda_max,
+            "lambda0",
+            f"must lie in [lambda_min, lambda_max] = [{self.lambda_min:g}, {self.lambda_max:g}], "
+            f"got {self.lambda0:g}",
+        )
 
 
 @dataclasses.dataclass(kw_only=True)

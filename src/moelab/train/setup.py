@@ -81,7 +81,12 @@ def build_controller(model: TransformerLM, config: RunConfig) -> SparsityControl
         return None
     t = config.train
     return SparsityController(
-        targets[0], lambda0=t.lambda0, alpha=t.lambda_alpha, per_layer=t.lambda_per_layer
+        targets[0],
+        lambda0=t.lambda0,
+        alpha=t.lambda_alpha,
+        per_layer=t.lambda_per_layer,
+        lambda_min=t.lambda_min,
+        lambda_max=t.lambda_max,
     )
 
 
