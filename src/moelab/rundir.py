@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import yaml
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from moelab.checkpoint_io import (
@@ -181,8 +182,6 @@ class RunDir:
                 f"tokenizer (sha256 {own[:12]}); prepare the data with the run's {self.TOKENIZER}"
             )
 
-    # ---- summary --------------------------------------------------------------------------------
-
     # ---- provenance -----------------------------------------------------------------------------
 
     def add_provenance(self, record: dict[str, Any]) -> None:
@@ -200,6 +199,14 @@ class RunDir:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         return records if isinstance(records, list) else [records]
+
+    def recorded_preset(self) -> str | None:
+        """The preset the run was started from (its first training process records it; older
+        runs: the summary's), so a resumed run's summary keeps it."""
+        for record in self.provenance():
+            if isinstance(record, dict) and record.get("preset"):
+                return str(record["preset"])
+        return self.read_summary().get("preset")
 
     # ---- summary --------------------------------------------------------------------------------
 
@@ -270,6 +277,14 @@ class RunDir:
     @classmethod
     def step_name(cls, step: int) -> str:
         return f"{cls.STEP_PREFIX}{step:08d}"
+
+    @classmethod
+    def step_of(cls, checkpoint: Path) -> int:
+        """The step a checkpoint directory holds (from its ``step_*`` name)."""
+        try:
+            return int(checkpoint.name.removeprefix(cls.STEP_PREFIX))
+        except ValueError:
+            raise CheckpointError(f"{checkpoint}: not a checkpoint directory name") from None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoint directories, oldest first; temporary ones are ignored."""
@@ -355,6 +370,7 @@ class RunDir:
     def load_weights(self, model: nn.Module, checkpoint: str | int | Path | None = None) -> Path:
         """Load a checkpoint's weights into ``model`` (strict); returns the checkpoint used."""
         ckpt = self.find_checkpoint(checkpoint)
+        _check_shapes(model, ckpt / self.WEIGHTS)
         load_weights(model, ckpt / self.WEIGHTS)
         return ckpt
 
@@ -373,3 +389,26 @@ class RunDir:
         model = TransformerLM(model_config)
         self.load_weights(model, checkpoint)
         return model.eval()
+
+
+def _check_shapes(model: nn.Module, path: Path) -> None:
+    """One line naming the first tensor whose saved shape differs from the model's (a config
+    edited after the run started), instead of torch's multi-line message; unreadable files are
+    left to :func:`~moelab.checkpoint_io.load_weights`, which names them."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError):
+        return
+    wrong = [
+        (name, saved[name], tuple(t.shape))
+        for name, t in model.state_dict().items()
+        if name in saved and saved[name] != tuple(t.shape)
+    ]
+    if wrong:
+        name, old, new = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{path}: weights do not fit the model of {RunDir.CONFIG}: {name} is {list(old)} in "
+            f"the checkpoint, {list(new)} in the model{more}"
+        )

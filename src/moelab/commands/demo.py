@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moelab.commands.train import print_start, print_summary
+    from moelab.commands.train import moelab_command, print_start, print_summary
     from moelab.eval import generate_text
     from moelab.rundir import RunDir
     from moelab.train import DEFAULT_PRESET, Trainer, resolve_run_config, run_tokenizer
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     print_start(trainer)
     summary = trainer.run()
     if summary.get("interrupted"):
+        print(f"continue with: {moelab_command()} train --resume {run_dir}")
         return 130
     print_summary(summary, run_dir)
     model = trainer.model.eval()
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         text = generate_text(model, tok, prompt, max_new_tokens=40, temperature=0.8, top_p=0.95)
         print(f"--- generate {prompt!r}\n{prompt}{text}")
     print(f"--- demo finished in {time.perf_counter() - t0:.0f} s; try:")
-    print(f"    moelab eval {run_dir}")
-    print(f"    moelab generate {run_dir} --prompt 'import ' --max-new-tokens 60")
+    moelab = moelab_command()  # `moelab` is not on PATH after `make demo`: .venv/bin/moelab
+    print(f"    {moelab} eval {run_dir}")
+    print(f"    {moelab} generate {run_dir} --prompt 'import ' --max-new-tokens 60")
     return 0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -74,12 +77,36 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(
         config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, preset=preset
     )
+    if trainer.complete:
+        print(
+            f"run        {run_dir} is complete ({trainer.step} of {config.train.steps} steps); "
+            "nothing changed. To train it further, raise train.steps, e.g. "
+            f"{moelab_command()} train --resume {run_dir} train.steps={2 * trainer.step}"
+        )
+        return 0
     print_start(trainer)
     summary = trainer.run()
     if summary.get("interrupted"):
+        print(f"continue with: {moelab_command()} train --resume {run_dir}")
         return 130
     print_summary(summary, run_dir)
     return 0
+
+
+def moelab_command() -> str:
+    """How to type ``moelab`` in this shell: ``moelab`` when it is on PATH, else the console
+    script beside the running interpreter (``.venv/bin/moelab`` after ``make demo``, relative when
+    under the current directory), else ``python -m moelab``."""
+    script = Path(sys.executable).parent / "moelab"
+    if not script.is_file():
+        return f"{sys.executable} -m moelab"
+    on_path = shutil.which("moelab")
+    if on_path and os.path.samefile(on_path, script):
+        return "moelab"
+    try:
+        return str(script.relative_to(Path.cwd()))  # holds a slash: runs as a path
+    except ValueError:
+        return str(script)
 
 
 def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer

@@ -8,8 +8,9 @@ is a clear error at start-up, before any training.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 from moelab.rundir import RunDir
 from moelab.train.config import LoggingConfig, RunConfig
@@ -93,22 +94,57 @@ class MetricsLogger:
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing tokens/s, loss and (ReMoE) sparsity and λ."""
+    """What training shows on stdout while it runs.
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str) -> None:
+    On a terminal a tqdm bar over optimizer steps (tokens/s, loss and, for ReMoE, sparsity and
+    λ); elsewhere (a log file, a pipe, CI) one plain line per ``log_every`` steps instead, since a
+    bar redrawn with carriage returns becomes one huge line there. Validation results and warnings
+    raised during training are written as single lines above the bar (:meth:`write`,
+    :meth:`show_warning`), so they neither break the bar nor get lost. ``enabled=False``
+    (``logging.progress: false``) shows neither the bar nor the lines; warnings still print.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        enabled: bool,
+        desc: str,
+        *,
+        log_every: int = 10,
+        stream: IO[str] | None = None,
+    ) -> None:
         from tqdm.auto import tqdm
 
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = enabled
+        self.plain = enabled and not _is_terminal(self.stream)
+        self.total, self.step, self.log_every = total, initial, log_every
         self.bar = tqdm(
             total=total,
             initial=initial,
-            disable=not enabled,
+            disable=not enabled or self.plain,
             desc=desc,
             unit="step",
             dynamic_ncols=True,
+            file=self.stream,
         )
 
-    def update(self, loss: float, tokens_per_s: float, sparsity: float | None, lam: float | None):
-        post = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+    def update(self, record: Mapping[str, Any]) -> None:
+        """Advance by one optimizer step (``record``: the step's metrics line)."""
+        self.step = int(record["step"])
+        loss, tps = record["loss"], record["tokens_per_s"]
+        sparsity, lam = record.get("sparsity"), record.get("lambda_next")
+        if self.plain:
+            if self.step % self.log_every == 0 or self.step == self.total:
+                line = f"step {self.step}/{self.total}  loss {loss:.4f}  tokens/s {tps:,.0f}"
+                if sparsity is not None:
+                    line += f"  sparsity {sparsity:.3f}"
+                if lam is not None:
+                    line += f"  λ {lam:.3e}"
+                self.write(line)
+            return
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
         if sparsity is not None:
             post["sparsity"] = f"{sparsity:.3f}"
         if lam is not None:
@@ -116,5 +152,42 @@ class Progress:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
+    def show_eval(self, record: Mapping[str, Any]) -> None:
+        """One line for a validation pass (an ``eval`` metrics line)."""
+        if not self.enabled:
+            return
+        by_domain = ", ".join(f"{k} {v:.3f}" for k, v in record["val_loss_by_domain"].items())
+        line = f"step {record['step']}: val loss {record['val_loss']:.4f} "
+        line += f"(ppl {record['val_ppl']:.1f})"
+        self.write(f"{line}; {by_domain}" if by_domain else line)
+
+    def write(self, line: str, file: IO[str] | None = None) -> None:
+        """Print ``line`` above the bar (the bar is redrawn below it)."""
+        self.bar.write(line, file=file if file is not None else self.stream)
+
+    def show_warning(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: IO[str] | None = None,
+        line: str | None = None,
+    ) -> None:
+        """A ``warnings.showwarning`` replacement: one line on stderr, without the source line
+        Python would echo, written above the bar instead of into it."""
+        text = " ".join(str(message).split())
+        self.write(f"warning: {category.__name__}: {text}", file=sys.stderr)
+
     def close(self) -> None:
         self.bar.close()
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    """Whether a redrawn bar displays as one: a TTY, or a Jupyter kernel (tqdm's widget)."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        pass
+    return "ipykernel" in sys.modules

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from moelab.train.records import build_summary, eval_record
 from moelab.train.schedule import build_scheduler
 from moelab.train.setup import (
     build_controller,
+    check_resume_config,
     open_dataset,
     resolve_device,
     rng_state,
@@ -89,7 +91,6 @@ class Trainer:
         self.config = config
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
-        self.preset = preset
         if not resume and self.rundir.holds_run and not overwrite:
             raise ConfigError(
                 "run_dir",
@@ -101,6 +102,10 @@ class Trainer:
             raise ConfigError(
                 "resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})"
             )
+        if resume:  # before anything else: a refused override must leave the run untouched
+            check_resume_config(self.rundir.read_config(RunConfig), config)
+            preset = preset or self.rundir.recorded_preset()
+        self.preset = preset
         check_backends(config.logging)
         self.device = resolve_device(config)
         self.bf16 = use_bf16(config, self.device)
@@ -127,20 +132,30 @@ class Trainer:
         self._sampler_state = self.sampler.state_dict()  # as of the last completed step
         self.step = 0
         self.elapsed = 0.0  # training wall time of earlier processes of this run
+        self.complete = False  # resumed a run that already reached train.steps: nothing to do
         if resume:
             self._restore()
+            self.complete = self.step >= config.train.steps and (
+                self.rundir.read_summary().get("steps") == self.step
+            )
+            if self.complete:
+                return  # the run stays exactly as it is
+            # every check passed: only now does the run directory change
+            self.rundir.clean_temporary()
+            self.rundir.write_config(config)  # overrides given on resume
+            self.rundir.truncate_metrics(self.step)
         else:
             self.rundir.create(config, self.dataset, self.accounting, replace=replace)
         record = provenance.collect(self.device, self.dataset.path)
-        self.rundir.add_provenance(record | {"start_step": self.step})
+        self.rundir.add_provenance(record | {"start_step": self.step, "preset": self.preset})
 
     # ---- checkpoints --------------------------------------------------------------------------
 
     def _restore(self) -> None:
+        """Load the latest checkpoint into the model, optimizer, scheduler, λ controller, sampler
+        and RNG; reads the run directory, writes nothing."""
         run = self.rundir
-        run.clean_temporary()
         run.check_same_tokenizer(self.dataset, field="data.path")
-        run.write_config(self.config)  # overrides given on resume
         ckpt, state = run.load_checkpoint(self.model)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -158,7 +173,12 @@ class Trainer:
             raise ConfigError(
                 "resume", f"{ckpt / RunDir.STATE} does not fit this run: {err}"
             ) from None
-        run.truncate_metrics(self.step)
+        if self.step > steps:
+            raise ConfigError(
+                "train.steps",
+                f"the run is at step {self.step}, past the {steps} asked for; give "
+                f"train.steps >= {self.step}",
+            )
 
     def save(self) -> Path:
         state = {
@@ -261,26 +281,30 @@ class Trainer:
 
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps`` (or stop, checkpointed, after step ``stop_after``: what Ctrl-C
-        does); returns the summary (``interrupted`` tells which)."""
+        does); returns the summary (``interrupted`` tells which). A run that was already complete
+        (:attr:`complete`) is left as it is and its summary returned."""
+        if self.complete:
+            return self.rundir.read_summary()
         cfg = self.config
         total = cfg.train.steps
         logger = MetricsLogger(self.rundir, cfg)
-        progress = Progress(total, self.step, cfg.logging.progress, f"{cfg.method}")
+        progress = Progress(
+            total, self.step, cfg.logging.progress, cfg.method, log_every=cfg.logging.log_every
+        )
         start, tokens_at_start = time.perf_counter(), self.step * self._tokens_per_step
         last_t, last_step = start, self.step
         last_saved = self.step if self.step > 0 else -1
         interrupted = False
         record: dict[str, Any] = {}
-        with StopOnCtrlC() as ctrl_c:
+        with StopOnCtrlC() as ctrl_c, warnings.catch_warnings():
+            warnings.showwarning = progress.show_warning  # one line above the bar (restored)
             try:
                 while self.step < total:
                     record = self.train_step()
                     now = time.perf_counter()
                     tps = (self.step - last_step) * self._tokens_per_step / max(now - last_t, 1e-9)
                     record["tokens_per_s"] = tps
-                    progress.update(
-                        record["loss"], tps, record.get("sparsity"), record.get("lambda_next")
-                    )
+                    progress.update(record)
                     if self.step % cfg.logging.log_every == 0 or self.step == total:
                         logger.log(record)
                         last_t, last_step = now, self.step
@@ -289,7 +313,9 @@ class Trainer:
                         and self.step % cfg.train.eval_every == 0
                         and self.step < total
                     ):
-                        logger.log(self._eval_record())
+                        evaluated = self._eval_record()
+                        logger.log(evaluated)
+                        progress.show_eval(evaluated)
                         last_t, last_step = time.perf_counter(), self.step  # tokens/s: training
                     stop = ctrl_c.requested or (stop_after is not None and self.step >= stop_after)
                     every = cfg.checkpoint.every
@@ -309,22 +335,26 @@ class Trainer:
         wall = self.elapsed + (time.perf_counter() - start)
         if interrupted:
             logger.close()
-            print(
-                f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                f"moelab train --resume {self.run_dir}"
-            )
+            print(f"stopped at step {self.step}; checkpoint saved in {self.run_dir}")
             return {"interrupted": True, "steps": self.step, "run_dir": str(self.run_dir)}
-        final = self._eval_record()
-        logger.log(final)
-        logger.close()
         trained = self.step * self._tokens_per_step - tokens_at_start
+        if not record:  # resumed at the last step (killed before its summary): finish it
+            record = self._logged("train") or {}
+        final = self._logged("eval") if not trained else None
+        if final is None:
+            final = self._eval_record()
+            logger.log(final)
+            progress.show_eval(final)
+        logger.close()
         summary = build_summary(
             cfg,
             preset=self.preset,
             steps=self.step,
             tokens=self.step * self._tokens_per_step,
             wall_time_s=wall,
-            tokens_per_s=trained / max(time.perf_counter() - start, 1e-9),
+            # this session's speed; a session that trained nothing: the run's
+            tokens_per_s=(trained or self.step * self._tokens_per_step)
+            / max(time.perf_counter() - start if trained else wall, 1e-9),
             final=final,
             last=record,
             sparsity_target=None if self.controller is None else self.controller.target,
@@ -334,6 +364,11 @@ class Trainer:
         )
         self.rundir.write_summary(summary)
         return summary
+
+    def _logged(self, kind: str) -> dict[str, Any] | None:
+        """The metrics line of ``kind`` already logged at the current step, if any."""
+        at_step = [r for r in self.rundir.read_metrics(kind) if r.get("step") == self.step]
+        return at_step[-1] if at_step else None
 
     @property
     def _tokens_per_step(self) -> int:
