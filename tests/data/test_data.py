@@ -125,13 +125,14 @@ def test_prepare_text_directory(tmp_path):
              "c.txt": "third one, with more words than the others"}
     for name, text in texts.items():
         (src / name).write_text(text)
-    (src / "ignored.csv").write_text("not,a,text,file")
+    (src / "ignored.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     out = prepare(src, tmp_path / "out", val_fraction=0.3, domain_from_dir=True)
     ds = TokenDataset(out)
     meta = ds.meta
     assert meta["domains"] == ["default", "poems"]
     assert meta["documents"]["train"] + meta["documents"]["val"] == 3
     assert meta["documents"]["val"] == 1
+    assert meta["source"][0]["skipped_by_extension"] == {".png": 1}
     total = doc_tokens(list(texts.values()))
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == total
     assert ds.num_tokens("train") + ds.num_tokens("val") == total
@@ -140,6 +141,55 @@ def test_prepare_text_directory(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == TOK.path.read_bytes()
     assert meta["tokenizer_sha256"] == TOK.sha256
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # temp dir renamed away
+
+
+def make_source_tree(root: Path) -> Path:
+    """A small repository: code, docs, a binary, a JSONL data file and a .git directory."""
+    files = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(5)}
+    files |= {"README.md": "# A project\n\nIt does things.\n", "docs/guide.rst": "Guide\n=====\n",
+              "notes.TXT": "upper-case extension", "src/main.c": "int main(void) { return 0; }\n",
+              "Makefile": "all:\n\ttrue\n", "data/rows.jsonl": '{"text": "a record"}\n',
+              ".git/config": "[core]\n", ".git/objects/ab": "blob"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return root
+
+
+def test_prepare_directory_takes_text_and_code_and_reports_the_rest(tmp_path, capsys):
+    """Issue #11: a directory of .py files (a whole domain) was silently dropped; now common
+    text/code extensions are read by default and what was taken or skipped is counted."""
+    src = make_source_tree(tmp_path / "repo")
+    out = tmp_path / "out"
+    assert run_cli(["data", "prepare", str(src), "-o", str(out), "--val-fraction", "0.2"]) == 0
+    meta = TokenDataset(out).meta
+    assert sum(meta["documents"].values()) == 9  # 5 .py, .md, .rst, .TXT, .c
+    source = meta["source"][0]
+    assert source["files_by_extension"] == {".c": 1, ".md": 1, ".py": 5, ".rst": 1, ".txt": 1}
+    assert source["skipped_by_extension"] == {"(none)": 1, ".jsonl": 1, ".png": 1}
+    assert source["skipped_hidden"] == 2
+    printed = capsys.readouterr().out
+    assert (f"input      {src}: took 9 files (.py 5, .c 1, .md 1, .rst 1, .txt 1); skipped 3 "
+            "((none) 1, .jsonl 1, .png 1); ignored 2 under hidden directories") in printed
+    # --extensions chooses (with or without dots, any case)
+    assert run_cli(["data", "prepare", str(src), "-o", str(tmp_path / "py"),
+                    "--extensions", "py,.MD"]) == 0
+    source = TokenDataset(tmp_path / "py").meta["source"][0]
+    assert source["files_by_extension"] == {".md": 1, ".py": 5}
+    assert source["skipped_by_extension"][".c"] == 1
+    assert "took 6 files (.py 5, .md 1)" in capsys.readouterr().out
+
+
+def test_prepare_fails_when_a_directory_gives_nothing(tmp_path):
+    src = make_source_tree(tmp_path / "repo")
+    with pytest.raises(ValueError, match=r"no file with a text extension taken \(skipped "
+                       r"\.py 5, .*\); name the extensions to read with --extensions, e\.g\. "
+                       r"--extensions \.py"):
+        prepare(src, tmp_path / "out", extensions=[".go"])
+    with pytest.raises(ValueError, match="extensions: give at least one file extension"):
+        prepare(src, tmp_path / "out", extensions=" , ")
+    assert not (tmp_path / "out").exists()
 
 
 def test_prepare_single_text_files(tmp_path):
@@ -387,9 +437,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="empty input"):
         prepare(tmp_path / "empty.txt", out)
-    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="unknown format"):
-        prepare(tmp_path / "data.csv", out)
+        prepare(tmp_path / "data.parquet", out)
     with pytest.raises(ValueError, match="allowed: auto, text, jsonl, hf"):
         prepare(good, out, format="parquet")
     for bad in (0, 1, 1.5, -0.1):

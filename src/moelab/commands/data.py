@@ -12,10 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = data_sub.add_parser(
         "prepare",
-        help="tokenise .txt / JSONL / saved HF datasets into train/val token shards",
+        help="tokenise text files / JSONL / saved HF datasets into train/val token shards",
         description="Tokenise text into memmapped train/val token shards plus meta.json. "
-        "Inputs: .txt files or directories of them (one document per file), JSONL files "
-        "(.jsonl, .jsonl.gz), or directories written by datasets.save_to_disk.",
+        "Inputs: text files or directories of them (one document per file; common text and "
+        "code extensions by default, see --extensions), JSONL files (.jsonl, .jsonl.gz), or "
+        "directories written by datasets.save_to_disk.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files or directories")
     p.add_argument("-o", "--output", required=True, help="output directory (created)")
@@ -28,7 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSONL/HF field holding the domain label ('' to ignore)")
     p.add_argument("--domain", default="default", help="domain of documents without a label")
     p.add_argument("--domain-from-dir", action="store_true",
-                   help="for .txt directories: label each file by its top-level subdirectory")
+                   help="for text directories: label each file by its top-level subdirectory")
+    p.add_argument("--extensions", default=None, metavar=".EXT,...",
+                   help="comma-separated file extensions a text directory contributes, e.g. "
+                   ".py,.md (default: common text, markup, code and config extensions: "
+                   ".txt .md .rst .py .c .h .cpp .js .ts .java .go .rs .json .yaml .toml "
+                   ".html .tex .csv .sh ...)")
     p.add_argument("--hf-split", default=None, help="split of a saved DatasetDict (default train)")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="fraction of documents held out for validation, per domain (0..1)")
@@ -50,16 +56,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from moelab.data import prepare
+    from moelab.data import TokenDataset, prepare
 
     out = prepare(
         args.inputs, args.output, tokenizer=args.tokenizer, format=args.format,
         text_field=args.text_field, domain_field=args.domain_field or None, domain=args.domain,
         domain_from_dir=args.domain_from_dir, hf_split=args.hf_split,
         val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-        overwrite=args.overwrite, progress=args.progress,
+        overwrite=args.overwrite, progress=args.progress, extensions=args.extensions,
     )
+    print_sources(TokenDataset(out).meta)
     return run_info(argparse.Namespace(path=str(out), json=False))
+
+
+def print_sources(meta: dict) -> None:
+    """Per directory input, the files taken and skipped by extension: a kind of file left out
+    (say, 250 .py files) must show, not vanish from the dataset."""
+    from moelab.data.sources import count_summary
+
+    for source in meta.get("source", []):
+        if "files_by_extension" not in source:
+            continue
+        line = f"input      {source['path']}: took {source['files']:,} files "
+        line += f"({count_summary(source['files_by_extension'])})"
+        skipped = source["skipped_by_extension"]
+        if skipped:
+            line += f"; skipped {sum(skipped.values()):,} ({count_summary(skipped)})"
+        if source.get("skipped_hidden"):
+            line += f"; ignored {source['skipped_hidden']:,} under hidden directories"
+        print(line)
 
 
 def run_info(args: argparse.Namespace) -> int:

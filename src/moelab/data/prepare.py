@@ -154,11 +154,15 @@ def prepare(
     dtype: str = "auto",
     overwrite: bool = False,
     progress: bool | None = None,
+    extensions: str | Sequence[str] | None = None,
 ) -> Path:
     """Tokenise ``inputs`` into a prepared dataset directory and return its path.
 
-    ``inputs``: .txt files / directories of .txt files (one document per file), JSONL files
-    (``text_field``, optional ``domain_field``), or ``datasets.save_to_disk`` directories.
+    ``inputs``: text files / directories of text files (one document per file; a directory gives
+    its files whose names end with one of ``extensions``, default
+    :data:`~moelab.data.sources.TEXT_EXTENSIONS`, and ``meta.json``'s ``source`` counts what was
+    taken and skipped by extension), JSONL files (``text_field``, optional ``domain_field``), or
+    ``datasets.save_to_disk`` directories.
     Documents without a domain get ``domain``. Each document is followed by the tokenizer's
     end-of-text token. All inputs are validated (ValueError) before any tokenisation.
     ``progress=None`` shows a bar only for large inputs.
@@ -172,7 +176,8 @@ def prepare(
         raise ValueError(f"tokenizer {tok.path}: no end-of-text token found (looked for "
                          "<|endoftext|>, </s>, <eos>, ...); documents need a separator")
     sources = [open_source(p, format, text_field=text_field, domain_field=domain_field,
-                           domain=domain, domain_from_dir=domain_from_dir, hf_split=hf_split)
+                           domain=domain, domain_from_dir=domain_from_dir, hf_split=hf_split,
+                           extensions=extensions)
                for p in paths]
 
     doc_domains, total_chars = _scan(sources)

@@ -9,14 +9,29 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 FORMATS = ("auto", "text", "jsonl", "hf")
-TEXT_SUFFIXES = (".txt",)
+TEXT_EXTENSIONS = (
+    # prose and markup
+    ".txt", ".text", ".md", ".markdown", ".rst", ".adoc", ".org", ".tex", ".bib",
+    ".html", ".htm", ".xml", ".svg", ".css",
+    # code
+    ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".hxx", ".cu",
+    ".java", ".kt", ".scala", ".go", ".rs", ".js", ".jsx", ".mjs", ".ts", ".tsx", ".cs",
+    ".swift", ".m", ".rb", ".php", ".pl", ".lua", ".r", ".jl", ".hs", ".ml", ".ex", ".erl",
+    ".clj", ".sql", ".sh", ".bash", ".zsh", ".fish", ".ps1", ".bat", ".mk", ".cmake",
+    # data and configuration written as text
+    ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".csv", ".tsv", ".proto",
+)
+"""Files a directory input reads by default (one document each), compared case-insensitively:
+common prose, markup, code and text-configuration files. Not JSONL: a ``.jsonl`` file holds
+records, so pass it as an input of its own (or name it in ``extensions``)."""
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+NO_EXTENSION = "(none)"
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -26,23 +41,83 @@ class Document:
     domain: str
 
 
+def normalize_extensions(extensions: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``".py,.md"`` / ``["py", ".MD"]`` → ``(".py", ".md")``; None → :data:`TEXT_EXTENSIONS`."""
+    if extensions is None:
+        return TEXT_EXTENSIONS
+    items = extensions.split(",") if isinstance(extensions, str) else list(extensions)
+    out = []
+    for item in items:
+        ext = str(item).strip().lower()
+        if ext and not ext.startswith("."):
+            ext = "." + ext
+        if len(ext) > 1 and ext not in out:
+            out.append(ext)
+    if not out:
+        raise ValueError(f"extensions: give at least one file extension, e.g. .txt,.md; got "
+                         f"{extensions!r}")
+    return tuple(out)
+
+
+def _extension(file: Path) -> str:
+    return file.suffix.lower() or NO_EXTENSION
+
+
+def count_summary(counts: dict[str, int]) -> str:
+    """``{".py": 250, ".md": 3}`` → ``".py 250, .md 3"`` (most frequent first)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 @dataclass
 class TextSource:
-    """One document per ``.txt`` file: a single file, or every ``.txt`` under a directory."""
+    """One document per text file: a single file, or every file under a directory whose name ends
+    with one of ``extensions`` (default :data:`TEXT_EXTENSIONS`).
+
+    What a directory gave and what it skipped is counted by extension (``taken``, ``skipped``,
+    ``hidden``: files under dot-directories such as ``.git``, never read), so that a whole kind of
+    file cannot vanish unnoticed; ``moelab data prepare`` prints it and ``meta.json`` keeps it.
+    """
 
     path: Path
     domain: str
     domain_from_dir: bool = False
+    extensions: tuple[str, ...] = TEXT_EXTENSIONS
     files: list[Path] = field(init=False)
+    taken: dict[str, int] = field(init=False, default_factory=dict)
+    skipped: dict[str, int] = field(init=False, default_factory=dict)
+    hidden: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        if self.path.is_dir():
-            self.files = sorted(p for p in self.path.rglob("*") if p.is_file()
-                                and p.name.endswith(TEXT_SUFFIXES))
-            if not self.files:
-                raise ValueError(f"input {self.path}: empty input, no .txt files in this directory")
-        else:
+        if not self.path.is_dir():
             self.files = [self.path]
+            self.taken = {_extension(self.path): 1}
+            return
+        self.files = []
+        for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            if any(part.startswith(".") for part in file.relative_to(self.path).parts):
+                self.hidden += 1
+            elif file.name.lower().endswith(self.extensions):
+                self.files.append(file)
+                self.taken[_extension(file)] = self.taken.get(_extension(file), 0) + 1
+            else:
+                self.skipped[_extension(file)] = self.skipped.get(_extension(file), 0) + 1
+        if not self.files:
+            common = sorted(self.skipped, key=lambda e: (-self.skipped[e], e))
+            example = [e for e in common if e != NO_EXTENSION][:2] or [".txt"]
+            if not self.skipped:
+                raise ValueError(f"input {self.path}: empty input, no files in this directory")
+            raise ValueError(
+                f"input {self.path}: no file with a text extension taken (skipped "
+                f"{self.skipped_text()}); name the extensions to read with --extensions, e.g. "
+                f"--extensions {','.join(example)}"
+            )
+
+    def skipped_text(self) -> str:
+        """What was left out, by extension (and hidden files), as one phrase."""
+        parts = [count_summary(self.skipped)] if self.skipped else []
+        if self.hidden:
+            parts.append(f"{self.hidden} under hidden directories")
+        return "; ".join(parts) or "nothing"
 
     def _domain(self, file: Path) -> str:
         if self.domain_from_dir and self.path.is_dir():
@@ -56,11 +131,17 @@ class TextSource:
             try:
                 text = file.read_text("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"input {file}: not UTF-8 text ({err})") from err
+                raise ValueError(f"input {file}: not UTF-8 text ({err}); leave its extension out "
+                                 "with --extensions") from err
             yield Document(text, self._domain(file))
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": "text", "files": len(self.files)}
+        out: dict[str, Any] = {"path": str(self.path), "format": "text", "files": len(self.files)}
+        if self.path.is_dir():
+            out["files_by_extension"] = dict(sorted(self.taken.items()))
+            out["skipped_by_extension"] = dict(sorted(self.skipped.items()))
+            out["skipped_hidden"] = self.hidden
+        return out
 
 
 @dataclass
@@ -158,8 +239,9 @@ class HFSource:
 Source = TextSource | JsonlSource | HFSource
 
 
-def detect_format(path: Path) -> str:
-    """Guess ``text``/``jsonl``/``hf`` from the path (ValueError when it cannot tell)."""
+def detect_format(path: Path, extensions: Sequence[str] = TEXT_EXTENSIONS) -> str:
+    """Guess ``text``/``jsonl``/``hf`` from the path (ValueError when it cannot tell); a file is
+    text when its name ends with one of ``extensions``."""
     if path.is_dir():
         if any((path / marker).is_file() for marker in HF_MARKERS):
             return "hf"
@@ -167,12 +249,12 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    if name.endswith(TEXT_SUFFIXES):
+    if name.endswith(tuple(extensions)):
         return "text"
     raise ValueError(
-        f"input {path}: unknown format (allowed: .txt files or directories of them, "
-        f"{', '.join(JSONL_SUFFIXES)} files, a datasets.save_to_disk directory; "
-        "or pass --format text|jsonl|hf)"
+        f"input {path}: unknown format (allowed: text files ({', '.join(extensions[:6])}, ...; "
+        f"see --extensions) or directories of them, {', '.join(JSONL_SUFFIXES)} files, a "
+        "datasets.save_to_disk directory; or pass --format text|jsonl|hf)"
     )
 
 
@@ -185,17 +267,22 @@ def open_source(
     domain: str = "default",
     domain_from_dir: bool = False,
     hf_split: str | None = None,
+    extensions: str | Sequence[str] | None = None,
 ) -> Source:
-    """Validate one input path and return a re-iterable source of :class:`Document`."""
+    """Validate one input path and return a re-iterable source of :class:`Document`.
+
+    ``extensions`` (default :data:`TEXT_EXTENSIONS`): the files a directory of text files
+    contributes, and the names a single file is recognised as text by."""
     if fmt not in FORMATS:
         raise ValueError(f"format: unknown format {fmt!r} (allowed: {', '.join(FORMATS)})")
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"input {path}: no such file or directory")
+    exts = normalize_extensions(extensions)
     if fmt == "auto":
-        fmt = detect_format(p)
+        fmt = detect_format(p, exts)
     if fmt == "text":
-        return TextSource(p, domain, domain_from_dir)
+        return TextSource(p, domain, domain_from_dir, exts)
     if p.is_dir() and fmt == "jsonl":
         raise ValueError(f"input {path}: format jsonl needs a file, got a directory")
     if fmt == "jsonl":
