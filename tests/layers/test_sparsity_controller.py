@@ -63,9 +63,12 @@ def test_per_layer_lambdas_follow_their_own_layer():
     ctl.step()
     assert ctl.layer_lams == [0.5, 2.0]  # too sparse: halve; too dense: double
     assert ctl.lam == pytest.approx(1.25)
-    restored = SparsityController(target=0.5)
+    restored = SparsityController(target=0.75, per_layer=True)
     restored.load_state_dict(ctl.state_dict())
-    assert restored.per_layer and restored.layer_lams == [0.5, 2.0]
+    assert restored.layer_lams == [0.5, 2.0]
+    shared = SparsityController(target=0.75)  # per-layer λ into a shared-λ controller: the mean
+    shared.load_state_dict(ctl.state_dict())
+    assert shared.lam == pytest.approx(1.25) and shared.layer_lams == []
 
 
 def test_penalty_applies_the_shared_or_per_layer_lambda():
@@ -93,10 +96,20 @@ def test_state_round_trip_and_fp32():
     for _ in range(7):
         ctl.observe([_FakeLayer(100, 400)])
         ctl.step()
-    restored = SparsityController(target=0.5)
+    restored = SparsityController(target=0.875)
     restored.load_state_dict(ctl.state_dict())
     assert restored.state_dict() == ctl.state_dict()
     assert np.float32(ctl.lam) == ctl.lam  # kept at float32 precision
+
+
+def test_restoring_keeps_the_settings_the_controller_was_built_with():
+    ctl = SparsityController(target=0.875, lambda0=1e-3)
+    ctl.observe([_FakeLayer(100, 400)])
+    ctl.step()
+    resumed = SparsityController(target=0.75, alpha=1.5, lambda_max=1e-4)  # changed on resume
+    resumed.load_state_dict(ctl.state_dict())
+    assert (resumed.target, resumed.alpha) == (0.75, 1.5)
+    assert resumed.lam == pytest.approx(1e-4) and resumed.steps == 1  # clamped to the new bound
 
 
 def test_next_lambda_rule():

@@ -198,14 +198,16 @@ class SparsityController:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.target = float(state["target"])
-        self.alpha = float(state["alpha"])
-        self.lambda0 = float(state["lambda0"])
-        self.lambda_min = float(state.get("lambda_min", LAMBDA_MIN))
-        self.lambda_max = float(state.get("lambda_max", LAMBDA_MAX))
-        self.lam = float(state["lam"])
-        self.per_layer = bool(state.get("per_layer", False))
-        self.layer_lams = [float(v) for v in state.get("layer_lams", [])]
+        """Restore the controller's *state* (λ, the per-layer λ, the step count); its settings
+        (target, α, bounds, per-layer mode) stay those it was built with, so a resumed run that
+        changes them (``train.lambda_alpha=...``, a new ``top_k``) uses the new ones. λ is kept
+        within the current bounds; per-layer λ restored into a shared-λ controller become their
+        mean (and a shared λ seeds every layer of a per-layer one)."""
+        lam = float(state["lam"])
+        layer_lams = [float(v) for v in state.get("layer_lams", [])]
+        clamp = lambda v: min(max(v, self.lambda_min), self.lambda_max)  # noqa: E731
+        self.lam = _f32(clamp(lam))
+        self.layer_lams = [_f32(clamp(v)) for v in layer_lams] if self.per_layer else []
         self.steps = int(state["steps"])
         self.last_sparsity = float(state["last_sparsity"])
         self._layer_counts = []
