@@ -52,9 +52,13 @@ def test_per_layer_sparsity_and_collapse_warning():
     ctl = SparsityController(target=0.5)
     ctl.observe([_FakeLayer(50, 100), _FakeLayer(0, 100)])
     ctl.observe([_FakeLayer(30, 100), _FakeLayer(0, 100)])
-    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \[1\]"):
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \[1\] .* nearly dead: 0.0% .* 50.0%"):
         ctl.step()
     assert ctl.last_layer_sparsity == pytest.approx([0.6, 1.0])
+    nearly = SparsityController(target=0.875)  # 0.994 sparse: nearly dead, though not 100%
+    nearly.observe([_FakeLayer(40, 100), _FakeLayer(6, 1000)])
+    with pytest.warns(RuntimeWarning, match=r"\[1\] .* 0.6% of router outputs"):
+        nearly.step()
 
 
 def test_per_layer_lambdas_follow_their_own_layer():
