@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-args", default="",
                    help="more arguments for moelab compare, e.g. '--max-batches 2'")
     p.add_argument("--allow-dirty", action="store_true",
-                   help="train from a tree with uncommitted changes (the results say so)")
+                   help="train from a tree with uncommitted changes (the results say so; runs "
+                   "an earlier dirty tree of the same commit trained count as current)")
     p.add_argument("--export-only", action="store_true",
                    help="no training: export the working directories and rewrite the blocks")
     p.add_argument("--no-html", action="store_true", help="do not commit report.html")

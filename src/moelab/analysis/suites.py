@@ -190,11 +190,13 @@ def run_suite(
     a summary, are kept, so an interrupted suite resumes), then write the report to ``out_dir``
     (``report.md``, ``report.html``) with seeds averaged per run name.
 
-    The runs of one suite must come from one version of the code: kept runs trained by another
-    commit (or from a tree with uncommitted changes while this one is clean, or the reverse) are
-    refused before anything trains, and so is a finished suite whose runs disagree, unless
-    ``allow_mixed`` (the report then says so at the top). ``out_dir/suite.json`` records the
-    suite, the command, steps, seeds, overrides, timings and this process's provenance.
+    The runs of one suite must come from one version of the code and one plan: kept runs trained
+    by another commit (or from a tree with uncommitted changes while this one is clean, or the
+    reverse) are refused before anything trains, and so is a finished suite whose runs disagree,
+    unless ``allow_mixed`` (the report then says so at the top); kept runs whose config differs
+    from the plan's (another ``steps`` or override) are always refused. ``out_dir/suite.json``
+    records the suite, the command, steps, seeds, overrides, timings and this process's
+    provenance.
     """
     plan = plan_suite(name, out_dir, seeds, steps, extra_overrides)
     out = Path(out_dir).expanduser()
