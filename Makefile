@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean golden
+.PHONY: setup demo test lint bench clean golden results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: setup
 bench: setup
 	$(VENV)/bin/moelab bench moe
 	$(VENV)/bin/moelab bench peer
+
+# Rerun every suite of docs/results with the current code (~75 min on a 2-core CPU; resumes if
+# interrupted), export reports and per-run data into docs/results/<suite>/, rewrite the README's
+# results blocks. Needs a committed tree. RESULTS_ARGS="--suites load-balance" for one suite.
+results: setup
+	$(PY) scripts/make_results.py $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -40,13 +41,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:  # the reader left (`moelab analyze --json | head`): stop quietly
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE: what a shell reports for a writer whose pipe was closed
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except ValueError as err:  # configuration / input errors: one clear line, no traceback
         print(f"moelab: error: {err}", file=sys.stderr)
         return 2
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what is still buffered does
+    not raise a second BrokenPipeError (and print a traceback) on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests capture it)
+        pass
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ def remoe_sparsity(step: int) -> float:
     return 0.875 + (0.005 if step % 2 else -0.005)
 
 
+def prov_record(**changes: object) -> dict:
+    """A provenance record of this process (``moelab.provenance.collect``), with ``changes``."""
+    from moelab import provenance
+
+    return provenance.collect() | {"start_step": 0} | changes
+
+
 def write_run(
     root: Path,
     name: str,
@@ -31,6 +38,10 @@ def write_run(
     val_loss: float = 3.0,
     domains: tuple[str, ...] = ("prose", "code"),
     config: dict | None = None,
+    eval_every: int = 50,
+    tokens_per_step: int = 1024,
+    flops: int = 2_000_000,
+    provenance: list[dict] | None = None,
 ) -> Path:
     run = root / name
     run.mkdir(parents=True)
@@ -38,7 +49,7 @@ def write_run(
     lam = 1e-8
     for step in range(1, steps + 1):
         line = {
-            "kind": "train", "step": step, "tokens": step * 1024, "lr": 1e-3,
+            "kind": "train", "step": step, "tokens": step * tokens_per_step, "lr": 1e-3,
             "loss": 6.0 * math.exp(-step / 80) + val_loss, "aux": {}, "grad_norm": 1.0,
             "tokens_per_s": 5000.0, "layers": {},
         }
@@ -56,20 +67,23 @@ def write_run(
         elif layers:
             line["aux"]["load_balance"] = 1.0 + 1.0 / step
         lines.append(line)
-        if step % 50 == 0:
-            lines.append({"kind": "eval", "step": step, "tokens": step * 1024,
-                          "val_loss": val_loss + 100 / step / 10, "val_ppl": math.exp(val_loss),
+        if step % eval_every == 0 or (step == steps and eval_every <= steps):
+            lines.append({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
+                          "val_loss": val_loss + 0.1 * (steps - step) / steps,
+                          "val_ppl": math.exp(val_loss),
                           "val_loss_by_domain": {d: val_loss + i * 0.1
                                                  for i, d in enumerate(domains)}})
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     summary = {
-        "method": method, "steps": steps, "tokens": steps * 1024, "wall_time_s": 10.0,
+        "method": method, "steps": steps, "tokens": steps * tokens_per_step, "wall_time_s": 10.0,
         "tokens_per_s": 5000.0, "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss),
         "val_loss_by_domain": {d: val_loss + i * 0.1 for i, d in enumerate(domains)},
         "params": {"total_params": 1_000_000 * (experts if layers else 1),
-                   "active_params": 1_000_000, "flops_per_token": 2_000_000},
+                   "active_params": 1_000_000, "flops_per_token": flops},
     }
     (run / "summary.json").write_text(json.dumps(summary))
+    if provenance is not None:
+        (run / "provenance.json").write_text(json.dumps(provenance))
     if config is not None:
         import yaml
 

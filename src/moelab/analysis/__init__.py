@@ -7,7 +7,11 @@
 * :mod:`moelab.analysis.plots` - PNG plots (matplotlib, the optional ``analysis`` extra).
 * :mod:`moelab.analysis.report` - ``report.md`` / ``report.html`` for one or many runs, from the
   tables of :mod:`moelab.analysis.tables`, rendered by :mod:`moelab.analysis.render`.
+* :mod:`moelab.analysis.origin` / :mod:`moelab.analysis.settings` - the report's provenance
+  header, run-settings table and warnings (what produced the numbers, what differs between runs).
 * :mod:`moelab.analysis.suites` - named experiment suites for ``moelab compare``.
+* :mod:`moelab.analysis.export` / :mod:`moelab.analysis.results` - a suite copied into
+  ``docs/results/<suite>/`` and the README results blocks generated from it (``make results``).
 
 Importing this package does not import matplotlib.
 """

@@ -15,6 +15,9 @@ from moelab.analysis.runs import TrainingCurves
 from moelab.analysis.stats import SparsityStages
 
 STAGE_COLORS = {"dense": "#f4cccc", "sparsifying": "#fff2cc", "stable": "#d9ead3"}
+# Fewer evaluations than this are drawn as separate points, not as a curve: two or three points
+# joined by lines look like a measured trend that was never measured.
+MIN_CURVE_POINTS = 5
 
 
 def _plt() -> Any:
@@ -68,7 +71,9 @@ def plot_dynamics(
     ax = axes[0]
     ax.plot(s, curves.loss, color="C0", lw=1.2, label="train LM loss")
     if curves.val_loss.size:
-        ax.plot(curves.eval_steps, curves.val_loss, "o-", color="C3", ms=3, label="val loss")
+        style = "o-" if curves.val_loss.size >= MIN_CURVE_POINTS else "o"
+        ax.plot(curves.eval_steps, curves.val_loss, style, color="C3", ms=3,
+                label=f"val loss ({curves.val_loss.size} evaluations)")
     ax.set_ylabel("loss (nats/token)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
@@ -108,23 +113,77 @@ def plot_dynamics(
     return _save(fig, path)
 
 
-def plot_loss_curves(runs: dict[str, TrainingCurves], path: str | Path) -> Path:
-    """Train LM loss and validation loss of several runs against tokens seen."""
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` finite points (NaN-aware): a training-loss curve
+    logged every few steps is noisy, and the trend is what a comparison reads."""
+    y = np.asarray(y, dtype=np.float64)
+    out = np.full_like(y, np.nan)
+    for i in range(y.size):
+        w = y[max(0, i - window + 1) : i + 1]
+        w = w[np.isfinite(w)]
+        if w.size:
+            out[i] = w.mean()
+    return out
+
+
+def _si_axis(ax: Any, axis: str = "x") -> None:
+    """Tick labels like ``100k`` / ``1.5M`` and at most six of them, so that long numbers such as
+    ``120000`` do not run together on a narrow axis."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=3, integer=True))
+    target.set_major_formatter(FuncFormatter(lambda v, _pos: _si(v)))
+
+
+def plot_loss_curves(
+    runs: dict[str, TrainingCurves], path: str | Path, window: int = 5
+) -> Path:
+    """Training LM loss of several runs against tokens seen (thin: logged, thick: moving average
+    over ``window`` logged lines), with the validation loss: as a second panel of curves when
+    every run was evaluated at least :data:`MIN_CURVE_POINTS` times, otherwise as separate
+    points on the training panel."""
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    from matplotlib.lines import Line2D
+
+    as_curve = bool(runs) and all(c.val_loss.size >= MIN_CURVE_POINTS for c in runs.values())
+    if as_curve:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    else:
+        fig, a1 = plt.subplots(1, 1, figsize=(8, 4.2))
+        a2 = a1
+    n_evals = set()
     for i, (name, c) in enumerate(runs.items()):
+        color = f"C{i % 10}"
         x = c.tokens if np.isfinite(c.tokens).any() else c.steps
-        a1.plot(x, c.loss, lw=1, color=f"C{i % 10}", label=name)
+        a1.plot(x, c.loss, lw=0.7, alpha=0.35, color=color)
+        a1.plot(x, moving_average(c.loss, window), lw=1.8, color=color, label=name)
         if c.val_loss.size:
+            n_evals.add(int(c.val_loss.size))
             xv = c.eval_tokens if np.isfinite(c.eval_tokens).any() else c.eval_steps
-            a2.plot(xv, c.val_loss, "o-", ms=3, color=f"C{i % 10}", label=name)
-    a1.set_title("training LM loss")
-    a2.set_title("validation loss")
-    for ax in (a1, a2):
+            if as_curve:
+                a2.plot(xv, c.val_loss, "o-", ms=3, color=color, label=name)
+            else:
+                a1.plot(xv, c.val_loss, "o", ms=6, color=color, mec="k", mew=0.8)
+    handles, labels = a1.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="grey", lw=0.7, alpha=0.5))
+    labels.append("logged training loss")
+    handles.append(Line2D([], [], color="grey", lw=1.8))
+    labels.append(f"moving average ({window} logged lines)")
+    if n_evals and not as_curve:
+        handles.append(Line2D([], [], ls="", marker="o", color="grey", mec="k"))
+        labels.append(f"validation loss ({'/'.join(map(str, sorted(n_evals)))} evaluations "
+                      "per run: too few for a curve)")
+    a1.legend(handles, labels, fontsize=7)
+    a1.set_title("LM loss" + ("" if as_curve else " (training and validation)"))
+    if as_curve:
+        a2.set_title("validation loss")
+        a2.legend(fontsize=7)
+    for ax in {id(a1): a1, id(a2): a2}.values():
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _si_axis(ax)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -247,22 +306,48 @@ def plot_usage(z_primes: dict[str, np.ndarray], title: str, path: str | Path) ->
 
 
 def plot_metric_bars(
-    values: dict[str, tuple[float, float]], ylabel: str, title: str, path: str | Path
+    values: dict[str, list[float]], ylabel: str, title: str, path: str | Path
 ) -> Path:
-    """Bar chart of mean ± std per group (seeds), e.g. final validation loss per method."""
+    """One number per group (e.g. final validation loss per method) over its seeds, twice.
+
+    Left, bars from zero, so their heights compare honestly (an axis starting just below the
+    smallest bar turns a 0.02 difference into a visible gap), labelled with mean ± std. Right,
+    each group's difference to the lowest mean on an axis centred on zero, so small differences
+    are readable and plainly labelled as differences. Seeds are drawn as dots; a group with a
+    single seed gets no error bar (it has no spread to show)."""
     plt = _plt()
     names = list(values)
-    means = [values[n][0] for n in names]
-    stds = [0.0 if not np.isfinite(values[n][1]) else values[n][1] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names) + 2), 3.5))
-    colors = [f"C{i % 10}" for i in range(len(names))]
-    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    finite = [m for m in means if np.isfinite(m)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        pad = max(0.05 * (hi - lo), 0.02 * abs(hi) + 1e-6, max(stds) * 1.5)
-        ax.set_ylim(lo - pad * 3, hi + pad * 3)
+    vals = {n: [float(v) for v in values[n] if v is not None and np.isfinite(v)] for n in names}
+    means = {n: float(np.mean(v)) for n, v in vals.items() if v}
+    best = min(means.values()) if means else 0.0
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(names) + 3), 3.8))
+    for i, n in enumerate(names):
+        v = vals[n]
+        if not v:
+            continue
+        color, m = f"C{i % 10}", means[n]
+        a1.bar(i, m, color=color, alpha=0.85)
+        if len(v) > 1:
+            sd = float(np.std(v))
+            a1.errorbar(i, m, yerr=sd, color="k", capsize=4, lw=1.2)
+            a2.errorbar(i, m - best, yerr=sd, color=color, capsize=4, lw=1.5, marker="_", ms=14)
+            label = f"{m:.3f}\n± {sd:.3f}\n({len(v)} seeds)"
+        else:
+            a2.plot(i, m - best, marker="_", ms=14, mew=2, color=color)
+            label = f"{m:.3f}\n(1 seed)"
+        jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
+        a2.plot(i + jitter, np.asarray(v) - best, "o", ms=3.5, color=color, mec="k", mew=0.5)
+        a1.text(i, m * 0.5, label, ha="center", va="center", fontsize=8, color="white",
+                fontweight="bold")
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+    a1.set_ylabel(ylabel)
+    a1.set_ylim(bottom=0)
+    a1.set_title("mean over seeds (bars from zero)", fontsize=9)
+    a2.axhline(0, color="k", lw=0.8)
+    a2.set_ylabel("difference to the lowest mean")
+    a2.set_title("difference to the lowest mean (dots: seeds; bars: ± std)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

@@ -1,5 +1,11 @@
 """Rendering a report's sections twice, as Markdown (images linked) and as self-contained HTML
-(images embedded), so that both always say the same thing."""
+(images embedded), so that both always say the same thing.
+
+Table cells are plain strings, so tables are easy to build and to test; two small additions say
+what a plain string cannot: a :class:`Link` cell (a string that also carries a target, so a number
+can point at the file line it came from) and a section's ``highlight`` set (cells that differ
+between runs, shown in bold / shaded, so a reader sees at once what a comparison varies).
+"""
 
 from __future__ import annotations
 
@@ -9,27 +15,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class Link(str):
+    """A table cell that links somewhere: ``Link("5.93", "runs/a/metrics.jsonl#L31")``. It is a
+    ``str`` (its text), so code that only reads cells keeps working."""
+
+    href: str
+
+    def __new__(cls, text: str, href: str) -> Link:
+        obj = super().__new__(cls, text)
+        obj.href = href
+        return obj
+
+
 @dataclass
 class Section:
-    """One titled part of a report: paragraphs, an optional table, images (PNG files)."""
+    """One titled part of a report: warnings, paragraphs, an optional table, images (PNG files).
+
+    ``highlight`` holds ``(row, column)`` cells of ``table`` (row 0 is the header) to mark as
+    differing between runs; ``warnings`` are shown first and prominently."""
 
     title: str
     text: str = ""
     table: list[list[str]] | None = None  # first row is the header
     images: list[Path] = field(default_factory=list)
+    highlight: set[tuple[int, int]] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
 
 
-def _md_table(rows: list[list[str]]) -> str:
-    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+def _md_cell(c: str, marked: bool) -> str:
+    text = str.__str__(c).replace("|", "\\|")
+    if isinstance(c, Link):
+        text = f"[{text}]({c.href})"
+    return f"**{text}**" if marked and text.strip() else text
+
+
+def _md_table(rows: list[list[str]], highlight: set[tuple[int, int]] = frozenset()) -> str:
+    esc = [[_md_cell(c, (i, j) in highlight) for j, c in enumerate(r)] for i, r in enumerate(rows)]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
     return "\n".join(lines)
 
 
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+def _html_cell(c: str, tag: str, marked: bool) -> str:
+    text = html.escape(str.__str__(c))
+    if isinstance(c, Link):
+        text = f'<a href="{html.escape(c.href)}">{text}</a>'
+    cls = ' class="diff"' if marked else ""
+    return f"<{tag}{cls}>{text}</{tag}>"
+
+
+def _html_table(rows: list[list[str]], highlight: set[tuple[int, int]] = frozenset()) -> str:
+    head = "".join(_html_cell(c, "th", (0, j) in highlight) for j, c in enumerate(rows[0]))
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
+        "<tr>" + "".join(_html_cell(c, "td", (i, j) in highlight) for j, c in enumerate(r))
+        + "</tr>"
+        for i, r in enumerate(rows[1:], 1)
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -38,7 +78,9 @@ CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
     "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
     "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-    "td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;"
+    "td:first-child,th:first-child{text-align:left}td.diff{background:#fff2cc;font-weight:bold}"
+    ".warning{background:#fde2e1;border-left:6px solid #c0392b;padding:0.5em 1em;margin:0.5em 0}"
+    "img{max-width:100%;display:block;"
     "margin:0.5em 0 1.5em}pre{white-space:pre-wrap;background:#f8f8f8;padding:0.5em}"
 )
 
@@ -50,13 +92,16 @@ def render(title: str, sections: list[Section], out_dir: Path) -> tuple[Path, Pa
     for s in sections:
         md += [f"## {s.title}", ""]
         body.append(f"<h2>{html.escape(s.title)}</h2>")
+        for w in s.warnings:
+            md += [f"> **Warning:** {w}", ""]
+            body.append(f'<div class="warning"><strong>Warning:</strong> {html.escape(w)}</div>')
         if s.text:
             md += [s.text, ""]
             for para in s.text.split("\n\n"):
                 body.append(f"<p>{html.escape(para)}</p>")
         if s.table:
-            md += [_md_table(s.table), ""]
-            body.append(_html_table(s.table))
+            md += [_md_table(s.table, s.highlight), ""]
+            body.append(_html_table(s.table, s.highlight))
         for img in s.images:
             rel = img.relative_to(out_dir).as_posix()
             md += [f"![{img.stem}]({rel})", ""]

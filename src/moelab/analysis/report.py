@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,17 @@ from moelab.analysis.evalpass import (
     tokenizer_id,
     train_token_counts,
 )
+from moelab.analysis.origin import (
+    check_same_code,
+    provenance_sections,
+    provenance_warnings,
+    read_provenance,
+    sources_table,
+)
 from moelab.analysis.render import Section, render
 from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
-from moelab.analysis.stats import SparsityStages, mean_std
+from moelab.analysis.settings import comparability_warnings, settings_table
+from moelab.analysis.stats import SparsityStages
 from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
 from moelab.rundir import RunDir
 
@@ -128,19 +137,30 @@ def build_report(
     settings: EvalSettings | None = None,
     title: str = "moelab experiment report",
     plots_enabled: bool = True,
+    mixed_code: str = "warn",
 ) -> dict[str, Any]:
     """Write ``out_dir/report.md``, ``out_dir/report.html`` and the PNGs for ``run_dirs``.
 
     Every directory must be a run (ValueError naming it otherwise). With ``analyze``, each run
     with a checkpoint gets one evaluation pass for the per-token analyses; all analysed runs must
     share a vocabulary (ValueError naming the odd one). Runs with no routed layers or no
-    checkpoint still get their row in the loss table. Returns paths and the per-run results (also
-    written to ``out_dir/analysis.json``).
+    checkpoint still get their row in the loss table. Returns paths, the warnings and the per-run
+    results (also written to ``out_dir/analysis.json``).
+
+    The report opens with its warnings (runs trained by different code, unmatched FLOPs or tokens,
+    different data) and the runs' provenance. ``mixed_code`` decides what runs trained by
+    different code get: ``"warn"`` (a warning), ``"refuse"`` (ValueError before anything is
+    written: ``moelab compare``'s default) or ``"allow"`` (a warning saying it was allowed).
     """
     if not run_dirs:
         raise ValueError("report: give at least one run directory")
+    if mixed_code not in ("warn", "refuse", "allow"):
+        raise ValueError(f"mixed_code: one of warn, refuse, allow; got {mixed_code!r}")
     out = Path(out_dir).expanduser()
     records = [read_run(d) for d in run_dirs]
+    provenance = read_provenance(records)
+    if mixed_code == "refuse":
+        check_same_code(provenance, allow_mixed=False, where=str(out))
     out.mkdir(parents=True, exist_ok=True)
     img_dir = out / "plots"
     grouped = group_runs(records, groups)
@@ -161,6 +181,20 @@ def build_report(
         results[str(rec.path)] = ra
 
     sections: list[Section] = []
+    warnings = (provenance_warnings(provenance, allowed_mixed=mixed_code == "allow")
+                + comparability_warnings(records, provenance))
+    if warnings:
+        sections.append(Section("Warnings", warnings=warnings))
+    sections += provenance_sections(provenance)
+    set_rows, set_marks = settings_table(grouped, provenance)
+    sections.append(Section(
+        "Run settings",
+        "What each run was: experts E, experts per token k (PEER/PKM: heads × k), granularity, "
+        "shared experts, learning rate, steps, tokens seen, active forward FLOPs per token, data "
+        "(and any other config value that differs between the runs). Highlighted: the columns "
+        "that differ between rows.",
+        set_rows, highlight=set_marks,
+    ))
     names = ", ".join(f"{g} ({len(r)} run{'s' if len(r) > 1 else ''})" for g, r in grouped.items())
     sections.append(Section(
         "Runs",
@@ -187,22 +221,37 @@ def build_report(
             "the whole split, so every domain is represented; the same tokens for every run.",
             dom_table,
         ))
+    sections.append(Section(
+        "Per-run data",
+        "Every number above comes from these files: the final validation loss is the summary's "
+        "final_val_loss, logged on the metrics line linked here; routing numbers come from the "
+        "analysis pass (analysis.json) and the logged training lines.",
+        sources_table(records, out),
+    ))
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
     if plots_enabled:
         sections += plot_sections(grouped, results, img_dir)
     if notes:
         sections.append(Section("Notes", "\n\n".join(notes)))
     md_path, html_path = render(title, sections, out)
-    dump = {Path(k).name: {"path": k, "results": ra.results, "notes": ra.notes}
+    dump = {Path(k).name: {"path": _relpath(Path(k), out), "results": ra.results,
+                           "notes": ra.notes}
             for k, ra in results.items()}
     (out / "analysis.json").write_text(json.dumps(dump, indent=1), "utf-8")
     return {
         "markdown": md_path,
         "html": html_path,
+        "warnings": warnings,
         "images": sorted(img_dir.glob("*.png")) if img_dir.exists() else [],
         "results": dump,
         "seconds": time.time() - t0,
     }
+
+
+def _relpath(path: Path, base: Path) -> str:
+    """``path`` relative to the report directory (so analysis.json holds no machine's absolute
+    paths and stays valid when the report and its runs are copied together)."""
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
 def plot_sections(
@@ -212,14 +261,22 @@ def plot_sections(
     secs: list[Section] = []
     curves = {g: training_curves(recs[0]) for g, recs in grouped.items()}
     imgs = [plots.plot_loss_curves(curves, img_dir / "loss_curves.png")]
-    finals = {g: mean_std([r.final_val()["val_loss"] for r in recs
-                           if r.final_val()["val_loss"] is not None])
+    finals = {g: [float(r.final_val()["val_loss"]) for r in recs
+                  if r.final_val()["val_loss"] is not None]
               for g, recs in grouped.items()}
-    if any(math.isfinite(m) for m, _ in finals.values()):
+    if any(math.isfinite(v) for vals in finals.values() for v in vals):
         imgs.append(plots.plot_metric_bars(finals, "validation loss (nats/token)",
-                                           "final validation loss (mean ± std over seeds)",
+                                           "final validation loss",
                                            img_dir / "final_val_loss.png"))
-    secs.append(Section("Loss curves", "", images=imgs))
+    few = min((c.val_loss.size for c in curves.values()), default=0)
+    text = ("Training LM loss against tokens seen: thin lines are the logged values, thick lines "
+            "their moving average. ")
+    if few < plots.MIN_CURVE_POINTS:
+        text += (f"Validation loss was measured only {few} time(s) per run, too few for a curve: "
+                 "the evaluations are drawn as separate points. ")
+    text += ("Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
+             "has no error bar), the dots the individual seeds.")
+    secs.append(Section("Loss curves", text, images=imgs))
 
     dyn, load, comp, dom, use = [], [], [], [], []
     z_all: dict[str, np.ndarray] = {}

@@ -25,6 +25,9 @@ class RunRecord:
     summary: dict[str, Any]
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    # 1-based line of each eval record in metrics.jsonl (None when it cannot be told), so a report
+    # can link a number to the line it was logged on
+    eval_lines: list[int | None] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -51,6 +54,17 @@ class RunRecord:
         by_domain = s.get("val_loss_by_domain") or last.get("val_loss_by_domain") or {}
         return {"val_loss": loss, "val_ppl": ppl, "val_loss_by_domain": dict(by_domain)}
 
+    def final_eval_line(self) -> int | None:
+        """The metrics line holding the final validation loss: the last eval line, when the
+        summary's ``final_val_loss`` is that line's value (``build_summary`` copies it from there);
+        None otherwise."""
+        if not self.evals or not self.eval_lines or self.eval_lines[-1] is None:
+            return None
+        final = self.summary.get("final_val_loss")
+        if final is not None and final != self.evals[-1].get("val_loss"):
+            return None
+        return self.eval_lines[-1]
+
 
 def read_run(run_dir: str | Path) -> RunRecord:
     """Read the summary and the metrics of a run directory.
@@ -69,12 +83,24 @@ def read_run(run_dir: str | Path) -> RunRecord:
             "directory written by `moelab train`)"
         )
     rec = RunRecord(path=path, summary=run.read_summary())
-    for obj in run.read_metrics():
+    records = run.read_metrics()
+    lines = _record_lines(path / RunDir.METRICS, len(records))
+    for obj, line in zip(records, lines, strict=True):
         if obj.get("kind") == "train":
             rec.train.append(obj)
         elif obj.get("kind") == "eval":
             rec.evals.append(obj)
+            rec.eval_lines.append(line)
     return rec
+
+
+def _record_lines(path: Path, n_records: int) -> list[int | None]:
+    """Line numbers of the records ``RunDir.read_metrics`` returned: its non-blank lines, when
+    their count matches (every line a JSON object, as the writer writes them); else unknown."""
+    if not path.is_file():
+        return [None] * n_records
+    lines = [n for n, line in enumerate(path.read_text("utf-8").splitlines(), 1) if line.strip()]
+    return list(lines) if len(lines) == n_records else [None] * n_records
 
 
 def _series(lines: list[dict[str, Any]], key: str) -> np.ndarray:

@@ -16,12 +16,21 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from moelab import provenance
+from moelab.analysis.origin import check_same_code
 from moelab.analysis.report import build_report
+from moelab.config import dump_yaml
 from moelab.rundir import RunDir
 from moelab.train import resolve_run_config, train
+
+RUNS_SUBDIR = "runs"  # a suite's runs live in OUT/runs/NAME-seedS (and docs/results/SUITE/runs/)
+SUITE_FILE = "suite.json"  # what was run, by which command, on which code and machine
 
 SUITES: dict[str, dict[str, Any]] = {
     "paper-mini": {
@@ -108,7 +117,7 @@ def plan_suite(
             raise ValueError(f"steps: must be >= 1, got {steps}")
         common.append(f"train.steps={steps}")
     common += list(extra_overrides or [])
-    runs_dir = Path(out_dir).expanduser() / "runs"
+    runs_dir = Path(out_dir).expanduser() / RUNS_SUBDIR
     plan = []
     for seed in seeds:
         for group, spec in suite["runs"].items():
@@ -116,6 +125,36 @@ def plan_suite(
             plan.append(PlannedRun(group, seed, runs_dir / f"{group}-seed{seed}", spec["preset"],
                                    tuple(ov)))
     return plan
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_kept_runs(plan: list[PlannedRun]) -> None:
+    """Refuse (ValueError naming the run and the keys) a run kept from an earlier invocation whose
+    config is not the one this plan would train: a suite resumed with other ``--steps`` or
+    ``--set`` values would otherwise report runs of two different settings as one."""
+    for p in plan:
+        rundir = RunDir(p.run_dir)
+        if not rundir.holds_run:
+            continue
+        want = _flat(yaml.safe_load(dump_yaml(
+            resolve_run_config(preset=p.preset, overrides=list(p.overrides)))))
+        have = _flat(rundir.raw_config())
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])
+            raise ValueError(
+                f"{p.run_dir}: kept from an earlier run with other settings ({shown}"
+                f"{', ...' if len(diff) > 4 else ''}); delete it, or give the same --steps / "
+                "--seeds / --set as before"
+            )
 
 
 def _default_trainer() -> Callable[[PlannedRun], Any]:
@@ -143,20 +182,37 @@ def run_suite(
     analyze: bool = True,
     trainer: Callable[[PlannedRun], Any] | None = None,
     report_settings: Any = None,
+    allow_mixed: bool = False,
+    command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train every run of suite ``name`` under ``out_dir/runs/`` (runs that completed, i.e. have
     a summary, are kept, so an interrupted suite resumes), then write the report to ``out_dir``
-    (``report.md``, ``report.html``) with seeds averaged per run name."""
+    (``report.md``, ``report.html``) with seeds averaged per run name.
+
+    The runs of one suite must come from one version of the code and one plan: kept runs trained
+    by another commit (or from a tree with uncommitted changes while this one is clean, or the
+    reverse) are refused before anything trains, and so is a finished suite whose runs disagree,
+    unless ``allow_mixed`` (the report then says so at the top); kept runs whose config differs
+    from the plan's (another ``steps`` or override) are always refused. ``out_dir/suite.json``
+    records the suite, the command, steps, seeds, overrides, timings and this process's
+    provenance.
+    """
     plan = plan_suite(name, out_dir, seeds, steps, extra_overrides)
-    trainer = trainer or _default_trainer()
     out = Path(out_dir).expanduser()
+    here = provenance.collect()
+    if trainer is None:  # a custom trainer (tests) may write configs of its own
+        check_kept_runs(plan)
+    trainer = trainer or _default_trainer()
+    if not allow_mixed:
+        kept = {p.run_dir.name: RunDir(p.run_dir).provenance() for p in plan
+                if RunDir(p.run_dir).holds_run}
+        if kept:
+            check_same_code({"this process": [here], **kept}, False, str(out / RUNS_SUBDIR))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.json").write_text(json.dumps({
-        "suite": name, "definition": get_suite(name), "seeds": sorted({p.seed for p in plan}),
-        "runs": [{"group": p.group, "seed": p.seed, "run_dir": str(p.run_dir),
-                  "preset": p.preset, "overrides": list(p.overrides)} for p in plan],
-    }, indent=1), "utf-8")
+    record = suite_record(name, plan, out, steps=steps, extra_overrides=extra_overrides,
+                          allow_mixed=allow_mixed, command=command, process=here)
+    _write_record(out, record)
     t0 = time.time()
     for i, p in enumerate(plan, 1):
         if RunDir(p.run_dir).has_summary:
@@ -166,11 +222,85 @@ def run_suite(
         t = time.time()
         trainer(p)
         log(f"[{i}/{len(plan)}] {p.run_dir.name}: {time.time() - t:.0f} s")
+    train_seconds = time.time() - t0
     groups: dict[str, list[str]] = {}
     for p in plan:
         groups.setdefault(p.group, []).append(str(p.run_dir))
     res = build_report([p.run_dir for p in plan], out, groups=groups, analyze=analyze,
                        settings=report_settings,
-                       title=f"moelab compare: {name} — {get_suite(name)['description']}")
-    res["train_seconds"] = time.time() - t0
+                       title=f"moelab compare: {name} — {get_suite(name)['description']}",
+                       mixed_code="allow" if allow_mixed else "refuse")
+    record.update(train_seconds=round(train_seconds, 1),
+                  report_seconds=round(time.time() - t0 - train_seconds, 1),
+                  finished=_now(), warnings=res["warnings"])
+    _write_record(out, record)
+    res["train_seconds"] = train_seconds
     return res
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def suite_record(
+    name: str,
+    plan: list[PlannedRun],
+    out: Path,
+    *,
+    steps: int | None,
+    extra_overrides: list[str] | None,
+    allow_mixed: bool,
+    command: str | None,
+    process: dict[str, Any],
+) -> dict[str, Any]:
+    """The contents of ``suite.json``: the suite and its definition, the command that ran it, the
+    steps / seeds / overrides it was given, each planned run (directory relative to ``out``) and
+    the provenance of the process that ran it."""
+    return {
+        "suite": name,
+        "description": get_suite(name)["description"],
+        "command": command,
+        "steps": steps,
+        "seeds": sorted({p.seed for p in plan}),
+        "extra_overrides": list(extra_overrides or []),
+        "allow_mixed": allow_mixed,
+        "definition": get_suite(name),
+        "runs": [{"name": p.run_dir.name, "group": p.group, "seed": p.seed,
+                  "run_dir": p.run_dir.relative_to(out).as_posix(), "preset": p.preset,
+                  "overrides": list(p.overrides)} for p in plan],
+        "provenance": process,
+        "started": _now(),
+    }
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    (out / SUITE_FILE).write_text(json.dumps(record, indent=1) + "\n", "utf-8")
+
+
+def read_suite_record(out_dir: str | Path) -> dict[str, Any]:
+    """``suite.json`` of a suite directory; ValueError naming it when missing or malformed."""
+    path = Path(out_dir).expanduser() / SUITE_FILE
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path}: missing (not a suite directory written by moelab compare)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(record, dict) or "runs" not in record:
+        raise ValueError(f"{path}: not a suite record (no 'runs')")
+    return record
+
+
+def suite_run_names(record: dict[str, Any]) -> list[str]:
+    """The run directory names a suite record lists (also those of older records, which stored
+    the whole ``run_dir`` path)."""
+    return [r.get("name") or Path(r["run_dir"]).name for r in record["runs"]]
+
+
+def suite_groups(record: dict[str, Any]) -> dict[str, list[str]]:
+    """``group → run names`` of a suite record, in plan order."""
+    groups: dict[str, list[str]] = {}
+    for r, name in zip(record["runs"], suite_run_names(record), strict=True):
+        groups.setdefault(r["group"], []).append(name)
+    return groups

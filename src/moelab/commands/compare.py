@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from moelab.commands.report import add_eval_arguments, eval_settings
 
@@ -30,8 +32,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
     p.add_argument("--no-analysis", action="store_true",
                    help="report without the per-token analysis pass")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="report runs trained by different code (another commit, or uncommitted "
+                   "changes on one side) together; refused by default, and the report says so "
+                   "at the top when allowed")
     add_eval_arguments(p)
     p.set_defaults(func=run)
+
+
+def command_line(args: argparse.Namespace, out: str) -> str:
+    """The command as one would type it again (recorded in suite.json)."""
+    words = ["moelab", "compare", "--suite", args.suite, "--out", str(out)]
+    if args.seeds is not None:
+        words += ["--seeds", *map(str, args.seeds)]
+    if args.steps is not None:
+        words += ["--steps", str(args.steps)]
+    for o in args.overrides:
+        words += ["--set", o]
+    for flag in ("no_analysis", "allow_mixed"):
+        if getattr(args, flag):
+            words.append("--" + flag.replace("_", "-"))
+    for name in ("dataset", "seq_len", "batch_size"):
+        if getattr(args, name) is not None:
+            words += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.split != "val":
+        words += ["--split", args.split]
+    if args.max_batches != 16:
+        words += ["--max-batches", str(args.max_batches)]
+    return shlex.join(words)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     res = run_suite(args.suite, out, seeds=args.seeds, steps=args.steps,
                     extra_overrides=args.overrides, analyze=not args.no_analysis,
-                    report_settings=eval_settings(args))
+                    report_settings=eval_settings(args), allow_mixed=args.allow_mixed,
+                    command=command_line(args, out))
+    for w in res["warnings"]:
+        print(f"moelab: warning: {w}", file=sys.stderr)
     print(f"wrote {res['markdown']}")
     print(f"wrote {res['html']} ({len(res['images'])} plots, total {res['train_seconds']:.0f} s)")
     return 0

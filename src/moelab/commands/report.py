@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "FLOPs/token, tokens, final validation loss/perplexity overall and per domain, tokens/s; "
         "seeds named NAME-seedN are averaged as mean ± std) and the routing analyses as PNG plots "
         "(training dynamics with ReMoE's stages, expert load, active experts vs token frequency, "
-        "domain specialisation, PEER/PKM usage). Writes OUT/report.md, a self-contained "
-        "OUT/report.html, OUT/plots/*.png and OUT/analysis.json.",
+        "domain specialisation, PEER/PKM usage), headed by the runs' provenance, their settings "
+        "and warnings (different code, unmatched FLOPs or tokens, different data). Writes "
+        "OUT/report.md, a self-contained OUT/report.html, OUT/plots/*.png and OUT/analysis.json.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (moelab train)")
     p.add_argument("-o", "--out", required=True, help="output directory (created)")
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     res = build_report(args.runs, args.out, analyze=not args.no_analysis,
                        settings=eval_settings(args), title=args.title,
                        plots_enabled=not args.no_plots)
+    for w in res["warnings"]:
+        print(f"moelab: warning: {w}", file=sys.stderr)
     print(f"wrote {res['markdown']}")
     print(f"wrote {res['html']} ({len(res['images'])} plots embedded, {res['seconds']:.1f} s)")
     return 0
