@@ -296,3 +296,29 @@ def test_table_optimizer_default_is_lazy_and_unknown_mode_is_rejected() -> None:
     assert build_optimizer(model, lr=1e-3, weight_decay=0.0).sparse_mode == "lazy"
     with pytest.raises(ValueError, match=r"sparse_mode must be one of \('lazy', 'dense'\)"):
         build_optimizer(model, lr=1e-3, weight_decay=0.0, table_optimizer="eager")
+
+
+def test_switching_table_optimizer_on_resume() -> None:
+    """A checkpoint from either mode resumes in the other: lazy state (row_step) under "dense"
+    updates every row; dense state (a scalar step) under "lazy" becomes per-row step counts."""
+
+    def step(emb: nn.Embedding, opt: SparseAdamW, ids: list[int]) -> torch.Tensor:
+        before = emb.weight.detach().clone()
+        opt.zero_grad()
+        emb(torch.tensor(ids)).sum().backward()
+        opt.step()
+        return (emb.weight.detach() != before).any(1)  # rows that moved
+
+    torch.manual_seed(7)
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = SparseAdamW(emb.parameters(), lr=1e-2, weight_decay=0.1)
+    step(emb, opt, [1, 2])
+    opt.sparse_mode = "dense"
+    assert step(emb, opt, [1, 2]).all()
+    assert opt.state[emb.weight]["row_step"].tolist() == [1, 2, 2] + [1] * 7
+
+    opt = SparseAdamW(emb.parameters(), lr=1e-2, weight_decay=0.1, sparse_mode="dense")
+    assert step(emb, opt, [3]).all() and opt.state[emb.weight]["step"] == 1
+    opt.sparse_mode = "lazy"
+    assert step(emb, opt, [4]).tolist() == [i == 4 for i in range(10)]
+    assert opt.state[emb.weight]["row_step"].tolist() == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
