@@ -8,7 +8,7 @@ routing record (observer, ``last_stats``) and usage tracking. A subclass adds it
 weights) and :meth:`~ProductKeyLayer.read_rows` (weights and retrieved rows to the output).
 
 Shape legend (see ``moelab.layers.base``): T tokens, D model dim, H heads, K top-k, N = S² table
-rows (experts / memories), R = H·K retrievals per token.
+rows (experts / memories), R = H·K retrievals per token, V valid (non-padding) tokens.
 """
 
 from __future__ import annotations
