@@ -4,7 +4,8 @@
   :func:`float_kernel` / :func:`c_ptr` - the checks and pointers its float32/float64 callers share.
 * :func:`advise_huge_pages` - back a large CPU tensor with transparent huge pages.
 * :func:`available_memory_bytes` / :func:`check_fits_in_memory` - refuse a layer that cannot fit
-  in RAM before allocating it.
+  in RAM before allocating it; :func:`adamw_state_dtype` - the dtype of the AdamW moments, which
+  both that estimate and ``moelab.train.optim`` use.
 
 A leaf utility: it imports only the standard library and torch, so both ``moelab.layers`` and
 ``moelab.train`` may use it.
@@ -26,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "FLOAT_SUFFIX",
+    "adamw_state_dtype",
     "advise_huge_pages",
     "available_memory_bytes",
     "c_ptr",
@@ -50,6 +52,15 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def adamw_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the AdamW moments (and of the update arithmetic) for a parameter of ``dtype``.
+
+    float32 for 16-bit floats: with 8 (bfloat16) or 11 (float16) significant bits, ``β2·v`` rounds
+    back to ``v``, ``1 − β2^t`` rounds to 0 (bfloat16) and ``g²`` underflows (float16).
+    """
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def check_fits_in_memory(what: str, param_bytes: int, state_bytes: int) -> None:

@@ -145,3 +145,46 @@ def test_usage_tracker_accumulates_gates_and_duplicates() -> None:
 def test_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_product_key_args(keys_name="num_keys", **kwargs)
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+@pytest.mark.parametrize("where", [0, 2, 40], ids=["first", "among-first-k", "late"])
+def test_nan_scores_raise_on_every_path(
+    where: int, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN among the first k entries used to be selected by the C kernel and block larger values
+    (torch.topk selects it first instead): both paths must refuse NaN scores the same way."""
+    if not c_kernels:
+        monkeypatch.setattr(native, "_KERNELS", {})
+        monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
+    elif native.load_c_kernel("topk", pk._TOPK_C) is None:
+        pytest.skip("no C compiler: only the eager path can be checked")
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(where))
+    pk.topk_last_dim(x, 4)  # finite scores are fine
+    x[1, 2, where] = float("nan")
+    with pytest.raises(pk.NaNScoresError, match=r"NaN scores in 1 of 15 rows"):
+        pk.topk_last_dim(x, 4)
+    q = torch.randn(4, 2, 8)
+    q[3, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN scores"):
+        product_key_topk(q, torch.randn(1, 2, 16, 4), 4)
+
+
+def test_inf_plus_minus_inf_candidates_raise() -> None:
+    """Finite-looking halves can still sum to NaN (+inf + -inf) in the second top-k."""
+    q = torch.zeros(1, 1, 4)
+    q[0, 0, 0], q[0, 0, 2] = 1.0, 1.0
+    sub = torch.zeros(1, 2, 3, 2)
+    sub[0, 0, :, 0], sub[0, 1, :, 0] = float("inf"), float("-inf")
+    with pytest.raises(pk.NaNScoresError):
+        product_key_topk(q, sub, 2)
+
+
+def test_nan_input_to_peer_raises_clearly() -> None:
+    from moelab.layers.peer import PEER
+
+    layer = PEER(8, num_experts=64, heads=2, top_k=4, d_key=4).eval()
+    x = torch.randn(3, 8)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN scores"):
+        layer(x)

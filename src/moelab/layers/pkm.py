@@ -46,8 +46,8 @@ class PKM(ProductKeyLayer):
         )
         if init_std is not None and init_std <= 0:
             raise ValueError(f"init_std must be > 0 or None, got {init_std!r}")
-        self.num_memories = num_memories
-        self.init_std = d_model**-0.5 if init_std is None else init_std
+        self.num_memories = self.num_experts  # int(num_memories), checked by the base class
+        self.init_std = self.d_model**-0.5 if init_std is None else init_std
         self._build_retrieval(
             tables=1,
             shared_keys=False,

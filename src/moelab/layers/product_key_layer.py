@@ -8,7 +8,7 @@ routing record (observer, ``last_stats``) and usage tracking. A subclass adds it
 weights) and :meth:`~ProductKeyLayer.read_rows` (weights and retrieved rows to the output).
 
 Shape legend (see ``moelab.layers.base``): T tokens, D model dim, H heads, K top-k, N = S² table
-rows (experts / memories), R = H·K retrievals per token.
+rows (experts / memories), R = H·K retrievals per token, V valid (non-padding) tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
+    as_int,
     check_product_key_args,
     duplicated_retrievals,
     normalize_queries,
@@ -25,7 +26,7 @@ from moelab.layers.product_keys import (
 )
 from moelab.layers.sparse_rows import RowGroups
 from moelab.layers.usage import UsageTracker
-from moelab.native import advise_huge_pages, check_fits_in_memory
+from moelab.native import adamw_state_dtype, advise_huge_pages, check_fits_in_memory
 
 
 class ProductKeyLayer(RoutedLayer):
@@ -37,7 +38,11 @@ class ProductKeyLayer(RoutedLayer):
     hyper-parameters, then :meth:`_build_retrieval` checks memory and creates the query network,
     query batch norm and sub-keys, then the subclass creates its tables (:meth:`_new_table`).
     ``num_experts`` is N whatever the subclass calls it (``keys_name``, the constructor argument
-    named in errors).
+    named in errors). Sizes may be any integral numbers (``np.int64`` ...); they are stored as int.
+
+    Padding (``token_mask`` False) is dropped before retrieval: it touches no table row (no
+    gradient entry, so no optimizer update of any kind), never moves the batch-norm statistics,
+    and its output is zero. An empty or all-padding input gives a zero output of the input's shape.
     """
 
     keys_name = "num_keys"
@@ -46,17 +51,17 @@ class ProductKeyLayer(RoutedLayer):
         self, d_model: int, num_keys: int, *, heads: int, top_k: int, d_key: int, sparse_grad: bool
     ) -> None:
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
+        if as_int(d_model) is None or d_model < 1:
             raise ValueError(f"d_model must be a positive integer, got {d_model!r}")
         self.num_sub_keys = check_product_key_args(
             num_keys=num_keys, top_k=top_k, d_key=d_key, heads=heads, keys_name=self.keys_name
         )
         self.d_model, self.num_experts, self.heads, self.top_k, self.d_key = (
-            d_model,
-            num_keys,
-            heads,
-            top_k,
-            d_key,
+            int(d_model),
+            int(num_keys),
+            int(heads),
+            int(top_k),
+            int(d_key),
         )
         self.sparse_grad = sparse_grad
         self.usage_tracker: UsageTracker | None = None
@@ -75,14 +80,16 @@ class ProductKeyLayer(RoutedLayer):
         (one key set shared by the heads, or one per head)."""
         factory = {"device": device, "dtype": dtype}
         N, D = self.num_experts, self.d_model
-        elem = torch.empty((), **factory).element_size()
+        factory_dtype = torch.empty((), **factory).dtype
+        elem = torch.empty((), dtype=factory_dtype).element_size()
         if check_memory and torch.device(device or "cpu").type == "cpu":
             table = N * D * elem
+            moment = N * D * torch.empty((), dtype=adamw_state_dtype(factory_dtype)).element_size()
             check_fits_in_memory(
                 f"{type(self).__name__}({self.keys_name}={N}, d_model={D})",
                 param_bytes=tables * table,
-                # AdamW per table: two moments like the table and an int32 step per row
-                state_bytes=tables * 2 * table + tables * 4 * N,
+                # AdamW per table: two moments (float32 for 16-bit tables) and an int32 step per row
+                state_bytes=tables * 2 * moment + tables * 4 * N,
             )
         S, H = self.num_sub_keys, self.heads
         self.query = nn.Linear(D, H * self.d_key, bias=False, **factory)
@@ -113,62 +120,97 @@ class ProductKeyLayer(RoutedLayer):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- forward
+    def _check_input(self, x: Tensor, token_mask: Tensor | None) -> None:
+        """Shape / dtype checks up front: a wrong width would otherwise be silently re-split into
+        a different number of tokens by the flattening reshape."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} expects x of shape [..., d_model={self.d_model}], got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} expects a floating-point x, got dtype {x.dtype}")
+        if token_mask is not None:
+            if not isinstance(token_mask, Tensor) or token_mask.shape != x.shape[:-1]:
+                got = tuple(token_mask.shape) if isinstance(token_mask, Tensor) else token_mask
+                raise ValueError(
+                    f"token_mask must have the leading shape of x {tuple(x.shape[:-1])}, got {got}"
+                )
+            if token_mask.is_floating_point() or token_mask.is_complex():
+                raise ValueError(
+                    f"token_mask must be bool (True = real token), got dtype {token_mask.dtype}"
+                )
+
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        self._check_input(x, token_mask)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         T = x_TD.shape[0]
-        mask_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
-        scores_THK, idx_THK = self.retrieve(x_TD, mask_T)
-        w_THK = self.retrieval_weights(scores_THK)
-        idx_TR = idx_THK.reshape(T, -1)
-        groups = RowGroups.build(idx_TR)  # one sort per forward, shared by every table read
-        y_TD = self.read_rows(x_TD, idx_TR, w_THK.reshape(T, -1), groups)
-        self._record(idx_THK, w_THK, mask_T, groups, x_TD, self.should_record())
-        return y_TD.to(x.dtype).view(shape)
+        pos_V = None  # positions of the valid tokens in x_TD; None: every token is valid
+        if token_mask is not None:
+            mask_T = token_mask.reshape(-1).to(torch.bool)
+            if not bool(mask_T.all()):
+                pos_V = mask_T.nonzero().squeeze(1)
+        # padding never reaches retrieval: it touches no row and never moves the BN statistics
+        x_VD = x_TD if pos_V is None else x_TD.index_select(0, pos_V)
+        V, H, K = x_VD.shape[0], self.heads, self.top_k
+        if V > 0:
+            scores_VHK, idx_VHK = self.retrieve(x_VD)
+            w_VHK = self.retrieval_weights(scores_VHK)
+            idx_VR = idx_VHK.reshape(V, H * K)
+            groups = RowGroups.build(idx_VR)  # one sort per forward, shared by every table read
+            y_VD = self.read_rows(x_VD, idx_VR, w_VHK.reshape(V, H * K), groups)
+        else:  # empty or all padding: no retrieval; the empty x_VD keeps the output in x's graph
+            idx_VHK = torch.empty(0, H, K, dtype=torch.long, device=x.device)
+            w_VHK = x_VD.new_empty(0, H, K)
+            groups, y_VD = None, x_VD.mul(0)
+        self._record(idx_VHK, w_VHK, pos_V, groups, x_TD, self.should_record())
+        y_VD = y_VD.to(x.dtype)
+        if pos_V is not None:  # padding rows of the output are zero
+            y_VD = x_TD.new_zeros(T, self.d_model).index_copy(0, pos_V, y_VD)
+        return y_VD.view(shape)
 
     # ----------------------------------------------------------------------------- statistics
     @torch.no_grad()
     def _record(
         self,
-        idx_THK: Tensor,
-        w_THK: Tensor,
-        mask_T: Tensor | None,
-        groups: RowGroups,
+        idx_VHK: Tensor,
+        w_VHK: Tensor,
+        pos_V: Tensor | None,
+        groups: RowGroups | None,
         x_TD: Tensor,
         record: bool,
     ) -> None:
-        """Observer (all tokens), usage tracker (valid tokens), ``last_stats`` if ``record``."""
+        """Observer, usage tracker and (if ``record``) ``last_stats``, all over the valid tokens
+        only (``pos_V``: their positions in ``x_TD``, None = all), as MoE routers report."""
+        V, H, K = idx_VHK.shape
+        per_token = H * K
         if self.routing_observer is not None:
-            T, R = idx_THK.shape[0], idx_THK.shape[1] * idx_THK.shape[2]
-            expert_N = idx_THK.reshape(-1)
+            tok_V = torch.arange(V, device=x_TD.device) if pos_V is None else pos_V
+            expert_N = idx_VHK.reshape(-1)
             decision = RoutingDecision(
-                token_idx_N=torch.arange(T, device=x_TD.device).repeat_interleave(R),
+                token_idx_N=tok_V.repeat_interleave(per_token),
                 expert_idx_N=expert_N,
-                weight_N=w_THK.detach().reshape(-1),
+                weight_N=w_VHK.detach().reshape(-1),
                 tokens_per_expert_E=torch.bincount(expert_N, minlength=self.num_experts),
-                num_tokens=T,
+                num_tokens=x_TD.shape[0],
                 num_experts=self.num_experts,
             )
             self.routing_observer(self, decision, x_TD)
-        if mask_T is not None:
-            idx_THK, w_THK = idx_THK[mask_T], w_THK[mask_T]
         if self.usage_tracker is not None:
-            self.usage_tracker.update(idx_THK, w_THK.detach())
+            self.usage_tracker.update(idx_VHK, w_VHK.detach())
         if not record:  # decided outside no_grad (should_record looks at grad mode)
             return
-        n_valid = idx_THK.shape[0]
-        distinct = groups.rows_U.numel() if mask_T is None else torch.unique(idx_THK).numel()
-        per_token = idx_THK.shape[1] * idx_THK.shape[2]
+        distinct = 0 if groups is None else groups.rows_U.numel()
         self.last_stats = RoutingStats(
-            num_tokens=torch.tensor(n_valid),
+            num_tokens=torch.tensor(V),
             num_experts=self.num_experts,
             distinct_experts=torch.tensor(distinct),
-            active_sum=torch.tensor(n_valid * per_token),
+            active_sum=torch.tensor(V * per_token),
             active_min=torch.tensor(per_token),
             active_max=torch.tensor(per_token),
             extra={
-                "duplicate_retrievals": duplicated_retrievals(idx_THK).sum(),
-                "retrievals": torch.tensor(n_valid * per_token),
+                "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
+                "retrievals": torch.tensor(V * per_token),
             },
         )
 

@@ -4,7 +4,8 @@
   (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2), with a
   backward that touches only the selected sub-keys.
 * :func:`normalize_queries` - query batch normalisation that ignores padding tokens.
-* :func:`check_product_key_args` - the hyper-parameter checks both layers share.
+* :func:`check_product_key_args` - the hyper-parameter checks both layers share;
+  :func:`as_int` - the integer check behind them.
 * :func:`duplicated_retrievals` - retrievals one head repeats from another.
 
 Shape legend (see ``moelab.layers.base``): T tokens, H heads, K top-k, S sub-keys per half (√N),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +26,44 @@ from moelab.layers.sparse_rows import RowGroups
 from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int if it is an integral number (``numbers.Integral``: numpy integer
+    scalars included, bool excluded), else None.
+
+    Sizes often come from numpy (``np.int64``), which is not an ``int`` subclass; rejecting one as
+    "not a perfect square" would be misleading.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_product_key_args(
     *, num_keys: int, top_k: int, d_key: int, heads: int, keys_name: str
 ) -> int:
-    """Validate product-key hyper-parameters; return S = √N. Errors name the argument."""
-    if not isinstance(num_keys, int) or num_keys < 1:
+    """Validate product-key hyper-parameters; return S = √N. Errors name the argument.
+
+    Integral numbers of any type (``np.int64`` ...) are accepted (see :func:`as_int`); callers
+    store ``int(value)``.
+    """
+    n, k, dk, h = (as_int(v) for v in (num_keys, top_k, d_key, heads))
+    if n is None or n < 1:
         raise ValueError(
             f"{keys_name} must be a positive perfect square (e.g. 1024**2), got {num_keys!r}"
         )
-    s = math.isqrt(num_keys)
-    if s * s != num_keys:
+    s = math.isqrt(n)
+    if s * s != n:
         raise ValueError(
             f"{keys_name} must be a perfect square (product keys use √{keys_name} sub-keys per "
-            f"half), got {num_keys}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
+            f"half), got {n}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
         )
-    if not isinstance(top_k, int) or top_k < 1 or top_k > s:
+    if k is None or k < 1 or k > s:
         raise ValueError(f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}")
-    if not isinstance(d_key, int) or d_key < 2 or d_key % 2:
+    if dk is None or dk < 2 or dk % 2:
         raise ValueError(
             f"d_key must be an even integer >= 2 (split into two halves), got {d_key!r}"
         )
-    if not isinstance(heads, int) or heads < 1:
+    if h is None or h < 1:
         raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
     return s
 
@@ -66,30 +85,51 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
-# Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim.
+# Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
+# rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
+# entries it would sit in the buffer and block larger values.
 _TOPK_C = r"""
 #include <stdint.h>
 #define DEFINE_TOPK(SUF, T)                                                                     \
-void topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v, int64_t* out_i, \
-                     int nth) {                                                                 \
-  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
+int64_t topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v,             \
+                        int64_t* out_i, int nth) {                                              \
+  int64_t nan_rows = 0;                                                                         \
+  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
   for (int64_t r = 0; r < rows; ++r) {                                                          \
     const T* x = s + r * S;                                                                     \
     T* v = out_v + r * k;                                                                       \
     int64_t* ix = out_i + r * k;                                                                \
-    int64_t n = 0;                                                                              \
+    int64_t n = 0, nan = 0;                                                                     \
     for (int64_t j = 0; j < S; ++j) {                                                           \
       const T xj = x[j];                                                                        \
-      if (n == k && !(xj > v[k - 1])) continue;                                                 \
+      if (n == k && xj <= v[k - 1]) continue;   /* false for NaN: it takes the next test */    \
+      if (xj != xj) { nan = 1; continue; }                                                      \
       int64_t p = n < k ? n++ : k - 1;                                                          \
       while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
       v[p] = xj; ix[p] = j;                                                                     \
     }                                                                                           \
+    nan_rows += nan;                                                                            \
   }                                                                                             \
+  return nan_rows;                                                                              \
 }
 DEFINE_TOPK(f32, float)
 DEFINE_TOPK(f64, double)
 """
+
+
+class NaNScoresError(ValueError):
+    """Product-key retrieval met NaN scores (NaN or inf in the queries or sub-keys).
+
+    A NaN cannot be ranked: ``torch.topk`` selects it first while an insertion buffer may keep or
+    skip it, so the two paths would retrieve different rows. Both raise this instead.
+    """
+
+
+def _nan_error(rows: int, total: int) -> NaNScoresError:
+    return NaNScoresError(
+        f"product-key retrieval got NaN scores in {rows} of {total} rows: the queries or sub-keys "
+        f"hold NaN/inf (diverged training, or NaN input); NaN scores cannot be ranked"
+    )
 
 
 def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -97,18 +137,26 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     An insertion-sorted buffer of k per row: each of the S entries costs one comparison with the
     current k-th value (most are rejected), about 10x faster than ``torch.topk`` here. Falls back
-    to ``torch.topk`` without the kernel or when ``x`` needs a gradient. Unlike ``torch.topk``, a
-    NaN is never selected (scores of finite queries and keys are finite).
+    to ``torch.topk`` without the kernel or when ``x`` needs a gradient. A NaN anywhere in ``x``
+    raises :class:`NaNScoresError` on both paths (``torch.topk`` would select it first, the buffer
+    could not rank it).
     """
     x = x.contiguous()
     lib = float_kernel("topk", _TOPK_C, x)
     if lib is None or x.requires_grad:
-        return x.topk(k, dim=-1)
+        v, i = x.topk(k, dim=-1)
+        # torch.topk ranks NaN above everything: a row with a NaN has one among its top k
+        if x.numel() and bool(v.detach().isnan().any()):
+            nan_rows = int(v.detach().isnan().any(-1).sum())
+            raise _nan_error(nan_rows, x.numel() // x.shape[-1])
+        return v, i
     S = x.shape[-1]
-    rows = x.numel() // S
+    rows = x.numel() // S if S else 0
     v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
     i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
-    getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")(
+    fn = getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")
+    fn.restype = ctypes.c_int64
+    nan_rows = fn(
         c_ptr(x),
         ctypes.c_int64(rows),
         ctypes.c_int64(S),
@@ -117,6 +165,8 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         c_ptr(i),
         ctypes.c_int(torch.get_num_threads()),
     )
+    if nan_rows:
+        raise _nan_error(nan_rows, rows)
     return v, i
 
 
@@ -185,6 +235,8 @@ def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tenso
     top_i = top_i.view(H, 2, T, top_k)
     cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
     best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # [H, T, k], grid positions in [0, k²)
+    if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the two halves
+        raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
     i = top_i[:, 0].gather(-1, pos // top_k)
     j = top_i[:, 1].gather(-1, pos % top_k)
     idx = i * S + j
@@ -194,6 +246,6 @@ def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tenso
 def duplicated_retrievals(idx_THK: Tensor) -> Tensor:
     """Per token, retrievals (over all heads) that repeat an expert already retrieved by another
     head (within one head the k ids are distinct). Returns long ``[T]``."""
-    T = idx_THK.shape[0]
-    s = idx_THK.reshape(T, -1).sort(dim=-1).values
+    T, H, K = idx_THK.shape
+    s = idx_THK.reshape(T, H * K).sort(dim=-1).values  # explicit width: T may be 0
     return (s[:, 1:] == s[:, :-1]).sum(-1)

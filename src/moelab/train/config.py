@@ -80,6 +80,11 @@ class OptimConfig(Config):
 
     The lr rises linearly over ``warmup_steps`` to ``lr`` and follows a half cosine down to
     ``min_lr_ratio · lr`` at the last step (ReMoE: 5e-4 → 5e-5, i.e. a ratio of 0.1).
+
+    ``table_optimizer`` is how the product-key tables (PEER/PKM, sparse row gradients) are updated:
+    ``"lazy"`` touches only the rows retrieved in the step (moments and weight decay of the other
+    rows frozen); ``"dense"`` is textbook AdamW on every row, as the PEER paper trained. Measured
+    on peer-tiny in docs/peer.md ("Lazy vs dense table optimizer").
     """
 
     lr: float = 5e-4
@@ -90,6 +95,7 @@ class OptimConfig(Config):
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global L2 norm; null: no clipping
+    table_optimizer: Literal["lazy", "dense"] = "lazy"  # build_optimizer(table_optimizer=...)
 
     def validate(self) -> None:
         check(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -19,9 +19,17 @@ touched rows only. Equivalently: every row follows exactly the AdamW trajectory 
 the optimizer only ever saw the steps in which that row was retrieved. A row never retrieved is
 never changed (no decay, no moment decay). With every row touched in every step this is exactly
 dense AdamW. Rows listed in a sparse gradient with an explicit zero value count as touched.
+``sparse_mode="dense"`` turns the lazy update off: a sparse gradient is densified and the table gets
+the textbook update above (every row's moments decay and every row is decayed every step), at
+O(N·D) cost per step.
 
-Optimizer state for a sparse ``[N, D]`` table: ``exp_avg`` and ``exp_avg_sq`` (``[N, D]``, the
-parameter's dtype) and ``row_step`` (int32 ``[N]``); the update runs in row chunks so its scratch
+Precision: the arithmetic and the moments are float32 for bfloat16 / float16 parameters (float64
+for float64 ones); only the updated parameter is rounded back to its dtype. In bfloat16,
+``0.999**t`` rounds to exactly 1, so a bias correction computed in the parameter's dtype would be 0
+forever, and ``β2·v`` rounds back to ``v``, so a bfloat16 second moment never decays.
+
+Optimizer state for a sparse ``[N, D]`` table: ``exp_avg`` and ``exp_avg_sq`` (``[N, D]``, float32
+or float64 as above) and ``row_step`` (int32 ``[N]``); the update runs in row chunks so its scratch
 memory stays bounded regardless of N.
 """
 
@@ -30,13 +38,23 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from moelab.native import advise_huge_pages, load_c_kernel
+from moelab.native import adamw_state_dtype, advise_huge_pages, load_c_kernel
 
-__all__ = ["SparseAdamW", "build_optimizer", "clip_grad_norm_", "optimizer_state_bytes"]
+__all__ = [
+    "SPARSE_MODES",
+    "SparseAdamW",
+    "build_optimizer",
+    "clip_grad_norm_",
+    "optimizer_state_bytes",
+]
+
+SPARSE_MODES = ("lazy", "dense")  # how SparseAdamW treats sparse row gradients (module docstring)
+SparseMode = Literal["lazy", "dense"]
 
 _ROW_CHUNK = 1024  # rows per chunk of the eager sparse path (bounds scratch memory)
 
@@ -79,6 +97,8 @@ def _c_rows_update(
 ) -> bool:
     """Fused C row update; False when the kernel or the dtype/layout is unavailable."""
     if p2.device.type != "cpu" or p2.dtype not in _C_FUNCS or not p2.is_contiguous():
+        return False
+    if m2.dtype != p2.dtype or v2.dtype != p2.dtype:
         return False
     lib = load_c_kernel("sparse_adamw", _SPARSE_ADAMW_C)
     if lib is None:
@@ -133,7 +153,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay; dense grads exact, sparse (row) grads lazy per row.
 
-    See the module docstring for the update equations and the lazy semantics.
+    See the module docstring for the update equations and the lazy semantics. ``sparse_mode``:
+    ``"lazy"`` (default) updates only the rows in a sparse gradient; ``"dense"`` gives tables with
+    sparse gradients the textbook AdamW update of every row. It is an attribute of the optimizer,
+    not of its param groups, so a resumed run uses the mode it was built with, not the saved one.
     """
 
     def __init__(
@@ -143,7 +166,10 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        sparse_mode: SparseMode = "lazy",
     ) -> None:
+        if sparse_mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {sparse_mode!r}")
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -155,19 +181,33 @@ class SparseAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.use_c_kernel = True  # fused C row update when it compiles; eager otherwise
+        self.sparse_mode: SparseMode = sparse_mode
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """``Optimizer.load_state_dict``, keeping ``row_step`` int32.
+        """``Optimizer.load_state_dict``, keeping ``row_step`` int32 and the moments float32.
 
         torch casts every non-``step`` state tensor of a floating-point parameter to the
-        parameter's dtype, which turns ``row_step`` into float32 (and the C kernel reads it as
-        int32): a resumed run would then use wrong bias corrections for sparse rows.
+        parameter's dtype: ``row_step`` would become float (bfloat16 cannot even count past 256,
+        and the C kernel reads int32) and the float32 moments of a 16-bit parameter would be
+        rounded to 16 bits. The saved tensors are taken again, in the dtypes this optimizer uses.
         """
         super().load_state_dict(state_dict)
-        for state in self.state.values():
-            row_step = state.get("row_step")
-            if row_step is not None and row_step.dtype != torch.int32:
-                state["row_step"] = row_step.round().to(torch.int32)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            saved, state = state_dict["state"].get(pid), self.state.get(p)
+            if saved is None or state is None:
+                continue
+            for key, dtype in (
+                ("row_step", torch.int32),
+                ("exp_avg", adamw_state_dtype(p.dtype)),
+                ("exp_avg_sq", adamw_state_dtype(p.dtype)),
+            ):
+                if key in saved:
+                    value = saved[key]
+                    if key == "row_step" and value.is_floating_point():
+                        value = value.round()  # a checkpoint written before row_step was kept int
+                    state[key] = value.to(device=p.device, dtype=dtype)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's Optimizer signature
@@ -182,7 +222,9 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
+                if p.grad.is_sparse and self.sparse_mode == "dense":
+                    self._dense_step(p, p.grad.to_dense(), lr, beta1, beta2, eps, wd)
+                elif p.grad.is_sparse:
                     self._sparse_step(p, p.grad, lr, beta1, beta2, eps, wd)
                 else:
                     self._dense_step(p, p.grad, lr, beta1, beta2, eps, wd)
@@ -196,21 +238,26 @@ class SparseAdamW(torch.optim.Optimizer):
             idx = torch.arange(p.shape[0], device=p.device)
             self._rows_update(p, idx, g, lr, beta1, beta2, eps, wd)
             return
+        cdt = adamw_state_dtype(p.dtype)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = torch.zeros_like(p, dtype=cdt, memory_format=torch.preserve_format)
         state["step"] += 1
         t = float(state["step"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        pc = p if p.dtype == cdt else p.to(cdt)  # 16-bit parameters: update a float32 copy
+        g = g.to(cdt)
         if wd != 0.0:
-            p.mul_(1.0 - lr * wd)
+            pc.mul_(1.0 - lr * wd)
         m.lerp_(g, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         bc1 = 1.0 - beta1**t
         bc2 = 1.0 - beta2**t
         denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bc1)
+        pc.addcdiv_(m, denom, value=-lr / bc1)
+        if pc is not p:
+            p.copy_(pc)
 
     def _sparse_step(
         self, p: Tensor, g: Tensor, lr: float, beta1: float, beta2: float, eps: float, wd: float
@@ -244,10 +291,11 @@ class SparseAdamW(torch.optim.Optimizer):
             state["row_step"] = torch.full(
                 (p.shape[0],), int(state.pop("step")), dtype=torch.int32, device=p.device
             )
+        cdt = adamw_state_dtype(p.dtype)
         if not state:
             state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
             for name in ("exp_avg", "exp_avg_sq"):  # huge pages: random row access (PEER/PKM)
-                buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                buf = torch.empty_like(p, dtype=cdt, memory_format=torch.contiguous_format)
                 state[name] = advise_huge_pages(buf).zero_()
         row_step, m, v = state["row_step"], state["exp_avg"], state["exp_avg_sq"]
         p2 = p.view(p.shape[0], -1)
@@ -260,22 +308,22 @@ class SparseAdamW(torch.optim.Optimizer):
         decay = 1.0 - lr * wd
         for start in range(0, idx_U.numel(), _ROW_CHUNK):
             rows = idx_U[start : start + _ROW_CHUNK]
-            gc = g2[start : start + _ROW_CHUNK]
+            gc = g2[start : start + _ROW_CHUNK].to(cdt)
             t = row_step.index_select(0, rows) + 1
             row_step.index_copy_(0, rows, t)
-            t_f = t.to(p.dtype).unsqueeze(1)
+            t_f = t.to(cdt).unsqueeze(1)
             bc1 = 1.0 - torch.pow(beta1, t_f)  # [R, 1] per-row bias corrections
             bc2_sqrt = (1.0 - torch.pow(beta2, t_f)).sqrt_()
             mc = m2.index_select(0, rows).lerp_(gc, 1.0 - beta1)
             vc = v2.index_select(0, rows).mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
             m2.index_copy_(0, rows, mc)
             v2.index_copy_(0, rows, vc)
-            pc = p2.index_select(0, rows)
+            pc = p2.index_select(0, rows).to(cdt)
             if wd != 0.0:
                 pc.mul_(decay)
             denom = vc.sqrt_().div_(bc2_sqrt).add_(eps)  # vc is scratch from here on
             pc.addcdiv_(mc.div_(bc1), denom, value=-lr)
-            p2.index_copy_(0, rows, pc)
+            p2.index_copy_(0, rows, pc.to(p.dtype))
 
 
 def build_optimizer(
@@ -284,13 +332,21 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.Optimizer:
+    table_optimizer: SparseMode = "lazy",
+) -> SparseAdamW:
     """One AdamW over ``model`` (decay on matrices only) that also handles sparse row gradients.
 
     Groups are named ``"decay"`` / ``"no_decay"`` (``group["name"]``); LR schedulers act on both.
+    ``table_optimizer`` is :class:`SparseAdamW`'s ``sparse_mode`` for the tables that get sparse
+    row gradients (PEER/PKM): ``"lazy"`` (only retrieved rows) or ``"dense"`` (textbook AdamW).
     """
     return SparseAdamW(
-        _param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+        _param_groups(model, weight_decay),
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        sparse_mode=table_optimizer,
     )
 
 
@@ -322,6 +378,7 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
 
 
 def optimizer_state_bytes(p: Tensor, sparse: bool = False) -> int:
-    """Bytes of AdamW state for ``p``: two moments (+ an int32 row-step per row when sparse)."""
-    moments = 2 * p.numel() * p.element_size()
+    """Bytes of AdamW state for ``p``: two moments in :func:`~moelab.native.adamw_state_dtype`
+    (+ an int32 row-step per row when sparse)."""
+    moments = 2 * p.numel() * torch.empty((), dtype=adamw_state_dtype(p.dtype)).element_size()
     return moments + (4 * p.shape[0] if sparse else 0)
