@@ -4,9 +4,10 @@ Every number a reader sees in the README's results comes from the committed file
 directory (``suite.json``, ``runs/<run>/summary.json`` / ``provenance.json`` / ``metrics.jsonl``,
 ``analysis.json``), rendered here between ``<!-- results:begin -->`` and ``<!-- results:end -->``:
 nothing is copied by hand, so nothing can drift from the data. The verdicts on the papers'
-claims ("does ReMoE beat TopK?") are computed from the same files (:mod:`moelab.analysis.claims`), so a
-rerun that changes an outcome changes the verdict too. :func:`check_blocks` is what a test runs: it
-fails when a committed block differs from what the committed files give.
+claims ("does ReMoE beat TopK?") are computed from the same files
+(:mod:`moelab.analysis.claims`), so a rerun that changes an outcome changes the verdict too.
+:func:`check_blocks` is what a test runs: it fails when a committed block differs from what the
+committed files give.
 """
 
 

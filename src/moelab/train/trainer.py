@@ -119,7 +119,12 @@ class Trainer:
         self.layers = routed_by_block(self.model)
         oc = config.optim
         self.optimizer = build_optimizer(
-            self.model, oc.lr, oc.weight_decay, betas=(oc.beta1, oc.beta2), eps=oc.eps
+            self.model,
+            oc.lr,
+            oc.weight_decay,
+            betas=(oc.beta1, oc.beta2),
+            eps=oc.eps,
+            table_optimizer=oc.table_optimizer,
         )
         self.scheduler = build_scheduler(
             self.optimizer, oc.warmup_steps, config.train.steps, oc.min_lr_ratio
