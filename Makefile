@@ -35,7 +35,7 @@ bench: setup
 # interrupted), export reports and per-run data into docs/results/<suite>/, rewrite the README's
 # results blocks. Needs a committed tree. RESULTS_ARGS="--suites load-balance" for one suite.
 results: setup
-	$(PY) scripts/make_results.py $(RESULTS_ARGS)
+	$(PY) scripts/make_results.py --jobs 2 $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

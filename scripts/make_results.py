@@ -67,6 +67,30 @@ def drop_stale_runs(suite_dir: Path, code: str, log=print) -> list[Path]:
     return dropped
 
 
+def run_suites(commands: dict[str, list[str]], jobs: int) -> int:
+    """Run each suite's ``moelab compare`` with at most ``jobs`` at a time (every run trains on
+    one thread, so on a machine with N idle cores N jobs take about 1/N of the time; the runs'
+    numbers do not depend on it). Returns 0, or 1 if any suite failed."""
+    pending, running, failed = list(commands.items()), {}, False
+    while pending or running:
+        while pending and len(running) < jobs:
+            suite, cmd = pending.pop(0)
+            print(f"== {suite}: {' '.join(cmd[1:])}", flush=True)
+            (ROOT / "runs").mkdir(exist_ok=True)
+            log = open(ROOT / "runs" / f"results-{suite}.log", "w")  # noqa: SIM115
+            running[suite] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log), log,
+                              time.time())
+        time.sleep(2)
+        for suite, (proc, log, t) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[suite]
+                failed |= proc.returncode != 0
+                state = "done" if proc.returncode == 0 else f"FAILED (runs/results-{suite}.log)"
+                print(f"== {suite}: {state} in {(time.time() - t) / 60:.1f} min", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from moelab.analysis.suites import SUITES
 
@@ -85,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-dirty", action="store_true",
                    help="train from a tree with uncommitted changes (the results say so; runs "
                    "an earlier dirty tree of the same commit trained count as current)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="suites trained at the same time (each run uses one thread)")
     p.add_argument("--export-only", action="store_true",
                    help="no training: export the working directories and rewrite the blocks")
     p.add_argument("--no-html", action="store_true", help="do not commit report.html")
@@ -101,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if code.endswith("+dirty") and not args.allow_dirty:
             p.error(f"the tree has uncommitted changes ({code}): commit them first, so the "
                     "results name the commit that produced them (or pass --allow-dirty)")
+        commands = {}
         for suite in args.suites:
             out = args.work / suite
             drop_stale_runs(out, code)
@@ -115,14 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--seeds", *map(str, args.seeds)]
             for o in args.overrides:
                 cmd += ["--set", o]
-            cmd += args.compare_args.split()
-            print(f"== {suite}: {' '.join(cmd[1:])}", flush=True)
-            t = time.time()
-            if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-                print(f"make_results: {suite} failed; fix it and rerun (finished runs are "
-                      "kept)", file=sys.stderr)
-                return 1
-            print(f"== {suite}: {(time.time() - t) / 60:.1f} min", flush=True)
+            commands[suite] = cmd + args.compare_args.split()
+        if run_suites(commands, args.jobs) != 0:
+            print("make_results: a suite failed; fix it and rerun (finished runs are kept)",
+                  file=sys.stderr)
+            return 1
     from moelab.analysis.export import export_suite
     from moelab.analysis.results import write_blocks
 
