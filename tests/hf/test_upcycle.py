@@ -111,3 +111,30 @@ def test_upcycle_cli_then_train_resume(
         == 2
     )
     assert "upcycling needs a dense model, got kind 'moe'" in capsys.readouterr().err
+
+
+def test_llama_checkpoint_converts_then_upcycles_exactly() -> None:
+    transformers = pytest.importorskip("transformers")
+    from moelab.hf import convert
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.15) if p.dim() > 1 else p.copy_(1 + 0.2 * torch.randn_like(p))
+        expected = llama(IDS).logits
+        dense = convert(llama)
+        torch.testing.assert_close(dense(IDS), expected, rtol=1e-4, atol=1e-5)
+        moe = upcycle(dense, 4, 2, granularity=2).eval()
+        torch.testing.assert_close(moe(IDS), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="dense model with no router to switch"):
+        convert(llama, router="relu")
