@@ -12,7 +12,7 @@ import torch
 
 from moelab.cli import main
 from moelab.model import generate
-from moelab.train import load_run, train
+from moelab.train import load_run, run_tokenizer, train
 from run_fixtures import tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -69,7 +69,10 @@ def test_export_logits_and_greedy_generation_match_moelab(
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
-    prompt = torch.tensor([[tok.eos_token_id, *tok("def f0_1(x):")["input_ids"]]])
+    prompt = torch.tensor([tok("def f0_1(x):")["input_ids"]])
+    tokens = run_tokenizer(run)
+    assert prompt[0].tolist() == [tokens.eos_id, *tokens.encode("def f0_1(x):")]  # as in training
+    assert tok.decode(prompt[0, 1:]) == "def f0_1(x):"
     expected = generate(model, prompt, max_new_tokens=8, temperature=0)
     got = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert got.tolist() == expected.tolist()

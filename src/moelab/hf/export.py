@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 from moelab.data.tokenizer import PAD_TOKEN, TextTokenizer
 from moelab.model import ModelConfig, TransformerLM
@@ -186,8 +186,19 @@ def export_model(
 
 def write_tokenizer(tokenizer: TextTokenizer, out: Path, max_len: int) -> None:
     """``tokenizer.json`` and a ``tokenizer_config.json`` that ``AutoTokenizer`` reads as a fast
-    tokenizer, with the end-of-text token as BOS/EOS (documents start after one in training)."""
-    shutil.copyfile(tokenizer.path, out / "tokenizer.json")
+    tokenizer, with the end-of-text token as BOS/EOS. moelab's documents start after an
+    end-of-text token in training, so the exported tokenizer prepends one when asked for special
+    tokens (``transformers``' default, as Llama's adds its BOS): ``tok(text)`` is what the model
+    saw; moelab's own tokenizer never adds it (same token ids otherwise)."""
+    tok = Tokenizer.from_file(str(tokenizer.path))
+    if tokenizer.eos_token is not None:
+        eos = tokenizer.eos_token
+        prefix = processors.TemplateProcessing(
+            single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, tokenizer.eos_id)]
+        )
+        old = tok.post_processor
+        tok.post_processor = prefix if old is None else processors.Sequence([old, prefix])
+    tok.save(str(out / "tokenizer.json"))
     cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": max_len,
