@@ -8,8 +8,11 @@ needs no adapter: lm-eval's own ``hf`` model loads it (``pretrained=DIR,trust_re
 Hub tasks need network access, so :func:`build_cloze_task` writes a small local task in lm-eval's
 YAML format: ``moelab_cloze``, multiple-choice next-word prediction on a dataset's held-out (val)
 split. Each item is ~200 characters of held-out text ending before a word of at least four letters;
-the choices are that word and three other words drawn from the same split (chance: 25%); metrics
-``acc`` (the choice with the highest log-likelihood) and ``acc_norm`` (per byte).
+the choices are that word and three words found at other random positions of the split. Targets and
+distractors are drawn from the same distribution (word frequencies included), so a model that
+ignores the context, unigram statistics and all, scores 25% on average: what is above that is the
+use of context. Metrics ``acc`` (the choice with the highest log-likelihood) and ``acc_norm`` (per
+byte).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def build_cloze_task(
         for m in _WORD.finditer(text)
         if m.start() >= context_chars // 2
     ]
-    words = sorted({_WORD.match(docs[d], s).group(1) for d, s in candidates})
+    occurrences = [_WORD.match(docs[d], s).group(1) for d, s in candidates]
+    words = set(occurrences)
     if len(candidates) < items or len(words) < 4:
         raise ValueError(
             f"--data: the val split of {dataset_dir} holds {len(candidates)} cloze positions "
@@ -93,7 +97,11 @@ def build_cloze_task(
         if cut > 0:  # start the context at a word boundary
             cut = text.find(" ", cut) + 1
         context = text[cut : start - 1]
-        choices = [word, *rng.sample([w for w in words if w != word], 3)]
+        choices = [word]
+        while len(choices) < 4:  # words at other positions: the targets' own frequencies
+            other = occurrences[rng.randrange(len(occurrences))]
+            if other not in choices:
+                choices.append(other)
         rng.shuffle(choices)
         rows.append({"context": context, "choices": choices, "label": choices.index(word)})
     out = Path(out_dir).expanduser()
@@ -272,7 +280,9 @@ def evaluate(
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
             }
         else:
-            lm_model, _ = load_run(path, checkpoint)
+            lm_model, config = load_run(path, checkpoint)
+            if config.train.threads is not None:  # the run's choice (tiny presets: 1)
+                torch.set_num_threads(config.train.threads)
             model, model_args = make_lm(lm_model, run_tokenizer(path)), None
         results = lm_eval.simple_evaluate(
             model=model,
