@@ -118,3 +118,20 @@ def test_export_refuses_a_router_it_cannot_reproduce(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"router 'hf-export-test' \(block 0\).*supported: dense"):
         export_model(TransformerLM(cfg), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_registered_auto_classes_load_an_export_without_remote_code(tmp_path: Path) -> None:
+    from moelab.hf import export_model, register_auto_classes
+    from moelab.model import ModelConfig, TransformerLM
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=16)
+    model = TransformerLM(cfg).eval()
+    export_model(model, tmp_path / "out")
+    register_auto_classes()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", trust_remote_code=False
+    )
+    assert type(hf).__module__ == "moelab.hf.modeling_moelab"
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids))

@@ -41,6 +41,7 @@ def test_lm_eval_runs_the_cloze_task_on_a_run_and_an_export(
     ours = json.loads(capsys.readouterr().out)["moelab_cloze"]
     assert 0.0 <= ours["acc"] <= 1.0 and 0.0 <= ours["acc_norm"] <= 1.0
 
+    pytest.importorskip("transformers")
     assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     args = ["lm-eval", str(tmp_path / "hf"), "--data", str(data_dir), "--items", "30", "--json"]

@@ -64,7 +64,12 @@ def convert_checkpoint(
     """A local ``transformers`` checkpoint directory (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, or a
     dense Llama/Mistral/Qwen2) converted into a moelab run (ReLU-routed with ``router="relu"``) on
     the prepared dataset ``data``, which must be tokenised with the checkpoint's tokenizer."""
-    import transformers  # the `hf` extra; only this entry point needs it
+    try:
+        import transformers  # the `hf` extra; only this entry point needs it
+    except ImportError:
+        raise ValueError(
+            "convert-hf: needs transformers (pip install 'moelab[hf]' or 'transformers>=4.44')"
+        ) from None
 
     path = Path(hf_dir).expanduser()
     if not (path / "config.json").is_file():
