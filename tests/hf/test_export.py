@@ -135,3 +135,33 @@ def test_registered_auto_classes_load_an_export_without_remote_code(tmp_path: Pa
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids))
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(tmp_path: Path) -> None:
+    from moelab.hf import export_model
+    from moelab.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=32,
+        init_std=0.2,
+        ffn={"kind": "moe", "num_experts": 4, "top_k": 2, "d_hidden": 32},
+    )
+    model = TransformerLM(cfg).eval()
+    export_model(model, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    a, b = torch.randint(1, 64, (7,)), torch.randint(1, 64, (4,))
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0], ids[1, 3:] = a, b
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    out = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    assert out[0].tolist() == generate(model, a[None], 6, temperature=0)[0].tolist()
+    assert out[1, 3:].tolist() == generate(model, b[None], 6, temperature=0)[0].tolist()
