@@ -31,7 +31,7 @@ bench: setup
 	$(VENV)/bin/moelab bench moe
 	$(VENV)/bin/moelab bench peer
 
-# Rerun every suite of docs/results with the current code (~75 min on a 2-core CPU; resumes if
+# Rerun every suite of docs/results with the current code (~40 min on 2 idle cores, 2 suites at a time; resumes if
 # interrupted), export reports and per-run data into docs/results/<suite>/, rewrite the README's
 # results blocks. Needs a committed tree. RESULTS_ARGS="--suites load-balance" for one suite.
 results: setup

@@ -91,6 +91,20 @@ def tiny_config(data_dir: Path, ffn: dict[str, Any] | None = None, **sections: A
     return RunConfig.from_dict(raw)
 
 
+# Command-line overrides that shrink any preset to a one-block d_model=32 model (CLI tests).
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.ffn.d_hidden=32",
+    "data.seq_len=16",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.eval_max_batches=1",
+    "logging.progress=false",
+    "logging.log_every=1",
+]
+
 REMOE = {"kind": "moe", "router": "relu", "num_experts": 4, "top_k": 1, "d_hidden": 32}
 TOPK = {"kind": "moe", "router": "topk", "num_experts": 4, "top_k": 2, "d_hidden": 32}
 

@@ -9,19 +9,7 @@ import pytest
 
 from moelab.cli import main
 from moelab.rundir import RunDir
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.ffn.d_hidden=32",
-    "data.seq_len=16",
-    "data.batch_size=2",
-    "data.eval_batch_size=2",
-    "data.eval_max_batches=1",
-    "logging.progress=false",
-    "logging.log_every=1",
-]
+from run_fixtures import TINY
 
 
 def test_train_resume_and_print_config(

@@ -10,20 +10,7 @@ import pytest
 from moelab.cli import main
 from moelab.rundir import RunDir
 from moelab.train import CheckpointError, load_run, train
-from run_fixtures import tiny_config
-
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.ffn.d_hidden=32",
-    "data.seq_len=16",
-    "data.batch_size=2",
-    "data.eval_batch_size=2",
-    "data.eval_max_batches=1",
-    "logging.progress=false",
-    "logging.log_every=1",
-]
+from run_fixtures import TINY, tiny_config
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from moelab.analysis.origin import Provenance
 from moelab.analysis.runs import RunRecord
+from moelab.config import flatten
 from moelab.rundir import RunDir
 
 FLOPS_TOLERANCE = 0.05  # active FLOPs/token may differ by 5% and still count as matched
@@ -26,15 +27,6 @@ _SHOWN = {
     "model.ffn.top_k", "model.ffn.heads", "model.ffn.granularity", "model.ffn.shared_experts",
     "optim.lr", "train.steps", "train.seed", "data.seed", "data.path",
 }
-
-
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _si(x: float) -> str:
@@ -61,7 +53,7 @@ def _data_sha(records: list[dict[str, Any]]) -> list[str]:
 def run_settings(rec: RunRecord, records: list[dict[str, Any]]) -> dict[str, str]:
     """One run's settings as display strings (``–`` where a setting does not apply or is not
     recorded), from its config, summary and provenance."""
-    cfg = _flat(RunDir(rec.path).raw_config())
+    cfg = flatten(RunDir(rec.path).raw_config())
     kind = cfg.get("model.ffn.kind")
 
     def get(key: str) -> str:
@@ -98,7 +90,7 @@ def _other_differences(records: list[RunRecord]) -> dict[str, dict[str, str]]:
     ``run name → {key: value}`` (e.g. ``model.ffn.balance_coef`` 0.01 vs 0 in the load-balance
     suite). A key only some kinds of layer have is compared among the runs that have it (``–``
     for the others)."""
-    flats = {r.name: _flat(RunDir(r.path).raw_config()) for r in records}
+    flats = {r.name: flatten(RunDir(r.path).raw_config()) for r in records}
     keys = sorted({k for f in flats.values() for k in f} - _SHOWN)
     differing = [k for k in keys if len({repr(f[k]) for f in flats.values() if k in f}) > 1]
     return {n: {k: str(f[k]) if k in f else "–" for k in differing} for n, f in flats.items()}

@@ -25,7 +25,7 @@ import yaml
 from moelab import provenance
 from moelab.analysis.origin import check_same_code
 from moelab.analysis.report import build_report
-from moelab.config import dump_yaml
+from moelab.config import dump_yaml, flatten
 from moelab.rundir import RunDir
 from moelab.train import resolve_run_config, train
 
@@ -127,15 +127,6 @@ def plan_suite(
     return plan
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def check_kept_runs(plan: list[PlannedRun]) -> None:
     """Refuse (ValueError naming the run and the keys) a run kept from an earlier invocation whose
     config is not the one this plan would train: a suite resumed with other ``--steps`` or
@@ -144,9 +135,9 @@ def check_kept_runs(plan: list[PlannedRun]) -> None:
         rundir = RunDir(p.run_dir)
         if not rundir.holds_run:
             continue
-        want = _flat(yaml.safe_load(dump_yaml(
+        want = flatten(yaml.safe_load(dump_yaml(
             resolve_run_config(preset=p.preset, overrides=list(p.overrides)))))
-        have = _flat(rundir.raw_config())
+        have = flatten(rundir.raw_config())
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             shown = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])

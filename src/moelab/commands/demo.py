@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moelab.commands.train import moelab_command, print_start, print_summary
+    from moelab.commands.train import moelab_command, run_and_report
     from moelab.eval import generate_text
     from moelab.rundir import RunDir
     from moelab.train import DEFAULT_PRESET, Trainer, resolve_run_config, run_tokenizer
@@ -39,12 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if run_dir.exists() and not RunDir(run_dir).holds_run and any(run_dir.iterdir()):
         raise ValueError(f"--run-dir: {run_dir} exists and is not a moelab run; choose another")
     trainer = Trainer(config, run_dir, preset=preset, overwrite=True)  # an earlier demo run goes
-    print_start(trainer)
-    summary = trainer.run()
-    if summary.get("interrupted"):
-        print(f"continue with: {moelab_command()} train --resume {run_dir}")
+    if run_and_report(trainer, run_dir) is None:
         return 130
-    print_summary(summary, run_dir)
     model = trainer.model.eval()
     tok = run_tokenizer(run_dir)
     for prompt in PROMPTS:

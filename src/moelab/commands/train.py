@@ -84,13 +84,19 @@ def run(args: argparse.Namespace) -> int:
             f"{moelab_command()} train --resume {run_dir} train.steps={2 * trainer.step}"
         )
         return 0
+    return 130 if run_and_report(trainer, run_dir) is None else 0
+
+
+def run_and_report(trainer, run_dir: Path) -> dict | None:  # noqa: ANN001 - a Trainer
+    """Train with the start and end lines printed; None (after saying how to continue) when the
+    run was interrupted, else its summary."""
     print_start(trainer)
     summary = trainer.run()
     if summary.get("interrupted"):
         print(f"continue with: {moelab_command()} train --resume {run_dir}")
-        return 130
+        return None
     print_summary(summary, run_dir)
-    return 0
+    return summary
 
 
 def moelab_command() -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "check",
     "dump_yaml",
+    "flatten",
     "from_dict",
     "load_config",
     "parse_override",
@@ -132,3 +133,14 @@ def load_config(
         data = source or {}
     data = apply_overrides(cls, data, overrides)
     return from_dict(cls, data)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys (``{"model.ffn.top_k": 1, ...}``): the names overrides
+    use, for comparing two configs key by key."""
+    if not isinstance(data, Mapping):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -30,6 +30,7 @@ def check_moe_args(
     capacity_factor: float | None = None,
     activation: str = "swiglu",
     backend: str = "auto",
+    shared_gate: bool = False,
 ) -> None:
     """The MoE block's own argument checks (the router checks its options when built); shared
     with the config, which runs them at load time without allocating a layer."""
@@ -47,6 +48,8 @@ def check_moe_args(
         raise ValueError(f"granularity must divide d_hidden ({d_hidden}), got {granularity}")
     if not isinstance(shared_experts, int) or shared_experts < 0:
         raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
+    if shared_gate and not shared_experts:
+        raise ValueError("shared_gate needs shared_experts >= 1 (it gates the shared experts)")
     if capacity_factor is not None and (
         not isinstance(capacity_factor, int | float)
         or not math.isfinite(capacity_factor)
@@ -76,6 +79,8 @@ class MoE(RoutedLayer):
             is unchanged and the ReLU target stays ``1 − k/E``.
         shared_experts: S always-on experts of width ``d_hidden/G`` (DeepSeekMoE shared experts),
             computed for every token in addition to the routed ones.
+        shared_gate: scale the shared experts' output per token by ``sigmoid(x · w)``, a learnt
+            ``[1, D]`` gate (Qwen2-MoE's ``shared_expert_gate``); needs ``shared_experts > 0``.
         capacity_factor: ``None`` is dropless (no token is ever dropped); a number caps each expert
             at ``ceil(capacity_factor · T · k·G / (E·G))`` assignments, dropping later tokens first.
         activation: expert activation (``"swiglu"`` default).
@@ -103,6 +108,7 @@ class MoE(RoutedLayer):
         backend: str = "auto",
         init_std: float = 0.02,
         debug_uniform_routing: bool = False,
+        shared_gate: bool = False,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -116,6 +122,7 @@ class MoE(RoutedLayer):
             capacity_factor,
             activation,
             backend,
+            shared_gate,
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
@@ -141,6 +148,10 @@ class MoE(RoutedLayer):
             if shared_experts
             else None
         )
+        self.shared_gate = None
+        if shared_gate:  # nn.Linear(D, 1) layout, as Qwen2-MoE's shared_expert_gate
+            self.shared_gate = torch.nn.Linear(d_model, 1, bias=False)
+            torch.nn.init.normal_(self.shared_gate.weight, std=init_std)
 
     @property
     def sparsity_target(self) -> float | None:
@@ -172,7 +183,10 @@ class MoE(RoutedLayer):
         y_ND = self.experts(dispatch.gather(x_TD, perm), perm.counts, perm.weight_N)
         y_TD = dispatch.combine(y_ND, perm, weighted=True)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         if self.should_record():
             self._record(routed, decision, valid_T, assigned)

@@ -59,10 +59,12 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     add("embeddings", emb, emb, 2 * V * D, layers=0)  # only the head is a matmul
     attn_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attn = 2 * D * attn_dim + 2 * D * kv_dim
-    norms = (2 * cfg.n_layers + 1) * D
+    biases = (attn_dim + 2 * kv_dim) if cfg.qkv_bias else 0  # not matmul parameters
+    qk_norm = {"none": 0, "full": attn_dim + kv_dim, "head": 2 * cfg.head_dim}[cfg.qk_norm]
+    norms = (2 * cfg.n_layers + 1) * D + cfg.n_layers * qk_norm
     add("norms", norms, norms, 0, layers=0)
     for i in range(cfg.n_layers):
-        add("attention", attn, attn, 2 * attn + 4 * L * attn_dim)
+        add("attention", attn + biases, attn + biases, 2 * attn + 4 * L * attn_dim)
         ffn = cfg.ffn_for(i)
         a = ffn.accounting(D)
         flops = 2 * a["matmul_active"] + a["extra_flops"]

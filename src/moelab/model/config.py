@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from moelab.config import Config, ConfigError, check
 from moelab.model.ffn_configs import DenseConfig, FFNConfig
@@ -25,6 +25,12 @@ class ModelConfig(Config):
     ``ffn_layers`` chooses the blocks whose FFN is ``ffn`` ("all"; "middle" = the one block
     ``n_layers // 2``, as PEER's paper places its layer; or explicit block indices); the other
     blocks get a dense SwiGLU FFN of width ``dense_d_hidden`` (None: automatic).
+
+    ``qkv_bias``, ``qk_norm`` and ``head_size`` exist so that models of other families convert
+    into moelab unchanged (:mod:`moelab.hf`): biases on the query/key/value projections (Qwen2),
+    RMSNorm of the queries and keys after projection, over the whole projection (``full``, OLMoE)
+    or per head (``head``, Qwen3), and a head size other than ``d_model / n_heads`` (Qwen3).
+    They are written to ``config.yaml`` only when set.
     """
 
     vocab_size: int = 32000
@@ -42,6 +48,26 @@ class ModelConfig(Config):
     ffn: FFNConfig = field(default_factory=DenseConfig)
     ffn_layers: Literal["all", "middle"] | list[int] = "all"
     dense_d_hidden: int | None = None
+    qkv_bias: bool = False
+    qk_norm: Literal["none", "full", "head"] = "none"
+    head_size: int | None = None  # None: d_model // n_heads
+
+    # options of imported architectures, left out of config.yaml at their defaults
+    OPTIONAL_FIELDS: ClassVar[dict[str, Any]] = {
+        "qkv_bias": False,
+        "qk_norm": "none",
+        "head_size": None,
+    }
+
+    def dict_fields(self) -> list[str]:
+        """Every field but the imported-architecture options still at their defaults (so the
+        config files of ordinary runs do not change)."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in self.OPTIONAL_FIELDS
+            or getattr(self, f.name) != self.OPTIONAL_FIELDS[f.name]
+        ]
 
     # ---- derived values -------------------------------------------------------------------------
 
@@ -51,7 +77,7 @@ class ModelConfig(Config):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_size is None else self.head_size
 
     def ffn_layer_indices(self) -> list[int]:
         """Blocks whose FFN is the configured slot (the others are dense)."""
@@ -79,8 +105,10 @@ class ModelConfig(Config):
             check(value > 0, name, f"must be a positive integer, got {value}")
         kv = self.n_kv_heads
         check(kv is None or kv > 0, "n_kv_heads", f"must be a positive integer or null, got {kv}")
+        hs = self.head_size
+        check(hs is None or hs > 0, "head_size", f"must be a positive integer or null, got {hs}")
         check(
-            self.d_model % self.n_heads == 0,
+            hs is not None or self.d_model % self.n_heads == 0,
             "n_heads",
             f"must divide d_model ({self.d_model}), got {self.n_heads}",
         )
@@ -91,8 +119,10 @@ class ModelConfig(Config):
         )
         check(
             self.head_dim % 2 == 0,
-            "n_heads",
-            f"head_dim = d_model / n_heads must be even for RoPE, got {self.head_dim}",
+            "n_heads" if hs is None else "head_size",
+            f"head_dim = d_model / n_heads must be even for RoPE, got {self.head_dim}"
+            if hs is None
+            else f"must be even for RoPE, got {hs}",
         )
         check(self.rope_base > 0, "rope_base", f"must be > 0, got {self.rope_base}")
         check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")

@@ -160,6 +160,7 @@ class MoEConfig(_FFNSlot):
     router: str = "topk"
     granularity: int = 1
     shared_experts: int = 0
+    shared_gate: bool = False  # sigmoid gate on the shared experts (Qwen2-MoE)
     capacity_factor: float | None = None
     renormalize: bool = False
     softmax_after_topk: bool = False
@@ -198,6 +199,7 @@ class MoEConfig(_FFNSlot):
                 self.capacity_factor,
                 self.activation,
                 self.backend,
+                self.shared_gate,
             ),
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
@@ -211,6 +213,7 @@ class MoEConfig(_FFNSlot):
             for f in dataclasses.fields(self)
             if (f.name not in ROUTER_OPTION_FIELDS or f.name in accepted)
             and (f.name != "router_options" or self.router_options)
+            and (f.name != "shared_gate" or self.shared_gate)
         ]
 
     def router_kwargs(self) -> dict[str, Any]:
@@ -237,6 +240,7 @@ class MoEConfig(_FFNSlot):
             activation=self.activation,
             backend=self.backend,
             init_std=init_std,
+            shared_gate=self.shared_gate,
             **self.router_kwargs(),
         )
 
@@ -249,7 +253,7 @@ class MoEConfig(_FFNSlot):
             ffn_params(d_model, self.shared_experts * width, self.activation)
             if self.shared_experts
             else 0
-        )
+        ) + (d_model if self.shared_gate else 0)
         total = self.num_experts * g * expert + router + shared
         active = self.top_k * g * expert + router + shared
         return {

@@ -94,24 +94,38 @@ class Attention(nn.Module):
     """Causal grouped-query attention (Ainslie et al. 2023) with RoPE and no biases.
 
     G key/value heads serve H query heads (H/G queries share one K/V); G == H is plain MHA.
+    Options of imported architectures (:mod:`moelab.hf`): ``qkv_bias`` (Qwen2), ``qk_norm``
+    (RMSNorm of queries and keys before RoPE: ``full`` over the projection, OLMoE; ``head`` per
+    head, Qwen3).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(q_dim if full else cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(kv_dim if full else cfg.head_dim, cfg.norm_eps)
 
     def forward(
         self, x_BLD: Tensor, cos_Ld2: Tensor, sin_Ld2: Tensor, kv_cache: KVCache | None = None
     ) -> Tensor:
         B, L, _ = x_BLD.shape
-        q_BHLd = self.wq(x_BLD).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGLd = self.wk(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BLD), self.wk(x_BLD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BHLd = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BGLd = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BGLd = self.wv(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q_BHLd, k_BGLd = self.q_norm(q_BHLd), self.k_norm(k_BGLd)
         q_BHLd, k_BGLd = apply_rope(q_BHLd, cos_Ld2, sin_Ld2), apply_rope(k_BGLd, cos_Ld2, sin_Ld2)
 
         past = 0
@@ -205,8 +219,13 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
                 nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
-            for norm in (block.attn_norm, block.ffn_norm):
+            norms = [block.attn_norm, block.ffn_norm]
+            if block.attn.qk_norm != "none":
+                norms += [block.attn.q_norm, block.attn.k_norm]
+            for norm in norms:
                 nn.init.ones_(norm.weight)
             if isinstance(block.ffn, DenseFFN | MoE):  # DenseFFN.w2_FD, experts' w2_EFD
                 for name, p in block.ffn.named_parameters():

@@ -1,0 +1,64 @@
+"""``moelab convert-hf HF_DIR RUN_DIR``: a local transformers MoE checkpoint as a moelab run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-hf",
+        help="convert a local transformers checkpoint (Mixtral, OLMoE, Qwen2/3-MoE, Llama) "
+        "into a moelab run, optionally switched to ReLU routing",
+        description="Convert a local transformers checkpoint directory into a moelab run "
+        "directory whose step-0 checkpoint holds its weights; continue with "
+        "`moelab train --resume RUN_DIR`. Overrides (KEY=VALUE) set data/optim/train/logging/"
+        "checkpoint fields, e.g. train.steps=1000 optim.lr=1e-4.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a dataset prepared with the checkpoint's tokenizer "
+        "(moelab data prepare ... --tokenizer HF_DIR)",
+    )
+    p.add_argument(
+        "--router",
+        choices=["topk", "relu"],
+        default="topk",
+        help="topk: the checkpoint's own routing (same outputs); relu: ReMoE's ReLU routing "
+        "with target sparsity 1 - k/E",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides (right after the directories; anywhere else use --set)",
+    )
+    p.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted override (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run in RUN_DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moelab.hf.runs import convert_checkpoint
+
+    ckpt = convert_checkpoint(
+        args.hf_dir,
+        args.run_dir,
+        data=args.data,
+        router=args.router,
+        overrides=[*args.overrides, *args.set_overrides],
+        overwrite=args.overwrite,
+    )
+    print(f"converted {args.hf_dir} into {args.run_dir} ({ckpt.name})")
+    print(f"continue training with: moelab train --resume {args.run_dir}")
+    return 0

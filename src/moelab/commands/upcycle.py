@@ -1,0 +1,70 @@
+"""``moelab upcycle RUN_DIR OUT_RUN_DIR``: a dense run's FFNs copied into experts (docs/hf.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense run into an MoE run whose experts start as copies of its FFNs",
+        description="Sparse upcycling: each FFN of the dense run becomes NUM_EXPERTS copies "
+        "(split into GRANULARITY fine-grained experts) with a new router. The new run starts "
+        "at step 0 with those weights; continue with `moelab train --resume OUT_RUN_DIR`. "
+        "Overrides (KEY=VALUE) set data/optim/train/logging/checkpoint fields.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="OUT_RUN_DIR")
+    p.add_argument("--num-experts", type=int, required=True, help="E, copies of each FFN")
+    p.add_argument("--top-k", type=int, required=True, help="k, copies routed per token")
+    p.add_argument("--granularity", type=int, default=1, help="G: split each copy into G experts")
+    p.add_argument(
+        "--noise-std", type=float, default=0.0, help="N(0, s^2) noise added to each copy"
+    )
+    p.add_argument("--router", choices=["topk", "relu"], default="topk")
+    p.add_argument(
+        "--no-renormalize",
+        action="store_true",
+        help="TopK: keep the raw softmax weights (the upcycled model then differs at step 0)",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides (right after the directories; anywhere else use --set)",
+    )
+    p.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted override (repeatable)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run in OUT_RUN_DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moelab.hf.runs import upcycle_run
+
+    ckpt = upcycle_run(
+        args.run_dir,
+        args.out_dir,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        granularity=args.granularity,
+        noise_std=args.noise_std,
+        router=args.router,
+        renormalize=not args.no_renormalize,
+        checkpoint=args.checkpoint,
+        overrides=[*args.overrides, *args.set_overrides],
+        overwrite=args.overwrite,
+    )
+    print(f"upcycled {args.run_dir} into {args.out_dir} ({ckpt.name})")
+    print(f"continue training with: moelab train --resume {args.out_dir}")
+    return 0

@@ -1,0 +1,131 @@
+"""Run directories that start from given weights (a converted or upcycled model), so that
+``moelab train --resume RUN_DIR`` continues training them with everything a moelab run has: the
+optimizer, schedule, λ controller, metrics, evaluation and checkpoints.
+
+The run is laid out by the :class:`~moelab.train.Trainer` itself (config, tokenizer, accounting,
+provenance), the weights are loaded into its model, and a step-0 checkpoint is written with the
+trainer's fresh optimizer, scheduler, controller, sampler and RNG state. Resuming at step 0 is
+then exactly training those weights from the start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelab.data import TokenDataset
+from moelab.data.tokenizer import file_sha256
+from moelab.hf.convert import convert
+from moelab.hf.upcycle import upcycle
+from moelab.model import TransformerLM
+from moelab.train import RunConfig, Trainer, load_run
+
+__all__ = ["convert_checkpoint", "start_run", "upcycle_run"]
+
+
+def start_run(
+    model: TransformerLM, config: RunConfig, run_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Lay out a run of ``config`` in ``run_dir`` whose step-0 checkpoint holds ``model``'s
+    weights; returns the checkpoint. ``config.model`` must describe ``model``."""
+    if config.model.to_dict() != model.cfg.to_dict():
+        raise ValueError(
+            "model: the run config's model section does not describe the given model; "
+            "overrides may change data/optim/train/logging/checkpoint settings, not the model"
+        )
+    trainer = Trainer(config, run_dir, overwrite=overwrite)
+    trainer.model.load_state_dict(model.state_dict())
+    return trainer.save()
+
+
+def _run_config(model: TransformerLM, base: dict[str, Any], overrides: Iterable[str]) -> RunConfig:
+    overrides = list(overrides)
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
+    if bad:
+        raise ValueError(
+            f"{bad[0].split('=', 1)[0]}: the model comes from the converted weights and cannot "
+            "be overridden here; change it with moelab train --resume where resumable"
+        )
+    return RunConfig.from_dict(base | {"model": model.cfg.to_dict()}, overrides)
+
+
+def convert_checkpoint(
+    hf_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    router: str | None = None,
+    overrides: Iterable[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """A local ``transformers`` checkpoint directory (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, or a
+    dense Llama/Mistral/Qwen2) converted into a moelab run (ReLU-routed with ``router="relu"``) on
+    the prepared dataset ``data``, which must be tokenised with the checkpoint's tokenizer."""
+    try:
+        import transformers  # the `hf` extra; only this entry point needs it
+    except ImportError:
+        raise ValueError(
+            "convert-hf: needs transformers (pip install 'moelab[hf]' or 'transformers>=4.44')"
+        ) from None
+
+    path = Path(hf_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"HF_DIR: {str(path)!r} is not a transformers checkpoint (no config.json)")
+    if data is not None:
+        _check_tokenizer(path, Path(data).expanduser())
+    major = int(transformers.__version__.split(".")[0])
+    dtype_arg = "dtype" if major >= 5 else "torch_dtype"  # renamed in transformers 5
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, **{dtype_arg: torch.float32}
+    )
+    model = convert(hf_model, router=router)
+    base: dict[str, Any] = {"data": {"path": None if data is None else str(data)}}
+    return start_run(model, _run_config(model, base, overrides), run_dir, overwrite=overwrite)
+
+
+def _check_tokenizer(hf_dir: Path, data: Path) -> None:
+    """The dataset must hold the checkpoint's token ids (else every loss is meaningless)."""
+    tok = hf_dir / "tokenizer.json"
+    if not data.is_dir():
+        raise ValueError(f"--data: {str(data)!r} is not a prepared dataset directory")
+    theirs = TokenDataset(data).meta.get("tokenizer_sha256")
+    if tok.is_file() and theirs and file_sha256(tok) != theirs:
+        raise ValueError(
+            f"--data: {data} was tokenised with another tokenizer than {hf_dir}'s; prepare it "
+            f"with `moelab data prepare INPUT -o DIR --tokenizer {hf_dir}`"
+        )
+
+
+def upcycle_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    num_experts: int,
+    top_k: int,
+    granularity: int = 1,
+    noise_std: float = 0.0,
+    router: str = "topk",
+    renormalize: bool = True,
+    checkpoint: str | int | None = None,
+    overrides: Iterable[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """A dense run's checkpoint upcycled (:func:`moelab.hf.upcycle`) into a new run in
+    ``out_dir`` with the source run's data, optimizer, training and logging settings (changed by
+    ``overrides``), ready for ``moelab train --resume OUT_DIR``."""
+    dense, config = load_run(run_dir, checkpoint)
+    model = upcycle(
+        dense,
+        num_experts,
+        top_k,
+        granularity,
+        noise_std,
+        router,
+        renormalize=renormalize,
+        seed=config.train.seed,
+    )
+    base = config.to_dict()
+    return start_run(model, _run_config(model, base, overrides), out_dir, overwrite=overwrite)
