@@ -31,7 +31,8 @@ bench: setup
 	$(VENV)/bin/moelab bench moe
 	$(VENV)/bin/moelab bench peer
 
-# Rerun every suite of docs/results with the current code (~40 min on 2 idle cores, 2 suites at a time; resumes if
+# Rerun every suite of docs/results with the current code (66 min measured with 2 suites at a time
+# on the shared 2-core CPU while other work ran; resumes if
 # interrupted), export reports and per-run data into docs/results/<suite>/, rewrite the README's
 # results blocks. Needs a committed tree. RESULTS_ARGS="--suites load-balance" for one suite.
 results: setup
