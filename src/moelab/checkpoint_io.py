@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -121,6 +121,8 @@ def load_state(path: Path) -> dict[str, Any]:
 def save_sharded(tensors: dict[str, Any], path: Path) -> None:
     """Write ``tensors`` (plain tensors: the same on every rank, written once; DTensors: each rank
     writes its shard) with ``torch.distributed.checkpoint``: a collective, every rank calls it."""
+    import torch.distributed.checkpoint as dcp  # ~1 s to import: only runs that need it pay
+
     dcp.save(tensors, checkpoint_id=str(path))
 
 
@@ -128,6 +130,8 @@ def sharded_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype
     """``name → (global shape, dtype)`` of every tensor in a sharded checkpoint directory."""
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: missing .metadata (an incomplete sharded checkpoint)")
+    import torch.distributed.checkpoint as dcp
+
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as err:  # unpickling errors, truncated files ...
@@ -143,8 +147,12 @@ def load_sharded(tensors: dict[str, Any], path: Path, *, no_dist: bool) -> None:
     """Read a sharded checkpoint into ``tensors`` in place (each plain tensor gets the whole saved
     tensor, each DTensor its shard, whatever the layout it was saved with). ``no_dist``: read in
     this process alone (no process group); otherwise a collective."""
+    import torch.distributed.checkpoint as dcp
+
     try:
-        dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": we know
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, checkpoint_id=str(path), no_dist=no_dist)
     except (RuntimeError, ValueError, OSError, KeyError) as err:
         text = " ".join(str(err).split())
         raise CheckpointError(f"{path}: cannot read sharded checkpoint ({text[:400]})") from None

@@ -40,7 +40,9 @@ def rank_env(rank: int, world: int, port: int, extra: dict[str, str] | None = No
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(SRC), str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]
+        ),
     )
     env.update(extra or {})
     return env

@@ -13,7 +13,17 @@ def _init() -> None:
     dist.init_process_group("gloo")
 
 
-def ep_layer(
+def ep_layer(rank: int, world: int, *, cases: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """For each case: one MoE layer split over all ranks (ep = world) vs the same layer in one
+    process; returns each case's largest differences (outputs, input gradients, every parameter
+    gradient) and the gradients' scale."""
+    _init()
+    out = [_ep_layer_case(rank, world, **case) for case in cases]
+    dist.destroy_process_group()
+    return out
+
+
+def _ep_layer_case(
     rank: int,
     world: int,
     *,
@@ -25,25 +35,26 @@ def ep_layer(
     granularity: int = 1,
     shared_experts: int = 0,
 ) -> dict[str, Any]:
-    """One MoE layer split over all ranks (ep = world) vs the same layer in this process.
-
-    Rank r holds ``tokens[r]`` tokens (0: a rank with no tokens). ``empty_experts`` get no token
-    (their router rows are set so that they never win). Returns the largest differences of the
-    outputs, input gradients and parameter gradients against the one-process layer.
-    """
+    """Rank r holds ``tokens[r]`` tokens (0: a rank with no tokens); ``empty_experts`` never
+    receive a token (their router rows make their logits far below the others' and their ReLU
+    outputs 0, for positive inputs)."""
     from moelab.distributed import apply_expert_parallel
     from moelab.layers import MoE
 
-    _init()
     D = 16
     torch.manual_seed(0)
     moe = MoE(
-        D, 32, num_experts, top_k, router=router, granularity=granularity,
+        D,
+        32,
+        num_experts,
+        top_k,
+        router=router,
+        granularity=granularity,
         shared_experts=shared_experts,
     )
     with torch.no_grad():
         for e in empty_experts:
-            moe.router.weight[e] = -1.0  # inputs are positive: logit << others, ReLU output 0
+            moe.router.weight[e] = -1.0
     ref = copy.deepcopy(moe)
     gen = torch.Generator().manual_seed(1)
     xs = [torch.rand(n, D, generator=gen) + 0.05 for n in tokens]
@@ -51,10 +62,9 @@ def ep_layer(
 
     def loss_of(layer, x, w):
         y = layer(x)
-        aux = sum(v for v in layer.aux_losses.values())
-        return y, (y * w).sum() + aux
+        return y, (y * w).sum() + sum(v for v in layer.aux_losses.values())
 
-    # one process: each rank's tokens are one forward (the statistics of a forward are local)
+    # one process: each rank's tokens are one forward (routing statistics are per forward)
     ref_grads, ref_y, ref_xgrad = [], [], []
     for x, w in zip(xs, ws, strict=True):
         ref.zero_grad(set_to_none=True)
@@ -73,6 +83,7 @@ def ep_layer(
         "y": (y.detach() - ref_y[rank]).abs().max().item() if y.numel() else 0.0,
         "x_grad": (x.grad - ref_xgrad[rank]).abs().max().item() if y.numel() else 0.0,
         "tokens_per_expert": moe.last_stats.tokens_per_expert.tolist(),
+        "local_rows": sum(moe.experts.w13_EDF2.shape[:1]),
         "scale": max(float(g.abs().max()) for gs in ref_grads for g in gs.values()),
     }
     for name, p in moe.named_parameters():
@@ -83,7 +94,6 @@ def ep_layer(
             want = ref_grads[rank][name]
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         out[name] = (got - want).abs().max().item()
-    dist.destroy_process_group()
     return out
 
 
@@ -141,3 +151,10 @@ def train_run(
     if rank == 0:
         out["metrics"] = RunDir(run_dir).read_metrics()
     return out
+
+
+def cli(rank: int, world: int, *, argv: list[str]) -> int:
+    """``moelab`` on this rank, as ``torchrun -m moelab`` runs it."""
+    from moelab.cli import main
+
+    return main(argv)

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moelab.checkpoint_io import CheckpointError, load_sharded, load_state, save_sharded
 from moelab.distributed.expert_parallel import ShardedParam
@@ -35,6 +34,8 @@ def _wrap(t: Tensor, spec: ShardedParam | None, parallel: SingleProcess) -> Tens
     """A live local tensor as what DCP should see: the shard of its global tensor, or itself."""
     if spec is None or not parallel.distributed:
         return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # heavy: only when sharded
+
     shape = torch.Size(spec.global_shape)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(

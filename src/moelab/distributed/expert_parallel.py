@@ -27,6 +27,7 @@ forward and in the backward, with zero-size splits.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from moelab.layers.base import RoutingDecision
 from moelab.layers.dispatch import Dispatched, Dispatcher, combine, gather, permute
 
 __all__ = [
+    "CommClock",
     "ExpertParallelDispatcher",
     "ShardedParam",
     "all_to_all",
@@ -45,32 +47,64 @@ __all__ = [
 ]
 
 
+class CommClock:
+    """Wall time spent in the all-to-alls (forward and backward, waiting for the other ranks
+    included), summed over every layer that shares this clock."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def take(self) -> float:
+        """The time since the last ``take`` (and start again from 0)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _all_to_all_single(
+    out: Tensor,
+    x: Tensor,
+    out_splits: list[int] | None,
+    in_splits: list[int] | None,
+    group: dist.ProcessGroup | None,
+    clock: CommClock | None,
+) -> None:
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if clock is not None:
+        clock.seconds += time.perf_counter() - start
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` of rows with variable split sizes; its backward is the reverse
     exchange of the gradients."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+    def forward(ctx, x, out_splits, in_splits, group, clock):  # type: ignore[override]
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.clock = out_splits, in_splits, group, clock
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _all_to_all_single(out, x.contiguous(), out_splits, in_splits, group, clock)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_in = grad_out.new_empty((sum(ctx.in_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(
-            grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group
+        _all_to_all_single(
+            grad_in, grad_out.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, ctx.clock
         )
-        return grad_in, None, None, None
+        return grad_in, None, None, None, None
 
 
 def all_to_all(
-    x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None
+    x: Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group: dist.ProcessGroup | None,
+    clock: CommClock | None = None,
 ) -> Tensor:
     """Send ``in_splits[q]`` consecutive rows of ``x`` to rank ``q`` of ``group`` and receive
-    ``out_splits[q]`` rows from it (differentiable)."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    ``out_splits[q]`` rows from it (differentiable; ``clock`` adds up the time, backward
+    included)."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, clock)
 
 
 @dataclass(frozen=True)
@@ -88,7 +122,12 @@ class ExpertParallelDispatcher(Dispatcher):
     docstring); ``moe.experts`` holds this rank's ``num_local`` experts."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None, ep_size: int, ep_rank: int, num_experts: int
+        self,
+        group: dist.ProcessGroup | None,
+        ep_size: int,
+        ep_rank: int,
+        num_experts: int,
+        clock: CommClock | None = None,
     ) -> None:
         if num_experts % ep_size:
             raise ValueError(
@@ -97,6 +136,7 @@ class ExpertParallelDispatcher(Dispatcher):
         self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
         self.num_experts = num_experts
         self.num_local = num_experts // ep_size
+        self.clock = clock
 
     @property
     def first_expert(self) -> int:
@@ -110,10 +150,10 @@ class ExpertParallelDispatcher(Dispatcher):
         x_ND = gather(x_TD, perm)
         send_PL = perm.counts_E.to(torch.long).reshape(P, L)
         recv_PL = torch.empty_like(send_PL)
-        dist.all_to_all_single(recv_PL, send_PL.contiguous(), group=self.group)
+        _all_to_all_single(recv_PL, send_PL.contiguous(), None, None, self.group, self.clock)
         send_splits = send_PL.sum(1).tolist()
         recv_splits = recv_PL.sum(1).tolist()
-        x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.clock)
         # received rows are grouped (source rank, local expert); the experts want (expert, source)
         expert_of_row = torch.arange(L, device=recv_PL.device).repeat(P)
         expert_R = torch.repeat_interleave(expert_of_row, recv_PL.reshape(-1))
@@ -128,7 +168,7 @@ class ExpertParallelDispatcher(Dispatcher):
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         ex: _Exchange = dispatched.state
         y_RD = y_ND.index_select(0, ex.inverse_R)
-        y_back = all_to_all(y_RD, ex.send_splits, ex.recv_splits, self.group)
+        y_back = all_to_all(y_RD, ex.send_splits, ex.recv_splits, self.group, self.clock)
         return combine(y_back, dispatched.perm, weighted=False)
 
     def __repr__(self) -> str:
@@ -149,20 +189,25 @@ class ShardedParam:
 
 
 def apply_expert_parallel(
-    model: nn.Module, group: dist.ProcessGroup | None, ep_size: int, ep_rank: int
+    model: nn.Module,
+    group: dist.ProcessGroup | None,
+    ep_size: int,
+    ep_rank: int,
+    clock: CommClock | None = None,
 ) -> dict[str, ShardedParam]:
     """Split the experts of every MoE layer of ``model`` over ``ep_size`` ranks (in place).
 
     Rank ``ep_rank`` keeps experts ``[ep_rank·L, (ep_rank+1)·L)``, ``L = E / ep_size``, of each
     layer (copied out of the full weights, which every rank built from the same seed) and gets an
-    :class:`ExpertParallelDispatcher`. Returns the sharded parameters by name (what gradient
-    synchronisation, clipping and checkpoints need to know).
+    :class:`ExpertParallelDispatcher` (timing its all-to-alls on ``clock``, when given). Returns
+    the sharded parameters by name (what gradient synchronisation, clipping and checkpoints need
+    to know).
     """
     sharded: dict[str, ShardedParam] = {}
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
-        dispatcher = ExpertParallelDispatcher(group, ep_size, ep_rank, module.num_experts)
+        dispatcher = ExpertParallelDispatcher(group, ep_size, ep_rank, module.num_experts, clock)
         experts = module.experts
         lo, n = dispatcher.first_expert, dispatcher.num_local
         for pname, param in list(experts.named_parameters(recurse=False)):

@@ -16,17 +16,20 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moelab.config import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "LaunchEnv",
@@ -201,6 +204,9 @@ def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology
     ``device`` is the training device (``cuda`` becomes ``cuda:LOCAL_RANK``). Call
     :func:`check_layout` first.
     """
+    # imported here: DeviceMesh pulls in DTensor (~1 s), which one-process runs never need
+    from torch.distributed.device_mesh import init_device_mesh
+
     d = config.distributed
     backend = resolve_backend(d.backend, device.type)
     if device.type == "cuda":
@@ -217,8 +223,9 @@ def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology
         )
     elif dist.get_world_size() != env.world_size:
         raise ConfigError(
-            "", f"the initialised process group has {dist.get_world_size()} ranks, "
-            f"WORLD_SIZE says {env.world_size}"
+            "",
+            f"the initialised process group has {dist.get_world_size()} ranks, "
+            f"WORLD_SIZE says {env.world_size}",
         )
     ep = d.expert_parallel
     edp = env.world_size // ep
@@ -242,6 +249,7 @@ def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology
 
 # ---- a failing rank ends the launch --------------------------------------------------------------
 
+QUIET_EXIT_DELAY_S = 5.0
 PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out")
 
 
@@ -252,8 +260,9 @@ def run_guarded(command: Callable[[], int]) -> int:
     Exiting is what aborts the group: the other ranks' pending or next collective fails as soon
     as this process's connections close, and they exit the same way, so no rank waits for one
     that is gone (``torchrun`` also stops the others when one exits non-zero). Errors in the
-    settings (:class:`~moelab.config.ConfigError`) are the same on every rank: rank 0 prints the
-    one line; the others exit with the same code without repeating it.
+    settings (:class:`~moelab.config.ConfigError`) are the same on every rank: the first process of
+    each node prints the one line; the others exit with the same code without repeating it, a
+    moment later (``torchrun`` stops a node's processes as soon as one of them exits).
     """
     env = LaunchEnv.from_env()
     if env is None or env.world_size == 1:
@@ -263,22 +272,24 @@ def run_guarded(command: Callable[[], int]) -> int:
     except SystemExit:
         raise
     except BaseException as err:  # noqa: BLE001 - every failure must end the launch
-        code = _report(err, env.rank)
+        code = _report(err, env.rank, env.local_rank)
         sys.stdout.flush()
         sys.stderr.flush()
         _abort_process_group()
         os._exit(code)
 
 
-def _report(err: BaseException, rank: int) -> int:
+def _report(err: BaseException, rank: int, local_rank: int) -> int:
     """Print the failure as seen on ``rank``; returns the exit code."""
     if isinstance(err, KeyboardInterrupt):
         if rank == 0:
             print("interrupted", file=sys.stderr)
         return 130
     if isinstance(err, ConfigError):
-        if rank == 0:
+        if local_rank == 0:
             print(f"moelab: error: {err}", file=sys.stderr)
+        else:  # let local rank 0 print it before torchrun stops this node's processes
+            time.sleep(QUIET_EXIT_DELAY_S)
         return 2
     text = " ".join(str(err).split())
     if isinstance(err, dist.DistBackendError) or any(s in text for s in PEER_FAILURE):

@@ -30,10 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from moelab.distributed.expert_parallel import ShardedParam, apply_expert_parallel
+from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
 from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
 from moelab.layers.base import RoutingStats
 
@@ -99,6 +98,10 @@ class SingleProcess:
         for the metrics line."""
         return lm, aux, stats
 
+    def step_report(self) -> dict[str, Any]:
+        """Fields the parallelism adds to a step's metrics line (none in one process)."""
+        return {}
+
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (e.g. Ctrl-C seen by one rank)."""
         return flag
@@ -131,6 +134,7 @@ class DataParallel(SingleProcess):
         self._expert_params: list[nn.Parameter] = []
         self._sparse_params: list[nn.Parameter] = []
         self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
+        self.clock = CommClock()  # time in the expert-parallel all-to-alls
 
     def describe(self) -> str:
         t = self.topo
@@ -163,7 +167,7 @@ class DataParallel(SingleProcess):
     def parallelize(self, model: nn.Module) -> nn.Module:
         t = self.topo
         if t.ep > 1:
-            self.sharded = apply_expert_parallel(model, t.ep_group, t.ep, t.ep_rank)
+            self.sharded = apply_expert_parallel(model, t.ep_group, t.ep, t.ep_rank, self.clock)
         names = dict(model.named_parameters())
         self._expert_params = [names[n] for n in self.sharded]
         if self.data_parallel == "fsdp2":
@@ -278,9 +282,7 @@ class DataParallel(SingleProcess):
                 continue
             flat = torch.cat([v.detach().double().reshape(-1).cpu() for _, v in items])
             flat = self._all_reduce(flat, ops[kind])
-            for (name, v), r in zip(
-                items, flat.split([v.numel() for _, v in items]), strict=True
-            ):
+            for (name, v), r in zip(items, flat.split([v.numel() for _, v in items]), strict=True):
                 reduced[name] = r.reshape(v.shape).to(v.dtype)
         out = dict(stats)
         for k in keys:
@@ -298,6 +300,13 @@ class DataParallel(SingleProcess):
         t = t.to(self._comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t.cpu()
+
+    def step_report(self) -> dict[str, Any]:
+        """Expert parallelism: ``all_to_all_s``, this rank's seconds in the all-to-alls of the
+        step (forward and backward, waiting for the other ranks included)."""
+        if not self.sharded:
+            return {}
+        return {"all_to_all_s": self.clock.take()}
 
     def any(self, flag: bool) -> bool:
         return bool(self._all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
@@ -376,6 +385,8 @@ def _sync_sparse(p: nn.Parameter, world: int) -> Tensor:
 
 def _apply_fsdp2(model: nn.Module, topo: Topology) -> nn.Module:
     """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe)."""
+    from torch.distributed.fsdp import fully_shard  # heavy (DTensor): only FSDP2 runs import it
+
     mesh = topo.mesh["edp"]  # expert_parallel is 1 under fsdp2: the whole world
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=mesh)

@@ -262,6 +262,7 @@ class Trainer:
                 out["lambda_layers"] = list(self.controller.layer_lams)
             out["sparsity"] = sparsity
         out["layers"] = record["layers"]
+        out.update(self.parallel.step_report())  # e.g. the all-to-all time of expert parallelism
         return out
 
     def accumulate_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
