@@ -148,9 +148,10 @@ def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer
         f"data       {trainer.dataset.path}  unigram entropy train {ent.get('train', 0):.3f} / "
         f"val {ent.get('val', 0):.3f} nats/token"
     )
+    micro = "" if trainer.parallel.distributed else f" ({d.accumulation_steps} micro-batches)"
     print(
-        f"schedule   {cfg.train.steps} steps x {d.batch_size} x {d.seq_len} tokens "
-        f"({d.accumulation_steps} micro-batches), lr {cfg.optim.lr:g} -> "
+        f"schedule   {cfg.train.steps} steps x {d.batch_size} x {d.seq_len} tokens{micro}, "
+        f"lr {cfg.optim.lr:g} -> "
         f"{cfg.optim.lr * cfg.optim.min_lr_ratio:g}, device {trainer.device}"
         f"{' bf16' if trainer.bf16 else ''}"
     )

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.checkpoint_io import CheckpointError, load_sharded, load_state, save_sharded
+from moelab.config import ConfigError
 from moelab.distributed.expert_parallel import ShardedParam
 from moelab.distributed.parallel import SingleProcess
 from moelab.rundir import RunDir
@@ -151,10 +152,11 @@ def _load_single_process(
 ) -> dict[str, Any]:
     layout = parallel.layout()
     if parallel.sharded or layout.get("data_parallel") == "fsdp2":
-        raise CheckpointError(
+        raise ConfigError(
+            "resume",
             f"{ckpt} was written by one process (whole weights, {RunDir.WEIGHTS}); resume it "
             "with distributed.data_parallel=ddp and distributed.expert_parallel=1 (its next "
-            "checkpoint is sharded and resumes with any layout), or in one process"
+            "checkpoint is sharded and resumes with any layout), or in one process",
         )
     ckpt, state = run.load_checkpoint(model, ckpt)
     optimizer.load_state_dict(state.pop("optimizer"))
