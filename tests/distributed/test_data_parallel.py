@@ -129,9 +129,21 @@ def test_four_ranks_match_one_process(distributed: dict, tmp_path: Path, data_di
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_ddp(tmp_path: Path, data_dir: Path) -> None:
+def test_fsdp2_matches_one_process_across_a_resume(tmp_path: Path, data_dir: Path) -> None:
+    """FSDP2 (weights, gradients and Adam state sharded), stopped after step 2 and resumed from
+    its sharded checkpoint: the one-process curve."""
     want = one_process(data_dir, tmp_path / "one", REMOE, 2)
-    ranks = two_ranks(data_dir, tmp_path, REMOE, data_parallel="fsdp2")
+    cfg = tiny_config(
+        data_dir,
+        ffn=REMOE,
+        data={"batch_size": 4},
+        train={"steps": STEPS},
+        checkpoint={"every": 2},
+        distributed={"data_parallel": "fsdp2"},
+    )
+    args = {"config": cfg.to_dict(), "run_dir": str(tmp_path / "run")}
+    check_ok(run_ranks(2, "train_run", {**args, "stop_after": 2}, tmp=tmp_path / "a"))
+    ranks = check_ok(run_ranks(2, "train_run", {**args, "resume": True}, tmp=tmp_path / "b"))
     got = [r for r in ranks[0]["metrics"] if r["kind"] == "train"]
     assert_same_curve(got, want)
     assert ranks[0]["lams"] == ranks[1]["lams"]

@@ -46,7 +46,7 @@ class SingleProcess:
     world_size = 1
     is_main = True
     distributed = False
-    sharded: dict[str, ShardedParam] = {}  # noqa: RUF012 - never mutated
+    sharded: dict[str, ShardedParam] = {}  # noqa: RUF012 - read-only here
 
     def describe(self) -> str:
         return "1 process"
@@ -187,6 +187,7 @@ class DataParallel(SingleProcess):
         if t.device.type == "cuda":
             kwargs["device_ids"] = [t.device.index]
         self._ddp = DistributedDataParallel(model, **kwargs)
+        self.clock.take()  # the probe's all-to-alls are not a step's
         return self._ddp
 
     def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
@@ -232,7 +233,8 @@ class DataParallel(SingleProcess):
             if g.is_sparse:
                 g = p.grad = g.coalesce()
                 g = g._values()
-            sq[1 if id(p) in experts else 0] += g.detach().double().pow(2).sum().cpu()
+            norm = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+            sq[1 if id(p) in experts else 0] += float(norm) ** 2
         expert_sq = sq[1:].to(self._comm_device)
         dist.all_reduce(expert_sq, group=self.topo.ep_group)  # each expert once per group
         total = math.sqrt(float(sq[0]) + float(expert_sq))
