@@ -29,17 +29,28 @@ REL = 1e-5
 PEER = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
 
 
-def one_process(data_dir: Path, run_dir: Path, ffn: dict, micro: int | None) -> list[dict]:
+def one_process(
+    data_dir: Path, run_dir: Path, ffn: dict, micro: int | None, batch: int = 4
+) -> list[dict]:
     cfg = tiny_config(
-        data_dir, ffn=ffn, data={"batch_size": 4, "micro_batch_size": micro}, train={"steps": STEPS}
+        data_dir,
+        ffn=ffn,
+        data={"batch_size": batch, "micro_batch_size": micro},
+        train={"steps": STEPS},
     )
     train(cfg, run_dir)
     return RunDir(run_dir).read_metrics("train")
 
 
-def two_ranks(data_dir: Path, tmp: Path, ffn: dict, **distributed) -> list[dict]:
+def two_ranks(
+    data_dir: Path, tmp: Path, ffn: dict, data: dict | None = None, **distributed
+) -> list[dict]:
     cfg = tiny_config(
-        data_dir, ffn=ffn, data={"batch_size": 4}, train={"steps": STEPS}, distributed=distributed
+        data_dir,
+        ffn=ffn,
+        data=data or {"batch_size": 4},
+        train={"steps": STEPS},
+        distributed=distributed,
     )
     args = {"config": cfg.to_dict(), "run_dir": str(tmp / "run")}
     return check_ok(run_ranks(2, "train_run", args, tmp=tmp / "ranks"))
@@ -96,9 +107,13 @@ def test_lambda_identical_across_ranks(tmp_path: Path, data_dir: Path) -> None:
 def test_expert_parallel_training_matches_one_process(
     ffn: dict, tmp_path: Path, data_dir: Path
 ) -> None:
-    """Experts split over the 2 ranks (each holds 2 of the 4): the same curve as one process."""
-    want = one_process(data_dir, tmp_path / "one", ffn, 2)
-    ranks = two_ranks(data_dir, tmp_path, ffn, expert_parallel=2)
+    """Experts split over the 2 ranks (each holds 2 of the 4): the same curve as one process.
+    ReLU: 8 sequences a step, 2 micro-batches of 2 on each rank (gradient accumulation, the
+    experts' gradients synchronised after the last)."""
+    batch = 8 if ffn is REMOE else 4
+    want = one_process(data_dir, tmp_path / "one", ffn, 2, batch=batch)
+    data = {"batch_size": batch, "micro_batch_size": 2}
+    ranks = two_ranks(data_dir, tmp_path, ffn, data=data, expert_parallel=2)
     got = [r for r in ranks[0]["metrics"] if r["kind"] == "train"]
     assert_same_curve(got, want)
     assert ranks[0]["replicated"] == ranks[1]["replicated"]
