@@ -144,9 +144,13 @@ def test_four_ranks_match_one_process(distributed: dict, tmp_path: Path, data_di
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_one_process_across_a_resume(tmp_path: Path, data_dir: Path) -> None:
-    """FSDP2 (weights, gradients and Adam state sharded), stopped after step 2 and resumed from
-    its sharded checkpoint: the one-process curve."""
+@pytest.mark.parametrize("expert_parallel", [1, 2])
+def test_fsdp2_matches_one_process_across_a_resume(
+    expert_parallel: int, tmp_path: Path, data_dir: Path
+) -> None:
+    """FSDP2 (weights, gradients and Adam state sharded; with expert parallelism the experts are
+    split by it and left out of FSDP2), stopped after step 2 and resumed from its sharded
+    checkpoint: the one-process curve."""
     want = one_process(data_dir, tmp_path / "one", REMOE, 2)
     cfg = tiny_config(
         data_dir,
@@ -154,7 +158,7 @@ def test_fsdp2_matches_one_process_across_a_resume(tmp_path: Path, data_dir: Pat
         data={"batch_size": 4},
         train={"steps": STEPS},
         checkpoint={"every": 2},
-        distributed={"data_parallel": "fsdp2"},
+        distributed={"data_parallel": "fsdp2", "expert_parallel": expert_parallel},
     )
     args = {"config": cfg.to_dict(), "run_dir": str(tmp_path / "run")}
     check_ok(run_ranks(2, "train_run", {**args, "stop_after": 2}, tmp=tmp_path / "a"))

@@ -44,10 +44,10 @@ def env(world: int, local: int | None = None) -> LaunchEnv:
         (["data.micro_batch_size=2"], 8, "data.micro_batch_size", "batch of each rank"),
         (["distributed.backend=nccl"], 2, "distributed.backend", "needs CUDA GPUs"),
         (
-            ["distributed.data_parallel=fsdp2", "distributed.expert_parallel=2"],
+            ["distributed.data_parallel=fsdp2", "model.ffn.kind=peer"],
             2,
             "distributed.data_parallel",
-            "not supported",
+            "sparse-gradient tables",
         ),
         (
             ["distributed.expert_parallel=2", "model.ffn.capacity_factor=1.25"],

@@ -135,18 +135,11 @@ def check_layout(config: Any, env: LaunchEnv, cuda_devices: int | None = None) -
                 "distributed.expert_parallel",
                 "expert parallelism is dropless: set model.ffn.capacity_factor to null",
             )
-    if d.data_parallel == "fsdp2":
-        if ep > 1:
-            raise ConfigError(
-                "distributed.data_parallel",
-                "fsdp2 with expert_parallel > 1 is not supported yet; use ddp with expert "
-                "parallelism, or fsdp2 with expert_parallel 1",
-            )
-        if ffn.kind in ("peer", "pkm"):
-            raise ConfigError(
-                "distributed.data_parallel",
-                f"fsdp2 cannot shard {ffn.kind}'s sparse-gradient tables; use ddp",
-            )
+    if d.data_parallel == "fsdp2" and ffn.kind in ("peer", "pkm"):
+        raise ConfigError(
+            "distributed.data_parallel",
+            f"fsdp2 cannot shard {ffn.kind}'s sparse-gradient tables; use ddp",
+        )
     batch, micro = config.data.batch_size, config.data.micro_batch_size
     if batch % world:
         raise ConfigError(

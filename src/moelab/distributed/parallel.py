@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from moelab.config import ConfigError
 from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
 from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
 from moelab.layers.base import RoutingStats
@@ -171,7 +172,7 @@ class DataParallel(SingleProcess):
         names = dict(model.named_parameters())
         self._expert_params = [names[n] for n in self.sharded]
         if self.data_parallel == "fsdp2":
-            self._fsdp = _apply_fsdp2(model, t)
+            self._fsdp = _apply_fsdp2(model, t, set(self._expert_params))
             return model
         sparse, unused = _probe_gradients(model)
         self._sparse_params = [names[n] for n in sparse]
@@ -220,28 +221,32 @@ class DataParallel(SingleProcess):
         max_norm: float,
         local_clip: Callable[[Iterable[Tensor], float], Tensor],
     ) -> float:
-        if self._fsdp is not None:  # DTensor gradients: torch's clip knows their global norm
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not self._expert_params:  # every gradient is the same on every rank
+        if self._fsdp is None and not self._expert_params:  # the same gradients on every rank
             return float(local_clip(model.parameters(), max_norm))
+        # squared norms: replicated gradients (the same on every rank), FSDP2 shards (summed over
+        # all ranks), experts (summed over an expert-parallel group: each expert once)
         experts = {id(p) for p in self._expert_params}
         params = [p for p in model.parameters() if p.grad is not None]
-        sq = torch.zeros(2, dtype=torch.float64)
+        sq = torch.zeros(3, dtype=torch.float64)
         for p in params:
             g = p.grad
             if g.is_sparse:
                 g = p.grad = g.coalesce()
                 g = g._values()
+            kind = 2 if id(p) in experts else 0
+            if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
+                g, kind = g.to_local(), 1
             norm = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
-            sq[1 if id(p) in experts else 0] += float(norm) ** 2
-        expert_sq = sq[1:].to(self._comm_device)
-        dist.all_reduce(expert_sq, group=self.topo.ep_group)  # each expert once per group
-        total = math.sqrt(float(sq[0]) + float(expert_sq))
+            sq[kind] += float(norm) ** 2
+        sharded = self._all_reduce(sq[1:2])
+        expert_sq = sq[2:].to(self._comm_device)
+        dist.all_reduce(expert_sq, group=self.topo.ep_group)
+        total = math.sqrt(float(sq[0]) + float(sharded) + float(expert_sq))
         coef = min(max_norm / (total + 1e-6), 1.0)
         if coef < 1.0:
             for p in params:
-                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(coef)
+                g = p.grad._values() if p.grad.is_sparse else p.grad
+                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
         return total
 
     # ---- what the logs show ---------------------------------------------------------------------
@@ -385,14 +390,31 @@ def _sync_sparse(p: nn.Parameter, world: int) -> Tensor:
     return torch.sparse_coo_tensor(out.indices(), out.values() / world, p.shape, is_coalesced=True)
 
 
-def _apply_fsdp2(model: nn.Module, topo: Topology) -> nn.Module:
-    """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe)."""
+def _apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) -> nn.Module:
+    """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe), over
+    all ranks. Expert weights split by expert parallelism are left to it (``ignored_params``):
+    each rank keeps its experts whole, their gradients are synchronised by
+    :meth:`DataParallel.finish_gradients`."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard  # heavy (DTensor): only FSDP2 runs import it
 
-    mesh = topo.mesh["edp"]  # expert_parallel is 1 under fsdp2: the whole world
+    mesh = (
+        topo.mesh["edp"]  # the whole world
+        if topo.ep == 1
+        else init_device_mesh(topo.device.type, (topo.world_size,), mesh_dim_names=("dp",))
+    )
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if experts:
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(
+                "distributed.data_parallel",
+                f"fsdp2 with expert parallelism needs a torch whose fully_shard has "
+                f"ignored_params (this is {torch.__version__}); use ddp",
+            )
+        kwargs["ignored_params"] = experts
     for block in getattr(model, "blocks", []):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return model
 
 
