@@ -15,6 +15,9 @@ from moelab.train import RunConfig
 from run_fixtures import REMOE, tiny_config
 
 
+PEER = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
+
+
 def env(world: int, local: int | None = None) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=world, local_rank=0, local_world_size=local or world)
 
@@ -44,7 +47,7 @@ def env(world: int, local: int | None = None) -> LaunchEnv:
         (["data.micro_batch_size=2"], 8, "data.micro_batch_size", "batch of each rank"),
         (["distributed.backend=nccl"], 2, "distributed.backend", "needs CUDA GPUs"),
         (
-            ["distributed.data_parallel=fsdp2", "model.ffn.kind=peer"],
+            ["distributed.data_parallel=fsdp2"],  # with a PEER model (ffn below)
             2,
             "distributed.data_parallel",
             "sparse-gradient tables",
@@ -60,7 +63,8 @@ def env(world: int, local: int | None = None) -> LaunchEnv:
 def test_bad_layouts_name_the_setting(
     overrides: list[str], world: int, field: str, text: str, data_dir: Path
 ) -> None:
-    cfg = tiny_config(data_dir, ffn=REMOE, data={"batch_size": 8}).with_overrides(overrides)
+    ffn = PEER if text == "sparse-gradient tables" else REMOE
+    cfg = tiny_config(data_dir, ffn=ffn, data={"batch_size": 8}).with_overrides(overrides)
     with pytest.raises(ConfigError) as err:
         check_layout(cfg, env(world), cuda_devices=0)
     assert err.value.field == field
