@@ -14,7 +14,6 @@ from moelab.distributed import LaunchEnv, check_layout
 from moelab.train import RunConfig
 from run_fixtures import REMOE, tiny_config
 
-
 PEER = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
 
 
