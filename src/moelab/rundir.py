@@ -13,7 +13,9 @@
       tensorboard/         only with logging.tensorboard
       checkpoints/
         latest             text: the newest checkpoint's name
-        step_XXXXXXXX/     model.safetensors (weights) + state.pt (everything a resume needs)
+        step_XXXXXXXX/     model.safetensors (weights) + state.pt (everything a resume needs);
+                           a run trained on several processes (torchrun): sharded/ (weights and
+                           optimizer state, torch.distributed.checkpoint) + state.pt (the rest)
 
 Training, evaluation, analysis and the commands reach these files through :class:`RunDir` only, so
 the layout can change in one place. How a checkpoint is written safely (temporary directory,
@@ -39,11 +41,13 @@ from torch import nn
 from moelab.checkpoint_io import (
     CheckpointError,
     commit_directory,
+    load_sharded,
     load_state,
     load_weights,
     replace_text,
     save_state,
     save_weights,
+    sharded_metadata,
 )
 from moelab.config import Config, ConfigError, dump_yaml, load_config
 from moelab.data import TokenDataset, load_tokenizer
@@ -85,6 +89,9 @@ class RunDir:
     LATEST = "latest"
     WEIGHTS = "model.safetensors"
     STATE = "state.pt"
+    SHARDED = "sharded"  # torch.distributed.checkpoint files of a run trained on several processes
+    SHARDED_MODEL = "model."  # key prefix of the weights in SHARDED
+    SHARDED_OPTIMIZER = "optim."  # key prefix of the optimizer state in SHARDED
     STEP_PREFIX = "step_"
     TMP_PREFIX = ".tmp-"  # half-written checkpoints and pointers; ignored, then removed
 
@@ -360,6 +367,11 @@ class RunDir:
         except BaseException:  # a failed write leaves nothing behind, not even its temporary
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self._point_latest(name, keep_last)
+
+    def _point_latest(self, name: str, keep_last: int) -> Path:
+        """Point ``latest`` at the committed checkpoint ``name``; keep the last ``keep_last``."""
+        root = self._ckpt_root
         pointer_tmp = root / f"{self.TMP_PREFIX}{self.LATEST}-{os.getpid()}"
         replace_text(root / self.LATEST, name + "\n", pointer_tmp)
         for old in self.checkpoints()[:-keep_last]:
@@ -367,12 +379,74 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
         return root / name
 
+    # ---- sharded checkpoints (several processes) ------------------------------------------------
+
+    def is_sharded(self, checkpoint: Path) -> bool:
+        """The checkpoint was written by a run on several processes (:attr:`SHARDED`)."""
+        return (checkpoint / self.SHARDED).is_dir()
+
+    def sharded_tmp(self, step: int) -> Path:
+        """The temporary directory every process of a run writes the checkpoint of ``step``
+        into (the same name on every rank)."""
+        return self._ckpt_root / f"{self.TMP_PREFIX}{self.step_name(step)}-sharded"
+
+    def begin_sharded_checkpoint(self, step: int) -> Path:
+        """Rank 0, before the ranks write: an empty :meth:`sharded_tmp`, leftovers removed;
+        returns where the tensors go (``<tmp>/sharded``)."""
+        self._ckpt_root.mkdir(parents=True, exist_ok=True)
+        self.clean_temporary()
+        tmp = self.sharded_tmp(step)
+        tmp.mkdir()
+        return tmp / self.SHARDED
+
+    def commit_sharded_checkpoint(
+        self, step: int, state: dict[str, Any], keep_last: int = 2
+    ) -> Path:
+        """Rank 0, after every rank wrote its shards: add the training state, rename the
+        checkpoint into place, point ``latest`` at it, keep the last ``keep_last``."""
+        tmp = self.sharded_tmp(step)
+        name = self.step_name(step)
+        save_state(state, tmp / self.STATE)
+        commit_directory(tmp, self._ckpt_root / name)
+        return self._point_latest(name, keep_last)
+
+    def sharded_shapes(self, checkpoint: Path) -> dict[str, tuple[int, ...]]:
+        """``key → global shape`` of the tensors of a sharded checkpoint."""
+        meta = sharded_metadata(checkpoint / self.SHARDED)
+        return {name: shape for name, (shape, _) in meta.items()}
+
     def load_weights(self, model: nn.Module, checkpoint: str | int | Path | None = None) -> Path:
         """Load a checkpoint's weights into ``model`` (strict); returns the checkpoint used."""
         ckpt = self.find_checkpoint(checkpoint)
+        if self.is_sharded(ckpt):  # written by several processes: read whole tensors here
+            self.check_sharded_shapes(model, ckpt)
+            tensors = {self.SHARDED_MODEL + k: t for k, t in model.state_dict().items()}
+            load_sharded(tensors, ckpt / self.SHARDED, no_dist=True)
+            return ckpt
         _check_shapes(model, ckpt / self.WEIGHTS)
         load_weights(model, ckpt / self.WEIGHTS)
         return ckpt
+
+    def check_sharded_shapes(
+        self, model: nn.Module, checkpoint: Path, sharded: dict[str, Any] | None = None
+    ) -> None:
+        """One line naming the first weight whose saved shape differs from the model's (or that
+        is missing); ``sharded``: names whose full shape is ``sharded[name].global_shape``."""
+        saved = self.sharded_shapes(checkpoint)
+        for name, t in model.state_dict().items():
+            full = tuple(sharded[name].global_shape) if sharded and name in sharded else None
+            want = full or tuple(t.shape)
+            got = saved.get(self.SHARDED_MODEL + name)
+            if got is None:
+                raise CheckpointError(
+                    f"{checkpoint / self.SHARDED}: no weights {name!r} for the model of "
+                    f"{self.CONFIG}"
+                )
+            if got != want:
+                raise CheckpointError(
+                    f"{checkpoint / self.SHARDED}: weights do not fit the model of {self.CONFIG}: "
+                    f"{name} is {list(got)} in the checkpoint, {list(want)} in the model"
+                )
 
     def load_checkpoint(
         self, model: nn.Module, checkpoint: str | int | Path | None = None

@@ -1,4 +1,8 @@
-"""``moelab train``: train a preset or YAML config (plus dotted overrides) into a run directory."""
+"""``moelab train``: train a preset or YAML config (plus dotted overrides) into a run directory.
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m moelab train ...``) every process runs this
+command; rank 0 alone prints, and a failure on any rank ends them all (``run_guarded``).
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moelab.distributed import run_guarded
+
+    return run_guarded(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from moelab.config import dump_yaml
     from moelab.model import accounting
     from moelab.train import (
@@ -77,26 +87,42 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(
         config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, preset=preset
     )
+    main = trainer.parallel.is_main  # under torchrun only rank 0 prints
     if trainer.complete:
-        print(
-            f"run        {run_dir} is complete ({trainer.step} of {config.train.steps} steps); "
-            "nothing changed. To train it further, raise train.steps, e.g. "
-            f"{moelab_command()} train --resume {run_dir} train.steps={2 * trainer.step}"
-        )
+        if main:
+            print(
+                f"run        {run_dir} is complete ({trainer.step} of {config.train.steps} "
+                "steps); nothing changed. To train it further, raise train.steps, e.g. "
+                f"{moelab_command()} train --resume {run_dir} train.steps={2 * trainer.step}"
+            )
+        trainer.close()
         return 0
     return 130 if run_and_report(trainer, run_dir) is None else 0
 
 
 def run_and_report(trainer, run_dir: Path) -> dict | None:  # noqa: ANN001 - a Trainer
-    """Train with the start and end lines printed; None (after saying how to continue) when the
-    run was interrupted, else its summary."""
-    print_start(trainer)
+    """Train with the start and end lines printed (by rank 0 under torchrun); None (after saying
+    how to continue) when the run was interrupted, else its summary."""
+    main = trainer.parallel.is_main
+    if main:
+        print_start(trainer)
     summary = trainer.run()
+    trainer.close()
     if summary.get("interrupted"):
-        print(f"continue with: {moelab_command()} train --resume {run_dir}")
+        if main:
+            print(f"continue with: {resume_command(trainer)} {run_dir}")
         return None
-    print_summary(summary, run_dir)
+    if main:
+        print_summary(summary, run_dir)
     return summary
+
+
+def resume_command(trainer) -> str:  # noqa: ANN001 - a moelab.train.Trainer
+    """The command that continues the run (under torchrun: with the same number of processes)."""
+    if trainer.parallel.distributed:
+        n = trainer.parallel.world_size
+        return f"torchrun --nproc_per_node {n} -m moelab train --resume"
+    return f"{moelab_command()} train --resume"
 
 
 def moelab_command() -> str:
@@ -129,12 +155,20 @@ def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer
         f"data       {trainer.dataset.path}  unigram entropy train {ent.get('train', 0):.3f} / "
         f"val {ent.get('val', 0):.3f} nats/token"
     )
+    micro = "" if trainer.parallel.distributed else f" ({d.accumulation_steps} micro-batches)"
     print(
-        f"schedule   {cfg.train.steps} steps x {d.batch_size} x {d.seq_len} tokens "
-        f"({d.accumulation_steps} micro-batches), lr {cfg.optim.lr:g} -> "
+        f"schedule   {cfg.train.steps} steps x {d.batch_size} x {d.seq_len} tokens{micro}, "
+        f"lr {cfg.optim.lr:g} -> "
         f"{cfg.optim.lr * cfg.optim.min_lr_ratio:g}, device {trainer.device}"
         f"{' bf16' if trainer.bf16 else ''}"
     )
+    if trainer.parallel.distributed:
+        local = d.batch_size // trainer.parallel.world_size
+        micro = trainer.parallel.micro_batches(d.batch_size, d.micro_batch_size)
+        print(
+            f"parallel   {trainer.parallel.describe()}: {local} sequences per rank per step "
+            f"({micro} micro-batches)"
+        )
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

@@ -120,11 +120,15 @@ class BatchSampler:
 
     Batch ``k`` depends only on the seed and ``k`` (not on earlier draws), so resuming from
     ``state_dict()`` reproduces exactly the batches an uninterrupted run would have seen.
-    ``rank`` gives each data-parallel worker its own stream from the same seed.
+    ``rank`` gives each worker its own stream from the same seed. ``shard=(index, count)``
+    splits every batch instead: this sampler returns rows ``[index·b, (index+1)·b)``,
+    ``b = batch_size / count``, of the batch a one-process sampler returns, so ``count``
+    data-parallel ranks together train on exactly the one-process batches.
     """
 
     def __init__(self, dataset: TokenDataset, split: str, seq_len: int, batch_size: int,
-                 seed: int = 0, *, rank: int = 0) -> None:
+                 seed: int = 0, *, rank: int = 0,
+                 shard: tuple[int, int] | None = None) -> None:
         self.dataset = dataset
         self.split = split
         self.seq_len = int(seq_len)
@@ -133,6 +137,15 @@ class BatchSampler:
         self.rank = int(rank)
         if self.seed < 0 or self.rank < 0:
             raise ValueError(f"seed/rank: must be non-negative integers, got {seed}/{rank}")
+        self._rows = slice(None)
+        if shard is not None:
+            index, count = int(shard[0]), int(shard[1])
+            if count < 1 or not 0 <= index < count or self.batch_size % count:
+                raise ValueError(f"shard: ({index}, {count}) must be (index, count) with "
+                                 f"0 <= index < count and count dividing batch_size "
+                                 f"({self.batch_size})")
+            local = self.batch_size // count
+            self._rows = slice(index * local, (index + 1) * local)
         self.position = 0
         self._tokens = _check_window(dataset, split, self.seq_len, self.batch_size)
         self._offsets = np.arange(self.seq_len + 1)
@@ -143,8 +156,9 @@ class BatchSampler:
         return rng.integers(0, len(self._tokens) - self.seq_len, size=self.batch_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, targets)``, LongTensors ``[batch_size, seq_len]``, targets shifted by 1."""
-        windows = self._tokens[self.starts(self.position)[:, None] + self._offsets]
+        """``(input_ids, targets)``, LongTensors ``[batch_size, seq_len]`` (this shard's rows with
+        ``shard``), targets shifted by 1."""
+        windows = self._tokens[self.starts(self.position)[self._rows, None] + self._offsets]
         self.position += 1
         return _to_long(windows[:, :-1]), _to_long(windows[:, 1:])
 

@@ -3,14 +3,20 @@
 ``permute`` sorts a decision's assignments by expert once (stable, so token order is kept inside an
 expert); ``gather`` builds the expert-sorted input rows; ``combine`` scales expert outputs by their
 gate weights and scatter-adds them back to token rows. Capacity limiting is a pure function on
-decisions, applied before permutation. An expert-parallel dispatcher (all-to-all) slots in between
-``gather`` and ``combine`` with the same contract.
+decisions, applied before permutation.
+
+:class:`Dispatcher` wraps the three for the MoE block (``moe.dispatcher``): ``dispatch`` hands the
+experts their rows, ``undispatch`` brings the experts' outputs back to token rows.
+:class:`LocalDispatcher` (the default) runs them in this process; an expert-parallel dispatcher
+(``moelab.distributed``: rows exchanged with an all-to-all to the rank that holds their expert) is
+another subclass with the same contract, installed on the layer from outside.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,3 +149,54 @@ def apply_capacity(decision: RoutingDecision, capacity: int) -> RoutingDecision:
         num_experts=decision.num_experts,
         dropped=(counts_E - capacity).clamp_min(0).sum(),
     )
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What a dispatcher hands to the experts, and what it needs to bring their outputs back.
+
+    Attributes:
+        x_ND: the experts' input rows, sorted by (local) expert.
+        counts: rows per expert of ``moe.experts`` (Python ints), in order.
+        weight_N: the gate of each row when the experts apply it (``GroupedExperts.forward``'s
+            ``weight_N``); None when :meth:`Dispatcher.combine` applies it instead.
+        perm: the permutation of this process's own assignments.
+        state: anything else the dispatcher keeps between the two calls.
+    """
+
+    x_ND: Tensor
+    counts: list[int]
+    weight_N: Tensor | None
+    perm: Permutation
+    state: Any = None
+
+
+class Dispatcher:
+    """Moves a decision's rows to the experts (:meth:`permute`) and their outputs back to token
+    rows (:meth:`combine`); the MoE block calls ``experts(d.x_ND, d.counts, d.weight_N)`` in
+    between. Subclasses decide where the experts are."""
+
+    def permute(
+        self, x_TD: Tensor, decision: RoutingDecision, pad_limit: float = 0.0
+    ) -> Dispatched:
+        raise NotImplementedError
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        raise NotImplementedError
+
+
+class LocalDispatcher(Dispatcher):
+    """Every expert is in this process: :func:`permute`, :func:`gather`, and :func:`combine` of
+    the outputs, which the experts have already multiplied by their gates."""
+
+    def permute(
+        self, x_TD: Tensor, decision: RoutingDecision, pad_limit: float = 0.0
+    ) -> Dispatched:
+        perm = permute(decision, pad_limit=pad_limit)
+        return Dispatched(gather(x_TD, perm), perm.counts, perm.weight_N, perm)
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        return combine(y_ND, dispatched.perm, weighted=True)
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"

@@ -1,8 +1,8 @@
 """The MoE block: router → permutation → grouped experts → weighted combine (+ shared experts).
 
 The block only wires the pieces (router, dispatcher, experts and combine are separate units, each
-swappable and tested alone) and records what the rest of moelab reads: aux losses, routing
-statistics, and an observer hook.
+swappable and tested alone; ``moe.dispatcher`` decides where the experts run) and records what the
+rest of moelab reads: aux losses, routing statistics, and an observer hook.
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ class MoE(RoutedLayer):
         if shared_gate:  # nn.Linear(D, 1) layout, as Qwen2-MoE's shared_expert_gate
             self.shared_gate = torch.nn.Linear(d_model, 1, bias=False)
             torch.nn.init.normal_(self.shared_gate.weight, std=init_std)
+        # Where the experts run: here (default), or an expert-parallel dispatcher installed from
+        # outside (moelab.distributed.apply_expert_parallel); not a module, so not in state_dict.
+        self.dispatcher: dispatch.Dispatcher = dispatch.LocalDispatcher()
 
     @property
     def sparsity_target(self) -> float | None:
@@ -179,9 +182,9 @@ class MoE(RoutedLayer):
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
-        perm = dispatch.permute(decision, pad_limit=self.experts.pad_limit(x_TD))
-        y_ND = self.experts(dispatch.gather(x_TD, perm), perm.counts, perm.weight_N)
-        y_TD = dispatch.combine(y_ND, perm, weighted=True)
+        routed_rows = self.dispatcher.permute(x_TD, decision, self.experts.pad_limit(x_TD))
+        y_ND = self.experts(routed_rows.x_ND, routed_rows.counts, routed_rows.weight_N)
+        y_TD = self.dispatcher.combine(y_ND, routed_rows)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

@@ -1,10 +1,11 @@
 """The typed configuration of a training run (:class:`RunConfig`) and the shipped presets.
 
-A run is fully described by one YAML file with six sections (``model``, ``data``, ``optim``,
-``train``, ``logging``, ``checkpoint``); presets under ``moelab/configs/*.yaml`` are such files and
-the command line only applies dotted overrides (``model.ffn.top_k=2``, ``train.steps=100``).
-Everything that can be checked without touching the data is checked when the config is built, so a
-mistake stops the run before any work with one message naming the field.
+A run is fully described by one YAML file with seven sections (``model``, ``data``, ``optim``,
+``train``, ``logging``, ``checkpoint``, ``distributed``); presets under ``moelab/configs/*.yaml``
+are such files and the command line only applies dotted overrides (``model.ffn.top_k=2``,
+``train.steps=100``). Everything that can be checked without touching the data is checked when
+the config is built, so a mistake stops the run before any work with one message naming the
+field.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from moelab.config import Config, ConfigError, check, load_config
+from moelab.distributed.config import DistributedConfig
 from moelab.layers.sparsity_controller import LAMBDA_MAX, LAMBDA_MIN
 from moelab.model import ModelConfig
 
@@ -25,6 +27,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "CheckpointConfig",
     "DataConfig",
+    "DistributedConfig",
     "LoggingConfig",
     "OptimConfig",
     "RunConfig",
@@ -42,8 +45,10 @@ DEFAULT_PRESET = "remoe-tiny"
 class DataConfig(Config):
     """Where tokens come from and how they are batched.
 
-    ``batch_size`` is the number of sequences per optimizer step; ``micro_batch_size`` (None = the
-    whole batch) splits it for gradient accumulation without changing the step's gradient.
+    ``batch_size`` is the number of sequences per optimizer step (over all ranks of a
+    ``torchrun`` launch: each trains ``batch_size / ranks``); ``micro_batch_size`` (None = the
+    whole batch of a rank) splits a rank's batch for gradient accumulation without changing the
+    step's gradient.
     """
 
     path: str | None = None  # a `moelab data prepare` directory; None: the embedded corpus
@@ -186,6 +191,7 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         check(

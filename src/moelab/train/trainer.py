@@ -13,8 +13,12 @@ Ordering that matters (and is tested):
   an uninterrupted one.
 
 Set-up (``setup.py``), the run directory (:class:`~moelab.rundir.RunDir`), logging
-(``metrics.py``), eval lines and the summary (``records.py``) and Ctrl-C (``signals.py``) live
-elsewhere, so this file is the step and the loop.
+(``metrics.py``), eval lines and the summary (``records.py``), Ctrl-C (``signals.py``) and the
+parallelism of a ``torchrun`` launch (:mod:`moelab.distributed`: ``self.parallel``, which changes
+nothing in one process) live elsewhere, so this file is the step and the loop. Under ``torchrun``
+every rank runs this loop on its shard of each batch; rank 0 alone writes the run directory
+(metrics, summary, provenance) and shows progress, and every rank writes its shards of each
+checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 from moelab import provenance
 from moelab.config import ConfigError
 from moelab.data import BatchSampler
+from moelab.distributed import load_checkpoint, save_checkpoint, setup_parallel
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
 from moelab.layers.sparsity_controller import SparsityController
@@ -107,7 +112,9 @@ class Trainer:
             preset = preset or self.rundir.recorded_preset()
         self.preset = preset
         check_backends(config.logging)
-        self.device = resolve_device(config)
+        device = resolve_device(config)
+        self.parallel = setup_parallel(config, device)  # one process: changes nothing
+        self.device = self.parallel.place(device)
         self.bf16 = use_bf16(config, self.device)
         if config.train.threads is not None:
             torch.set_num_threads(config.train.threads)
@@ -116,7 +123,9 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         self.model = TransformerLM(config.model).to(self.device)
+        self.accounting = accounting(self.model)  # the whole model, before any sharding
         self.layers = routed_by_block(self.model)
+        self.train_model = self.parallel.parallelize(self.model)  # one process: the model
         oc = config.optim
         self.optimizer = build_optimizer(
             self.model,
@@ -131,9 +140,13 @@ class Trainer:
         )
         self.controller = build_controller(self.model, config)
         self.sampler = BatchSampler(
-            self.dataset, "train", config.data.seq_len, config.data.batch_size, config.data.seed
+            self.dataset,
+            "train",
+            config.data.seq_len,
+            config.data.batch_size,
+            config.data.seed,
+            shard=self.parallel.sampler_shard(),
         )
-        self.accounting = accounting(self.model)
         self._sampler_state = self.sampler.state_dict()  # as of the last completed step
         self.step = 0
         self.elapsed = 0.0  # training wall time of earlier processes of this run
@@ -145,14 +158,20 @@ class Trainer:
             )
             if self.complete:
                 return  # the run stays exactly as it is
-            # every check passed: only now does the run directory change
+        self.parallel.barrier()  # every rank has checked and read the run directory
+        if not self.parallel.is_main:
+            return
+        if resume:  # every check passed: only now does the run directory change
             self.rundir.clean_temporary()
             self.rundir.write_config(config)  # overrides given on resume
             self.rundir.truncate_metrics(self.step)
         else:
             self.rundir.create(config, self.dataset, self.accounting, replace=replace)
         record = provenance.collect(self.device, self.dataset.path)
-        self.rundir.add_provenance(record | {"start_step": self.step, "preset": self.preset})
+        record |= {"start_step": self.step, "preset": self.preset}
+        if self.parallel.distributed:
+            record["distributed"] = self.parallel.layout()
+        self.rundir.add_provenance(record)
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -161,9 +180,13 @@ class Trainer:
         and RNG; reads the run directory, writes nothing."""
         run = self.rundir
         run.check_same_tokenizer(self.dataset, field="data.path")
-        ckpt, state = run.load_checkpoint(self.model)
+        if self.parallel.distributed or run.is_sharded(run.latest_checkpoint()):
+            ckpt, state = load_checkpoint(run, self.model, self.optimizer, self.parallel)
+        else:
+            ckpt, state = run.load_checkpoint(self.model)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "optimizer" in state:  # a sharded checkpoint's is loaded already
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             oc, steps = self.config.optim, self.config.train.steps  # may be changed on resume
             self.scheduler.retarget(oc.lr, oc.warmup_steps, steps, oc.min_lr_ratio)
@@ -195,6 +218,18 @@ class Trainer:
             "sampler": self._sampler_state,
             "rng": rng_state(),
         }
+        if self.parallel.distributed:  # every rank writes its shards (optimizer included)
+            self.parallel.sync_buffers(self.model)
+            del state["optimizer"]
+            return save_checkpoint(
+                self.rundir,
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                self.config.checkpoint.keep_last,
+                self.parallel,
+            )
         return self.rundir.save_checkpoint(
             self.step, self.model, state, self.config.checkpoint.keep_last
         )
@@ -207,8 +242,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         lam = None if self.controller is None else self.controller.lam
         record = self.accumulate_gradients(x, y)
+        self.parallel.finish_gradients(self.model)
         clip = self.config.optim.grad_clip
-        grad_norm = float(clip_grad_norm_(self.model.parameters(), clip or math.inf))
+        grad_norm = self.parallel.clip_grad_norm_(self.model, clip or math.inf, clip_grad_norm_)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -218,7 +254,7 @@ class Trainer:
         out: dict[str, Any] = {
             "kind": "train",
             "step": self.step,
-            "tokens": self.step * y.numel(),
+            "tokens": self.step * self._tokens_per_step,
             "lr": lr,
             "loss": record["loss"],
             "aux": record["aux"],
@@ -231,45 +267,55 @@ class Trainer:
                 out["lambda_layers"] = list(self.controller.layer_lams)
             out["sparsity"] = sparsity
         out["layers"] = record["layers"]
+        out.update(self.parallel.step_report())  # e.g. the all-to-all time of expert parallelism
         return out
 
     def accumulate_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-        """Forward/backward the batch ``(x, y)`` in ``data.accumulation_steps`` micro-batches.
+        """Forward/backward the batch ``(x, y)`` (this rank's part of the step's batch) in
+        micro-batches of ``data.micro_batch_size``.
 
         Each micro-batch's loss is weighted by its share of the batch's tokens, so the summed
         gradient equals the full batch's (exactly for the LM loss and token-linear aux losses).
-        The λ controller observes every micro-batch; it is *not* stepped here.
+        The λ controller observes every micro-batch; it is *not* stepped here. Under ``torchrun``
+        gradients are reduced across ranks in the last micro-batch, and the returned loss, aux
+        losses and statistics are those of all ranks.
         """
-        n_micro = self.config.data.accumulation_steps
+        d = self.config.data
+        n_micro = self.parallel.micro_batches(d.batch_size, d.micro_batch_size)
         total_tokens = y.numel()
         lm_sum = 0.0
         aux_sum: dict[str, float] = {}
         stats: dict[str, RoutingStats | None] = dict.fromkeys(self.layers)
         self.model.train()
-        for xb, yb in zip(x.chunk(n_micro), y.chunk(n_micro), strict=True):
+        for i, (xb, yb) in enumerate(zip(x.chunk(n_micro), y.chunk(n_micro), strict=True)):
             share = yb.numel() / total_tokens
             xb, yb = xb.to(self.device), yb.to(self.device)
-            with autocast_context(self.device, self.bf16):
-                logits = self.model(xb)
-            lm = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
-            aux = collect_aux_losses(self.layers.values())
-            if self.controller is not None:
-                self.controller.observe(self.layers.values())
-            loss = lm + aux_loss(self.layers.values(), self.controller)
-            (loss * share).backward()
+            with self.parallel.sync_gradients(last=i == n_micro - 1):
+                with autocast_context(self.device, self.bf16):
+                    logits = self.train_model(xb)
+                lm = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
+                aux = collect_aux_losses(self.layers.values())
+                if self.controller is not None:
+                    self.controller.observe(self.layers.values())
+                loss = lm + aux_loss(self.layers.values(), self.controller)
+                (loss * share).backward()
             lm_sum += float(lm.detach()) * share
             for name, value in aux.items():
                 aux_sum[name] = aux_sum.get(name, 0.0) + float(value.detach()) * share
             for key, layer in self.layers.items():
                 so_far = stats[key]
                 stats[key] = layer.last_stats if so_far is None else so_far.merge(layer.last_stats)
+        lm_sum, aux_sum, stats = self.parallel.reduce_step(lm_sum, aux_sum, stats)
         layers = {k: st.as_dict() for k, st in stats.items() if st is not None}
         return {"loss": lm_sum, "aux": aux_sum, "layers": layers}
 
     # ---- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
+        """Validation loss; under ``torchrun`` every rank evaluates the same windows (expert
+        parallelism and FSDP2 need every rank in each forward) and rank 0 logs it."""
         d = self.config.data
+        self.parallel.sync_buffers(self.model)
         return evaluate(
             self.model,
             self.dataset,
@@ -292,9 +338,14 @@ class Trainer:
             return self.rundir.read_summary()
         cfg = self.config
         total = cfg.train.steps
-        logger = MetricsLogger(self.rundir, cfg)
+        main = self.parallel.is_main  # the only rank that writes files and shows progress
+        logger = MetricsLogger(self.rundir, cfg) if main else _NoLogger()
         progress = Progress(
-            total, self.step, cfg.logging.progress, cfg.method, log_every=cfg.logging.log_every
+            total,
+            self.step,
+            cfg.logging.progress and main,
+            cfg.method,
+            log_every=cfg.logging.log_every,
         )
         start, tokens_at_start = time.perf_counter(), self.step * self._tokens_per_step
         last_t, last_step = start, self.step
@@ -302,7 +353,8 @@ class Trainer:
         interrupted = False
         record: dict[str, Any] = {}
         with StopOnCtrlC() as ctrl_c, warnings.catch_warnings():
-            warnings.showwarning = progress.show_warning  # one line above the bar (restored)
+            # one line above the bar (restored); other ranks' copies of a warning are not shown
+            warnings.showwarning = progress.show_warning if main else _hide_warning
             try:
                 while self.step < total:
                     record = self.train_step()
@@ -322,7 +374,8 @@ class Trainer:
                         logger.log(evaluated)
                         progress.show_eval(evaluated)
                         last_t, last_step = time.perf_counter(), self.step  # tokens/s: training
-                    stop = ctrl_c.requested or (stop_after is not None and self.step >= stop_after)
+                    stop = self.parallel.any(ctrl_c.requested)  # all ranks stop at one step
+                    stop = stop or (stop_after is not None and self.step >= stop_after)
                     every = cfg.checkpoint.every
                     if (every and self.step % every == 0) or self.step == total or stop:
                         self._save_with_elapsed(start)
@@ -333,6 +386,8 @@ class Trainer:
                         break
             except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
                 interrupted = True
+                if self.parallel.distributed:  # ranks stopped at different points: no collective
+                    raise
                 if last_saved != self.step:
                     self._save_with_elapsed(start)
             finally:
@@ -340,7 +395,8 @@ class Trainer:
         wall = self.elapsed + (time.perf_counter() - start)
         if interrupted:
             logger.close()
-            print(f"stopped at step {self.step}; checkpoint saved in {self.run_dir}")
+            if main:
+                print(f"stopped at step {self.step}; checkpoint saved in {self.run_dir}")
             return {"interrupted": True, "steps": self.step, "run_dir": str(self.run_dir)}
         trained = self.step * self._tokens_per_step - tokens_at_start
         if not record:  # resumed at the last step (killed before its summary): finish it
@@ -367,8 +423,15 @@ class Trainer:
             dataset=self.dataset,
             device=self.device,
         )
-        self.rundir.write_summary(summary)
+        if self.parallel.distributed:
+            summary["distributed"] = self.parallel.layout()
+        if main:
+            self.rundir.write_summary(summary)
         return summary
+
+    def close(self) -> None:
+        """End the process group this trainer started (a ``torchrun`` launch; else nothing)."""
+        self.parallel.close()
 
     def _logged(self, kind: str) -> dict[str, Any] | None:
         """The metrics line of ``kind`` already logged at the current step, if any."""
@@ -399,4 +462,20 @@ def train(
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir`` (see :class:`Trainer`); returns the summary dict."""
     trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, preset=preset)
-    return trainer.run(stop_after=stop_after)
+    summary = trainer.run(stop_after=stop_after)
+    trainer.close()
+    return summary
+
+
+class _NoLogger:
+    """The metrics sink of ranks other than 0."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _hide_warning(*args: Any, **kwargs: Any) -> None:
+    """``warnings.showwarning`` of ranks other than 0 (rank 0 shows the run's warnings)."""

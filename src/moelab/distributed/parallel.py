@@ -1,0 +1,439 @@
+"""What the trainer asks of its parallel setting, for one process and for a ``torchrun`` launch.
+
+:class:`SingleProcess` answers for a run in one process and changes nothing: every method returns
+its input or does nothing, so one-process numerics stay exactly as they were.
+:class:`DataParallel` is a ``torchrun`` launch: data parallelism (DDP or FSDP2) over every rank,
+optionally with the experts split over expert-parallel groups folded onto those ranks.
+
+Gradients of a data-parallel step (``W`` ranks, each with its share of the global batch and its
+own loss ``L_r``, the mean over its tokens) are ``1/W · Σ_r ∇L_r``, the gradient of the global
+batch's mean loss:
+
+* replicated parameters: DDP's all-reduce (average) during the backward of the last micro-batch,
+  or FSDP2's reduce-scatter;
+* expert weights under expert parallelism: the all-to-all's backward already sums every rank of
+  the expert-parallel group into the rank that owns the expert; :meth:`finish_gradients` sums the
+  ``W / ep`` copies of each expert and divides by ``W``;
+* sparse row gradients (PEER / PKM tables), which DDP cannot reduce: all-gathered rows, summed,
+  divided by ``W`` (:func:`_sync_sparse`), so the update stays sparse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from moelab.config import ConfigError
+from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
+from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
+from moelab.layers.base import RoutingStats
+
+__all__ = ["DataParallel", "SingleProcess", "setup"]
+
+
+class SingleProcess:
+    """A run in one process: no communication, nothing changes."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+    distributed = False
+    sharded: dict[str, ShardedParam] = {}  # noqa: RUF012 - read-only here
+
+    def describe(self) -> str:
+        return "1 process"
+
+    def layout(self) -> dict[str, Any]:
+        return {"world_size": 1}
+
+    def place(self, device: torch.device) -> torch.device:
+        """The device this rank trains on."""
+        return device
+
+    def sampler_shard(self) -> tuple[int, int] | None:
+        """``(index, count)`` of this rank's part of every global batch (None: all of it)."""
+        return None
+
+    def micro_batches(self, batch_size: int, micro_batch_size: int | None) -> int:
+        """Forward/backward passes per step on this rank."""
+        return batch_size // (micro_batch_size or batch_size)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Apply the parallelism to ``model`` (in place); returns what the training forward
+        calls."""
+        return model
+
+    def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around each micro-batch's forward and backward: gradients are reduced across ranks
+        only in the last one."""
+        return contextlib.nullcontext()
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        """After the last micro-batch: the gradient synchronisation DDP / FSDP2 do not do."""
+
+    def clip_grad_norm_(
+        self,
+        model: nn.Module,
+        max_norm: float,
+        local_clip: Callable[[Iterable[Tensor], float], Tensor],
+    ) -> float:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
+        return float(local_clip(model.parameters(), max_norm))
+
+    def reduce_step(
+        self,
+        lm: float,
+        aux: dict[str, float],
+        stats: dict[str, RoutingStats | None],
+    ) -> tuple[float, dict[str, float], dict[str, RoutingStats | None]]:
+        """The step's LM loss, aux losses (means) and routing statistics (sums) over all ranks,
+        for the metrics line."""
+        return lm, aux, stats
+
+    def step_report(self) -> dict[str, Any]:
+        """Fields the parallelism adds to a step's metrics line (none in one process)."""
+        return {}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (e.g. Ctrl-C seen by one rank)."""
+        return flag
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make every rank's buffers rank 0's (before evaluating or saving)."""
+
+    def close(self) -> None:
+        """Tear down what :func:`~moelab.distributed.setup` started."""
+
+
+class DataParallel(SingleProcess):
+    """A ``torchrun`` launch: DDP or FSDP2 over every rank, experts optionally split over
+    expert-parallel groups (see the module docstring)."""
+
+    distributed = True
+
+    def __init__(self, topology: Topology, data_parallel: str) -> None:
+        self.topo = topology
+        self.data_parallel = data_parallel
+        self.rank = topology.rank
+        self.world_size = topology.world_size
+        self.is_main = topology.rank == 0
+        self.sharded = {}
+        self._ddp: DistributedDataParallel | None = None
+        self._fsdp: nn.Module | None = None
+        self._expert_params: list[nn.Parameter] = []
+        self._sparse_params: list[nn.Parameter] = []
+        self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
+        self.clock = CommClock()  # time in the expert-parallel all-to-alls
+
+    def describe(self) -> str:
+        t = self.topo
+        text = f"{t.world_size} processes ({self.data_parallel}, {t.backend})"
+        if t.ep > 1:
+            text += f", experts split over {t.ep} ranks x {t.edp} copies"
+        return text
+
+    def layout(self) -> dict[str, Any]:
+        t = self.topo
+        return {
+            "world_size": t.world_size,
+            "data_parallel": self.data_parallel,
+            "expert_parallel": t.ep,
+            "backend": t.backend,
+        }
+
+    def place(self, device: torch.device) -> torch.device:
+        return self.topo.device
+
+    def sampler_shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world_size)
+
+    def micro_batches(self, batch_size: int, micro_batch_size: int | None) -> int:
+        local = batch_size // self.world_size
+        return local // (micro_batch_size or local)
+
+    # ---- applying the parallelism ---------------------------------------------------------------
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        t = self.topo
+        if t.ep > 1:
+            self.sharded = apply_expert_parallel(model, t.ep_group, t.ep, t.ep_rank, self.clock)
+        names = dict(model.named_parameters())
+        self._expert_params = [names[n] for n in self.sharded]
+        if self.data_parallel == "fsdp2":
+            self._fsdp = _apply_fsdp2(model, t, set(self._expert_params))
+            return model
+        sparse, unused = _probe_gradients(model)
+        self._sparse_params = [names[n] for n in sparse]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [*self.sharded, *sparse]
+        )
+        kwargs: dict[str, Any] = {"find_unused_parameters": bool(unused)}
+        params = inspect.signature(DistributedDataParallel).parameters
+        if "forward_sync_buffers" in params:  # torch >= 2.13 (broadcast_buffers is deprecated)
+            kwargs["forward_sync_buffers"] = False
+        else:
+            kwargs["broadcast_buffers"] = False
+        if t.device.type == "cuda":
+            kwargs["device_ids"] = [t.device.index]
+        self._ddp = DistributedDataParallel(model, **kwargs)
+        self.clock.take()  # the probe's all-to-alls are not a step's
+        return self._ddp
+
+    def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
+        if last:
+            return contextlib.nullcontext()
+        if self._ddp is not None:
+            return self._ddp.no_sync()
+        if self._fsdp is not None:
+            return _fsdp_no_sync(self._fsdp)
+        return contextlib.nullcontext()
+
+    def finish_gradients(self, model: nn.Module) -> None:
+        t = self.topo
+        if self._expert_params:
+            grads = [
+                p.grad if p.grad is not None else torch.zeros_like(p) for p in self._expert_params
+            ]
+            if t.edp > 1:  # the other copies of these experts saw other ranks' tokens
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat, group=t.edp_group)
+                grads = list(flat.split([g.numel() for g in grads]))
+            for p, g in zip(self._expert_params, grads, strict=True):
+                p.grad = g.view_as(p).div_(t.world_size)
+        for p in self._sparse_params:
+            p.grad = _sync_sparse(p, self.world_size)
+
+    def clip_grad_norm_(
+        self,
+        model: nn.Module,
+        max_norm: float,
+        local_clip: Callable[[Iterable[Tensor], float], Tensor],
+    ) -> float:
+        if self._fsdp is None and not self._expert_params:  # the same gradients on every rank
+            return float(local_clip(model.parameters(), max_norm))
+        # squared norms: replicated gradients (the same on every rank), FSDP2 shards (summed over
+        # all ranks), experts (summed over an expert-parallel group: each expert once)
+        experts = {id(p) for p in self._expert_params}
+        params = [p for p in model.parameters() if p.grad is not None]
+        sq = torch.zeros(3, dtype=torch.float64)
+        for p in params:
+            g = p.grad
+            if g.is_sparse:
+                g = p.grad = g.coalesce()
+                g = g._values()
+            kind = 2 if id(p) in experts else 0
+            if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
+                g, kind = g.to_local(), 1
+            norm = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+            sq[kind] += float(norm) ** 2
+        sharded = self._all_reduce(sq[1:2])
+        expert_sq = sq[2:].to(self._comm_device)
+        dist.all_reduce(expert_sq, group=self.topo.ep_group)
+        total = math.sqrt(float(sq[0]) + float(sharded) + float(expert_sq))
+        coef = min(max_norm / (total + 1e-6), 1.0)
+        if coef < 1.0:
+            for p in params:
+                g = p.grad._values() if p.grad.is_sparse else p.grad
+                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
+        return total
+
+    # ---- what the logs show ---------------------------------------------------------------------
+
+    def reduce_step(
+        self,
+        lm: float,
+        aux: dict[str, float],
+        stats: dict[str, RoutingStats | None],
+    ) -> tuple[float, dict[str, float], dict[str, RoutingStats | None]]:
+        names = sorted(aux)
+        means = torch.tensor([lm, *(aux[n] for n in names)], dtype=torch.float64)
+        means = self._all_reduce(means) / self.world_size
+        lm, *values = means.tolist()
+        return lm, dict(zip(names, values, strict=True)), self._reduce_stats(stats)
+
+    def _reduce_stats(
+        self, stats: dict[str, RoutingStats | None]
+    ) -> dict[str, RoutingStats | None]:
+        keys = sorted(k for k, st in stats.items() if st is not None)
+        if not keys:
+            return stats
+        parts: dict[str, list[tuple[str, Tensor]]] = {"sum": [], "min": [], "max": []}
+        for k in keys:
+            st = stats[k]
+            for name in RoutingStats.SUMMED:
+                if getattr(st, name) is not None:
+                    parts["sum"].append((f"{k}.{name}", getattr(st, name)))
+            for name, value in sorted(st.extra.items()):
+                parts["sum"].append((f"{k}.extra.{name}", value))
+            if st.active_min is not None:
+                parts["min"].append((f"{k}.active_min", st.active_min))
+                parts["max"].append((f"{k}.active_max", st.active_max))
+            if st.distinct_experts is not None:
+                parts["max"].append((f"{k}.distinct_experts", st.distinct_experts))
+        reduced: dict[str, Tensor] = {}
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        for kind, items in parts.items():
+            if not items:
+                continue
+            flat = torch.cat([v.detach().double().reshape(-1).cpu() for _, v in items])
+            flat = self._all_reduce(flat, ops[kind])
+            for (name, v), r in zip(items, flat.split([v.numel() for _, v in items]), strict=True):
+                reduced[name] = r.reshape(v.shape).to(v.dtype)
+        out = dict(stats)
+        for k in keys:
+            st = stats[k]
+            fields = {
+                f.split(".", 1)[1]: v
+                for f, v in reduced.items()
+                if f.startswith(f"{k}.") and ".extra." not in f
+            }
+            extra = {n: reduced[f"{k}.extra.{n}"] for n in st.extra}
+            out[k] = replace(st, **fields, extra=extra)
+        return out
+
+    def _all_reduce(self, t: Tensor, op: Any = None) -> Tensor:
+        t = t.to(self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        return t.cpu()
+
+    def step_report(self) -> dict[str, Any]:
+        """Expert parallelism: ``all_to_all_s``, this rank's seconds in the all-to-alls of the
+        step (forward and backward, waiting for the other ranks included)."""
+        if not self.sharded:
+            return {}
+        return {"all_to_all_s": self.clock.take()}
+
+    def any(self, flag: bool) -> bool:
+        return bool(self._all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
+
+    def barrier(self) -> None:
+        if self._comm_device.type == "cuda":
+            dist.barrier(device_ids=[self._comm_device.index])
+        else:
+            dist.barrier()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        if self._fsdp is not None:
+            return
+        for buf in model.buffers():
+            b = buf.to(self._comm_device)
+            dist.broadcast(b, src=0)
+            buf.copy_(b)
+
+    def close(self) -> None:
+        if self.topo.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _probe_gradients(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the parameters whose gradient is sparse (PEER / PKM row gradients: DDP cannot
+    reduce them) and of those that get none, from one backward of a two-token input in eval mode
+    (no statistics, no BatchNorm update; every rank runs it, so collectives inside match)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 2, dtype=torch.long, device=device)).float().sum().backward()
+        sparse = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return sparse, unused
+
+
+def _sync_sparse(p: nn.Parameter, world: int) -> Tensor:
+    """The mean over ranks of a sparse row gradient, still sparse: every rank's rows are
+    all-gathered (padded to the longest), concatenated in rank order and summed per row, so every
+    rank gets the same coalesced gradient. A rank without a gradient contributes no rows."""
+    g = p.grad
+    if g is None:
+        g = torch.sparse_coo_tensor(
+            torch.zeros(1, 0, dtype=torch.long, device=p.device),
+            p.new_zeros(0, *p.shape[1:]),
+            p.shape,
+        )
+    g = g.coalesce()
+    idx, val = g.indices()[0], g.values()
+    comm = torch.device("cuda", p.device.index) if p.is_cuda else torch.device("cpu")
+    n = torch.tensor([idx.numel()], device=comm)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    longest = max(int(c) for c in counts)
+    pad_idx = idx.new_zeros(longest)
+    pad_idx[: idx.numel()] = idx
+    pad_val = val.new_zeros(longest, *val.shape[1:])
+    pad_val[: idx.numel()] = val
+    all_idx = [torch.empty_like(pad_idx) for _ in range(world)]
+    all_val = [torch.empty_like(pad_val) for _ in range(world)]
+    dist.all_gather(all_idx, pad_idx)
+    dist.all_gather(all_val, pad_val)
+    sizes = [int(c) for c in counts]
+    rows = torch.cat([i[:s] for i, s in zip(all_idx, sizes, strict=True)])
+    vals = torch.cat([v[:s] for v, s in zip(all_val, sizes, strict=True)])
+    out = torch.sparse_coo_tensor(rows[None], vals, p.shape).coalesce()
+    return torch.sparse_coo_tensor(out.indices(), out.values() / world, p.shape, is_coalesced=True)
+
+
+def _apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) -> nn.Module:
+    """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe), over
+    all ranks. Expert weights split by expert parallelism are left to it (``ignored_params``):
+    each rank keeps its experts whole, their gradients are synchronised by
+    :meth:`DataParallel.finish_gradients`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard  # heavy (DTensor): only FSDP2 runs import it
+
+    mesh = (
+        topo.mesh["edp"]  # the whole world
+        if topo.ep == 1
+        else init_device_mesh(topo.device.type, (topo.world_size,), mesh_dim_names=("dp",))
+    )
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if experts:
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(
+                "distributed.data_parallel",
+                f"fsdp2 with expert parallelism needs a torch whose fully_shard has "
+                f"ignored_params (this is {torch.__version__}); use ddp",
+            )
+        kwargs["ignored_params"] = experts
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def setup(config: Any, device: torch.device) -> SingleProcess:
+    """The parallel setting of this process: :class:`SingleProcess` unless started by
+    ``torchrun``; then the layout is checked (the same error on every rank, before any rank waits
+    for another), the process group is initialised and :class:`DataParallel` returned.
+    ``device``: the training device ``train.device`` resolves to."""
+    env = LaunchEnv.from_env()
+    if env is None:
+        return SingleProcess()
+    check_layout(config, env)
+    return DataParallel(init_topology(config, env, device), config.distributed.data_parallel)
