@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moelab.commands import add_override_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,19 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="topk: the checkpoint's own routing (same outputs); relu: ReMoE's ReLU routing "
         "with target sparsity 1 - k/E",
     )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted config overrides (right after the directories; anywhere else use --set)",
-    )
-    p.add_argument(
-        "--set",
-        dest="set_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a dotted override (repeatable)",
+    add_override_options(
+        p, "dotted config overrides (right after the directories; anywhere else use --set)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run in RUN_DIR")
     p.set_defaults(func=run)

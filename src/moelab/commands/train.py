@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from moelab.commands import add_override_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,15 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", help="a shipped preset (see --list-presets)")
     src.add_argument("--config", metavar="FILE.yaml", help="a run config file")
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument(
-        "--set",
-        dest="set_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a dotted override (repeatable)",
-    )
+    add_override_options(p, "dotted config overrides")
     p.add_argument("--run-dir", help="output directory (default: runs/<preset>-<timestamp>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moelab.commands import add_override_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,19 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", default=None, help="step number or step_* name (default: latest)"
     )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted config overrides (right after the directories; anywhere else use --set)",
-    )
-    p.add_argument(
-        "--set",
-        dest="set_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a dotted override (repeatable)",
+    add_override_options(
+        p, "dotted config overrides (right after the directories; anywhere else use --set)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run in OUT_RUN_DIR")
     p.set_defaults(func=run)
