@@ -261,17 +261,24 @@ def test_state_dict_round_trip_keeps_fp32_moments_and_int_row_steps() -> None:
     assert st["row_step"].dtype == torch.int32 and int(st["row_step"][1]) == 1001
 
 
-def test_dense_table_optimizer_equals_torch_adamw_on_every_row() -> None:
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "eager"])
+@pytest.mark.parametrize("chunk", [8192, 37], ids=["one-chunk", "chunks"])
+def test_dense_table_optimizer_equals_torch_adamw_on_every_row(
+    chunk: int, c_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``table_optimizer="dense"``: sparse table gradients get textbook AdamW (moment decay and
     weight decay on every row), identical to torch.optim.AdamW with dense gradients."""
     from moelab.layers.peer import PEER
+    from moelab.train import optim
 
+    monkeypatch.setattr(optim, "_DENSE_CHUNK", chunk)
     torch.manual_seed(6)
     kw = dict(d_model=8, num_experts=256, heads=1, top_k=2, d_key=4, dtype=torch.float64)
     a = PEER(sparse_grad=True, **kw)
     b = PEER(sparse_grad=False, **kw)
     b.load_state_dict(a.state_dict())
     opt_a = build_optimizer(a, lr=1e-2, weight_decay=0.1, table_optimizer="dense")
+    opt_a.use_c_kernel = c_kernel
     groups = [
         {"params": [p for p in b.parameters() if p.ndim >= 2], "weight_decay": 0.1},
         {"params": [p for p in b.parameters() if p.ndim < 2], "weight_decay": 0.0},
@@ -299,8 +306,8 @@ def test_table_optimizer_default_is_lazy_and_unknown_mode_is_rejected() -> None:
 
 
 def test_switching_table_optimizer_on_resume() -> None:
-    """A checkpoint from either mode resumes in the other: lazy state (row_step) under "dense"
-    updates every row; dense state (a scalar step) under "lazy" becomes per-row step counts."""
+    """A checkpoint from either mode resumes in the other (both keep per-row step counts), and a
+    table that had dense gradients so far (a scalar step) continues lazily with per-row counts."""
 
     def step(emb: nn.Embedding, opt: SparseAdamW, ids: list[int]) -> torch.Tensor:
         before = emb.weight.detach().clone()
@@ -318,7 +325,16 @@ def test_switching_table_optimizer_on_resume() -> None:
     assert opt.state[emb.weight]["row_step"].tolist() == [1, 2, 2] + [1] * 7
 
     opt = SparseAdamW(emb.parameters(), lr=1e-2, weight_decay=0.1, sparse_mode="dense")
-    assert step(emb, opt, [3]).all() and opt.state[emb.weight]["step"] == 1
+    assert step(emb, opt, [3]).all()
     opt.sparse_mode = "lazy"
+    assert step(emb, opt, [4]).tolist() == [i == 4 for i in range(10)]
+    assert opt.state[emb.weight]["row_step"].tolist() == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+
+    emb.weight.grad = None  # a table trained with dense gradients (sparse_grad=False) so far
+    opt = SparseAdamW(emb.parameters(), lr=1e-2, weight_decay=0.1)
+    opt.zero_grad()
+    emb.weight.grad = torch.ones(10, 3)
+    opt.step()
+    assert opt.state[emb.weight]["step"] == 1
     assert step(emb, opt, [4]).tolist() == [i == 4 for i in range(10)]
     assert opt.state[emb.weight]["row_step"].tolist() == [1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
