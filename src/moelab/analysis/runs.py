@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from moelab.model import ModelConfig
 from moelab.rundir import RunDir
 
 
@@ -184,10 +185,12 @@ def sparsity_target(rec: RunRecord) -> float | None:
     if t is not None:
         return float(t)
     ffn = _config_ffn(rec.path)
-    if ffn and ffn.get("kind") == "moe" and ffn.get("router") == "relu":
-        e, k = ffn.get("num_experts") or 8, ffn.get("top_k") or 1
-        return 1.0 - float(k) / float(e)
-    return None
+    if not ffn:
+        return None
+    try:  # the typed FFN config asks its router (no router name or default repeated here)
+        return ModelConfig.from_dict({"ffn": ffn}).ffn.sparsity_target
+    except ValueError:  # a hand-written or older config that no longer validates
+        return None
 
 
 def _config_ffn(path: Path) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ from moelab.layers.peer import GATES as PEER_GATES
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
 from moelab.layers.product_keys import check_product_key_args
-from moelab.layers.routers import ROUTERS, Router, build_router, router_options
+from moelab.layers.routers import ROUTERS, Router, build_router, router_class, router_options
 
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 Backend = Literal["auto", "loop", "fused", "bmm", "grouped_mm"]
@@ -171,8 +171,8 @@ class MoEConfig(_FFNSlot):
     router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.router not in ROUTERS:
-            _layer_checks(self, lambda: build_router(self.router, 1, 1, 1, 1.0))
+        if self.router not in ROUTERS:  # the registry's message: names and the closest match
+            _layer_checks(self, lambda: router_class(self.router))
         accepted = router_options(self.router)
         for name in ROUTER_OPTION_FIELDS:
             default = _field_default(type(self), name)
