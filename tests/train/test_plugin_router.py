@@ -42,7 +42,7 @@ class ArgmaxRouter(Router):
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
         self.temperature, self.entropy_coef = temperature, entropy_coef
 
-    def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
+    def forward(self, x_TD: Tensor, valid_T: Tensor | None, context=None) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         best_T = logits_TE.argmax(-1)
         token_idx_N = torch.arange(x_TD.shape[0])

@@ -2,6 +2,7 @@
 
 from moelab.layers.base import (
     RoutedLayer,
+    RoutingContext,
     RoutingDecision,
     RoutingStats,
     collect_aux_losses,
@@ -12,6 +13,7 @@ from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
+from moelab.layers.router_load_hook import RouterLoadHook
 from moelab.layers.routers import ROUTERS, Router, register_router
 from moelab.layers.sparsity_controller import SparsityController
 
@@ -23,8 +25,10 @@ __all__ = [
     "ROUTERS",
     "Router",
     "register_router",
+    "RouterLoadHook",
     "SparsityController",
     "RoutedLayer",
+    "RoutingContext",
     "RoutingDecision",
     "RoutingStats",
     "collect_aux_losses",

@@ -23,6 +23,9 @@ statistics. Everything else a layer produces is *recorded on the layer* rather t
 * ``layer.last_stats``: a detached :class:`RoutingStats`, refreshed only by training forwards with
   grad enabled (or while ``layer.force_stats`` is set, which is how evaluation passes collect their
   own statistics) so that eval passes never pollute training counters.
+* ``context``: an optional keyword :class:`RoutingContext` with what some routers need beyond
+  ``x``: the token ids (Hash routing) and state passed from the previous routed layer (recurrent
+  routers, gating residuals, momentum). :class:`~moelab.model.TransformerLM` makes one per forward.
 * ``layer.routing_observer``: optional callback ``f(layer, decision, x_TD)`` called on every forward
   (training or not) - analysis uses it to see per-token routing without recomputing anything.
 """
@@ -65,6 +68,39 @@ class RoutingDecision:
     @property
     def num_assignments(self) -> int:
         return int(self.token_idx_N.numel())
+
+
+class RoutingContext:
+    """What a routed layer may need beyond its input, for one forward of one layer.
+
+    * ``token_ids``: long ``[..., ]`` with the leading shape of ``x`` (the model's input ids), for
+      routers that route on the token itself (Hash routing). None when the caller has none.
+    * state passed between layers: a layer reads what earlier layers passed with :meth:`get` and
+      passes its own with :meth:`pass_on`; :meth:`next_layer` makes the context of the next layer.
+
+    Read and written state are kept apart, so running a layer twice (activation checkpointing
+    recomputes a block during backward) reads the same inputs and writes the same outputs.
+    State not written by a layer flows on unchanged, past dense layers too.
+    """
+
+    def __init__(
+        self, token_ids: Tensor | None = None, carried: dict[str, Tensor] | None = None
+    ) -> None:
+        self.token_ids = token_ids
+        self._carried = dict(carried or {})
+        self._passed: dict[str, Tensor] = {}
+
+    def get(self, key: str) -> Tensor | None:
+        """State an earlier layer passed on under ``key`` (None for the first layer using it)."""
+        return self._carried.get(key)
+
+    def pass_on(self, key: str, value: Tensor) -> None:
+        """Hand ``value`` to the next layers under ``key``."""
+        self._passed[key] = value
+
+    def next_layer(self) -> RoutingContext:
+        """The context of the next layer: the same token ids, the state as this layer left it."""
+        return RoutingContext(self.token_ids, self._carried | self._passed)
 
 
 @dataclass

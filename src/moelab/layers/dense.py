@@ -73,7 +73,10 @@ class DenseFFN(nn.Module):
         nn.init.normal_(self.w13_DF2, std=self.init_std)
         nn.init.normal_(self.w2_FD, std=self.init_std)
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, context: object | None = None
+    ) -> Tensor:
+        """``token_mask`` and ``context`` are accepted so every FFN slot has one signature."""
         return ffn(x, self.w13_DF2, self.w2_FD, self.activation)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moelab.layers import dispatch
-from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
+from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
 from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
 from moelab.layers.experts import GroupedExperts, check_backend
 from moelab.layers.routers import RouterOutput, build_router, make_decision, uniform_assignment
@@ -160,7 +160,9 @@ class MoE(RoutedLayer):
     def sparsity_target(self) -> float | None:
         return self.router.sparsity_target
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, context: RoutingContext | None = None
+    ) -> Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         valid_T = None if token_mask is None else token_mask.reshape(-1).to(torch.bool)
@@ -170,7 +172,7 @@ class MoE(RoutedLayer):
                 f"got {tuple(token_mask.shape)}"
             )
 
-        routed = self.router(x_TD, valid_T)
+        routed = self.router(x_TD, valid_T, context)
         decision = routed.decision
         if self.debug_uniform_routing:
             decision = self._uniform_decision(x_TD, valid_T)
@@ -185,6 +187,8 @@ class MoE(RoutedLayer):
         routed_rows = self.dispatcher.permute(x_TD, decision, self.experts.pad_limit(x_TD))
         y_ND = self.experts(routed_rows.x_ND, routed_rows.counts, routed_rows.weight_N)
         y_TD = self.dispatcher.combine(y_ND, routed_rows)
+        if routed.direct_TD is not None:
+            y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:

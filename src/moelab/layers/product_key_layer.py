@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moelab.layers.base import RoutedLayer, RoutingDecision, RoutingStats
+from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
 from moelab.layers.product_keys import (
     as_int,
     check_product_key_args,
@@ -140,7 +140,9 @@ class ProductKeyLayer(RoutedLayer):
                     f"token_mask must be bool (True = real token), got dtype {token_mask.dtype}"
                 )
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, context: RoutingContext | None = None
+    ) -> Tensor:
         self._check_input(x, token_mask)
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)

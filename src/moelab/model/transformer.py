@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moelab.layers.base import RoutedLayer, routed_layers
+from moelab.layers.base import RoutedLayer, RoutingContext, routed_layers
 from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
 from moelab.model.config import ModelConfig
@@ -168,9 +168,10 @@ class Block(nn.Module):
         sin_Ld2: Tensor,
         token_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        context: RoutingContext | None = None,
     ) -> Tensor:
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_Ld2, sin_Ld2, kv_cache)
-        return x_BLD + self.ffn(self.ffn_norm(x_BLD), token_mask=token_mask)
+        return x_BLD + self.ffn(self.ffn_norm(x_BLD), token_mask=token_mask, context=context)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -178,6 +179,9 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module):
     """Decoder-only LM; ``forward(input_ids [B, L], token_mask=None, kv_cache=None) -> [B, L, V]``.
+
+    Every FFN slot also gets a :class:`~moelab.layers.base.RoutingContext`: the input ids (Hash
+    routing) and the state routed layers pass to the next (recurrent routers, momentum).
 
     ``token_mask`` (bool, True = real token) is handed to every FFN slot so routed layers leave
     padding out of their losses and statistics. It is *not* an attention mask: attention is causal
@@ -254,13 +258,15 @@ class TransformerLM(nn.Module):
 
         x_BLD = self.tok_emb(input_ids)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
+        context = RoutingContext(token_ids=input_ids)
         for block in self.blocks:
             if use_ckpt:
                 x_BLD = checkpoint(
-                    block, x_BLD, cos_Ld2, sin_Ld2, token_mask, None, use_reentrant=False
+                    block, x_BLD, cos_Ld2, sin_Ld2, token_mask, None, context, use_reentrant=False
                 )
             else:
-                x_BLD = block(x_BLD, cos_Ld2, sin_Ld2, token_mask, kv_cache)
+                x_BLD = block(x_BLD, cos_Ld2, sin_Ld2, token_mask, kv_cache, context)
+            context = context.next_layer()
         if kv_cache is not None:
             kv_cache.length += L
         return self.lm_head(self.norm(x_BLD))

@@ -4,10 +4,12 @@ Ordering that matters (and is tested):
 
 * Each micro-batch's loss (LM + weighted aux losses) is scaled by its share of the step's tokens, so
   a step's gradient is the same with or without gradient accumulation.
-* ReMoE's :class:`~moelab.layers.SparsityController` *observes* after every micro-batch forward and
-  *steps* once per optimizer step, after all micro-batches: λ changes between steps at this one
-  named point, never inside a forward, so every micro-batch of a step uses the same λ. The λ used
-  by a step's loss is the one from before it.
+* The between-step hooks - ReMoE's :class:`~moelab.layers.SparsityController` and the
+  :class:`~moelab.layers.RouterLoadHook` of routers with state (aux-loss-free balancing) -
+  *observe* after every micro-batch forward and *step* once per optimizer step, after all
+  micro-batches: λ and router state change between steps at this one named point, never inside a
+  forward, so every micro-batch of a step routes the same way. The λ used by a step's loss is the
+  one from before it.
 * Everything a resumed run needs (weights, optimizer, scheduler, controller, RNG, sampler position,
   elapsed time) is in the checkpoint, so on CPU a killed and resumed run logs the same numbers as
   an uninterrupted one.
@@ -41,6 +43,7 @@ from moelab.data import BatchSampler
 from moelab.distributed import load_checkpoint, save_checkpoint, setup_parallel
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
+from moelab.layers.router_load_hook import RouterLoadHook
 from moelab.layers.sparsity_controller import SparsityController
 from moelab.model import TransformerLM, accounting
 from moelab.rundir import RunDir
@@ -139,6 +142,13 @@ class Trainer:
             self.optimizer, oc.warmup_steps, config.train.steps, oc.min_lr_ratio
         )
         self.controller = build_controller(self.model, config)
+        load_hook = RouterLoadHook.for_layers(self.layers.values())
+        # Between-step hooks by name (the name is also their key in checkpoints).
+        self.step_hooks: dict[str, SparsityController | RouterLoadHook] = {
+            name: hook
+            for name, hook in (("controller", self.controller), (RouterLoadHook.name, load_hook))
+            if hook is not None
+        }
         self.sampler = BatchSampler(
             self.dataset,
             "train",
@@ -190,8 +200,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             oc, steps = self.config.optim, self.config.train.steps  # may be changed on resume
             self.scheduler.retarget(oc.lr, oc.warmup_steps, steps, oc.min_lr_ratio)
-            if self.controller is not None:
-                self.controller.load_state_dict(state["controller"])
+            for name, hook in self.step_hooks.items():
+                hook.load_state_dict(state[name])
             self.sampler.load_state_dict(state["sampler"])
             self._sampler_state = self.sampler.state_dict()
             set_rng_state(state["rng"])
@@ -214,7 +224,8 @@ class Trainer:
             "elapsed": self.elapsed,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "controller": None if self.controller is None else self.controller.state_dict(),
+            "controller": None,
+            **{name: hook.state_dict() for name, hook in self.step_hooks.items()},
             "sampler": self._sampler_state,
             "rng": rng_state(),
         }
@@ -248,7 +259,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        sparsity = None if self.controller is None else self.controller.step()
+        stepped = {name: hook.step() for name, hook in self.step_hooks.items()}
+        sparsity = stepped.get("controller")
         self.step += 1
         self._sampler_state = self.sampler.state_dict()
         out: dict[str, Any] = {
@@ -295,8 +307,8 @@ class Trainer:
                     logits = self.train_model(xb)
                 lm = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
                 aux = collect_aux_losses(self.layers.values())
-                if self.controller is not None:
-                    self.controller.observe(self.layers.values())
+                for hook in self.step_hooks.values():
+                    hook.observe(self.layers.values())
                 loss = lm + aux_loss(self.layers.values(), self.controller)
                 (loss * share).backward()
             lm_sum += float(lm.detach()) * share

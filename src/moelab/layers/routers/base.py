@@ -2,12 +2,18 @@
 
 A router owns everything that follows from its own outputs:
 
-* ``forward(x_TD, valid_T) -> RouterOutput``: the decision plus the dense router tensors;
+* ``forward(x_TD, valid_T, context) -> RouterOutput``: the decision plus the dense router tensors
+  (``context``, a :class:`~moelab.layers.base.RoutingContext`, brings token ids and state passed
+  from the previous routed layer to the routers that use them);
 * :meth:`Router.aux_losses`: its auxiliary losses, computed from that output and the token mask,
   and :meth:`Router.aux_coefficients`, their fixed coefficients;
 * ``controlled_loss``: the name of the one loss (if any) whose coefficient is adapted between
   steps by :class:`~moelab.layers.SparsityController` (ReMoE's L1), and ``sparsity_target``, what
-  that controller drives towards.
+  that controller drives towards;
+* :meth:`Router.step_update`: state kept between optimizer steps (e.g. aux-loss-free balancing's
+  per-expert bias), updated from the step's expert loads by
+  :class:`~moelab.layers.RouterLoadHook` - the same kind of between-step hook as the λ controller,
+  never inside ``forward``. Such state is a buffer, so checkpoints carry it.
 
 Logits are computed in float32 whatever the input dtype: a bf16 router flips near-tied top-k
 choices and under-resolves small ReLU outputs. Adding a router from the literature is one
@@ -27,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.layers.base import RoutingDecision
-from moelab.layers.losses import remoe_l1_loss, router_z_loss, switch_load_balance_loss
+from moelab.layers.base import RoutingContext, RoutingDecision
+from moelab.layers.losses import router_z_loss
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class RouterOutput:
     logits_TE: Tensor  # float32 pre-activation router outputs
     scores_TE: Tensor  # softmax probabilities (TopK) or ReLU outputs (ReMoE), float32
     nonzero: Tensor  # selected / positive (token, expert) pairs over valid tokens, before dropping
+    # Output the router computes itself, added to the experts' combined output: zero-computation
+    # experts (MoE++'s copy / constant experts) whose cost is an elementwise op, not a matmul.
+    direct_TD: Tensor | None = None
 
 
 def make_decision(
@@ -56,7 +65,7 @@ def make_decision(
     )
 
 
-def _check_coef(name: str, value: object) -> None:
+def check_coef(name: str, value: object) -> None:
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
@@ -85,6 +94,8 @@ class Router(nn.Module):
     name: ClassVar[str] = ""
     method: ClassVar[str] = ""
     controlled_loss: ClassVar[str | None] = None
+    # True when step_update() must be called once per optimizer step (RouterLoadHook does it).
+    updates_between_steps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -98,7 +109,7 @@ class Router(nn.Module):
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-        _check_coef("z_loss_coef", z_loss_coef)
+        check_coef("z_loss_coef", z_loss_coef)
         self.num_experts = num_experts
         self.top_k = top_k
         self.z_loss_coef = float(z_loss_coef)
@@ -111,8 +122,15 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
-    def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None
+    ) -> RouterOutput:
         raise NotImplementedError
+
+    def step_update(self, tokens_per_expert_E: Tensor) -> None:
+        """Between-step update from the step's expert loads (summed over micro-batches and
+        data-parallel ranks, padding excluded); only routers with ``updates_between_steps``."""
+        raise NotImplementedError(f"router {self.name!r} keeps no state between steps")
 
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
         """Unweighted aux losses of one forward, each normalised by its valid tokens."""
@@ -175,139 +193,6 @@ def build_router(
                 f"router {name!r} has no option {key!r}{hint}; its options: {', '.join(allowed)}"
             )
     return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
-
-
-@register_router
-class TopKRouter(Router):
-    """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral), with the Switch
-    load-balancing loss (Fedus et al. 2021, eq. 4) weighted by ``balance_coef``.
-
-    ``softmax_after_topk=False`` (default, as ReMoE's baseline): weights are the softmax over all E
-    logits, taken at the top-k; ``renormalize=True`` rescales those k weights to sum to 1 (Mixtral).
-    ``softmax_after_topk=True``: softmax over the k selected logits only.
-    """
-
-    name = "topk"
-    method = "topk"
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        renormalize: bool = False,
-        softmax_after_topk: bool = False,
-        balance_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-        init_std: float = 0.02,
-    ) -> None:
-        if softmax_after_topk and top_k == 1:
-            raise ValueError(
-                "softmax_after_topk needs top_k > 1: a softmax over one selected logit is "
-                "always 1, so the router would get no gradient"
-            )
-        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
-        _check_coef("balance_coef", balance_coef)
-        self.renormalize = renormalize
-        self.softmax_after_topk = softmax_after_topk
-        self.balance_coef = float(balance_coef)
-
-    def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        top_logits_TK, top_idx_TK = logits_TE.topk(self.top_k, dim=-1)
-        if self.softmax_after_topk:
-            weight_TK = top_logits_TK.softmax(dim=-1)
-        else:
-            weight_TK = probs_TE.gather(1, top_idx_TK)
-            if self.renormalize:
-                weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-        num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
-        token_idx_N, expert_idx_N, weight_N = (
-            token_idx_TK.reshape(-1),
-            top_idx_TK.reshape(-1),
-            weight_TK.reshape(-1),
-        )
-        if valid_T is not None:
-            keep_N = valid_T[token_idx_N]
-            token_idx_N, expert_idx_N, weight_N = (
-                token_idx_N[keep_N],
-                expert_idx_N[keep_N],
-                weight_N[keep_N],
-            )
-        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
-        return RouterOutput(decision, logits_TE, probs_TE, nonzero)
-
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            losses["load_balance"] = switch_load_balance_loss(
-                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, self.top_k
-            )
-        return losses | super().aux_losses(out, valid_T)
-
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        return own | super().aux_coefficients()
-
-
-@register_router
-class ReLURouter(Router):
-    """ReMoE's router (arXiv 2412.14711, eq. 5): ``R(x) = ReLU(x W)``; no softmax, no top-k.
-
-    Every positive output is an assignment whose weight is that output, so each token gets a
-    variable number of experts (possibly none: it then keeps only the residual path). Its L1
-    penalty (eq. 7, load-balanced unless ``l1_balanced=False``) is the controlled loss: its
-    coefficient λ is adapted each step towards ``sparsity_target = 1 − k/E`` (eq. 8) by
-    :class:`~moelab.layers.SparsityController`.
-    """
-
-    name = "relu"
-    method = "remoe"
-    controlled_loss = "remoe_l1"
-
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        l1_balanced: bool = True,
-        z_loss_coef: float = 0.0,
-        init_std: float = 0.02,
-    ) -> None:
-        if top_k >= num_experts:
-            raise ValueError(
-                f"top_k must be < num_experts for router 'relu' (target sparsity 1 - k/E > 0), "
-                f"got top_k={top_k}, num_experts={num_experts}"
-            )
-        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
-        self.l1_balanced = l1_balanced
-
-    def forward(self, x_TD: Tensor, valid_T: Tensor | None) -> RouterOutput:
-        logits_TE = self.logits(x_TD)
-        relu_TE = F.relu(logits_TE)
-        active_TE = relu_TE > 0
-        if valid_T is not None:
-            active_TE = active_TE & valid_T[:, None]
-        token_idx_N, expert_idx_N = active_TE.nonzero(as_tuple=True)
-        weight_N = relu_TE[token_idx_N, expert_idx_N]
-        decision = make_decision(
-            token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts
-        )
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
-        return RouterOutput(decision, logits_TE, relu_TE, nonzero)
-
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        l1 = remoe_l1_loss(out.scores_TE, valid_T, self.top_k, self.l1_balanced)
-        return {self.controlled_loss: l1} | super().aux_losses(out, valid_T)
-
-    @property
-    def sparsity_target(self) -> float:
-        return 1.0 - self.top_k / self.num_experts
 
 
 def uniform_assignment(

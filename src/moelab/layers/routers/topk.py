@@ -1,0 +1,95 @@
+"""Token-choice top-k routing with softmax: the baseline of the ReMoE paper and most MoE LMs."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moelab.layers.base import RoutingContext
+from moelab.layers.losses import switch_load_balance_loss
+from moelab.layers.routers.base import (
+    Router,
+    RouterOutput,
+    check_coef,
+    make_decision,
+    register_router,
+)
+
+
+@register_router
+class TopKRouter(Router):
+    """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral), with the Switch
+    load-balancing loss (Fedus et al. 2021, eq. 4) weighted by ``balance_coef``.
+
+    ``softmax_after_topk=False`` (default, as ReMoE's baseline): weights are the softmax over all E
+    logits, taken at the top-k; ``renormalize=True`` rescales those k weights to sum to 1 (Mixtral).
+    ``softmax_after_topk=True``: softmax over the k selected logits only.
+    """
+
+    name = "topk"
+    method = "topk"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        renormalize: bool = False,
+        softmax_after_topk: bool = False,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        if softmax_after_topk and top_k == 1:
+            raise ValueError(
+                "softmax_after_topk needs top_k > 1: a softmax over one selected logit is "
+                "always 1, so the router would get no gradient"
+            )
+        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        check_coef("balance_coef", balance_coef)
+        self.renormalize = renormalize
+        self.softmax_after_topk = softmax_after_topk
+        self.balance_coef = float(balance_coef)
+
+    def forward(
+        self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None
+    ) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        top_logits_TK, top_idx_TK = logits_TE.topk(self.top_k, dim=-1)
+        if self.softmax_after_topk:
+            weight_TK = top_logits_TK.softmax(dim=-1)
+        else:
+            weight_TK = probs_TE.gather(1, top_idx_TK)
+            if self.renormalize:
+                weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        num_tokens = x_TD.shape[0]
+        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
+        token_idx_N, expert_idx_N, weight_N = (
+            token_idx_TK.reshape(-1),
+            top_idx_TK.reshape(-1),
+            weight_TK.reshape(-1),
+        )
+        if valid_T is not None:
+            keep_N = valid_T[token_idx_N]
+            token_idx_N, expert_idx_N, weight_N = (
+                token_idx_N[keep_N],
+                expert_idx_N[keep_N],
+                weight_N[keep_N],
+            )
+        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
+        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        return RouterOutput(decision, logits_TE, probs_TE, nonzero)
+
+    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if self.balance_coef > 0:
+            losses["load_balance"] = switch_load_balance_loss(
+                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, self.top_k
+            )
+        return losses | super().aux_losses(out, valid_T)
+
+    def aux_coefficients(self) -> dict[str, float]:
+        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
+        return own | super().aux_coefficients()
