@@ -85,3 +85,48 @@ def test_run_suite_with_fake_trainer_resumes(tmp_path):
     trained.clear()
     suites.run_suite("paper-mini", out, seeds=[0, 1], trainer=fake_trainer, log=lambda s: None)
     assert trained == []  # finished runs are kept
+
+
+def test_run_suite_trains_runs_in_parallel_processes(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_subprocess(p: suites.PlannedRun, log_dir) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        write_run(p.run_dir.parent, p.run_dir.name, p.group, steps=20,
+                  layers=0 if p.group == "dense" else 2, val_loss=3.0)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(suites, "train_in_subprocess", fake_subprocess)
+    res = suites.run_suite("paper-mini", tmp_path / "s", seeds=[0], jobs=2, log=lambda s: None)
+    assert peak[0] == 2 and res["markdown"].is_file()
+    with pytest.raises(ValueError, match="jobs: must be an integer >= 1"):
+        suites.run_suite("paper-mini", tmp_path / "s", jobs=0)
+
+
+def test_a_run_in_a_subprocess_gets_its_preset_overrides_and_resume(tmp_path, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return Done()
+
+    monkeypatch.setattr(suites.subprocess, "run", fake_run)
+    (plan,) = [p for p in suites.plan_suite("paper-mini", tmp_path, seeds=[1]) if p.group == "topk"]
+    suites.train_in_subprocess(plan, tmp_path / "logs")
+    assert calls[-1][3:] == ["train", "--preset", "topk-tiny", "--run-dir", str(plan.run_dir),
+                             *plan.overrides]
+    write_run(plan.run_dir.parent, plan.run_dir.name, "topk", steps=20, layers=2, val_loss=3.0)
+    Done.returncode = 3
+    with pytest.raises(RuntimeError, match="topk-seed1: training failed \\(exit 3\\), see .*log"):
+        suites.train_in_subprocess(plan, tmp_path / "logs")
+    assert calls[-1][-1] == "--overwrite"  # started, but no checkpoint to resume from

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +165,65 @@ def _default_trainer() -> Callable[[PlannedRun], Any]:
     return run
 
 
+def train_in_subprocess(p: PlannedRun, log_dir: Path) -> None:
+    """Train one planned run in a fresh ``python -m moelab train`` process (how ``jobs > 1`` runs
+    several at once), output in ``log_dir/<run>.log``; same resume rules as the in-process
+    trainer. RuntimeError naming the log when the run fails."""
+    rundir = RunDir(p.run_dir)
+    started = rundir.holds_run
+    cmd = [sys.executable, "-m", "moelab", "train"]
+    if started and rundir.has_latest:
+        cmd += ["--resume", str(p.run_dir)]
+    else:
+        cmd += ["--preset", p.preset, "--run-dir", str(p.run_dir), *p.overrides]
+        cmd += ["--overwrite"] if started else []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{p.run_dir.name}.log"
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{p.run_dir.name}: training failed (exit {done.returncode}), see "
+                           f"{log_path}")
+
+
+def _train_all(
+    plan: list[PlannedRun],
+    trainer: Callable[[PlannedRun], Any] | None,
+    jobs: int,
+    log_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """Train the runs of ``plan`` that have no summary yet, ``jobs`` at a time (``jobs > 1``:
+    each in its own process; each run trains with its config's ``train.threads``, so on a
+    machine with N idle cores N jobs take about 1/N of the time and give the same numbers)."""
+    todo = []
+    for i, p in enumerate(plan, 1):
+        if RunDir(p.run_dir).has_summary:
+            log(f"[{i}/{len(plan)}] {p.run_dir.name}: done already, kept")
+        else:
+            todo.append((i, p))
+
+    def one(item: tuple[int, PlannedRun]) -> None:
+        i, p = item
+        log(f"[{i}/{len(plan)}] {p.run_dir.name}: training ({p.preset} {' '.join(p.overrides)})")
+        t = time.time()
+        if trainer is not None:
+            trainer(p)
+        else:
+            train_in_subprocess(p, log_dir)
+        log(f"[{i}/{len(plan)}] {p.run_dir.name}: {time.time() - t:.0f} s")
+
+    if jobs <= 1 or trainer is not None:
+        for item in todo:
+            one(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, item) for item in todo]:
+            future.result()  # the first failure is raised once every started run has ended
+
+
 def run_suite(
     name: str,
     out_dir: str | Path,
@@ -175,6 +236,7 @@ def run_suite(
     report_settings: Any = None,
     allow_mixed: bool = False,
     command: str | None = None,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train every run of suite ``name`` under ``out_dir/runs/`` (runs that completed, i.e. have
@@ -187,14 +249,18 @@ def run_suite(
     unless ``allow_mixed`` (the report then says so at the top); kept runs whose config differs
     from the plan's (another ``steps`` or override) are always refused. ``out_dir/suite.json``
     records the suite, the command, steps, seeds, overrides, timings and this process's
-    provenance.
+    provenance. ``jobs > 1`` trains that many runs at once, each in its own process (logs in
+    ``out_dir/logs/``).
     """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: must be an integer >= 1, got {jobs!r}")
     plan = plan_suite(name, out_dir, seeds, steps, extra_overrides)
     out = Path(out_dir).expanduser()
     here = provenance.collect()
     if trainer is None:  # a custom trainer (tests) may write configs of its own
         check_kept_runs(plan)
-    trainer = trainer or _default_trainer()
+    if trainer is None and jobs <= 1:
+        trainer = _default_trainer()
     if not allow_mixed:
         kept = {p.run_dir.name: RunDir(p.run_dir).provenance() for p in plan
                 if RunDir(p.run_dir).holds_run}
@@ -205,14 +271,7 @@ def run_suite(
                           allow_mixed=allow_mixed, command=command, process=here)
     _write_record(out, record)
     t0 = time.time()
-    for i, p in enumerate(plan, 1):
-        if RunDir(p.run_dir).has_summary:
-            log(f"[{i}/{len(plan)}] {p.run_dir.name}: done already, kept")
-            continue
-        log(f"[{i}/{len(plan)}] {p.run_dir.name}: training ({p.preset} {' '.join(p.overrides)})")
-        t = time.time()
-        trainer(p)
-        log(f"[{i}/{len(plan)}] {p.run_dir.name}: {time.time() - t:.0f} s")
+    _train_all(plan, trainer, jobs, out / "logs", log)
     train_seconds = time.time() - t0
     groups: dict[str, list[str]] = {}
     for p in plan:

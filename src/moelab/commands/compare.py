@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override train.steps of every run (quick, reduced suites)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dotted override for every run, e.g. --set train.threads=2")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train this many runs at once, each in its own process (default 1)")
     p.add_argument("--list", action="store_true", help="list the suites and their runs, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
     p.add_argument("--no-analysis", action="store_true",
@@ -49,6 +51,8 @@ def command_line(args: argparse.Namespace, out: str) -> str:
         words += ["--steps", str(args.steps)]
     for o in args.overrides:
         words += ["--set", o]
+    if args.jobs != 1:
+        words += ["--jobs", str(args.jobs)]
     for flag in ("no_analysis", "allow_mixed"):
         if getattr(args, flag):
             words.append("--" + flag.replace("_", "-"))
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     res = run_suite(args.suite, out, seeds=args.seeds, steps=args.steps,
                     extra_overrides=args.overrides, analyze=not args.no_analysis,
                     report_settings=eval_settings(args), allow_mixed=args.allow_mixed,
-                    command=command_line(args, out))
+                    command=command_line(args, out), jobs=args.jobs)
     for w in res["warnings"]:
         print(f"moelab: warning: {w}", file=sys.stderr)
     print(f"wrote {res['markdown']}")
