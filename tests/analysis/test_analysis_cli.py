@@ -9,6 +9,7 @@ from analysis_fixtures import write_run
 
 from moelab.analysis import suites
 from moelab.cli import main
+from moelab.rundir import RunDir
 
 
 def test_report_command(fake_runs, tmp_path, capsys):
@@ -125,7 +126,8 @@ def test_a_run_in_a_subprocess_gets_its_preset_overrides_and_resume(tmp_path, mo
     suites.train_in_subprocess(plan, tmp_path / "logs")
     assert calls[-1][3:] == ["train", "--preset", "topk-tiny", "--run-dir", str(plan.run_dir),
                              *plan.overrides]
-    write_run(plan.run_dir.parent, plan.run_dir.name, "topk", steps=20, layers=2, val_loss=3.0)
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / RunDir.CONFIG).write_text("{}\n")  # started, no checkpoint yet
     Done.returncode = 3
     with pytest.raises(RuntimeError, match="topk-seed1: training failed \\(exit 3\\), see .*log"):
         suites.train_in_subprocess(plan, tmp_path / "logs")
