@@ -117,10 +117,14 @@ class RunDir:
         """The run completed (the summary is written last)."""
         return (self.path / self.SUMMARY).is_file()
 
-    has_metrics = property(lambda self: (self.path / self.METRICS).is_file())
-    has_latest = property(  # a checkpoint was committed and pointed at
-        lambda self: (self._ckpt_root / self.LATEST).is_file()
-    )
+    @property
+    def has_metrics(self) -> bool:
+        return (self.path / self.METRICS).is_file()
+
+    @property
+    def has_latest(self) -> bool:
+        """A checkpoint was committed and pointed at (a run that can resume)."""
+        return (self._ckpt_root / self.LATEST).is_file()
 
     def create(
         self, config: Config, dataset: TokenDataset, accounting: dict[str, Any], *, replace: bool
