@@ -224,6 +224,11 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.path / self.SUMMARY).write_text(json.dumps(summary, indent=2))
 
+    def remove_summary(self) -> None:
+        """A resumed run is not complete until it writes a new summary (suites treat a run with a
+        summary as finished)."""
+        (self.path / self.SUMMARY).unlink(missing_ok=True)
+
     def read_summary(self) -> dict[str, Any]:
         """The summary (``{}`` while the run has none); ValueError naming the file if malformed."""
         path = self.path / self.SUMMARY

@@ -43,6 +43,7 @@ def train_topk(run: Path, data_dir: Path, steps: int = 2) -> None:
         ("model.n_heads=4", "model.n_heads (2 → 4): cannot change on resume"),
         ("data.seq_len=8", "data.seq_len: cannot change on resume (16 → 8)"),
         ("data.batch_size=4", "data.batch_size: cannot change on resume (2 → 4)"),
+        ("data.seed=7", "data.seed: cannot change on resume (0 → 7)"),
     ],
 )
 def test_refused_resume_leaves_the_run_untouched(
@@ -131,3 +132,17 @@ def test_run_killed_before_its_summary_is_finished_once(tmp_path: Path, data_dir
     for key in ("final_train_loss", "final_val_loss", "val_loss_by_domain", "steps", "tokens"):
         assert summary[key] == done[key], key
     assert summary["tokens_per_s"] > 0
+
+
+def test_an_extended_run_stopped_early_is_not_reported_complete(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A finished run resumed with more steps and stopped before them has no summary: the old
+    one described a shorter run, and suites (which keep runs with a summary) would report it."""
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, train={"steps": 2}), run)
+    assert RunDir(run).has_summary
+    longer = tiny_config(data_dir, train={"steps": 5})
+    out = train(longer, run, resume=True, stop_after=3)
+    assert out["interrupted"] and not RunDir(run).has_summary
+    assert train(longer, run, resume=True)["steps"] == 5 and RunDir(run).has_summary

@@ -69,12 +69,20 @@ shapes: a checkpoint would load, and mean something else."""
 def check_resume_config(saved: RunConfig, new: RunConfig) -> None:
     """Refuse what a checkpoint of ``saved`` cannot continue as ``new``: a model change that
     alters a parameter's shape or the model's structure (``model.ffn.num_experts``, ``d_model``,
-    the FFN kind or router, ...), a new head layout, or a new ``data.seq_len`` / ``batch_size``.
+    the FFN kind or router, ...), a new head layout, a new ``data.seq_len`` / ``batch_size``, or a
+    new ``data.seed`` (the sampler resumes its stream from the checkpoint, so a new seed would be
+    silently ignored).
 
     Called on resume before anything is read from or written to the run directory, so a refused
     override leaves the run as it was. Other model fields (aux-loss coefficients, capacity factor,
     ``top_k``, backend, ...) may change. One line names each offending field (old → new).
     """
+    if saved.data.seed != new.data.seed:
+        raise ConfigError(
+            "data.seed",
+            f"cannot change on resume ({saved.data.seed} → {new.data.seed}): the window stream "
+            "continues from the checkpoint's sampler state; train a new run (--run-dir) instead",
+        )
     for name in FIXED_ON_RESUME:
         old, cur = getattr(saved.data, name), getattr(new.data, name)
         if old != cur:

@@ -173,6 +173,7 @@ class Trainer:
             return
         if resume:  # every check passed: only now does the run directory change
             self.rundir.clean_temporary()
+            self.rundir.remove_summary()  # the run continues: it is not complete any more
             self.rundir.write_config(config)  # overrides given on resume
             self.rundir.truncate_metrics(self.step)
         else:
