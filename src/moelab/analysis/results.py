@@ -20,6 +20,7 @@ import numpy as np
 
 from moelab.analysis.claims import CLAIMS, _by_experts, _dead, _flip, _imbalance
 from moelab.analysis.origin import run_fields
+from moelab.analysis.runs import RunRecord
 from moelab.analysis.suite_data import (
     BEGIN,
     END,
@@ -67,8 +68,35 @@ def _loss_table(sd: SuiteData) -> list[str]:
     return _table(rows)
 
 
+def _experts_per_token(run: RunRecord) -> float | None:
+    """Routed FFN experts per token over the last logged training steps (layer mean): the real
+    expert compute of routers whose count varies (ReLU, top-p, null / zero-computation experts)."""
+    values = [st["active_mean"] for line in run.train[-5:]
+              for st in (line.get("layers") or {}).values()
+              if st.get("active_mean") is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _routers_table(sd: SuiteData) -> list[str]:
+    rows = [["run", "method", "val loss", "FFN experts / token", "active FLOPs / token",
+             "tokens/s", "max expert share × E", "flip rate"]]
+    for g, names in sd.groups.items():
+        recs = [sd.runs[n] for n in names]
+        per_tok = [v for v in map(_experts_per_token, recs) if v is not None]
+        flops = {_si((r.summary.get("params") or {}).get("flops_per_token")) for r in recs}
+        speed = [float(r.summary["tokens_per_s"]) for r in recs if r.summary.get("tokens_per_s")]
+        rows.append([g, recs[0].method, _pm(list(sd.losses(g).values())), _pm(per_tok, 2),
+                     " / ".join(sorted(flops)), _pm(speed, 0),
+                     _pm(list(sd.metric(g, _imbalance).values()), 2),
+                     _pm(list(sd.metric(g, _flip).values()), 2)])
+    return ["", *_table(rows)]
+
+
 def _extra_table(sd: SuiteData) -> list[str]:
-    """Suite-specific numbers: the experts-scaling grid, the load-balance load table."""
+    """Suite-specific numbers: the experts-scaling grid, the load-balance load table, the
+    routers' compute and balance."""
+    if sd.name == "routers":
+        return _routers_table(sd)
     if sd.name == "experts-scaling" and _by_experts(sd):
         rows = [["E", "TopK val loss", "ReMoE val loss", "ReMoE − TopK", "TopK flip rate",
                  "ReMoE flip rate"]]
