@@ -40,13 +40,14 @@ from torch import Tensor
 from moelab import provenance
 from moelab.config import ConfigError
 from moelab.data import BatchSampler
-from moelab.distributed import load_checkpoint, save_checkpoint, setup_parallel
+from moelab.distributed import setup_parallel
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
 from moelab.layers.router_load_hook import RouterLoadHook
 from moelab.layers.sparsity_controller import SparsityController
 from moelab.model import TransformerLM, accounting
 from moelab.rundir import RunDir
+from moelab.train.checkpointing import CheckpointedTraining
 from moelab.train.config import RunConfig
 from moelab.train.metrics import MetricsLogger, Progress, check_backends
 from moelab.train.optim import build_optimizer, clip_grad_norm_
@@ -57,9 +58,7 @@ from moelab.train.setup import (
     check_resume_config,
     open_dataset,
     resolve_device,
-    rng_state,
     routed_by_block,
-    set_rng_state,
     use_bf16,
 )
 from moelab.train.signals import StopOnCtrlC
@@ -79,7 +78,7 @@ def aux_loss(
     return total if penalty is None else total + penalty
 
 
-class Trainer:
+class Trainer(CheckpointedTraining):
     """Builds everything a run needs from a :class:`RunConfig`, then :meth:`run` trains it.
 
     All checks (config, data path, vocabulary, logging backends, device) happen in ``__init__``,
@@ -183,68 +182,6 @@ class Trainer:
         if self.parallel.distributed:
             record["distributed"] = self.parallel.layout()
         self.rundir.add_provenance(record)
-
-    # ---- checkpoints --------------------------------------------------------------------------
-
-    def _restore(self) -> None:
-        """Load the latest checkpoint into the model, optimizer, scheduler, λ controller, sampler
-        and RNG; reads the run directory, writes nothing."""
-        run = self.rundir
-        run.check_same_tokenizer(self.dataset, field="data.path")
-        if self.parallel.distributed or run.is_sharded(run.latest_checkpoint()):
-            ckpt, state = load_checkpoint(run, self.model, self.optimizer, self.parallel)
-        else:
-            ckpt, state = run.load_checkpoint(self.model)
-        try:
-            if "optimizer" in state:  # a sharded checkpoint's is loaded already
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            oc, steps = self.config.optim, self.config.train.steps  # may be changed on resume
-            self.scheduler.retarget(oc.lr, oc.warmup_steps, steps, oc.min_lr_ratio)
-            for name, hook in self.step_hooks.items():
-                hook.load_state_dict(state[name])
-            self.sampler.load_state_dict(state["sampler"])
-            self._sampler_state = self.sampler.state_dict()
-            set_rng_state(state["rng"])
-            self.step = int(state["step"])
-            self.elapsed = float(state.get("elapsed", 0.0))
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise ConfigError(
-                "resume", f"{ckpt / RunDir.STATE} does not fit this run: {err}"
-            ) from None
-        if self.step > steps:
-            raise ConfigError(
-                "train.steps",
-                f"the run is at step {self.step}, past the {steps} asked for; give "
-                f"train.steps >= {self.step}",
-            )
-
-    def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "controller": None,
-            **{name: hook.state_dict() for name, hook in self.step_hooks.items()},
-            "sampler": self._sampler_state,
-            "rng": rng_state(),
-        }
-        if self.parallel.distributed:  # every rank writes its shards (optimizer included)
-            self.parallel.sync_buffers(self.model)
-            del state["optimizer"]
-            return save_checkpoint(
-                self.rundir,
-                self.step,
-                self.model,
-                self.optimizer,
-                state,
-                self.config.checkpoint.keep_last,
-                self.parallel,
-            )
-        return self.rundir.save_checkpoint(
-            self.step, self.model, state, self.config.checkpoint.keep_last
-        )
 
     # ---- one optimizer step ---------------------------------------------------------------------
 
@@ -455,13 +392,6 @@ class Trainer:
     def _tokens_per_step(self) -> int:
         return self.config.data.batch_size * self.config.data.seq_len
 
-    def _save_with_elapsed(self, start: float) -> None:
-        saved_elapsed = self.elapsed
-        self.elapsed = saved_elapsed + (time.perf_counter() - start)
-        try:
-            self.save()
-        finally:
-            self.elapsed = saved_elapsed
 
 
 def train(
