@@ -15,7 +15,8 @@ batch's mean loss:
   the expert-parallel group into the rank that owns the expert; :meth:`finish_gradients` sums the
   ``W / ep`` copies of each expert and divides by ``W``;
 * sparse row gradients (PEER / PKM tables), which DDP cannot reduce: all-gathered rows, summed,
-  divided by ``W`` (:func:`_sync_sparse`), so the update stays sparse.
+  divided by ``W`` (:func:`~moelab.distributed.wrapping.sync_sparse_grad`), so the update stays
+  sparse.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -32,9 +33,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moelab.config import ConfigError
 from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
 from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
+from moelab.distributed.wrapping import (
+    apply_fsdp2,
+    fsdp_no_sync,
+    probe_gradients,
+    sync_sparse_grad,
+)
 from moelab.layers.base import RoutingStats
 
 __all__ = ["DataParallel", "SingleProcess", "setup"]
@@ -172,9 +178,9 @@ class DataParallel(SingleProcess):
         names = dict(model.named_parameters())
         self._expert_params = [names[n] for n in self.sharded]
         if self.data_parallel == "fsdp2":
-            self._fsdp = _apply_fsdp2(model, t, set(self._expert_params))
+            self._fsdp = apply_fsdp2(model, t, set(self._expert_params))
             return model
-        sparse, unused = _probe_gradients(model)
+        sparse, unused = probe_gradients(model)
         self._sparse_params = [names[n] for n in sparse]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [*self.sharded, *sparse]
@@ -197,7 +203,7 @@ class DataParallel(SingleProcess):
         if self._ddp is not None:
             return self._ddp.no_sync()
         if self._fsdp is not None:
-            return _fsdp_no_sync(self._fsdp)
+            return fsdp_no_sync(self._fsdp)
         return contextlib.nullcontext()
 
     def finish_gradients(self, model: nn.Module) -> None:
@@ -213,7 +219,7 @@ class DataParallel(SingleProcess):
             for p, g in zip(self._expert_params, grads, strict=True):
                 p.grad = g.view_as(p).div_(t.world_size)
         for p in self._sparse_params:
-            p.grad = _sync_sparse(p, self.world_size)
+            p.grad = sync_sparse_grad(p, self.world_size)
 
     def clip_grad_norm_(
         self,
@@ -335,96 +341,6 @@ class DataParallel(SingleProcess):
     def close(self) -> None:
         if self.topo.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-# ---- helpers ------------------------------------------------------------------------------------
-
-
-def _probe_gradients(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the parameters whose gradient is sparse (PEER / PKM row gradients: DDP cannot
-    reduce them) and of those that get none, from one backward of a two-token input in eval mode
-    (no statistics, no BatchNorm update; every rank runs it, so collectives inside match)."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 2, dtype=torch.long, device=device)).float().sum().backward()
-        sparse = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse]
-        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return sparse, unused
-
-
-def _sync_sparse(p: nn.Parameter, world: int) -> Tensor:
-    """The mean over ranks of a sparse row gradient, still sparse: every rank's rows are
-    all-gathered (padded to the longest), concatenated in rank order and summed per row, so every
-    rank gets the same coalesced gradient. A rank without a gradient contributes no rows."""
-    g = p.grad
-    if g is None:
-        g = torch.sparse_coo_tensor(
-            torch.zeros(1, 0, dtype=torch.long, device=p.device),
-            p.new_zeros(0, *p.shape[1:]),
-            p.shape,
-        )
-    g = g.coalesce()
-    idx, val = g.indices()[0], g.values()
-    comm = torch.device("cuda", p.device.index) if p.is_cuda else torch.device("cpu")
-    n = torch.tensor([idx.numel()], device=comm)
-    counts = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(counts, n)
-    longest = max(int(c) for c in counts)
-    pad_idx = idx.new_zeros(longest)
-    pad_idx[: idx.numel()] = idx
-    pad_val = val.new_zeros(longest, *val.shape[1:])
-    pad_val[: idx.numel()] = val
-    all_idx = [torch.empty_like(pad_idx) for _ in range(world)]
-    all_val = [torch.empty_like(pad_val) for _ in range(world)]
-    dist.all_gather(all_idx, pad_idx)
-    dist.all_gather(all_val, pad_val)
-    sizes = [int(c) for c in counts]
-    rows = torch.cat([i[:s] for i, s in zip(all_idx, sizes, strict=True)])
-    vals = torch.cat([v[:s] for v, s in zip(all_val, sizes, strict=True)])
-    out = torch.sparse_coo_tensor(rows[None], vals, p.shape).coalesce()
-    return torch.sparse_coo_tensor(out.indices(), out.values() / world, p.shape, is_coalesced=True)
-
-
-def _apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) -> nn.Module:
-    """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe), over
-    all ranks. Expert weights split by expert parallelism are left to it (``ignored_params``):
-    each rank keeps its experts whole, their gradients are synchronised by
-    :meth:`DataParallel.finish_gradients`."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard  # heavy (DTensor): only FSDP2 runs import it
-
-    mesh = (
-        topo.mesh["edp"]  # the whole world
-        if topo.ep == 1
-        else init_device_mesh(topo.device.type, (topo.world_size,), mesh_dim_names=("dp",))
-    )
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    if experts:
-        if "ignored_params" not in inspect.signature(fully_shard).parameters:
-            raise ConfigError(
-                "distributed.data_parallel",
-                f"fsdp2 with expert parallelism needs a torch whose fully_shard has "
-                f"ignored_params (this is {torch.__version__}); use ddp",
-            )
-        kwargs["ignored_params"] = experts
-    for block in getattr(model, "blocks", []):
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def setup(config: Any, device: torch.device) -> SingleProcess:
