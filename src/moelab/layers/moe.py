@@ -229,7 +229,10 @@ class MoE(RoutedLayer):
         return y_TD.reshape(shape)
 
     def _experts_pass(
-        self, router: torch.nn.Module, x_TD: Tensor, valid_T: Tensor | None,
+        self,
+        router: torch.nn.Module,
+        x_TD: Tensor,
+        valid_T: Tensor | None,
         context: RoutingContext | None,
     ) -> tuple[Tensor, list[tuple[RouterOutput, RoutingDecision, int]]]:
         """One routed pass: route, dispatch, experts, combine (+ direct and shared outputs).

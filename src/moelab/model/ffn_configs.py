@@ -141,6 +141,7 @@ ROUTER_OPTION_FIELDS = (
 # MoE options that change the layer's structure, with their "off" values (config.yaml shows them
 # only when set).
 STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+_UNSET = object()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -227,7 +228,7 @@ class MoEConfig(_FFNSlot):
             if (f.name not in ROUTER_OPTION_FIELDS or f.name in accepted)
             and (f.name != "router_options" or self.router_options)
             and (f.name != "shared_gate" or self.shared_gate)
-            and (f.name not in STRUCTURE_FIELDS or getattr(self, f.name) != STRUCTURE_FIELDS[f.name])
+            and getattr(self, f.name) != STRUCTURE_FIELDS.get(f.name, _UNSET)
         ]
 
     def router_kwargs(self) -> dict[str, Any]:

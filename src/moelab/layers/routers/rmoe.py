@@ -56,14 +56,15 @@ class RecurrentRouter(TopKRouter):
     """Layerwise Recurrent Router for MoE (Qiu, Huang, Cheng, Zhou, Wang, Titov & Fu 2024,
     arXiv 2408.06793, eqs. 4-6).
 
-    Layer ``i`` projects its input to ``hidden_dim`` (eq. 4, ``x'_i = x_i W_p^i``, a projector of
-    its own), runs one step of a GRU whose state is the previous routed layer's GRU output (eq. 5,
-    ``h_i = GRU(x'_i, h_{i−1})``, ``h_0 = 0``) and routes on that state (eq. 6, logits ``h_i W_g^i``)
-    with TopK's softmax + top-k and Switch balance loss (every option of ``topk`` applies). As in
-    the paper, the GRU is **shared by all layers** (:func:`share_recurrent_routers`, which
-    :class:`~moelab.model.TransformerLM` runs) while projector and gate are per layer; the state
-    reaches the next layer with its gradient (through :class:`~moelab.layers.base.RoutingContext`
-    under ``"rmoe_hidden"``), so one layer's routing trains the previous layers' projectors.
+    Layer ``i`` projects its input to ``hidden_dim`` (eq. 4, ``x'_i = x_i W_p^i``, a projector
+    of its own), runs one step of a GRU whose state is the previous routed layer's GRU output
+    (eq. 5, ``h_i = GRU(x'_i, h_{i−1})``, ``h_0 = 0``) and routes on that state (eq. 6, logits
+    ``h_i W_g^i``) with TopK's softmax + top-k and Switch balance loss (every option of
+    ``topk`` applies). As in the paper, the GRU is **shared by all layers**
+    (:func:`share_recurrent_routers`, which :class:`~moelab.model.TransformerLM` runs) while
+    projector and gate are per layer; the state reaches the next layer with its gradient
+    (through :class:`~moelab.layers.base.RoutingContext` under ``"rmoe_hidden"``), so one
+    layer's routing trains the previous layers' projectors.
 
     Args:
         hidden_dim: width of the projection and the GRU state (the paper's 128).
