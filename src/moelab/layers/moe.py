@@ -216,9 +216,9 @@ class MoE(RoutedLayer):
             )
 
         y_TD, records = self._experts_pass(self.router, x_TD, valid_T, context)
-        chain_TD = x_TD
+        chain_TD, step_TD = x_TD, y_TD
         for router in self.chain_routers:  # Chain-of-Experts: re-route on the previous output
-            chain_TD = chain_TD + y_TD
+            chain_TD = chain_TD + step_TD  # x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾), the inner residual
             step_TD, step_records = self._experts_pass(router, chain_TD, valid_T, context)
             y_TD, records = y_TD + step_TD, records + step_records
         if self.momentum > 0 or self.momentum_step != 1.0:
