@@ -37,7 +37,7 @@ def test_off_is_the_plain_moe_and_passes_nothing():
 
 
 def test_hand_checked_two_layer_heavy_ball():
-    """p_1 = f_1, p_2 = f_2 + μ·p_1; each layer returns γ·p (Teo & Nguyen 2024, eq. 9)."""
+    """p_1 = f_1, p_2 = f_2 + μ·p_1; each layer returns γ·p (Teo & Nguyen 2024, §3)."""
     mu, gamma = 0.5, 0.8
     plain, heavy = _pair(), _pair(momentum=mu, momentum_step=gamma)
     xs = [torch.randn(7, 8, dtype=torch.float64) for _ in range(2)]

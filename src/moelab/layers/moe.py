@@ -103,7 +103,7 @@ class MoE(RoutedLayer):
         init_std: normal init std of router and experts.
         debug_uniform_routing: route token t to experts ``(t·k + j) mod E`` (speed measurements
             independent of routing quality; gates are uniform ``1/k``).
-        momentum: μ of MomentumSMoE (Teo & Nguyen 2024, arXiv 2410.14574, eq. 9): the layer
+        momentum: μ of MomentumSMoE (Teo & Nguyen 2024, arXiv 2410.14574, §3): the layer
             returns ``γ·p_l`` with ``p_l = f_l(x_l) + μ·p_{l−1}`` (``f_l`` the plain MoE output,
             ``p_{l−1}`` passed on by the previous MoE layer through the
             :class:`~moelab.layers.base.RoutingContext`, ``p_0 = 0``). 0 (default): off.
