@@ -131,3 +131,11 @@ def test_bad_settings():
     assert math.isfinite(
         MoE(8, 16, 4, 1, router="relu", iterations=2)(torch.randn(3, 8)).sum().item()
     )
+
+
+def test_observer_sees_the_first_pass_once():
+    moe = MoE(8, 16, 4, 1, iterations=3)
+    seen = []
+    moe.routing_observer = lambda layer, decision, x: seen.append(decision.num_tokens)
+    moe(torch.randn(5, 8))
+    assert seen == [5]

@@ -260,7 +260,8 @@ class MoE(RoutedLayer):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        if self.routing_observer is not None:
+        # Analysis sees one decision per token and layer: Chain-of-Experts' first pass.
+        if self.routing_observer is not None and router is self.router:
             self.routing_observer(self, decision, x_TD)
         return y_TD, [(routed, decision, assigned)]
 
