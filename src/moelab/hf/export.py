@@ -31,7 +31,13 @@ from tokenizers import Tokenizer, processors
 
 from moelab.data.tokenizer import PAD_TOKEN, TextTokenizer
 from moelab.model import ModelConfig, TransformerLM
-from moelab.model.ffn_configs import DenseConfig, MoEConfig, PEERConfig, PKMConfig
+from moelab.model.ffn_configs import (
+    STRUCTURE_FIELDS,
+    DenseConfig,
+    MoEConfig,
+    PEERConfig,
+    PKMConfig,
+)
 from moelab.rundir import RunDir
 from moelab.train import CheckpointError, load_run_config, run_tokenizer
 
@@ -50,6 +56,12 @@ def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
                 f"model.ffn.router: router {ffn.router!r} (block {block}) cannot be exported to "
                 f"transformers; supported: {SUPPORTED}"
             )
+        for name, off in STRUCTURE_FIELDS.items():  # MomentumSMoE, Chain-of-Experts
+            if getattr(ffn, name) != off:
+                raise ValueError(
+                    f"model.ffn.{name}: {getattr(ffn, name)!r} (block {block}) cannot be exported "
+                    f"to transformers; the exported MoE supports only {name}={off!r}"
+                )
         g = ffn.granularity
         width = ffn.d_hidden // g
         return {

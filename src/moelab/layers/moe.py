@@ -19,6 +19,8 @@ from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
 from moelab.layers.experts import GroupedExperts, check_backend
 from moelab.layers.routers import RouterOutput, build_router, make_decision, uniform_assignment
 
+MOMENTUM_KEY = "momentum_smoe"  # MomentumSMoE's p_l, passed from one MoE layer to the next
+
 
 def check_moe_args(
     d_model: int,
@@ -31,6 +33,9 @@ def check_moe_args(
     activation: str = "swiglu",
     backend: str = "auto",
     shared_gate: bool = False,
+    momentum: float = 0.0,
+    momentum_step: float = 1.0,
+    iterations: int = 1,
 ) -> None:
     """The MoE block's own argument checks (the router checks its options when built); shared
     with the config, which runs them at load time without allocating a layer."""
@@ -61,6 +66,16 @@ def check_moe_args(
         )
     check_activation(activation)
     check_backend(backend)
+    if not _is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a number in [0, 1) (0: off), got {momentum!r}")
+    if not _is_number(momentum_step) or not 0 < momentum_step < math.inf:
+        raise ValueError(f"momentum_step must be a finite number > 0, got {momentum_step!r}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be a positive integer (1: no chain), got {iterations!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MoE(RoutedLayer):
@@ -88,6 +103,15 @@ class MoE(RoutedLayer):
         init_std: normal init std of router and experts.
         debug_uniform_routing: route token t to experts ``(t·k + j) mod E`` (speed measurements
             independent of routing quality; gates are uniform ``1/k``).
+        momentum: μ of MomentumSMoE (Teo & Nguyen 2024, arXiv 2410.14574, §3): the layer
+            returns ``γ·p_l`` with ``p_l = f_l(x_l) + μ·p_{l−1}`` (``f_l`` the plain MoE output,
+            ``p_{l−1}`` passed on by the previous MoE layer through the
+            :class:`~moelab.layers.base.RoutingContext`, ``p_0 = 0``). 0 (default): off.
+        momentum_step: γ, the step size of that update (1.0 default; μ=0, γ=1 is the plain MoE).
+        iterations: C of Chain-of-Experts (Wang et al. 2025, arXiv 2506.18945, eq. 4): the experts
+            run C times in sequence, ``x⁽ᵗ⁾ = MoE_t(x⁽ᵗ⁻¹⁾) + x⁽ᵗ⁻¹⁾`` with a router of its own
+            per iteration (shared experts run in every iteration); the layer returns
+            ``x⁽ᶜ⁾ − x⁽⁰⁾`` (the block's residual adds the input). 1 (default): the plain MoE.
         **router_options: the router's own options, e.g. ``balance_coef``, ``z_loss_coef``,
             ``renormalize``, ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU); see
             :func:`moelab.layers.routers.router_options`.
@@ -109,6 +133,9 @@ class MoE(RoutedLayer):
         init_std: float = 0.02,
         debug_uniform_routing: bool = False,
         shared_gate: bool = False,
+        momentum: float = 0.0,
+        momentum_step: float = 1.0,
+        iterations: int = 1,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -123,6 +150,9 @@ class MoE(RoutedLayer):
             activation,
             backend,
             shared_gate,
+            momentum,
+            momentum_step,
+            iterations,
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
@@ -138,6 +168,19 @@ class MoE(RoutedLayer):
             router, d_model, self.num_experts, self.top_k, init_std, **router_options
         )
         self.router_name = router
+        # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
+        # "independent gating"); iteration 0 keeps ``self.router``, so C = 1 is today's layer.
+        self.chain_routers = torch.nn.ModuleList(
+            build_router(router, d_model, self.num_experts, self.top_k, init_std, **router_options)
+            for _ in range(iterations - 1)
+        )
+        if iterations > 1 and self.router.updates_between_steps:
+            raise ValueError(
+                f"iterations > 1 cannot be combined with router {router!r}: its between-step "
+                "update sees the loads of one router per layer"
+            )
+        self.iterations = iterations
+        self.momentum, self.momentum_step = float(momentum), float(momentum_step)
         self.controlled_loss = self.router.controlled_loss
         self.aux_coefficients = self.router.aux_coefficients()
         self.experts = GroupedExperts(
@@ -172,7 +215,29 @@ class MoE(RoutedLayer):
                 f"got {tuple(token_mask.shape)}"
             )
 
-        routed = self.router(x_TD, valid_T, context)
+        y_TD, records = self._experts_pass(self.router, x_TD, valid_T, context)
+        chain_TD, step_TD = x_TD, y_TD
+        for router in self.chain_routers:  # Chain-of-Experts: re-route on the previous output
+            chain_TD = chain_TD + step_TD  # x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾), the inner residual
+            step_TD, step_records = self._experts_pass(router, chain_TD, valid_T, context)
+            y_TD, records = y_TD + step_TD, records + step_records
+        if self.momentum > 0 or self.momentum_step != 1.0:
+            y_TD = self._momentum(y_TD, context)
+
+        if self.should_record():
+            self._record_all(records, valid_T)
+        return y_TD.reshape(shape)
+
+    def _experts_pass(
+        self,
+        router: torch.nn.Module,
+        x_TD: Tensor,
+        valid_T: Tensor | None,
+        context: RoutingContext | None,
+    ) -> tuple[Tensor, list[tuple[RouterOutput, RoutingDecision, int]]]:
+        """One routed pass: route, dispatch, experts, combine (+ direct and shared outputs).
+        Returns the output and what :meth:`_record` needs of it."""
+        routed = router(x_TD, valid_T, context)
         decision = routed.decision
         if self.debug_uniform_routing:
             decision = self._uniform_decision(x_TD, valid_T)
@@ -195,11 +260,33 @@ class MoE(RoutedLayer):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        if self.should_record():
-            self._record(routed, decision, valid_T, assigned)
-        if self.routing_observer is not None:
+        # Analysis sees one decision per token and layer: Chain-of-Experts' first pass.
+        if self.routing_observer is not None and router is self.router:
             self.routing_observer(self, decision, x_TD)
-        return y_TD.reshape(shape)
+        return y_TD, [(routed, decision, assigned)]
+
+    def _momentum(self, f_TD: Tensor, context: RoutingContext | None) -> Tensor:
+        """MomentumSMoE's heavy ball: ``p = f + μ·p_prev`` passed on, ``γ·p`` returned."""
+        p_prev = None if context is None else context.get(MOMENTUM_KEY)
+        p_TD = f_TD if p_prev is None else f_TD + self.momentum * p_prev.to(f_TD.dtype)
+        if context is not None:
+            context.pass_on(MOMENTUM_KEY, p_TD)
+        return self.momentum_step * p_TD
+
+    def _record_all(
+        self, records: list[tuple[RouterOutput, RoutingDecision, int]], valid_T: Tensor | None
+    ) -> None:
+        """Record each pass; with iterations, aux losses of the same name are summed (every
+        iteration's router gets its full weight, as every layer's does) and statistics merged."""
+        routers = [self.router, *self.chain_routers]
+        losses: dict[str, Tensor] = {}
+        stats = None
+        for router, (routed, decision, assigned) in zip(routers, records, strict=True):
+            self._record(router, routed, decision, valid_T, assigned)
+            for name, value in self.aux_losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+            stats = self.last_stats.merge(stats) if stats is not None else self.last_stats
+        self.aux_losses, self.last_stats = losses, stats
 
     def _uniform_decision(self, x_TD: Tensor, valid_T: Tensor | None) -> RoutingDecision:
         k = self.top_k
@@ -210,10 +297,15 @@ class MoE(RoutedLayer):
         return make_decision(token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts)
 
     def _record(
-        self, routed: RouterOutput, decision: RoutingDecision, valid_T: Tensor | None, assigned: int
+        self,
+        router: torch.nn.Module,
+        routed: RouterOutput,
+        decision: RoutingDecision,
+        valid_T: Tensor | None,
+        assigned: int,
     ) -> None:
-        """Aux losses (with graph) and detached statistics of this training forward."""
-        self.aux_losses = self.router.aux_losses(routed, valid_T)
+        """Aux losses (with graph) and detached statistics of one pass of a training forward."""
+        self.aux_losses = router.aux_losses(routed, valid_T)
 
         with torch.no_grad():
             num_tokens = decision.num_tokens
@@ -239,4 +331,7 @@ class MoE(RoutedLayer):
         return (
             f"router={self.router_name}, experts={self.num_experts}, top_k={self.top_k}, "
             f"granularity={self.granularity}, capacity_factor={self.capacity_factor}"
+            + (f", iterations={self.iterations}" if self.iterations > 1 else "")
+            + (f", momentum={self.momentum}" if self.momentum > 0 else "")
+            + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")
         )

@@ -94,7 +94,11 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
 def _count_real_totals(model: nn.Module, rows: dict[str, dict[str, int]]) -> None:
     """Replace the analytic FFN totals by the built layers' own parameter counts."""
     real: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()  # parameters shared across blocks (RMoE's GRU) count once
     for i, block in enumerate(model.blocks):
-        real[model.cfg.ffn_for(i).layer_type] += sum(p.numel() for p in block.ffn.parameters())
+        for p in block.ffn.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                real[model.cfg.ffn_for(i).layer_type] += p.numel()
     for kind, n in real.items():
         rows[kind]["total_params"] = n

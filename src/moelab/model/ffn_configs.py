@@ -138,12 +138,20 @@ ROUTER_OPTION_FIELDS = (
 )
 
 
+# MoE options that change the layer's structure, with their "off" values (config.yaml shows them
+# only when set).
+STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+_UNSET = object()
+
+
 @dataclasses.dataclass(kw_only=True)
 class MoEConfig(_FFNSlot):
     """A routed MoE FFN (:class:`~moelab.layers.MoE`): ``num_experts`` experts of width
     ``d_hidden`` (one coarse expert; None: automatic), ``top_k`` per token (ReLU routing: the k of
     the sparsity target 1 − k/E), ``router`` (a registered router: ``topk``, ReMoE's ``relu``, ...),
-    ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless), ``backend``.
+    ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless), ``backend``;
+    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ) and ``iterations`` (Chain-of-Experts),
+    see :class:`~moelab.layers.MoE`.
 
     The router's options: ``balance_coef``, ``z_loss_coef``, ``renormalize``,
     ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU) have fields here; the options of other
@@ -162,6 +170,9 @@ class MoEConfig(_FFNSlot):
     shared_experts: int = 0
     shared_gate: bool = False  # sigmoid gate on the shared experts (Qwen2-MoE)
     capacity_factor: float | None = None
+    momentum: float = 0.0  # MomentumSMoE's μ (0: off)
+    momentum_step: float = 1.0  # MomentumSMoE's γ
+    iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
     renormalize: bool = False
     softmax_after_topk: bool = False
     balance_coef: float = 0.01
@@ -200,6 +211,9 @@ class MoEConfig(_FFNSlot):
                 self.activation,
                 self.backend,
                 self.shared_gate,
+                self.momentum,
+                self.momentum_step,
+                self.iterations,
             ),
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
@@ -214,6 +228,7 @@ class MoEConfig(_FFNSlot):
             if (f.name not in ROUTER_OPTION_FIELDS or f.name in accepted)
             and (f.name != "router_options" or self.router_options)
             and (f.name != "shared_gate" or self.shared_gate)
+            and getattr(self, f.name) != STRUCTURE_FIELDS.get(f.name, _UNSET)
         ]
 
     def router_kwargs(self) -> dict[str, Any]:
@@ -241,6 +256,9 @@ class MoEConfig(_FFNSlot):
             backend=self.backend,
             init_std=init_std,
             shared_gate=self.shared_gate,
+            momentum=self.momentum,
+            momentum_step=self.momentum_step,
+            iterations=self.iterations,
             **self.router_kwargs(),
         )
 
@@ -248,14 +266,17 @@ class MoEConfig(_FFNSlot):
         g = self.granularity
         width = self.d_hidden // g
         expert = ffn_params(d_model, width, self.activation)
-        router = d_model * self.num_experts * g
+        with torch.device("meta"):  # the router's own parameters (RMoE: projector, GRU, gate)
+            router = sum(p.numel() for p in self._meta_router(d_model).parameters())
         shared = (
             ffn_params(d_model, self.shared_experts * width, self.activation)
             if self.shared_experts
             else 0
         ) + (d_model if self.shared_gate else 0)
-        total = self.num_experts * g * expert + router + shared
-        active = self.top_k * g * expert + router + shared
+        # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
+        c = self.iterations
+        total = self.num_experts * g * expert + c * router + shared
+        active = c * (self.top_k * g * expert + router + shared)
         return {
             "total_params": total,
             "active_params": active,
@@ -272,10 +293,10 @@ class MoEConfig(_FFNSlot):
         with torch.device("meta"):  # asks the router itself; no memory, no random numbers
             return self._meta_router().sparsity_target
 
-    def _meta_router(self) -> Router:
+    def _meta_router(self, d_model: int = 1) -> Router:
         return build_router(
             self.router,
-            1,
+            d_model,
             self.num_experts * self.granularity,
             self.top_k * self.granularity,
             1.0,

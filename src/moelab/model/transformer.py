@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from moelab.layers.base import RoutedLayer, RoutingContext, routed_layers
 from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
+from moelab.layers.routers import share_recurrent_routers
 from moelab.model.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -196,6 +197,7 @@ class TransformerLM(nn.Module):
         self.activation_checkpointing = cfg.activation_checkpointing
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        share_recurrent_routers(self.blocks)  # RMoE: one GRU for all layers, as the paper
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

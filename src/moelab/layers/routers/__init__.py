@@ -9,6 +9,8 @@ from moelab.layers.routers import topk  # isort: split
 
 from moelab.layers.routers import relu  # isort: split
 
+from moelab.layers.routers import rmoe  # isort: split
+
 from moelab.layers.routers.base import (
     ROUTERS,
     Router,
@@ -22,11 +24,13 @@ from moelab.layers.routers.base import (
     uniform_assignment,
 )
 from moelab.layers.routers.relu import ReLURouter
+from moelab.layers.routers.rmoe import RecurrentRouter, share_recurrent_routers
 from moelab.layers.routers.topk import TopKRouter
 
 __all__ = [
     "ROUTERS",
     "ReLURouter",
+    "RecurrentRouter",
     "Router",
     "RouterOutput",
     "TopKRouter",
@@ -35,8 +39,10 @@ __all__ = [
     "make_decision",
     "register_router",
     "relu",
+    "rmoe",
     "router_class",
     "router_options",
+    "share_recurrent_routers",
     "topk",
     "uniform_assignment",
 ]
