@@ -286,7 +286,14 @@ class MoEConfig(_FFNSlot):
 
     @property
     def method(self) -> str:
-        return ROUTERS[self.router].method
+        """The router's method, with the layer variants that change what it computes:
+        ``+momentum`` (MomentumSMoE) and ``+chain<C>`` (Chain-of-Experts)."""
+        name = ROUTERS[self.router].method
+        if self.momentum:
+            name += "+momentum"
+        if self.iterations > 1:
+            name += f"+chain{self.iterations}"
+        return name
 
     @property
     def sparsity_target(self) -> float | None:
