@@ -9,6 +9,13 @@ from moelab.layers.routers import topk  # isort: split
 
 from moelab.layers.routers import relu  # isort: split
 
+from moelab.layers.routers import top_p  # isort: split
+
+from moelab.layers.routers import null  # isort: split
+
+from moelab.layers.routers import aux_free  # isort: split
+
+from moelab.layers.routers.aux_free import AuxFreeRouter
 from moelab.layers.routers.base import (
     ROUTERS,
     Router,
@@ -21,11 +28,16 @@ from moelab.layers.routers.base import (
     router_options,
     uniform_assignment,
 )
+from moelab.layers.routers.null import NullExpertRouter
 from moelab.layers.routers.relu import ReLURouter
+from moelab.layers.routers.top_p import TopPRouter
 from moelab.layers.routers.topk import TopKRouter
 
 __all__ = [
     "ROUTERS",
+    "AuxFreeRouter",
+    "NullExpertRouter",
+    "TopPRouter",
     "ReLURouter",
     "Router",
     "RouterOutput",
@@ -33,6 +45,9 @@ __all__ = [
     "build_router",
     "check_coef",
     "make_decision",
+    "aux_free",
+    "null",
+    "top_p",
     "register_router",
     "relu",
     "router_class",
