@@ -52,8 +52,14 @@ def assert_causal(router: str, **options) -> None:
     ffn = {"kind": "moe", "router": router, "num_experts": 4, "top_k": 2, "d_hidden": 16}
     ffn["router_options"] = options
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn}
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": 2,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+        }
     )
     torch.manual_seed(0)
     model = TransformerLM(cfg).eval()
