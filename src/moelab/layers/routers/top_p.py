@@ -19,7 +19,7 @@ from moelab.layers.routers.base import (
 
 def top_p_mask(probs_TE: Tensor, p: float, max_experts: int | None) -> Tensor:
     """bool ``[T, E]``: per token, the fewest most-probable experts whose probabilities sum to at
-    least ``p`` (Huang et al. 2024, eq. 3-4), at most ``max_experts`` of them.
+    least ``p`` (Huang et al. 2024, §3), at most ``max_experts`` of them.
 
     An expert is kept when the mass of the experts ranked before it is still below ``p``, so the
     top-1 expert is always kept and the expert that crosses ``p`` is included.
@@ -34,7 +34,7 @@ def top_p_mask(probs_TE: Tensor, p: float, max_experts: int | None) -> Tensor:
 
 
 def router_entropy(probs_TE: Tensor, valid_T: Tensor | None) -> Tensor:
-    """Huang et al.'s dynamic loss (eq. 6): the token mean of ``−Σ_e P_e log P_e``, minimised
+    """Huang et al.'s dynamic loss: the token mean of ``−Σ_e P_e log P_e``, minimised
     so that the router grows confident and top-p selects few experts where it can."""
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1)
     if valid_T is None:
@@ -45,15 +45,16 @@ def router_entropy(probs_TE: Tensor, valid_T: Tensor | None) -> Tensor:
 @register_router
 class TopPRouter(Router):
     """Top-p dynamic routing (Huang, An, Zhuang et al. 2024, "Harder Tasks Need More Experts:
-    Dynamic Routing in MoE Models", arXiv 2403.07652, ACL 2024; §3.1 eq. 2-4, losses eq. 5-7).
+    Dynamic Routing in MoE Models", arXiv 2403.07652, ACL 2024, §3: the top-p selection, the
+    dynamic loss and the total loss; equation numbers not re-checked against the paper).
 
     ``P = softmax(x W)`` over the E experts; experts sorted by ``P`` are added until their
     cumulative probability is ``>= p``, so a confident token uses one expert and an uncertain one
     several (``last_stats.active_mean`` reports the mean). Each selected expert's weight is its
-    probability ``P_e`` (not renormalised, as the paper). Losses: the dynamic loss (router entropy,
-    eq. 6) weighted by ``dynamic_loss_coef`` (the paper's β = 1e-4), and the Switch balance loss
+    probability ``P_e`` (not renormalised, as the paper). Losses: the dynamic loss (router entropy)
+    weighted by ``dynamic_loss_coef`` (the paper's β = 1e-4), and the Switch balance loss
     weighted by ``balance_coef`` (the paper's α = 1e-2) with ``f_e`` the fraction of *tokens* that
-    chose expert ``e`` (eq. 5), so that at perfect balance it equals the mean experts per token,
+    chose expert ``e``, so that at perfect balance it equals the mean experts per token,
     not 1. ``top_k`` plays no part in the selection (the MoE block uses it for capacity).
 
     Options: ``p`` in (0, 1] (paper: 0.4), ``max_experts`` (None: up to E), ``dynamic_loss_coef``,
