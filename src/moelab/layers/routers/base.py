@@ -90,9 +90,10 @@ class Router(nn.Module):
         init_std: normal init std of the gate.
         z_loss_coef: router z-loss coefficient (ST-MoE); 0 disables it.
         jitter_eps: Switch Transformer's multiplicative router-input jitter (Fedus et al. 2021,
-            §2.4 / appendix: ``x · U(1 − ε, 1 + ε)``), applied in :meth:`logits` in training mode
-            only; 0 (default) disables it and draws no random numbers. Softmax routers expose it
-            as an option by taking ``jitter_eps`` as a keyword and passing it here.
+            arXiv 2101.03961; ST-MoE's "input jitter": ``x · U(1 − ε, 1 + ε)``), applied in
+            :meth:`logits` in training mode only; 0 (default) disables it and draws no random
+            numbers. Softmax routers expose it as an option by taking ``jitter_eps`` as a keyword
+            and passing it here.
     """
 
     name: ClassVar[str] = ""

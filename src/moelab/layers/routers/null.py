@@ -32,7 +32,7 @@ def null_expert_balance_loss(
 class NullExpertRouter(Router):
     """Top-k over ``E`` real and ``null_experts`` null experts (AdaMoE: Zeng, Miao, Wang et al.
     2024, "AdaMoE: Token-Adaptive Routing with Mixture-of-Experts Language Models", arXiv
-    2406.13233, §3, eq. 3-6).
+    2406.13233, §3; equation numbers not re-checked against the paper).
 
     The gate has ``E + n`` rows; ``P = softmax(x W)`` over all of them and the top-k are chosen
     among all of them. A null expert outputs zero, so a token that picks j null experts costs
