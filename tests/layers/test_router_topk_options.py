@@ -15,11 +15,11 @@ torch.set_num_threads(2)
 
 
 def test_softmax_routers_expose_jitter_and_z_loss_relu_does_not():
-    for name in ("topk", "top_p", "null", "aux_free"):
+    for name in ("topk", "top_p", "null", "aux_free", "sparsemixer"):
         assert {"jitter_eps", "z_loss_coef"} <= set(router_options(name)), name
         assert router_options(name)["jitter_eps"] == 0.0
     assert "jitter_eps" not in router_options("relu")
-    assert set(ROUTERS) >= {"topk", "relu", "top_p", "null", "aux_free"}
+    assert set(ROUTERS) >= {"topk", "relu", "top_p", "null", "aux_free", "sparsemixer"}
 
 
 def test_jitter_is_multiplicative_uniform_and_training_only():

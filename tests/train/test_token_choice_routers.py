@@ -24,6 +24,7 @@ COMPARED = ("step", "tokens", "lr", "loss", "aux", "grad_norm", "layers")
         ("top_p", ["model.ffn.router_options.p=0.4"]),
         ("null", ["model.ffn.top_k=2", "model.ffn.router_options.null_experts=8"]),
         ("aux_free", ["model.ffn.router_options.seq_balance_coef=0.0001"]),
+        ("sparsemixer", ["model.ffn.top_k=2"]),
         (
             "topk",
             [

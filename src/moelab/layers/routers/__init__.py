@@ -15,6 +15,8 @@ from moelab.layers.routers import null  # isort: split
 
 from moelab.layers.routers import aux_free  # isort: split
 
+from moelab.layers.routers import sparsemixer  # isort: split
+
 from moelab.layers.routers.aux_free import AuxFreeRouter
 from moelab.layers.routers.base import (
     ROUTERS,
@@ -30,6 +32,7 @@ from moelab.layers.routers.base import (
 )
 from moelab.layers.routers.null import NullExpertRouter
 from moelab.layers.routers.relu import ReLURouter
+from moelab.layers.routers.sparsemixer import SparseMixerRouter
 from moelab.layers.routers.top_p import TopPRouter
 from moelab.layers.routers.topk import TopKRouter
 
@@ -41,6 +44,7 @@ __all__ = [
     "ReLURouter",
     "Router",
     "RouterOutput",
+    "SparseMixerRouter",
     "TopKRouter",
     "build_router",
     "check_coef",
@@ -50,6 +54,7 @@ __all__ = [
     "top_p",
     "register_router",
     "relu",
+    "sparsemixer",
     "router_class",
     "router_options",
     "topk",
