@@ -85,7 +85,7 @@ def _loop_gates(moe: MoE, x_TD: torch.Tensor, p: float) -> list[dict[int, torch.
             if mass >= p:
                 break
             chosen[e] = probs[t, e]
-            mass += float(probs[t, e])
+            mass += float(probs[t, e].detach())
         gates.append(chosen)
     return gates
 
