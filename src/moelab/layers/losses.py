@@ -75,3 +75,47 @@ def remoe_l1_loss(
         f_E = (num_experts / (top_k * n_valid)) * active_E
         return (r_TE.sum(0) * f_E.detach()).sum() / n_valid
     return r_TE.sum() / n_valid
+
+
+def sequence_load_balance_loss(
+    probs_TE: Tensor, selected_TE: Tensor, token_mask_T: Tensor | None, top_k: int, seq_len: int
+) -> Tensor:
+    """Sequence-wise balance loss (DeepSeek-V2 §2.2.3; DeepSeek-V3 arXiv 2412.19437, eq. 17-20).
+
+    The Switch formula ``E · Σ_e f_e · P_e`` computed inside each sequence of ``seq_len`` rows
+    (``f_e = count_e / (k · T_s)`` from ``selected_TE``, the selected pairs, no gradient;
+    ``P_e`` the mean of ``probs_TE`` over the sequence's valid tokens), then averaged over the
+    sequences that have a valid token. 1.0 means every sequence is balanced on its own.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    valid_T = _valid(token_mask_T, probs_TE)
+    valid_BL = valid_T.reshape(-1, seq_len)
+    probs_BLE = _upcast(probs_TE).reshape(-1, seq_len, num_experts) * valid_BL[..., None]
+    chosen_BLE = selected_TE.reshape(-1, seq_len, num_experts) & valid_BL[..., None]
+    n_B = valid_BL.sum(1)
+    f_BE = chosen_BLE.sum(1) / (n_B[:, None] * top_k).clamp_min(1)
+    p_BE = probs_BLE.sum(1) / n_B[:, None].clamp_min(1)
+    loss_B = num_experts * (f_BE.detach().to(p_BE.dtype) * p_BE).sum(-1)
+    has_B = n_B > 0
+    return (loss_B * has_B).sum() / has_B.sum().clamp_min(1)
+
+
+def global_load_balance_loss(
+    probs_TE: Tensor,
+    global_tokens_per_expert_E: Tensor,
+    global_valid_tokens: Tensor,
+    token_mask_T: Tensor | None,
+    top_k: int,
+) -> Tensor:
+    """Global-batch balance loss (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873).
+
+    ``E · Σ_e f_e · P_e`` with ``f_e = count_e / (k · T)`` over the *global* batch (the caller
+    sums ``count_e`` and ``T`` over whatever it aggregates: data-parallel ranks; no gradient) and
+    ``P_e`` the local mean router probability (the gradient path, as in the paper).
+    """
+    valid_T = _valid(token_mask_T, probs_TE)
+    n_valid = valid_T.sum().clamp_min(1)
+    num_experts = probs_TE.shape[-1]
+    f_E = global_tokens_per_expert_E.detach() / (global_valid_tokens.clamp_min(1) * top_k)
+    p_E = (_upcast(probs_TE) * valid_T[:, None]).sum(0) / n_valid
+    return num_experts * (f_E.to(p_E.dtype) * p_E).sum()

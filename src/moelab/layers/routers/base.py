@@ -89,6 +89,11 @@ class Router(nn.Module):
         top_k: k, experts per token (for ReLU routing: the k of the sparsity target ``1 − k/E``).
         init_std: normal init std of the gate.
         z_loss_coef: router z-loss coefficient (ST-MoE); 0 disables it.
+        jitter_eps: Switch Transformer's multiplicative router-input jitter (Fedus et al. 2021,
+            arXiv 2101.03961; ST-MoE's "input jitter": ``x · U(1 − ε, 1 + ε)``), applied in
+            :meth:`logits` in training mode only; 0 (default) disables it and draws no random
+            numbers. Softmax routers expose it as an option by taking ``jitter_eps`` as a keyword
+            and passing it here.
     """
 
     name: ClassVar[str] = ""
@@ -105,11 +110,17 @@ class Router(nn.Module):
         *,
         init_std: float = 0.02,
         z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
     ) -> None:
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
         check_coef("z_loss_coef", z_loss_coef)
+        if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, int | float):
+            raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
+        if not 0 <= jitter_eps < 1:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps!r}")
+        self.jitter_eps = float(jitter_eps)
         self.num_experts = num_experts
         self.top_k = top_k
         self.z_loss_coef = float(z_loss_coef)
@@ -117,10 +128,15 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Router logits in at least float32 (float64 stays float64, for reference tests)."""
+        """Router logits in at least float32 (float64 stays float64, for reference tests); the
+        input is jittered first when training with ``jitter_eps > 0``."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.to(dtype), self.weight.to(dtype))
+            x = x_TD.to(dtype)
+            if self.training and self.jitter_eps > 0:
+                eps = self.jitter_eps
+                x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+            return F.linear(x, self.weight.to(dtype))
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -6,7 +6,18 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.losses import switch_load_balance_loss
+from moelab.layers.losses import (
+    global_load_balance_loss,
+    sequence_load_balance_loss,
+    switch_load_balance_loss,
+)
+from moelab.layers.routers.balance import (
+    SequencedRouterOutput,
+    check_balance_scope,
+    data_parallel_sum,
+    selection_mask,
+    sequence_length,
+)
 from moelab.layers.routers.base import (
     Router,
     RouterOutput,
@@ -24,6 +35,14 @@ class TopKRouter(Router):
     ``softmax_after_topk=False`` (default, as ReMoE's baseline): weights are the softmax over all E
     logits, taken at the top-k; ``renormalize=True`` rescales those k weights to sum to 1 (Mixtral).
     ``softmax_after_topk=True``: softmax over the k selected logits only.
+
+    ``balance_scope`` says over which tokens the balance loss's expert frequencies ``f_e`` are
+    counted: ``"batch"`` (default) the tokens of this forward (one micro-batch on one rank);
+    ``"sequence"`` each sequence apart, the loss averaged over sequences (DeepSeek-V2 §2.2.3 /
+    DeepSeek-V3 arXiv 2412.19437 eq. 17-20; the sequence length comes from
+    ``context.token_ids``'s ``[B, L]`` shape); ``"global"`` this micro-batch's counts summed over
+    all data-parallel ranks before the loss (Qiu et al. 2025, arXiv 2501.11873, eq. 3; ``P_e``
+    stays local). ``jitter_eps`` is Switch's multiplicative input jitter (training only).
     """
 
     name = "topk"
@@ -38,7 +57,9 @@ class TopKRouter(Router):
         renormalize: bool = False,
         softmax_after_topk: bool = False,
         balance_coef: float = 0.01,
+        balance_scope: str = "batch",
         z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
         if softmax_after_topk and top_k == 1:
@@ -46,8 +67,17 @@ class TopKRouter(Router):
                 "softmax_after_topk needs top_k > 1: a softmax over one selected logit is "
                 "always 1, so the router would get no gradient"
             )
-        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            init_std=init_std,
+            z_loss_coef=z_loss_coef,
+            jitter_eps=jitter_eps,
+        )
         check_coef("balance_coef", balance_coef)
+        check_balance_scope(balance_scope)
+        self.balance_scope = balance_scope
         self.renormalize = renormalize
         self.softmax_after_topk = softmax_after_topk
         self.balance_coef = float(balance_coef)
@@ -80,15 +110,38 @@ class TopKRouter(Router):
             )
         decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        if self.balance_scope == "sequence":
+            seq_len = sequence_length(context, num_tokens, "balance_scope='sequence'")
+            return SequencedRouterOutput(decision, logits_TE, probs_TE, nonzero, seq_len=seq_len)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         if self.balance_coef > 0:
-            losses["load_balance"] = switch_load_balance_loss(
-                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, self.top_k
-            )
+            losses["load_balance"] = self._balance_loss(out, valid_T)
         return losses | super().aux_losses(out, valid_T)
+
+    def _balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+        """The Switch loss with ``f_e`` counted over ``balance_scope``'s tokens."""
+        decision = out.decision
+        if self.balance_scope == "sequence":
+            assert isinstance(out, SequencedRouterOutput) and out.seq_len is not None
+            selected_TE = selection_mask(
+                decision.token_idx_N, decision.expert_idx_N, decision.num_tokens, self.num_experts
+            )
+            return sequence_load_balance_loss(
+                out.scores_TE, selected_TE, valid_T, self.top_k, out.seq_len
+            )
+        if self.balance_scope == "global":
+            n_valid = torch.tensor(
+                decision.num_tokens if valid_T is None else int(valid_T.sum()),
+                device=out.scores_TE.device,
+            )
+            counts_E, n_global = data_parallel_sum(decision.tokens_per_expert_E, n_valid)
+            return global_load_balance_loss(out.scores_TE, counts_E, n_global, valid_T, self.top_k)
+        return switch_load_balance_loss(
+            out.scores_TE, decision.tokens_per_expert_E, valid_T, self.top_k
+        )
 
     def aux_coefficients(self) -> dict[str, float]:
         own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}

@@ -1,0 +1,134 @@
+"""Top-p ("dynamic") routing: each token takes experts until their probability mass reaches p."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moelab.layers.base import RoutingContext
+from moelab.layers.losses import switch_load_balance_loss
+from moelab.layers.routers.balance import flat_assignments
+from moelab.layers.routers.base import (
+    Router,
+    RouterOutput,
+    check_coef,
+    make_decision,
+    register_router,
+)
+
+
+def top_p_mask(probs_TE: Tensor, p: float, max_experts: int | None) -> Tensor:
+    """bool ``[T, E]``: per token, the fewest most-probable experts whose probabilities sum to at
+    least ``p`` (Huang et al. 2024, §3), at most ``max_experts`` of them.
+
+    An expert is kept when the mass of the experts ranked before it is still below ``p``, so the
+    top-1 expert is always kept and the expert that crosses ``p`` is included.
+    """
+    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)
+    mass_before_TE = sorted_TE.cumsum(-1) - sorted_TE
+    keep_sorted_TE = mass_before_TE < p
+    keep_sorted_TE[:, 0] = True
+    if max_experts is not None:
+        keep_sorted_TE[:, max_experts:] = False
+    return torch.zeros_like(keep_sorted_TE).scatter(1, order_TE, keep_sorted_TE)
+
+
+def router_entropy(probs_TE: Tensor, valid_T: Tensor | None) -> Tensor:
+    """Huang et al.'s dynamic loss: the token mean of ``−Σ_e P_e log P_e``, minimised
+    so that the router grows confident and top-p selects few experts where it can."""
+    entropy_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1)
+    if valid_T is None:
+        return entropy_T.mean()
+    return (entropy_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+@register_router
+class TopPRouter(Router):
+    """Top-p dynamic routing (Huang, An, Zhuang et al. 2024, "Harder Tasks Need More Experts:
+    Dynamic Routing in MoE Models", arXiv 2403.07652, ACL 2024, §3: the top-p selection, the
+    dynamic loss and the total loss; equation numbers not re-checked against the paper).
+
+    ``P = softmax(x W)`` over the E experts; experts sorted by ``P`` are added until their
+    cumulative probability is ``>= p``, so a confident token uses one expert and an uncertain one
+    several (``last_stats.active_mean`` reports the mean). Each selected expert's weight is its
+    probability ``P_e`` (not renormalised, as the paper). Losses: the dynamic loss (router entropy)
+    weighted by ``dynamic_loss_coef`` (the paper's β = 1e-4), and the Switch balance loss
+    weighted by ``balance_coef`` (the paper's α = 1e-2) with ``f_e`` the fraction of *tokens* that
+    chose expert ``e``, so that at perfect balance it equals the mean experts per token,
+    not 1. ``top_k`` plays no part in the selection (the MoE block uses it for capacity).
+
+    Options: ``p`` in (0, 1] (paper: 0.4), ``max_experts`` (None: up to E), ``dynamic_loss_coef``,
+    ``balance_coef``, ``z_loss_coef``, ``jitter_eps``.
+    """
+
+    name = "top_p"
+    method = "top_p"
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        p: float = 0.4,
+        max_experts: int | None = None,
+        dynamic_loss_coef: float = 1e-4,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        if max_experts is not None and (
+            isinstance(max_experts, bool)
+            or not isinstance(max_experts, int)
+            or not 1 <= max_experts <= num_experts
+        ):
+            raise ValueError(
+                f"max_experts must be None or an integer in [1, {num_experts}], got {max_experts!r}"
+            )
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            init_std=init_std,
+            z_loss_coef=z_loss_coef,
+            jitter_eps=jitter_eps,
+        )
+        check_coef("dynamic_loss_coef", dynamic_loss_coef)
+        check_coef("balance_coef", balance_coef)
+        self.p = float(p)
+        self.max_experts = max_experts
+        self.dynamic_loss_coef = float(dynamic_loss_coef)
+        self.balance_coef = float(balance_coef)
+
+    def forward(
+        self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None
+    ) -> RouterOutput:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        with torch.no_grad():
+            select_TE = top_p_mask(probs_TE, self.p, self.max_experts)
+        token_idx_N, expert_idx_N, weight_N = flat_assignments(select_TE, probs_TE, valid_T)
+        decision = make_decision(
+            token_idx_N, expert_idx_N, weight_N, x_TD.shape[0], self.num_experts
+        )
+        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        return RouterOutput(decision, logits_TE, probs_TE, nonzero)
+
+    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if self.balance_coef > 0:
+            losses["load_balance"] = switch_load_balance_loss(
+                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, 1
+            )
+        if self.dynamic_loss_coef > 0:
+            losses["dynamic"] = router_entropy(out.scores_TE, valid_T)
+        return losses | super().aux_losses(out, valid_T)
+
+    def aux_coefficients(self) -> dict[str, float]:
+        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
+        if self.dynamic_loss_coef > 0:
+            own["dynamic"] = self.dynamic_loss_coef
+        return own | super().aux_coefficients()
