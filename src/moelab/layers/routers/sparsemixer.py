@@ -83,9 +83,9 @@ class SparseMixerRouter(Router):
     :class:`SparseMixerGate` (``∂π_D/∂z`` with the choice fixed, not scaled by ``c``) where plain
     TopK differentiates the full softmax at a deterministic choice; the second slot repeats this
     with the first expert's logit set to ``−inf``. With the Switch balance loss (``balance_coef``,
-    over the unmasked softmax, as TopK's). Written from the GRIN paper's description as
-    understood here; the constants (mask ``2·mask_eps``, ¾, 1/3) are not re-checked against the
-    paper text - see docs/moe.md.
+    over the unmasked softmax, as TopK's). The mask, sampling, Heun constants (¾, 1/3) and the
+    backward agree with the ``sparsemixer`` routine of ``transformers``' PhiMoE model (GRIN's
+    architecture), checked for this implementation - see docs/moe.md.
 
     Options: ``mask_eps`` (GRIN's 0.01), ``balance_coef``, ``z_loss_coef``, ``jitter_eps``.
     ``top_k`` must be 1 or 2 (GRIN is top-2; top-1 is its first slot alone).
