@@ -9,6 +9,12 @@ from moelab.layers.routers import topk  # isort: split
 
 from moelab.layers.routers import relu  # isort: split
 
+from moelab.layers.routers import hash  # isort: split
+
+from moelab.layers.routers import expert_choice  # isort: split
+
+from moelab.layers.routers import moepp  # isort: split
+
 from moelab.layers.routers.base import (
     ROUTERS,
     Router,
@@ -21,18 +27,26 @@ from moelab.layers.routers.base import (
     router_options,
     uniform_assignment,
 )
+from moelab.layers.routers.expert_choice import ExpertChoiceRouter
+from moelab.layers.routers.hash import HashRouter
+from moelab.layers.routers.moepp import MoEPPRouter
 from moelab.layers.routers.relu import ReLURouter
 from moelab.layers.routers.topk import TopKRouter
 
 __all__ = [
     "ROUTERS",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "MoEPPRouter",
     "ReLURouter",
     "Router",
     "RouterOutput",
     "TopKRouter",
     "build_router",
     "check_coef",
+    "expert_choice",
     "make_decision",
+    "moepp",
     "register_router",
     "relu",
     "router_class",
