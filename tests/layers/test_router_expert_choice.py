@@ -29,8 +29,12 @@ def test_hand_checked_selection_and_weights():
     # p0 = sigmoid(l0 - l1): 0.8808, 0.2689, 0.3775, 0.5; C = ceil(1·1·4/2) = 2
     # expert 0 takes t0 (0.8808) and t3 (0.5); expert 1 takes t1 (0.7311) and t2 (0.6225)
     got = sorted(
-        zip(out.decision.expert_idx_N.tolist(), out.decision.token_idx_N.tolist(),
-            out.decision.weight_N.tolist(), strict=True)
+        zip(
+            out.decision.expert_idx_N.tolist(),
+            out.decision.token_idx_N.tolist(),
+            out.decision.weight_N.tolist(),
+            strict=True,
+        )
     )
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     want = [(0, 0, sig(2)), (0, 3, 0.5), (1, 1, sig(1)), (1, 2, sig(0.5))]
@@ -100,11 +104,24 @@ def test_eval_uses_causal_top_k_on_the_same_scores():
 
 
 def _lm(**options) -> TransformerLM:
-    ffn = {"kind": "moe", "router": "expert_choice", "num_experts": 4, "top_k": 1,
-           "d_hidden": 16, "router_options": options}
+    ffn = {
+        "kind": "moe",
+        "router": "expert_choice",
+        "num_experts": 4,
+        "top_k": 1,
+        "d_hidden": 16,
+        "router_options": options,
+    }
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn, "init_std": 0.2}
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": 2,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+            "init_std": 0.2,
+        }
     )
     torch.manual_seed(0)
     return TransformerLM(cfg)

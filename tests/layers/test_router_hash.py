@@ -109,8 +109,14 @@ def test_padding_gets_no_assignment():
 def test_causal_through_the_model():
     ffn = {"kind": "moe", "router": "hash", "num_experts": 4, "top_k": 1, "d_hidden": 16}
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn}
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": 2,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+        }
     )
     torch.manual_seed(0)
     model = TransformerLM(cfg)

@@ -21,8 +21,18 @@ def expert_out(moe: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
 
 
 def test_hand_checked_selection_weights_and_zero_computation_outputs():
-    moe = MoE(2, 8, 2, 2, router="moepp", gating_residual=False, balance_coef=0.0,
-              zero_experts=1, copy_experts=1, constant_experts=1).double()
+    moe = MoE(
+        2,
+        8,
+        2,
+        2,
+        router="moepp",
+        gating_residual=False,
+        balance_coef=0.0,
+        zero_experts=1,
+        copy_experts=1,
+        constant_experts=1,
+    ).double()
     r = moe.router  # experts: 0, 1 FFN, 2 zero, 3 copy, 4 constant
     with torch.no_grad():
         r.weight.copy_(torch.tensor([[0.0, 3.0], [-5, -5], [1.0, 0.0], [2.0, 0.0], [3.0, 1.0]]))
@@ -76,8 +86,17 @@ def reference(moe: MoE, x_TD: torch.Tensor, prev_TN: torch.Tensor | None) -> tor
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_matches_per_token_loop_reference(with_prev):
     torch.manual_seed(0)
-    moe = MoE(8, 16, 4, 2, router="moepp", zero_experts=2, copy_experts=1, constant_experts=2,
-              init_std=0.5).double()
+    moe = MoE(
+        8,
+        16,
+        4,
+        2,
+        router="moepp",
+        zero_experts=2,
+        copy_experts=1,
+        constant_experts=2,
+        init_std=0.5,
+    ).double()
     x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
     prev = torch.randn(18, 9, dtype=torch.float64) if with_prev else None
     ctx = RoutingContext(carried={"moepp_logits": prev} if with_prev else None)
@@ -104,11 +123,24 @@ def test_matches_per_token_loop_reference(with_prev):
 
 
 def _lm(n_layers: int = 2, **options) -> TransformerLM:
-    ffn = {"kind": "moe", "router": "moepp", "num_experts": 4, "top_k": 2, "d_hidden": 16,
-           "router_options": options}
+    ffn = {
+        "kind": "moe",
+        "router": "moepp",
+        "num_experts": 4,
+        "top_k": 2,
+        "d_hidden": 16,
+        "router_options": options,
+    }
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": n_layers, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn, "init_std": 0.2}
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": n_layers,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+            "init_std": 0.2,
+        }
     )
     torch.manual_seed(0)
     return TransformerLM(cfg)

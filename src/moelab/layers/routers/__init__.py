@@ -45,6 +45,7 @@ __all__ = [
     "build_router",
     "check_coef",
     "expert_choice",
+    "hash",
     "make_decision",
     "moepp",
     "register_router",

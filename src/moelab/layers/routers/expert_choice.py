@@ -1,4 +1,5 @@
-"""Expert Choice routing (Zhou et al. 2022, arXiv 2202.09368): each expert picks its top-C tokens."""
+"""Expert Choice routing (Zhou et al. 2022, arXiv 2202.09368): each expert picks its top-C
+tokens."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class ExpertChoiceRouter(Router):
     picks the C tokens with the highest score in the batch (``G, I = TopK(Sᵀ, C)``) and weights
     them by those scores. ``C = ceil(ec_capacity_factor · k · T / E)`` over the T valid tokens of
     the forward: the paper's capacity factor c (average experts per token) is
-    ``ec_capacity_factor · k`` here, so ``ec_capacity_factor=1`` matches top-k's compute. Balanced by construction: no aux loss;
-    a token may get 0 experts (it keeps the residual path) or several.
+    ``ec_capacity_factor · k`` here, so ``ec_capacity_factor=1`` matches top-k's compute.
+    Balanced by construction: no aux loss; a token may get 0 experts (it keeps the residual path)
+    or several.
 
     It is **not causal**: a token's experts depend on every token of the batch, later ones
     included. Training (``self.training``) always routes by expert choice over the micro-batch.
