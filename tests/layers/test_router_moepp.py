@@ -210,3 +210,20 @@ def test_bad_settings_raise():
         MoE(8, 16, 4, 1, router="moepp")(
             torch.randn(3, 8), context=RoutingContext(carried={"moepp_logits": torch.zeros(3, 5)})
         )
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for ckpt in (False, True):
+        ffn = {"kind": "moe", "router": "moepp", "num_experts": 4, "top_k": 2, "d_hidden": 16}
+        cfg = ModelConfig.from_dict(
+            {"vocab_size": 50, "d_model": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 12,
+             "ffn": ffn, "init_std": 0.2, "activation_checkpointing": ckpt}
+        )
+        torch.manual_seed(0)
+        model = TransformerLM(cfg).train()
+        model(ids).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
