@@ -153,3 +153,13 @@ def test_bad_settings_raise():
         MoE(8, 16, 4, 1, router="expert_choice", inference="bat")
     with pytest.raises(ValueError, match="capacity_factor must be None .* 'expert_choice'"):
         MoE(8, 16, 4, 1, router="expert_choice", capacity_factor=1.25)
+
+
+def test_generation_uses_the_causal_path_and_refuses_batch_mode():
+    from moelab.model.generate import generate
+
+    prompt = torch.randint(0, 50, (2, 4))
+    out = generate(_lm(), prompt, 5, temperature=0)
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="cannot decode one position at a time"):
+        generate(_lm(inference="batch"), prompt, 5, temperature=0)

@@ -36,7 +36,8 @@ class ExpertChoiceRouter(Router):
     In eval mode ``inference`` decides: ``"topk"`` (default, causal, used by generation) - each
     token takes its top ``round(ec_capacity_factor · k)`` experts of the same scores S, weighted by
     S; ``"batch"`` - expert choice over the evaluation batch as in training (non-causal: only for
-    measuring the train/inference gap, never for generation).
+    measuring the train/inference gap; a KV-cache decoding step (one position per sequence) is
+    refused).
 
     The MoE block's own ``capacity_factor`` must stay None: this router sets the capacity itself
     (the option is ``ec_capacity_factor`` because ``capacity_factor`` is the block's argument).
@@ -86,6 +87,8 @@ class ExpertChoiceRouter(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training or self.inference == "batch":
+            if not self.training:
+                self._refuse_decoding(context)
             token_idx_N, expert_idx_N = self._expert_choice(probs_TE, valid_T)
         else:
             token_idx_N, expert_idx_N = self._token_choice(probs_TE, valid_T)
@@ -95,6 +98,17 @@ class ExpertChoiceRouter(Router):
         )
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
+
+    @staticmethod
+    def _refuse_decoding(context: RoutingContext | None) -> None:
+        """KV-cache decoding feeds one position per sequence: expert choice over those would route
+        each sequence's next token against the other sequences' - refuse it loudly."""
+        ids = None if context is None else context.token_ids
+        if ids is not None and ids.dim() == 2 and ids.shape[1] == 1:
+            raise ValueError(
+                "router 'expert_choice' with inference='batch' cannot decode one position at a "
+                "time (KV-cache generation): it is not causal; use inference='topk'"
+            )
 
     def _expert_choice(self, probs_TE: Tensor, valid_T: Tensor | None) -> tuple[Tensor, Tensor]:
         """Each expert's top-C valid tokens; padding scores -inf so it is never picked."""
