@@ -167,6 +167,11 @@ class MoE(RoutedLayer):
         self.router = build_router(
             router, d_model, self.num_experts, self.top_k, init_std, **router_options
         )
+        if capacity_factor is not None and getattr(self.router, "sets_own_capacity", False):
+            raise ValueError(
+                f"capacity_factor must be None (null) with router {router!r}: it sets each "
+                "expert's capacity itself (its router option ec_capacity_factor)"
+            )
         self.router_name = router
         # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
         # "independent gating"); iteration 0 keeps ``self.router``, so C = 1 is today's layer.
