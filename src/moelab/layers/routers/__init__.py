@@ -11,6 +11,8 @@ from moelab.layers.routers import relu  # isort: split
 
 from moelab.layers.routers import rmoe  # isort: split
 
+from moelab.layers.routers import lory  # isort: split
+
 from moelab.layers.routers.base import (
     ROUTERS,
     Router,
@@ -23,12 +25,14 @@ from moelab.layers.routers.base import (
     router_options,
     uniform_assignment,
 )
+from moelab.layers.routers.lory import LoryRouter
 from moelab.layers.routers.relu import ReLURouter
 from moelab.layers.routers.rmoe import RecurrentRouter, share_recurrent_routers
 from moelab.layers.routers.topk import TopKRouter
 
 __all__ = [
     "ROUTERS",
+    "LoryRouter",
     "ReLURouter",
     "RecurrentRouter",
     "Router",
@@ -36,6 +40,7 @@ __all__ = [
     "TopKRouter",
     "build_router",
     "check_coef",
+    "lory",
     "make_decision",
     "register_router",
     "relu",
