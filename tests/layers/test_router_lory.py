@@ -250,7 +250,8 @@ def test_export_to_transformers_is_refused(tmp_path):
 
 def test_bad_settings():
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match=rf"^segment_len must be a positive integer, got {bad}$"):
+        want = rf"^segment_len must be a positive integer, got {bad}$"
+        with pytest.raises(ValueError, match=want):
             MoE(8, 16, 4, 1, router="lory", segment_len=bad)
     with pytest.raises(
         ValueError, match=r"^first_segment must be one of \('uniform', 'self'\), got 'prev'$"
