@@ -17,7 +17,9 @@ from moelab.layers import dispatch
 from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
 from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
 from moelab.layers.experts import GroupedExperts, check_backend
+from moelab.layers.lory import check_merging_moe, merged_experts_ffn
 from moelab.layers.routers import RouterOutput, build_router, make_decision, uniform_assignment
+from moelab.layers.routers.lory import LoryRouter
 
 MOMENTUM_KEY = "momentum_smoe"  # MomentumSMoE's p_l, passed from one MoE layer to the next
 
@@ -173,6 +175,10 @@ class MoE(RoutedLayer):
                 "expert's capacity itself (its router option ec_capacity_factor)"
             )
         self.router_name = router
+        # Lory merges the experts per segment instead of dispatching tokens (_merged_pass).
+        self.merges_experts = isinstance(self.router, LoryRouter)
+        if self.merges_experts:
+            check_merging_moe(capacity_factor, iterations, debug_uniform_routing)
         # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
         # "independent gating"); iteration 0 keeps ``self.router``, so C = 1 is today's layer.
         self.chain_routers = torch.nn.ModuleList(
@@ -220,7 +226,10 @@ class MoE(RoutedLayer):
                 f"got {tuple(token_mask.shape)}"
             )
 
-        y_TD, records = self._experts_pass(self.router, x_TD, valid_T, context)
+        if self.merges_experts:
+            y_TD, records = self._merged_pass(x, valid_T)
+        else:
+            y_TD, records = self._experts_pass(self.router, x_TD, valid_T, context)
         chain_TD, step_TD = x_TD, y_TD
         for router in self.chain_routers:  # Chain-of-Experts: re-route on the previous output
             chain_TD = chain_TD + step_TD  # x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾), the inner residual
@@ -259,16 +268,42 @@ class MoE(RoutedLayer):
         y_TD = self.dispatcher.combine(y_ND, routed_rows)
         if routed.direct_TD is not None:
             y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+        y_TD = self._add_shared(x_TD, y_TD)
 
         # Analysis sees one decision per token and layer: Chain-of-Experts' first pass.
         if self.routing_observer is not None and router is self.router:
             self.routing_observer(self, decision, x_TD)
         return y_TD, [(routed, decision, assigned)]
+
+    def _add_shared(self, x_TD: Tensor, y_TD: Tensor) -> Tensor:
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD + shared_TD
+
+    def _merged_pass(
+        self, x_BLD: Tensor, valid_T: Tensor | None
+    ) -> tuple[Tensor, list[tuple[RouterOutput, RoutingDecision, int]]]:
+        """Lory (:mod:`moelab.layers.lory`): per segment, one FFN pass with the experts' weights
+        merged by the router's segment weights; no dispatch. Pad tokens get zero routed output
+        (as tokens without assignment elsewhere). Records every valid token as assigned to every
+        expert, with its segment's weight: all experts' weights enter each token's FFN."""
+        if not isinstance(self.dispatcher, dispatch.LocalDispatcher):
+            raise ValueError("router 'lory' merges all experts locally: no expert parallelism")
+        router: LoryRouter = self.router  # type: ignore[assignment]
+        valid_BL = None if valid_T is None else valid_T.view(x_BLD.shape[:-1])
+        routing = router.route(x_BLD, valid_BL)
+        y_BLD = merged_experts_ffn(x_BLD, routing.weights_BSE, self.experts, router.segment_len)
+        x_TD, y_TD = x_BLD.reshape(-1, self.d_model), y_BLD.reshape(-1, self.d_model)
+        if valid_T is not None:
+            y_TD = y_TD * valid_T[:, None].to(y_TD.dtype)
+        y_TD = self._add_shared(x_TD, y_TD)
+        routed = router.router_output(routing, valid_T, x_BLD.shape[1])
+        if self.routing_observer is not None:
+            self.routing_observer(self, routed.decision, x_TD)
+        return y_TD, [(routed, routed.decision, routed.decision.num_assignments)]
 
     def _momentum(self, f_TD: Tensor, context: RoutingContext | None) -> Tensor:
         """MomentumSMoE's heavy ball: ``p = f + μ·p_prev`` passed on, ``γ·p`` returned."""

@@ -35,7 +35,14 @@ from moelab.layers.peer import GATES as PEER_GATES
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
 from moelab.layers.product_keys import check_product_key_args
-from moelab.layers.routers import ROUTERS, Router, build_router, router_class, router_options
+from moelab.layers.routers import (
+    ROUTERS,
+    LoryRouter,
+    Router,
+    build_router,
+    router_class,
+    router_options,
+)
 
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 Backend = Literal["auto", "loop", "fused", "bmm", "grouped_mm"]
@@ -267,12 +274,17 @@ class MoEConfig(_FFNSlot):
         width = self.d_hidden // g
         expert = ffn_params(d_model, width, self.activation)
         with torch.device("meta"):  # the router's own parameters (RMoE: projector, GRU, gate)
-            router = sum(p.numel() for p in self._meta_router(d_model).parameters())
+            meta_router = self._meta_router(d_model)
+            router = sum(p.numel() for p in meta_router.parameters())
         shared = (
             ffn_params(d_model, self.shared_experts * width, self.activation)
             if self.shared_experts
             else 0
         ) + (d_model if self.shared_gate else 0)
+        if isinstance(meta_router, LoryRouter):
+            return _merging_accounting(
+                d_model, self.num_experts * g, expert, router, shared, meta_router.segment_len
+            )
         # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
         c = self.iterations
         total = self.num_experts * g * expert + c * router + shared
@@ -309,6 +321,22 @@ class MoEConfig(_FFNSlot):
             1.0,
             **self.router_kwargs(),
         )
+
+
+def _merging_accounting(
+    d_model: int, num_experts: int, expert: int, router: int, shared: int, segment_len: int
+) -> dict[str, int]:
+    """Lory (experts merged per segment): a token runs ONE expert-sized FFN (the paper's
+    "active" parameters: the merged expert, plus the router); once per segment of ``T`` tokens
+    the ``E`` experts are merged (``2·E`` FLOPs per expert parameter) and the router reads the
+    segment mean (``2·E·D``), amortised over ``T``; the mean itself costs ``D`` adds per token."""
+    merge_flops = 2 * num_experts * expert + 2 * router
+    return {
+        "total_params": num_experts * expert + router + shared,
+        "active_params": expert + router + shared,
+        "matmul_active": expert + shared,
+        "extra_flops": d_model + math.ceil(merge_flops / segment_len),
+    }
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -256,6 +256,8 @@ class TransformerLM(nn.Module):
                 f"token_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(token_mask.shape)}"
             )
+        if kv_cache is not None:
+            self._check_decodable()
         cos_Ld2, sin_Ld2 = self.rope(start, L, input_ids.device)
 
         x_BLD = self.tok_emb(input_ids)
@@ -272,6 +274,14 @@ class TransformerLM(nn.Module):
         if kv_cache is not None:
             kv_cache.length += L
         return self.lm_head(self.norm(x_BLD))
+
+    def _check_decodable(self) -> None:
+        """Refuse KV-cache decoding when a routed layer's router says it cannot decode exactly
+        (its ``kv_cache_error``: Lory's segment routing keeps no decoding state)."""
+        for block in self.blocks:
+            error = getattr(getattr(block.ffn, "router", None), "kv_cache_error", None)
+            if error:
+                raise ValueError(error)
 
     def rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """float32 cos / sin ``[length, Hd/2]`` of positions ``start .. start+length-1``."""

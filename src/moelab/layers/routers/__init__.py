@@ -16,6 +16,8 @@ from moelab.layers.routers.hash import HashRouter  # isort: split
 
 from moelab.layers.routers.sparsemixer import SparseMixerRouter  # isort: split
 
+from moelab.layers.routers.lory import LoryRouter  # isort: split
+
 from moelab.layers.routers.top_p import TopPRouter  # isort: split
 
 from moelab.layers.routers.null import NullExpertRouter  # isort: split
@@ -44,6 +46,7 @@ __all__ = [
     "AuxFreeRouter",
     "ExpertChoiceRouter",
     "HashRouter",
+    "LoryRouter",
     "MoEPPRouter",
     "NullExpertRouter",
     "ReLURouter",
