@@ -47,7 +47,7 @@ def test_expert_choice_refuses_the_block_capacity_factor(data_dir, tmp_path):
 def test_every_parameter_gets_a_gradient_for_ddp(router):
     """DDP's probe (one eval-mode backward) finds no parameter without a gradient: Hash has no
     router parameter, MoE++'s first layer keeps its gating-residual map in the graph."""
-    from moelab.distributed.parallel import _probe_gradients
+    from moelab.distributed.wrapping import probe_gradients
     from moelab.model import ModelConfig, TransformerLM
 
     ffn = {"kind": "moe", "router": router, "num_experts": 4, "top_k": 1, "d_hidden": 16}
@@ -55,4 +55,4 @@ def test_every_parameter_gets_a_gradient_for_ddp(router):
         {"vocab_size": 50, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 12,
          "ffn": ffn}
     )
-    assert _probe_gradients(TransformerLM(cfg)) == ([], [])
+    assert probe_gradients(TransformerLM(cfg)) == ([], [])
