@@ -182,9 +182,7 @@ class MoE(RoutedLayer):
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
-        routed_rows = self.dispatcher.permute(x_TD, decision, self.experts.pad_limit(x_TD))
-        y_ND = self.experts(routed_rows.x_ND, routed_rows.counts, routed_rows.weight_N)
-        y_TD = self.dispatcher.combine(y_ND, routed_rows)
+        y_TD = self.dispatcher.run(x_TD, decision, self.experts)  # permute → experts → combine
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
