@@ -14,21 +14,28 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
   with).
 
 The dense baselines have the same active expert FLOPs as PEER (``H·k`` hidden ReLU units) and the
-usual ``4·D``.
+usual ``4·D``. Children run with :func:`moelab.runtime.keep_freed_memory`, as the ``moelab`` CLI
+(and so every training run) does.
+
+``--invocations N`` runs the whole set N times (every configuration a fresh process each time) and
+reports per-row medians with the min–max of ``ms`` and ``tok/s`` (:mod:`moelab.bench.invocations`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from moelab.bench.invocations import aggregate_rows, run_child, spread
 
 SIZES = (128, 256, 512, 1024)
+# Columns that vary between invocations (medians and ranges are reported for these).
+TIMED_FIELDS = ("ms", "fwd_ms", "bwd_ms", "opt_ms", "tokens_per_s", "peak_gb", "ratio_vs_256")
 
 
 @dataclass
@@ -58,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-pkm", action="store_true", help="skip the PKM baseline")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baselines")
+    parser.add_argument(
+        "--invocations",
+        type=int,
+        default=1,
+        help="repeat every config in N fresh processes; report medians and min-max (default 1)",
+    )
 
 
 def _status_kb(field: str) -> int | None:
@@ -161,19 +174,6 @@ def _child(cfg: dict) -> dict:
     )
 
 
-def _run_child(cfg: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "moelab.bench.peer", json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark config {cfg} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _configs(args: argparse.Namespace) -> list[dict]:
     base = dict(d_model=args.d_model, tokens=args.tokens, steps=args.steps, threads=args.threads)
     sizes = args.sizes
@@ -192,30 +192,47 @@ def _configs(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    ranged = any(r.get("invocations", 1) > 1 for r in rows)
     head = (f"{'layer':<10} {'experts':>9} {'params M':>9} {'ms':>8} {'fwd':>7} {'bwd':>7} "
-            f"{'opt':>7} {'tok/s':>8} {'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7}")
+            f"{'opt':>7} {'tok/s':>8} ")
+    head += f"{'tok/s range':>13} " if ranged else ""
+    head += f"{'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        ratio = "" if r["ratio_vs_256"] is None else f"{r['ratio_vs_256']:.2f}"
-        lines.append(
+        ratio = "" if r.get("ratio_vs_256") is None else f"{r['ratio_vs_256']:.2f}"
+        line = (
             f"{r['layer']:<10} {r['experts']:>9} {r['params_m']:>9.1f} {r['ms']:>8.1f} "
             f"{r['fwd_ms']:>7.1f} {r['bwd_ms']:>7.1f} {r['opt_ms']:>7.1f} "
-            f"{r['tokens_per_s']:>8.0f} {ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} "
-            f"{r['rows']:>7}"
+            f"{r['tokens_per_s']:>8.0f} "
+        )
+        line += f"{spread(r, 'tokens_per_s', '.0f'):>13} " if ranged else ""
+        lines.append(
+            line + f"{ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['rows']:>7}"
         )
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _one_invocation(cfgs: list[dict], label: str) -> list[dict]:
     results = []
-    for cfg in _configs(args):
-        print(f"running {cfg['layer']} {cfg.get('experts', cfg.get('hidden'))} ...",
+    for cfg in cfgs:
+        print(f"{label}running {cfg['layer']} {cfg.get('experts', cfg.get('hidden'))} ...",
               file=sys.stderr, flush=True)
-        results.append(_run_child(cfg))
+        results.append(run_child("moelab.bench.peer", cfg, cfg["threads"]))
     ref = next((r for r in results if r["layer"] == "peer" and r["experts"] == 256**2), None)
     for r in results:
         if ref is not None and r["layer"] == "peer":
             r["ratio_vs_256"] = r["ms"] / ref["ms"]
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    cfgs, n = _configs(args), getattr(args, "invocations", 1)
+    runs = [_one_invocation(cfgs, f"[{i + 1}/{n}] " if n > 1 else "") for i in range(n)]
+    results: list[dict[str, Any]] = (
+        runs[0] if n == 1 else aggregate_rows(runs, ("layer", "experts"), TIMED_FIELDS)
+    )
+    if n > 1:
+        print(f"median (range) of {n} invocations, each config a fresh process per invocation")
     print(format_table(results))
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
@@ -224,4 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # child process: one configuration, JSON on the last stdout line
+    from moelab.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the moelab CLI (and so every training run) does
     print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -184,6 +184,13 @@ class Dispatcher:
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         raise NotImplementedError
 
+    def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
+        """Token rows through their experts and back: :meth:`permute` → ``experts`` →
+        :meth:`combine`. A subclass may fuse the three (the local one does, see below)."""
+        dispatched = self.permute(x_TD, decision, experts.pad_limit(x_TD))
+        y_ND = experts(dispatched.x_ND, dispatched.counts, dispatched.weight_N)
+        return self.combine(y_ND, dispatched)
+
 
 class LocalDispatcher(Dispatcher):
     """Every expert is in this process: :func:`permute`, :func:`gather`, and :func:`combine` of
@@ -197,6 +204,15 @@ class LocalDispatcher(Dispatcher):
 
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         return combine(y_ND, dispatched.perm, weighted=True)
+
+    def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
+        """As :meth:`Dispatcher.run`; with the ``fused`` expert backend the experts read their rows
+        from ``x_TD`` and add into the output themselves (``experts.forward_tokens``): the sorted
+        ``[N, D]`` copies of the rows are never built."""
+        if experts.resolved_backend(x_TD) != "fused":
+            return super().run(x_TD, decision, experts)
+        perm = permute(decision)
+        return experts.forward_tokens(x_TD, perm.token_idx_N, perm.counts, perm.weight_N)
 
     def __repr__(self) -> str:
         return "LocalDispatcher()"

@@ -263,9 +263,7 @@ class MoE(RoutedLayer):
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
-        routed_rows = self.dispatcher.permute(x_TD, decision, self.experts.pad_limit(x_TD))
-        y_ND = self.experts(routed_rows.x_ND, routed_rows.counts, routed_rows.weight_N)
-        y_TD = self.dispatcher.combine(y_ND, routed_rows)
+        y_TD = self.dispatcher.run(x_TD, decision, self.experts)  # permute → experts → combine
         if routed.direct_TD is not None:
             y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
         y_TD = self._add_shared(x_TD, y_TD)
