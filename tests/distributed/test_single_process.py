@@ -12,7 +12,7 @@ import torch
 from moelab.data import BatchSampler, TokenDataset
 from moelab.distributed import SingleProcess, setup_parallel
 from moelab.layers import MoE
-from moelab.layers.dispatch import Dispatched, LocalDispatcher
+from moelab.layers.dispatch import LocalDispatcher
 from run_fixtures import tiny_config
 
 
@@ -47,9 +47,9 @@ class CountingDispatcher(LocalDispatcher):
 
     calls = 0
 
-    def permute(self, x_TD, decision, pad_limit=0.0) -> Dispatched:
+    def run(self, x_TD, decision, experts):
         type(self).calls += 1
-        return super().permute(x_TD, decision, pad_limit)
+        return super().run(x_TD, decision, experts)
 
 
 def test_moe_runs_the_dispatcher_it_is_given() -> None:
