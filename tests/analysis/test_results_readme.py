@@ -145,3 +145,23 @@ def test_make_results_end_to_end_on_a_tiny_suite(tmp_path):
     # reduced suites may not overwrite the committed results
     bad = subprocess.run([*args[:2], "--steps", "3"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "may not overwrite docs/results" in bad.stderr
+
+
+def test_the_routers_suite_renders_its_table_and_table2_claims(tmp_path):
+    losses = {name: 6.0 + 0.01 * i for i, (name, _, _) in enumerate(suites.ROUTER_RUNS)}
+    losses["remoe"] = 5.5
+
+    def trainer(p: suites.PlannedRun) -> None:
+        write_run(p.run_dir.parent, p.run_dir.name, p.group, steps=20, eval_every=10,
+                  layers=0 if p.group == "dense" else 2, val_loss=losses[p.group],
+                  provenance=[prov_record()])
+
+    work = tmp_path / "routers"
+    suites.run_suite("routers", work, seeds=[0], trainer=trainer, log=lambda s: None,
+                     analyze=False)
+    text = "\n".join(results.render_suite("routers", work, "."))
+    assert "| hash | hash | 6.040 | 1.00 |" in text  # run, method, val loss, experts/token
+    for baseline in ("topk", "expert_choice", "hash", "sparsemixer", "lory"):
+        assert f"| ReMoE beats {baseline} at equal active compute | ReMoE Table 2 |" in text
+    assert "| hash beats dense | ReMoE Table 2 | val loss 6.040 vs 6.000" in text
+    assert "| top_p beats dense | its paper |" in text

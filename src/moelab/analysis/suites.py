@@ -34,6 +34,34 @@ from moelab.train import resolve_run_config, train
 RUNS_SUBDIR = "runs"  # a suite's runs live in OUT/runs/NAME-seedS (and docs/results/SUITE/runs/)
 SUITE_FILE = "suite.json"  # what was run, by which command, on which code and machine
 
+# The routers suite: (run name, preset, overrides). Every routed run has the active expert
+# parameters of topk-tiny's one width-344 expert per token: top-2 methods use 16 experts of width
+# 172 (granularity 2, with `topk-g2` as their TopK control); Chain-of-Experts two passes of one
+# width-172 expert. Methods whose experts per token vary (ReMoE, top-p, null experts, MoE++) have
+# that as their target or their cap (null experts: top-2 of 8 real + 8 null experts, one real
+# expert per token on average when balanced) and report what they used (the suite table's
+# "FFN experts / token").
+ROUTER_RUNS: tuple[tuple[str, str, list[str]], ...] = (
+    ("dense", "dense-tiny", []),
+    ("topk", "topk-tiny", []),
+    ("remoe", "remoe-tiny", []),
+    ("expert_choice", "topk-tiny", ["model.ffn.router=expert_choice"]),
+    ("hash", "topk-tiny", ["model.ffn.router=hash"]),
+    ("topk-g2", "topk-tiny", ["model.ffn.granularity=2"]),
+    ("sparsemixer", "topk-tiny", ["model.ffn.router=sparsemixer", "model.ffn.granularity=2"]),
+    ("lory", "topk-tiny", ["model.ffn.router=lory", "model.ffn.router_options.segment_len=32"]),
+    ("top_p", "topk-tiny", ["model.ffn.router=top_p", "model.ffn.granularity=2",
+                            "model.ffn.router_options.p=0.4"]),
+    ("null", "topk-tiny", ["model.ffn.router=null", "model.ffn.top_k=2",
+                           "model.ffn.router_options.null_experts=8"]),
+    ("moepp", "topk-tiny", ["model.ffn.router=moepp", "model.ffn.granularity=2"]),
+    ("aux_free", "topk-tiny", ["model.ffn.router=aux_free", "model.ffn.granularity=2"]),
+    ("rmoe", "topk-tiny", ["model.ffn.router=rmoe"]),
+    ("chain", "topk-tiny", ["model.ffn.num_experts=16", "model.ffn.d_hidden=172",
+                            "model.ffn.iterations=2"]),
+    ("momentum", "topk-tiny", ["model.ffn.momentum=0.7"]),
+)
+
 SUITES: dict[str, dict[str, Any]] = {
     "paper-mini": {
         "description": "ReMoE Table 2 in miniature: dense vs TopK MoE vs ReMoE vs PEER, matched "
@@ -76,6 +104,15 @@ SUITES: dict[str, dict[str, Any]] = {
             "remoe-plain-l1": {"preset": "remoe-tiny",
                                "overrides": ["model.ffn.l1_balanced=false"]},
         },
+    },
+    "routers": {
+        "description": "the routing literature on equal terms: ReMoE's Table 2 baselines (dense, "
+        "TopK, Expert Choice, Hash, SparseMixer-v2, Lory) and token-adaptive / cross-layer "
+        "routers, from topk-tiny (E=8, k=1) at matched active parameters, 250 steps",
+        "seeds": [0, 1, 2],
+        "overrides": ["train.steps=250"],
+        "runs": {name: {"preset": preset, "overrides": overrides}
+                 for name, preset, overrides in ROUTER_RUNS},
     },
 }
 
