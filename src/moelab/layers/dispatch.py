@@ -208,8 +208,13 @@ class LocalDispatcher(Dispatcher):
     def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
         """As :meth:`Dispatcher.run`; with the ``fused`` expert backend the experts read their rows
         from ``x_TD`` and add into the output themselves (``experts.forward_tokens``): the sorted
-        ``[N, D]`` copies of the rows are never built."""
-        if experts.resolved_backend(x_TD) != "fused":
+        ``[N, D]`` copies of the rows are never built. A subclass that overrides :meth:`permute`
+        or :meth:`combine` gets them called, as the base contract says."""
+        own_steps = (
+            type(self).permute is LocalDispatcher.permute
+            and type(self).combine is LocalDispatcher.combine
+        )
+        if not own_steps or experts.resolved_backend(x_TD) != "fused":
             return super().run(x_TD, decision, experts)
         perm = permute(decision)
         return experts.forward_tokens(x_TD, perm.token_idx_N, perm.counts, perm.weight_N)
