@@ -382,3 +382,20 @@ def test_auto_backend_is_bmm_for_narrow_experts_on_cpu():
     assert narrow.resolved_backend(torch.zeros(1, 16)) == "bmm"
     assert narrow.resolved_backend(torch.zeros(1, 16), [3, 2, 3, 3]) == "fused"  # unequal blocks
     assert GroupedExperts(4, 16, 32).resolved_backend(torch.zeros(1, 16)) == "fused"
+
+
+def test_gather_free_dispatcher_gives_the_default_layer():
+    """``LocalDispatcher(gather_free=True)`` (opt-in) changes where rows are copied, not results."""
+    from moelab.layers.dispatch import LocalDispatcher
+
+    torch.manual_seed(3)
+    moe = MoE(8, 16, 4, 2, init_std=0.3).double()
+    assert not moe.dispatcher.gather_free  # off by default
+    x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    y = moe(x)
+    g = _grads(moe, x, y)
+    moe.dispatcher = LocalDispatcher(gather_free=True)
+    y_free = moe(x)
+    torch.testing.assert_close(y_free, y, rtol=1e-12, atol=1e-14)
+    for a, b in zip(_grads(moe, x, y_free), g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

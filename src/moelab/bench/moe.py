@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from moelab.bench.invocations import aggregate_rows, run_child, spread
-from moelab.layers import dispatch
+from moelab.layers import RoutingContext, dispatch
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import BACKENDS
 from moelab.layers.moe import MoE
+from moelab.layers.routers import ROUTERS
 from moelab.runtime import allocator_mode, keep_freed_memory
 
 CONFIGS = {
@@ -43,6 +44,12 @@ CONFIGS = {
     "very-fine-grained": dict(num_experts=8, top_k=1, granularity=32),
 }
 TARGETS = {"coarse": 0.95, "fine-grained": 0.85, "very-fine-grained": 0.7}
+# ``--configs routers``: every registered router (or ``--routers NAMES``) at the coarse shape
+# (E=8, one expert's active width per token), in [B, L, D] batches of L=512 with token ids, so
+# that segment (Lory) and token-id (Hash) routers run as in a model. Top-2 methods use granularity
+# 2 (16 experts of half width) to keep the active width.
+ROUTER_SEQ_LEN = 512
+ROUTER_GRANULARITY = {"sparsemixer": 2, "aux_free": 2}
 # Columns that vary between invocations (medians and ranges are reported for these).
 TIMED_FIELDS = ("ms", "ratio_vs_dense", "route_share")
 
@@ -68,7 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS), metavar="NAME"
+        "--configs",
+        nargs="+",
+        choices=(*CONFIGS, "routers"),
+        default=list(CONFIGS),
+        metavar="NAME",
+        help=f"{', '.join(CONFIGS)} (default: these three), routers (each router at the coarse "
+        "shape, see --routers)",
+    )
+    parser.add_argument(
+        "--routers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="routers of --configs routers (default: every registered router)",
     )
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -178,6 +198,68 @@ def bench_config(name: str, args: argparse.Namespace, dense_step: Callable[[], N
     return rows
 
 
+def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], None], MoE]:
+    """Forward+backward of a coarse-shaped MoE layer routed by ``router``, on [B, L, D] input with
+    its token ids passed through a :class:`RoutingContext`, as a model would call it."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    options = {"segment_len": ROUTER_SEQ_LEN // 2} if router == "lory" else {}
+    moe = MoE(
+        args.d_model,
+        args.d_hidden,
+        CONFIGS["coarse"]["num_experts"],
+        CONFIGS["coarse"]["top_k"],
+        router=router,
+        granularity=ROUTER_GRANULARITY.get(router, 1),
+        backend=args.backend,
+        **options,
+    ).to(device=device, dtype=dtype)
+    seq_len = min(ROUTER_SEQ_LEN, args.tokens)
+    batch = max(1, args.tokens // seq_len)
+    x = torch.randn(batch, seq_len, args.d_model, device=device, dtype=dtype)
+    if moe.sparsity_target is not None:
+        calibrate_relu_router(moe, x.view(-1, args.d_model), CONFIGS["coarse"]["top_k"])
+    x.requires_grad_(True)
+    ids = torch.randint(0, 32000, (batch, seq_len), device=device)
+    moe.train()
+
+    def step() -> None:
+        y = moe(x, context=RoutingContext(token_ids=ids))
+        (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
+
+    return step, moe
+
+
+def bench_routers(args: argparse.Namespace, dense_step: Callable[[], None]) -> list[Row]:
+    """Every router's layer at the coarse shape, timed interleaved with the dense FFN."""
+    names = args.routers or list(ROUTERS)
+    unknown = [n for n in names if n not in ROUTERS]
+    if unknown:
+        raise ValueError(f"--routers: unknown {unknown}; registered: {', '.join(ROUTERS)}")
+    fns: dict[str, Callable[[], None]] = {"dense": dense_step}
+    layers: dict[str, MoE] = {}
+    for name in names:
+        fns[name], layers[name] = _router_step(name, args)
+    ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
+    rows = [Row("routers", "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, None)]
+    for name, moe in layers.items():
+        active = moe.last_stats.active_mean * moe.expert_hidden / args.d_hidden
+        rows.append(
+            Row(
+                config="routers",
+                layer=name,
+                experts=moe.num_experts,
+                width=moe.expert_hidden,
+                top_k=round(active, 2),  # active expert width per token, in coarse experts
+                ms=round(ms[name], 2),
+                ratio_vs_dense=round(ms["dense"] / ms[name], 3),
+                route_share=float("nan"),  # not separated for routers with their own paths
+                target=None,
+            )
+        )
+    return rows
+
+
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One invocation: every configuration's rows, measured in this process."""
     if args.threads is not None:
@@ -192,7 +274,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows: list[Row] = []
     for name in args.configs:  # the dense baseline is re-measured next to each configuration
-        rows.extend(bench_config(name, args, dense_step))
+        if name == "routers":
+            rows.extend(bench_routers(args, dense_step))
+        else:
+            rows.extend(bench_config(name, args, dense_step))
     return [asdict(r) for r in rows]
 
 
@@ -213,7 +298,7 @@ def measure_invocations(args: argparse.Namespace) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The printed table; a ``range`` column (min–max ratio) when rows aggregate invocations."""
     ranged = any(r.get("invocations", 1) > 1 for r in rows)
-    header = f"{'config':<18} {'layer':<10} {'E':>4} {'width':>6} {'k':>6} {'ms':>9} "
+    header = f"{'config':<18} {'layer':<13} {'E':>4} {'width':>6} {'k':>6} {'ms':>9} "
     header += f"{'ratio_vs_dense':>15} "
     header += f"{'range':>12} " if ranged else ""
     header += f"{'route_share':>12} {'target':>7}"
@@ -221,11 +306,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         target = "" if r["target"] is None or r["layer"] == "dense FFN" else f">={r['target']}"
         line = (
-            f"{r['config']:<18} {r['layer']:<10} {r['experts']:>4} {r['width']:>6} "
+            f"{r['config']:<18} {r['layer']:<13} {r['experts']:>4} {r['width']:>6} "
             f"{r['top_k']:>6} {r['ms']:>9.1f} {r['ratio_vs_dense']:>15.3f} "
         )
         line += f"{spread(r, 'ratio_vs_dense'):>12} " if ranged else ""
-        lines.append(line + f"{r['route_share']:>12.1%} {target:>7}")
+        share = r["route_share"]
+        share_text = "–" if share != share else f"{share:.1%}"  # NaN: not measured
+        lines.append(line + f"{share_text:>12} {target:>7}")
     return "\n".join(lines)
 
 

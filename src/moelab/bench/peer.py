@@ -14,8 +14,9 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
   with).
 
 The dense baselines have the same active expert FLOPs as PEER (``H·k`` hidden ReLU units) and the
-usual ``4·D``. Children run with :func:`moelab.runtime.keep_freed_memory`, as the ``moelab`` CLI
-(and so every training run) does.
+usual ``4·D``. Children run with the system allocator (not
+:func:`moelab.runtime.keep_freed_memory`): with freed memory kept, the warm-up steps' scratch would
+already be resident and ``peak GB`` would read 0.
 
 ``--invocations N`` runs the whole set N times (every configuration a fresh process each time) and
 reports per-row medians with the min–max of ``ms`` and ``tok/s`` (:mod:`moelab.bench.invocations`).
@@ -241,7 +242,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # child process: one configuration, JSON on the last stdout line
-    from moelab.runtime import keep_freed_memory
-
-    keep_freed_memory()  # as the moelab CLI (and so every training run) does
     print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -23,11 +23,12 @@ Mixtral/Qwen-MoE experts by a transpose and lets every compute backend read the 
   them: measured under load, 64 experts of width 256 ran 3-4x faster as one padded ``bmm`` than as
   64 ``mm`` calls (and ``bmm`` still falls back to ``fused`` when padding would cost too much).
 
-With ``fused`` the local dispatcher does not build the ``[assignments, D]`` input and output rows at
-all: :meth:`GroupedExperts.forward_tokens` reads each expert's token rows straight from ``x_TD``
-into a small reused buffer and adds its outputs into ``y_TD`` (:class:`GatherExpertsScatter`).
-At top-32 that removes four ``[N, D]`` buffers (268 MB each at 4096 tokens, d_model 512) and
-their memory passes from every forward+backward; the per-expert matmuls are the same.
+With ``fused`` and ``LocalDispatcher(gather_free=True)`` (opt-in, see there for the measurements)
+the ``[assignments, D]`` input and output rows are not built at all:
+:meth:`GroupedExperts.forward_tokens` reads each expert's token rows straight from ``x_TD`` into a
+small reused buffer and adds its outputs into ``y_TD`` (:class:`GatherExpertsScatter`). At top-32
+that removes four ``[N, D]`` buffers (268 MB each at 4096 tokens, d_model 512) and their memory
+passes from every forward+backward; the per-expert matmuls are the same.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ class ExpertChoiceRouter(Router):
         ec_capacity_factor: float = 1.0,
         inference: str = "topk",
         z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
         if (
@@ -72,7 +73,14 @@ class ExpertChoiceRouter(Router):
                 f"inference must be one of {', '.join(map(repr, INFERENCE_MODES))}, "
                 f"got {inference!r}"
             )
-        super().__init__(d_model, num_experts, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            init_std=init_std,
+            z_loss_coef=z_loss_coef,
+            jitter_eps=jitter_eps,
+        )
         self.capacity_factor = float(ec_capacity_factor)
         self.inference = inference
 

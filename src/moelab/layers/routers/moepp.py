@@ -85,6 +85,7 @@ class MoEPPRouter(Router):
         balance_tau: float = 0.75,
         gating_residual: bool = True,
         z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
         for name, value in (
@@ -103,7 +104,14 @@ class MoEPPRouter(Router):
                 f"top_k must be <= num_experts + zero/copy/constant experts ({num_all}), "
                 f"got {top_k}"
             )
-        super().__init__(d_model, num_all, top_k, init_std=init_std, z_loss_coef=z_loss_coef)
+        super().__init__(
+            d_model,
+            num_all,
+            top_k,
+            init_std=init_std,
+            z_loss_coef=z_loss_coef,
+            jitter_eps=jitter_eps,
+        )
         self.num_experts = num_experts  # FFN experts: what the decision indexes
         self.num_all = num_all
         self.zero_experts, self.copy_experts = zero_experts, copy_experts

@@ -84,6 +84,7 @@ class RecurrentRouter(TopKRouter):
         softmax_after_topk: bool = False,
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        jitter_eps: float = 0.0,
         init_std: float = 0.02,
     ) -> None:
         if not isinstance(hidden_dim, int) or isinstance(hidden_dim, bool) or hidden_dim < 1:
@@ -97,6 +98,7 @@ class RecurrentRouter(TopKRouter):
             softmax_after_topk=softmax_after_topk,
             balance_coef=balance_coef,
             z_loss_coef=z_loss_coef,
+            jitter_eps=jitter_eps,
             init_std=init_std,
         )
         self.hidden_dim = hidden_dim
