@@ -21,7 +21,8 @@ written into docs/results: give ``--results DIR`` and ``--readme FILE`` elsewher
 
 Usage::
 
-    python scripts/make_results.py                         # all suites (~75 min on 2 cores)
+    python scripts/make_results.py                         # all suites (~2 h on 2 cores)
+    python scripts/make_results.py --suites routers --compare-args "--jobs 2"   # 35 min
     python scripts/make_results.py --suites load-balance   # one suite
     python scripts/make_results.py --export-only           # re-export and re-render, no training
 """
