@@ -16,6 +16,19 @@ from moelab.train import train
 from run_fixtures import tiny_config
 
 
+def observed_gates(moe: MoE, x: torch.Tensor) -> list[dict[int, float]]:
+    """Per token, ``{expert: gate}`` of the decision ``moe`` makes on ``x`` (seen through the
+    routing observer, as analysis sees it), gates rounded to 12 digits for hand-checked tests."""
+    seen = []
+    moe.routing_observer = lambda layer, decision, x_TD: seen.append(decision)
+    moe(x)
+    (decision,) = seen
+    out: list[dict[int, float]] = [{} for _ in range(x.shape[0])]
+    for t, e, w in zip(decision.token_idx_N, decision.expert_idx_N, decision.weight_N, strict=True):
+        out[int(t)][int(e)] = round(float(w.detach()), 12)
+    return out
+
+
 def expert_out(moe: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` on one token, written out (SwiGLU)."""
     gate, up = (x_D @ moe.experts.w13_EDF2[e]).chunk(2)

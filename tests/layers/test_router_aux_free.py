@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moelab.layers import MoE, RouterLoadHook, RoutingContext
-from router_checks import assert_causal, assert_close_with_grads, loop_moe
+from router_checks import assert_causal, assert_close_with_grads, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -30,15 +30,6 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-def _decision(moe: MoE, x: torch.Tensor) -> list[dict[int, float]]:
-    seen = []
-    moe.routing_observer = lambda layer, decision, x_TD: seen.append(decision)
-    moe(x)
-    out: list[dict[int, float]] = [{} for _ in range(x.shape[0])]
-    d = seen[0]
-    for t, e, w in zip(d.token_idx_N, d.expert_idx_N, d.weight_N, strict=True):
-        out[int(t)][int(e)] = round(float(w.detach()), 12)
-    return out
 
 
 def test_hand_example_bias_selects_gate_stays_unbiased():
@@ -47,7 +38,7 @@ def test_hand_example_bias_selects_gate_stays_unbiased():
     s0 = [_sig(v) for v in (2.0, 1.0, 0.0, -1.0)]
     s1 = [_sig(v) for v in (0.0, 0.5, 1.0, 3.0)]
     r = lambda v: round(v, 12)  # noqa: E731
-    assert _decision(moe, x) == [
+    assert observed_gates(moe, x) == [
         {0: r(s0[0] / (s0[0] + s0[1])), 1: r(s0[1] / (s0[0] + s0[1]))},
         {3: r(s1[3] / (s1[3] + s1[2])), 2: r(s1[2] / (s1[3] + s1[2]))},
     ]
@@ -55,15 +46,15 @@ def test_hand_example_bias_selects_gate_stays_unbiased():
         moe.router.bias_E.copy_(torch.tensor([0.0, 0.0, -1.0, 1.0]))
     # token 0: biased [0.881, 0.731, -0.5, 1.269] -> {3, 0}; gates from the unbiased s
     # token 1: biased [0.5, 0.622, -0.269, 1.953] -> {3, 1}
-    assert _decision(moe, x) == [
+    assert observed_gates(moe, x) == [
         {3: r(s0[3] / (s0[3] + s0[0])), 0: r(s0[0] / (s0[3] + s0[0]))},
         {3: r(s1[3] / (s1[3] + s1[1])), 1: r(s1[1] / (s1[3] + s1[1]))},
     ]
     raw = _hand_moe(normalize=False)
-    assert _decision(raw, x)[0] == {0: r(s0[0]), 1: r(s0[1])}
+    assert observed_gates(raw, x)[0] == {0: r(s0[0]), 1: r(s0[1])}
     soft = _hand_moe(score="softmax", normalize=False)
     z = sum(math.exp(v) for v in (2.0, 1.0, 0.0, -1.0))
-    assert _decision(soft, x)[0] == {0: r(math.exp(2) / z), 1: r(math.exp(1) / z)}
+    assert observed_gates(soft, x)[0] == {0: r(math.exp(2) / z), 1: r(math.exp(1) / z)}
 
 
 def test_step_update_moves_the_bias_by_sign():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.layers import MoE
-from router_checks import assert_causal, assert_close_with_grads, loop_moe
+from router_checks import assert_causal, assert_close_with_grads, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -28,22 +28,13 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-def _decision(moe: MoE, x: torch.Tensor) -> list[dict[int, float]]:
-    seen = []
-    moe.routing_observer = lambda layer, decision, x_TD: seen.append(decision)
-    moe(x)
-    out: list[dict[int, float]] = [{} for _ in range(x.shape[0])]
-    d = seen[0]
-    for t, e, w in zip(d.token_idx_N, d.expert_idx_N, d.weight_N, strict=True):
-        out[int(t)][int(e)] = round(float(w.detach()), 12)
-    return out
 
 
 def test_hand_example_selection_weights_and_saved_compute():
     x = torch.eye(4, dtype=torch.float64)[:3]
     moe = _hand_moe()
     assert moe.router.weight.shape == (4, 4) and moe.num_experts == 2
-    assert _decision(moe, x) == [{1: 0.4}, {}, {0: 0.5, 1: 0.3}]
+    assert observed_gates(moe, x) == [{1: 0.4}, {}, {0: 0.5, 1: 0.3}]
     stats = moe.last_stats
     assert stats.tokens_per_expert.tolist() == [1, 2]
     assert stats.active_sum == 3 and stats.active_mean == 1.0  # < k = 2: a third saved
@@ -51,7 +42,7 @@ def test_hand_example_selection_weights_and_saved_compute():
     y = moe(x)
     assert torch.equal(y[1], torch.zeros_like(y[1]))  # only null experts: no routed output
     renorm = _hand_moe(renormalize=True)
-    assert _decision(renorm, x) == [{1: round(0.4 / 0.7, 12)}, {}, {0: 0.625, 1: 0.375}]
+    assert observed_gates(renorm, x) == [{1: round(0.4 / 0.7, 12)}, {}, {0: 0.625, 1: 0.375}]
 
 
 def test_hand_example_balance_loss_over_all_experts():

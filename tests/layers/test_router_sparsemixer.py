@@ -11,7 +11,7 @@ import torch
 
 from moelab.layers import MoE
 from moelab.layers.routers.sparsemixer import SparseMixerGate, far_from_top, pick_one
-from router_checks import assert_causal, loop_moe
+from router_checks import assert_causal, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -26,15 +26,6 @@ def _hand_moe(logits_rows, **options) -> MoE:
     return moe
 
 
-def _decision(moe: MoE, x: torch.Tensor) -> list[dict[int, float]]:
-    seen = []
-    moe.routing_observer = lambda layer, decision, x_TD: seen.append(decision)
-    moe(x)
-    out: list[dict[int, float]] = [{} for _ in range(x.shape[0])]
-    d = seen[0]
-    for t, e, w in zip(d.token_idx_N, d.expert_idx_N, d.weight_N, strict=True):
-        out[int(t)][int(e)] = round(float(w.detach()), 12)
-    return out
 
 
 def test_hand_example_mask_and_greedy_gates_at_evaluation():
@@ -48,7 +39,7 @@ def test_hand_example_mask_and_greedy_gates_at_evaluation():
     x = torch.eye(4, dtype=torch.float64)[:2]
     e = math.exp
     s1 = e(3) + e(2.97) + e(2.95)
-    assert _decision(moe, x) == [
+    assert observed_gates(moe, x) == [
         {0: round(e(2) / (e(2) + e(1.99)), 12), 1: 1.0},
         {1: round(e(3) / s1, 12), 2: round(e(2.97) / (e(2.97) + e(2.95)), 12)},
     ]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelab.layers import MoE, fixed_aux_loss
-from router_checks import assert_causal, assert_close_with_grads, loop_moe
+from router_checks import assert_causal, assert_close_with_grads, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -30,29 +30,20 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-def _decision(moe: MoE, x: torch.Tensor) -> list[dict[int, float]]:
-    seen = []
-    moe.routing_observer = lambda layer, decision, x_TD: seen.append(decision)
-    moe(x)
-    (decision,) = seen
-    out: list[dict[int, float]] = [{} for _ in range(x.shape[0])]
-    for t, e, w in zip(decision.token_idx_N, decision.expert_idx_N, decision.weight_N, strict=True):
-        out[int(t)][int(e)] = round(float(w.detach()), 12)
-    return out
 
 
 def test_hand_example_selection_and_weights():
     x = torch.eye(4, dtype=torch.float64)
-    assert _decision(_hand_moe(p=0.4), x) == [
+    assert observed_gates(_hand_moe(p=0.4), x) == [
         {0: 0.5},
         {1: 0.35, 2: 0.3},
         {3: 0.5},
         {3: 0.28, 2: 0.26},
     ]
     # p = 0.7: token 1 needs 0.35 + 0.30 + 0.25 = 0.90; max_experts=2 caps it at two
-    assert _decision(_hand_moe(p=0.7), x)[1] == {1: 0.35, 2: 0.3, 3: 0.25}
-    assert _decision(_hand_moe(p=0.7, max_experts=2), x)[1] == {1: 0.35, 2: 0.3}
-    assert _decision(_hand_moe(p=1.0), x)[0] == {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
+    assert observed_gates(_hand_moe(p=0.7), x)[1] == {1: 0.35, 2: 0.3, 3: 0.25}
+    assert observed_gates(_hand_moe(p=0.7, max_experts=2), x)[1] == {1: 0.35, 2: 0.3}
+    assert observed_gates(_hand_moe(p=1.0), x)[0] == {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
 
 
 def test_hand_example_losses_and_stats():
