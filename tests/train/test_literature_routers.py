@@ -39,8 +39,9 @@ def test_expert_choice_refuses_the_block_capacity_factor(data_dir, tmp_path):
         "d_hidden": 32,
         "capacity_factor": 1.0,
     }
-    with pytest.raises(ValueError, match="capacity_factor must be None"):
-        train(tiny_config(data_dir, ffn), tmp_path / "run")
+    with pytest.raises(ValueError, match="model.ffn.capacity_factor: must be None"):
+        train(tiny_config(data_dir, ffn), tmp_path / "run")  # refused by the config, at load
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))

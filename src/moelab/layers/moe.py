@@ -18,7 +18,13 @@ from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, Rou
 from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
 from moelab.layers.experts import GroupedExperts, check_backend
 from moelab.layers.lory import check_merging_moe, merged_experts_ffn
-from moelab.layers.routers import RouterOutput, build_router, make_decision, uniform_assignment
+from moelab.layers.routers import (
+    RouterOutput,
+    build_router,
+    make_decision,
+    router_class,
+    uniform_assignment,
+)
 from moelab.layers.routers.lory import LoryRouter
 
 MOMENTUM_KEY = "momentum_smoe"  # MomentumSMoE's p_l, passed from one MoE layer to the next
@@ -78,6 +84,26 @@ def check_moe_args(
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_router_fits(
+    router: str, capacity_factor: float | None, iterations: int, debug_uniform_routing: bool = False
+) -> None:
+    """The block's options a router cannot be combined with; shared with the config, which runs
+    it at load time (the router class decides, no router is built)."""
+    cls = router_class(router)
+    if capacity_factor is not None and getattr(cls, "sets_own_capacity", False):
+        raise ValueError(
+            f"capacity_factor must be None (null) with router {router!r}: it sets each "
+            "expert's capacity itself (its router option ec_capacity_factor)"
+        )
+    if issubclass(cls, LoryRouter):  # experts merged per segment, nothing dispatched
+        check_merging_moe(capacity_factor, iterations, debug_uniform_routing)
+    if iterations > 1 and cls.updates_between_steps:
+        raise ValueError(
+            f"iterations > 1 cannot be combined with router {router!r}: its between-step "
+            "update sees the loads of one router per layer"
+        )
 
 
 class MoE(RoutedLayer):
@@ -169,27 +195,16 @@ class MoE(RoutedLayer):
         self.router = build_router(
             router, d_model, self.num_experts, self.top_k, init_std, **router_options
         )
-        if capacity_factor is not None and getattr(self.router, "sets_own_capacity", False):
-            raise ValueError(
-                f"capacity_factor must be None (null) with router {router!r}: it sets each "
-                "expert's capacity itself (its router option ec_capacity_factor)"
-            )
+        check_router_fits(router, capacity_factor, iterations, debug_uniform_routing)
         self.router_name = router
         # Lory merges the experts per segment instead of dispatching tokens (_merged_pass).
         self.merges_experts = isinstance(self.router, LoryRouter)
-        if self.merges_experts:
-            check_merging_moe(capacity_factor, iterations, debug_uniform_routing)
         # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
         # "independent gating"); iteration 0 keeps ``self.router``, so C = 1 is today's layer.
         self.chain_routers = torch.nn.ModuleList(
             build_router(router, d_model, self.num_experts, self.top_k, init_std, **router_options)
             for _ in range(iterations - 1)
         )
-        if iterations > 1 and self.router.updates_between_steps:
-            raise ValueError(
-                f"iterations > 1 cannot be combined with router {router!r}: its between-step "
-                "update sees the loads of one router per layer"
-            )
         self.iterations = iterations
         self.momentum, self.momentum_step = float(momentum), float(momentum_step)
         self.controlled_loss = self.router.controlled_loss

@@ -29,7 +29,7 @@ from torch import nn
 
 from moelab.config import Config, ConfigError
 from moelab.layers.dense import DenseFFN, up_width
-from moelab.layers.moe import MoE, check_moe_args
+from moelab.layers.moe import MoE, check_moe_args, check_router_fits
 from moelab.layers.peer import ACTIVATIONS as PEER_ACTIVATIONS
 from moelab.layers.peer import GATES as PEER_GATES
 from moelab.layers.peer import PEER
@@ -225,6 +225,10 @@ class MoEConfig(_FFNSlot):
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             _layer_checks(self, self._meta_router)
+        _layer_checks(
+            self,
+            lambda: check_router_fits(self.router, self.capacity_factor, self.iterations),
+        )
 
     def dict_fields(self) -> list[str]:
         """What a run's config.yaml shows: the chosen router's options only."""
