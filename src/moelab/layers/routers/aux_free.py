@@ -16,7 +16,7 @@ from moelab.layers.routers.base import (
     Router,
     RouterOutput,
     check_coef,
-    make_decision,
+    decision_from_choices,
     register_router,
 )
 
@@ -97,15 +97,7 @@ class AuxFreeRouter(Router):
         if self.normalize:
             gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
         num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
-        keep_TK = torch.ones_like(top_idx_TK, dtype=torch.bool)
-        if valid_T is not None:
-            keep_TK = keep_TK & valid_T[:, None]
-        token_idx_N, expert_idx_N = token_idx_TK[keep_TK], top_idx_TK[keep_TK]
-        decision = make_decision(
-            token_idx_N, expert_idx_N, gate_TK[keep_TK], num_tokens, self.num_experts
-        )
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        decision, nonzero = decision_from_choices(top_idx_TK, gate_TK, valid_T, self.num_experts)
         seq_len = None
         if self.seq_balance_coef > 0:
             seq_len = sequence_length(context, num_tokens, "seq_balance_coef > 0")

@@ -65,6 +65,31 @@ def make_decision(
     )
 
 
+def decision_from_choices(
+    expert_idx_TK: Tensor,
+    weight_TK: Tensor,
+    valid_T: Tensor | None,
+    num_experts: int,
+    keep_TK: Tensor | None = None,
+) -> tuple[RoutingDecision, Tensor]:
+    """The decision of routers where each token chose K experts (``[T, K]`` ids and gates), and
+    its assignment count (a router's ``nonzero``). Padding tokens' choices are left out, and so are
+    those ``keep_TK`` marks False (choices that are not routed experts: null or zero-computation
+    experts). Assignments stay in token-major order."""
+    num_tokens = expert_idx_TK.shape[0]
+    token_idx_TK = torch.arange(num_tokens, device=expert_idx_TK.device)[:, None]
+    token_idx_TK = token_idx_TK.expand_as(expert_idx_TK)
+    if valid_T is not None:
+        valid_TK = valid_T[:, None].expand_as(expert_idx_TK)
+        keep_TK = valid_TK if keep_TK is None else keep_TK & valid_TK
+    if keep_TK is None:
+        flat = token_idx_TK.reshape(-1), expert_idx_TK.reshape(-1), weight_TK.reshape(-1)
+    else:
+        flat = token_idx_TK[keep_TK], expert_idx_TK[keep_TK], weight_TK[keep_TK]
+    decision = make_decision(*flat, num_tokens, num_experts)
+    return decision, torch.tensor(flat[0].numel(), device=expert_idx_TK.device)
+
+
 def check_coef(name: str, value: object) -> None:
     if (
         not isinstance(value, int | float)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.routers.base import Router, RouterOutput, make_decision, register_router
+from moelab.layers.routers.base import Router, RouterOutput, decision_from_choices, register_router
 
 # A Mersenne prime above any vocabulary size: ((a·id + b) mod P) is a universal hash family
 # (Carter & Wegman 1979), and a·id < 2^62 stays exact in int64.
@@ -99,16 +99,10 @@ class HashRouter(Router):
         ids_T = token_ids_for(x_TD, context, self.name)
         num_tokens = x_TD.shape[0]
         expert_TK = self.experts_of(ids_T)
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(expert_TK)
-        token_idx_N, expert_idx_N = token_idx_TK.reshape(-1), expert_TK.reshape(-1)
-        if valid_T is not None:
-            keep_N = valid_T[token_idx_N]
-            token_idx_N, expert_idx_N = token_idx_N[keep_N], expert_idx_N[keep_N]
-        weight_N = torch.ones(token_idx_N.shape, dtype=torch.float32, device=x_TD.device)
-        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
+        weight_TK = torch.ones(expert_TK.shape, dtype=torch.float32, device=x_TD.device)
+        decision, nonzero = decision_from_choices(expert_TK, weight_TK, valid_T, self.num_experts)
         # No logits: zeros; the "scores" are the (constant) assignment matrix.
         logits_TE = torch.zeros(num_tokens, self.num_experts, device=x_TD.device)
         scores_TE = torch.zeros_like(logits_TE)
-        scores_TE[token_idx_N, expert_idx_N] = 1.0
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        scores_TE[decision.token_idx_N, decision.expert_idx_N] = 1.0
         return RouterOutput(decision, logits_TE, scores_TE, nonzero)

@@ -11,7 +11,7 @@ from moelab.layers.routers.base import (
     Router,
     RouterOutput,
     check_coef,
-    make_decision,
+    decision_from_choices,
     register_router,
 )
 
@@ -160,20 +160,14 @@ class MoEPPRouter(Router):
         logits_TN = self.gate_logits(x_TD, context)
         probs_TN = logits_TN.softmax(dim=-1)
         top_w_TK, top_idx_TK = probs_TN.topk(self.top_k, dim=-1)
-        num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
-        keep_TK = top_idx_TK < self.num_experts  # FFN experts go to the dispatcher
-        if valid_T is not None:
-            keep_TK = keep_TK & valid_T[:, None]
-        token_idx_N, expert_idx_N = token_idx_TK[keep_TK], top_idx_TK[keep_TK]
-        decision = make_decision(
-            token_idx_N, expert_idx_N, top_w_TK[keep_TK], num_tokens, self.num_experts
+        ffn_TK = top_idx_TK < self.num_experts  # FFN experts go to the dispatcher
+        decision, nonzero = decision_from_choices(
+            top_idx_TK, top_w_TK, valid_T, self.num_experts, keep_TK=ffn_TK
         )
         gate_TN = torch.zeros_like(probs_TN).scatter(1, top_idx_TK, top_w_TK)
         if valid_T is not None:
             gate_TN = gate_TN * valid_T[:, None]
         direct_TD = self.zero_computation_output(x_TD, gate_TN)
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TN, probs_TN, nonzero, direct_TD)
 
     def zero_computation_output(self, x_TD: Tensor, gate_TN: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from moelab.layers.routers.base import (
     Router,
     RouterOutput,
     check_coef,
-    make_decision,
+    decision_from_choices,
     register_router,
 )
 
@@ -93,15 +93,10 @@ class NullExpertRouter(Router):
         weight_TK = probs_TE.gather(1, top_idx_TK)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-        num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
-        keep_TK = top_idx_TK < self.num_experts
-        if valid_T is not None:
-            keep_TK = keep_TK & valid_T[:, None]
-        token_idx_N, expert_idx_N = token_idx_TK[keep_TK], top_idx_TK[keep_TK]
-        weight_N = weight_TK[keep_TK]
-        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        real_TK = top_idx_TK < self.num_experts  # null picks cost nothing: not in the decision
+        decision, nonzero = decision_from_choices(
+            top_idx_TK, weight_TK, valid_T, self.num_experts, keep_TK=real_TK
+        )
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:

@@ -11,7 +11,7 @@ from moelab.layers.routers.base import (
     Router,
     RouterOutput,
     check_coef,
-    make_decision,
+    decision_from_choices,
     register_router,
 )
 
@@ -133,21 +133,9 @@ class SparseMixerRouter(Router):
             choices.append(choice_T1)
             remaining_TE = remaining_TE.scatter(1, choice_T1, float("-inf"))
         expert_idx_TK, weight_TK = torch.cat(choices, 1), torch.cat(weights, 1)
-        num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(
-            expert_idx_TK
+        decision, nonzero = decision_from_choices(
+            expert_idx_TK, weight_TK, valid_T, self.num_experts
         )
-        keep_TK = torch.ones_like(expert_idx_TK, dtype=torch.bool)
-        if valid_T is not None:
-            keep_TK = keep_TK & valid_T[:, None]
-        decision = make_decision(
-            token_idx_TK[keep_TK],
-            expert_idx_TK[keep_TK],
-            weight_TK[keep_TK],
-            num_tokens,
-            self.num_experts,
-        )
-        nonzero = torch.tensor(int(keep_TK.sum()), device=x_TD.device)
         return RouterOutput(decision, logits_TE, logits_TE.softmax(dim=-1), nonzero)
 
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:

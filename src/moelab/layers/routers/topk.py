@@ -22,7 +22,7 @@ from moelab.layers.routers.base import (
     Router,
     RouterOutput,
     check_coef,
-    make_decision,
+    decision_from_choices,
     register_router,
 )
 
@@ -95,21 +95,7 @@ class TopKRouter(Router):
             if self.renormalize:
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
         num_tokens = x_TD.shape[0]
-        token_idx_TK = torch.arange(num_tokens, device=x_TD.device)[:, None].expand_as(top_idx_TK)
-        token_idx_N, expert_idx_N, weight_N = (
-            token_idx_TK.reshape(-1),
-            top_idx_TK.reshape(-1),
-            weight_TK.reshape(-1),
-        )
-        if valid_T is not None:
-            keep_N = valid_T[token_idx_N]
-            token_idx_N, expert_idx_N, weight_N = (
-                token_idx_N[keep_N],
-                expert_idx_N[keep_N],
-                weight_N[keep_N],
-            )
-        decision = make_decision(token_idx_N, expert_idx_N, weight_N, num_tokens, self.num_experts)
-        nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
+        decision, nonzero = decision_from_choices(top_idx_TK, weight_TK, valid_T, self.num_experts)
         if self.balance_scope == "sequence":
             seq_len = sequence_length(context, num_tokens, "balance_scope='sequence'")
             return SequencedRouterOutput(decision, logits_TE, probs_TE, nonzero, seq_len=seq_len)
