@@ -24,6 +24,11 @@ def test_every_softmax_router_has_jitter_and_z_loss(name):
     moe.eval()
     quiet = moe(x)
     assert torch.equal(quiet, moe(x))  # jitter off at evaluation
+    router = moe.router
+    x_TD = torch.randn(6, router.weight.shape[1])  # the gate's input (RMoE's: its GRU state)
+    clean = router.logits(x_TD)
+    router.train()
+    assert not torch.equal(router.logits(x_TD), clean)  # jittered while training
     moe.train()
     torch.manual_seed(1)
     moe(x)
