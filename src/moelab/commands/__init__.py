@@ -18,3 +18,18 @@ def add_override_options(p: argparse.ArgumentParser, positional_help: str) -> No
         metavar="KEY=VALUE",
         help="a dotted override (repeatable)",
     )
+
+
+def add_new_run_options(p: argparse.ArgumentParser, run_dir_metavar: str) -> None:
+    """What every command that writes a new run directory from weights (``convert-hf``,
+    ``upcycle``) takes besides its inputs: config overrides and ``--overwrite``."""
+    add_override_options(
+        p, "dotted config overrides (right after the directories; anywhere else use --set)"
+    )
+    p.add_argument("--overwrite", action="store_true", help=f"replace a run in {run_dir_metavar}")
+
+
+def print_new_run(verb: str, source: str, run_dir: str, checkpoint_name: str) -> None:
+    """The two closing lines of those commands: what was written, and how to continue."""
+    print(f"{verb} {source} into {run_dir} ({checkpoint_name})")
+    print(f"continue training with: moelab train --resume {run_dir}")

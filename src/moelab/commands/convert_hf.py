@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.commands import add_override_options
+from moelab.commands import add_new_run_options, print_new_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="topk: the checkpoint's own routing (same outputs); relu: ReMoE's ReLU routing "
         "with target sparsity 1 - k/E",
     )
-    add_override_options(
-        p, "dotted config overrides (right after the directories; anywhere else use --set)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a run in RUN_DIR")
+    add_new_run_options(p, "RUN_DIR")
     p.set_defaults(func=run)
 
 
@@ -50,6 +47,5 @@ def run(args: argparse.Namespace) -> int:
         overrides=[*args.overrides, *args.set_overrides],
         overwrite=args.overwrite,
     )
-    print(f"converted {args.hf_dir} into {args.run_dir} ({ckpt.name})")
-    print(f"continue training with: moelab train --resume {args.run_dir}")
+    print_new_run("converted", args.hf_dir, args.run_dir, ckpt.name)
     return 0

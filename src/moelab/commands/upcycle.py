@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.commands import add_override_options
+from moelab.commands import add_new_run_options, print_new_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,10 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", default=None, help="step number or step_* name (default: latest)"
     )
-    add_override_options(
-        p, "dotted config overrides (right after the directories; anywhere else use --set)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a run in OUT_RUN_DIR")
+    add_new_run_options(p, "OUT_RUN_DIR")
     p.set_defaults(func=run)
 
 
@@ -56,6 +53,5 @@ def run(args: argparse.Namespace) -> int:
         overrides=[*args.overrides, *args.set_overrides],
         overwrite=args.overwrite,
     )
-    print(f"upcycled {args.run_dir} into {args.out_dir} ({ckpt.name})")
-    print(f"continue training with: moelab train --resume {args.out_dir}")
+    print_new_run("upcycled", args.run_dir, args.out_dir, ckpt.name)
     return 0
