@@ -62,7 +62,6 @@ class CheckpointedTraining:
             "elapsed": self.elapsed,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "controller": None,
             **{name: hook.state_dict() for name, hook in self.step_hooks.items()},
             "sampler": self._sampler_state,
             "rng": rng_state(),
