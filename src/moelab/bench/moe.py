@@ -122,6 +122,13 @@ def _time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) 
     return {name: statistics.median(t) * 1000.0 for name, t in times.items()}
 
 
+def _clear_grads(module: torch.nn.Module, x: torch.Tensor) -> None:
+    """Gradients set to None before each step, as the trainer's ``zero_grad(set_to_none=True)``:
+    backward then writes fresh gradients instead of adding into the previous step's."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
 def calibrate_relu_router(moe: MoE, x_TD: torch.Tensor, k: int) -> None:
     """Make ``moe``'s ReLU router activate ~k experts per token on inputs like ``x_TD``.
 
@@ -159,6 +166,7 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
     moe.train()
 
     def step() -> None:
+        _clear_grads(moe, x)
         y = moe(x)
         (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
 
@@ -168,6 +176,7 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
         x_ND = dispatch.gather(x.detach(), perm).requires_grad_(True)
 
     def experts_only() -> None:
+        _clear_grads(moe.experts, x_ND)
         moe.experts(x_ND, perm.counts, perm.weight_N).float().square().mean().backward()
 
     return step, experts_only, moe
@@ -224,6 +233,7 @@ def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], No
     moe.train()
 
     def step() -> None:
+        _clear_grads(moe, x)
         y = moe(x, context=RoutingContext(token_ids=ids))
         (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
 
@@ -270,6 +280,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
 
     def dense_step() -> None:
+        _clear_grads(dense, x)
         dense(x).float().square().mean().backward()
 
     rows: list[Row] = []

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.layers.dense import activate, up_width
+from moelab.layers.grouped_gemm import rows_matmul, rows_outer
+from moelab.layers.swiglu import swiglu_backward, swiglu_forward
+from moelab.native import mkl_gemm_batch
 
 BACKENDS = ("auto", "loop", "fused", "bmm", "grouped_mm")
 
@@ -90,6 +93,8 @@ class GroupedExperts(nn.Module):
         if self.backend == "auto":
             if x.is_cuda and x.dtype == torch.bfloat16:
                 return "grouped_mm"
+            if x.device.type == "cpu" and mkl_gemm_batch(x.dtype) is not None:
+                return "fused"  # one grouped MKL GEMM per matmul: no padding needed
             backend = "bmm" if self.d_hidden < self.d_model else "fused"
             if backend == "bmm" and counts is not None and len(set(counts)) > 1:
                 return "fused"
@@ -181,32 +186,33 @@ class GroupedExperts(nn.Module):
         )
 
 
-def _swiglu_forward(h_NF2: Tensor) -> Tensor:
-    gate, up = h_NF2.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
-
-
-def _swiglu_backward(h_NF2: Tensor, grad_a_NF: Tensor) -> Tensor:
-    """``d/dh`` of ``silu(g)·u`` written into one ``[N, 2F]`` buffer (gate half, then up half)."""
-    gate, up = h_NF2.chunk(2, dim=-1)
-    grad_h = torch.empty_like(h_NF2)
-    grad_gate, grad_up = grad_h.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    torch.mul(grad_a_NF, silu, out=grad_up)
-    # silu'(g) = σ(g)·(1 + g·(1 − σ(g))) = σ(g) + silu(g)·(1 − σ(g))
-    dsilu = silu.mul_(1.0 - sig).add_(sig)
-    torch.mul(grad_a_NF * up, dsilu, out=grad_gate)
-    return grad_h
-
-
-def _activation_backward(h: Tensor, grad_a: Tensor, activation: str) -> Tensor:
+def _activation_forward(
+    h_NF2: Tensor, activation: str, gate_N: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(a, ga)``: the hidden activation and its gated rows (``a`` itself when no gate)."""
     if activation == "swiglu":
-        return _swiglu_backward(h, grad_a)
+        return swiglu_forward(h_NF2, gate_N)
+    a_NF = activate(h_NF2, activation)
+    return a_NF, (a_NF if gate_N is None else a_NF * gate_N[:, None])
+
+
+def _activation_backward(
+    h: Tensor,
+    grad_ga: Tensor,
+    a: Tensor,
+    gate_N: Tensor | None,
+    activation: str,
+    need_gate_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_h, grad_gate)`` from the gradient of the gated activation ``ga = gate·act(h)``."""
+    if activation == "swiglu":
+        return swiglu_backward(h, grad_ga, a, gate_N, need_gate_grad)
+    grad_gate_N = (grad_ga * a).sum(1) if gate_N is not None and need_gate_grad else None
+    grad_a = grad_ga if gate_N is None else grad_ga * gate_N[:, None]
     with torch.enable_grad():
         h_ = h.detach().requires_grad_(True)
         (grad_h,) = torch.autograd.grad(activate(h_, activation), h_, grad_a)
-    return grad_h
+    return grad_h, grad_gate_N
 
 
 class FusedExpertLoop(torch.autograd.Function):
@@ -225,14 +231,9 @@ class FusedExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w13_EDF2, w2_EFD, gate_N, counts, activation):  # type: ignore[override]
         n_rows = x_ND.shape[0]
-        h_NF2 = x_ND.new_empty(n_rows, w13_EDF2.shape[-1])
-        for e, rows in _expert_slices(counts):
-            torch.mm(x_ND[rows], w13_EDF2[e], out=h_NF2[rows])
-        a_NF = _swiglu_forward(h_NF2) if activation == "swiglu" else activate(h_NF2, activation)
-        ga_NF = a_NF if gate_N is None else a_NF * gate_N[:, None]
-        y_ND = x_ND.new_empty(n_rows, w2_EFD.shape[-1])
-        for e, rows in _expert_slices(counts):
-            torch.mm(ga_NF[rows], w2_EFD[e], out=y_ND[rows])
+        h_NF2 = rows_matmul(x_ND, w13_EDF2, counts, x_ND.new_empty(n_rows, w13_EDF2.shape[-1]))
+        a_NF, ga_NF = _activation_forward(h_NF2, activation, gate_N)
+        y_ND = rows_matmul(ga_NF, w2_EFD, counts, x_ND.new_empty(n_rows, w2_EFD.shape[-1]))
         ctx.save_for_backward(x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF, gate_N)
         ctx.counts, ctx.activation = counts, activation
         return y_ND
@@ -242,25 +243,16 @@ class FusedExpertLoop(torch.autograd.Function):
     def backward(ctx, grad_y_ND):  # type: ignore[override]
         x_ND, w13_EDF2, w2_EFD, h_NF2, a_NF, gate_N = ctx.saved_tensors
         grad_y_ND = grad_y_ND.contiguous()
-        slices = list(_expert_slices(ctx.counts))
-        # Experts without rows get zero gradients; when every expert has rows nothing is zeroed.
-        new_grad = torch.empty_like if len(slices) == len(ctx.counts) else torch.zeros_like
-        grad_w2 = new_grad(w2_EFD)
+        counts = ctx.counts  # experts without rows get zero weight gradients (rows_outer)
         ga_NF = a_NF if gate_N is None else a_NF * gate_N[:, None]
-        grad_a_NF = torch.empty_like(a_NF)  # gradient of the (gated) hidden rows
-        for e, rows in slices:
-            torch.mm(ga_NF[rows].T, grad_y_ND[rows], out=grad_w2[e])
-            torch.mm(grad_y_ND[rows], w2_EFD[e].T, out=grad_a_NF[rows])
-        grad_gate_N = None
-        if gate_N is not None:
-            grad_gate_N = (grad_a_NF * a_NF).sum(1) if ctx.needs_input_grad[3] else None
-            grad_a_NF.mul_(gate_N[:, None])
-        grad_h_NF2 = _activation_backward(h_NF2, grad_a_NF, ctx.activation)
-        grad_w13 = new_grad(w13_EDF2)
-        grad_x_ND = torch.empty_like(x_ND)
-        for e, rows in slices:
-            torch.mm(x_ND[rows].T, grad_h_NF2[rows], out=grad_w13[e])
-            torch.mm(grad_h_NF2[rows], w13_EDF2[e].T, out=grad_x_ND[rows])
+        grad_w2 = rows_outer(ga_NF, grad_y_ND, counts, torch.empty_like(w2_EFD))
+        # gradient of the (gated) hidden rows
+        grad_ga_NF = rows_matmul(grad_y_ND, w2_EFD, counts, torch.empty_like(a_NF), True)
+        grad_h_NF2, grad_gate_N = _activation_backward(
+            h_NF2, grad_ga_NF, a_NF, gate_N, ctx.activation, ctx.needs_input_grad[3]
+        )
+        grad_w13 = rows_outer(x_ND, grad_h_NF2, counts, torch.empty_like(w13_EDF2))
+        grad_x_ND = rows_matmul(grad_h_NF2, w13_EDF2, counts, torch.empty_like(x_ND), True)
         return grad_x_ND, grad_w13, grad_w2, grad_gate_N, None, None
 
 
@@ -285,8 +277,7 @@ class GatherExpertsScatter(torch.autograd.Function):
             x_nD = buf_nD[: rows.stop - rows.start]
             torch.index_select(x_TD, 0, token_idx_N[rows], out=x_nD)
             torch.mm(x_nD, w13_EDF2[e], out=h_NF2[rows])
-        a_NF = _swiglu_forward(h_NF2) if activation == "swiglu" else activate(h_NF2, activation)
-        ga_NF = a_NF * gate_N[:, None] if on_hidden else a_NF
+        a_NF, ga_NF = _activation_forward(h_NF2, activation, gate_N if on_hidden else None)
         y_TD = torch.zeros_like(x_TD)
         ungated_ND = None if on_hidden else x_TD.new_empty(token_idx_N.shape[0], x_TD.shape[1])
         for e, rows in slices:
@@ -321,10 +312,11 @@ class GatherExpertsScatter(torch.autograd.Function):
                 gy_nD = gy_nD * gate_N[rows, None]
             torch.mm(ga_NF[rows].T, gy_nD, out=grad_w2[e])
             torch.mm(gy_nD, w2[e].T, out=grad_a_NF[rows])
+        grad_h_NF2, grad_gate_hidden = _activation_backward(
+            h_NF2, grad_a_NF, a_NF, gate_N if ctx.on_hidden else None, ctx.activation, True
+        )
         if ctx.on_hidden:
-            grad_gate_N = (grad_a_NF * a_NF).sum(1)
-            grad_a_NF.mul_(gate_N[:, None])
-        grad_h_NF2 = _activation_backward(h_NF2, grad_a_NF, ctx.activation)
+            grad_gate_N = grad_gate_hidden
         grad_w13 = new_grad(w13)
         grad_x_TD = torch.zeros_like(x_TD)
         gx_buf_nD = torch.empty_like(buf_nD)
