@@ -345,57 +345,26 @@ def test_huge_capacity_is_a_clear_error_not_an_allocation():
         moe(torch.randn(8, 8))
 
 
-@pytest.mark.parametrize("width", [32, 8], ids=["wide", "narrow"])  # narrow: gate on hidden
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_gather_free_fused_path_equals_loop(width, activation):
-    """``forward_tokens`` (rows read from ``x_TD``, outputs added into ``y_TD``, no sorted copies)
-    gives ``combine(loop(gather(x)))``: values and every gradient, empty experts and tokens
-    routed to several experts included."""
-    from moelab.layers import dispatch
-    from moelab.layers.routers import make_decision
+def test_auto_backend_on_cpu_is_the_grouped_gemm_when_mkl_has_one(monkeypatch):
+    from moelab import native
+    from moelab.layers import experts
 
-    torch.manual_seed(11)
-    T, E = 12, 6
-    loop = GroupedExperts(E, 16, width, activation, backend="loop").double()
-    fused = GroupedExperts(E, 16, width, activation, backend="fused").double()
-    fused.load_state_dict(loop.state_dict())
-    token_idx = torch.tensor([0, 0, 1, 2, 2, 3, 5, 5, 5, 7, 8, 8, 9, 11, 11])  # 4, 6, 10 unrouted
-    expert_idx = torch.tensor([0, 3, 3, 1, 5, 0, 1, 3, 5, 5, 0, 3, 3, 1, 0])  # 2 and 4 get none
-    weight = torch.rand(len(token_idx), dtype=torch.float64, requires_grad=True)
-    x = torch.randn(T, 16, dtype=torch.float64, requires_grad=True)
-    perm = dispatch.permute(make_decision(token_idx, expert_idx, weight, T, E))
-    y_ref = dispatch.combine(loop(dispatch.gather(x, perm), perm.counts, perm.weight_N), perm, True)
-    y = fused.forward_tokens(x, perm.token_idx_N, perm.counts, perm.weight_N)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
-    assert y[[4, 6, 10]].abs().max() == 0
-    target = torch.randn_like(y)
-    params_ref = [x, weight, *loop.parameters()]
-    g_ref = torch.autograd.grad((y_ref * target).sum(), params_ref, retain_graph=True)
-    g = torch.autograd.grad((y * target).sum(), [x, weight, *fused.parameters()])
-    for a, b in zip(g, g_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert g[2][2].abs().max() == 0 and g[3][4].abs().max() == 0  # experts without rows
+    if native.mkl_gemm_batch(torch.float32) is None:
+        pytest.skip("this torch build carries no MKL batch GEMM")
+    for width in (8, 32):  # narrow and wide experts alike: no padding
+        assert GroupedExperts(4, 16, width).resolved_backend(torch.zeros(1, 16)) == "fused"
+        assert GroupedExperts(4, 16, width).pad_limit(torch.zeros(1, 16)) == 0.0
+    bf16 = torch.zeros(1, 16, dtype=torch.bfloat16)  # no MKL batch GEMM for bfloat16
+    assert GroupedExperts(4, 16, 8).resolved_backend(bf16) == "bmm"
+    monkeypatch.setattr(experts, "mkl_gemm_batch", lambda dtype: None)
+    assert GroupedExperts(4, 16, 8).resolved_backend(torch.zeros(1, 16)) == "bmm"
 
 
-def test_auto_backend_is_bmm_for_narrow_experts_on_cpu():
+def test_auto_backend_is_bmm_for_narrow_experts_on_cpu_without_mkl(monkeypatch):
+    from moelab.layers import experts
+
+    monkeypatch.setattr(experts, "mkl_gemm_batch", lambda dtype: None)
     narrow = GroupedExperts(4, 16, 8)
     assert narrow.resolved_backend(torch.zeros(1, 16)) == "bmm"
     assert narrow.resolved_backend(torch.zeros(1, 16), [3, 2, 3, 3]) == "fused"  # unequal blocks
     assert GroupedExperts(4, 16, 32).resolved_backend(torch.zeros(1, 16)) == "fused"
-
-
-def test_gather_free_dispatcher_gives_the_default_layer():
-    """``LocalDispatcher(gather_free=True)`` (opt-in) changes where rows are copied, not results."""
-    from moelab.layers.dispatch import LocalDispatcher
-
-    torch.manual_seed(3)
-    moe = MoE(8, 16, 4, 2, init_std=0.3).double()
-    assert not moe.dispatcher.gather_free  # off by default
-    x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
-    y = moe(x)
-    g = _grads(moe, x, y)
-    moe.dispatcher = LocalDispatcher(gather_free=True)
-    y_free = moe(x)
-    torch.testing.assert_close(y_free, y, rtol=1e-12, atol=1e-14)
-    for a, b in zip(_grads(moe, x, y_free), g, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

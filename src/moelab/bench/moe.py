@@ -4,7 +4,11 @@ Every configuration is measured in one process, interleaved, so ratios compare l
 ``ratio_vs_dense = dense_time / moe_time`` (1.0 = as fast as the dense FFN; higher is better).
 ``route_share`` is the part of the layer's time not spent in expert compute: routing, sorting,
 gathering and scattering back (the layer time minus the time of the same experts run alone on
-pre-sorted rows).
+pre-sorted rows). ``gemm_ratio`` is the dense FFN's six matmuls (forward and backward) timed
+against the experts' six grouped matmuls on the layer's own sorted rows: how fast the expert
+matmuls alone run per FLOP compared with one big matmul. The layer's ``ratio_vs_dense`` cannot
+go much above it, whatever the routing costs (``–`` for backends other than ``fused``).
+Gradients are set to None before each step, as the trainer does.
 
 The ReLU router is calibrated so that its *achieved* number of active experts per token equals the
 configuration's k (a constant input feature with a per-expert negative router weight at the
@@ -33,6 +37,7 @@ from moelab.bench.invocations import aggregate_rows, run_child, spread
 from moelab.layers import RoutingContext, dispatch
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import BACKENDS
+from moelab.layers.grouped_gemm import rows_matmul, rows_outer
 from moelab.layers.moe import MoE
 from moelab.layers.routers import ROUTERS
 from moelab.runtime import allocator_mode, keep_freed_memory
@@ -51,7 +56,7 @@ TARGETS = {"coarse": 0.95, "fine-grained": 0.85, "very-fine-grained": 0.7}
 ROUTER_SEQ_LEN = 512
 ROUTER_GRANULARITY = {"sparsemixer": 2, "aux_free": 2}
 # Columns that vary between invocations (medians and ranges are reported for these).
-TIMED_FIELDS = ("ms", "ratio_vs_dense", "route_share")
+TIMED_FIELDS = ("ms", "ratio_vs_dense", "route_share", "gemm_ratio")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Row:
     ms: float
     ratio_vs_dense: float
     route_share: float
+    gemm_ratio: float
     target: float | None
 
 
@@ -179,18 +185,58 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
         _clear_grads(moe.experts, x_ND)
         moe.experts(x_ND, perm.counts, perm.weight_N).float().square().mean().backward()
 
-    return step, experts_only, moe
+    gemms = None
+    if moe.experts.resolved_backend(x, perm.counts) == "fused":
+        w13, w2 = moe.experts.w13_EDF2.detach(), moe.experts.w2_EFD.detach()
+        gemms = _six_matmuls(x_ND.detach(), w13, w2, perm.counts)
+    return step, experts_only, gemms, moe
 
 
-def bench_config(name: str, args: argparse.Namespace, dense_step: Callable[[], None]) -> list[Row]:
+def _six_matmuls(
+    x_ND: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int] | None = None
+) -> Callable[[], None]:
+    """The six matmuls of an FFN's forward+backward (up and down projections; the down and up
+    projections' weight and input gradients), on the rows ``x_ND``: grouped by expert over
+    ``counts`` as the ``fused`` backend runs them, or plain ``mm`` for the dense FFN
+    (``counts=None``, 2-D weights). Timing both shows what the matmuls alone allow."""
+    N, D = x_ND.shape
+    F2, Fh = w13.shape[-1], w2.shape[-2]
+    h, a, gy = (torch.randn(N, n, device=x_ND.device, dtype=x_ND.dtype) for n in (F2, Fh, D))
+
+    def grouped() -> None:
+        rows_matmul(x_ND, w13, counts, h.new_empty(N, F2))
+        rows_matmul(a, w2, counts, h.new_empty(N, D))
+        rows_outer(a, gy, counts, torch.empty_like(w2))
+        rows_matmul(gy, w2, counts, h.new_empty(N, Fh), transpose_w=True)
+        rows_outer(x_ND, h, counts, torch.empty_like(w13))
+        rows_matmul(h, w13, counts, h.new_empty(N, D), transpose_w=True)
+
+    def dense() -> None:
+        for left, right in ((x_ND, w13), (a, w2), (a.T, gy), (gy, w2.T), (x_ND.T, h), (h, w13.T)):
+            torch.mm(left, right)
+
+    return dense if counts is None else grouped
+
+
+def bench_config(
+    name: str,
+    args: argparse.Namespace,
+    dense_step: Callable[[], None],
+    dense_gemms: Callable[[], None],
+) -> list[Row]:
     """Dense, TopK and ReLU layers of one configuration, timed interleaved in one process."""
-    fns: dict[str, Callable[[], None]] = {"dense": dense_step}
+    fns: dict[str, Callable[[], None]] = {"dense": dense_step, "dense-gemms": dense_gemms}
     layers: dict[str, MoE] = {}
     for router in ("topk", "relu"):
-        fns[router], fns[f"{router}-experts"], layers[router] = _moe_steps(name, router, args)
+        step, experts_only, gemms, layers[router] = _moe_steps(name, router, args)
+        fns[router], fns[f"{router}-experts"] = step, experts_only
+        if gemms is not None:
+            fns[f"{router}-gemms"] = gemms
     ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
-    rows = [Row(name, "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, None)]
+    rows = [Row(name, "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, 1.0, None)]
     for router, moe in layers.items():
+        gemm_ms = ms.get(f"{router}-gemms")
+        gemm_ratio = float("nan") if gemm_ms is None else round(ms["dense-gemms"] / gemm_ms, 3)
         rows.append(
             Row(
                 config=name,
@@ -201,6 +247,7 @@ def bench_config(name: str, args: argparse.Namespace, dense_step: Callable[[], N
                 ms=round(ms[router], 2),
                 ratio_vs_dense=round(ms["dense"] / ms[router], 3),
                 route_share=round(max(0.0, 1.0 - ms[f"{router}-experts"] / ms[router]), 3),
+                gemm_ratio=gemm_ratio,
                 target=TARGETS[name],
             )
         )
@@ -251,7 +298,9 @@ def bench_routers(args: argparse.Namespace, dense_step: Callable[[], None]) -> l
     for name in names:
         fns[name], layers[name] = _router_step(name, args)
     ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
-    rows = [Row("routers", "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, None)]
+    rows = [
+        Row("routers", "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, 1.0, None)
+    ]
     for name, moe in layers.items():
         active = moe.last_stats.active_mean * moe.expert_hidden / args.d_hidden
         rows.append(
@@ -264,6 +313,7 @@ def bench_routers(args: argparse.Namespace, dense_step: Callable[[], None]) -> l
                 ms=round(ms[name], 2),
                 ratio_vs_dense=round(ms["dense"] / ms[name], 3),
                 route_share=float("nan"),  # not separated for routers with their own paths
+                gemm_ratio=float("nan"),
                 target=None,
             )
         )
@@ -283,12 +333,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         _clear_grads(dense, x)
         dense(x).float().square().mean().backward()
 
+    dense_gemms = _six_matmuls(x.detach(), dense.w13_DF2.detach(), dense.w2_FD.detach())
+
     rows: list[Row] = []
     for name in args.configs:  # the dense baseline is re-measured next to each configuration
         if name == "routers":
             rows.extend(bench_routers(args, dense_step))
         else:
-            rows.extend(bench_config(name, args, dense_step))
+            rows.extend(bench_config(name, args, dense_step, dense_gemms))
     return [asdict(r) for r in rows]
 
 
@@ -312,7 +364,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = f"{'config':<18} {'layer':<13} {'E':>4} {'width':>6} {'k':>6} {'ms':>9} "
     header += f"{'ratio_vs_dense':>15} "
     header += f"{'range':>12} " if ranged else ""
-    header += f"{'route_share':>12} {'target':>7}"
+    header += f"{'route_share':>12} {'gemm_ratio':>11} {'target':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
         target = "" if r["target"] is None or r["layer"] == "dense FFN" else f">={r['target']}"
@@ -321,9 +373,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['top_k']:>6} {r['ms']:>9.1f} {r['ratio_vs_dense']:>15.3f} "
         )
         line += f"{spread(r, 'ratio_vs_dense'):>12} " if ranged else ""
-        share = r["route_share"]
+        share, gemm = r["route_share"], r.get("gemm_ratio", float("nan"))
         share_text = "–" if share != share else f"{share:.1%}"  # NaN: not measured
-        lines.append(line + f"{share_text:>12} {target:>7}")
+        gemm_text = "–" if gemm != gemm else f"{gemm:.3f}"
+        lines.append(line + f"{share_text:>12} {gemm_text:>11} {target:>7}")
     return "\n".join(lines)
 
 

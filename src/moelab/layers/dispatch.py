@@ -186,7 +186,7 @@ class Dispatcher:
 
     def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
         """Token rows through their experts and back: :meth:`permute` → ``experts`` →
-        :meth:`combine`. A subclass may fuse the three (the local one does, see below)."""
+        :meth:`combine`. A subclass may fuse the three."""
         dispatched = self.permute(x_TD, decision, experts.pad_limit(x_TD))
         y_ND = experts(dispatched.x_ND, dispatched.counts, dispatched.weight_N)
         return self.combine(y_ND, dispatched)
@@ -194,18 +194,7 @@ class Dispatcher:
 
 class LocalDispatcher(Dispatcher):
     """Every expert is in this process: :func:`permute`, :func:`gather`, and :func:`combine` of
-    the outputs, which the experts have already multiplied by their gates.
-
-    ``gather_free=True`` (opt-in) lets the ``fused`` experts read their rows from ``x_TD`` and add
-    into the output themselves (:meth:`run`). Measured on a 2-core CPU: very fine-grained (256
-    experts, top-32) 0.49 → 0.54 of the dense FFN's speed when the machine was quiet, but with 64
-    experts and the other core busy it ran 4x slower than the gathered rows (each expert's small
-    ``index_select`` / ``index_add_`` is a parallel region that stalls on a descheduled thread),
-    so it is off by default.
-    """
-
-    def __init__(self, gather_free: bool = False) -> None:
-        self.gather_free = gather_free
+    the outputs, which the experts have already multiplied by their gates."""
 
     def permute(
         self, x_TD: Tensor, decision: RoutingDecision, pad_limit: float = 0.0
@@ -216,19 +205,5 @@ class LocalDispatcher(Dispatcher):
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         return combine(y_ND, dispatched.perm, weighted=True)
 
-    def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
-        """As :meth:`Dispatcher.run`; with the ``fused`` expert backend the experts read their rows
-        from ``x_TD`` and add into the output themselves (``experts.forward_tokens``): the sorted
-        ``[N, D]`` copies of the rows are never built. A subclass that overrides :meth:`permute`
-        or :meth:`combine` gets them called, as the base contract says."""
-        own_steps = (
-            type(self).permute is LocalDispatcher.permute
-            and type(self).combine is LocalDispatcher.combine
-        )
-        if not (self.gather_free and own_steps) or experts.resolved_backend(x_TD) != "fused":
-            return super().run(x_TD, decision, experts)
-        perm = permute(decision)
-        return experts.forward_tokens(x_TD, perm.token_idx_N, perm.counts, perm.weight_N)
-
     def __repr__(self) -> str:
-        return "LocalDispatcher(gather_free=True)" if self.gather_free else "LocalDispatcher()"
+        return "LocalDispatcher()"

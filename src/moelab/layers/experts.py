@@ -7,28 +7,20 @@ Mixtral/Qwen-MoE experts by a transpose and lets every compute backend read the 
 
 * ``"loop"``: one matmul per expert over its contiguous slice of expert-sorted rows (never a loop
   over tokens), differentiated by autograd. The plain oracle the other backends are tested against.
-* ``"fused"``: the same matmuls in one autograd function that writes every expert's result into
-  preallocated row slices (no concatenation, no per-expert gradient stacking) and applies the
-  activation once over all rows; its backward is written out by hand. Fastest measured on CPU.
+* ``"fused"``: the same matmuls in one autograd function with a hand-written backward: each of
+  its six matmuls (two forward, four backward) is one grouped call over all experts
+  (:mod:`moelab.layers.grouped_gemm`: MKL's batch GEMM on CPU, else one ``mm`` per expert writing
+  into preallocated row slices), and the activation runs once over all rows in one memory pass
+  per direction (:mod:`moelab.layers.swiglu`). Fastest measured on CPU.
 * ``"bmm"``: one ``torch.bmm`` over E equal blocks of rows; the MoE block asks the dispatcher for
   a padded permutation (:func:`moelab.layers.dispatch.permute` with ``pad_limit``) and falls back
-  to ``fused`` when padding would cost more than ``PAD_LIMIT``. It pays only when the experts'
-  loads are nearly equal: with the allocator tuned (:mod:`moelab.runtime`), ``fused`` measured
-  faster on CPU at the loads a top-k router produces.
+  to ``fused`` when padding would cost more than ``PAD_LIMIT``.
 * ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` over all experts at once (CUDA bf16 kernels;
   on CPU a loop fallback that needs int32 offsets and 16-byte-aligned strides).
-* ``"auto"``: ``grouped_mm`` on CUDA with bf16 inputs; elsewhere ``bmm`` for experts narrower than
-  ``d_model`` (fine-grained) and ``fused`` for wider ones. Each small per-expert matmul is its own
-  parallel region, and on a CPU shared with other processes a descheduled thread stalls every one of
-  them: measured under load, 64 experts of width 256 ran 3-4x faster as one padded ``bmm`` than as
-  64 ``mm`` calls (and ``bmm`` still falls back to ``fused`` when padding would cost too much).
-
-With ``fused`` and ``LocalDispatcher(gather_free=True)`` (opt-in, see there for the measurements)
-the ``[assignments, D]`` input and output rows are not built at all:
-:meth:`GroupedExperts.forward_tokens` reads each expert's token rows straight from ``x_TD`` into a
-small reused buffer and adds its outputs into ``y_TD`` (:class:`GatherExpertsScatter`). At top-32
-that removes four ``[N, D]`` buffers (268 MB each at 4096 tokens, d_model 512) and their memory
-passes from every forward+backward; the per-expert matmuls are the same.
+* ``"auto"``: ``grouped_mm`` on CUDA with bf16 inputs; ``fused`` on CPU when the dtype has an MKL
+  batch GEMM (float32/float64 with PyTorch's MKL build); otherwise ``bmm`` for experts narrower
+  than ``d_model`` and ``fused`` for wider ones (one padded ``bmm`` beats many small parallel
+  regions when the machine is shared, as measured before the batch GEMM existed).
 """
 
 from __future__ import annotations
@@ -126,26 +118,6 @@ class GroupedExperts(nn.Module):
         else:
             y_ND = self._loop(x_ND, counts)
         return y_ND if weight_N is None else y_ND * weight_N.to(y_ND.dtype)[:, None]
-
-    def forward_tokens(
-        self, x_TD: Tensor, token_idx_N: Tensor, counts: list[int], weight_N: Tensor
-    ) -> Tensor:
-        """``y_TD[t] = Σ_a weight_a · expert_a(x_TD[t])`` over assignments sorted by expert.
-
-        The ``fused`` computation without materialising expert-sorted copies of the token rows
-        (see :class:`GatherExpertsScatter`); gives what ``combine(forward(gather(x), ...))`` gives.
-        """
-        w13, w2 = self.w13_EDF2.to(x_TD.dtype), self.w2_EFD.to(x_TD.dtype)
-        return GatherExpertsScatter.apply(
-            x_TD.contiguous(),
-            w13,
-            w2,
-            weight_N.to(x_TD.dtype),
-            token_idx_N,
-            counts,
-            self.activation,
-            self.d_hidden < self.d_model,
-        )
 
     def _loop(self, x_ND: Tensor, counts: list[int]) -> Tensor:
         # unbind/split once: indexing the 3-D parameter per expert (``w13[e]``) would make autograd
@@ -254,84 +226,3 @@ class FusedExpertLoop(torch.autograd.Function):
         grad_w13 = rows_outer(x_ND, grad_h_NF2, counts, torch.empty_like(w13_EDF2))
         grad_x_ND = rows_matmul(grad_h_NF2, w13_EDF2, counts, torch.empty_like(x_ND), True)
         return grad_x_ND, grad_w13, grad_w2, grad_gate_N, None, None
-
-
-class GatherExpertsScatter(torch.autograd.Function):
-    """Gather → all experts → gated scatter-add, without ``[N, D]`` row copies.
-
-    Each expert's rows are read from ``x_TD`` with ``index_select`` into one reused ``[n_e, D]``
-    buffer (cache-sized), multiplied, and its gated outputs are ``index_add_``-ed into ``y_TD``; the
-    backward does the same with ``grad_y_TD`` and ``grad_x_TD``. Only the ``[N, 2F]``
-    pre-activation and ``[N, F]`` activation are kept, as in :class:`FusedExpertLoop`. The gate is
-    applied on the hidden rows when ``on_hidden`` (experts narrower than ``d_model``), else on the
-    output rows (the ungated outputs are then kept for the gate's gradient, as autograd would).
-    Every row sees the same operations in the same order as ``combine(FusedExpertLoop(gather))``.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, w13_EDF2, w2_EFD, gate_N, token_idx_N, counts, activation, on_hidden):  # type: ignore[override]
-        slices = list(_expert_slices(counts))
-        h_NF2 = x_TD.new_empty(token_idx_N.shape[0], w13_EDF2.shape[-1])
-        buf_nD = x_TD.new_empty(max(counts, default=0), x_TD.shape[1])
-        for e, rows in slices:
-            x_nD = buf_nD[: rows.stop - rows.start]
-            torch.index_select(x_TD, 0, token_idx_N[rows], out=x_nD)
-            torch.mm(x_nD, w13_EDF2[e], out=h_NF2[rows])
-        a_NF, ga_NF = _activation_forward(h_NF2, activation, gate_N if on_hidden else None)
-        y_TD = torch.zeros_like(x_TD)
-        ungated_ND = None if on_hidden else x_TD.new_empty(token_idx_N.shape[0], x_TD.shape[1])
-        for e, rows in slices:
-            y_nD = buf_nD[: rows.stop - rows.start]
-            if on_hidden:
-                torch.mm(ga_NF[rows], w2_EFD[e], out=y_nD)
-            else:
-                torch.mm(ga_NF[rows], w2_EFD[e], out=ungated_ND[rows])
-                torch.mul(ungated_ND[rows], gate_N[rows, None], out=y_nD)
-            y_TD.index_add_(0, token_idx_N[rows], y_nD)
-        ctx.save_for_backward(x_TD, w13_EDF2, w2_EFD, gate_N, token_idx_N, h_NF2, a_NF, ungated_ND)
-        ctx.counts, ctx.activation, ctx.on_hidden = counts, activation, on_hidden
-        return y_TD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y_TD):  # type: ignore[override]
-        x_TD, w13, w2, gate_N, token_idx_N, h_NF2, a_NF, ungated_ND = ctx.saved_tensors
-        grad_y_TD = grad_y_TD.contiguous()
-        slices = list(_expert_slices(ctx.counts))
-        new_grad = torch.empty_like if len(slices) == len(ctx.counts) else torch.zeros_like
-        buf_nD = x_TD.new_empty(max(ctx.counts, default=0), x_TD.shape[1])
-        grad_gate_N = torch.empty_like(gate_N)
-        grad_w2 = new_grad(w2)
-        ga_NF = a_NF * gate_N[:, None] if ctx.on_hidden else a_NF
-        grad_a_NF = torch.empty_like(a_NF)
-        for e, rows in slices:
-            idx = token_idx_N[rows]
-            gy_nD = torch.index_select(grad_y_TD, 0, idx, out=buf_nD[: rows.stop - rows.start])
-            if not ctx.on_hidden:  # y = gate · ungated: d/dgate = <grad, ungated>
-                grad_gate_N[rows] = (gy_nD * ungated_ND[rows]).sum(1)
-                gy_nD = gy_nD * gate_N[rows, None]
-            torch.mm(ga_NF[rows].T, gy_nD, out=grad_w2[e])
-            torch.mm(gy_nD, w2[e].T, out=grad_a_NF[rows])
-        grad_h_NF2, grad_gate_hidden = _activation_backward(
-            h_NF2, grad_a_NF, a_NF, gate_N if ctx.on_hidden else None, ctx.activation, True
-        )
-        if ctx.on_hidden:
-            grad_gate_N = grad_gate_hidden
-        grad_w13 = new_grad(w13)
-        grad_x_TD = torch.zeros_like(x_TD)
-        gx_buf_nD = torch.empty_like(buf_nD)
-        for e, rows in slices:
-            n, idx = rows.stop - rows.start, token_idx_N[rows]
-            x_nD = torch.index_select(x_TD, 0, idx, out=buf_nD[:n])
-            torch.mm(x_nD.T, grad_h_NF2[rows], out=grad_w13[e])
-            grad_x_TD.index_add_(0, idx, torch.mm(grad_h_NF2[rows], w13[e].T, out=gx_buf_nD[:n]))
-        return grad_x_TD, grad_w13, grad_w2, grad_gate_N, None, None, None, None
-
-
-def _expert_slices(counts: list[int]):
-    """``(expert, row slice)`` of every expert that has rows, in order."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-            start += n
