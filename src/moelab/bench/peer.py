@@ -11,7 +11,12 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
 * ``state GB``: parameters + AdamW state (analytic); ``peak GB``: peak RSS during the timed steps
   above the resident RSS before them (activations, gradients, scratch);
 * ``rows``: distinct expert rows touched per step (what the sparse gradient and update cost scale
-  with).
+  with);
+* ``opt GB/s``: the bytes the lazy AdamW update must move (per touched row of each table: read the
+  gradient, read and write the parameter and both moments, 7 x 4 bytes per element) over ``opt``;
+  ``mem GB/s``: the machine's in-place read+write bandwidth measured in the same process right
+  after (``mul_`` over a 256 MB buffer, best of 5). When the two are close the optimizer step is at
+  the memory-bandwidth floor: only touching fewer rows or fewer bytes per row makes it faster.
 
 The dense baselines have the same active expert FLOPs as PEER (``H·k`` hidden ReLU units) and the
 usual ``4·D``. Children run with the system allocator (not
@@ -36,7 +41,13 @@ from moelab.bench.invocations import aggregate_rows, run_child, spread
 
 SIZES = (128, 256, 512, 1024)
 # Columns that vary between invocations (medians and ranges are reported for these).
-TIMED_FIELDS = ("ms", "fwd_ms", "bwd_ms", "opt_ms", "tokens_per_s", "peak_gb", "ratio_vs_256")
+TIMED_FIELDS = (
+    "ms", "fwd_ms", "bwd_ms", "opt_ms", "tokens_per_s", "peak_gb", "ratio_vs_256", "opt_gbps",
+    "mem_gbps",
+)
+# Bytes the lazy AdamW update moves per element of a touched row: gradient read; parameter, first
+# and second moment each read and written (float32).
+ADAMW_BYTES_PER_ELEMENT = 7 * 4
 
 
 @dataclass
@@ -52,6 +63,8 @@ class Result:
     state_gb: float
     peak_gb: float
     rows: int
+    opt_gbps: float | None = None
+    mem_gbps: float | None = None
     ratio_vs_256: float | None = None
 
 
@@ -153,6 +166,12 @@ def _child(cfg: dict) -> dict:
         for v in s.values()
         if torch.is_tensor(v)
     )
+    opt_gbps = mem_gbps = None
+    if kind in ("peer", "pkm") and rows:
+        tables = 2 if kind == "peer" else 1  # PEER: u and v; PKM: the values
+        moved = tables * rows * D * ADAMW_BYTES_PER_ELEMENT
+        opt_s = sorted(t[2] for t in times)[len(times) // 2]
+        opt_gbps, mem_gbps = moved / opt_s / 1e9, _inplace_bandwidth_gbps()
     totals = [sum(t) for t in times]
     med = sorted(range(len(totals)), key=lambda i: totals[i])[len(totals) // 2]
     f, b, o = times[med]
@@ -171,8 +190,24 @@ def _child(cfg: dict) -> dict:
             state_gb=(n_params * 4 + state_bytes) / 1e9,
             peak_gb=max(0, (peak_kb or 0) - rss_kb) * 1024 / 1e9,
             rows=rows,
+            opt_gbps=opt_gbps,
+            mem_gbps=mem_gbps,
         )
     )
+
+
+def _inplace_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Read+write bandwidth of an in-place pass over a buffer far larger than the caches (GB/s):
+    the access pattern of an in-place optimizer update, without its arithmetic."""
+    import torch
+
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.mul_(1.0)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
 
 
 def _configs(args: argparse.Namespace) -> list[dict]:
@@ -197,7 +232,8 @@ def format_table(rows: list[dict]) -> str:
     head = (f"{'layer':<10} {'experts':>9} {'params M':>9} {'ms':>8} {'fwd':>7} {'bwd':>7} "
             f"{'opt':>7} {'tok/s':>8} ")
     head += f"{'tok/s range':>13} " if ranged else ""
-    head += f"{'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7}"
+    head += f"{'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7} "
+    head += f"{'opt GB/s':>9} {'mem GB/s':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = "" if r.get("ratio_vs_256") is None else f"{r['ratio_vs_256']:.2f}"
@@ -207,8 +243,12 @@ def format_table(rows: list[dict]) -> str:
             f"{r['tokens_per_s']:>8.0f} "
         )
         line += f"{spread(r, 'tokens_per_s', '.0f'):>13} " if ranged else ""
+        gbps = [
+            "" if r.get(key) is None else f"{r[key]:.1f}" for key in ("opt_gbps", "mem_gbps")
+        ]
         lines.append(
-            line + f"{ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['rows']:>7}"
+            line + f"{ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['rows']:>7} "
+            f"{gbps[0]:>9} {gbps[1]:>9}"
         )
     return "\n".join(lines)
 
