@@ -173,6 +173,12 @@ class Router(nn.Module):
         data-parallel ranks, padding excluded); only routers with ``updates_between_steps``."""
         raise NotImplementedError(f"router {self.name!r} keeps no state between steps")
 
+    def model_shared_parameters(self) -> list[nn.Parameter]:
+        """This router's parameters that a model holds once and every router of this kind uses
+        (RMoE's GRU, shared over depth); none by default. Parameter accounting counts them once
+        per model, not once per layer, as the built model's ``parameters()`` does."""
+        return []
+
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
         """Unweighted aux losses of one forward, each normalised by its valid tokens."""
         if self.z_loss_coef > 0:
