@@ -82,6 +82,29 @@ def test_forward_never_changes_the_bias_and_the_hook_does():
     torch.testing.assert_close(moe.router.bias_E, want.float())
 
 
+def test_the_hook_observes_the_layers_it_is_given():
+    """``observe(layers)`` reads the loads of the layers passed (the trainer passes every routed
+    layer, as to every between-step hook), skipping those without a stateful router; a stateful
+    layer the hook was not built for is an error, not silently replaced by the hook's own."""
+    torch.manual_seed(0)
+    first, second = (MoE(8, 16, 4, 2, router="aux_free", bias_update_rate=0.1) for _ in range(2))
+    plain = MoE(8, 16, 4, 2)  # no state between steps: skipped
+    hook = RouterLoadHook.for_layers([first, plain, second])
+    assert hook.layers == [first, second]
+    for moe in (first, plain, second):
+        moe.train()(torch.randn(6, 8))
+    hook.observe([first, plain])  # second not observed this step
+    with pytest.raises(RuntimeError, match="observe"):
+        hook.step()
+    stranger = MoE(8, 16, 4, 2, router="aux_free").train()
+    stranger(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="not built for"):
+        hook.observe([first, stranger])
+    hook.observe([first, plain, second])
+    hook.step()
+    assert hook.steps == 1 and first.router.bias_E.abs().sum() > 0
+
+
 def _loop_gates(moe: MoE, x_TD: torch.Tensor) -> list[dict[int, torch.Tensor]]:
     """For each token: rank experts by sigmoid(logit) + bias, keep the k best, gate by the
     unbiased sigmoid divided by the kept ones' sum."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
+from moelab.config import ConfigError
+from moelab.layers.routers import ROUTERS
 from moelab.model import ModelConfig, MoEConfig, PEERConfig, PKMConfig, TransformerLM, accounting
 
 HAS_MOE = importlib.util.find_spec("moelab.layers.moe") is not None
@@ -117,3 +120,57 @@ def test_config_totals_match_a_built_model(ffn, tie):
     from_cfg, from_model = accounting(cfg), accounting(model)
     assert from_cfg["total_params"] == model.num_params() == from_model["total_params"]
     assert from_cfg == from_model
+
+
+# Layer variants every router is counted under (a router that refuses one is skipped for it):
+# plain, Chain-of-Experts (a router per pass), and fine-grained + gated shared experts on
+# non-adjacent MoE blocks (dense blocks in between).
+ROUTER_VARIANTS = {
+    "plain": ({}, {}),
+    "chain": ({"iterations": 2}, {}),
+    "fine_shared_sparse": (
+        {"granularity": 2, "top_k": 1, "shared_experts": 1, "shared_gate": True},
+        {"ffn_layers": [0, 2], "dense_d_hidden": 16},
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROUTER_VARIANTS))
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_config_totals_match_the_built_model_for_every_router(router, variant):
+    """Config-only accounting (what ``--print-config`` shows before anything is built) counts
+    exactly the parameters the built model has, whatever the router holds: extra gate rows (null,
+    MoE++), zero-computation experts' vectors (MoE++), no gate at all (hash), parameters shared by
+    every layer (RMoE's GRU, once per model)."""
+    ffn_extra, model_extra = ROUTER_VARIANTS[variant]
+    ffn = {"kind": "moe", "d_hidden": 16, "num_experts": 4, "top_k": 2, "router": router}
+    try:
+        cfg = ModelConfig(**{**TINY, "n_layers": 3}, **model_extra, ffn={**ffn, **ffn_extra})
+    except ConfigError as err:
+        pytest.skip(f"{router} does not take this variant: {err}")
+    torch.manual_seed(0)
+    model = TransformerLM(cfg)
+    from_cfg, from_model = accounting(cfg), accounting(model)
+    assert from_cfg["total_params"] == model.num_params()
+    assert "unclassified_params" not in from_model
+    assert from_cfg == from_model
+
+
+def test_rmoe_gru_counted_once_in_parameters_and_per_layer_in_flops():
+    """RMoE's GRU is one set of tensors for the whole model, run by every layer: total and active
+    parameters count it once, the FLOPs once per layer that runs it."""
+    h, L = 4, 3
+    gru = 2 * 3 * h * h + 2 * 3 * h  # w_ih, w_hh, b_ih, b_hh
+    ffn = {"kind": "moe", "d_hidden": 16, "num_experts": 4, "top_k": 1}
+    topk = ModelConfig(**{**TINY, "n_layers": L}, ffn=ffn)
+    rmoe = ModelConfig(
+        **{**TINY, "n_layers": L},
+        ffn={**ffn, "router": "rmoe", "router_options": {"hidden_dim": h}},
+    )
+    t, r = accounting(topk)["by_type"]["moe"], accounting(rmoe)["by_type"]["moe"]
+    # per layer: the [E, D] gate becomes a projector [h, D] and a gate [E, h]
+    per_layer = h * 8 + 4 * h - 4 * 8
+    assert r["total_params"] == t["total_params"] + L * per_layer + gru
+    assert r["active_params"] == t["active_params"] + L * per_layer + gru
+    assert r["flops_per_token"] == t["flops_per_token"] + 2 * L * (per_layer + gru)
+    assert accounting(rmoe)["total_params"] == TransformerLM(rmoe).num_params()

@@ -8,6 +8,9 @@ Conventions (so numbers compare across dense, MoE, PEER and PKM models):
   ``active_params_non_embedding`` leaves the embedding table and head out). Routed parts:
   - MoE: ``top_k·G`` fine-grained experts of width ``d_hidden/G`` (= ``top_k`` coarse experts) + the
     shared experts + the router. ReLU routing (ReMoE) counts its target ``k`` (sparsity 1 − k/E).
+    Where the experts a token runs vary, this ``k`` is a cap or a nominal value, not what a token
+    runs (see :func:`accounting`). Router parameters a model holds once (RMoE's GRU, shared over
+    depth) count once, in total and active parameters alike; their FLOPs count in every layer.
   - PEER: ``heads·top_k`` singleton experts of ``2·d_model`` parameters (down and up vectors) + the
     query networks (``heads·d_model·d_key``) + query BatchNorm affine parameters.
   - PKM: ``heads·top_k`` value rows of ``d_model`` + the query network + its BatchNorm.
@@ -39,7 +42,25 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     Returns ``total_params``, ``active_params``, ``active_params_non_embedding``,
     ``flops_per_token`` and ``by_type``: for each of ``LAYER_TYPES`` present, a dict with
     ``layers``, ``total_params``, ``active_params``, ``flops_per_token``. Given a model, totals
-    are its real parameter counts (so custom layer layouts are counted exactly).
+    are its real parameter counts (so custom layer layouts are counted exactly); from a config
+    alone they are the same numbers for every registered router (tested).
+
+    The MoE ``active_params`` and ``flops_per_token`` are worked out from the config, before any
+    token is routed, with ``top_k`` experts per token per layer (times ``granularity``). That is
+    exact where every token runs k experts (``topk``, ``rmoe``, ``hash``, ``sparsemixer``,
+    ``aux_free``; ``lory`` counts its one merged expert) and otherwise a planning number, which
+    the logged ``active_mean`` (FFN experts a token really ran, per layer) corrects:
+
+    * an upper bound for ``null`` (AdaMoE) and ``moepp`` (MoE++): k is the cap, and a slot given
+      to a null or zero-computation expert runs no FFN expert;
+    * the target for ``relu`` (ReMoE, sparsity ``1 − k/E``); the mean for ``expert_choice`` at
+      ``ec_capacity_factor=1`` (each expert takes ``⌈ec_capacity_factor·k·T/E⌉`` tokens, so a token
+      gets 0 to E experts);
+    * only nominal for ``top_p``: its experts per token follow ``p`` (1 to ``max_experts``), and k
+      plays no part in the choice.
+
+    With a ``capacity_factor`` (assignments over an expert's capacity are dropped) the count is
+    an upper bound for every router.
     """
     model = None if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
     cfg: ModelConfig = model_or_cfg if model is None else model.cfg
@@ -63,12 +84,17 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     qk_norm = {"none": 0, "full": attn_dim + kv_dim, "head": 2 * cfg.head_dim}[cfg.qk_norm]
     norms = (2 * cfg.n_layers + 1) * D + cfg.n_layers * qk_norm
     add("norms", norms, norms, 0, layers=0)
+    held_once: dict[str, int] = {}  # per layer type: parameters the model holds once (RMoE's GRU)
     for i in range(cfg.n_layers):
         add("attention", attn + biases, attn + biases, 2 * attn + 4 * L * attn_dim)
         ffn = cfg.ffn_for(i)
         a = ffn.accounting(D)
         flops = 2 * a["matmul_active"] + a["extra_flops"]
         add(ffn.layer_type, a["total_params"], a["active_params"], flops)
+        if a.get("model_shared_params"):
+            held_once[ffn.layer_type] = a["model_shared_params"]
+    for kind, n in held_once.items():  # one set of tensors, used by every layer: counted once
+        add(kind, n, n, 0, layers=0)
 
     if model is not None:
         _count_real_totals(model, rows)

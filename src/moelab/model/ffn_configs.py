@@ -10,7 +10,10 @@ layer's own argument checks, so config and layer cannot disagree), :meth:`build`
 Accounting conventions (so numbers compare across kinds; see :mod:`moelab.model.accounting`):
 ``total_params`` every parameter; ``active_params`` what one token's forward touches;
 ``matmul_active`` the active parameters used in matmuls (2 FLOPs each); ``extra_flops`` per-token
-FLOPs that are not such matmuls (product-key scoring). MoE counts ``top_k`` coarse experts (ReLU
+FLOPs that are not such matmuls (product-key scoring); optionally ``model_shared_params``,
+parameters that every layer of the config uses but the model holds once (RMoE's GRU): left out of
+the layer's ``total_params`` and ``active_params`` (the model adds them once), kept in its
+``matmul_active`` (each layer runs them). MoE counts ``top_k`` coarse experts (ReLU
 routing: its target k), the router and shared experts; PEER ``heads·top_k`` singleton experts of
 ``2·d_model`` parameters and the query networks; PKM ``heads·top_k`` value rows. PEER shares one
 set of ``2·√N`` sub-keys across heads, PKM has one per head (Lample et al. 2019).
@@ -94,7 +97,8 @@ class _FFNSlot(Config):
 
     def accounting(self, d_model: int) -> dict[str, int]:
         """``total_params``, ``active_params``, ``matmul_active``, ``extra_flops`` of one layer of
-        this (resolved) config."""
+        this (resolved) config, and ``model_shared_params`` where some of its parameters are held
+        once per model (absent: 0; see the module docstring)."""
         raise NotImplementedError
 
     @property
@@ -280,6 +284,8 @@ class MoEConfig(_FFNSlot):
         with torch.device("meta"):  # the router's own parameters (RMoE: projector, GRU, gate)
             meta_router = self._meta_router(d_model)
             router = sum(p.numel() for p in meta_router.parameters())
+            # held once per model (RMoE's GRU), used by every router of every layer
+            once = sum(p.numel() for p in meta_router.model_shared_parameters())
         shared = (
             ffn_params(d_model, self.shared_experts * width, self.activation)
             if self.shared_experts
@@ -290,14 +296,16 @@ class MoEConfig(_FFNSlot):
                 d_model, self.num_experts * g, expert, router, shared, meta_router.segment_len
             )
         # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
+        # The model-shared router parameters are counted by the model, once; each router runs them.
         c = self.iterations
-        total = self.num_experts * g * expert + c * router + shared
-        active = c * (self.top_k * g * expert + router + shared)
+        total = self.num_experts * g * expert + c * (router - once) + shared
+        active = c * (self.top_k * g * expert + router - once + shared)
         return {
             "total_params": total,
             "active_params": active,
-            "matmul_active": active,
+            "matmul_active": active + c * once,
             "extra_flops": 0,
+            "model_shared_params": once,
         }
 
     @property

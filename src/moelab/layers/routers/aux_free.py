@@ -13,6 +13,7 @@ from moelab.layers.routers.balance import (
     sequence_length,
 )
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
@@ -110,20 +111,17 @@ class AuxFreeRouter(Router):
         delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.bias_E += delta_E.to(self.bias_E.dtype)
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.seq_balance_coef > 0:
-            assert isinstance(out, SequencedRouterOutput) and out.seq_len is not None
-            decision = out.decision
-            selected_TE = selection_mask(
-                decision.token_idx_N, decision.expert_idx_N, decision.num_tokens, self.num_experts
-            )
-            normalized_TE = out.scores_TE / out.scores_TE.sum(-1, keepdim=True)  # eq. 19
-            losses["seq_balance"] = sequence_load_balance_loss(
-                normalized_TE, selected_TE, valid_T, self.top_k, out.seq_len
-            )
-        return losses | super().aux_losses(out, valid_T)
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        own = {"seq_balance": (self.seq_balance_coef, self._seq_balance_loss)}
+        return own | super().fixed_losses()
 
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"seq_balance": self.seq_balance_coef} if self.seq_balance_coef > 0 else {}
-        return own | super().aux_coefficients()
+    def _seq_balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+        assert isinstance(out, SequencedRouterOutput) and out.seq_len is not None
+        decision = out.decision
+        selected_TE = selection_mask(
+            decision.token_idx_N, decision.expert_idx_N, decision.num_tokens, self.num_experts
+        )
+        normalized_TE = out.scores_TE / out.scores_TE.sum(-1, keepdim=True)  # eq. 19
+        return sequence_load_balance_loss(
+            normalized_TE, selected_TE, valid_T, self.top_k, out.seq_len
+        )

@@ -6,7 +6,8 @@ A router owns everything that follows from its own outputs:
   (``context``, a :class:`~moelab.layers.base.RoutingContext`, brings token ids and state passed
   from the previous routed layer to the routers that use them);
 * :meth:`Router.aux_losses`: its auxiliary losses, computed from that output and the token mask,
-  and :meth:`Router.aux_coefficients`, their fixed coefficients;
+  and :meth:`Router.aux_coefficients`, their fixed coefficients - both read from one table,
+  :meth:`Router.fixed_losses` (name → coefficient and loss), which is what a router extends;
 * ``controlled_loss``: the name of the one loss (if any) whose coefficient is adapted between
   steps by :class:`~moelab.layers.SparsityController` (ReMoE's L1), and ``sparsity_target``, what
   that controller drives towards;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.layers.base import RoutingContext, RoutingDecision
-from moelab.layers.losses import router_z_loss
+from moelab.layers.losses import router_z_loss, switch_load_balance_loss
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,21 @@ class RouterOutput:
     # Output the router computes itself, added to the experts' combined output: zero-computation
     # experts (MoE++'s copy / constant experts) whose cost is an elementwise op, not a matmul.
     direct_TD: Tensor | None = None
+
+
+LossFn = Callable[[RouterOutput, Tensor | None], Tensor]
+"""An aux loss of one forward: ``loss(out, valid_T)``, unweighted, normalised by valid tokens."""
+
+
+def switch_balance_loss(out: RouterOutput, valid_T: Tensor | None, top_k: int) -> Tensor:
+    """The Switch balance loss (Fedus et al. 2021, eq. 4) of a router output: ``f_e`` from the
+    decision's per-expert counts over ``top_k`` slots per token, ``P_e`` from ``out.scores_TE``
+    (the routing probabilities)."""
+    return switch_load_balance_loss(out.scores_TE, out.decision.tokens_per_expert_E, valid_T, top_k)
+
+
+def _z_loss(out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+    return router_z_loss(out.logits_TE, valid_T)
 
 
 def make_decision(
@@ -105,8 +122,9 @@ class Router(nn.Module):
     ``transformers`` uses for Mixtral's ``gate``) applied in float32, and the router z-loss.
 
     Subclasses set ``name`` (the registry key), ``method`` (how runs and reports name the
-    method) and implement :meth:`forward`; they extend :meth:`aux_losses` /
-    :meth:`aux_coefficients` with their own terms.
+    method) and implement :meth:`forward`; they add their fixed-coefficient losses to
+    :meth:`fixed_losses` (a loss without a fixed coefficient, the controlled one, by extending
+    :meth:`aux_losses`).
 
     Args:
         d_model: D.
@@ -173,15 +191,32 @@ class Router(nn.Module):
         data-parallel ranks, padding excluded); only routers with ``updates_between_steps``."""
         raise NotImplementedError(f"router {self.name!r} keeps no state between steps")
 
+    def model_shared_parameters(self) -> list[nn.Parameter]:
+        """This router's parameters that a model holds once and every router of this kind uses
+        (RMoE's GRU, shared over depth); none by default. Parameter accounting counts them once
+        per model, not once per layer, as the built model's ``parameters()`` does."""
+        return []
+
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        """This router's aux losses with a fixed coefficient, in the order they are reported and
+        summed: ``name → (coefficient, loss)``. A coefficient of 0 turns its loss off (neither
+        computed nor reported). Subclasses put theirs before ``super().fixed_losses()`` (the
+        z-loss here); :meth:`aux_losses` and :meth:`aux_coefficients` both read this one table,
+        so no loss is reported without its coefficient, nor a coefficient without its loss."""
+        return {"z_loss": (self.z_loss_coef, _z_loss)}
+
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        """Unweighted aux losses of one forward, each normalised by its valid tokens."""
-        if self.z_loss_coef > 0:
-            return {"z_loss": router_z_loss(out.logits_TE, valid_T)}
-        return {}
+        """Unweighted aux losses of one forward, each normalised by its valid tokens: those of
+        :meth:`fixed_losses` that are on (a controlled loss is added by extending this)."""
+        return {
+            name: loss(out, valid_T)
+            for name, (coef, loss) in self.fixed_losses().items()
+            if coef > 0
+        }
 
     def aux_coefficients(self) -> dict[str, float]:
-        """Fixed coefficient of each aux loss (the controlled loss has none here)."""
-        return {"z_loss": self.z_loss_coef} if self.z_loss_coef > 0 else {}
+        """Fixed coefficient of each aux loss that is on (the controlled loss has none here)."""
+        return {name: coef for name, (coef, _) in self.fixed_losses().items() if coef > 0}
 
     @property
     def sparsity_target(self) -> float | None:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from moelab.layers.base import RoutingContext
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
@@ -186,16 +187,10 @@ class MoEPPRouter(Router):
             out_TD = out_TD + keep_T[:, None] * x_TD + mix_TC @ self.const_vec_CD.to(x_TD.dtype)
         return out_TD
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            chosen_TK = out.scores_TE.detach().topk(self.top_k, dim=-1).indices
-            eta_N = self.eta_N.to(out.scores_TE.dtype)
-            losses["load_balance"] = heterogeneous_balance_loss(
-                out.scores_TE, chosen_TK, valid_T, eta_N
-            )
-        return losses | super().aux_losses(out, valid_T)
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()
 
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        return own | super().aux_coefficients()
+    def _balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+        chosen_TK = out.scores_TE.detach().topk(self.top_k, dim=-1).indices
+        eta_N = self.eta_N.to(out.scores_TE.dtype)
+        return heterogeneous_balance_loss(out.scores_TE, chosen_TK, valid_T, eta_N)

@@ -8,6 +8,7 @@ from torch import Tensor
 from moelab.layers.base import RoutingContext
 from moelab.layers.losses import switch_load_balance_loss
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
@@ -99,14 +100,8 @@ class NullExpertRouter(Router):
         )
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            losses["load_balance"] = null_expert_balance_loss(
-                out.logits_TE, out.scores_TE, valid_T, self.top_k
-            )
-        return losses | super().aux_losses(out, valid_T)
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()
 
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        return own | super().aux_coefficients()
+    def _balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+        return null_expert_balance_loss(out.logits_TE, out.scores_TE, valid_T, self.top_k)

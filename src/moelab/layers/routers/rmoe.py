@@ -106,6 +106,10 @@ class RecurrentRouter(TopKRouter):
         nn.init.normal_(self.proj, std=init_std)
         self.gru = LayerwiseGRU(hidden_dim)
 
+    def model_shared_parameters(self) -> list[nn.Parameter]:
+        """The GRU's: one for the whole model (:func:`share_recurrent_routers`)."""
+        return list(self.gru.parameters())
+
     def recur(self, x_TD: Tensor, context: RoutingContext | None) -> Tensor:
         """This layer's GRU state ``h_i`` ``[T, hidden_dim]`` (float32 or wider), passed on."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)

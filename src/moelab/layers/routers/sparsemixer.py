@@ -6,13 +6,14 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.losses import switch_load_balance_loss
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
     decision_from_choices,
     register_router,
+    switch_balance_loss,
 )
 
 # Heun's third-order rule f(x) − f(0) ≈ ¼·f'(x) + ¾·f'(x/3): with probability ¾ a non-greedy
@@ -138,14 +139,8 @@ class SparseMixerRouter(Router):
         )
         return RouterOutput(decision, logits_TE, logits_TE.softmax(dim=-1), nonzero)
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            losses["load_balance"] = switch_load_balance_loss(
-                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, self.top_k
-            )
-        return losses | super().aux_losses(out, valid_T)
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()
 
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        return own | super().aux_coefficients()
+    def _balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+        return switch_balance_loss(out, valid_T, self.top_k)

@@ -6,14 +6,15 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.losses import switch_load_balance_loss
 from moelab.layers.routers.balance import flat_assignments
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
     make_decision,
     register_router,
+    switch_balance_loss,
 )
 
 
@@ -40,6 +41,15 @@ def router_entropy(probs_TE: Tensor, valid_T: Tensor | None) -> Tensor:
     if valid_T is None:
         return entropy_T.mean()
     return (entropy_T * valid_T).sum() / valid_T.sum().clamp_min(1)
+
+
+def _token_balance_loss(out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+    """Switch's loss with ``f_e`` the fraction of tokens (k = 1), whatever each token's count."""
+    return switch_balance_loss(out, valid_T, 1)
+
+
+def _dynamic_loss(out: RouterOutput, valid_T: Tensor | None) -> Tensor:
+    return router_entropy(out.scores_TE, valid_T)
 
 
 @register_router
@@ -117,18 +127,9 @@ class TopPRouter(Router):
         nonzero = torch.tensor(token_idx_N.numel(), device=x_TD.device)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            losses["load_balance"] = switch_load_balance_loss(
-                out.scores_TE, out.decision.tokens_per_expert_E, valid_T, 1
-            )
-        if self.dynamic_loss_coef > 0:
-            losses["dynamic"] = router_entropy(out.scores_TE, valid_T)
-        return losses | super().aux_losses(out, valid_T)
-
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        if self.dynamic_loss_coef > 0:
-            own["dynamic"] = self.dynamic_loss_coef
-        return own | super().aux_coefficients()
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        own = {
+            "load_balance": (self.balance_coef, _token_balance_loss),
+            "dynamic": (self.dynamic_loss_coef, _dynamic_loss),
+        }
+        return own | super().fixed_losses()

@@ -6,11 +6,7 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.losses import (
-    global_load_balance_loss,
-    sequence_load_balance_loss,
-    switch_load_balance_loss,
-)
+from moelab.layers.losses import global_load_balance_loss, sequence_load_balance_loss
 from moelab.layers.routers.balance import (
     SequencedRouterOutput,
     check_balance_scope,
@@ -19,11 +15,13 @@ from moelab.layers.routers.balance import (
     sequence_length,
 )
 from moelab.layers.routers.base import (
+    LossFn,
     Router,
     RouterOutput,
     check_coef,
     decision_from_choices,
     register_router,
+    switch_balance_loss,
 )
 
 
@@ -101,11 +99,8 @@ class TopKRouter(Router):
             return SequencedRouterOutput(decision, logits_TE, probs_TE, nonzero, seq_len=seq_len)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
 
-    def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
-        if self.balance_coef > 0:
-            losses["load_balance"] = self._balance_loss(out, valid_T)
-        return losses | super().aux_losses(out, valid_T)
+    def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
+        return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()
 
     def _balance_loss(self, out: RouterOutput, valid_T: Tensor | None) -> Tensor:
         """The Switch loss with ``f_e`` counted over ``balance_scope``'s tokens."""
@@ -125,10 +120,4 @@ class TopKRouter(Router):
             )
             counts_E, n_global = data_parallel_sum(decision.tokens_per_expert_E, n_valid)
             return global_load_balance_loss(out.scores_TE, counts_E, n_global, valid_T, self.top_k)
-        return switch_load_balance_loss(
-            out.scores_TE, decision.tokens_per_expert_E, valid_T, self.top_k
-        )
-
-    def aux_coefficients(self) -> dict[str, float]:
-        own = {"load_balance": self.balance_coef} if self.balance_coef > 0 else {}
-        return own | super().aux_coefficients()
+        return switch_balance_loss(out, valid_T, self.top_k)
