@@ -180,10 +180,13 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
         decision = moe.router(x.detach(), None).decision
         perm = dispatch.permute(decision, pad_limit=moe.experts.pad_limit(x))
         x_ND = dispatch.gather(x.detach(), perm).requires_grad_(True)
+        grad_ND = torch.randn_like(x_ND)
 
     def experts_only() -> None:
+        # backward from a given output gradient: no loss pass over the [N, D] rows, which the
+        # layer (whose loss is over [T, D]) does not have either
         _clear_grads(moe.experts, x_ND)
-        moe.experts(x_ND, perm.counts, perm.weight_N).float().square().mean().backward()
+        moe.experts(x_ND, perm.counts, perm.weight_N).backward(grad_ND)
 
     gemms = None
     if moe.experts.resolved_backend(x, perm.counts) == "fused":
