@@ -30,6 +30,21 @@ def test_permute_is_a_stable_sort_by_expert():
     torch.testing.assert_close(perm.weight_N, torch.tensor([0.2, 0.4, 0.1, 0.3, 0.6, 0.5]))
 
 
+def test_permute_keeps_token_order_inside_each_expert_at_scale():
+    """An unstable sort passes the small case above by luck (torch sorts short inputs stably
+    anyway); thousands of assignments over few experts expose it."""
+    g = torch.Generator().manual_seed(0)
+    n = 5000
+    experts = torch.randint(0, 4, (n,), generator=g)
+    d = _decision(list(range(n)), experts.tolist(), torch.rand(n, generator=g).tolist())
+    perm = dispatch.permute(d)
+    start = 0
+    for count in perm.counts:
+        block = perm.token_idx_N[start : start + count]
+        assert bool((block[1:] > block[:-1]).all())
+        start += count
+
+
 def test_gather_then_combine_with_unit_weights_is_identity_for_top1():
     x = torch.randn(6, 5)
     perm = dispatch.permute(_decision(list(range(6)), [3, 1, 1, 0, 2, 3]))
