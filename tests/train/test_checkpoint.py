@@ -117,6 +117,21 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, data_dir: Path,
     assert s_res["final_lambda"] == s_full["final_lambda"]
 
 
+def test_resume_restores_the_random_streams(tmp_path: Path, data_dir: Path) -> None:
+    """A router that draws random numbers while training (SparseMixer samples its experts, jitter
+    draws noise) continues the same curve only if the checkpoint restores the RNG state."""
+    ffn = {
+        "kind": "moe", "router": "sparsemixer", "num_experts": 4, "top_k": 2, "d_hidden": 32,
+        "router_options": {"jitter_eps": 0.01},
+    }
+    cfg = tiny_config(data_dir, ffn=ffn, train={"steps": 6, "eval_every": 0})
+    train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "resumed", stop_after=3)
+    torch.rand(1000)  # a process that drew other numbers before resuming
+    train(cfg, tmp_path / "resumed", resume=True)
+    assert train_records(tmp_path / "resumed") == train_records(tmp_path / "full")
+
+
 def test_resume_drops_metrics_after_the_checkpoint(tmp_path: Path, data_dir: Path) -> None:
     """A run killed after its last checkpoint logged more steps: the resumed run rewrites them."""
     cfg = tiny_config(data_dir, train={"steps": 4}, checkpoint={"every": 2})
