@@ -90,6 +90,37 @@ def test_two_ranks_match_one_process(
     assert ranks[0]["replicated"] == ranks[1]["replicated"]  # the ranks' weights stay identical
 
 
+@pytest.mark.parametrize(
+    ("ffn", "distributed"),
+    [({"kind": "dense", "d_hidden": 64}, {}), (TOPK, {"expert_parallel": 2})],
+    ids=["ddp", "expert-parallel"],
+)
+def test_ranks_share_the_evaluation_and_get_the_one_process_loss(
+    ffn: dict, distributed: dict, tmp_path: Path, data_dir: Path
+) -> None:
+    """Each of 2 ranks scores half of the 5 validation batches (3 forwards each: the rank with 2
+    repeats one unscored, without which the expert-parallel all-to-alls would hang); the sums over
+    ranks give the one-process validation loss, per domain too."""
+    data = {"batch_size": 4, "eval_max_batches": 5}
+    one = data | {"micro_batch_size": 2}  # each rank's half is one forward (balance loss)
+    cfg = tiny_config(data_dir, ffn=ffn, data=one, train={"steps": 2, "eval_every": 1})
+    train(cfg, tmp_path / "one")
+    want = RunDir(tmp_path / "one").read_metrics("eval")
+    cfg2 = tiny_config(
+        data_dir, ffn=ffn, data=data, train={"steps": 2, "eval_every": 1}, distributed=distributed
+    )
+    args = {"config": cfg2.to_dict(), "run_dir": str(tmp_path / "run")}
+    ranks = check_ok(run_ranks(2, "train_run", args, tmp=tmp_path / "ranks"))
+    got = [r for r in ranks[0]["metrics"] if r["kind"] == "eval"]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        assert g["val_loss"] == pytest.approx(w["val_loss"], rel=REL)
+        for name, loss in w["val_loss_by_domain"].items():
+            assert g["val_loss_by_domain"][name] == pytest.approx(loss, rel=REL)
+    assert ranks[0]["eval_forwards"] == ranks[1]["eval_forwards"] == [3, 3]
+
+
 def test_lambda_identical_across_ranks(tmp_path: Path, data_dir: Path) -> None:
     """ReMoE's λ controller all-reduces the step's router counts: every rank applies the same
     update, bit for bit, and the same as one process on the same batches."""

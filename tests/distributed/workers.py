@@ -136,6 +136,19 @@ def train_run(
             return record
 
         trainer.train_step = recorded_step
+        evaluate = trainer.evaluate
+        out["eval_forwards"] = []
+
+        def counted_evaluate():  # forwards of the model per evaluation on this rank
+            calls = []
+            hook = trainer.model.register_forward_hook(lambda *_: calls.append(1))
+            try:
+                return evaluate()
+            finally:
+                hook.remove()
+                out["eval_forwards"].append(len(calls))
+
+        trainer.evaluate = counted_evaluate
         out["summary"] = trainer.run(stop_after=stop_after)
         sharded = trainer.parallel.sharded
         out["replicated"] = {

@@ -113,6 +113,10 @@ class SingleProcess:
         """True on every rank if ``flag`` is True on any (e.g. Ctrl-C seen by one rank)."""
         return flag
 
+    def all_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over every rank (a CPU tensor in, a CPU tensor out)."""
+        return t
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
@@ -323,6 +327,9 @@ class DataParallel(SingleProcess):
 
     def any(self, flag: bool) -> bool:
         return bool(self._all_reduce(torch.tensor([float(flag)]), dist.ReduceOp.MAX)[0] > 0)
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        return self._all_reduce(t.clone())
 
     def barrier(self) -> None:
         if self._comm_device.type == "cuda":

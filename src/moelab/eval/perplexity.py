@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -66,11 +66,20 @@ def evaluate(
     max_batches: int | None = None,
     split: str = "val",
     bf16: bool = False,
+    shard: tuple[int, int] | None = None,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Mean next-token loss (nats) and perplexity of ``split``, overall and per domain.
 
     Returns ``val_loss``, ``val_ppl``, ``tokens``, ``val_loss_by_domain``,
     ``tokens_by_domain`` (domains with no evaluated token are left out).
+
+    ``shard=(index, count)`` with ``all_sum`` (under ``torchrun``: this rank and the number of
+    ranks, and a sum over ranks): this process scores batches ``index, index + count, ...`` and the
+    per-domain sums are added over the processes, so ``count`` ranks share the work and all get
+    the one-process result. Every rank runs the same number of forwards (a rank short of a batch
+    repeats one without scoring it), since expert parallelism and FSDP2 communicate inside the
+    forward.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -78,8 +87,17 @@ def evaluate(
     domains = dataset.domains
     loss_sum = torch.zeros(len(domains), dtype=torch.float64)
     count = torch.zeros(len(domains), dtype=torch.float64)
+    index, ranks = shard or (0, 1)
+    scored = seen = 0
+    spare: torch.Tensor | None = None  # a batch to repeat for the forwards this rank lacks
     try:
-        for batch in eval_batches(dataset, split, seq_len, batch_size, max_batches):
+        for i, batch in enumerate(eval_batches(dataset, split, seq_len, batch_size, max_batches)):
+            seen += 1
+            if spare is None:
+                spare = batch["input_ids"]
+            if i % ranks != index:
+                continue
+            scored += 1
             ids = batch["input_ids"].to(device)
             with autocast_context(device, bf16):
                 logits = model(ids)
@@ -95,8 +113,14 @@ def evaluate(
             dom_T = batch["domain_ids"].flatten()
             loss_sum.index_add_(0, dom_T, loss_T)
             count.index_add_(0, dom_T, torch.ones_like(loss_T))
+        for _ in range(-(-seen // ranks) - scored):  # keep the ranks' forwards in step
+            if spare is not None:
+                with autocast_context(device, bf16):
+                    model(spare.to(device))
     finally:
         model.train(was_training)
+    if all_sum is not None:
+        loss_sum, count = all_sum(loss_sum), all_sum(count)
     total = float(count.sum())
     if total == 0:
         raise ValueError(f"split {split!r} of {dataset.path} gave no evaluation tokens")

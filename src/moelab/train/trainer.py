@@ -262,8 +262,8 @@ class Trainer(CheckpointedTraining):
     # ---- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        """Validation loss; under ``torchrun`` every rank evaluates the same windows (expert
-        parallelism and FSDP2 need every rank in each forward) and rank 0 logs it."""
+        """Validation loss; under ``torchrun`` the ranks share the batches (each scores every
+        world-size-th one, the sums are added over ranks) and rank 0 logs it."""
         d = self.config.data
         self.parallel.sync_buffers(self.model)
         return evaluate(
@@ -273,6 +273,8 @@ class Trainer(CheckpointedTraining):
             d.eval_batch_size,
             d.eval_max_batches,
             bf16=self.bf16,
+            shard=(self.parallel.rank, self.parallel.world_size),
+            all_sum=self.parallel.all_sum,
         )
 
     def _eval_record(self) -> dict[str, Any]:
