@@ -25,7 +25,8 @@ golden: setup   # rewrite tests/golden/curves.json: MOELAB_UPDATE_GOLDEN="why" m
 	$(PY) -m pytest -q tests/test_golden_curves.py
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
 
 bench: setup
 	$(VENV)/bin/moelab bench moe

@@ -48,8 +48,16 @@ DOMAIN_CAP = 3_300_000  # characters per domain, keeps the domains balanced (~10
 FORTUNE_SKIP = {"ascii-art"}
 # Standard-library folders that are tests, generated tables or vendored data rather than code.
 STDLIB_SKIP_PARTS = {
-    "site-packages", "test", "tests", "idle_test", "encodings", "__pycache__",
-    "pydoc_data", "ensurepip", "lib2to3", "config-3.11-x86_64-linux-gnu",
+    "site-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "encodings",
+    "__pycache__",
+    "pydoc_data",
+    "ensurepip",
+    "lib2to3",
+    "config-3.11-x86_64-linux-gnu",
 }
 # Documentation pages that are changelogs / bug-number lists rather than prose documentation.
 PYDOC_SKIP = {"whatsnew/changelog.rst.txt"}
@@ -121,7 +129,8 @@ def paragraphs(text: str) -> list[str]:
 def fortune_docs() -> Iterator[Doc]:
     seen: set[str] = set()
     files = sorted(
-        p for p in FORTUNE_DIR.iterdir()
+        p
+        for p in FORTUNE_DIR.iterdir()
         if p.is_file() and not p.is_symlink() and "." not in p.name and p.name not in FORTUNE_SKIP
     )
     for path in files:
@@ -165,7 +174,8 @@ def devil_docs() -> Iterator[Doc]:
 def stdlib_docs() -> Iterator[Doc]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not STDLIB_SKIP_PARTS.intersection(p.relative_to(root).parts)
     ]
     tag = f"cpython-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
@@ -221,17 +231,33 @@ def write_corpus(docs: list[Doc], path: Path) -> bytes:
 
 
 SOURCES_TABLE = [
-    ("prose", "Debian `fortunes`, `fortunes-min` (`/usr/share/games/fortunes`; `ascii-art` "
-     "skipped; the offensive set is not used)", "1:1.99.1-7.3",
-     "BSD (Debian package copyright file); quotations carry their attributions"),
-    ("prose", "Debian `dict-devil`: Ambrose Bierce, *The Devil's Dictionary* (1911)", "1.0-13.1",
-     "public domain"),
-    ("code", "CPython standard library `.py` files of the building interpreter (tests, "
-     "`encodings`, `lib2to3`, `pydoc_data`, `ensurepip`, `site-packages` skipped)", "{python}",
-     "PSF License Agreement"),
-    ("docs", "reST sources of the Python documentation, Debian `python3.11-doc` "
-     "(`html/_sources/**/*.rst.txt`; the changelog skipped)", "3.11.2",
-     "PSF License Agreement"),
+    (
+        "prose",
+        "Debian `fortunes`, `fortunes-min` (`/usr/share/games/fortunes`; `ascii-art` "
+        "skipped; the offensive set is not used)",
+        "1:1.99.1-7.3",
+        "BSD (Debian package copyright file); quotations carry their attributions",
+    ),
+    (
+        "prose",
+        "Debian `dict-devil`: Ambrose Bierce, *The Devil's Dictionary* (1911)",
+        "1.0-13.1",
+        "public domain",
+    ),
+    (
+        "code",
+        "CPython standard library `.py` files of the building interpreter (tests, "
+        "`encodings`, `lib2to3`, `pydoc_data`, `ensurepip`, `site-packages` skipped)",
+        "{python}",
+        "PSF License Agreement",
+    ),
+    (
+        "docs",
+        "reST sources of the Python documentation, Debian `python3.11-doc` "
+        "(`html/_sources/**/*.rst.txt`; the changelog skipped)",
+        "3.11.2",
+        "PSF License Agreement",
+    ),
 ]
 
 MANIFEST_HEAD = """# moelab embedded default corpus
@@ -270,14 +296,20 @@ def write_manifest(docs: list[Doc], compressed: bytes, path: Path) -> str:
         s[2] += len(doc.text.encode("utf-8"))
     python = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     sources = "\n".join("| " + " | ".join(row) + " |" for row in SOURCES_TABLE)
-    text = MANIFEST_HEAD.format(max_chars=MAX_CHARS, min_chars=MIN_CHARS, cap=DOMAIN_CAP,
-                                sources=sources.replace("{python}", python))
+    text = MANIFEST_HEAD.format(
+        max_chars=MAX_CHARS,
+        min_chars=MIN_CHARS,
+        cap=DOMAIN_CAP,
+        sources=sources.replace("{python}", python),
+    )
     for domain, (n, chars, nbytes) in stats.items():
         text += f"| {domain} | {n:,} | {chars:,} | {nbytes:,} |\n"
     total = [sum(s[i] for s in stats.values()) for i in range(3)]
     text += f"| **total** | {total[0]:,} | {total[1]:,} | {total[2]:,} |\n\n"
-    text += (f"Compressed size: {len(compressed):,} bytes; "
-             f"sha256 `{hashlib.sha256(compressed).hexdigest()}`.\n")
+    text += (
+        f"Compressed size: {len(compressed):,} bytes; "
+        f"sha256 `{hashlib.sha256(compressed).hexdigest()}`.\n"
+    )
     path.write_text(text, "utf-8")
     return text
 
@@ -290,12 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for needed in (FORTUNE_DIR, DEVIL_DICT, PYDOC_SOURCES):
         if not needed.exists():
-            parser.error(f"{needed} is missing: apt-get install -y fortunes fortunes-min "
-                         "dict-devil python3.11-doc")
+            parser.error(
+                f"{needed} is missing: apt-get install -y fortunes fortunes-min "
+                "dict-devil python3.11-doc"
+            )
 
-    docs = (collect([fortune_docs(), devil_docs()], DOMAIN_CAP)
-            + collect([stdlib_docs()], DOMAIN_CAP)
-            + collect([pydoc_docs()], DOMAIN_CAP))
+    docs = (
+        collect([fortune_docs(), devil_docs()], DOMAIN_CAP)
+        + collect([stdlib_docs()], DOMAIN_CAP)
+        + collect([pydoc_docs()], DOMAIN_CAP)
+    )
     corpus_path = args.out / "corpus" / "corpus.jsonl.gz"
     compressed = write_corpus(docs, corpus_path)
     print(write_manifest(docs, compressed, args.out / "corpus" / "MANIFEST.md"))

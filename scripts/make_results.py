@@ -79,8 +79,11 @@ def run_suites(commands: dict[str, list[str]], jobs: int) -> int:
             print(f"== {suite}: {' '.join(cmd[1:])}", flush=True)
             (ROOT / "runs").mkdir(exist_ok=True)
             log = open(ROOT / "runs" / f"results-{suite}.log", "w")  # noqa: SIM115
-            running[suite] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log), log,
-                              time.time())
+            running[suite] = (
+                subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log),
+                log,
+                time.time(),
+            )
         time.sleep(2)
         for suite, (proc, log, t) in list(running.items()):
             if proc.poll() is not None:
@@ -97,37 +100,66 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES))
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "results",
-                   help="where the suites train (default runs/results, ignored by git)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "runs" / "results",
+        help="where the suites train (default runs/results, ignored by git)",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--steps", type=int, default=None, help="reduced check: train.steps")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="reduced check: seeds")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="reduced check: override for every run")
-    p.add_argument("--compare-args", default="",
-                   help="more arguments for moelab compare, e.g. '--max-batches 2'")
-    p.add_argument("--allow-dirty", action="store_true",
-                   help="train from a tree with uncommitted changes (the results say so; runs "
-                   "an earlier dirty tree of the same commit trained count as current)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="suites trained at the same time (each run uses one thread)")
-    p.add_argument("--export-only", action="store_true",
-                   help="no training: export the working directories and rewrite the blocks")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reduced check: override for every run",
+    )
+    p.add_argument(
+        "--compare-args",
+        default="",
+        help="more arguments for moelab compare, e.g. '--max-batches 2'",
+    )
+    p.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="train from a tree with uncommitted changes (the results say so; runs "
+        "an earlier dirty tree of the same commit trained count as current)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="suites trained at the same time (each run uses one thread)",
+    )
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="no training: export the working directories and rewrite the blocks",
+    )
     p.add_argument("--no-html", action="store_true", help="do not commit report.html")
     args = p.parse_args(argv)
     reduced = args.steps is not None or args.seeds is not None or args.overrides
     default_results = (ROOT / "docs" / "results").resolve()
-    if reduced and (args.results.resolve() == default_results
-                    or args.readme.resolve() == (ROOT / "README.md").resolve()):
-        p.error("a reduced suite (--steps/--seeds/--set) may not overwrite docs/results or "
-                "README.md: give --results DIR and --readme FILE")
+    if reduced and (
+        args.results.resolve() == default_results
+        or args.readme.resolve() == (ROOT / "README.md").resolve()
+    ):
+        p.error(
+            "a reduced suite (--steps/--seeds/--set) may not overwrite docs/results or "
+            "README.md: give --results DIR and --readme FILE"
+        )
     t0 = time.time()
     if not args.export_only:
         code = current_code()
         if code.endswith("+dirty") and not args.allow_dirty:
-            p.error(f"the tree has uncommitted changes ({code}): commit them first, so the "
-                    "results name the commit that produced them (or pass --allow-dirty)")
+            p.error(
+                f"the tree has uncommitted changes ({code}): commit them first, so the "
+                "results name the commit that produced them (or pass --allow-dirty)"
+            )
         commands = {}
         for suite in args.suites:
             out = args.work / suite
@@ -135,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             # relative to the checkout when inside it: suite.json records the command, and the
             # committed record should not carry this machine's paths
             where = os.path.relpath(out, ROOT) if out.resolve().is_relative_to(ROOT) else out
-            cmd = [sys.executable, "-m", "moelab", "compare", "--suite", suite, "--out",
-                   str(where)]
+            cmd = [sys.executable, "-m", "moelab", "compare", "--suite", suite, "--out", str(where)]
             if args.steps is not None:
                 cmd += ["--steps", str(args.steps)]
             if args.seeds is not None:
@@ -145,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--set", o]
             commands[suite] = cmd + args.compare_args.split()
         if run_suites(commands, args.jobs) != 0:
-            print("make_results: a suite failed; fix it and rerun (finished runs are kept)",
-                  file=sys.stderr)
+            print(
+                "make_results: a suite failed; fix it and rerun (finished runs are kept)",
+                file=sys.stderr,
+            )
             return 1
     from moelab.analysis.export import export_suite
     from moelab.analysis.results import write_blocks

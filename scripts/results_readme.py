@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="fail if a block is not current")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results",
-                   help="directory of the suite directories (default docs/results)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "docs" / "results",
+        help="directory of the suite directories (default docs/results)",
+    )
     args = p.parse_args(argv)
     from moelab.analysis.results import check_blocks, write_blocks
 

@@ -32,9 +32,7 @@ def module_imports(local: bool = False) -> dict[str, set[str]]:
         for t in targets:
             parts = t.split(".")
             deps.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
-        graph[name] = {
-            d for d in deps if d in paths and d != name and not name.startswith(d + ".")
-        }
+        graph[name] = {d for d in deps if d in paths and d != name and not name.startswith(d + ".")}
     return graph
 
 
@@ -47,7 +45,7 @@ def test_no_import_cycle() -> None:
         state[m] = 1
         path.append(m)
         for d in sorted(graph[m]):
-            assert state.get(d) != 1, "import cycle: " + " -> ".join(path[path.index(d):] + [d])
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(path[path.index(d) :] + [d])
             if d not in state:
                 visit(d)
         path.pop()

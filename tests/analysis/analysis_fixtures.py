@@ -49,13 +49,24 @@ def write_run(
     lam = 1e-8
     for step in range(1, steps + 1):
         line = {
-            "kind": "train", "step": step, "tokens": step * tokens_per_step, "lr": 1e-3,
-            "loss": 6.0 * math.exp(-step / 80) + val_loss, "aux": {}, "grad_norm": 1.0,
-            "tokens_per_s": 5000.0, "layers": {},
+            "kind": "train",
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "lr": 1e-3,
+            "loss": 6.0 * math.exp(-step / 80) + val_loss,
+            "aux": {},
+            "grad_norm": 1.0,
+            "tokens_per_s": 5000.0,
+            "layers": {},
         }
         for li in range(layers):
-            st = {"num_tokens": 1024.0, "active_mean": 1.0, "active_min": 1.0, "active_max": 1.0,
-                  "tokens_per_expert": [1024 - 7 * 10] + [10] * (experts - 1)}
+            st = {
+                "num_tokens": 1024.0,
+                "active_mean": 1.0,
+                "active_min": 1.0,
+                "active_max": 1.0,
+                "tokens_per_expert": [1024 - 7 * 10] + [10] * (experts - 1),
+            }
             if sparsity:
                 st["sparsity"] = min(1.0, max(0.0, remoe_sparsity(step) + 0.002 * li))
             line["layers"][str(li)] = st
@@ -68,18 +79,31 @@ def write_run(
             line["aux"]["load_balance"] = 1.0 + 1.0 / step
         lines.append(line)
         if step % eval_every == 0 or (step == steps and eval_every <= steps):
-            lines.append({"kind": "eval", "step": step, "tokens": step * tokens_per_step,
-                          "val_loss": val_loss + 0.1 * (steps - step) / steps,
-                          "val_ppl": math.exp(val_loss),
-                          "val_loss_by_domain": {d: val_loss + i * 0.1
-                                                 for i, d in enumerate(domains)}})
+            lines.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "val_loss": val_loss + 0.1 * (steps - step) / steps,
+                    "val_ppl": math.exp(val_loss),
+                    "val_loss_by_domain": {d: val_loss + i * 0.1 for i, d in enumerate(domains)},
+                }
+            )
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     summary = {
-        "method": method, "steps": steps, "tokens": steps * tokens_per_step, "wall_time_s": 10.0,
-        "tokens_per_s": 5000.0, "final_val_loss": val_loss, "final_val_ppl": math.exp(val_loss),
+        "method": method,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "wall_time_s": 10.0,
+        "tokens_per_s": 5000.0,
+        "final_val_loss": val_loss,
+        "final_val_ppl": math.exp(val_loss),
         "val_loss_by_domain": {d: val_loss + i * 0.1 for i, d in enumerate(domains)},
-        "params": {"total_params": 1_000_000 * (experts if layers else 1),
-                   "active_params": 1_000_000, "flops_per_token": flops},
+        "params": {
+            "total_params": 1_000_000 * (experts if layers else 1),
+            "active_params": 1_000_000,
+            "flops_per_token": flops,
+        },
     }
     (run / "summary.json").write_text(json.dumps(summary))
     if provenance is not None:

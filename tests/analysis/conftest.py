@@ -17,6 +17,7 @@ def fake_runs(tmp_path: Path) -> dict[str, Path]:
         "dense": write_run(root, "dense-seed0", "dense", layers=0, val_loss=3.3),
         "topk0": write_run(root, "topk-seed0", "topk", val_loss=3.1),
         "topk1": write_run(root, "topk-seed1", "topk", val_loss=3.2),
-        "remoe": write_run(root, "remoe-seed0", "remoe", sparsity=True, val_loss=3.0,
-                           config=relu_cfg),
+        "remoe": write_run(
+            root, "remoe-seed0", "remoe", sparsity=True, val_loss=3.0, config=relu_cfg
+        ),
     }

@@ -26,8 +26,19 @@ def test_report_command_bad_dir(tmp_path, capsys):
 
 
 def test_analyze_dynamics_command(fake_runs, capsys, tmp_path):
-    assert main(["analyze", str(fake_runs["remoe"]), "--what", "dynamics",
-                 "--plots", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(fake_runs["remoe"]),
+                "--what",
+                "dynamics",
+                "--plots",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "settled at step 96" in text and "0.8749" in text
     assert (tmp_path / "p" / "dynamics_remoe-seed0.png").is_file()
@@ -59,7 +70,11 @@ def test_plan_suite(tmp_path):
     assert [p.group for p in plan] == ["dense", "topk", "remoe", "peer"]
     assert plan[1].run_dir == tmp_path / "runs" / "topk-seed3"
     assert plan[1].overrides == (
-        "train.steps=250", "train.steps=2", "a=1", "train.seed=3", "data.seed=3"
+        "train.steps=250",
+        "train.steps=2",
+        "a=1",
+        "train.seed=3",
+        "data.seed=3",
     )
     with pytest.raises(ValueError, match="seeds"):
         suites.plan_suite("paper-mini", tmp_path, seeds=[])
@@ -73,12 +88,19 @@ def test_run_suite_with_fake_trainer_resumes(tmp_path):
     def fake_trainer(p: suites.PlannedRun) -> None:
         trained.append(p.run_dir.name)
         method = p.group
-        write_run(p.run_dir.parent, p.run_dir.name, method, steps=20,
-                  layers=0 if method == "dense" else 2, val_loss=3.0 + 0.1 * p.seed)
+        write_run(
+            p.run_dir.parent,
+            p.run_dir.name,
+            method,
+            steps=20,
+            layers=0 if method == "dense" else 2,
+            val_loss=3.0 + 0.1 * p.seed,
+        )
 
     out = tmp_path / "suite"
-    res = suites.run_suite("paper-mini", out, seeds=[0, 1], trainer=fake_trainer,
-                           log=lambda s: None)
+    res = suites.run_suite(
+        "paper-mini", out, seeds=[0, 1], trainer=fake_trainer, log=lambda s: None
+    )
     assert len(trained) == 8
     md = res["markdown"].read_text()
     assert "| topk | topk | 2 |" in md and "3.0500 ± 0.0500" in md
@@ -99,8 +121,14 @@ def test_run_suite_trains_runs_in_parallel_processes(tmp_path, monkeypatch):
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         time.sleep(0.05)
-        write_run(p.run_dir.parent, p.run_dir.name, p.group, steps=20,
-                  layers=0 if p.group == "dense" else 2, val_loss=3.0)
+        write_run(
+            p.run_dir.parent,
+            p.run_dir.name,
+            p.group,
+            steps=20,
+            layers=0 if p.group == "dense" else 2,
+            val_loss=3.0,
+        )
         with lock:
             running[0] -= 1
 
@@ -124,8 +152,14 @@ def test_a_run_in_a_subprocess_gets_its_preset_overrides_and_resume(tmp_path, mo
     monkeypatch.setattr(suites.subprocess, "run", fake_run)
     (plan,) = [p for p in suites.plan_suite("paper-mini", tmp_path, seeds=[1]) if p.group == "topk"]
     suites.train_in_subprocess(plan, tmp_path / "logs")
-    assert calls[-1][3:] == ["train", "--preset", "topk-tiny", "--run-dir", str(plan.run_dir),
-                             *plan.overrides]
+    assert calls[-1][3:] == [
+        "train",
+        "--preset",
+        "topk-tiny",
+        "--run-dir",
+        str(plan.run_dir),
+        *plan.overrides,
+    ]
     plan.run_dir.mkdir(parents=True)
     (plan.run_dir / RunDir.CONFIG).write_text("{}\n")  # started, no checkpoint yet
     Done.returncode = 3

@@ -16,10 +16,20 @@ from moelab.cli import main
 train = pytest.importorskip("moelab.train")
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
-    "model.ffn.d_hidden=64", "train.steps=2", "data.batch_size=2", "data.seq_len=32",
-    "data.eval_batch_size=2", "data.eval_max_batches=1", "checkpoint.every=1",
-    "logging.log_every=1", "logging.progress=false", "train.eval_every=0",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn.d_hidden=64",
+    "train.steps=2",
+    "data.batch_size=2",
+    "data.seq_len=32",
+    "data.eval_batch_size=2",
+    "data.eval_max_batches=1",
+    "checkpoint.every=1",
+    "logging.log_every=1",
+    "logging.progress=false",
+    "train.eval_every=0",
 ]
 FAST = EvalSettings(batch_size=2, max_batches=3)
 
@@ -49,8 +59,13 @@ def test_report_on_real_run(real_runs, tmp_path):
     md = res["markdown"].read_text()
     assert "| remoe | remoe | 2 |" in md
     names = {p.name for p in res["images"]}
-    assert {"loss_curves.png", "dynamics_remoe.png", "load_remoe.png", "compute_remoe.png",
-            "domains_remoe.png"} <= names
+    assert {
+        "loss_curves.png",
+        "dynamics_remoe.png",
+        "load_remoe.png",
+        "compute_remoe.png",
+        "domains_remoe.png",
+    } <= names
     checker = check_html(res["html"])
     assert len(checker.images) == len(res["images"]) >= 5
     assert all(src.startswith("data:image/png;base64,") for src in checker.images)
@@ -73,8 +88,9 @@ def test_incompatible_vocabularies(real_runs, tmp_path):
     with pytest.raises(ValueError, match=rf"^{real_runs['dense']}: vocabulary \(size 8256"):
         build_report([real_runs["remoe"], real_runs["dense"]], tmp_path / "x", settings=FAST)
     # without the per-token pass the loss table compares them fine
-    res = build_report([real_runs["remoe"], real_runs["dense"]], tmp_path / "y", analyze=False,
-                       plots_enabled=False)
+    res = build_report(
+        [real_runs["remoe"], real_runs["dense"]], tmp_path / "y", analyze=False, plots_enabled=False
+    )
     assert "| dense | dense | 1 |" in res["markdown"].read_text()
 
 
@@ -91,9 +107,15 @@ def test_analyze_command_on_real_run(real_runs, capsys):
 def test_compare_reduced_paper_mini(tmp_path):
     """paper-mini with 1 seed and 2 steps per run through the real trainer (without the FFN width
     override: PEER has no d_hidden)."""
-    res = suites.run_suite("paper-mini", tmp_path / "pm", seeds=[0], steps=2,
-                           extra_overrides=TINY[:4] + TINY[6:], report_settings=FAST,
-                           log=lambda s: None)
+    res = suites.run_suite(
+        "paper-mini",
+        tmp_path / "pm",
+        seeds=[0],
+        steps=2,
+        extra_overrides=TINY[:4] + TINY[6:],
+        report_settings=FAST,
+        log=lambda s: None,
+    )
     md = res["markdown"].read_text()
     for g in ("dense", "topk", "remoe", "peer"):
         assert f"| {g} | {g} | 1 |" in md

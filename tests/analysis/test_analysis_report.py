@@ -122,7 +122,10 @@ def test_incompatible_vocabularies_name_the_run():
 
 
 def test_explicit_groups(fake_runs, tmp_path):
-    res = build_report([fake_runs["topk0"], fake_runs["topk1"]], tmp_path / "g",
-                       groups={"TopK E=8": [str(fake_runs["topk0"]), str(fake_runs["topk1"])]},
-                       plots_enabled=False)
+    res = build_report(
+        [fake_runs["topk0"], fake_runs["topk1"]],
+        tmp_path / "g",
+        groups={"TopK E=8": [str(fake_runs["topk0"]), str(fake_runs["topk1"])]},
+        plots_enabled=False,
+    )
     assert "| TopK E=8 | topk | 2 |" in res["markdown"].read_text()

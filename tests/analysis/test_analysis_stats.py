@@ -78,8 +78,9 @@ def test_active_experts_and_frequency():
     assert active.tolist() == [2, 1, 0, 3, 0]
     counts = np.array([1, 10, 100, 1000, 0])
     assert stats.frequency_bins(counts, 2).tolist() == [0, 0, 1, 1, -1]
-    res = stats.active_by_frequency(np.array([0, 1, 2, 3, 0]), np.array([3, 3, 1, 1, 5]),
-                                    counts, num_bins=2)
+    res = stats.active_by_frequency(
+        np.array([0, 1, 2, 3, 0]), np.array([3, 3, 1, 1, 5]), counts, num_bins=2
+    )
     assert res["bin_mean"] == pytest.approx([11 / 3, 1.0])
     assert res["bin_tokens"] == [3, 2]
     assert res["rare_minus_frequent"] == pytest.approx(11 / 3 - 1)
@@ -114,8 +115,9 @@ def test_flip_rate_known_flips():
     same = stats.flip_rate(tok, np.array([0, 0, 1, 1]), tok, np.array([0, 0, 1, 1]), 4, 2)
     assert same == {"token_flip_rate": 0.0, "assignment_flip_rate": 0.0}
     # variable-size sets (ReLU routing): token 0 gains an expert, token 1 loses its only one
-    r = stats.flip_rate(np.array([0, 1]), np.array([0, 1]), np.array([0, 0]), np.array([0, 1]),
-                        3, 2)
+    r = stats.flip_rate(
+        np.array([0, 1]), np.array([0, 1]), np.array([0, 0]), np.array([0, 1]), 3, 2
+    )
     assert r["token_flip_rate"] == pytest.approx(2 / 3)
     assert r["assignment_flip_rate"] == pytest.approx(2 / 3)
 
@@ -123,8 +125,15 @@ def test_flip_rate_known_flips():
 def test_top_tokens_per_expert():
     token_ids = np.array([5, 6, 5, 7, 6, 5])
     # every position goes to expert 0 with weight = position / 10; expert 1 gets nothing
-    tops = stats.top_tokens_per_expert(token_ids, np.arange(6), np.zeros(6, int),
-                                       np.arange(6) / 10, num_experts=2, k=2, min_count=1)
+    tops = stats.top_tokens_per_expert(
+        token_ids,
+        np.arange(6),
+        np.zeros(6, int),
+        np.arange(6) / 10,
+        num_experts=2,
+        k=2,
+        min_count=1,
+    )
     assert tops[1] == []
     assert [t for t, _, _ in tops[0]] == [7, 6]  # mean weights: 7→0.3, 6→0.25, 5→0.233
     assert tops[0][0][2] == 1 and tops[0][1][1] == pytest.approx(0.25)

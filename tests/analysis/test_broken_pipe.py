@@ -13,9 +13,19 @@ import moelab
 def test_closed_pipe_exits_quietly(fake_runs):
     env = dict(os.environ, PYTHONPATH=str(Path(moelab.__file__).resolve().parents[1]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moelab", "analyze", str(fake_runs["remoe"]), "--what",
-         "dynamics", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "moelab",
+            "analyze",
+            str(fake_runs["remoe"]),
+            "--what",
+            "dynamics",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     proc.stdout.close()  # the reader is gone before the first byte: every write hits EPIPE
     err = proc.stderr.read().decode()

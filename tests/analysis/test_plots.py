@@ -34,9 +34,12 @@ def _overlaps(boxes) -> bool:
 
 def _paper_mini_like(tmp_path):
     """250 steps of 1,024 tokens, evaluated at steps 100, 200 and 250 (the presets' defaults)."""
-    return {g: training_curves(read_run(write_run(tmp_path, g, g, steps=250, eval_every=100,
-                                                  val_loss=v, layers=0)))
-            for g, v in (("dense", 6.2), ("topk", 6.3), ("remoe", 5.9))}
+    return {
+        g: training_curves(
+            read_run(write_run(tmp_path, g, g, steps=250, eval_every=100, val_loss=v, layers=0))
+        )
+        for g, v in (("dense", 6.2), ("topk", 6.3), ("remoe", 5.9))
+    }
 
 
 def test_loss_curve_tick_labels_do_not_run_together(tmp_path, figures):
@@ -46,8 +49,9 @@ def test_loss_curve_tick_labels_do_not_run_together(tmp_path, figures):
     for ax in fig.axes:
         labels = [t for t in ax.get_xticklabels() if t.get_text()]
         assert len(labels) >= 3
-        assert not _overlaps([t.get_window_extent(renderer) for t in labels]), \
-            [t.get_text() for t in labels]
+        assert not _overlaps([t.get_window_extent(renderer) for t in labels]), [
+            t.get_text() for t in labels
+        ]
         assert all(len(t.get_text()) <= 5 for t in labels)  # "100k", not "100000"
 
 
@@ -66,8 +70,9 @@ def test_few_evaluations_are_points_not_a_curve(tmp_path, figures):
 
 
 def test_many_evaluations_still_get_a_validation_curve(tmp_path, figures):
-    curves = {"a": training_curves(read_run(write_run(tmp_path, "a", "dense", layers=0,
-                                                      eval_every=20)))}
+    curves = {
+        "a": training_curves(read_run(write_run(tmp_path, "a", "dense", layers=0, eval_every=20)))
+    }
     plots.plot_loss_curves(curves, tmp_path / "l.png")
     fig = figures[-1]
     assert len(fig.axes) == 2 and fig.axes[1].get_title() == "validation loss"
@@ -75,8 +80,12 @@ def test_many_evaluations_still_get_a_validation_curve(tmp_path, figures):
 
 
 def test_bars_start_at_zero_and_single_seeds_have_no_error_bar(tmp_path, figures):
-    plots.plot_metric_bars({"dense": [6.229], "topk": [6.30, 6.32, 6.35], "remoe": [5.926]},
-                           "validation loss", "final validation loss", tmp_path / "b.png")
+    plots.plot_metric_bars(
+        {"dense": [6.229], "topk": [6.30, 6.32, 6.35], "remoe": [5.926]},
+        "validation loss",
+        "final validation loss",
+        tmp_path / "b.png",
+    )
     fig = figures[-1]
     bars_ax = fig.axes[0]
     assert bars_ax.get_ylim()[0] == 0.0

@@ -25,32 +25,50 @@ RELU = {"model": {"ffn": {"kind": "moe", "router": "relu", "num_experts": 8, "to
 
 def test_committed_blocks_are_current():
     """The checker, as a reader would run it, on the committed README and docs/results."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_readme.py"), "--check"],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "results_readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SRC)),
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_readme_results_section_quotes_no_numbers_outside_the_block():
     text = (ROOT / "README.md").read_text("utf-8")
-    section = text[text.index("### The papers at small scale"):text.index("## MoE layers")]
-    outside = section[:section.index(results.BEGIN)] + section[section.index(results.END):]
+    section = text[text.index("### The papers at small scale") : text.index("## MoE layers")]
+    outside = section[: section.index(results.BEGIN)] + section[section.index(results.END) :]
     outside = re.sub(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->", "", outside)  # code, link targets
     assert not re.findall(r"\d", outside), re.findall(r".{20}\d.{20}", outside)
 
 
 def _fake_trainer(p: suites.PlannedRun) -> None:
-    write_run(p.run_dir.parent, p.run_dir.name, p.group, steps=20, eval_every=10,
-              layers=0 if p.group == "dense" else 2, sparsity=p.group == "remoe",
-              val_loss=LOSS[p.group] + 0.01 * p.seed, config=RELU if p.group == "remoe" else None,
-              provenance=[prov_record()])
+    write_run(
+        p.run_dir.parent,
+        p.run_dir.name,
+        p.group,
+        steps=20,
+        eval_every=10,
+        layers=0 if p.group == "dense" else 2,
+        sparsity=p.group == "remoe",
+        val_loss=LOSS[p.group] + 0.01 * p.seed,
+        config=RELU if p.group == "remoe" else None,
+        provenance=[prov_record()],
+    )
 
 
 @pytest.fixture
 def exported(tmp_path):
     """paper-mini with 2 seeds from the fake trainer, exported, with a README holding a block."""
     work, res = tmp_path / "work" / "paper-mini", tmp_path / "docs" / "results"
-    suites.run_suite("paper-mini", work, seeds=[0, 1], trainer=_fake_trainer, log=lambda s: None,
-                     command="moelab compare --suite paper-mini --out work/paper-mini")
+    suites.run_suite(
+        "paper-mini",
+        work,
+        seeds=[0, 1],
+        trainer=_fake_trainer,
+        log=lambda s: None,
+        command="moelab compare --suite paper-mini --out work/paper-mini",
+    )
     export_suite(work, res / "paper-mini")
     readme = tmp_path / "README.md"
     readme.write_text(f"# r\n\nprose\n\n{results.BEGIN}\nold\n{results.END}\n\nmore prose\n")
@@ -61,10 +79,21 @@ def exported(tmp_path):
 def test_export_holds_runs_without_weights(exported):
     _, res = exported
     pm = res / "paper-mini"
-    assert {p.name for p in pm.iterdir()} == {"README.md", "report.md", "report.html",
-                                              "analysis.json", "suite.json", "plots", "runs"}
+    assert {p.name for p in pm.iterdir()} == {
+        "README.md",
+        "report.md",
+        "report.html",
+        "analysis.json",
+        "suite.json",
+        "plots",
+        "runs",
+    }
     assert {p.name for p in (pm / "runs" / "remoe-seed1").iterdir()} == {
-        "config.yaml", "metrics.jsonl", "summary.json", "provenance.json"}  # fixture: no acct.
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "provenance.json",
+    }  # fixture: no acct.
     md = (pm / "report.md").read_text()
     assert "](runs/remoe-seed1/metrics.jsonl#L" in md  # the report's links work from here
 
@@ -77,16 +106,19 @@ def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     text = readme.read_text()
     assert text.startswith("# r\n\nprose\n\n") and text.endswith("\n\nmore prose\n")
     assert "| remoe | 2 | 5.905 ± 0.005 | 2M | 20.5k |" in text
-    assert "| ReMoE beats TopK MoE at equal active compute | ReMoE Table 2 | val loss 5.905 vs " \
-           "6.305 (difference -0.400); better on 2/2 seeds, on 2/2 domains | **yes** |" in text
+    assert (
+        "| ReMoE beats TopK MoE at equal active compute | ReMoE Table 2 | val loss 5.905 vs "
+        "6.305 (difference -0.400); better on 2/2 seeds, on 2/2 domains | **yes** |" in text
+    )
     assert "| TopK MoE beats dense at equal active compute | both papers |" in text
     assert "**no** |" in text.split("TopK MoE beats dense")[1].split("\n")[0]
     assert "`moelab compare --suite paper-mini --out work/paper-mini`" in text
     assert "[per-run data](docs/results/paper-mini/runs/)" in text
     assert "**`experts-scaling`**" in text and "no results committed yet" in text
     suite_md = (res / "paper-mini" / "README.md").read_text()
-    assert re.search(r"\[5\.9000 \(line \d+\)\]\(\./runs/remoe-seed0/metrics\.jsonl#L\d+\)",
-                     suite_md)
+    assert re.search(
+        r"\[5\.9000 \(line \d+\)\]\(\./runs/remoe-seed0/metrics\.jsonl#L\d+\)", suite_md
+    )
     # a rerun that changes a number makes the committed block stale
     summary = res / "paper-mini" / "runs" / "remoe-seed0" / "summary.json"
     data = json.loads(summary.read_text())
@@ -111,16 +143,26 @@ def test_export_refuses_an_unfinished_suite(tmp_path):
         if p.group == "peer":
             (p.run_dir / "summary.json").unlink()
 
-    suites.run_suite("paper-mini", tmp_path / "w", seeds=[0], trainer=half, log=lambda s: None,
-                     analyze=False)
+    suites.run_suite(
+        "paper-mini", tmp_path / "w", seeds=[0], trainer=half, log=lambda s: None, analyze=False
+    )
     with pytest.raises(ValueError, match="peer-seed0: run not finished"):
         export_suite(tmp_path / "w", tmp_path / "d")
 
 
-TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
-        "data.batch_size=2", "data.seq_len=32", "data.eval_batch_size=2",
-        "data.eval_max_batches=1", "checkpoint.every=1", "logging.log_every=1",
-        "logging.progress=false"]
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "data.batch_size=2",
+    "data.seq_len=32",
+    "data.eval_batch_size=2",
+    "data.eval_max_batches=1",
+    "checkpoint.every=1",
+    "logging.log_every=1",
+    "logging.progress=false",
+]
 
 
 @pytest.mark.slow
@@ -128,11 +170,26 @@ def test_make_results_end_to_end_on_a_tiny_suite(tmp_path):
     """scripts/make_results.py: train (real trainer, 3 steps), export, rewrite the block."""
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n")
-    args = [sys.executable, str(ROOT / "scripts" / "make_results.py"), "--suites",
-            "load-balance", "--work", str(tmp_path / "work"), "--results",
-            str(tmp_path / "results"), "--readme", str(readme), "--steps", "3", "--seeds", "0",
-            "--allow-dirty", "--compare-args", "--batch-size 2 --max-batches 2",
-            *[a for o in TINY for a in ("--set", o)]]
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "make_results.py"),
+        "--suites",
+        "load-balance",
+        "--work",
+        str(tmp_path / "work"),
+        "--results",
+        str(tmp_path / "results"),
+        "--readme",
+        str(readme),
+        "--steps",
+        "3",
+        "--seeds",
+        "0",
+        "--allow-dirty",
+        "--compare-args",
+        "--batch-size 2 --max-batches 2",
+        *[a for o in TINY for a in ("--set", o)],
+    ]
     env = dict(os.environ, PYTHONPATH=str(SRC))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -152,13 +209,19 @@ def test_the_routers_suite_renders_its_table_and_table2_claims(tmp_path):
     losses["remoe"] = 5.5
 
     def trainer(p: suites.PlannedRun) -> None:
-        write_run(p.run_dir.parent, p.run_dir.name, p.group, steps=20, eval_every=10,
-                  layers=0 if p.group == "dense" else 2, val_loss=losses[p.group],
-                  provenance=[prov_record()])
+        write_run(
+            p.run_dir.parent,
+            p.run_dir.name,
+            p.group,
+            steps=20,
+            eval_every=10,
+            layers=0 if p.group == "dense" else 2,
+            val_loss=losses[p.group],
+            provenance=[prov_record()],
+        )
 
     work = tmp_path / "routers"
-    suites.run_suite("routers", work, seeds=[0], trainer=trainer, log=lambda s: None,
-                     analyze=False)
+    suites.run_suite("routers", work, seeds=[0], trainer=trainer, log=lambda s: None, analyze=False)
     text = "\n".join(results.render_suite("routers", work, "."))
     assert "| hash | hash | 6.040 | 1.00 |" in text  # run, method, val loss, experts/token
     for baseline in ("topk", "expert_choice", "hash", "sparsemixer", "lory"):

@@ -42,8 +42,15 @@ def test_even_count_median_missing_rows_and_none_values():
 
 def test_moe_table_shows_the_range_only_for_aggregated_rows():
     row = {
-        "config": "coarse", "layer": "topk MoE", "experts": 8, "width": 2048, "top_k": 1.0,
-        "ms": 100.0, "ratio_vs_dense": 0.9, "route_share": 0.01, "target": 0.95,
+        "config": "coarse",
+        "layer": "topk MoE",
+        "experts": 8,
+        "width": 2048,
+        "top_k": 1.0,
+        "ms": 100.0,
+        "ratio_vs_dense": 0.9,
+        "route_share": 0.01,
+        "target": 0.95,
     }
     assert "range" not in bench_moe.format_table([row])
     agg = aggregate_rows([[row], [dict(row, ratio_vs_dense=0.8)]], ("layer",), ("ratio_vs_dense",))
@@ -62,9 +69,18 @@ def test_moe_child_payload_drops_the_parent_only_options():
 
 def test_peer_table_with_aggregated_rows():
     row = {
-        "layer": "peer", "experts": 65536, "params_m": 67.7, "ms": 250.0, "fwd_ms": 100.0,
-        "bwd_ms": 100.0, "opt_ms": 50.0, "tokens_per_s": 8192.0, "state_gb": 0.8,
-        "peak_gb": 0.2, "rows": 57000, "ratio_vs_256": 1.0,
+        "layer": "peer",
+        "experts": 65536,
+        "params_m": 67.7,
+        "ms": 250.0,
+        "fwd_ms": 100.0,
+        "bwd_ms": 100.0,
+        "opt_ms": 50.0,
+        "tokens_per_s": 8192.0,
+        "state_gb": 0.8,
+        "peak_gb": 0.2,
+        "rows": 57000,
+        "ratio_vs_256": 1.0,
     }
     agg = aggregate_rows(
         [[row], [dict(row, tokens_per_s=7000.0)]], ("layer", "experts"), bench_peer.TIMED_FIELDS

@@ -13,12 +13,26 @@ def test_rows_carry_ratio_route_share_and_gemm_ratio():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(
-        ["--tokens", "64", "--d-model", "16", "--d-hidden", "64", "--repeats", "1",
-         "--configs", "coarse", "fine-grained", "--backend", "fused"]
+        [
+            "--tokens",
+            "64",
+            "--d-model",
+            "16",
+            "--d-hidden",
+            "64",
+            "--repeats",
+            "1",
+            "--configs",
+            "coarse",
+            "fine-grained",
+            "--backend",
+            "fused",
+        ]
     )
     rows = bench.measure(args)
     assert [(r["config"], r["layer"]) for r in rows] == [
-        (c, layer) for c in ("coarse", "fine-grained")
+        (c, layer)
+        for c in ("coarse", "fine-grained")
         for layer in ("dense FFN", "topk MoE", "relu MoE")
     ]
     for r in rows:
@@ -26,4 +40,3 @@ def test_rows_carry_ratio_route_share_and_gemm_ratio():
         assert math.isfinite(r["gemm_ratio"]) and r["gemm_ratio"] > 0
     table = bench.format_table(rows)
     assert "gemm_ratio" in table.splitlines()[0]
-

@@ -121,8 +121,11 @@ def test_load_tokenizer_errors(tmp_path):
 def test_prepare_text_directory(tmp_path):
     src = tmp_path / "src"
     (src / "poems").mkdir(parents=True)
-    texts = {"a.txt": "first document\n", "poems/b.txt": "Roses are red.\nViolets are blue.\n",
-             "c.txt": "third one, with more words than the others"}
+    texts = {
+        "a.txt": "first document\n",
+        "poems/b.txt": "Roses are red.\nViolets are blue.\n",
+        "c.txt": "third one, with more words than the others",
+    }
     for name, text in texts.items():
         (src / name).write_text(text)
     (src / "ignored.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -136,8 +139,9 @@ def test_prepare_text_directory(tmp_path):
     total = doc_tokens(list(texts.values()))
     assert meta["tokens"]["train"] + meta["tokens"]["val"] == total
     assert ds.num_tokens("train") + ds.num_tokens("val") == total
-    assert meta["tokens_by_domain"]["train"]["poems"] + meta["tokens_by_domain"]["val"]["poems"] \
-        == doc_tokens([texts["poems/b.txt"]])
+    assert meta["tokens_by_domain"]["train"]["poems"] + meta["tokens_by_domain"]["val"][
+        "poems"
+    ] == doc_tokens([texts["poems/b.txt"]])
     assert (out / "tokenizer.json").read_bytes() == TOK.path.read_bytes()
     assert meta["tokenizer_sha256"] == TOK.sha256
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # temp dir renamed away
@@ -146,10 +150,16 @@ def test_prepare_text_directory(tmp_path):
 def make_source_tree(root: Path) -> Path:
     """A small repository: code, docs, a binary, a JSONL data file and a .git directory."""
     files = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x + {i}\n" for i in range(5)}
-    files |= {"README.md": "# A project\n\nIt does things.\n", "docs/guide.rst": "Guide\n=====\n",
-              "notes.TXT": "upper-case extension", "src/main.c": "int main(void) { return 0; }\n",
-              "Makefile": "all:\n\ttrue\n", "data/rows.jsonl": '{"text": "a record"}\n',
-              ".git/config": "[core]\n", ".git/objects/ab": "blob"}
+    files |= {
+        "README.md": "# A project\n\nIt does things.\n",
+        "docs/guide.rst": "Guide\n=====\n",
+        "notes.TXT": "upper-case extension",
+        "src/main.c": "int main(void) { return 0; }\n",
+        "Makefile": "all:\n\ttrue\n",
+        "data/rows.jsonl": '{"text": "a record"}\n',
+        ".git/config": "[core]\n",
+        ".git/objects/ab": "blob",
+    }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
@@ -170,11 +180,15 @@ def test_prepare_directory_takes_text_and_code_and_reports_the_rest(tmp_path, ca
     assert source["skipped_by_extension"] == {"(none)": 1, ".jsonl": 1, ".png": 1}
     assert source["skipped_hidden"] == 2
     printed = capsys.readouterr().out
-    assert (f"input      {src}: took 9 files (.py 5, .c 1, .md 1, .rst 1, .txt 1); skipped 3 "
-            "((none) 1, .jsonl 1, .png 1); ignored 2 under hidden directories") in printed
+    assert (
+        f"input      {src}: took 9 files (.py 5, .c 1, .md 1, .rst 1, .txt 1); skipped 3 "
+        "((none) 1, .jsonl 1, .png 1); ignored 2 under hidden directories"
+    ) in printed
     # --extensions chooses (with or without dots, any case)
-    assert run_cli(["data", "prepare", str(src), "-o", str(tmp_path / "py"),
-                    "--extensions", "py,.MD"]) == 0
+    assert (
+        run_cli(["data", "prepare", str(src), "-o", str(tmp_path / "py"), "--extensions", "py,.MD"])
+        == 0
+    )
     source = TokenDataset(tmp_path / "py").meta["source"][0]
     assert source["files_by_extension"] == {".md": 1, ".py": 5}
     assert source["skipped_by_extension"][".c"] == 1
@@ -183,9 +197,12 @@ def test_prepare_directory_takes_text_and_code_and_reports_the_rest(tmp_path, ca
 
 def test_prepare_fails_when_a_directory_gives_nothing(tmp_path):
     src = make_source_tree(tmp_path / "repo")
-    with pytest.raises(ValueError, match=r"no file with a text extension taken \(skipped "
-                       r"\.py 5, .*\); name the extensions to read with --extensions, e\.g\. "
-                       r"--extensions \.py"):
+    with pytest.raises(
+        ValueError,
+        match=r"no file with a text extension taken \(skipped "
+        r"\.py 5, .*\); name the extensions to read with --extensions, e\.g\. "
+        r"--extensions \.py",
+    ):
         prepare(src, tmp_path / "out", extensions=[".go"])
     with pytest.raises(ValueError, match="extensions: give at least one file extension"):
         prepare(src, tmp_path / "out", extensions=" , ")
@@ -208,12 +225,15 @@ def test_prepare_jsonl_counts_splits_and_domains(tmp_path):
     ds = TokenDataset(prepare(src, tmp_path / "out", val_fraction=0.2, seed=3))
     meta = ds.meta
     assert meta["domains"] == ["alpha", "beta"]
-    assert meta["documents_by_domain"] == {"train": {"alpha": 8, "beta": 8},
-                                           "val": {"alpha": 2, "beta": 2}}
+    assert meta["documents_by_domain"] == {
+        "train": {"alpha": 8, "beta": 8},
+        "val": {"alpha": 2, "beta": 2},
+    }
     for dom in ("alpha", "beta"):
         texts = [r["text"] for r in records if r["domain"] == dom]
-        assert meta["tokens_by_domain"]["train"][dom] + meta["tokens_by_domain"]["val"][dom] \
-            == doc_tokens(texts)
+        assert meta["tokens_by_domain"]["train"][dom] + meta["tokens_by_domain"]["val"][
+            dom
+        ] == doc_tokens(texts)
     assert ds.split("train").dtype == np.uint16 and ds.domain_ids("val").dtype == np.uint8
     # every document decodes to an input text of the domain its domain ids claim
     by_text = {r["text"]: r["domain"] for r in records}
@@ -228,7 +248,8 @@ def test_prepare_jsonl_counts_splits_and_domains(tmp_path):
     assert sorted(seen) == sorted(by_text)
     # the unigram entropy stored in meta is that of the split's tokens
     assert meta["unigram_entropy_nats"]["val"] == pytest.approx(
-        unigram_entropy(ds.split("val"), ds.vocab_size), abs=1e-5)
+        unigram_entropy(ds.split("val"), ds.vocab_size), abs=1e-5
+    )
 
 
 def test_prepare_split_is_seeded(tmp_path):
@@ -245,8 +266,16 @@ def test_prepare_jsonl_gz_custom_fields(tmp_path):
     lines = [json.dumps({"body": f"text {i}", "kind": "k1" if i % 2 else None}) for i in range(6)]
     with gzip.open(src, "wt") as f:
         f.write("\n".join(lines) + "\n\n")  # blank lines are skipped
-    ds = TokenDataset(prepare(src, tmp_path / "out", text_field="body", domain_field="kind",
-                              domain="other", val_fraction=0.5))
+    ds = TokenDataset(
+        prepare(
+            src,
+            tmp_path / "out",
+            text_field="body",
+            domain_field="kind",
+            domain="other",
+            val_fraction=0.5,
+        )
+    )
     assert ds.meta["domains"] == ["k1", "other"]
     assert ds.meta["documents"] == {"train": 2, "val": 4}  # 3 per domain, half up: 2 held out
     assert ds.meta["source"][0]["text_field"] == "body"
@@ -326,10 +355,13 @@ def test_large_vocab_uses_uint32(tmp_path):
 @pytest.fixture(scope="module")
 def small_ds(tmp_path_factory) -> TokenDataset:
     tmp = tmp_path_factory.mktemp("small")
-    records = [{"text": " ".join(f"word{i}x{j}" for j in range(40)), "domain": f"d{i % 3}"}
-               for i in range(30)]
-    return TokenDataset(prepare(write_jsonl(tmp / "d.jsonl", records), tmp / "out",
-                                val_fraction=0.2))
+    records = [
+        {"text": " ".join(f"word{i}x{j}" for j in range(40)), "domain": f"d{i % 3}"}
+        for i in range(30)
+    ]
+    return TokenDataset(
+        prepare(write_jsonl(tmp / "d.jsonl", records), tmp / "out", val_fraction=0.2)
+    )
 
 
 def test_batch_sampler_windows_and_determinism(small_ds):
@@ -347,8 +379,9 @@ def test_batch_sampler_windows_and_determinism(small_ds):
         for row, start in zip(x, s1.starts(s1.position - 1), strict=True):
             assert np.array_equal(row.numpy(), tokens[start : start + 16])
     other_rank = BatchSampler(small_ds, "train", 16, 4, seed=7, rank=1)
-    assert not torch.equal(other_rank.next_batch()[0], BatchSampler(
-        small_ds, "train", 16, 4, seed=7).next_batch()[0])
+    assert not torch.equal(
+        other_rank.next_batch()[0], BatchSampler(small_ds, "train", 16, 4, seed=7).next_batch()[0]
+    )
 
 
 def test_batch_sampler_resume_is_exact(small_ds):
@@ -510,8 +543,24 @@ def run_cli(argv: list[str]) -> int:
 def test_cli_prepare_and_info(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", [{"txt": t} for t in ("one doc", "two docs", "three")])
     out = tmp_path / "out"
-    assert run_cli(["data", "prepare", str(src), "-o", str(out), "--text-field", "txt",
-                    "--val-fraction", "0.34", "--domain", "misc"]) == 0
+    assert (
+        run_cli(
+            [
+                "data",
+                "prepare",
+                str(src),
+                "-o",
+                str(out),
+                "--text-field",
+                "txt",
+                "--val-fraction",
+                "0.34",
+                "--domain",
+                "misc",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "misc=" in printed and str(out) in printed
     meta = TokenDataset(out).meta
@@ -544,20 +593,27 @@ def test_hf_source_logic_with_stub_datasets(tmp_path, monkeypatch):
         pass
 
     texts = [f"hf text {i}" for i in range(4)]
-    saved = StubDatasetDict(train=StubDataset({"content": texts, "domain": ["x", "y", None, "x"]}),
-                            test=StubDataset({"content": ["unused"]}))
+    saved = StubDatasetDict(
+        train=StubDataset({"content": texts, "domain": ["x", "y", None, "x"]}),
+        test=StubDataset({"content": ["unused"]}),
+    )
     stub = types.ModuleType("datasets")
     stub.Dataset, stub.DatasetDict = StubDataset, StubDatasetDict
     stub.load_from_disk = lambda path: saved
     monkeypatch.setitem(sys.modules, "datasets", stub)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "dataset_dict.json").write_text("{}")
-    ds = TokenDataset(prepare(tmp_path / "hf", tmp_path / "out", text_field="content",
-                              val_fraction=0.5))
+    ds = TokenDataset(
+        prepare(tmp_path / "hf", tmp_path / "out", text_field="content", val_fraction=0.5)
+    )
     assert ds.meta["domains"] == ["default", "x", "y"]
     assert ds.meta["source"][0] | {"path": None} == {
-        "path": None, "format": "hf", "split": "train", "text_field": "content",
-        "domain_field": "domain"}
+        "path": None,
+        "format": "hf",
+        "split": "train",
+        "text_field": "content",
+        "domain_field": "domain",
+    }
     assert sum(ds.meta["tokens"].values()) == doc_tokens(texts)
     with pytest.raises(ValueError, match=r"split 'validation' not found .*\['train', 'test'\]"):
         prepare(tmp_path / "hf", tmp_path / "o2", text_field="content", hf_split="validation")

@@ -159,6 +159,9 @@ def test_numpy_integer_sizes_are_accepted(kind: str) -> None:
 def test_bools_and_floats_are_not_sizes(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_product_key_args(keys_name="num_keys", **kwargs)
-    assert check_product_key_args(
-        keys_name="n", num_keys=np.uint16(64), top_k=np.int8(2), d_key=np.int64(8), heads=1
-    ) == 8
+    assert (
+        check_product_key_args(
+            keys_name="n", num_keys=np.uint16(64), top_k=np.int8(2), d_key=np.int64(8), heads=1
+        )
+        == 8
+    )

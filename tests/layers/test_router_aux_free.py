@@ -30,8 +30,6 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-
-
 def test_hand_example_bias_selects_gate_stays_unbiased():
     x = torch.eye(4, dtype=torch.float64)[:2]
     moe = _hand_moe()

@@ -218,8 +218,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for ckpt in (False, True):
         ffn = {"kind": "moe", "router": "moepp", "num_experts": 4, "top_k": 2, "d_hidden": 16}
         cfg = ModelConfig.from_dict(
-            {"vocab_size": 50, "d_model": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 12,
-             "ffn": ffn, "init_std": 0.2, "activation_checkpointing": ckpt}
+            {
+                "vocab_size": 50,
+                "d_model": 16,
+                "n_layers": 3,
+                "n_heads": 2,
+                "max_seq_len": 12,
+                "ffn": ffn,
+                "init_std": 0.2,
+                "activation_checkpointing": ckpt,
+            }
         )
         torch.manual_seed(0)
         model = TransformerLM(cfg).train()

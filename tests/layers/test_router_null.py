@@ -28,8 +28,6 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-
-
 def test_hand_example_selection_weights_and_saved_compute():
     x = torch.eye(4, dtype=torch.float64)[:3]
     moe = _hand_moe()

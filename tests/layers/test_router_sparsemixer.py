@@ -26,8 +26,6 @@ def _hand_moe(logits_rows, **options) -> MoE:
     return moe
 
 
-
-
 def test_hand_example_mask_and_greedy_gates_at_evaluation():
     # token 0: logits [2, 1.99, 0, -1]; mask_eps 0.01 keeps e with (2 - z)/max(|z|, 2) <= 0.02:
     #   expert 1 (0.005) stays, 2 and 3 (1.0, 1.5) are masked. Slot 1: argmax 0, gate

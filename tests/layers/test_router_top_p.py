@@ -30,8 +30,6 @@ def _hand_moe(**options) -> MoE:
     return moe
 
 
-
-
 def test_hand_example_selection_and_weights():
     x = torch.eye(4, dtype=torch.float64)
     assert observed_gates(_hand_moe(p=0.4), x) == [

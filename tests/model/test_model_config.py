@@ -195,18 +195,25 @@ def test_sparsity_target_comes_from_the_router():
 @pytest.mark.parametrize(
     "ffn,message",
     [
-        ({"router": "expert_choice", "capacity_factor": 1.25},
-         "ffn.capacity_factor: must be None \\(null\\) with router 'expert_choice'"),
-        ({"router": "lory", "capacity_factor": 1.25},
-         "ffn.capacity_factor: must be None with router 'lory'"),
+        (
+            {"router": "expert_choice", "capacity_factor": 1.25},
+            "ffn.capacity_factor: must be None \\(null\\) with router 'expert_choice'",
+        ),
+        (
+            {"router": "lory", "capacity_factor": 1.25},
+            "ffn.capacity_factor: must be None with router 'lory'",
+        ),
         ({"router": "lory", "iterations": 2}, "ffn.iterations: must be 1 with router 'lory'"),
-        ({"router": "aux_free", "top_k": 2, "iterations": 2},
-         "ffn.iterations: > 1 cannot be combined with router 'aux_free'"),
+        (
+            {"router": "aux_free", "top_k": 2, "iterations": 2},
+            "ffn.iterations: > 1 cannot be combined with router 'aux_free'",
+        ),
     ],
 )
 def test_router_and_block_options_that_clash_are_refused_at_load(ffn, message):
     """Before any layer is built (the config is read at startup, before any work)."""
     base = {"kind": "moe", "num_experts": 4, "top_k": 1}
     with pytest.raises(ValueError, match=message):
-        ModelConfig.from_dict({"d_model": 16, "n_layers": 1, "n_heads": 2, "vocab_size": 32,
-                               "ffn": base | ffn})
+        ModelConfig.from_dict(
+            {"d_model": 16, "n_layers": 1, "n_heads": 2, "vocab_size": 32, "ffn": base | ffn}
+        )

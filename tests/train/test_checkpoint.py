@@ -121,7 +121,11 @@ def test_resume_restores_the_random_streams(tmp_path: Path, data_dir: Path) -> N
     """A router that draws random numbers while training (SparseMixer samples its experts, jitter
     draws noise) continues the same curve only if the checkpoint restores the RNG state."""
     ffn = {
-        "kind": "moe", "router": "sparsemixer", "num_experts": 4, "top_k": 2, "d_hidden": 32,
+        "kind": "moe",
+        "router": "sparsemixer",
+        "num_experts": 4,
+        "top_k": 2,
+        "d_hidden": 32,
         "router_options": {"jitter_eps": 0.01},
     }
     cfg = tiny_config(data_dir, ffn=ffn, train={"steps": 6, "eval_every": 0})

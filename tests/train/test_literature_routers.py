@@ -53,7 +53,13 @@ def test_every_parameter_gets_a_gradient_for_ddp(router):
 
     ffn = {"kind": "moe", "router": router, "num_experts": 4, "top_k": 1, "d_hidden": 16}
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn}
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": 2,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+        }
     )
     assert probe_gradients(TransformerLM(cfg)) == ([], [])

@@ -89,8 +89,15 @@ def test_routers():
 def _lm(**overrides) -> TransformerLM:
     ffn = {"kind": "moe", "router": "chain-test", "num_experts": 4, "top_k": 1, "d_hidden": 16}
     cfg = ModelConfig.from_dict(
-        {"vocab_size": 50, "d_model": 16, "n_layers": 3, "n_heads": 2, "max_seq_len": 12,
-         "ffn": ffn} | overrides
+        {
+            "vocab_size": 50,
+            "d_model": 16,
+            "n_layers": 3,
+            "n_heads": 2,
+            "max_seq_len": 12,
+            "ffn": ffn,
+        }
+        | overrides
     )
     torch.manual_seed(0)
     return TransformerLM(cfg)
@@ -102,7 +109,7 @@ def test_token_ids_and_state_reach_each_layer_in_order(test_routers):
     model(ids)
     routers = [block.ffn.router for block in model.blocks]
     for i, router in enumerate(routers):
-        (seen_ids, carried), = router.seen
+        ((seen_ids, carried),) = router.seen
         assert torch.equal(seen_ids, ids.reshape(-1))
         if i == 0:
             assert carried is None
@@ -139,9 +146,7 @@ def test_a_layer_without_context_routers_runs_without_one():
     assert moe(torch.randn(5, 8)).shape == (5, 8)
 
 
-def test_the_trainer_runs_the_load_hook_and_checkpoints_its_state(
-    test_routers, data_dir, tmp_path
-):
+def test_the_trainer_runs_the_load_hook_and_checkpoints_its_state(test_routers, data_dir, tmp_path):
     ffn = {"kind": "moe", "router": "bias-test", "num_experts": 4, "d_hidden": 32}
     cfg = tiny_config(data_dir, ffn).with_overrides(["data.micro_batch_size=2"])
     train(cfg, tmp_path / "run")

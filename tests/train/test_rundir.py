@@ -106,8 +106,10 @@ def test_keep_last_and_load(tmp_path: Path) -> None:
     model = _model(0)
     ckpt, state = run.load_checkpoint(model)
     assert ckpt.name == "step_00000004" and state == {"step": 4}
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                 _model(4).state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), _model(4).state_dict().values(), strict=True)
+    )
     assert run.load_weights(model, 3).name == "step_00000003"
 
 

@@ -157,15 +157,22 @@ def stability(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict:
             skipped.append(name)
             continue
         out[name] = stats.flip_rate(
-            la.token_idx_N, la.expert_idx_N, lb.token_idx_N, lb.expert_idx_N,
-            trace_a.num_tokens, la.num_experts,
+            la.token_idx_N,
+            la.expert_idx_N,
+            lb.token_idx_N,
+            lb.expert_idx_N,
+            trace_a.num_tokens,
+            la.num_experts,
         )
     rates = [v["token_flip_rate"] for v in out.values()]
-    return _clean({
-        "layers": out,
-        "mean_token_flip_rate": float(np.mean(rates)) if rates else None,
-        "skipped_layers": skipped,  # no per-assignment arrays kept (collect with store_flat=True)
-    })
+    return _clean(
+        {
+            "layers": out,
+            "mean_token_flip_rate": float(np.mean(rates)) if rates else None,
+            # no per-assignment arrays kept for these (collect with store_flat=True)
+            "skipped_layers": skipped,
+        }
+    )
 
 
 def usage_analysis(trace: RoutingTrace) -> dict:
@@ -189,9 +196,7 @@ def usage_analysis(trace: RoutingTrace) -> dict:
     return _clean(out)
 
 
-def top_tokens(
-    trace: RoutingTrace, decode: Any = None, k: int = 8, max_experts: int = 64
-) -> dict:
+def top_tokens(trace: RoutingTrace, decode: Any = None, k: int = 8, max_experts: int = 64) -> dict:
     """Per layer and expert: the vocabulary ids routed with the highest mean gate weight
     (decoded with ``decode(list[int]) -> str`` when given). Layers with more than
     ``max_experts`` experts are skipped (a million singleton experts do not fit a table)."""

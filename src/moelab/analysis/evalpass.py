@@ -111,8 +111,9 @@ def run_eval_pass(
     seq_len = settings.seq_len or _get(run_config, "data.seq_len") or min(max_len, 256)
     seq_len = min(int(seq_len), max_len)
     batch_size = settings.batch_size or _get(run_config, "data.eval_batch_size") or 8
-    batches = spread_eval_batches(ds, settings.split, seq_len, int(batch_size),
-                                  settings.max_batches)
+    batches = spread_eval_batches(
+        ds, settings.split, seq_len, int(batch_size), settings.max_batches
+    )
     return collect_routing(model, batches, domains=ds.domains), ds
 
 

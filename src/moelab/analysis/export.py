@@ -33,8 +33,10 @@ def export_suite(src: str | Path, dest: str | Path, *, html: bool = True) -> lis
     for name in names:
         run = RunDir(src / RUNS_SUBDIR / name)
         if not run.has_summary:
-            raise ValueError(f"{run.path}: run not finished (no {RunDir.SUMMARY}); finish the "
-                             "suite before exporting it")
+            raise ValueError(
+                f"{run.path}: run not finished (no {RunDir.SUMMARY}); finish the "
+                "suite before exporting it"
+            )
     for name in REPORT_FILES:
         if not (src / name).is_file():
             raise ValueError(f"{src / name}: missing; export a suite after its report is written")

@@ -111,16 +111,22 @@ def provenance_warnings(provenance: Provenance, allowed_mixed: bool) -> list[str
     msg = mixed_code_message(provenance)
     if msg:
         how = " (reported together because --allow-mixed was given)" if allowed_mixed else ""
-        out.append(f"MIXED CODE VERSIONS: {msg}{how}; differences between these runs may come "
-                   "from the code, not from what the runs compare")
+        out.append(
+            f"MIXED CODE VERSIONS: {msg}{how}; differences between these runs may come "
+            "from the code, not from what the runs compare"
+        )
     dirty = [n for n, recs in provenance.items() if any(r.get("git_dirty") for r in recs)]
     if dirty:
-        out.append(f"trained from a tree with uncommitted changes ({', '.join(dirty)}): no commit "
-                   "holds the exact code behind these numbers")
+        out.append(
+            f"trained from a tree with uncommitted changes ({', '.join(dirty)}): no commit "
+            "holds the exact code behind these numbers"
+        )
     missing = [n for n, recs in provenance.items() if not recs]
     if missing:
-        out.append(f"no provenance record for {', '.join(missing)}: which code, torch and machine "
-                   "trained them is unknown")
+        out.append(
+            f"no provenance record for {', '.join(missing)}: which code, torch and machine "
+            "trained them is unknown"
+        )
     return out
 
 
@@ -131,11 +137,15 @@ def bitwise_note(provenance: Provenance) -> str:
         return "No run has a provenance record, so whether they reproduce is unknown."
     diff = prov.differences(flat)
     if not diff:
-        return ("Bit for bit: every training process ran the same commit, torch build, CPU model "
-                "and thread count, so rerunning them there reproduces every logged number "
-                "exactly; on another CPU or torch build they agree only within tolerance.")
-    return (f"Not bit for bit: the runs differ in {', '.join(sorted(diff))}, so their numbers "
-            "agree with a rerun only within tolerance (docs/analysis.md, \"Reproducibility\").")
+        return (
+            "Bit for bit: every training process ran the same commit, torch build, CPU model "
+            "and thread count, so rerunning them there reproduces every logged number "
+            "exactly; on another CPU or torch build they agree only within tolerance."
+        )
+    return (
+        f"Not bit for bit: the runs differ in {', '.join(sorted(diff))}, so their numbers "
+        'agree with a rerun only within tolerance (docs/analysis.md, "Reproducibility").'
+    )
 
 
 def provenance_sections(provenance: Provenance) -> list[Section]:
@@ -153,15 +163,24 @@ def provenance_sections(provenance: Provenance) -> list[Section]:
             highlight.add((i, 1))
         else:
             rows.append([lb, first.get(lb, "–")])
-    text = (f"What produced these numbers ({len(per_run)} run{'s' * (len(per_run) != 1)}, from "
-            "each run's provenance.json). " + bitwise_note(provenance))
+    text = (
+        f"What produced these numbers ({len(per_run)} run{'s' * (len(per_run) != 1)}, from "
+        "each run's provenance.json). " + bitwise_note(provenance)
+    )
     secs = [Section("Provenance", text, rows, highlight=highlight)]
     if differing:
         table = [["run", *differing]]
         table += [[n, *(f[lb] for lb in differing)] for n, f in per_run.items()]
-        secs.append(Section("Provenance by run", "The values that differ between runs.", table,
-                            highlight={(i, j) for i in range(1, len(table))
-                                       for j in range(1, len(differing) + 1)}))
+        secs.append(
+            Section(
+                "Provenance by run",
+                "The values that differ between runs.",
+                table,
+                highlight={
+                    (i, j) for i in range(1, len(table)) for j in range(1, len(differing) + 1)
+                },
+            )
+        )
     return secs
 
 
@@ -185,12 +204,14 @@ def sources_table(records: list[RunRecord], out_dir: Path) -> list[list[str]]:
             loss_cell = loss
         tokens = r.summary.get("tokens") or (r.train[-1].get("tokens") if r.train else None)
         has_prov = bool(RunDir(r.path).provenance())
-        rows.append([
-            Link(r.name, f"{base}/"),
-            loss_cell,
-            "–" if tokens is None else f"{int(tokens):,}",
-            Link("config", f"{base}/{RunDir.CONFIG}") if RunDir(r.path).holds_run else "–",
-            Link("summary", f"{base}/{RunDir.SUMMARY}") if RunDir(r.path).has_summary else "–",
-            Link("provenance", f"{base}/{RunDir.PROVENANCE}") if has_prov else "–",
-        ])
+        rows.append(
+            [
+                Link(r.name, f"{base}/"),
+                loss_cell,
+                "–" if tokens is None else f"{int(tokens):,}",
+                Link("config", f"{base}/{RunDir.CONFIG}") if RunDir(r.path).holds_run else "–",
+                Link("summary", f"{base}/{RunDir.SUMMARY}") if RunDir(r.path).has_summary else "–",
+                Link("provenance", f"{base}/{RunDir.PROVENANCE}") if has_prov else "–",
+            ]
+        )
     return rows

@@ -54,8 +54,14 @@ def _shade_stages(
         spans.append(("stable", float(settle), last))
     for name, a, b in spans:
         if b > a:
-            ax.axvspan(a, b, color=STAGE_COLORS[name], alpha=0.6, lw=0,
-                       label=f"stage: {name}" if label else None)
+            ax.axvspan(
+                a,
+                b,
+                color=STAGE_COLORS[name],
+                alpha=0.6,
+                lw=0,
+                label=f"stage: {name}" if label else None,
+            )
 
 
 def plot_dynamics(
@@ -72,8 +78,14 @@ def plot_dynamics(
     ax.plot(s, curves.loss, color="C0", lw=1.2, label="train LM loss")
     if curves.val_loss.size:
         style = "o-" if curves.val_loss.size >= MIN_CURVE_POINTS else "o"
-        ax.plot(curves.eval_steps, curves.val_loss, style, color="C3", ms=3,
-                label=f"val loss ({curves.val_loss.size} evaluations)")
+        ax.plot(
+            curves.eval_steps,
+            curves.val_loss,
+            style,
+            color="C3",
+            ms=3,
+            label=f"val loss ({curves.val_loss.size} evaluations)",
+        )
     ax.set_ylabel("loss (nats/token)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
@@ -96,9 +108,14 @@ def plot_dynamics(
         if stages is not None:
             ax.axhline(stages.target, color="r", ls="--", lw=1, label=f"target {stages.target:.3f}")
             if stages.settle_step is not None:
-                ax.axvline(stages.settle_step, color="g", ls=":", lw=1.2,
-                           label=f"settled at step {stages.settle_step}: "
-                           f"{stages.settled_mean:.4f} ± {stages.settled_std:.4f}")
+                ax.axvline(
+                    stages.settle_step,
+                    color="g",
+                    ls=":",
+                    lw=1.2,
+                    label=f"settled at step {stages.settle_step}: "
+                    f"{stages.settled_mean:.4f} ± {stages.settled_std:.4f}",
+                )
         ax.set_ylabel("sparsity (zero router\noutputs, fraction)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
@@ -136,9 +153,7 @@ def _si_axis(ax: Any, axis: str = "x") -> None:
     target.set_major_formatter(FuncFormatter(lambda v, _pos: _si(v)))
 
 
-def plot_loss_curves(
-    runs: dict[str, TrainingCurves], path: str | Path, window: int = 5
-) -> Path:
+def plot_loss_curves(runs: dict[str, TrainingCurves], path: str | Path, window: int = 5) -> Path:
     """Training LM loss of several runs against tokens seen (thin: logged, thick: moving average
     over ``window`` logged lines), with the validation loss: as a second panel of curves when
     every run was evaluated at least :data:`MIN_CURVE_POINTS` times, otherwise as separate
@@ -172,8 +187,10 @@ def plot_loss_curves(
     labels.append(f"moving average ({window} logged lines)")
     if n_evals and not as_curve:
         handles.append(Line2D([], [], ls="", marker="o", color="grey", mec="k"))
-        labels.append(f"validation loss ({'/'.join(map(str, sorted(n_evals)))} evaluations "
-                      "per run: too few for a curve)")
+        labels.append(
+            f"validation loss ({'/'.join(map(str, sorted(n_evals)))} evaluations "
+            "per run: too few for a curve)"
+        )
     a1.legend(handles, labels, fontsize=7)
     a1.set_title("LM loss" + ("" if as_curve else " (training and validation)"))
     if as_curve:
@@ -293,8 +310,13 @@ def plot_usage(z_primes: dict[str, np.ndarray], title: str, path: str | Path) ->
         if tot <= 0:
             continue
         share = z / tot
-        ax.plot(np.arange(1, z.size + 1), np.where(share > 0, share, np.nan), color=f"C{i % 10}",
-                lw=1, label=f"{name} (used {100 * (z > 0).mean():.1f}%)")
+        ax.plot(
+            np.arange(1, z.size + 1),
+            np.where(share > 0, share, np.nan),
+            color=f"C{i % 10}",
+            lw=1,
+            label=f"{name} (used {100 * (z > 0).mean():.1f}%)",
+        )
         ax.axhline(1 / z.size, color=f"C{i % 10}", ls=":", lw=0.7)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -337,8 +359,16 @@ def plot_metric_bars(
             label = f"{m:.3f}\n(1 seed)"
         jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
         a2.plot(i + jitter, np.asarray(v) - best, "o", ms=3.5, color=color, mec="k", mew=0.5)
-        a1.text(i, m * 0.5, label, ha="center", va="center", fontsize=8, color="white",
-                fontweight="bold")
+        a1.text(
+            i,
+            m * 0.5,
+            label,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white",
+            fontweight="bold",
+        )
     for ax in (a1, a2):
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)

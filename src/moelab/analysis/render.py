@@ -67,7 +67,8 @@ def _html_cell(c: str, tag: str, marked: bool) -> str:
 def _html_table(rows: list[list[str]], highlight: set[tuple[int, int]] = frozenset()) -> str:
     head = "".join(_html_cell(c, "th", (0, j) in highlight) for j, c in enumerate(rows[0]))
     body = "".join(
-        "<tr>" + "".join(_html_cell(c, "td", (i, j) in highlight) for j, c in enumerate(r))
+        "<tr>"
+        + "".join(_html_cell(c, "td", (i, j) in highlight) for j, c in enumerate(r))
         + "</tr>"
         for i, r in enumerate(rows[1:], 1)
     )
@@ -113,7 +114,7 @@ def render(title: str, sections: list[Section], out_dir: Path) -> tuple[Path, Pa
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text("\n".join(md), "utf-8")
     html_path.write_text(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n",

@@ -181,62 +181,77 @@ def build_report(
         results[str(rec.path)] = ra
 
     sections: list[Section] = []
-    warnings = (provenance_warnings(provenance, allowed_mixed=mixed_code == "allow")
-                + comparability_warnings(records, provenance))
+    warnings = provenance_warnings(
+        provenance, allowed_mixed=mixed_code == "allow"
+    ) + comparability_warnings(records, provenance)
     if warnings:
         sections.append(Section("Warnings", warnings=warnings))
     sections += provenance_sections(provenance)
     set_rows, set_marks = settings_table(grouped, provenance)
-    sections.append(Section(
-        "Run settings",
-        "What each run was: experts E, experts per token k (PEER/PKM: heads × k), granularity, "
-        "shared experts, learning rate, steps, tokens seen, active forward FLOPs per token, data "
-        "(and any other config value that differs between the runs). Highlighted: the columns "
-        "that differ between rows.",
-        set_rows, highlight=set_marks,
-    ))
+    sections.append(
+        Section(
+            "Run settings",
+            "What each run was: experts E, experts per token k (PEER/PKM: heads × k), "
+            "granularity, shared experts, learning rate, steps, tokens seen, active forward FLOPs "
+            "per token, data "
+            "(and any other config value that differs between the runs). Highlighted: the columns "
+            "that differ between rows.",
+            set_rows,
+            highlight=set_marks,
+        )
+    )
     names = ", ".join(f"{g} ({len(r)} run{'s' if len(r) > 1 else ''})" for g, r in grouped.items())
-    sections.append(Section(
-        "Runs",
-        f"Runs: {names}. Numbers are mean ± std over seeds where a run has several. Validation "
-        "loss in nats/token; FLOPs/token are forward FLOPs (moelab.model.accounting).",
-        runs_table(grouped),
-    ))
+    sections.append(
+        Section(
+            "Runs",
+            f"Runs: {names}. Numbers are mean ± std over seeds where a run has several. Validation "
+            "loss in nats/token; FLOPs/token are forward FLOPs (moelab.model.accounting).",
+            runs_table(grouped),
+        )
+    )
     ra_grouped = {g: [results[str(r.path)].results for r in recs] for g, recs in grouped.items()}
-    sections.append(Section(
-        "Routing summary",
-        "Settle step and sparsity: ReMoE's stage III (sparsity held within ±0.03 of the target 1 − "
-        "k/E). Dead experts: share of experts receiving < 1/(8E) of a layer's tokens. Rare − "
-        "frequent: mean active experts of the rarest minus the most frequent fifth of the "
-        "vocabulary. Domain KL: mean KL(domain ‖ all) of expert distributions. Usage/unevenness: "
-        "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: share of validation "
-        "tokens whose experts changed between the last two checkpoints.",
-        analysis_table(ra_grouped),
-    ))
+    sections.append(
+        Section(
+            "Routing summary",
+            "Settle step and sparsity: ReMoE's stage III (sparsity held within ±0.03 of the "
+            "target 1 − k/E). Dead experts: share of experts receiving < 1/(8E) of a layer's "
+            "tokens. Rare − frequent: mean active experts of the rarest minus the most frequent "
+            "fifth of the vocabulary. Domain KL: mean KL(domain ‖ all) of expert distributions. "
+            "Usage/unevenness: "
+            "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: share of validation "
+            "tokens whose experts changed between the last two checkpoints.",
+            analysis_table(ra_grouped),
+        )
+    )
     dom_table = eval_loss_table(ra_grouped)
     if dom_table:
-        sections.append(Section(
-            "Validation loss by domain (analysis pass)",
-            "Mean loss (nats/token) of the analysis pass, whose windows are spread evenly over "
-            "the whole split, so every domain is represented; the same tokens for every run.",
-            dom_table,
-        ))
-    sections.append(Section(
-        "Per-run data",
-        "Every number above comes from these files: the final validation loss is the summary's "
-        "final_val_loss, logged on the metrics line linked here; routing numbers come from the "
-        "analysis pass (analysis.json) and the logged training lines.",
-        sources_table(records, out),
-    ))
+        sections.append(
+            Section(
+                "Validation loss by domain (analysis pass)",
+                "Mean loss (nats/token) of the analysis pass, whose windows are spread evenly over "
+                "the whole split, so every domain is represented; the same tokens for every run.",
+                dom_table,
+            )
+        )
+    sections.append(
+        Section(
+            "Per-run data",
+            "Every number above comes from these files: the final validation loss is the summary's "
+            "final_val_loss, logged on the metrics line linked here; routing numbers come from the "
+            "analysis pass (analysis.json) and the logged training lines.",
+            sources_table(records, out),
+        )
+    )
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
     if plots_enabled:
         sections += plot_sections(grouped, results, img_dir)
     if notes:
         sections.append(Section("Notes", "\n\n".join(notes)))
     md_path, html_path = render(title, sections, out)
-    dump = {Path(k).name: {"path": _relpath(Path(k), out), "results": ra.results,
-                           "notes": ra.notes}
-            for k, ra in results.items()}
+    dump = {
+        Path(k).name: {"path": _relpath(Path(k), out), "results": ra.results, "notes": ra.notes}
+        for k, ra in results.items()
+    }
     (out / "analysis.json").write_text(json.dumps(dump, indent=1), "utf-8")
     return {
         "markdown": md_path,
@@ -261,21 +276,33 @@ def plot_sections(
     secs: list[Section] = []
     curves = {g: training_curves(recs[0]) for g, recs in grouped.items()}
     imgs = [plots.plot_loss_curves(curves, img_dir / "loss_curves.png")]
-    finals = {g: [float(r.final_val()["val_loss"]) for r in recs
-                  if r.final_val()["val_loss"] is not None]
-              for g, recs in grouped.items()}
+    finals = {
+        g: [float(r.final_val()["val_loss"]) for r in recs if r.final_val()["val_loss"] is not None]
+        for g, recs in grouped.items()
+    }
     if any(math.isfinite(v) for vals in finals.values() for v in vals):
-        imgs.append(plots.plot_metric_bars(finals, "validation loss (nats/token)",
-                                           "final validation loss",
-                                           img_dir / "final_val_loss.png"))
+        imgs.append(
+            plots.plot_metric_bars(
+                finals,
+                "validation loss (nats/token)",
+                "final validation loss",
+                img_dir / "final_val_loss.png",
+            )
+        )
     few = min((c.val_loss.size for c in curves.values()), default=0)
-    text = ("Training LM loss against tokens seen: thin lines are the logged values, thick lines "
-            "their moving average. ")
+    text = (
+        "Training LM loss against tokens seen: thin lines are the logged values, thick lines "
+        "their moving average. "
+    )
     if few < plots.MIN_CURVE_POINTS:
-        text += (f"Validation loss was measured only {few} time(s) per run, too few for a curve: "
-                 "the evaluations are drawn as separate points. ")
-    text += ("Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
-             "has no error bar), the dots the individual seeds.")
+        text += (
+            f"Validation loss was measured only {few} time(s) per run, too few for a curve: "
+            "the evaluations are drawn as separate points. "
+        )
+    text += (
+        "Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
+        "has no error bar), the dots the individual seeds."
+    )
     secs.append(Section("Loss curves", text, images=imgs))
 
     dyn, load, comp, dom, use = [], [], [], [], []
@@ -286,20 +313,37 @@ def plot_sections(
         stem = _safe(g)
         d = r.get("dynamics", {})
         if "stages" in d:
-            st = SparsityStages(**{k: (float("nan") if v is None and k.startswith("settled")
-                                       else v) for k, v in d["stages"].items()})
-            dyn.append(plots.plot_dynamics(curves[g], st, f"{g}: ReMoE training dynamics",
-                                           img_dir / f"dynamics_{stem}.png"))
+            st = SparsityStages(
+                **{
+                    k: (float("nan") if v is None and k.startswith("settled") else v)
+                    for k, v in d["stages"].items()
+                }
+            )
+            dyn.append(
+                plots.plot_dynamics(
+                    curves[g], st, f"{g}: ReMoE training dynamics", img_dir / f"dynamics_{stem}.png"
+                )
+            )
         if r.get("load") and any(v.get("load_fraction") for v in r["load"].values()):
-            load.append(plots.plot_expert_load(r["load"], f"{g}: expert load (validation)",
-                                               img_dir / f"load_{stem}.png"))
+            load.append(
+                plots.plot_expert_load(
+                    r["load"], f"{g}: expert load (validation)", img_dir / f"load_{stem}.png"
+                )
+            )
         elif r.get("train_load"):
-            load.append(plots.plot_expert_load(r["train_load"],
-                                               f"{g}: expert load (last logged training step)",
-                                               img_dir / f"load_{stem}.png"))
+            load.append(
+                plots.plot_expert_load(
+                    r["train_load"],
+                    f"{g}: expert load (last logged training step)",
+                    img_dir / f"load_{stem}.png",
+                )
+            )
         if r.get("compute"):
-            comp.append(plots.plot_active_by_frequency(r["compute"], f"{g}: dynamic compute",
-                                                       img_dir / f"compute_{stem}.png"))
+            comp.append(
+                plots.plot_active_by_frequency(
+                    r["compute"], f"{g}: dynamic compute", img_dir / f"compute_{stem}.png"
+                )
+            )
         if r.get("domains", {}).get("layers") and len(r["domains"]["domains"]) > 1:
             dom.append(plots.plot_domain_shares(r["domains"], g, img_dir / f"domains_{stem}.png"))
         for lk, lt_use in (r.get("usage") or {}).items():
@@ -316,9 +360,13 @@ def plot_sections(
         "Domain specialisation": "Share of each domain's routed tokens going to each expert.",
         "Expert usage (PEER/PKM)": "Experts sorted by gate mass z' = Σ_x g_i(x) on validation.",
     }
-    for title, ims in (("Training dynamics", dyn), ("Expert load", load),
-                       ("Dynamic compute", comp), ("Domain specialisation", dom),
-                       ("Expert usage (PEER/PKM)", use)):
+    for title, ims in (
+        ("Training dynamics", dyn),
+        ("Expert load", load),
+        ("Dynamic compute", comp),
+        ("Domain specialisation", dom),
+        ("Expert usage (PEER/PKM)", use),
+    ):
         if ims:
             secs.append(Section(title, text[title], images=ims))
     tops = []
@@ -330,7 +378,11 @@ def plot_sections(
                 tops.append([g, lk, str(e), toks])
             break  # first routed layer only; analysis.json has all
     if tops:
-        secs.append(Section("Top tokens per expert",
-                            "Tokens routed with the highest mean gate weight (first routed layer).",
-                            [["run", "layer", "expert", "tokens"], *tops]))
+        secs.append(
+            Section(
+                "Top tokens per expert",
+                "Tokens routed with the highest mean gate weight (first routed layer).",
+                [["run", "layer", "expert", "tokens"], *tops],
+            )
+        )
     return secs

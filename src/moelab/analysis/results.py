@@ -10,7 +10,6 @@ claims ("does ReMoE beat TopK?") are computed from the same files
 committed files give.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -52,9 +51,11 @@ def _provenance_line(sd: SuiteData) -> str:
         v = values.get(label, ["?"])
         return v[0] if len(v) == 1 else "mixed: " + " / ".join(v)
 
-    return (f"code `{one('code (git commit)')}`, moelab {one('moelab')}, torch "
-            f"{one('torch')}, {one('device')} ({one('CPU')}), {one('torch threads')} torch "
-            f"thread(s) per run, data {one('data')}")
+    return (
+        f"code `{one('code (git commit)')}`, moelab {one('moelab')}, torch "
+        f"{one('torch')}, {one('device')} ({one('CPU')}), {one('torch threads')} torch "
+        f"thread(s) per run, data {one('data')}"
+    )
 
 
 def _loss_table(sd: SuiteData) -> list[str]:
@@ -63,32 +64,60 @@ def _loss_table(sd: SuiteData) -> list[str]:
         recs = [sd.runs[n] for n in names]
         fl = {_si((r.summary.get("params") or {}).get("flops_per_token")) for r in recs}
         tok = {_si(r.summary.get("tokens")) for r in recs}
-        rows.append([g, str(len(names)), _pm(list(sd.losses(g).values())),
-                     " / ".join(sorted(fl)), " / ".join(sorted(tok))])
+        rows.append(
+            [
+                g,
+                str(len(names)),
+                _pm(list(sd.losses(g).values())),
+                " / ".join(sorted(fl)),
+                " / ".join(sorted(tok)),
+            ]
+        )
     return _table(rows)
 
 
 def _experts_per_token(run: RunRecord) -> float | None:
     """Routed FFN experts per token over the last logged training steps (layer mean): the real
     expert compute of routers whose count varies (ReLU, top-p, null / zero-computation experts)."""
-    values = [st["active_mean"] for line in run.train[-5:]
-              for st in (line.get("layers") or {}).values()
-              if st.get("active_mean") is not None]
+    values = [
+        st["active_mean"]
+        for line in run.train[-5:]
+        for st in (line.get("layers") or {}).values()
+        if st.get("active_mean") is not None
+    ]
     return float(np.mean(values)) if values else None
 
 
 def _routers_table(sd: SuiteData) -> list[str]:
-    rows = [["run", "method", "val loss", "FFN experts / token", "active FLOPs / token",
-             "tokens/s", "max expert share × E", "flip rate"]]
+    rows = [
+        [
+            "run",
+            "method",
+            "val loss",
+            "FFN experts / token",
+            "active FLOPs / token",
+            "tokens/s",
+            "max expert share × E",
+            "flip rate",
+        ]
+    ]
     for g, names in sd.groups.items():
         recs = [sd.runs[n] for n in names]
         per_tok = [v for v in map(_experts_per_token, recs) if v is not None]
         flops = {_si((r.summary.get("params") or {}).get("flops_per_token")) for r in recs}
         speed = [float(r.summary["tokens_per_s"]) for r in recs if r.summary.get("tokens_per_s")]
-        rows.append([g, recs[0].method, _pm(list(sd.losses(g).values())), _pm(per_tok, 2),
-                     " / ".join(sorted(flops)), _pm(speed, 0),
-                     _pm(list(sd.metric(g, _imbalance).values()), 2),
-                     _pm(list(sd.metric(g, _flip).values()), 2)])
+        rows.append(
+            [
+                g,
+                recs[0].method,
+                _pm(list(sd.losses(g).values())),
+                _pm(per_tok, 2),
+                " / ".join(sorted(flops)),
+                _pm(speed, 0),
+                _pm(list(sd.metric(g, _imbalance).values()), 2),
+                _pm(list(sd.metric(g, _flip).values()), 2),
+            ]
+        )
     return ["", *_table(rows)]
 
 
@@ -98,22 +127,42 @@ def _extra_table(sd: SuiteData) -> list[str]:
     if sd.name == "routers":
         return _routers_table(sd)
     if sd.name == "experts-scaling" and _by_experts(sd):
-        rows = [["E", "TopK val loss", "ReMoE val loss", "ReMoE − TopK", "TopK flip rate",
-                 "ReMoE flip rate"]]
+        rows = [
+            [
+                "E",
+                "TopK val loss",
+                "ReMoE val loss",
+                "ReMoE − TopK",
+                "TopK flip rate",
+                "ReMoE flip rate",
+            ]
+        ]
         for e, (t, r) in _by_experts(sd).items():
             lt, lr = list(sd.losses(t).values()), list(sd.losses(r).values())
-            diff = (f"{np.mean(lr) - np.mean(lt):+.3f}" if lt and lr else "–")
-            rows.append([str(e), _pm(lt), _pm(lr), diff,
-                         _pm(list(sd.metric(t, _flip).values()), 2),
-                         _pm(list(sd.metric(r, _flip).values()), 2)])
+            diff = f"{np.mean(lr) - np.mean(lt):+.3f}" if lt and lr else "–"
+            rows.append(
+                [
+                    str(e),
+                    _pm(lt),
+                    _pm(lr),
+                    diff,
+                    _pm(list(sd.metric(t, _flip).values()), 2),
+                    _pm(list(sd.metric(r, _flip).values()), 2),
+                ]
+            )
         return ["", *_table(rows)]
     if sd.name == "load-balance":
         rows = [["run", "val loss", "nearly-dead experts", "max expert share × E", "flip rate"]]
         for g in sd.groups:
-            rows.append([g, _pm(list(sd.losses(g).values())),
-                         _pm(list(sd.metric(g, _dead).values()), 1, pct=True),
-                         _pm(list(sd.metric(g, _imbalance).values()), 2),
-                         _pm(list(sd.metric(g, _flip).values()), 2)])
+            rows.append(
+                [
+                    g,
+                    _pm(list(sd.losses(g).values())),
+                    _pm(list(sd.metric(g, _dead).values()), 1, pct=True),
+                    _pm(list(sd.metric(g, _imbalance).values()), 2),
+                    _pm(list(sd.metric(g, _flip).values()), 2),
+                ]
+            )
         return ["", *_table(rows)]
     return []
 
@@ -121,7 +170,7 @@ def _extra_table(sd: SuiteData) -> list[str]:
 def _claims_table(sd: SuiteData) -> list[str]:
     fn = CLAIMS.get(sd.name)
     rows = [["claim", "paper", "here", "reproduced?"]]
-    for claim, paper, res in (fn(sd) if fn else []):
+    for claim, paper, res in fn(sd) if fn else []:
         if res is not None:
             rows.append([claim, paper, res[0], f"**{res[1]}**"])
     return ["", *_table(rows)] if len(rows) > 1 else []
@@ -135,9 +184,15 @@ def _runs_table(sd: SuiteData, base: str) -> list[str]:
         loss = "–" if v is None else f"{float(v):.4f}"
         if line is not None:
             loss = f"[{loss} (line {line})]({base}/{RUNS_SUBDIR}/{n}/{RunDir.METRICS}#L{line})"
-        rows.append([f"[{n}]({base}/{RUNS_SUBDIR}/{n}/)", str(sd.seeds[n]), loss,
-                     _si(r.summary.get("tokens")),
-                     f"[provenance]({base}/{RUNS_SUBDIR}/{n}/{RunDir.PROVENANCE})"])
+        rows.append(
+            [
+                f"[{n}]({base}/{RUNS_SUBDIR}/{n}/)",
+                str(sd.seeds[n]),
+                loss,
+                _si(r.summary.get("tokens")),
+                f"[provenance]({base}/{RUNS_SUBDIR}/{n}/{RunDir.PROVENANCE})",
+            ]
+        )
     return ["", *_table(rows)]
 
 
@@ -148,8 +203,11 @@ def render_suite(name: str, suite_dir: Path, base: str, detail: bool = False) ->
     desc = SUITES.get(name, {}).get("description", "")
     head = f"**`{name}`**" + (f" ({desc})" if desc else "")
     if sd is None:
-        earlier = (f" (an earlier report without them: [report.md]({base}/report.md))"
-                   if (suite_dir / "report.md").is_file() else "")
+        earlier = (
+            f" (an earlier report without them: [report.md]({base}/report.md))"
+            if (suite_dir / "report.md").is_file()
+            else ""
+        )
         return [f"{head}: {why}; `make results` generates them{earlier}.", ""]
     rec = sd.record
     n_runs = len(sd.runs)
@@ -178,8 +236,15 @@ def render_suite(name: str, suite_dir: Path, base: str, detail: bool = False) ->
 def suite_names(results_dir: Path) -> list[str]:
     """The suites of ``moelab.analysis.suites.SUITES`` in their order, then any other suite
     directory under ``results_dir``."""
-    extra = sorted(p.name for p in results_dir.glob("*") if (p / SUITE_FILE).is_file()
-                   and p.name not in SUITES) if results_dir.is_dir() else []
+    extra = (
+        sorted(
+            p.name
+            for p in results_dir.glob("*")
+            if (p / SUITE_FILE).is_file() and p.name not in SUITES
+        )
+        if results_dir.is_dir()
+        else []
+    )
     return [*SUITES, *extra]
 
 
@@ -246,6 +311,8 @@ def check_blocks(readme: Path, results_dir: Path) -> list[str]:
             problems.append(str(err))
             continue
         if new != old:
-            problems.append(f"{path}: results block differs from what {results_dir} gives; "
-                            "run scripts/results_readme.py (or make results)")
+            problems.append(
+                f"{path}: results block differs from what {results_dir} gives; "
+                "run scripts/results_readme.py (or make results)"
+            )
     return problems

@@ -23,9 +23,19 @@ TOKENS_RATIO = 1.5  # tokens seen may differ by 1.5× before the comparison is f
 
 # config keys shown in their own columns (or implied by the method column / the seeds)
 _SHOWN = {
-    "model.ffn.kind", "model.ffn.router", "model.ffn.num_experts", "model.ffn.num_memories",
-    "model.ffn.top_k", "model.ffn.heads", "model.ffn.granularity", "model.ffn.shared_experts",
-    "optim.lr", "train.steps", "train.seed", "data.seed", "data.path",
+    "model.ffn.kind",
+    "model.ffn.router",
+    "model.ffn.num_experts",
+    "model.ffn.num_memories",
+    "model.ffn.top_k",
+    "model.ffn.heads",
+    "model.ffn.granularity",
+    "model.ffn.shared_experts",
+    "optim.lr",
+    "train.steps",
+    "train.seed",
+    "data.seed",
+    "data.path",
 }
 
 
@@ -107,8 +117,9 @@ def settings_table(
     header = ["run", "seeds", *run_settings(all_recs[0], []).keys(), *other_keys]
     rows = [header]
     for g, recs in grouped.items():
-        per_run = [run_settings(r, provenance.get(r.name, [])) | other.get(r.name, {})
-                   for r in recs]
+        per_run = [
+            run_settings(r, provenance.get(r.name, [])) | other.get(r.name, {}) for r in recs
+        ]
         cells = [g, str(len(recs))]
         for col in header[2:]:
             seen: list[str] = []
@@ -139,21 +150,27 @@ def comparability_warnings(records: list[RunRecord], provenance: Provenance) -> 
 
     s = spread({r.name: flops(r) for r in records})
     if s and s[3] / s[1] - 1 > FLOPS_TOLERANCE:
-        out.append(f"active FLOPs per token differ by {100 * (s[3] / s[1] - 1):.0f}% ({s[0]} "
-                   f"{_si(s[1])}, {s[2]} {_si(s[3])}; matched means within "
-                   f"{100 * FLOPS_TOLERANCE:.0f}%): the runs do not spend the same compute per "
-                   "token, so their losses are not a like-for-like comparison")
+        out.append(
+            f"active FLOPs per token differ by {100 * (s[3] / s[1] - 1):.0f}% ({s[0]} "
+            f"{_si(s[1])}, {s[2]} {_si(s[3])}; matched means within "
+            f"{100 * FLOPS_TOLERANCE:.0f}%): the runs do not spend the same compute per "
+            "token, so their losses are not a like-for-like comparison"
+        )
     s = spread({r.name: tokens_seen(r) for r in records})
     if s and s[3] / s[1] > TOKENS_RATIO:
-        out.append(f"tokens seen differ {s[3] / s[1]:.1f}× ({s[0]} {_si(s[1])}, {s[2]} "
-                   f"{_si(s[3])}): a run that saw more tokens has a lower loss for that reason "
-                   "alone")
+        out.append(
+            f"tokens seen differ {s[3] / s[1]:.1f}× ({s[0]} {_si(s[1])}, {s[2]} "
+            f"{_si(s[3])}): a run that saw more tokens has a lower loss for that reason "
+            "alone"
+        )
     shas: dict[str, list[str]] = {}
     for r in records:
         for sha in _data_sha(provenance.get(r.name, [])):
             shas.setdefault(sha, []).append(r.name)
     if len(shas) > 1:
         parts = "; ".join(f"sha256 {sha[:12]}: {', '.join(n)}" for sha, n in shas.items())
-        out.append(f"the runs trained on different data ({parts}): their losses are measured on "
-                   "different tokens")
+        out.append(
+            f"the runs trained on different data ({parts}): their losses are measured on "
+            "different tokens"
+        )
     return out

@@ -50,15 +50,24 @@ ROUTER_RUNS: tuple[tuple[str, str, list[str]], ...] = (
     ("topk-g2", "topk-tiny", ["model.ffn.granularity=2"]),
     ("sparsemixer", "topk-tiny", ["model.ffn.router=sparsemixer", "model.ffn.granularity=2"]),
     ("lory", "topk-tiny", ["model.ffn.router=lory", "model.ffn.router_options.segment_len=32"]),
-    ("top_p", "topk-tiny", ["model.ffn.router=top_p", "model.ffn.granularity=2",
-                            "model.ffn.router_options.p=0.4"]),
-    ("null", "topk-tiny", ["model.ffn.router=null", "model.ffn.top_k=2",
-                           "model.ffn.router_options.null_experts=8"]),
+    (
+        "top_p",
+        "topk-tiny",
+        ["model.ffn.router=top_p", "model.ffn.granularity=2", "model.ffn.router_options.p=0.4"],
+    ),
+    (
+        "null",
+        "topk-tiny",
+        ["model.ffn.router=null", "model.ffn.top_k=2", "model.ffn.router_options.null_experts=8"],
+    ),
     ("moepp", "topk-tiny", ["model.ffn.router=moepp", "model.ffn.granularity=2"]),
     ("aux_free", "topk-tiny", ["model.ffn.router=aux_free", "model.ffn.granularity=2"]),
     ("rmoe", "topk-tiny", ["model.ffn.router=rmoe"]),
-    ("chain", "topk-tiny", ["model.ffn.num_experts=16", "model.ffn.d_hidden=172",
-                            "model.ffn.iterations=2"]),
+    (
+        "chain",
+        "topk-tiny",
+        ["model.ffn.num_experts=16", "model.ffn.d_hidden=172", "model.ffn.iterations=2"],
+    ),
     ("momentum", "topk-tiny", ["model.ffn.momentum=0.7"]),
 )
 
@@ -101,8 +110,10 @@ SUITES: dict[str, dict[str, Any]] = {
             "topk-balanced": {"preset": "topk-tiny", "overrides": []},
             "topk-unbalanced": {"preset": "topk-tiny", "overrides": ["model.ffn.balance_coef=0"]},
             "remoe-balanced-l1": {"preset": "remoe-tiny", "overrides": []},
-            "remoe-plain-l1": {"preset": "remoe-tiny",
-                               "overrides": ["model.ffn.l1_balanced=false"]},
+            "remoe-plain-l1": {
+                "preset": "remoe-tiny",
+                "overrides": ["model.ffn.l1_balanced=false"],
+            },
         },
     },
     "routers": {
@@ -111,8 +122,10 @@ SUITES: dict[str, dict[str, Any]] = {
         "routers, from topk-tiny (E=8, k=1) at matched active parameters, 250 steps",
         "seeds": [0, 1, 2],
         "overrides": ["train.steps=250"],
-        "runs": {name: {"preset": preset, "overrides": overrides}
-                 for name, preset, overrides in ROUTER_RUNS},
+        "runs": {
+            name: {"preset": preset, "overrides": overrides}
+            for name, preset, overrides in ROUTER_RUNS
+        },
     },
 }
 
@@ -161,8 +174,9 @@ def plan_suite(
     for seed in seeds:
         for group, spec in suite["runs"].items():
             ov = (*spec.get("overrides", []), *common, f"train.seed={seed}", f"data.seed={seed}")
-            plan.append(PlannedRun(group, seed, runs_dir / f"{group}-seed{seed}", spec["preset"],
-                                   tuple(ov)))
+            plan.append(
+                PlannedRun(group, seed, runs_dir / f"{group}-seed{seed}", spec["preset"], tuple(ov))
+            )
     return plan
 
 
@@ -174,8 +188,11 @@ def check_kept_runs(plan: list[PlannedRun]) -> None:
         rundir = RunDir(p.run_dir)
         if not rundir.holds_run:
             continue
-        want = flatten(yaml.safe_load(dump_yaml(
-            resolve_run_config(preset=p.preset, overrides=list(p.overrides)))))
+        want = flatten(
+            yaml.safe_load(
+                dump_yaml(resolve_run_config(preset=p.preset, overrides=list(p.overrides)))
+            )
+        )
         have = flatten(rundir.raw_config())
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
@@ -196,8 +213,9 @@ def _default_trainer() -> Callable[[PlannedRun], Any]:
         rundir = RunDir(p.run_dir)
         started = rundir.holds_run
         resume = started and rundir.has_latest
-        return train(cfg, p.run_dir, resume=resume, overwrite=started and not resume,
-                     preset=p.preset)
+        return train(
+            cfg, p.run_dir, resume=resume, overwrite=started and not resume, preset=p.preset
+        )
 
     return run
 
@@ -219,8 +237,9 @@ def train_in_subprocess(p: PlannedRun, log_dir: Path) -> None:
     with open(log_path, "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{p.run_dir.name}: training failed (exit {done.returncode}), see "
-                           f"{log_path}")
+        raise RuntimeError(
+            f"{p.run_dir.name}: training failed (exit {done.returncode}), see {log_path}"
+        )
 
 
 def _train_all(
@@ -299,13 +318,24 @@ def run_suite(
     if trainer is None and jobs <= 1:
         trainer = _default_trainer()
     if not allow_mixed:
-        kept = {p.run_dir.name: RunDir(p.run_dir).provenance() for p in plan
-                if RunDir(p.run_dir).holds_run}
+        kept = {
+            p.run_dir.name: RunDir(p.run_dir).provenance()
+            for p in plan
+            if RunDir(p.run_dir).holds_run
+        }
         if kept:
             check_same_code({"this process": [here], **kept}, False, str(out / RUNS_SUBDIR))
     out.mkdir(parents=True, exist_ok=True)
-    record = suite_record(name, plan, out, steps=steps, extra_overrides=extra_overrides,
-                          allow_mixed=allow_mixed, command=command, process=here)
+    record = suite_record(
+        name,
+        plan,
+        out,
+        steps=steps,
+        extra_overrides=extra_overrides,
+        allow_mixed=allow_mixed,
+        command=command,
+        process=here,
+    )
     _write_record(out, record)
     t0 = time.time()
     _train_all(plan, trainer, jobs, out / "logs", log)
@@ -313,13 +343,21 @@ def run_suite(
     groups: dict[str, list[str]] = {}
     for p in plan:
         groups.setdefault(p.group, []).append(str(p.run_dir))
-    res = build_report([p.run_dir for p in plan], out, groups=groups, analyze=analyze,
-                       settings=report_settings,
-                       title=f"moelab compare: {name} — {get_suite(name)['description']}",
-                       mixed_code="allow" if allow_mixed else "refuse")
-    record.update(train_seconds=round(train_seconds, 1),
-                  report_seconds=round(time.time() - t0 - train_seconds, 1),
-                  finished=_now(), warnings=res["warnings"])
+    res = build_report(
+        [p.run_dir for p in plan],
+        out,
+        groups=groups,
+        analyze=analyze,
+        settings=report_settings,
+        title=f"moelab compare: {name} — {get_suite(name)['description']}",
+        mixed_code="allow" if allow_mixed else "refuse",
+    )
+    record.update(
+        train_seconds=round(train_seconds, 1),
+        report_seconds=round(time.time() - t0 - train_seconds, 1),
+        finished=_now(),
+        warnings=res["warnings"],
+    )
     _write_record(out, record)
     res["train_seconds"] = train_seconds
     return res
@@ -352,9 +390,17 @@ def suite_record(
         "extra_overrides": list(extra_overrides or []),
         "allow_mixed": allow_mixed,
         "definition": get_suite(name),
-        "runs": [{"name": p.run_dir.name, "group": p.group, "seed": p.seed,
-                  "run_dir": p.run_dir.relative_to(out).as_posix(), "preset": p.preset,
-                  "overrides": list(p.overrides)} for p in plan],
+        "runs": [
+            {
+                "name": p.run_dir.name,
+                "group": p.group,
+                "seed": p.seed,
+                "run_dir": p.run_dir.relative_to(out).as_posix(),
+                "preset": p.preset,
+                "overrides": list(p.overrides),
+            }
+            for p in plan
+        ],
         "provenance": process,
         "started": _now(),
     }
@@ -371,7 +417,8 @@ def read_suite_record(out_dir: str | Path) -> dict[str, Any]:
         record = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise ValueError(
-            f"{path}: missing (not a suite directory written by moelab compare)") from None
+            f"{path}: missing (not a suite directory written by moelab compare)"
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(record, dict) or "runs" not in record:

@@ -60,37 +60,65 @@ def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
             for d in r.final_val()["val_loss_by_domain"]:
                 if d not in domains:
                     domains.append(d)
-    header = ["run", "method", "seeds", "active params", "total params", "FLOPs/token", "tokens",
-              "val loss", "val ppl", *[f"loss: {d}" for d in domains], "tokens/s"]
+    header = [
+        "run",
+        "method",
+        "seeds",
+        "active params",
+        "total params",
+        "FLOPs/token",
+        "tokens",
+        "val loss",
+        "val ppl",
+        *[f"loss: {d}" for d in domains],
+        "tokens/s",
+    ]
     rows = [header]
     for g, recs in grouped.items():
         p = [r.summary.get("params") or {} for r in recs]
         fv = [r.final_val() for r in recs]
         methods = sorted({r.method for r in recs})
-        rows.append([
-            g,
-            "/".join(methods),
-            str(len(recs)),
-            _pm([x.get("active_params") for x in p], si=True),
-            _pm([x.get("total_params") for x in p], si=True),
-            _pm([x.get("flops_per_token") for x in p], si=True),
-            _pm([r.summary.get("tokens") or (r.train[-1].get("tokens") if r.train else None)
-                 for r in recs], si=True),
-            _pm([f["val_loss"] for f in fv], 4),
-            _pm([f["val_ppl"] for f in fv], 2),
-            *[_pm([f["val_loss_by_domain"].get(d) for f in fv], 4) for d in domains],
-            _pm([r.summary.get("tokens_per_s") for r in recs], si=True),
-        ])
+        rows.append(
+            [
+                g,
+                "/".join(methods),
+                str(len(recs)),
+                _pm([x.get("active_params") for x in p], si=True),
+                _pm([x.get("total_params") for x in p], si=True),
+                _pm([x.get("flops_per_token") for x in p], si=True),
+                _pm(
+                    [
+                        r.summary.get("tokens") or (r.train[-1].get("tokens") if r.train else None)
+                        for r in recs
+                    ],
+                    si=True,
+                ),
+                _pm([f["val_loss"] for f in fv], 4),
+                _pm([f["val_ppl"] for f in fv], 2),
+                *[_pm([f["val_loss_by_domain"].get(d) for f in fv], 4) for d in domains],
+                _pm([r.summary.get("tokens_per_s") for r in recs], si=True),
+            ]
+        )
     return rows
 
 
 def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
     """Per group, mean ± std over seeds of the headline routing numbers."""
-    header = ["run", "settle step", "sparsity after settling (target)", "dead experts",
-              "active experts/token", "rare − frequent active", "domain KL (nats)", "usage",
-              "unevenness", "flip rate"]
+    header = [
+        "run",
+        "settle step",
+        "sparsity after settling (target)",
+        "dead experts",
+        "active experts/token",
+        "rare − frequent active",
+        "domain KL (nats)",
+        "usage",
+        "unevenness",
+        "flip rate",
+    ]
     rows = [header]
     for g, runs in grouped.items():
+
         def col(fn: Any, runs: list[Results] = runs) -> list[Any]:
             vals = []
             for res in runs:
@@ -105,8 +133,11 @@ def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
             return float(np.mean(v)) if v else None
 
         def rare(res: dict) -> float | None:
-            v = [x["by_frequency"]["rare_minus_frequent"] for x in res["compute"].values()
-                 if x.get("by_frequency") and x["by_frequency"]["rare_minus_frequent"] is not None]
+            v = [
+                x["by_frequency"]["rare_minus_frequent"]
+                for x in res["compute"].values()
+                if x.get("by_frequency") and x["by_frequency"]["rare_minus_frequent"] is not None
+            ]
             return float(np.mean(v)) if v else None
 
         targets = col(lambda r: r["dynamics"]["stages"]["target"])
@@ -117,19 +148,27 @@ def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
             settled += f" ± {runs[0]['dynamics']['stages']['settled_std']:.4f}"
         if target is not None:
             settled += f" ({target:.3f})"
-        rows.append([
-            g,
-            _pm(col(lambda r: r["dynamics"]["stages"]["settle_step"]), 0),
-            settled,
-            _pm(col(lambda r: layer_mean(r, "load" if "load" in r else "train_load",
-                                         "dead_fraction")), 3),
-            _pm(col(lambda r: layer_mean(r, "compute", "mean")), 3),
-            _pm(col(rare), 3),
-            _pm(col(lambda r: r["domains"]["mean_kl"]), 4),
-            _pm(col(lambda r: layer_mean(r, "usage", "usage")), 3),
-            _pm(col(lambda r: layer_mean(r, "usage", "unevenness")), 3),
-            _pm(col(lambda r: r["stability"]["mean_token_flip_rate"]), 3),
-        ])
+        rows.append(
+            [
+                g,
+                _pm(col(lambda r: r["dynamics"]["stages"]["settle_step"]), 0),
+                settled,
+                _pm(
+                    col(
+                        lambda r: layer_mean(
+                            r, "load" if "load" in r else "train_load", "dead_fraction"
+                        )
+                    ),
+                    3,
+                ),
+                _pm(col(lambda r: layer_mean(r, "compute", "mean")), 3),
+                _pm(col(rare), 3),
+                _pm(col(lambda r: r["domains"]["mean_kl"]), 4),
+                _pm(col(lambda r: layer_mean(r, "usage", "usage")), 3),
+                _pm(col(lambda r: layer_mean(r, "usage", "unevenness")), 3),
+                _pm(col(lambda r: r["stability"]["mean_token_flip_rate"]), 3),
+            ]
+        )
     return rows
 
 
@@ -149,13 +188,15 @@ def eval_loss_table(grouped: dict[str, list[Results]]) -> list[list[str]] | None
         with_pass = [res for res in runs if "eval_loss_by_domain" in res]
         if not with_pass:
             continue
-        rows.append([
-            g,
-            _pm([res["eval_tokens"] for res in with_pass], si=True),
-            _pm([res.get("eval_loss") for res in with_pass], 4),
-            *[_pm([res["eval_loss_by_domain"].get(d) for res in with_pass], 4)
-              for d in domains],
-        ])
+        rows.append(
+            [
+                g,
+                _pm([res["eval_tokens"] for res in with_pass], si=True),
+                _pm([res.get("eval_loss") for res in with_pass], 4),
+                *[
+                    _pm([res["eval_loss_by_domain"].get(d) for res in with_pass], 4)
+                    for d in domains
+                ],
+            ]
+        )
     return rows
-
-

@@ -42,7 +42,14 @@ from moelab.bench.invocations import aggregate_rows, run_child, spread
 SIZES = (128, 256, 512, 1024)
 # Columns that vary between invocations (medians and ranges are reported for these).
 TIMED_FIELDS = (
-    "ms", "fwd_ms", "bwd_ms", "opt_ms", "tokens_per_s", "peak_gb", "ratio_vs_256", "opt_gbps",
+    "ms",
+    "fwd_ms",
+    "bwd_ms",
+    "opt_ms",
+    "tokens_per_s",
+    "peak_gb",
+    "ratio_vs_256",
+    "opt_gbps",
     "mem_gbps",
 )
 # Bytes the lazy AdamW update moves per element of a touched row: gradient read; parameter, first
@@ -216,8 +223,9 @@ def _configs(args: argparse.Namespace) -> list[dict]:
     if args.quick:
         base.update(d_model=128, tokens=256, steps=2)
         sizes = [16, 64]
-    cfgs = [dict(base, layer="peer", experts=s * s, heads=args.heads, top_k=args.top_k)
-            for s in sizes]
+    cfgs = [
+        dict(base, layer="peer", experts=s * s, heads=args.heads, top_k=args.top_k) for s in sizes
+    ]
     if not args.no_pkm:
         s = max(sizes)
         cfgs.append(dict(base, layer="pkm", experts=s * s, heads=args.heads, top_k=2 * args.top_k))
@@ -229,8 +237,10 @@ def _configs(args: argparse.Namespace) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     ranged = any(r.get("invocations", 1) > 1 for r in rows)
-    head = (f"{'layer':<10} {'experts':>9} {'params M':>9} {'ms':>8} {'fwd':>7} {'bwd':>7} "
-            f"{'opt':>7} {'tok/s':>8} ")
+    head = (
+        f"{'layer':<10} {'experts':>9} {'params M':>9} {'ms':>8} {'fwd':>7} {'bwd':>7} "
+        f"{'opt':>7} {'tok/s':>8} "
+    )
     head += f"{'tok/s range':>13} " if ranged else ""
     head += f"{'x256²':>6} {'state GB':>9} {'peak GB':>8} {'rows':>7} "
     head += f"{'opt GB/s':>9} {'mem GB/s':>9}"
@@ -243,9 +253,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['tokens_per_s']:>8.0f} "
         )
         line += f"{spread(r, 'tokens_per_s', '.0f'):>13} " if ranged else ""
-        gbps = [
-            "" if r.get(key) is None else f"{r[key]:.1f}" for key in ("opt_gbps", "mem_gbps")
-        ]
+        gbps = ["" if r.get(key) is None else f"{r[key]:.1f}" for key in ("opt_gbps", "mem_gbps")]
         lines.append(
             line + f"{ratio:>6} {r['state_gb']:>9.2f} {r['peak_gb']:>8.2f} {r['rows']:>7} "
             f"{gbps[0]:>9} {gbps[1]:>9}"
@@ -256,8 +264,11 @@ def format_table(rows: list[dict]) -> str:
 def _one_invocation(cfgs: list[dict], label: str) -> list[dict]:
     results = []
     for cfg in cfgs:
-        print(f"{label}running {cfg['layer']} {cfg.get('experts', cfg.get('hidden'))} ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"{label}running {cfg['layer']} {cfg.get('experts', cfg.get('hidden'))} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         results.append(run_child("moelab.bench.peer", cfg, cfg["threads"]))
     ref = next((r for r in results if r["layer"] == "peer" and r["experts"] == 256**2), None)
     for r in results:

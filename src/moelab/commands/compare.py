@@ -22,22 +22,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--suite", required=False, choices=sorted(SUITES), help="suite to run")
     p.add_argument("-o", "--out", default=None, help="output directory (default runs/<suite>)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds (default: the suite's, e.g. 0 1 2 for paper-mini)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="override train.steps of every run (quick, reduced suites)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra dotted override for every run, e.g. --set train.threads=2")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="train this many runs at once, each in its own process (default 1)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds (default: the suite's, e.g. 0 1 2 for paper-mini)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="override train.steps of every run (quick, reduced suites)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra dotted override for every run, e.g. --set train.threads=2",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train this many runs at once, each in its own process (default 1)",
+    )
     p.add_argument("--list", action="store_true", help="list the suites and their runs, then exit")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs, train nothing")
-    p.add_argument("--no-analysis", action="store_true",
-                   help="report without the per-token analysis pass")
-    p.add_argument("--allow-mixed", action="store_true",
-                   help="report runs trained by different code (another commit, or uncommitted "
-                   "changes on one side) together; refused by default, and the report says so "
-                   "at the top when allowed")
+    p.add_argument(
+        "--no-analysis", action="store_true", help="report without the per-token analysis pass"
+    )
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="report runs trained by different code (another commit, or uncommitted "
+        "changes on one side) together; refused by default, and the report says so "
+        "at the top when allowed",
+    )
     add_eval_arguments(p)
     p.set_defaults(func=run)
 
@@ -82,10 +105,18 @@ def run(args: argparse.Namespace) -> int:
         for p in plan_suite(args.suite, out, args.seeds, args.steps, args.overrides):
             print(f"{p.run_dir}  preset {p.preset}  {' '.join(p.overrides)}")
         return 0
-    res = run_suite(args.suite, out, seeds=args.seeds, steps=args.steps,
-                    extra_overrides=args.overrides, analyze=not args.no_analysis,
-                    report_settings=eval_settings(args), allow_mixed=args.allow_mixed,
-                    command=command_line(args, out), jobs=args.jobs)
+    res = run_suite(
+        args.suite,
+        out,
+        seeds=args.seeds,
+        steps=args.steps,
+        extra_overrides=args.overrides,
+        analyze=not args.no_analysis,
+        report_settings=eval_settings(args),
+        allow_mixed=args.allow_mixed,
+        command=command_line(args, out),
+        jobs=args.jobs,
+    )
     for w in res["warnings"]:
         print(f"moelab: warning: {w}", file=sys.stderr)
     print(f"wrote {res['markdown']}")

@@ -20,30 +20,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files or directories")
     p.add_argument("-o", "--output", required=True, help="output directory (created)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or local HF tokenizer directory (default: shipped BPE)")
-    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "hf"],
-                   help="input format (default: guessed from each path)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or local HF tokenizer directory (default: shipped BPE)",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "text", "jsonl", "hf"],
+        help="input format (default: guessed from each path)",
+    )
     p.add_argument("--text-field", default="text", help="JSONL/HF field holding the text")
-    p.add_argument("--domain-field", default="domain",
-                   help="JSONL/HF field holding the domain label ('' to ignore)")
+    p.add_argument(
+        "--domain-field",
+        default="domain",
+        help="JSONL/HF field holding the domain label ('' to ignore)",
+    )
     p.add_argument("--domain", default="default", help="domain of documents without a label")
-    p.add_argument("--domain-from-dir", action="store_true",
-                   help="for text directories: label each file by its top-level subdirectory")
-    p.add_argument("--extensions", default=None, metavar=".EXT,...",
-                   help="comma-separated file extensions a text directory contributes, e.g. "
-                   ".py,.md (default: common text, markup, code and config extensions: "
-                   ".txt .md .rst .py .c .h .cpp .js .ts .java .go .rs .json .yaml .toml "
-                   ".html .tex .csv .sh ...)")
+    p.add_argument(
+        "--domain-from-dir",
+        action="store_true",
+        help="for text directories: label each file by its top-level subdirectory",
+    )
+    p.add_argument(
+        "--extensions",
+        default=None,
+        metavar=".EXT,...",
+        help="comma-separated file extensions a text directory contributes, e.g. "
+        ".py,.md (default: common text, markup, code and config extensions: "
+        ".txt .md .rst .py .c .h .cpp .js .ts .java .go .rs .json .yaml .toml "
+        ".html .tex .csv .sh ...)",
+    )
     p.add_argument("--hf-split", default=None, help="split of a saved DatasetDict (default train)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents held out for validation, per domain (0..1)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="fraction of documents held out for validation, per domain (0..1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
-                   help="token id dtype (auto: uint16 when the vocabulary fits)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "uint16", "uint32"],
+        help="token id dtype (auto: uint16 when the vocabulary fits)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="show a progress bar (default: only for large inputs)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: only for large inputs)",
+    )
     p.set_defaults(func=run_prepare)
 
     p = data_sub.add_parser("info", help="print a prepared dataset's meta.json summary")
@@ -59,11 +88,21 @@ def run_prepare(args: argparse.Namespace) -> int:
     from moelab.data import TokenDataset, prepare
 
     out = prepare(
-        args.inputs, args.output, tokenizer=args.tokenizer, format=args.format,
-        text_field=args.text_field, domain_field=args.domain_field or None, domain=args.domain,
-        domain_from_dir=args.domain_from_dir, hf_split=args.hf_split,
-        val_fraction=args.val_fraction, seed=args.seed, dtype=args.dtype,
-        overwrite=args.overwrite, progress=args.progress, extensions=args.extensions,
+        args.inputs,
+        args.output,
+        tokenizer=args.tokenizer,
+        format=args.format,
+        text_field=args.text_field,
+        domain_field=args.domain_field or None,
+        domain=args.domain,
+        domain_from_dir=args.domain_from_dir,
+        hf_split=args.hf_split,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=args.progress,
+        extensions=args.extensions,
     )
     print_sources(TokenDataset(out).meta)
     return run_info(argparse.Namespace(path=str(out), json=False))
@@ -100,8 +139,10 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{'split':<6} {'docs':>8} {'tokens':>12} {'unigram H':>10}  per domain (tokens)")
     for split in ("train", "val"):
         by_domain = ", ".join(f"{k}={v:,}" for k, v in meta["tokens_by_domain"][split].items())
-        print(f"{split:<6} {meta['documents'][split]:>8,} {meta['tokens'][split]:>12,} "
-              f"{meta['unigram_entropy_nats'][split]:>10.3f}  {by_domain}")
+        print(
+            f"{split:<6} {meta['documents'][split]:>8,} {meta['tokens'][split]:>12,} "
+            f"{meta['unigram_entropy_nats'][split]:>10.3f}  {by_domain}"
+        )
     return 0
 
 

@@ -25,8 +25,10 @@ class TokenDataset:
         self.path = Path(path).expanduser()
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise ValueError(f"dataset {self.path}: no meta.json here; expected a directory made "
-                             "by `moelab data prepare` (or moelab.data.default_dataset_dir())")
+            raise ValueError(
+                f"dataset {self.path}: no meta.json here; expected a directory made "
+                "by `moelab data prepare` (or moelab.data.default_dataset_dir())"
+            )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text("utf-8"))
         self.dtype = np.dtype(self.meta["dtype"])
         self._cache: dict[tuple[str, str], np.ndarray] = {}
@@ -48,8 +50,11 @@ class TokenDataset:
             raise ValueError(f"split: unknown split {split!r} (allowed: {', '.join(SPLITS)})")
         key = (split, kind)
         if key not in self._cache:
-            name, dtype = ((token_file(split), self.dtype) if kind == "tokens"
-                           else (domain_file(split), np.dtype(np.uint8)))
+            name, dtype = (
+                (token_file(split), self.dtype)
+                if kind == "tokens"
+                else (domain_file(split), np.dtype(np.uint8))
+            )
             file = self.path / name
             if file.stat().st_size == 0:  # np.memmap refuses empty files
                 self._cache[key] = np.zeros(0, dtype=dtype)
@@ -78,8 +83,10 @@ class TokenDataset:
         return load_tokenizer(self.tokenizer_file)
 
     def __repr__(self) -> str:
-        return (f"TokenDataset({str(self.path)!r}, vocab_size={self.vocab_size}, "
-                f"tokens={self.meta.get('tokens')}, domains={self.domains})")
+        return (
+            f"TokenDataset({str(self.path)!r}, vocab_size={self.vocab_size}, "
+            f"tokens={self.meta.get('tokens')}, domains={self.domains})"
+        )
 
 
 def check_vocab_compatible(meta: Mapping[str, Any] | TokenDataset, model_vocab_size: int) -> None:
@@ -106,8 +113,10 @@ def _check_window(ds: TokenDataset, split: str, seq_len: int, batch_size: int) -
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     tokens = ds.split(split)
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"seq_len: {seq_len} needs at least {seq_len + 1} tokens, split "
-                         f"{split!r} of {ds.path} has {len(tokens)}")
+        raise ValueError(
+            f"seq_len: {seq_len} needs at least {seq_len + 1} tokens, split "
+            f"{split!r} of {ds.path} has {len(tokens)}"
+        )
     return tokens
 
 
@@ -126,9 +135,17 @@ class BatchSampler:
     data-parallel ranks together train on exactly the one-process batches.
     """
 
-    def __init__(self, dataset: TokenDataset, split: str, seq_len: int, batch_size: int,
-                 seed: int = 0, *, rank: int = 0,
-                 shard: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        rank: int = 0,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.split = split
         self.seq_len = int(seq_len)
@@ -141,9 +158,11 @@ class BatchSampler:
         if shard is not None:
             index, count = int(shard[0]), int(shard[1])
             if count < 1 or not 0 <= index < count or self.batch_size % count:
-                raise ValueError(f"shard: ({index}, {count}) must be (index, count) with "
-                                 f"0 <= index < count and count dividing batch_size "
-                                 f"({self.batch_size})")
+                raise ValueError(
+                    f"shard: ({index}, {count}) must be (index, count) with "
+                    f"0 <= index < count and count dividing batch_size "
+                    f"({self.batch_size})"
+                )
             local = self.batch_size // count
             self._rows = slice(index * local, (index + 1) * local)
         self.position = 0
@@ -174,8 +193,9 @@ class BatchSampler:
         self.position = int(state["position"])
 
 
-def iter_eval_batches(dataset: TokenDataset, split: str, seq_len: int, batch_size: int,
-                      max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def iter_eval_batches(
+    dataset: TokenDataset, split: str, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Sequential, non-overlapping windows over a split (the last batch may be smaller).
 
     Window ``i`` predicts tokens ``i*L+1 .. i*L+L``, so targets tile the split exactly once up to

@@ -27,8 +27,13 @@ def cache_dir() -> Path:
 def embedded_key() -> str:
     """Short hash of everything that determines the prepared embedded dataset."""
     h = hashlib.sha256()
-    for part in (file_sha256(EMBEDDED_CORPUS), file_sha256(SHIPPED_TOKENIZER),
-                 str(FORMAT_VERSION), str(DEFAULT_VAL_FRACTION), str(DEFAULT_SEED)):
+    for part in (
+        file_sha256(EMBEDDED_CORPUS),
+        file_sha256(SHIPPED_TOKENIZER),
+        str(FORMAT_VERSION),
+        str(DEFAULT_VAL_FRACTION),
+        str(DEFAULT_SEED),
+    ):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:12]
 
@@ -39,8 +44,14 @@ def default_dataset_dir() -> Path:
     if (out / "meta.json").is_file():
         return out
     try:
-        prepare(EMBEDDED_CORPUS, out, format="jsonl", val_fraction=DEFAULT_VAL_FRACTION,
-                seed=DEFAULT_SEED, progress=False)
+        prepare(
+            EMBEDDED_CORPUS,
+            out,
+            format="jsonl",
+            val_fraction=DEFAULT_VAL_FRACTION,
+            seed=DEFAULT_SEED,
+            progress=False,
+        )
     except FileExistsError:  # another process published it while we were building
         if not (out / "meta.json").is_file():
             raise

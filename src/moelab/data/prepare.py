@@ -52,8 +52,10 @@ def choose_dtype(vocab_size: int, dtype: str = "auto") -> str:
     if dtype == "auto":
         return "uint16" if vocab_size <= 65536 else "uint32"
     if dtype == "uint16" and vocab_size > 65536:
-        raise ValueError(f"dtype: tokenizer vocab_size {vocab_size} does not fit uint16 "
-                         "(max 65536); use dtype uint32 or auto")
+        raise ValueError(
+            f"dtype: tokenizer vocab_size {vocab_size} does not fit uint16 "
+            "(max 65536); use dtype uint32 or auto"
+        )
     return dtype
 
 
@@ -91,8 +93,9 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _validate(inputs: Sequence[Path], output_dir: Path, val_fraction: float, seed: int,
-              overwrite: bool) -> None:
+def _validate(
+    inputs: Sequence[Path], output_dir: Path, val_fraction: float, seed: int, overwrite: bool
+) -> None:
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
     if not inputs:
@@ -106,8 +109,10 @@ def _validate(inputs: Sequence[Path], output_dir: Path, val_fraction: float, see
         if not output_dir.is_dir():
             raise ValueError(f"output {output_dir}: exists and is not a directory")
         if any(output_dir.iterdir()) and not overwrite:
-            raise ValueError(f"output {output_dir}: directory exists and is not empty "
-                             "(pass overwrite=True / --overwrite to replace it)")
+            raise ValueError(
+                f"output {output_dir}: directory exists and is not empty "
+                "(pass overwrite=True / --overwrite to replace it)"
+            )
 
 
 def _scan(sources: Sequence[Source]) -> tuple[list[str], int]:
@@ -134,8 +139,9 @@ def _publish(tmp: Path, output_dir: Path, overwrite: bool) -> None:
         os.rename(tmp, output_dir)  # atomic; fails if output_dir exists and is not empty
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FileExistsError(f"output {output_dir}: created concurrently by another process"
-                              ) from err
+        raise FileExistsError(
+            f"output {output_dir}: created concurrently by another process"
+        ) from err
 
 
 def prepare(
@@ -173,12 +179,23 @@ def prepare(
     tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
     np_dtype = choose_dtype(tok.vocab_size, dtype)
     if tok.eos_id is None:
-        raise ValueError(f"tokenizer {tok.path}: no end-of-text token found (looked for "
-                         "<|endoftext|>, </s>, <eos>, ...); documents need a separator")
-    sources = [open_source(p, format, text_field=text_field, domain_field=domain_field,
-                           domain=domain, domain_from_dir=domain_from_dir, hf_split=hf_split,
-                           extensions=extensions)
-               for p in paths]
+        raise ValueError(
+            f"tokenizer {tok.path}: no end-of-text token found (looked for "
+            "<|endoftext|>, </s>, <eos>, ...); documents need a separator"
+        )
+    sources = [
+        open_source(
+            p,
+            format,
+            text_field=text_field,
+            domain_field=domain_field,
+            domain=domain,
+            domain_from_dir=domain_from_dir,
+            hf_split=hf_split,
+            extensions=extensions,
+        )
+        for p in paths
+    ]
 
     doc_domains, total_chars = _scan(sources)
     if not doc_domains:
@@ -194,8 +211,9 @@ def prepare(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        counts = _tokenize_into(tmp, sources, tok, np_dtype, is_val, domain_index,
-                                total_chars, progress)
+        counts = _tokenize_into(
+            tmp, sources, tok, np_dtype, is_val, domain_index, total_chars, progress
+        )
         meta = _build_meta(tmp, tok, np_dtype, names, counts, sources, val_fraction, seed)
         shutil.copyfile(tok.path, tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
@@ -207,9 +225,16 @@ def prepare(
     return output_dir
 
 
-def _tokenize_into(tmp: Path, sources: Sequence[Source], tok: TextTokenizer, dtype: str,
-                   is_val: np.ndarray, domain_index: dict[str, int], total_chars: int,
-                   progress: bool | None) -> dict[str, np.ndarray]:
+def _tokenize_into(
+    tmp: Path,
+    sources: Sequence[Source],
+    tok: TextTokenizer,
+    dtype: str,
+    is_val: np.ndarray,
+    domain_index: dict[str, int],
+    total_chars: int,
+    progress: bool | None,
+) -> dict[str, np.ndarray]:
     """Second pass: encode in batches and append to the split files; returns per-split counts."""
     show = total_chars >= PROGRESS_MIN_CHARS if progress is None else progress
     for split in SPLITS:
@@ -241,8 +266,9 @@ def _tokenize_into(tmp: Path, sources: Sequence[Source], tok: TextTokenizer, dty
                     f.write(np.concatenate(domain_arrays).tobytes())
         batch.clear()
 
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing",
-              disable=not show) as bar:
+    with tqdm(
+        total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not show
+    ) as bar:
         for source in sources:
             for doc in source:
                 if doc.text.strip():
@@ -253,16 +279,26 @@ def _tokenize_into(tmp: Path, sources: Sequence[Source], tok: TextTokenizer, dty
     return counts
 
 
-def _build_meta(tmp: Path, tok: TextTokenizer, dtype: str, names: list[str],
-                counts: dict[str, np.ndarray], sources: Sequence[Source],
-                val_fraction: float, seed: int) -> dict[str, Any]:
+def _build_meta(
+    tmp: Path,
+    tok: TextTokenizer,
+    dtype: str,
+    names: list[str],
+    counts: dict[str, np.ndarray],
+    sources: Sequence[Source],
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
     import moelab
 
     entropy = {}
     for split in SPLITS:
         n = int(counts[split][1].sum())
-        tokens = (np.memmap(tmp / token_file(split), dtype=dtype, mode="r") if n
-                  else np.zeros(0, dtype=dtype))
+        tokens = (
+            np.memmap(tmp / token_file(split), dtype=dtype, mode="r")
+            if n
+            else np.zeros(0, dtype=dtype)
+        )
         entropy[split] = round(unigram_entropy(tokens, tok.vocab_size), 6)
         del tokens
     return {
@@ -278,10 +314,12 @@ def _build_meta(tmp: Path, tok: TextTokenizer, dtype: str, names: list[str],
         "files": {s: {"tokens": token_file(s), "domains": domain_file(s)} for s in SPLITS},
         "tokens": {s: int(counts[s][1].sum()) for s in SPLITS},
         "documents": {s: int(counts[s][0].sum()) for s in SPLITS},
-        "tokens_by_domain": {s: {n: int(c) for n, c in zip(names, counts[s][1], strict=True)}
-                             for s in SPLITS},
-        "documents_by_domain": {s: {n: int(c) for n, c in zip(names, counts[s][0], strict=True)}
-                                for s in SPLITS},
+        "tokens_by_domain": {
+            s: {n: int(c) for n, c in zip(names, counts[s][1], strict=True)} for s in SPLITS
+        },
+        "documents_by_domain": {
+            s: {n: int(c) for n, c in zip(names, counts[s][0], strict=True)} for s in SPLITS
+        },
         "unigram_entropy_nats": entropy,
         "val_fraction": float(val_fraction),
         "seed": int(seed),

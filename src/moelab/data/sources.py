@@ -17,15 +17,77 @@ from typing import Any
 FORMATS = ("auto", "text", "jsonl", "hf")
 TEXT_EXTENSIONS = (
     # prose and markup
-    ".txt", ".text", ".md", ".markdown", ".rst", ".adoc", ".org", ".tex", ".bib",
-    ".html", ".htm", ".xml", ".svg", ".css",
+    ".txt",
+    ".text",
+    ".md",
+    ".markdown",
+    ".rst",
+    ".adoc",
+    ".org",
+    ".tex",
+    ".bib",
+    ".html",
+    ".htm",
+    ".xml",
+    ".svg",
+    ".css",
     # code
-    ".py", ".pyi", ".pyx", ".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".hxx", ".cu",
-    ".java", ".kt", ".scala", ".go", ".rs", ".js", ".jsx", ".mjs", ".ts", ".tsx", ".cs",
-    ".swift", ".m", ".rb", ".php", ".pl", ".lua", ".r", ".jl", ".hs", ".ml", ".ex", ".erl",
-    ".clj", ".sql", ".sh", ".bash", ".zsh", ".fish", ".ps1", ".bat", ".mk", ".cmake",
+    ".py",
+    ".pyi",
+    ".pyx",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".cxx",
+    ".hh",
+    ".hpp",
+    ".hxx",
+    ".cu",
+    ".java",
+    ".kt",
+    ".scala",
+    ".go",
+    ".rs",
+    ".js",
+    ".jsx",
+    ".mjs",
+    ".ts",
+    ".tsx",
+    ".cs",
+    ".swift",
+    ".m",
+    ".rb",
+    ".php",
+    ".pl",
+    ".lua",
+    ".r",
+    ".jl",
+    ".hs",
+    ".ml",
+    ".ex",
+    ".erl",
+    ".clj",
+    ".sql",
+    ".sh",
+    ".bash",
+    ".zsh",
+    ".fish",
+    ".ps1",
+    ".bat",
+    ".mk",
+    ".cmake",
     # data and configuration written as text
-    ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".csv", ".tsv", ".proto",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".ini",
+    ".cfg",
+    ".conf",
+    ".csv",
+    ".tsv",
+    ".proto",
 )
 """Files a directory input reads by default (one document each), compared case-insensitively:
 common prose, markup, code and text-configuration files. Not JSONL: a ``.jsonl`` file holds
@@ -54,8 +116,9 @@ def normalize_extensions(extensions: str | Sequence[str] | None) -> tuple[str, .
         if len(ext) > 1 and ext not in out:
             out.append(ext)
     if not out:
-        raise ValueError(f"extensions: give at least one file extension, e.g. .txt,.md; got "
-                         f"{extensions!r}")
+        raise ValueError(
+            f"extensions: give at least one file extension, e.g. .txt,.md; got {extensions!r}"
+        )
     return tuple(out)
 
 
@@ -131,8 +194,10 @@ class TextSource:
             try:
                 text = file.read_text("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"input {file}: not UTF-8 text ({err}); leave its extension out "
-                                 "with --extensions") from err
+                raise ValueError(
+                    f"input {file}: not UTF-8 text ({err}); leave its extension out "
+                    "with --extensions"
+                ) from err
             yield Document(text, self._domain(file))
 
     def describe(self) -> dict[str, Any]:
@@ -176,16 +241,22 @@ class JsonlSource:
                 )
             text = record[self.text_field]
             if not isinstance(text, str):
-                raise ValueError(f"{where}: field {self.text_field!r} must be a string, "
-                                 f"got {type(text).__name__}")
+                raise ValueError(
+                    f"{where}: field {self.text_field!r} must be a string, "
+                    f"got {type(text).__name__}"
+                )
             domain = self.domain
             if self.domain_field and record.get(self.domain_field) is not None:
                 domain = str(record[self.domain_field])
             yield Document(text, domain)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": "jsonl", "text_field": self.text_field,
-                "domain_field": self.domain_field}
+        return {
+            "path": str(self.path),
+            "format": "jsonl",
+            "text_field": self.text_field,
+            "domain_field": self.domain_field,
+        }
 
 
 @dataclass
@@ -215,8 +286,10 @@ class HFSource:
             ds = ds[split]
             self.split = split
         if self.text_field not in ds.column_names:
-            raise ValueError(f"input {self.path}: missing text field {self.text_field!r} "
-                             f"(columns: {ds.column_names}; choose one with --text-field)")
+            raise ValueError(
+                f"input {self.path}: missing text field {self.text_field!r} "
+                f"(columns: {ds.column_names}; choose one with --text-field)"
+            )
         self._ds = ds
 
     def __iter__(self) -> Iterator[Document]:
@@ -226,14 +299,21 @@ class HFSource:
             domains = batch[self.domain_field] if has_domain else None
             for i, text in enumerate(batch[self.text_field]):
                 if not isinstance(text, str):
-                    raise ValueError(f"input {self.path}: column {self.text_field!r} must hold "
-                                     f"strings, got {type(text).__name__}")
+                    raise ValueError(
+                        f"input {self.path}: column {self.text_field!r} must hold "
+                        f"strings, got {type(text).__name__}"
+                    )
                 domain = self.domain if domains is None or domains[i] is None else str(domains[i])
                 yield Document(text, domain)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": "hf", "split": self.split,
-                "text_field": self.text_field, "domain_field": self.domain_field}
+        return {
+            "path": str(self.path),
+            "format": "hf",
+            "split": self.split,
+            "text_field": self.text_field,
+            "domain_field": self.domain_field,
+        }
 
 
 Source = TextSource | JsonlSource | HFSource

@@ -49,8 +49,12 @@ def _mkl(macs_per_group: float, *tensors: Tensor):
     """MKL's batch GEMM when every operand qualifies (CPU, one float32/64 dtype, contiguous) and
     the matmuls are small enough for it to pay (see :data:`BATCH_MAX_MACS`), else None."""
     t0 = tensors[0]
-    if macs_per_group >= BATCH_MAX_MACS or t0.device.type != "cpu" or any(
-        t.dtype != t0.dtype or t.device != t0.device or not t.is_contiguous() for t in tensors
+    if (
+        macs_per_group >= BATCH_MAX_MACS
+        or t0.device.type != "cpu"
+        or any(
+            t.dtype != t0.dtype or t.device != t0.device or not t.is_contiguous() for t in tensors
+        )
     ):
         return None
     return mkl_gemm_batch(t0.dtype)

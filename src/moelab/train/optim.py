@@ -110,10 +110,19 @@ def _c_rows_update(
     lr, beta1, beta2, eps, wd = hp
     ptr = ctypes.c_void_p
     fn(
-        ptr(p2.data_ptr()), ptr(m2.data_ptr()), ptr(v2.data_ptr()), ptr(row_step.data_ptr()),
-        ptr(idx.data_ptr()), ptr(g.data_ptr()), ctypes.c_int64(idx.numel()),
-        ctypes.c_int64(p2.shape[1]), ctypes.c_double(lr), ctypes.c_double(beta1),
-        ctypes.c_double(beta2), ctypes.c_double(eps), ctypes.c_double(wd),
+        ptr(p2.data_ptr()),
+        ptr(m2.data_ptr()),
+        ptr(v2.data_ptr()),
+        ptr(row_step.data_ptr()),
+        ptr(idx.data_ptr()),
+        ptr(g.data_ptr()),
+        ctypes.c_int64(idx.numel()),
+        ctypes.c_int64(p2.shape[1]),
+        ctypes.c_double(lr),
+        ctypes.c_double(beta1),
+        ctypes.c_double(beta2),
+        ctypes.c_double(eps),
+        ctypes.c_double(wd),
         ctypes.c_int(torch.get_num_threads()),
     )
     return True

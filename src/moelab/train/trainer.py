@@ -106,9 +106,7 @@ class Trainer(CheckpointedTraining):
             )
         replace = not resume and self.rundir.holds_run  # only after all checks
         if resume and not self.rundir.holds_run:
-            raise ConfigError(
-                "resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})"
-            )
+            raise ConfigError("resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})")
         if resume:  # before anything else: a refused override must leave the run untouched
             check_resume_config(self.rundir.read_config(RunConfig), config)
             preset = preset or self.rundir.recorded_preset()
@@ -393,7 +391,6 @@ class Trainer(CheckpointedTraining):
     @property
     def _tokens_per_step(self) -> int:
         return self.config.data.batch_size * self.config.data.seq_len
-
 
 
 def train(
