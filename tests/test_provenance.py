@@ -1,0 +1,58 @@
+"""The dataset checksum: the same digest with or without its cache, recomputed when a file
+changes, and a broken cache costs only the hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from moelab import provenance
+
+
+def _dataset(root: Path) -> Path:
+    root.mkdir()
+    (root / "meta.json").write_text('{"domains": ["a"]}')
+    (root / "train.bin").write_bytes(bytes(range(256)) * 10)
+    return root
+
+
+def _by_hand(root: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("meta.json", "train.bin"):
+        h.update(name.encode())
+        h.update((root / name).read_bytes())
+    return h.hexdigest()
+
+
+def test_cached_checksum_is_reused_until_a_file_changes(tmp_path, monkeypatch):
+    data, cache = _dataset(tmp_path / "data"), tmp_path / "cache" / "sums.json"
+    assert provenance.data_checksum(data, cache) == _by_hand(data) == provenance.data_checksum(data)
+    assert json.loads(cache.read_text())[str(data.resolve())]["sha256"] == _by_hand(data)
+
+    want, reads = _by_hand(data), []
+    real_open = Path.open
+    monkeypatch.setattr(
+        Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k)
+    )
+    assert provenance.data_checksum(data, cache) == want
+    assert not [p for p in reads if p.parent == data]  # from the cache: no dataset file read
+
+    (data / "train.bin").write_bytes(bytes(range(255, -1, -1)) * 10)  # same size, new content
+    stat = (data / "train.bin").stat()
+    os.utime(data / "train.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    got = provenance.data_checksum(data, cache)
+    assert [p for p in reads if p.parent == data]  # changed: hashed again
+    assert got == _by_hand(data) != want
+
+
+def test_a_corrupt_or_unwritable_cache_only_costs_the_hashing(tmp_path):
+    data = _dataset(tmp_path / "data")
+    corrupt = tmp_path / "sums.json"
+    corrupt.write_text("{not json")
+    assert provenance.data_checksum(data, corrupt) == _by_hand(data)
+    blocked = tmp_path / "file" / "sums.json"  # its parent is a file: cannot be written
+    (tmp_path / "file").write_text("")
+    assert provenance.data_checksum(data, blocked) == _by_hand(data)
+    assert provenance.data_checksum(tmp_path / "empty-dir-that-does-not-exist") is None
