@@ -47,6 +47,17 @@ def test_cached_checksum_is_reused_until_a_file_changes(tmp_path, monkeypatch):
     assert got == _by_hand(data) != want
 
 
+def test_entries_of_deleted_datasets_are_dropped(tmp_path):
+    cache = tmp_path / "sums.json"
+    gone, kept = _dataset(tmp_path / "gone"), _dataset(tmp_path / "kept")
+    provenance.data_checksum(gone, cache)
+    for path in gone.iterdir():
+        path.unlink()
+    gone.rmdir()
+    provenance.data_checksum(kept, cache)
+    assert list(json.loads(cache.read_text())) == [str(kept.resolve())]
+
+
 def test_a_corrupt_or_unwritable_cache_only_costs_the_hashing(tmp_path):
     data = _dataset(tmp_path / "data")
     corrupt = tmp_path / "sums.json"

@@ -79,7 +79,8 @@ def data_checksum(dataset_dir: Path, cache_file: Path | None = None) -> str | No
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     checksum = digest.hexdigest()
-    if cache_file is not None:
+    if cache_file is not None:  # entries of datasets that no longer exist are dropped
+        cache = {k: v for k, v in cache.items() if Path(k).is_dir()}
         cache[key] = {"stamp": stamp, "sha256": checksum}
         _write_json(cache_file, cache)
     return checksum
