@@ -205,6 +205,7 @@ def test_convert_hf_cli_then_train_resume(
     assert json.loads((run / "summary.json").read_text())["method"] == "remoe"
 
     assert main([*args, "--set", "model.d_model=64", "--overwrite"]) == 2
-    assert "model.d_model: the model comes from the converted weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.d_model: the model comes from the weights it starts from" in err
     assert main(["convert-hf", str(tmp_path), str(tmp_path / "r2")]) == 2
     assert "is not a transformers checkpoint" in capsys.readouterr().err

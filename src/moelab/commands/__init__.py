@@ -22,7 +22,7 @@ def add_override_options(p: argparse.ArgumentParser, positional_help: str) -> No
 
 def add_new_run_options(p: argparse.ArgumentParser, run_dir_metavar: str) -> None:
     """What every command that writes a new run directory from weights (``convert-hf``,
-    ``upcycle``) takes besides its inputs: config overrides and ``--overwrite``."""
+    ``upcycle``, ``prune``) takes besides its inputs: config overrides and ``--overwrite``."""
     add_override_options(
         p, "dotted config overrides (right after the directories; anywhere else use --set)"
     )

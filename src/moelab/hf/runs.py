@@ -20,36 +20,9 @@ from moelab.data import TokenDataset
 from moelab.data.tokenizer import file_sha256
 from moelab.hf.convert import convert
 from moelab.hf.upcycle import upcycle
-from moelab.model import TransformerLM
-from moelab.train import RunConfig, Trainer, load_run
+from moelab.train import load_run, run_config_for, start_run
 
 __all__ = ["convert_checkpoint", "start_run", "upcycle_run"]
-
-
-def start_run(
-    model: TransformerLM, config: RunConfig, run_dir: str | Path, *, overwrite: bool = False
-) -> Path:
-    """Lay out a run of ``config`` in ``run_dir`` whose step-0 checkpoint holds ``model``'s
-    weights; returns the checkpoint. ``config.model`` must describe ``model``."""
-    if config.model.to_dict() != model.cfg.to_dict():
-        raise ValueError(
-            "model: the run config's model section does not describe the given model; "
-            "overrides may change data/optim/train/logging/checkpoint settings, not the model"
-        )
-    trainer = Trainer(config, run_dir, overwrite=overwrite)
-    trainer.model.load_state_dict(model.state_dict())
-    return trainer.save()
-
-
-def _run_config(model: TransformerLM, base: dict[str, Any], overrides: Iterable[str]) -> RunConfig:
-    overrides = list(overrides)
-    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
-    if bad:
-        raise ValueError(
-            f"{bad[0].split('=', 1)[0]}: the model comes from the converted weights and cannot "
-            "be overridden here; change it with moelab train --resume where resumable"
-        )
-    return RunConfig.from_dict(base | {"model": model.cfg.to_dict()}, overrides)
 
 
 def convert_checkpoint(
@@ -83,7 +56,7 @@ def convert_checkpoint(
     )
     model = convert(hf_model, router=router)
     base: dict[str, Any] = {"data": {"path": None if data is None else str(data)}}
-    return start_run(model, _run_config(model, base, overrides), run_dir, overwrite=overwrite)
+    return start_run(model, run_config_for(model, base, overrides), run_dir, overwrite=overwrite)
 
 
 def _check_tokenizer(hf_dir: Path, data: Path) -> None:
@@ -128,4 +101,4 @@ def upcycle_run(
         seed=config.train.seed,
     )
     base = config.to_dict()
-    return start_run(model, _run_config(model, base, overrides), out_dir, overwrite=overwrite)
+    return start_run(model, run_config_for(model, base, overrides), out_dir, overwrite=overwrite)

@@ -15,6 +15,7 @@ from moelab.train.config import (
     preset_path,
     resolve_run_config,
 )
+from moelab.train.new_run import run_config_for, start_run
 from moelab.train.run import evaluate_run, load_run, load_run_config, run_tokenizer
 from moelab.train.schedule import lr_at
 from moelab.train.setup import open_dataset
@@ -34,6 +35,8 @@ __all__ = [
     "open_dataset",
     "preset_path",
     "resolve_run_config",
+    "run_config_for",
     "run_tokenizer",
+    "start_run",
     "train",
 ]

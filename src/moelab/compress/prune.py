@@ -1,0 +1,153 @@
+"""Expert pruning: keep each MoE layer's most-used experts, drop the rest.
+
+Usage is what the routers do on real tokens: a no-grad pass over validation batches counts, per
+MoE block, the tokens routed to each expert (:func:`expert_usage`). :func:`prune_experts` keeps the
+``keep`` most-used experts of every MoE block (each block its own; ties go to the lower index),
+slicing the experts' weights and every per-expert row of the router, and returns a model whose
+config says ``num_experts = keep / granularity``. This is frequency-based pruning, the simplest
+of the expert-pruning criteria in the literature (Lu et al. 2024, "Not All Experts are Equal",
+compare reconstruction-loss search; Muzio et al. 2024, SEER-MoE, use usage counts as here).
+
+What stays exact: with ReMoE's ReLU router every expert's gate is independent of the others, so
+dropping experts that never fired leaves every output unchanged; with the TopK router and
+``renormalize=True`` a token's gates are its chosen experts' probabilities renormalised among
+themselves, which do not depend on the other experts, so dropping experts no token chose is exact
+too. Anything else changes outputs (a softmax over all experts loses the dropped ones' mass; a
+token whose choice was dropped takes its next-best kept experts): evaluate the pruned run, and
+continue training it (``moelab train --resume``) to recover.
+
+Routers other than ``topk`` and ``relu`` are refused: their per-expert state (a hash table over
+expert ids, a bias updated between steps, a recurrent router's output layer, merged experts) does
+not survive removing experts as plain rows do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from moelab.eval.perplexity import eval_batches
+from moelab.layers.moe import MoE
+from moelab.model import ModelConfig, TransformerLM
+from moelab.train import load_run, open_dataset, run_config_for, start_run
+
+__all__ = ["PRUNABLE_ROUTERS", "expert_usage", "prune_experts", "prune_run"]
+
+PRUNABLE_ROUTERS = ("topk", "relu")
+
+
+def _moe_blocks(model: TransformerLM) -> dict[int, MoE]:
+    return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
+
+
+def check_prunable(model: TransformerLM, keep: int) -> None:
+    """Refuse, naming the field and the allowed values, before any work."""
+    blocks = _moe_blocks(model)
+    if not blocks:
+        raise ValueError("model: no MoE layer to prune (model.ffn.kind must be 'moe')")
+    ffn = model.cfg.ffn
+    if ffn.router not in PRUNABLE_ROUTERS:
+        raise ValueError(
+            f"model.ffn.router: pruning supports {', '.join(PRUNABLE_ROUTERS)}, got {ffn.router!r}"
+        )
+    if ffn.iterations != 1:
+        raise ValueError(f"model.ffn.iterations: must be 1 to prune, got {ffn.iterations}")
+    total, g, k = ffn.num_experts * ffn.granularity, ffn.granularity, ffn.top_k * ffn.granularity
+    if not isinstance(keep, int) or isinstance(keep, bool) or not k <= keep <= total:
+        raise ValueError(
+            f"keep: must be an integer from top_k x granularity ({k}) to the routed experts "
+            f"({total}), got {keep!r}"
+        )
+    if keep % g:
+        raise ValueError(
+            f"keep: must be a multiple of the granularity ({g}) so that the pruned model has "
+            f"whole coarse experts, got {keep}"
+        )
+
+
+@torch.no_grad()
+def expert_usage(model: TransformerLM, batches: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert of every MoE block (``{block: long [E]}``) over ``batches``
+    of input ids, in evaluation mode (no aux losses, no controller update, nothing learnt)."""
+    blocks = _moe_blocks(model)
+    counts = {i: torch.zeros(moe.num_experts, dtype=torch.long) for i, moe in blocks.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for moe in blocks.values():
+            moe.force_stats = True
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(ids.to(device))
+            for i, moe in blocks.items():
+                counts[i] += moe.last_stats.tokens_per_expert.cpu()
+    finally:
+        for moe in blocks.values():
+            moe.force_stats = False
+        model.train(was_training)
+    return counts
+
+
+def kept_experts(usage_E: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` most-used experts' ids, ascending (ties: the lower id), so the kept experts
+    stay in their original order."""
+    order = torch.argsort(-usage_E, stable=True)  # descending usage, lower id first on ties
+    return order[:keep].sort().values
+
+
+@torch.no_grad()
+def prune_experts(
+    model: TransformerLM, keep: int, usage: dict[int, torch.Tensor]
+) -> tuple[TransformerLM, dict[int, list[int]]]:
+    """A copy of ``model`` whose MoE blocks keep their ``keep`` most-used experts (by ``usage``,
+    see :func:`expert_usage`); returns it and the kept expert ids per block."""
+    check_prunable(model, keep)
+    raw = model.cfg.to_dict()
+    raw["ffn"] = raw["ffn"] | {"num_experts": keep // model.cfg.ffn.granularity}
+    cfg = ModelConfig.from_dict(raw)
+    state = torch.random.get_rng_state()
+    try:
+        pruned = TransformerLM(cfg)
+    finally:
+        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
+    source = model.state_dict()
+    kept: dict[int, list[int]] = {}
+    blocks = _moe_blocks(model)
+    for i, moe in blocks.items():
+        if i not in usage or usage[i].shape != (moe.num_experts,):
+            raise ValueError(f"usage: needs a [{moe.num_experts}] count for MoE block {i}")
+        idx = kept_experts(usage[i], keep)
+        kept[i] = idx.tolist()
+        prefix = f"blocks.{i}.ffn."
+        for part in ("experts.", "router."):
+            for name, t in list(source.items()):
+                if name.startswith(prefix + part) and t.dim() and t.shape[0] == moe.num_experts:
+                    source[name] = t.index_select(0, idx)
+    pruned.load_state_dict(source)
+    return pruned.train(model.training), kept
+
+
+def prune_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    keep: int,
+    batches: int | None = 16,
+    checkpoint: str | int | None = None,
+    overrides: Iterable[str] = (),
+    overwrite: bool = False,
+) -> tuple[Path, dict[int, list[int]], dict[int, torch.Tensor]]:
+    """A run's checkpoint pruned to ``keep`` experts per MoE block, counting usage on
+    ``batches`` validation batches of the run's own data; written as a new run in ``out_dir``
+    with the source run's other settings (``overrides`` change data/optim/train/... fields).
+    Returns the new checkpoint, the kept expert ids and the usage counts per block."""
+    model, config = load_run(run_dir, checkpoint)
+    check_prunable(model, keep)
+    d = config.data
+    windows = eval_batches(open_dataset(config), "val", d.seq_len, d.eval_batch_size, batches)
+    usage = expert_usage(model, (b["input_ids"] for b in windows))
+    pruned, kept = prune_experts(model, keep, usage)
+    run_config = run_config_for(pruned, config.to_dict(), overrides)
+    return start_run(pruned, run_config, out_dir, overwrite=overwrite), kept, usage
