@@ -200,6 +200,15 @@ class RunDir:
         records = self.provenance() + [record]
         (self.path / self.PROVENANCE).write_text(json.dumps(records, indent=2))
 
+    def set_origin(self, origin: dict[str, Any]) -> None:
+        """Record, in the run's first provenance record, the run or checkpoint whose weights this
+        run started from and how they were changed (``convert-hf``, ``upcycle``, ``prune``)."""
+        records = self.provenance()
+        if not records:
+            raise ValueError(f"{self.path}: no provenance record to attach an origin to")
+        records[0]["origin"] = origin
+        (self.path / self.PROVENANCE).write_text(json.dumps(records, indent=2))
+
     def provenance(self) -> list[dict[str, Any]]:
         """One record per training process of this run, oldest first (``[]`` for older runs)."""
         path = self.path / self.PROVENANCE

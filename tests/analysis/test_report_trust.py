@@ -87,6 +87,30 @@ def test_matched_runs_have_no_warnings(tmp_path):
     assert "FLOPs per token differ" not in res["markdown"].read_text()
 
 
+def test_a_run_started_from_other_weights_says_so(tmp_path):
+    """A pruned (or upcycled, converted) run records its origin; the settings table gains a
+    "from" column and a warning says its tokens seen do not count the source's training."""
+    root = tmp_path / "runs"
+    origin = {"command": "prune", "source": "/somewhere/demo", "checkpoint": "step_00000300"}
+    runs = [
+        write_run(root, "demo", "topk", config=_cfg(), provenance=[prov_record()]),
+        write_run(
+            root, "pruned", "topk", config=_cfg(), provenance=[prov_record() | {"origin": origin}]
+        ),
+    ]
+    res = build_report(runs, tmp_path / "rep", analyze=False, plots_enabled=False)
+    md = res["markdown"].read_text()
+    assert "| run | seeds | from | method |" in md
+    assert "| pruned | 1 | **prune of demo@step_00000300** |" in md
+    assert "| demo | 1 | **–** |" in md
+    assert any(
+        "pruned started from other weights (prune of demo@step_00000300)" in w
+        for w in res["warnings"]
+    )
+    plain = build_report(runs[:1], tmp_path / "rep1", analyze=False, plots_enabled=False)
+    assert "| from |" not in plain["markdown"].read_text()  # no column when nothing is derived
+
+
 def test_provenance_header_once_or_per_run(tmp_path):
     root = tmp_path / "runs"
     rec = prov_record(git_commit="c" * 40, git_dirty=False, cpu="CPU One", threads=1)

@@ -12,6 +12,7 @@ from moelab.cli import main
 from moelab.compress import expert_usage, prune_experts
 from moelab.compress.prune import kept_experts
 from moelab.model import ModelConfig, TransformerLM
+from moelab.rundir import RunDir
 from moelab.train import load_run, train
 from run_fixtures import tiny_config
 
@@ -99,6 +100,10 @@ def test_prune_command_writes_a_run_that_evaluates_and_trains(
     assert main(["prune", str(tmp_path / "src"), str(out), "--keep", "2", "--batches", "2"]) == 0
     printed = capsys.readouterr().out
     assert "block 0: kept 2 of 4 experts" in printed and f"moelab train --resume {out}" in printed
+    origin = RunDir(out).provenance()[0]["origin"]
+    assert origin["command"] == "prune" and origin["source"] == str((tmp_path / "src").resolve())
+    assert origin["checkpoint"] == "step_00000002" and origin["keep"] == 2
+    assert sorted(origin["kept_experts"]) == ["0", "1"]
     model, config = load_run(out)
     assert config.model.ffn.num_experts == 2 and model.blocks[0].ffn.num_experts == 2
     assert main(["eval", str(out)]) == 0

@@ -12,6 +12,7 @@ import torch
 from moelab.cli import main
 from moelab.hf import upcycle
 from moelab.model import ModelConfig, TransformerLM
+from moelab.rundir import RunDir
 from moelab.train import load_run, train
 from run_fixtures import tiny_config
 
@@ -95,6 +96,9 @@ def test_upcycle_cli_then_train_resume(
     moe, config = load_run(out)
     assert config.model.ffn.kind == "moe" and config.model.ffn.granularity == 2
     assert config.data.path == str(data_dir)
+    origin = RunDir(out).provenance()[0]["origin"]
+    assert origin["command"] == "upcycle" and origin["checkpoint"] == "step_00000002"
+    assert origin["source"] == str(src.resolve()) and origin["granularity"] == 2
     x = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ by more than the tolerances below.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from moelab.analysis.origin import Provenance
@@ -60,6 +61,19 @@ def _data_sha(records: list[dict[str, Any]]) -> list[str]:
     return sorted({r["data_sha256"] for r in records if r.get("data_sha256")})
 
 
+def started_from(records: list[dict[str, Any]]) -> str | None:
+    """``"prune of demo@step_00000300"``: the command and source run (or checkpoint directory)
+    whose weights a run started from (``convert-hf``, ``upcycle``, ``prune``); None for a run
+    trained from its own initialisation."""
+    origin = records[0].get("origin") if records else None
+    if not origin:
+        return None
+    where = Path(str(origin.get("source", "?"))).name
+    if origin.get("checkpoint"):
+        where += f"@{origin['checkpoint']}"
+    return f"{origin.get('command', '?')} of {where}"
+
+
 def run_settings(rec: RunRecord, records: list[dict[str, Any]]) -> dict[str, str]:
     """One run's settings as display strings (``–`` where a setting does not apply or is not
     recorded), from its config, summary and provenance."""
@@ -81,7 +95,8 @@ def run_settings(rec: RunRecord, records: list[dict[str, Any]]) -> dict[str, str
         data += " (sha256 " + " → ".join(s[:12] for s in shas) + ")"
     fl, tok = flops(rec), tokens_seen(rec)
     steps = rec.summary.get("steps") or (rec.train[-1].get("step") if rec.train else None)
-    return {
+    origin = started_from(records)
+    return ({"from": origin} if origin else {}) | {
         "method": rec.method,
         "E": experts,
         "k": k,
@@ -114,7 +129,9 @@ def settings_table(
     all_recs = [r for recs in grouped.values() for r in recs]
     other = _other_differences(all_recs)
     other_keys = sorted({k for v in other.values() for k in v})
-    header = ["run", "seeds", *run_settings(all_recs[0], []).keys(), *other_keys]
+    derived = any(started_from(provenance.get(r.name, [])) for r in all_recs)
+    header = ["run", "seeds", *(["from"] if derived else [])]
+    header += [*run_settings(all_recs[0], []).keys(), *other_keys]
     rows = [header]
     for g, recs in grouped.items():
         per_run = [
@@ -163,6 +180,13 @@ def comparability_warnings(records: list[RunRecord], provenance: Provenance) -> 
             f"{_si(s[3])}): a run that saw more tokens has a lower loss for that reason "
             "alone"
         )
+    for r in records:
+        origin = started_from(provenance.get(r.name, []))
+        if origin:
+            out.append(
+                f"{r.name} started from other weights ({origin}): its tokens seen and steps "
+                "count only its own training, not what produced those weights"
+            )
     shas: dict[str, list[str]] = {}
     for r in records:
         for sha in _data_sha(provenance.get(r.name, [])):

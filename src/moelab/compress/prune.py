@@ -31,6 +31,7 @@ import torch
 from moelab.eval.perplexity import eval_batches
 from moelab.layers.moe import MoE
 from moelab.model import ModelConfig, TransformerLM
+from moelab.rundir import RunDir
 from moelab.train import load_run, open_dataset, run_config_for, start_run
 
 __all__ = ["PRUNABLE_ROUTERS", "expert_usage", "prune_experts", "prune_run"]
@@ -150,4 +151,13 @@ def prune_run(
     usage = expert_usage(model, (b["input_ids"] for b in windows))
     pruned, kept = prune_experts(model, keep, usage)
     run_config = run_config_for(pruned, config.to_dict(), overrides)
-    return start_run(pruned, run_config, out_dir, overwrite=overwrite), kept, usage
+    origin = {
+        "command": "prune",
+        "source": str(Path(run_dir).resolve()),
+        "checkpoint": RunDir(run_dir).find_checkpoint(checkpoint).name,
+        "keep": keep,
+        "usage_batches": batches,
+        "kept_experts": {str(block): ids for block, ids in kept.items()},
+    }
+    ckpt = start_run(pruned, run_config, out_dir, overwrite=overwrite, origin=origin)
+    return ckpt, kept, usage

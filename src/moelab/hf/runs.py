@@ -20,6 +20,7 @@ from moelab.data import TokenDataset
 from moelab.data.tokenizer import file_sha256
 from moelab.hf.convert import convert
 from moelab.hf.upcycle import upcycle
+from moelab.rundir import RunDir
 from moelab.train import load_run, run_config_for, start_run
 
 __all__ = ["convert_checkpoint", "start_run", "upcycle_run"]
@@ -56,7 +57,9 @@ def convert_checkpoint(
     )
     model = convert(hf_model, router=router)
     base: dict[str, Any] = {"data": {"path": None if data is None else str(data)}}
-    return start_run(model, run_config_for(model, base, overrides), run_dir, overwrite=overwrite)
+    origin = {"command": "convert-hf", "source": str(path.resolve()), "router": router}
+    config = run_config_for(model, base, overrides)
+    return start_run(model, config, run_dir, overwrite=overwrite, origin=origin)
 
 
 def _check_tokenizer(hf_dir: Path, data: Path) -> None:
@@ -100,5 +103,15 @@ def upcycle_run(
         renormalize=renormalize,
         seed=config.train.seed,
     )
-    base = config.to_dict()
-    return start_run(model, run_config_for(model, base, overrides), out_dir, overwrite=overwrite)
+    origin = {
+        "command": "upcycle",
+        "source": str(Path(run_dir).resolve()),
+        "checkpoint": RunDir(run_dir).find_checkpoint(checkpoint).name,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "granularity": granularity,
+        "noise_std": noise_std,
+        "router": router,
+    }
+    new_config = run_config_for(model, config.to_dict(), overrides)
+    return start_run(model, new_config, out_dir, overwrite=overwrite, origin=origin)

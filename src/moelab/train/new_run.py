@@ -16,16 +16,25 @@ __all__ = ["run_config_for", "start_run"]
 
 
 def start_run(
-    model: TransformerLM, config: RunConfig, run_dir: str | Path, *, overwrite: bool = False
+    model: TransformerLM,
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    origin: dict[str, Any] | None = None,
 ) -> Path:
     """Lay out a run of ``config`` in ``run_dir`` whose step-0 checkpoint holds ``model``'s
-    weights; returns the checkpoint. ``config.model`` must describe ``model``."""
+    weights; returns the checkpoint. ``config.model`` must describe ``model``. ``origin`` (where
+    the weights came from: ``command``, ``source``, ``checkpoint`` and the command's settings) is
+    kept in the run's provenance, and reports show it."""
     if config.model.to_dict() != model.cfg.to_dict():
         raise ValueError(
             "model: the run config's model section does not describe the given model; "
             "overrides may change data/optim/train/logging/checkpoint settings, not the model"
         )
     trainer = Trainer(config, run_dir, overwrite=overwrite)
+    if origin is not None:
+        trainer.rundir.set_origin(origin)
     trainer.model.load_state_dict(model.state_dict())
     return trainer.save()
 
