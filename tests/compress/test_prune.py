@@ -111,3 +111,19 @@ def test_prune_command_writes_a_run_that_evaluates_and_trains(
     assert main(["prune", str(tmp_path / "src"), str(tmp_path / "x"), "--keep", "5"]) == 2
     assert "keep: must be an integer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_a_pruned_remoe_run_continues_with_the_trained_lambda(tmp_path: Path, data_dir: Path):
+    from moelab.checkpoint_io import load_state
+
+    ffn = {"kind": "moe", "router": "relu", "num_experts": 4, "top_k": 1, "d_hidden": 32}
+    train(tiny_config(data_dir, ffn=ffn, train={"steps": 3}), tmp_path / "src")
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tmp_path / "src"), str(out), "--keep", "2", "--batches", "1"]) == 0
+
+    def controller(run: Path) -> dict:
+        return load_state(RunDir(run).latest_checkpoint() / RunDir.STATE)["controller"]
+
+    source, pruned = controller(tmp_path / "src"), controller(out)
+    assert pruned["lam"] == source["lam"] != pruned["lambda0"]  # trained λ, not λ0
+    assert pruned["target"] == 0.5  # 1 - k/E' for the 2 kept experts (the source's was 0.75)

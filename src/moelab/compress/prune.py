@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint_io import load_state
 from moelab.eval.perplexity import eval_batches
 from moelab.layers.moe import MoE
 from moelab.model import ModelConfig, TransformerLM
@@ -159,5 +160,23 @@ def prune_run(
         "usage_batches": batches,
         "kept_experts": {str(block): ids for block, ids in kept.items()},
     }
-    ckpt = start_run(pruned, run_config, out_dir, overwrite=overwrite, origin=origin)
+    ckpt = start_run(
+        pruned,
+        run_config,
+        out_dir,
+        overwrite=overwrite,
+        origin=origin,
+        hook_states=_controller_state(run_dir, checkpoint),
+    )
     return ckpt, kept, usage
+
+
+def _controller_state(run_dir: str | Path, checkpoint: str | int | None) -> dict:
+    """The source checkpoint's ReMoE λ controller state (``{}`` when it has none): the pruned
+    run continues with the trained λ (its target becomes 1 − k/E' for the fewer experts)."""
+    run = RunDir(run_dir)
+    try:
+        state = load_state(run.find_checkpoint(checkpoint) / RunDir.STATE)
+    except (OSError, ValueError):
+        return {}
+    return {"controller": state["controller"]} if "controller" in state else {}

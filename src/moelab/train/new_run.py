@@ -22,11 +22,14 @@ def start_run(
     *,
     overwrite: bool = False,
     origin: dict[str, Any] | None = None,
+    hook_states: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Lay out a run of ``config`` in ``run_dir`` whose step-0 checkpoint holds ``model``'s
     weights; returns the checkpoint. ``config.model`` must describe ``model``. ``origin`` (where
     the weights came from: ``command``, ``source``, ``checkpoint`` and the command's settings) is
-    kept in the run's provenance, and reports show it."""
+    kept in the run's provenance, and reports show it. ``hook_states`` (checkpoint name → state,
+    e.g. ``"controller"``: ReMoE's λ) seed the new run's between-step hooks of those names, so a
+    run made from a trained one continues with its λ instead of λ0."""
     if config.model.to_dict() != model.cfg.to_dict():
         raise ValueError(
             "model: the run config's model section does not describe the given model; "
@@ -35,6 +38,9 @@ def start_run(
     trainer = Trainer(config, run_dir, overwrite=overwrite)
     if origin is not None:
         trainer.rundir.set_origin(origin)
+    for name, state in (hook_states or {}).items():
+        if name in trainer.step_hooks:
+            trainer.step_hooks[name].load_state_dict(state)
     trainer.model.load_state_dict(model.state_dict())
     return trainer.save()
 
