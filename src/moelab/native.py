@@ -192,9 +192,9 @@ def mkl_gemm_batch(dtype: torch.dtype):
     CPU library carries, or None (another BLAS, a dtype MKL has no batch GEMM for, or
     ``MOELAB_NO_MKL_BATCH=1``).
 
-    One call runs every expert's matmul, each with its own row count: MKL spreads the groups over
-    its threads instead of splitting each small matmul between them, which is what makes narrow
-    (fine-grained) experts nearly as fast per FLOP as one dense matmul on CPU.
+    One call runs every expert's matmul, each with its own row count (one parallel region instead
+    of one per expert, no padding): measured 2-10% faster than a ``torch.mm`` per expert and than
+    a padded ``bmm`` for fine-grained experts on CPU.
     """
     if dtype not in _GEMM_BATCH_SYMBOL or os.environ.get("MOELAB_NO_MKL_BATCH"):
         return None
