@@ -8,11 +8,8 @@ commit, same torch build, same CPU, same thread count) or only within tolerance 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,64 +52,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def data_checksum(dataset_dir: Path, cache_file: Path | None = None) -> str | None:
+def data_checksum(dataset_dir: Path) -> str | None:
     """sha256 over a prepared dataset's ``meta.json`` and token files (None if absent), in name
-    order: two runs with equal checksums trained on the same tokens.
-
-    With ``cache_file`` (a JSON file, shared by all datasets) the digest is reused while every
-    file keeps its name, size and modification time, so a multi-GB dataset is hashed once, not at
-    every run start; an unreadable or unwritable cache only costs the hashing.
-    """
+    order: two runs with equal checksums trained on the same tokens. (Reused across runs by
+    :func:`moelab.data.dataset_checksum`, which keeps it in the per-user cache.)"""
     files = sorted(p for p in Path(dataset_dir).glob("*") if p.is_file())
     if not files:
         return None
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    key = str(Path(dataset_dir).resolve())
-    cache = _read_json(cache_file) if cache_file is not None else {}
-    entry = cache.get(key)
-    if isinstance(entry, dict) and entry.get("stamp") == stamp:
-        return entry["sha256"]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    checksum = digest.hexdigest()
-    if cache_file is not None:  # entries of datasets that no longer exist are dropped
-        cache = {k: v for k, v in cache.items() if Path(k).is_dir()}
-        cache[key] = {"stamp": stamp, "sha256": checksum}
-        _write_json(cache_file, cache)
-    return checksum
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic (temporary file + rename), so concurrent runs never read half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(data, f)
-        os.replace(f.name, path)
-    except OSError:
-        pass
+    return digest.hexdigest()
 
 
 def collect(
     device: torch.device | str = "cpu",
     dataset_dir: Path | None = None,
-    checksum_cache: Path | None = None,
+    data_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The provenance record of a run about to train on ``device`` with ``dataset_dir``
-    (``checksum_cache``: see :func:`data_checksum`)."""
+    (``data_sha256``: its checksum when the caller has it, else computed here)."""
     commit, dirty = git_state()
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -129,7 +91,9 @@ def collect(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "data": None if dataset_dir is None else str(dataset_dir),
-        "data_sha256": None if dataset_dir is None else data_checksum(dataset_dir, checksum_cache),
+        "data_sha256": (
+            data_sha256 if data_sha256 or dataset_dir is None else data_checksum(dataset_dir)
+        ),
     }
 
 

@@ -11,7 +11,7 @@ from moelab.data.dataset import (
     check_vocab_compatible,
     iter_eval_batches,
 )
-from moelab.data.default import EMBEDDED_CORPUS, cache_dir, default_dataset_dir
+from moelab.data.default import EMBEDDED_CORPUS, cache_dir, dataset_checksum, default_dataset_dir
 from moelab.data.prepare import choose_dtype, prepare, unigram_entropy
 from moelab.data.tokenizer import (
     EOS_TOKEN,
@@ -29,6 +29,7 @@ __all__ = [
     "TextTokenizer",
     "TokenDataset",
     "cache_dir",
+    "dataset_checksum",
     "check_vocab_compatible",
     "choose_dtype",
     "default_dataset_dir",

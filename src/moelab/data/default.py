@@ -8,20 +8,55 @@ automatically gets a fresh directory instead of silently reusing stale shards.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
+from moelab.checkpoint_io import replace_text
 from moelab.data.prepare import FORMAT_VERSION, prepare
 from moelab.data.tokenizer import SHIPPED_TOKENIZER, file_sha256
+from moelab.provenance import data_checksum
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "corpus.jsonl.gz"
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 0
 
 
+CHECKSUMS = "data-checksums.json"  # dataset_checksum's file in the cache directory
+
+
 def cache_dir() -> Path:
     """``$MOELAB_CACHE`` if set, else ``~/.cache/moelab``."""
     return Path(os.environ.get("MOELAB_CACHE") or Path.home() / ".cache" / "moelab").expanduser()
+
+
+def dataset_checksum(dataset_dir: Path) -> str | None:
+    """:func:`moelab.provenance.data_checksum` of a prepared dataset, kept in the per-user cache
+    (``data-checksums.json``) while every file keeps its name, size and modification time: a
+    multi-GB dataset is hashed once, not at every run start. Entries of datasets that no longer
+    exist are dropped; an unreadable or unwritable cache only costs the hashing."""
+    files = sorted(p for p in Path(dataset_dir).glob("*") if p.is_file())
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache_file, key = cache_dir() / CHECKSUMS, str(Path(dataset_dir).resolve())
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
+    if files and isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    checksum = data_checksum(dataset_dir)
+    if checksum is not None:
+        cache = {k: v for k, v in cache.items() if Path(k).is_dir()}
+        cache[key] = {"stamp": stamp, "sha256": checksum}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f"{CHECKSUMS}.{os.getpid()}.tmp")
+            replace_text(cache_file, json.dumps(cache), tmp)
+        except OSError:
+            pass
+    return checksum
 
 
 def embedded_key() -> str:

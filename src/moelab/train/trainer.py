@@ -39,7 +39,7 @@ from torch import Tensor
 
 from moelab import provenance
 from moelab.config import ConfigError
-from moelab.data import BatchSampler, cache_dir
+from moelab.data import BatchSampler, dataset_checksum
 from moelab.distributed import setup_parallel
 from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
@@ -175,8 +175,8 @@ class Trainer(CheckpointedTraining):
             self.rundir.truncate_metrics(self.step)
         else:
             self.rundir.create(config, self.dataset, self.accounting, replace=replace)
-        checksums = cache_dir() / "data-checksums.json"  # hash a dataset once, not every start
-        record = provenance.collect(self.device, self.dataset.path, checksums)
+        data_sha256 = dataset_checksum(self.dataset.path)  # cached: hashed once per dataset
+        record = provenance.collect(self.device, self.dataset.path, data_sha256)
         record |= {"start_step": self.step, "preset": self.preset}
         if self.parallel.distributed:
             record["distributed"] = self.parallel.layout()

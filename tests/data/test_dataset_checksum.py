@@ -1,5 +1,5 @@
-"""The dataset checksum: the same digest with or without its cache, recomputed when a file
-changes, and a broken cache costs only the hashing."""
+"""The dataset checksum kept in the per-user cache: the same digest as computing it, recomputed
+when a file changes, and a broken cache costs only the hashing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 from moelab import provenance
+from moelab.data import dataset_checksum
+from moelab.data.default import CHECKSUMS
 
 
 def _dataset(root: Path) -> Path:
@@ -26,9 +28,14 @@ def _by_hand(root: Path) -> str:
     return h.hexdigest()
 
 
+def _cache(monkeypatch, root: Path) -> Path:
+    monkeypatch.setenv("MOELAB_CACHE", str(root))
+    return root / CHECKSUMS
+
+
 def test_cached_checksum_is_reused_until_a_file_changes(tmp_path, monkeypatch):
-    data, cache = _dataset(tmp_path / "data"), tmp_path / "cache" / "sums.json"
-    assert provenance.data_checksum(data, cache) == _by_hand(data) == provenance.data_checksum(data)
+    data, cache = _dataset(tmp_path / "data"), _cache(monkeypatch, tmp_path / "cache")
+    assert dataset_checksum(data) == _by_hand(data) == provenance.data_checksum(data)
     assert json.loads(cache.read_text())[str(data.resolve())]["sha256"] == _by_hand(data)
 
     want, reads = _by_hand(data), []
@@ -36,34 +43,35 @@ def test_cached_checksum_is_reused_until_a_file_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(
         Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k)
     )
-    assert provenance.data_checksum(data, cache) == want
+    assert dataset_checksum(data) == want
     assert not [p for p in reads if p.parent == data]  # from the cache: no dataset file read
 
     (data / "train.bin").write_bytes(bytes(range(255, -1, -1)) * 10)  # same size, new content
     stat = (data / "train.bin").stat()
     os.utime(data / "train.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    got = provenance.data_checksum(data, cache)
+    got = dataset_checksum(data)
     assert [p for p in reads if p.parent == data]  # changed: hashed again
     assert got == _by_hand(data) != want
 
 
-def test_entries_of_deleted_datasets_are_dropped(tmp_path):
-    cache = tmp_path / "sums.json"
+def test_entries_of_deleted_datasets_are_dropped(tmp_path, monkeypatch):
+    cache = _cache(monkeypatch, tmp_path / "cache")
     gone, kept = _dataset(tmp_path / "gone"), _dataset(tmp_path / "kept")
-    provenance.data_checksum(gone, cache)
+    dataset_checksum(gone)
     for path in gone.iterdir():
         path.unlink()
     gone.rmdir()
-    provenance.data_checksum(kept, cache)
+    dataset_checksum(kept)
     assert list(json.loads(cache.read_text())) == [str(kept.resolve())]
 
 
-def test_a_corrupt_or_unwritable_cache_only_costs_the_hashing(tmp_path):
+def test_a_corrupt_or_unwritable_cache_only_costs_the_hashing(tmp_path, monkeypatch):
     data = _dataset(tmp_path / "data")
-    corrupt = tmp_path / "sums.json"
+    corrupt = _cache(monkeypatch, tmp_path / "cache")
+    corrupt.parent.mkdir()
     corrupt.write_text("{not json")
-    assert provenance.data_checksum(data, corrupt) == _by_hand(data)
-    blocked = tmp_path / "file" / "sums.json"  # its parent is a file: cannot be written
+    assert dataset_checksum(data) == _by_hand(data)
     (tmp_path / "file").write_text("")
-    assert provenance.data_checksum(data, blocked) == _by_hand(data)
-    assert provenance.data_checksum(tmp_path / "empty-dir-that-does-not-exist") is None
+    _cache(monkeypatch, tmp_path / "file")  # the cache directory is a file: cannot be written
+    assert dataset_checksum(data) == _by_hand(data)
+    assert dataset_checksum(tmp_path / "empty-dir-that-does-not-exist") is None
