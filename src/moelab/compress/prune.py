@@ -145,8 +145,9 @@ def prune_run(
     ``batches`` validation batches of the run's own data; written as a new run in ``out_dir``
     with the source run's other settings (``overrides`` change data/optim/train/... fields).
     Returns the new checkpoint, the kept expert ids and the usage counts per block."""
-    model, config = load_run(run_dir, checkpoint)
-    check_prunable(model, keep)
+    source = RunDir(run_dir).find_checkpoint(checkpoint)  # resolved once: weights, λ, origin
+    model, config = load_run(run_dir, source)
+    check_prunable(model, keep)  # before the usage pass (prune_experts checks again for callers)
     d = config.data
     windows = eval_batches(open_dataset(config), "val", d.seq_len, d.eval_batch_size, batches)
     usage = expert_usage(model, (b["input_ids"] for b in windows))
@@ -155,7 +156,7 @@ def prune_run(
     origin = {
         "command": "prune",
         "source": str(Path(run_dir).resolve()),
-        "checkpoint": RunDir(run_dir).find_checkpoint(checkpoint).name,
+        "checkpoint": source.name,
         "keep": keep,
         "usage_batches": batches,
         "kept_experts": {str(block): ids for block, ids in kept.items()},
@@ -166,17 +167,16 @@ def prune_run(
         out_dir,
         overwrite=overwrite,
         origin=origin,
-        hook_states=_controller_state(run_dir, checkpoint),
+        hook_states=_controller_state(source),
     )
     return ckpt, kept, usage
 
 
-def _controller_state(run_dir: str | Path, checkpoint: str | int | None) -> dict:
-    """The source checkpoint's ReMoE λ controller state (``{}`` when it has none): the pruned
-    run continues with the trained λ (its target becomes 1 − k/E' for the fewer experts)."""
-    run = RunDir(run_dir)
+def _controller_state(checkpoint: Path) -> dict:
+    """The checkpoint's ReMoE λ controller state (``{}`` when it has none): the pruned run
+    continues with the trained λ (its target becomes 1 − k/E' for the fewer experts)."""
     try:
-        state = load_state(run.find_checkpoint(checkpoint) / RunDir.STATE)
+        state = load_state(checkpoint / RunDir.STATE)
     except (OSError, ValueError):
         return {}
     return {"controller": state["controller"]} if "controller" in state else {}

@@ -92,7 +92,8 @@ def upcycle_run(
     """A dense run's checkpoint upcycled (:func:`moelab.hf.upcycle`) into a new run in
     ``out_dir`` with the source run's data, optimizer, training and logging settings (changed by
     ``overrides``), ready for ``moelab train --resume OUT_DIR``."""
-    dense, config = load_run(run_dir, checkpoint)
+    source = RunDir(run_dir).find_checkpoint(checkpoint)
+    dense, config = load_run(run_dir, source)
     model = upcycle(
         dense,
         num_experts,
@@ -106,7 +107,7 @@ def upcycle_run(
     origin = {
         "command": "upcycle",
         "source": str(Path(run_dir).resolve()),
-        "checkpoint": RunDir(run_dir).find_checkpoint(checkpoint).name,
+        "checkpoint": source.name,
         "num_experts": num_experts,
         "top_k": top_k,
         "granularity": granularity,
