@@ -76,12 +76,10 @@ class AuxFreeRouter(Router):
             z_loss_coef=z_loss_coef,
             jitter_eps=jitter_eps,
         )
-        check_coef("bias_update_rate", bias_update_rate)
-        check_coef("seq_balance_coef", seq_balance_coef)
-        self.bias_update_rate = float(bias_update_rate)
+        self.bias_update_rate = check_coef("bias_update_rate", bias_update_rate)
         self.score = score
         self.normalize = normalize
-        self.seq_balance_coef = float(seq_balance_coef)
+        self.seq_balance_coef = check_coef("seq_balance_coef", seq_balance_coef)
         self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def affinities(self, logits_TE: Tensor) -> Tensor:

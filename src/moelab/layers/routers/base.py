@@ -107,7 +107,9 @@ def decision_from_choices(
     return decision, torch.tensor(flat[0].numel(), device=expert_idx_TK.device)
 
 
-def check_coef(name: str, value: object) -> None:
+def check_coef(name: str, value: object) -> float:
+    """``value`` as a float once it is a finite number >= 0 (a loss coefficient, a rate), else a
+    ValueError naming ``name``."""
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
@@ -115,6 +117,7 @@ def check_coef(name: str, value: object) -> None:
         or value == float("inf")
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class Router(nn.Module):
@@ -158,7 +161,7 @@ class Router(nn.Module):
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-        check_coef("z_loss_coef", z_loss_coef)
+        self.z_loss_coef = check_coef("z_loss_coef", z_loss_coef)
         if isinstance(jitter_eps, bool) or not isinstance(jitter_eps, int | float):
             raise ValueError(f"jitter_eps must be a number in [0, 1), got {jitter_eps!r}")
         if not 0 <= jitter_eps < 1:
@@ -166,7 +169,6 @@ class Router(nn.Module):
         self.jitter_eps = float(jitter_eps)
         self.num_experts = num_experts
         self.top_k = top_k
-        self.z_loss_coef = float(z_loss_coef)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=init_std)
 

@@ -95,8 +95,8 @@ class MoEPPRouter(Router):
             ("constant_experts", constant_experts),
         ):
             _check_count(name, value)
-        check_coef("balance_coef", balance_coef)
-        check_coef("balance_tau", balance_tau)
+        balance_coef = check_coef("balance_coef", balance_coef)
+        balance_tau = check_coef("balance_tau", balance_tau)
         if not isinstance(gating_residual, bool):
             raise ValueError(f"gating_residual must be true or false, got {gating_residual!r}")
         num_all = num_experts + zero_experts + copy_experts + constant_experts
@@ -117,7 +117,7 @@ class MoEPPRouter(Router):
         self.num_all = num_all
         self.zero_experts, self.copy_experts = zero_experts, copy_experts
         self.constant_experts = constant_experts
-        self.balance_coef, self.balance_tau = float(balance_coef), float(balance_tau)
+        self.balance_coef, self.balance_tau = balance_coef, balance_tau
         self.gating_residual = gating_residual
         self.const_gate_C2D: nn.Parameter | None = None
         self.const_vec_CD: nn.Parameter | None = None

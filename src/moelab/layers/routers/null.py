@@ -79,11 +79,10 @@ class NullExpertRouter(Router):
             z_loss_coef=z_loss_coef,
             jitter_eps=jitter_eps,
         )
-        check_coef("balance_coef", balance_coef)
+        self.balance_coef = check_coef("balance_coef", balance_coef)
         self.num_experts = num_experts  # real experts; the gate has num_experts + null rows
         self.null_experts = null_experts
         self.renormalize = renormalize
-        self.balance_coef = float(balance_coef)
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

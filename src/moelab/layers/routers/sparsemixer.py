@@ -117,10 +117,8 @@ class SparseMixerRouter(Router):
             z_loss_coef=z_loss_coef,
             jitter_eps=jitter_eps,
         )
-        check_coef("mask_eps", mask_eps)
-        check_coef("balance_coef", balance_coef)
-        self.mask_eps = float(mask_eps)
-        self.balance_coef = float(balance_coef)
+        self.mask_eps = check_coef("mask_eps", mask_eps)
+        self.balance_coef = check_coef("balance_coef", balance_coef)
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -106,12 +106,10 @@ class TopPRouter(Router):
             z_loss_coef=z_loss_coef,
             jitter_eps=jitter_eps,
         )
-        check_coef("dynamic_loss_coef", dynamic_loss_coef)
-        check_coef("balance_coef", balance_coef)
         self.p = float(p)
         self.max_experts = max_experts
-        self.dynamic_loss_coef = float(dynamic_loss_coef)
-        self.balance_coef = float(balance_coef)
+        self.dynamic_loss_coef = check_coef("dynamic_loss_coef", dynamic_loss_coef)
+        self.balance_coef = check_coef("balance_coef", balance_coef)
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -73,12 +73,11 @@ class TopKRouter(Router):
             z_loss_coef=z_loss_coef,
             jitter_eps=jitter_eps,
         )
-        check_coef("balance_coef", balance_coef)
+        self.balance_coef = check_coef("balance_coef", balance_coef)
         check_balance_scope(balance_scope)
         self.balance_scope = balance_scope
         self.renormalize = renormalize
         self.softmax_after_topk = softmax_after_topk
-        self.balance_coef = float(balance_coef)
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None
