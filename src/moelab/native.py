@@ -196,10 +196,13 @@ def mkl_gemm_batch(dtype: torch.dtype):
     of one per expert, no padding): measured 2-10% faster than a ``torch.mm`` per expert and than
     a padded ``bmm`` for fine-grained experts on CPU.
     """
-    if dtype not in _GEMM_BATCH_SYMBOL or os.environ.get("MOELAB_NO_MKL_BATCH"):
+    if dtype not in _GEMM_BATCH_SYMBOL:
         return None
-    if dtype not in _GEMM_BATCH:
+    if dtype not in _GEMM_BATCH:  # looked up once per process (the environment too)
         fn = None
+        if os.environ.get("MOELAB_NO_MKL_BATCH"):
+            _GEMM_BATCH[dtype] = None
+            return None
         try:
             lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
             fn = getattr(lib, _GEMM_BATCH_SYMBOL[dtype])

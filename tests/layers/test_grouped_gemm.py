@@ -84,3 +84,15 @@ def test_other_dtypes_and_non_contiguous_operands_take_the_loop():
     yb = rows_matmul(xb, wb, COUNTS, torch.empty(x.shape[0], w.shape[2], dtype=torch.bfloat16))
     y_ref = _reference(xb.float(), wb.float(), gy)[0]
     torch.testing.assert_close(yb.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_environment_switch_turns_the_batch_gemm_off(monkeypatch):
+    from moelab.layers.experts import GroupedExperts
+
+    monkeypatch.setattr(native, "_GEMM_BATCH", {})
+    monkeypatch.setenv("MOELAB_NO_MKL_BATCH", "1")
+    assert native.mkl_gemm_batch(torch.float32) is None
+    assert GroupedExperts(4, 16, 8).resolved_backend(torch.zeros(1, 16)) == "bmm"  # pre-MKL rule
+    x, w, gy = _operands(torch.float32)  # and the grouped matmuls still run (torch.mm loop)
+    y = rows_matmul(x, w, COUNTS, torch.empty(x.shape[0], w.shape[2]))
+    torch.testing.assert_close(y, _reference(x, w, gy)[0])
