@@ -196,7 +196,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(h: Tensor) -> Tensor:
     """Differentiable ``silu(g)·u`` of ``h = [..., 2F]`` (gate half first): the fused kernels where
     they apply (contiguous CPU float32/float64), else eager ``F.silu(g) * u``."""
-    if h.is_contiguous() and _lib(h) is not None:
+    if _lib(h) is not None:  # (a contiguous CPU float32/float64 tensor)
         return _SwiGLU.apply(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
