@@ -1,0 +1,245 @@
+"""The routed MoE FFN's config (:class:`MoEConfig`): the block's options, the router's (its
+option fields and ``router_options``), validation through the layer's own checks, build and
+accounting (including Lory's merged experts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from moelab.config import ConfigError
+from moelab.layers.moe import MoE, check_moe_args, check_router_fits
+from moelab.layers.routers import (
+    ROUTERS,
+    LoryRouter,
+    Router,
+    build_router,
+    router_class,
+    router_options,
+)
+from moelab.model.ffn_base import (
+    Activation,
+    FFNSlot,
+    auto_d_hidden,
+    ffn_params,
+    field_default,
+    layer_checks,
+)
+
+Backend = Literal["auto", "loop", "fused", "bmm", "grouped_mm"]
+
+
+# Router options with a field of their own on MoEConfig (any other goes in ``router_options``).
+ROUTER_OPTION_FIELDS = (
+    "renormalize",
+    "softmax_after_topk",
+    "balance_coef",
+    "z_loss_coef",
+    "l1_balanced",
+)
+
+
+# MoE options that change the layer's structure, with their "off" values (config.yaml shows them
+# only when set).
+STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+_UNSET = object()
+
+
+@dataclasses.dataclass(kw_only=True)
+class MoEConfig(FFNSlot):
+    """A routed MoE FFN (:class:`~moelab.layers.MoE`): ``num_experts`` experts of width
+    ``d_hidden`` (one coarse expert; None: automatic), ``top_k`` per token (ReLU routing: the k of
+    the sparsity target 1 − k/E), ``router`` (a registered router: ``topk``, ReMoE's ``relu``, ...),
+    ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless), ``backend``;
+    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ) and ``iterations`` (Chain-of-Experts),
+    see :class:`~moelab.layers.MoE`.
+
+    The router's options: ``balance_coef``, ``z_loss_coef``, ``renormalize``,
+    ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU) have fields here; the options of other
+    routers go in ``router_options`` (``model.ffn.router_options.NAME=VALUE``). Setting an option
+    the chosen router does not take is an error.
+    """
+
+    layer_type: ClassVar[str] = "moe"
+    kind: Literal["moe"] = "moe"
+    d_hidden: int | None = None
+    activation: Activation = "swiglu"
+    num_experts: int = 8  # ReMoE's E=8, k=1
+    top_k: int = 1
+    router: str = "topk"
+    granularity: int = 1
+    shared_experts: int = 0
+    shared_gate: bool = False  # sigmoid gate on the shared experts (Qwen2-MoE)
+    capacity_factor: float | None = None
+    momentum: float = 0.0  # MomentumSMoE's μ (0: off)
+    momentum_step: float = 1.0  # MomentumSMoE's γ
+    iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
+    renormalize: bool = False
+    softmax_after_topk: bool = False
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    l1_balanced: bool = True
+    backend: Backend = "auto"
+    router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.router not in ROUTERS:  # the registry's message: names and the closest match
+            layer_checks(self, lambda: router_class(self.router))
+        accepted = router_options(self.router)
+        for name in ROUTER_OPTION_FIELDS:
+            default = field_default(type(self), name)
+            if name not in accepted and getattr(self, name) != default:
+                readers = [r for r in ROUTERS if name in router_options(r)]
+                raise ConfigError(
+                    name,
+                    f"is not an option of router {self.router!r} (it is read by: "
+                    f"{', '.join(readers)}); leave it at {default!r}",
+                )
+        for name in self.router_options:
+            if name in ROUTER_OPTION_FIELDS:
+                raise ConfigError(f"router_options.{name}", f"set it as model.ffn.{name} instead")
+        d_hidden = self.d_hidden if self.d_hidden is not None else self.granularity
+        layer_checks(
+            self,
+            lambda: check_moe_args(
+                1,
+                d_hidden,
+                self.num_experts,
+                self.top_k,
+                self.granularity,
+                self.shared_experts,
+                self.capacity_factor,
+                self.activation,
+                self.backend,
+                self.shared_gate,
+                self.momentum,
+                self.momentum_step,
+                self.iterations,
+            ),
+        )
+        with torch.device("meta"):  # the router's own checks; no memory, no random numbers
+            layer_checks(self, self._meta_router)
+        layer_checks(
+            self,
+            lambda: check_router_fits(self.router, self.capacity_factor, self.iterations),
+        )
+
+    def dict_fields(self) -> list[str]:
+        """What a run's config.yaml shows: the chosen router's options only."""
+        accepted = router_options(self.router)
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if (f.name not in ROUTER_OPTION_FIELDS or f.name in accepted)
+            and (f.name != "router_options" or self.router_options)
+            and (f.name != "shared_gate" or self.shared_gate)
+            and getattr(self, f.name) != STRUCTURE_FIELDS.get(f.name, _UNSET)
+        ]
+
+    def router_kwargs(self) -> dict[str, Any]:
+        """The options handed to the router: its option fields, then ``router_options``."""
+        accepted = router_options(self.router)
+        fields = {name: getattr(self, name) for name in ROUTER_OPTION_FIELDS if name in accepted}
+        return fields | dict(self.router_options)
+
+    def resolved(self, d_model: int) -> MoEConfig:
+        if self.d_hidden is not None:
+            return self
+        return dataclasses.replace(self, d_hidden=auto_d_hidden(d_model, self.activation))
+
+    def build(self, d_model: int, init_std: float) -> nn.Module:
+        return MoE(
+            d_model,
+            self.d_hidden,
+            self.num_experts,
+            self.top_k,
+            router=self.router,
+            granularity=self.granularity,
+            shared_experts=self.shared_experts,
+            capacity_factor=self.capacity_factor,
+            activation=self.activation,
+            backend=self.backend,
+            init_std=init_std,
+            shared_gate=self.shared_gate,
+            momentum=self.momentum,
+            momentum_step=self.momentum_step,
+            iterations=self.iterations,
+            **self.router_kwargs(),
+        )
+
+    def accounting(self, d_model: int) -> dict[str, int]:
+        g = self.granularity
+        width = self.d_hidden // g
+        expert = ffn_params(d_model, width, self.activation)
+        with torch.device("meta"):  # the router's own parameters (RMoE: projector, GRU, gate)
+            meta_router = self._meta_router(d_model)
+            router = sum(p.numel() for p in meta_router.parameters())
+            # held once per model (RMoE's GRU), used by every router of every layer
+            once = sum(p.numel() for p in meta_router.model_shared_parameters())
+        shared = (
+            ffn_params(d_model, self.shared_experts * width, self.activation)
+            if self.shared_experts
+            else 0
+        ) + (d_model if self.shared_gate else 0)
+        if isinstance(meta_router, LoryRouter):
+            return _merging_accounting(
+                d_model, self.num_experts * g, expert, router, shared, meta_router.segment_len
+            )
+        # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
+        # The model-shared router parameters are counted by the model, once; each router runs them.
+        c = self.iterations
+        total = self.num_experts * g * expert + c * (router - once) + shared
+        active = c * (self.top_k * g * expert + router - once + shared)
+        return {
+            "total_params": total,
+            "active_params": active,
+            "matmul_active": active + c * once,
+            "extra_flops": 0,
+            "model_shared_params": once,
+        }
+
+    @property
+    def method(self) -> str:
+        """The router's method, with the layer variants that change what it computes:
+        ``+momentum`` (MomentumSMoE) and ``+chain<C>`` (Chain-of-Experts)."""
+        name = ROUTERS[self.router].method
+        if self.momentum:
+            name += "+momentum"
+        if self.iterations > 1:
+            name += f"+chain{self.iterations}"
+        return name
+
+    @property
+    def sparsity_target(self) -> float | None:
+        with torch.device("meta"):  # asks the router itself; no memory, no random numbers
+            return self._meta_router().sparsity_target
+
+    def _meta_router(self, d_model: int = 1) -> Router:
+        return build_router(
+            self.router,
+            d_model,
+            self.num_experts * self.granularity,
+            self.top_k * self.granularity,
+            1.0,
+            **self.router_kwargs(),
+        )
+
+
+def _merging_accounting(
+    d_model: int, num_experts: int, expert: int, router: int, shared: int, segment_len: int
+) -> dict[str, int]:
+    """Lory (experts merged per segment): a token runs ONE expert-sized FFN (the paper's
+    "active" parameters: the merged expert, plus the router); once per segment of ``T`` tokens
+    the ``E`` experts are merged (``2·E`` FLOPs per expert parameter) and the router reads the
+    segment mean (``2·E·D``), amortised over ``T``; the mean itself costs ``D`` adds per token."""
+    merge_flops = 2 * num_experts * expert + 2 * router
+    return {
+        "total_params": num_experts * expert + router + shared,
+        "active_params": expert + router + shared,
+        "matmul_active": expert + shared,
+        "extra_flops": d_model + math.ceil(merge_flops / segment_len),
+    }
