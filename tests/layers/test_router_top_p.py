@@ -92,6 +92,78 @@ def test_matches_per_token_loop_reference(p):
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+def _loop_selection(probs_TE: torch.Tensor, p: float, max_experts: int | None) -> list[list[int]]:
+    """The experts top-p selects, token by token in Python floats: experts by decreasing
+    probability (ties: lower index first), added while the mass gathered so far is below p
+    (p = 1: every expert), at most max_experts."""
+    chosen_T = []
+    for row in probs_TE.tolist():  # exact float64 copies of the probabilities
+        order = sorted(range(len(row)), key=lambda e: (-row[e], e))
+        chosen, mass = [], 0.0
+        for e in order:
+            if chosen and p < 1 and mass >= p:
+                break
+            if max_experts is not None and len(chosen) == max_experts:
+                break
+            chosen.append(e)
+            mass += row[e]
+        chosen_T.append(sorted(chosen))
+    return chosen_T
+
+
+def _selection(moe: MoE, x_TD: torch.Tensor) -> list[list[int]]:
+    """The experts the layer's decision gives each token (seen by the routing observer)."""
+    return [sorted(g) for g in observed_gates(moe, x_TD)]
+
+
+@pytest.mark.parametrize("max_experts", [None, 3])
+@pytest.mark.parametrize("p", [1.0, 0.999999, 0.9, 0.5])
+def test_float32_selection_matches_the_loop_on_1500_tokens(p, max_experts):
+    """Router init std 2 spreads the probabilities over many orders of magnitude: at p = 1 the
+    float32 cumulative mass used to reach 1.0 before the last experts and cut them."""
+    torch.manual_seed(0)
+    moe = MoE(16, 8, 8, 1, router="top_p", p=p, max_experts=max_experts, init_std=2.0)
+    x = torch.randn(1500, 16)
+    with torch.no_grad():
+        probs = moe.router.logits(x).softmax(-1)
+    got = _selection(moe, x)
+    assert got == _loop_selection(probs, p, max_experts)
+    if p == 1.0:  # every expert, or max_experts of them, for every token
+        assert all(len(c) == (max_experts or 8) for c in got)
+
+
+def test_p_at_the_mass_of_the_first_expert():
+    """p just below / at the top expert's probability: that expert alone; just above: two. The
+    boundary is the float64 value of p, not p rounded to the probabilities' float32."""
+    moe = MoE(4, 8, 4, 1, router="top_p", init_std=1.0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        top = moe.router.logits(x).softmax(-1).max(-1).values.tolist()
+    for t, mass in enumerate(top):
+        for p, count in [
+            (math.nextafter(mass, 0.0), 1),
+            (mass, 1),
+            (math.nextafter(mass, 1.0), 2),
+            (mass + 1e-12, 2),
+        ]:
+            moe.router.p = p
+            assert len(_selection(moe, x[t : t + 1])[0]) == count, (t, p)
+
+
+def test_ties_are_ranked_by_expert_index():
+    """Equal probabilities (a zero router: 1/8 each, exact in float32): the lower indices first,
+    and the boundary of a tie is exact (0.25 = two experts' mass)."""
+    moe = MoE(4, 8, 8, 1, router="top_p")
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    x = torch.randn(3, 4)
+    for p, want in [(0.125, 1), (0.25, 2), (0.25 + 1e-12, 3), (0.3, 3), (1.0, 8)]:
+        moe.router.p = p
+        assert _selection(moe, x) == [list(range(want))] * 3, p
+    moe.router.p, moe.router.max_experts = 1.0, 5
+    assert _selection(moe, x) == [list(range(5))] * 3
+
+
 def test_dropless_accounting_and_padding():
     torch.manual_seed(1)
     moe = MoE(8, 16, 6, 1, router="top_p", p=0.7, init_std=0.5)

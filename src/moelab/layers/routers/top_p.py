@@ -22,15 +22,30 @@ def top_p_mask(probs_TE: Tensor, p: float, max_experts: int | None) -> Tensor:
     """bool ``[T, E]``: per token, the fewest most-probable experts whose probabilities sum to at
     least ``p`` (Huang et al. 2024, §3), at most ``max_experts`` of them.
 
-    An expert is kept when the mass of the experts ranked before it is still below ``p``, so the
-    top-1 expert is always kept and the expert that crosses ``p`` is included.
+    The rule is a count: token t keeps its ``n_t`` most probable experts, with ``n_t = 1 +`` the
+    number of ranks ``j >= 1`` whose mass before them, ``P_(1) + ... + P_(j)``, is still below
+    ``p``. So the top-1 expert is always kept and the expert that crosses ``p`` is included.
+
+    Why it is exact: the masses before each rank are summed in float64 over the (float32 or
+    float64) probabilities, in rank order, and compared with ``p`` as a float64 number (never
+    rounded to the probabilities' dtype): a float32 cumulative sum rounds to 1.0 before the last
+    experts, and ``p`` rounded to float32 moves the boundary by up to 3e-8. Summing E float32
+    numbers in float64 is off by at most ``E·2⁻⁵³`` relative, so a decision can differ from exact
+    arithmetic only when ``p`` lies that close to a partial sum. ``p = 1`` keeps every expert by
+    definition (the probabilities of a softmax sum to 1 only up to rounding, so no sum may
+    decide it), subject to ``max_experts``.
+    Experts of equal probability are ranked by index (a stable sort), lower first.
     """
-    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)
-    mass_before_TE = sorted_TE.cumsum(-1) - sorted_TE
-    keep_sorted_TE = mass_before_TE < p
-    keep_sorted_TE[:, 0] = True
-    if max_experts is not None:
-        keep_sorted_TE[:, max_experts:] = False
+    num_experts = probs_TE.shape[-1]
+    cap = num_experts if max_experts is None else min(max_experts, num_experts)
+    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True, stable=True)
+    if p >= 1:
+        count_T = torch.full(probs_TE.shape[:-1], cap, device=probs_TE.device)
+    else:  # mass of ranks 0..j-1 for each rank j >= 1, in float64; p stays a float64 number
+        mass_before_TE = sorted_TE[:, :-1].to(torch.float64).cumsum(-1)
+        count_T = (1 + (mass_before_TE < p).sum(-1)).clamp(max=cap)
+    rank_E = torch.arange(num_experts, device=probs_TE.device)
+    keep_sorted_TE = rank_E < count_T[:, None]
     return torch.zeros_like(keep_sorted_TE).scatter(1, order_TE, keep_sorted_TE)
 
 
