@@ -130,11 +130,12 @@ def check_layout(config: Any, env: LaunchEnv, cuda_devices: int | None = None) -
                 f"must divide the routed experts of each MoE layer (model.ffn.num_experts x "
                 f"granularity = {experts}), got {ep}",
             )
-        if ffn.capacity_factor is not None:
-            raise ConfigError(
-                "distributed.expert_parallel",
-                "expert parallelism is dropless: set model.ffn.capacity_factor to null",
-            )
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(ffn, name) is not None:
+                raise ConfigError(
+                    "distributed.expert_parallel",
+                    f"expert parallelism is dropless: set model.ffn.{name} to null",
+                )
     if d.data_parallel == "fsdp2" and ffn.kind in ("peer", "pkm"):
         raise ConfigError(
             "distributed.data_parallel",

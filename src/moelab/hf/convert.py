@@ -369,6 +369,7 @@ def switch_to_relu(model: nn.Module) -> nn.Module:
             granularity=g,
             shared_experts=shared,
             capacity_factor=model.capacity_factor,
+            eval_capacity_factor=model.eval_capacity_factor,
             activation=model.experts.activation,
             shared_gate=model.shared_gate is not None,
         )

@@ -75,7 +75,7 @@ def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
             "shared_gate": ffn.shared_gate,
             "renormalize": ffn.router == "topk" and ffn.renormalize,
             "softmax_after_topk": ffn.router == "topk" and ffn.softmax_after_topk,
-            "capacity_factor": ffn.capacity_factor,
+            "capacity_factor": ffn.eval_capacity_factor,  # the exported model is for inference
         }
     if isinstance(ffn, PEERConfig):
         return {

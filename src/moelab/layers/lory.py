@@ -62,12 +62,17 @@ def merge_expert_weights(weights_BSE: Tensor, experts: GroupedExperts) -> tuple[
 
 
 def check_merging_moe(
-    capacity_factor: float | None, iterations: int, debug_uniform_routing: bool
+    capacity_factor: float | None,
+    iterations: int,
+    debug_uniform_routing: bool,
+    capacity_name: str = "capacity_factor",
 ) -> None:
-    """MoE arguments that mean nothing (or something else) when experts are merged, refused."""
+    """MoE arguments that mean nothing (or something else) when experts are merged, refused
+    (``capacity_name``: the capacity argument checked, ``capacity_factor`` or
+    ``eval_capacity_factor``)."""
     if capacity_factor is not None:
         raise ValueError(
-            "capacity_factor must be None with router 'lory' (experts are merged, no token is "
+            f"{capacity_name} must be None with router 'lory' (experts are merged, no token is "
             f"dispatched or dropped), got {capacity_factor!r}"
         )
     if iterations != 1:

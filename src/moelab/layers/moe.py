@@ -7,7 +7,6 @@ rest of moelab reads: aux losses, routing statistics, and an observer hook.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -15,95 +14,19 @@ from torch import Tensor
 
 from moelab.layers import dispatch
 from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
-from moelab.layers.dense import DenseFFN, check_activation, check_positive_int
-from moelab.layers.experts import GroupedExperts, check_backend
-from moelab.layers.lory import check_merging_moe, merged_experts_ffn
+from moelab.layers.dense import DenseFFN
+from moelab.layers.experts import GroupedExperts
+from moelab.layers.lory import merged_experts_ffn
+from moelab.layers.moe_checks import check_moe_args, check_router_fits
 from moelab.layers.routers import (
     RouterOutput,
     build_router,
     make_decision,
-    router_class,
     uniform_assignment,
 )
 from moelab.layers.routers.lory import LoryRouter
 
 MOMENTUM_KEY = "momentum_smoe"  # MomentumSMoE's p_l, passed from one MoE layer to the next
-
-
-def check_moe_args(
-    d_model: int,
-    d_hidden: int,
-    num_experts: int,
-    top_k: int,
-    granularity: int = 1,
-    shared_experts: int = 0,
-    capacity_factor: float | None = None,
-    activation: str = "swiglu",
-    backend: str = "auto",
-    shared_gate: bool = False,
-    momentum: float = 0.0,
-    momentum_step: float = 1.0,
-    iterations: int = 1,
-) -> None:
-    """The MoE block's own argument checks (the router checks its options when built); shared
-    with the config, which runs them at load time without allocating a layer."""
-    for name, value in (
-        ("d_model", d_model),
-        ("d_hidden", d_hidden),
-        ("num_experts", num_experts),
-        ("top_k", top_k),
-        ("granularity", granularity),
-    ):
-        check_positive_int(name, value)
-    if top_k > num_experts:
-        raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-    if d_hidden % granularity:
-        raise ValueError(f"granularity must divide d_hidden ({d_hidden}), got {granularity}")
-    if not isinstance(shared_experts, int) or shared_experts < 0:
-        raise ValueError(f"shared_experts must be an integer >= 0, got {shared_experts!r}")
-    if shared_gate and not shared_experts:
-        raise ValueError("shared_gate needs shared_experts >= 1 (it gates the shared experts)")
-    if capacity_factor is not None and (
-        not isinstance(capacity_factor, int | float)
-        or not math.isfinite(capacity_factor)
-        or capacity_factor <= 0
-    ):
-        raise ValueError(
-            "capacity_factor must be None (dropless) or a finite number > 0, "
-            f"got {capacity_factor!r}"
-        )
-    check_activation(activation)
-    check_backend(backend)
-    if not _is_number(momentum) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be a number in [0, 1) (0: off), got {momentum!r}")
-    if not _is_number(momentum_step) or not 0 < momentum_step < math.inf:
-        raise ValueError(f"momentum_step must be a finite number > 0, got {momentum_step!r}")
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer (1: no chain), got {iterations!r}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_router_fits(
-    router: str, capacity_factor: float | None, iterations: int, debug_uniform_routing: bool = False
-) -> None:
-    """The block's options a router cannot be combined with; shared with the config, which runs
-    it at load time (the router class decides, no router is built)."""
-    cls = router_class(router)
-    if capacity_factor is not None and getattr(cls, "sets_own_capacity", False):
-        raise ValueError(
-            f"capacity_factor must be None (null) with router {router!r}: it sets each "
-            "expert's capacity itself (its router option ec_capacity_factor)"
-        )
-    if issubclass(cls, LoryRouter):  # experts merged per segment, nothing dispatched
-        check_merging_moe(capacity_factor, iterations, debug_uniform_routing)
-    if iterations > 1 and cls.updates_between_steps:
-        raise ValueError(
-            f"iterations > 1 cannot be combined with router {router!r}: its between-step "
-            "update sees the loads of one router per layer"
-        )
 
 
 class MoE(RoutedLayer):
@@ -126,6 +49,12 @@ class MoE(RoutedLayer):
             ``[1, D]`` gate (Qwen2-MoE's ``shared_expert_gate``); needs ``shared_experts > 0``.
         capacity_factor: ``None`` is dropless (no token is ever dropped); a number caps each expert
             at ``ceil(capacity_factor · T · k·G / (E·G))`` assignments, dropping later tokens first.
+            It applies in training mode only (``self.training``).
+        eval_capacity_factor: the same cap in eval mode (evaluation, generation, analysis).
+            ``None`` (default): dropless at inference whatever ``capacity_factor`` is, so a
+            token's output depends neither on the other sequences of its batch nor on how many
+            positions a forward carries (KV-cache decoding equals a full forward). Set it (e.g.
+            to ``capacity_factor``) to evaluate with the training behaviour.
         activation: expert activation (``"swiglu"`` default).
         backend: expert compute backend, see :mod:`moelab.layers.experts`.
         init_std: normal init std of router and experts.
@@ -164,6 +93,7 @@ class MoE(RoutedLayer):
         momentum: float = 0.0,
         momentum_step: float = 1.0,
         iterations: int = 1,
+        eval_capacity_factor: float | None = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -181,6 +111,7 @@ class MoE(RoutedLayer):
             momentum,
             momentum_step,
             iterations,
+            eval_capacity_factor,
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
@@ -191,11 +122,14 @@ class MoE(RoutedLayer):
         self.top_k = top_k * granularity  # routed experts per token
         self.expert_hidden = d_hidden // granularity
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.debug_uniform_routing = debug_uniform_routing
         self.router = build_router(
             router, d_model, self.num_experts, self.top_k, init_std, **router_options
         )
-        check_router_fits(router, capacity_factor, iterations, debug_uniform_routing)
+        check_router_fits(
+            router, capacity_factor, iterations, debug_uniform_routing, eval_capacity_factor
+        )
         self.router_name = router
         # Lory merges the experts per segment instead of dispatching tokens (_merged_pass).
         self.merges_experts = isinstance(self.router, LoryRouter)
@@ -228,6 +162,12 @@ class MoE(RoutedLayer):
     @property
     def sparsity_target(self) -> float | None:
         return self.router.sparsity_target
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor of the current mode: ``capacity_factor`` in training,
+        ``eval_capacity_factor`` in eval mode (None: dropless)."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
 
     def forward(
         self, x: Tensor, token_mask: Tensor | None = None, context: RoutingContext | None = None
@@ -271,10 +211,11 @@ class MoE(RoutedLayer):
         if self.debug_uniform_routing:
             decision = self._uniform_decision(x_TD, valid_T)
         assigned = decision.num_assignments
-        if self.capacity_factor is not None:
+        capacity_factor = self.active_capacity_factor
+        if capacity_factor is not None:
             n_valid = x_TD.shape[0] if valid_T is None else int(valid_T.sum())
             capacity = dispatch.expert_capacity(
-                self.capacity_factor, n_valid, self.top_k, self.num_experts
+                capacity_factor, n_valid, self.top_k, self.num_experts
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
@@ -384,6 +325,11 @@ class MoE(RoutedLayer):
         return (
             f"router={self.router_name}, experts={self.num_experts}, top_k={self.top_k}, "
             f"granularity={self.granularity}, capacity_factor={self.capacity_factor}"
+            + (
+                f", eval_capacity_factor={self.eval_capacity_factor}"
+                if self.eval_capacity_factor is not None
+                else ""
+            )
             + (f", iterations={self.iterations}" if self.iterations > 1 else "")
             + (f", momentum={self.momentum}" if self.momentum > 0 else "")
             + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")

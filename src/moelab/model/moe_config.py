@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from moelab.config import ConfigError
-from moelab.layers.moe import MoE, check_moe_args, check_router_fits
+from moelab.layers.moe import MoE
+from moelab.layers.moe_checks import check_moe_args, check_router_fits
 from moelab.layers.routers import (
     ROUTERS,
     LoryRouter,
@@ -46,6 +47,8 @@ ROUTER_OPTION_FIELDS = (
 # MoE options that change the layer's structure, with their "off" values (config.yaml shows them
 # only when set).
 STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+# Other options config.yaml shows only when set (so the files of ordinary runs do not change).
+HIDDEN_AT_DEFAULT = {"eval_capacity_factor": None}
 _UNSET = object()
 
 
@@ -54,7 +57,8 @@ class MoEConfig(FFNSlot):
     """A routed MoE FFN (:class:`~moelab.layers.MoE`): ``num_experts`` experts of width
     ``d_hidden`` (one coarse expert; None: automatic), ``top_k`` per token (ReLU routing: the k of
     the sparsity target 1 − k/E), ``router`` (a registered router: ``topk``, ReMoE's ``relu``, ...),
-    ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless), ``backend``;
+    ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless; training only),
+    ``eval_capacity_factor`` (the cap in eval and generation; null = dropless), ``backend``;
     ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ) and ``iterations`` (Chain-of-Experts),
     see :class:`~moelab.layers.MoE`.
 
@@ -74,7 +78,8 @@ class MoEConfig(FFNSlot):
     granularity: int = 1
     shared_experts: int = 0
     shared_gate: bool = False  # sigmoid gate on the shared experts (Qwen2-MoE)
-    capacity_factor: float | None = None
+    capacity_factor: float | None = None  # training forwards only
+    eval_capacity_factor: float | None = None  # eval / generation (null: dropless)
     momentum: float = 0.0  # MomentumSMoE's μ (0: off)
     momentum_step: float = 1.0  # MomentumSMoE's γ
     iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
@@ -119,13 +124,19 @@ class MoEConfig(FFNSlot):
                 self.momentum,
                 self.momentum_step,
                 self.iterations,
+                self.eval_capacity_factor,
             ),
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             layer_checks(self, self._meta_router)
         layer_checks(
             self,
-            lambda: check_router_fits(self.router, self.capacity_factor, self.iterations),
+            lambda: check_router_fits(
+                self.router,
+                self.capacity_factor,
+                self.iterations,
+                eval_capacity_factor=self.eval_capacity_factor,
+            ),
         )
 
     def dict_fields(self) -> list[str]:
@@ -138,6 +149,7 @@ class MoEConfig(FFNSlot):
             and (f.name != "router_options" or self.router_options)
             and (f.name != "shared_gate" or self.shared_gate)
             and getattr(self, f.name) != STRUCTURE_FIELDS.get(f.name, _UNSET)
+            and getattr(self, f.name) != HIDDEN_AT_DEFAULT.get(f.name, _UNSET)
         ]
 
     def router_kwargs(self) -> dict[str, Any]:
@@ -161,6 +173,7 @@ class MoEConfig(FFNSlot):
             granularity=self.granularity,
             shared_experts=self.shared_experts,
             capacity_factor=self.capacity_factor,
+            eval_capacity_factor=self.eval_capacity_factor,
             activation=self.activation,
             backend=self.backend,
             init_std=init_std,
