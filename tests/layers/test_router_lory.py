@@ -143,8 +143,8 @@ def test_gradients_reach_every_expert_and_the_router():
 @pytest.mark.parametrize("first_segment", ["uniform", "self"])
 def test_the_first_segment_gives_the_router_no_gradient(first_segment):
     moe = _moe(first_segment, segment_len=4).train()
-    x = torch.randn(2, 4, 6).double().requires_grad_(True)  # one segment only
-    moe(x).square().sum().backward()
+    x = torch.randn(2, 8, 6).double().requires_grad_(True)  # two segments, the loss on s_1 only
+    moe(x)[:, :4].square().sum().backward()
     grad = moe.router.weight.grad
     assert grad is None or grad.abs().sum() == 0
     assert x.grad.abs().sum() > 0  # the tokens themselves still get a gradient through the FFN
@@ -277,3 +277,67 @@ def test_bad_settings():
                 "ffn": {"kind": "moe", "router": "lory", "router_options": {"segment_len": 0}},
             }
         )
+
+
+# ---- segment_len against the sequence length (issue: 256 >= 128 silently did not route) ----------
+
+
+def test_default_segment_len_formula():
+    from moelab.layers.routers.lory import default_segment_len
+
+    # a quarter of the sequence, at most the paper's 256, at least 1
+    want = {2: 1, 3: 1, 8: 2, 128: 32, 1000: 250, 1024: 256, 4096: 256}
+    assert {n: default_segment_len(n) for n in want} == want
+
+
+def _run_config(*overrides: str):
+    from moelab.train.config import resolve_run_config
+
+    return resolve_run_config("topk-tiny", overrides=["model.ffn.router=lory", *overrides])
+
+
+def test_a_128_token_preset_derives_a_segment_len_and_the_router_learns():
+    """No segment_len set: the model gets 32 (four segments of the 128-token rows), config.yaml
+    keeps it unset, and one training step gives the router a gradient (with 256 it got none)."""
+    cfg = _run_config()
+    assert cfg.model.ffn.router_options == {}
+    assert cfg.model.ffn_for(0).router_options == {"segment_len": 32}
+    assert "router_options" not in cfg.model.to_dict()["ffn"]
+    torch.manual_seed(0)
+    model = TransformerLM(cfg.model).train()
+    assert {b.ffn.router.segment_len for b in model.blocks} == {32}
+    ids = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len))
+    model(ids).logsumexp(-1).sum().backward()
+    assert all(b.ffn.router.weight.grad.abs().sum() > 0 for b in model.blocks)
+
+
+@pytest.mark.parametrize(
+    "overrides, valid, where",
+    [
+        (["model.ffn.router_options.segment_len=256"], 127, "max_seq_len=128"),
+        (["model.ffn.router_options.segment_len=128"], 127, "max_seq_len=128"),
+        (["model.ffn.router_options.segment_len=64", "data.seq_len=64"], 63, "data.seq_len=64"),
+    ],
+)
+def test_a_segment_len_that_leaves_one_segment_is_refused(overrides, valid, where):
+    want = (
+        rf"^model\.ffn\.router_options\.segment_len: must be an integer in \[1, {valid}\] "
+        rf"\(below {where}: with one segment per sequence the router never learns"
+    )
+    with pytest.raises(ConfigError, match=want):
+        _run_config(*overrides)
+
+
+def test_a_derived_segment_len_too_long_for_the_data_says_it_was_derived():
+    with pytest.raises(ConfigError, match=r"got 256 \(the value derived from max_seq_len=4096"):
+        _run_config("model.max_seq_len=4096")  # data.seq_len stays 128
+    assert _run_config("model.max_seq_len=4096", "model.ffn.router_options.segment_len=32")
+
+
+def test_a_training_forward_of_one_segment_is_refused_at_the_layer():
+    moe = MoE(8, 16, 4, 1, router="lory")  # the layer's default: the paper's 256
+    x = torch.randn(2, 128, 8)
+    with pytest.raises(ValueError, match=r"^segment_len \(256\) must be below the sequence length"):
+        moe.train()(x)
+    with torch.no_grad():  # evaluation of short sequences is fine
+        moe.eval()(x)

@@ -262,7 +262,8 @@ def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], No
     its token ids passed through a :class:`RoutingContext`, as a model would call it."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    options = {"segment_len": ROUTER_SEQ_LEN // 2} if router == "lory" else {}
+    seq_len = min(ROUTER_SEQ_LEN, args.tokens)
+    options = {"segment_len": max(1, seq_len // 2)} if router == "lory" else {}  # 2 segments
     moe = MoE(
         args.d_model,
         args.d_hidden,
@@ -273,7 +274,6 @@ def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], No
         backend=args.backend,
         **options,
     ).to(device=device, dtype=dtype)
-    seq_len = min(ROUTER_SEQ_LEN, args.tokens)
     batch = max(1, args.tokens // seq_len)
     x = torch.randn(batch, seq_len, args.d_model, device=device, dtype=dtype)
     if moe.sparsity_target is not None:

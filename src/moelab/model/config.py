@@ -95,7 +95,24 @@ class ModelConfig(Config):
             if layer in self.ffn_layer_indices()
             else DenseConfig(d_hidden=self.dense_d_hidden)
         )
-        return slot.resolved(self.d_model)
+        return slot.resolved(self.d_model).for_seq_len(self.max_seq_len, "max_seq_len")
+
+    def check_seq_len(self, seq_len: int, where: str) -> None:
+        """Refuse a training sequence length the FFN slot cannot learn from (Lory: a
+        ``segment_len`` that leaves one segment per sequence), as a :class:`ConfigError` on the
+        slot's option (``ffn.router_options.segment_len``)."""
+        try:
+            slot = self.ffn.resolved(self.d_model).for_seq_len(self.max_seq_len, "max_seq_len")
+            slot.for_seq_len(seq_len, where)
+        except ConfigError as err:
+            option = err.field.removeprefix("router_options.")
+            if option != err.field and option not in getattr(self.ffn, "router_options", {}):
+                err = ConfigError(
+                    err.field,
+                    f"{err.message} (the value derived from max_seq_len={self.max_seq_len}; "
+                    "set it explicitly)",
+                )
+            raise err.under("ffn") from None
 
     # ---- validation -----------------------------------------------------------------------------
 
@@ -143,7 +160,8 @@ class ModelConfig(Config):
                 "ffn_layers",
                 f"has repeated indices: {self.ffn_layers}",
             )
-        try:  # checks that need the model's width (e.g. granularity vs an automatic d_hidden)
-            self.ffn.resolved(self.d_model)
+        try:  # checks that need the model's width or length (granularity vs an automatic
+            # d_hidden; Lory's segment_len vs max_seq_len)
+            self.ffn.resolved(self.d_model).for_seq_len(self.max_seq_len, "max_seq_len")
         except ConfigError as err:
             raise err.under("ffn") from None

@@ -58,6 +58,12 @@ class FFNSlot(Config):
         """This config with automatic values (``None``) filled in for a model of width D."""
         return self
 
+    def for_seq_len(self, seq_len: int, where: str) -> FFNSlot:
+        """This config for sequences of up to ``seq_len`` tokens (``where`` names that length in
+        messages: ``max_seq_len``, ``data.seq_len``): options that depend on it derived or
+        checked (:class:`ConfigError` on the option). Most kinds have none."""
+        return self
+
     def build(self, d_model: int, init_std: float) -> nn.Module:
         raise NotImplementedError
 

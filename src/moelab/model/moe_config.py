@@ -163,6 +163,22 @@ class MoEConfig(FFNSlot):
             return self
         return dataclasses.replace(self, d_hidden=auto_d_hidden(d_model, self.activation))
 
+    def for_seq_len(self, seq_len: int, where: str) -> MoEConfig:
+        """The router's options fitted to the sequence length, where the router says how
+        (its ``fit_options``: Lory derives ``segment_len`` when unset and refuses one that leaves
+        a single segment per sequence)."""
+        fit = getattr(router_class(self.router), "fit_options", None)
+        if fit is None:
+            return self
+        try:
+            options = fit(dict(self.router_options), seq_len, where)
+        except ValueError as err:  # "NAME must ...": reported on router_options.NAME
+            name, _, message = str(err).partition(" ")
+            raise ConfigError(f"router_options.{name}", message) from None
+        if options == self.router_options:
+            return self
+        return dataclasses.replace(self, router_options=options)
+
     def build(self, d_model: int, init_std: float) -> nn.Module:
         return MoE(
             d_model,

@@ -200,6 +200,10 @@ class RunConfig(Config):
             f"must be <= model.max_seq_len ({self.model.max_seq_len}), got {self.data.seq_len}",
         )
         check(self.data.eval_batch_size > 0, "data.eval_batch_size", "must be a positive integer")
+        try:  # a training sequence the FFN slot can learn from (Lory: two segments at least)
+            self.model.check_seq_len(self.data.seq_len, "data.seq_len")
+        except ConfigError as err:
+            raise err.under("model") from None
 
     @property
     def method(self) -> str:

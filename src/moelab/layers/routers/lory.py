@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -14,6 +14,14 @@ from moelab.layers.base import RoutingContext
 from moelab.layers.routers.base import Router, RouterOutput, make_decision, register_router
 
 FIRST_SEGMENT = ("uniform", "self")
+PAPER_SEGMENT_LEN = 256  # Zhong et al.'s segment length (for 4096-token sequences)
+
+
+def default_segment_len(seq_len: int) -> int:
+    """The segment length a model config derives when none is set: a quarter of the sequence
+    length (four segments, so the router learns from three of them), at most the paper's 256
+    (16 segments at the paper's 4096 tokens). 128-token sequences get 32."""
+    return max(1, min(PAPER_SEGMENT_LEN, seq_len // 4))
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,14 @@ class LoryRouter(Router):
     * ``"self"``: the paper's choice: ``s_1``'s own mean routes it, with the gradient stopped.
       A token of ``s_1`` then sees (through E merge weights) the later tokens of ``s_1``.
 
+    The router learns only from the second segment on, so a training sequence must hold at
+    least two segments: ``segment_len`` must be below its length. A training forward with a
+    longer ``segment_len`` is refused (one line); a model config derives ``segment_len`` from
+    ``max_seq_len`` when it is not set and checks a set one (:meth:`fit_options`).
+
     Args:
-        segment_len: T, tokens per segment (the paper's 256; seq_len 128 models: e.g. 32).
+        segment_len: T, tokens per segment (default the paper's 256; a model config without one
+            uses :func:`default_segment_len` of ``max_seq_len``, 32 for 128-token models).
         first_segment: ``"uniform"`` or ``"self"``, see above.
 
     ``forward`` on flat tokens is refused: segments are cut along the sequence, so the MoE block
@@ -75,7 +89,7 @@ class LoryRouter(Router):
         num_experts: int,
         top_k: int,
         *,
-        segment_len: int = 256,
+        segment_len: int = PAPER_SEGMENT_LEN,
         first_segment: str = "uniform",
         init_std: float = 0.02,
     ) -> None:
@@ -86,6 +100,29 @@ class LoryRouter(Router):
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
         self.segment_len = segment_len
         self.first_segment = first_segment
+
+    @classmethod
+    def fit_options(cls, options: dict[str, Any], seq_len: int, where: str) -> dict[str, Any]:
+        """``options`` for sequences of ``seq_len`` tokens (``where`` names that length in
+        messages, e.g. ``"max_seq_len"``): ``segment_len`` derived when absent
+        (:func:`default_segment_len`), refused when a sequence would hold one segment only.
+        Raises ``ValueError("segment_len ...")``, which the config reports on the option."""
+        if "segment_len" not in options:
+            options = options | {"segment_len": default_segment_len(seq_len)}
+        segment_len = options["segment_len"]
+        if seq_len < 2:
+            raise ValueError(
+                f"segment_len has no valid value for {where}={seq_len}: router 'lory' needs "
+                "sequences of at least 2 tokens (segment i is routed by segment i-1)"
+            )
+        is_int = isinstance(segment_len, int) and not isinstance(segment_len, bool)
+        if is_int and not 1 <= segment_len < seq_len:  # other types: the router's own check
+            raise ValueError(
+                f"segment_len must be an integer in [1, {seq_len - 1}] (below {where}="
+                f"{seq_len}: with one segment per sequence the router never learns, as "
+                f"segment i is routed by segment i-1), got {segment_len}"
+            )
+        return options
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None
@@ -101,6 +138,13 @@ class LoryRouter(Router):
             raise ValueError(
                 "router 'lory' needs x shaped [batch, seq_len, d_model] (segments are cut along "
                 f"the sequence), got shape {tuple(x_BLD.shape)}"
+            )
+        if self.training and torch.is_grad_enabled() and x_BLD.shape[1] <= self.segment_len:
+            raise ValueError(
+                f"segment_len ({self.segment_len}) must be below the sequence length "
+                f"({x_BLD.shape[1]}) of a training forward: with one segment per sequence the "
+                "router gets no gradient (segment i is routed by segment i-1); use segment_len "
+                f"in [1, {x_BLD.shape[1] - 1}]"
             )
         mean_BSD = segment_means(x_BLD, valid_BL, self.segment_len)
         own_BSE = self.logits(mean_BSD)  # logits of each segment's own mean
