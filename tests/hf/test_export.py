@@ -17,9 +17,10 @@ from run_fixtures import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
+TOPK = {"kind": "moe", "router": "topk", "num_experts": 4, "top_k": 2, "d_hidden": 32}
 FFNS = {
     "dense": {"kind": "dense", "d_hidden": 64},
-    "topk": {"kind": "moe", "router": "topk", "num_experts": 4, "top_k": 2, "d_hidden": 32},
+    "topk": TOPK,
     "remoe": {
         "kind": "moe",
         "router": "relu",
@@ -29,6 +30,9 @@ FFNS = {
         "granularity": 2,
         "shared_experts": 1,
     },
+    # a training capacity: moelab's eval mode is dropless, and so must the exported model be
+    "topk-capacity": {**TOPK, "capacity_factor": 0.5},
+    "topk-eval-capacity": {**TOPK, "capacity_factor": 0.5, "eval_capacity_factor": 0.5},
     "peer": {"kind": "peer", "num_experts": 64, "heads": 2, "top_k": 4, "d_key": 16},
     "pkm": {"kind": "pkm", "num_memories": 64, "heads": 2, "top_k": 4, "d_key": 16},
 }
