@@ -57,6 +57,12 @@ def env(world: int, local: int | None = None) -> LaunchEnv:
             "distributed.expert_parallel",
             "dropless",
         ),
+        (
+            ["distributed.expert_parallel=2", "model.ffn.eval_capacity_factor=1.25"],
+            2,
+            "distributed.expert_parallel",
+            "set model.ffn.eval_capacity_factor to null",
+        ),
     ],
 )
 def test_bad_layouts_name_the_setting(
