@@ -60,7 +60,8 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
       plays no part in the choice.
 
     With a ``capacity_factor`` (assignments over an expert's capacity are dropped) the count is
-    an upper bound for every router.
+    an upper bound for every router in training forwards; eval forwards are dropless unless
+    ``eval_capacity_factor`` is set.
     """
     model = None if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
     cfg: ModelConfig = model_or_cfg if model is None else model.cfg
