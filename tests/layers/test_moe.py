@@ -325,6 +325,12 @@ def test_aux_losses_average_over_layers():
         (dict(shared_experts=-1), "shared_experts"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(capacity_factor=float("nan")), "capacity_factor"),
+        (dict(eval_capacity_factor=0.0), "^eval_capacity_factor must be None .dropless. or a"),
+        (dict(eval_capacity_factor=True), "^eval_capacity_factor must be None .dropless. or a"),
+        (
+            dict(router="expert_choice", eval_capacity_factor=1.0),
+            "^eval_capacity_factor must be None .null. with router 'expert_choice'",
+        ),
         (dict(balance_coef=float("nan")), "balance_coef"),
         (dict(activation="tanh"), "activation"),
         (dict(softmax_after_topk=True), "softmax_after_topk needs top_k > 1"),
