@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moelab.model import ModelConfig, TransformerLM, generate
-from moelab.model.generate import sample_next
+from moelab.model.generate import nucleus_filter, sample_next
 
 HAS_MOE = importlib.util.find_spec("moelab.layers.moe") is not None
 
@@ -89,6 +89,17 @@ def test_nucleus_keeps_only_the_top_mass():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8; the tail is cut
     draws = {int(sample_next(logits, 1.0, 0.81, g)) for _ in range(300)}
     assert draws == {0, 1, 2}
+
+
+def test_nucleus_boundary_does_not_drift_over_a_large_vocabulary():
+    """Over 100,000 equal tokens a float32 running sum drifts by far more than one token's mass;
+    the kept count must be the exact one: tokens whose predecessors' mass is below top_p."""
+    vocab = 100_000
+    probs = torch.softmax(torch.zeros(1, vocab), dim=-1)
+    q = float(probs[0, 0])
+    for top_p in (0.5, 0.9, 0.999):
+        expected = sum(1 for i in range(vocab) if i * q < top_p)
+        assert int((nucleus_filter(probs, top_p) > 0).sum()) == expected
 
 
 def test_eos_stops_and_pads():

@@ -8,22 +8,31 @@ from torch import Tensor
 from moelab.model.transformer import TransformerLM
 
 
+def nucleus_filter(probs_BV: Tensor, top_p: float) -> Tensor:
+    """``probs_BV`` with every token outside the nucleus zeroed (not renormalised).
+
+    The nucleus is the smallest set of most-likely tokens whose probability reaches ``top_p``: a
+    token is kept while the mass of the tokens ranked above it is below ``top_p``. That mass is an
+    exclusive running sum in float64, so with a large vocabulary it does not drift by float32
+    rounding across the boundary (ties keep the order ``sort`` gives them).
+    """
+    if top_p >= 1.0:
+        return probs_BV
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    mass_BV = sorted_BV.double().cumsum(dim=-1)
+    mass_before_BV = torch.cat([torch.zeros_like(mass_BV[..., :1]), mass_BV[..., :-1]], dim=-1)
+    sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
+    return torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+
+
 def sample_next(
     logits_BV: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> Tensor:
-    """Next ids ``[B]``: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020).
-
-    Nucleus: keep the smallest set of most-likely tokens whose probability reaches ``top_p`` (the
-    most likely token is always kept), renormalise, sample.
-    """
+    """Next ids ``[B]``: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020)
+    over :func:`nucleus_filter`'s tokens (the most likely token is always kept), renormalised."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-        mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # probability of better tokens
-        sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
-        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    probs_BV = nucleus_filter(torch.softmax(logits_BV.float() / temperature, dim=-1), top_p)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
