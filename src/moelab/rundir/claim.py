@@ -82,9 +82,10 @@ def foreign_entries(
         raise ConfigError(field, f"{shown} already holds {what}; {keep}replace it with --overwrite")
     if others:
         raise ConfigError(
-            "--overwrite",
-            f"{shown} holds {what} and also {listing(path, others)}, which --overwrite would not "
-            "remove; nothing was removed: move them away or write to another directory",
+            field,
+            f"{shown} holds {what} and also {listing(path, others)}, which are not part of it; "
+            f"nothing was removed (only {what}'s own files are ever replaced): move them away "
+            "or write to another directory",
         )
     return ours
 
@@ -105,12 +106,12 @@ def check_not_source(out: str | Path, source: str | Path, *, field: str, source_
     out_p, src_p = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
     if out_p == src_p:
         raise ConfigError(
-            field, f"{str(out)!r} is {source_field} itself; write to another directory"
+            field, f"{str(out)!r} is the same directory as {source_field}; write to another one"
         )
     if out_p in src_p.parents:
         raise ConfigError(
             field,
-            f"{str(out)!r} contains {source_field} {str(source)!r}; write to another directory",
+            f"{str(out)!r} contains {source_field} ({str(source)!r}); write to another directory",
         )
 
 

@@ -95,9 +95,18 @@ class RunDir(CheckpointFiles):
         )
         return bool(earlier)
 
-    def check_not_source(self, source: str | Path, source_field: str = "RUN_DIR") -> None:
-        """Refuse to write this run from ``source`` when it is ``source`` (or contains it)."""
-        check_not_source(self.path, source, field="OUT_DIR", source_field=source_field)
+    def check_new_run_from(
+        self,
+        source: str | Path,
+        *,
+        overwrite: bool,
+        field: str = "OUT_RUN_DIR",
+        source_field: str = "RUN_DIR",
+    ) -> bool:
+        """:meth:`check_new_run` for a run written from ``source`` (``prune``, ``upcycle``,
+        ``convert-hf``): also refuses this directory being ``source`` or containing it."""
+        check_not_source(self.path, source, field=field, source_field=source_field)
+        return self.check_new_run(overwrite=overwrite, field=field)
 
     def lock(self) -> DirectoryLock:
         """Hold this run for the calling process until :meth:`DirectoryLock.release` (creates
