@@ -221,9 +221,10 @@ def test_demo_says_it_replaces_a_run_and_refuses_other_files(
 
     monkeypatch.setattr(train_command, "run_and_report", lambda trainer, run_dir: None)
     run = trained(tmp_path / "demo", data_dir)
-    assert main(["demo", "--run-dir", str(run), *TINY]) == 130  # stops where training would start
+    args = ["demo", "--run-dir", str(run), *TINY, f"data.path={data_dir}"]
+    assert main(args) == 130  # stops where training would start
     assert f"demo: replacing the earlier run in {run}" in capsys.readouterr().out
     (run / "notes").mkdir()
-    assert main(["demo", "--run-dir", str(run), *TINY]) == 2
+    assert main(args) == 2
     assert "notes/" in capsys.readouterr().err and (run / "notes").is_dir()
     assert RunDir(run).holds_run
