@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["MetricsWriter", "decode", "dumps", "encode"]
+__all__ = ["MetricsWriter", "decode", "dumps", "encode", "has_nonfinite"]
 
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -48,6 +48,12 @@ def decode(value: Any) -> Any:
     if isinstance(value, list):
         return [decode(v) for v in value]
     return value
+
+
+def has_nonfinite(text: str) -> bool:
+    """Whether JSON ``text`` may hold an encoded non-finite number (a cheap test, so readers
+    decode only the lines that need it)."""
+    return '"NaN"' in text or 'Infinity"' in text
 
 
 def dumps(value: Any, indent: int | None = None) -> str:

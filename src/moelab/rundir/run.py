@@ -14,7 +14,7 @@ from moelab.data import TokenDataset, load_tokenizer
 from moelab.data.tokenizer import TextTokenizer, file_sha256
 from moelab.rundir.checkpoints import CheckpointFiles
 from moelab.rundir.claim import DirectoryLock, check_not_source, clear_entries, foreign_entries
-from moelab.rundir.records import MetricsWriter, decode, dumps
+from moelab.rundir.records import MetricsWriter, decode, dumps, has_nonfinite
 
 __all__ = ["RunDir"]
 
@@ -267,7 +267,8 @@ class RunDir(CheckpointFiles):
             if not line.strip():
                 continue
             try:
-                obj = decode(json.loads(line))
+                obj = json.loads(line)
+                obj = decode(obj) if has_nonfinite(line) else obj
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err})") from err
             if isinstance(obj, dict) and (kind is None or obj.get("kind") == kind):

@@ -1,4 +1,5 @@
-"""The training loop: one optimizer step = ``accumulation_steps`` micro-batches, then clip, step.
+"""The trainer: a run built from its config, and one optimizer step (``accumulation_steps``
+micro-batches, then clip, step).
 
 Ordering that matters (and is tested):
 
@@ -13,7 +14,6 @@ Ordering that matters (and is tested):
 * Everything a resumed run needs (weights, optimizer, scheduler, controller, RNG, sampler position,
   elapsed time) is in the checkpoint, so on CPU a killed and resumed run logs the same numbers as
   an uninterrupted one.
-
 * A step whose loss or gradient norm is not finite is never applied (``divergence.py``;
   ``train.on_nonfinite`` says whether the run stops or skips it).
 * One process writes a run directory at a time: the trainer holds its lock
@@ -25,10 +25,9 @@ Set-up (``setup.py``), the run directory (:class:`~moelab.rundir.RunDir`), the l
 (``loop.py``), logging (``metrics.py``), eval lines and the summary (``records.py``), Ctrl-C
 (``signals.py``) and the parallelism of a ``torchrun`` launch (:mod:`moelab.distributed`:
 ``self.parallel``, which changes nothing in one process) live elsewhere, so this file is the
-construction and the step. Under ``torchrun``
-every rank runs this loop on its shard of each batch; rank 0 alone writes the run directory
-(metrics, summary, provenance) and shows progress, and every rank writes its shards of each
-checkpoint.
+construction and the step. Under ``torchrun`` every rank runs the loop on its shard of each
+batch; rank 0 alone writes the run directory (metrics, summary, provenance), holds its lock and
+shows progress, and every rank writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
