@@ -91,7 +91,7 @@ class RunDir(CheckpointFiles):
             what="a run",
             overwrite=overwrite,
             field=field,
-            keep_hint=f"continue it with --resume {self.path}",
+            keep_hint=f"continue it with --resume {self.path}" if self.holds_run else "",
         )
         return bool(earlier)
 
