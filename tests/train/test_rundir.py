@@ -48,9 +48,9 @@ def test_layout_round_trip(tmp_path: Path, data_dir: Path) -> None:
     assert run.read_summary() == {}
     run.write_summary({"steps": 7, "final_val_loss": 1.5})
     assert run.has_summary and run.read_summary() == {"steps": 7, "final_val_loss": 1.5}
-    (run.path / "extra").write_text("x")
-    run.create(cfg, ds, {}, replace=True)  # replacing a run starts from an empty directory
-    assert not (run.path / "extra").exists() and not run.has_summary
+    run.metrics_writer().close()
+    run.create(cfg, ds, {}, replace=True)  # replacing a run removes its files
+    assert not run.has_summary and not run.has_metrics
 
 
 def test_metrics_round_trip_and_truncation(tmp_path: Path) -> None:

@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moelab.hf.runs import convert_checkpoint
+    from moelab.rundir import RunDir
 
+    # before loading the checkpoint: never HF_DIR itself, a dataset or a folder of other files
+    RunDir(args.run_dir).check_new_run_from(
+        args.hf_dir, overwrite=args.overwrite, field="RUN_DIR", source_field="HF_DIR"
+    )
     ckpt = convert_checkpoint(
         args.hf_dir,
         args.run_dir,

@@ -1,7 +1,9 @@
 """``moelab demo``: train the default preset on the embedded corpus, evaluate it, generate text.
 
 What ``make demo`` runs on a fresh clone: nothing is downloaded (the corpus and tokenizer ship in
-the package), and the whole thing takes a few minutes on a laptop CPU.
+the package), and the whole thing takes a few minutes on a laptop CPU. It replaces the run an
+earlier demo left in ``--run-dir`` (and says so); a directory holding anything else is refused,
+so it never removes a file that is not part of a run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train the default preset end to end, evaluate it and generate a sample",
         description="Train the default preset (remoe-tiny) on the embedded corpus into "
-        "--run-dir (replacing an earlier demo run there), then evaluate it and generate text.",
+        "--run-dir, then evaluate it and generate text. An earlier run in --run-dir is replaced "
+        "(only a run's files are removed; a directory holding anything else is refused).",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--preset", default=None, help="preset to train (default: remoe-tiny)")
@@ -36,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     preset = args.preset or DEFAULT_PRESET
     config = resolve_run_config(preset=preset, overrides=args.overrides)
     run_dir = Path(args.run_dir)
-    if run_dir.exists() and not RunDir(run_dir).holds_run and any(run_dir.iterdir()):
-        raise ValueError(f"--run-dir: {run_dir} exists and is not a moelab run; choose another")
-    trainer = Trainer(config, run_dir, preset=preset, overwrite=True)  # an earlier demo run goes
+    # a run is replaced; a dataset or other files are refused before anything is removed
+    if RunDir(run_dir).check_new_run(overwrite=True, field="--run-dir"):
+        print(f"demo: replacing the earlier run in {run_dir} (to keep it, give another --run-dir)")
+    trainer = Trainer(config, run_dir, preset=preset, overwrite=True)
     if run_and_report(trainer, run_dir) is None:
         return 130
     model = trainer.model.eval()

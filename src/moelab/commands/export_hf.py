@@ -20,7 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=DTYPES, default=None, help="cast the weights (default: as trained)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in OUT_DIR (only its files; other files are refused)",
+    )
     p.set_defaults(func=run)
 
 

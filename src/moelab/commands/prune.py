@@ -37,9 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moelab.compress import prune_run
+    from moelab.rundir import RunDir
 
     if args.batches < 1:
         raise ValueError(f"--batches: must be a positive integer, got {args.batches}")
+    # before the usage pass: never the source run, a dataset or a folder of other files
+    RunDir(args.out_dir).check_new_run_from(args.run_dir, overwrite=args.overwrite)
     ckpt, kept, usage = prune_run(
         args.run_dir,
         args.out_dir,

@@ -31,7 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     add_override_options(p, "dotted config overrides")
     p.add_argument("--run-dir", help="output directory (default: runs/<preset>-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run in --run-dir (only its files; a directory holding "
+        "anything else is refused)",
+    )
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument(
         "--print-config",

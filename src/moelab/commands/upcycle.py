@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moelab.hf.runs import upcycle_run
+    from moelab.rundir import RunDir
 
+    # before any work: never the source run, a dataset or a folder of other files
+    RunDir(args.out_dir).check_new_run_from(args.run_dir, overwrite=args.overwrite)
     ckpt = upcycle_run(
         args.run_dir,
         args.out_dir,

@@ -38,10 +38,20 @@ from moelab.model.ffn_configs import (
     PEERConfig,
     PKMConfig,
 )
-from moelab.rundir import RunDir
+from moelab.rundir import RunDir, check_not_source, clear_entries, foreign_entries
 from moelab.train import CheckpointError, load_run_config, run_tokenizer
 
 MODELING_FILE = Path(__file__).with_name("modeling_moelab.py")
+# What an export consists of: all --overwrite removes, and all an OUT_DIR may hold to be replaced.
+EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    MODELING_FILE.name,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "__pycache__",
+)
 EXPORTED_ROUTERS = ("topk", "relu")
 SUPPORTED = "dense, moe (routers: topk, relu), peer, pkm"
 
@@ -174,12 +184,7 @@ def export_model(
         raise ValueError(f"export_model expects a moelab TransformerLM, got {type(model).__name__}")
     config = hf_config(model.cfg, tokenizer)  # checks the FFN kinds before anything is written
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"OUT_DIR: {str(out)!r} exists and is not empty; pass --overwrite to replace it"
-            )
-        shutil.rmtree(out)
+    clear_entries(out, _check_out_dir(out, overwrite))  # an earlier export's files, nothing else
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(model.state_dict().values()))
     config["torch_dtype"] = str(dtype or first.dtype).removeprefix("torch.")
@@ -232,7 +237,9 @@ def export_run(
 ) -> Path:
     """Export a run's checkpoint (default: the latest) and tokenizer; see :func:`export_model`."""
     run = RunDir(run_dir)
+    check_not_source(out_dir, run_dir, field="OUT_DIR", source_field="RUN_DIR")
     config = load_run_config(run_dir)  # ConfigError naming run_dir when it is not a run
+    _check_out_dir(Path(out_dir).expanduser(), overwrite)  # before any work
     for i in range(config.model.n_layers):  # unsupported kinds fail before the weights load
         block_ffn_spec(config.model.ffn_for(i), i)
     try:
@@ -243,3 +250,10 @@ def export_run(
             "(moelab train --run-dir RUN_DIR) or name an existing --checkpoint"
         ) from None
     return export_model(model, out_dir, run_tokenizer(run_dir), dtype=dtype, overwrite=overwrite)
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> list[str]:
+    """Where an export may go (new, empty, or an earlier export with ``overwrite``; never a
+    dataset or a directory holding other files); returns the earlier export's entries."""
+    what = "a transformers export"
+    return foreign_entries(out, EXPORT_FILES, what=what, overwrite=overwrite, field="OUT_DIR")

@@ -135,6 +135,9 @@ class TrainConfig(Config):
     lambda_per_layer: bool = False  # one λ per ReLU-routed layer (default: the paper's shared λ)
     lambda_min: float = LAMBDA_MIN  # λ's floor (so it can always climb back)
     lambda_max: float = LAMBDA_MAX  # λ's ceiling (so an unreachable target cannot drive it to inf)
+    # A step whose loss or gradient norm is NaN/inf: stop (keep the last good checkpoint, exit
+    # non-zero naming the step) or skip it (no update; stop after 10 such steps in a row).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def validate(self) -> None:
         check(self.steps > 0, "steps", f"must be a positive integer, got {self.steps}")

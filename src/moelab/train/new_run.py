@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.model import TransformerLM
+from moelab.rundir import RunDir
 from moelab.train.config import RunConfig
 from moelab.train.trainer import Trainer
 
@@ -35,14 +36,22 @@ def start_run(
             "model: the run config's model section does not describe the given model; "
             "overrides may change data/optim/train/logging/checkpoint settings, not the model"
         )
+    source = (origin or {}).get("source")
+    if source is not None:  # a run written over its own source would lose it
+        RunDir(run_dir).check_new_run_from(
+            source, overwrite=overwrite, field="run_dir", source_field="the source of its weights"
+        )
     trainer = Trainer(config, run_dir, overwrite=overwrite)
-    if origin is not None:
-        trainer.rundir.set_origin(origin)
-    for name, state in (hook_states or {}).items():
-        if name in trainer.step_hooks:
-            trainer.step_hooks[name].load_state_dict(state)
-    trainer.model.load_state_dict(model.state_dict())
-    return trainer.save()
+    try:
+        if origin is not None:
+            trainer.rundir.set_origin(origin)
+        for name, state in (hook_states or {}).items():
+            if name in trainer.step_hooks:
+                trainer.step_hooks[name].load_state_dict(state)
+        trainer.model.load_state_dict(model.state_dict())
+        return trainer.save()
+    finally:
+        trainer.release_run_dir()
 
 
 def run_config_for(

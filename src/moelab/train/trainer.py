@@ -1,4 +1,5 @@
-"""The training loop: one optimizer step = ``accumulation_steps`` micro-batches, then clip, step.
+"""The trainer: a run built from its config, and one optimizer step (``accumulation_steps``
+micro-batches, then clip, step).
 
 Ordering that matters (and is tested):
 
@@ -13,22 +14,27 @@ Ordering that matters (and is tested):
 * Everything a resumed run needs (weights, optimizer, scheduler, controller, RNG, sampler position,
   elapsed time) is in the checkpoint, so on CPU a killed and resumed run logs the same numbers as
   an uninterrupted one.
+* A step whose loss or gradient norm is not finite is never applied (``divergence.py``;
+  ``train.on_nonfinite`` says whether the run stops or skips it).
+* One process writes a run directory at a time: the trainer holds its lock
+  (:meth:`~moelab.rundir.RunDir.lock`) from construction to the end of :meth:`run` (or
+  :meth:`close`), and a new run goes only where :meth:`~moelab.rundir.RunDir.check_new_run`
+  allows (new, empty, or an earlier run with ``overwrite``).
 
-Set-up (``setup.py``), the run directory (:class:`~moelab.rundir.RunDir`), logging
-(``metrics.py``), eval lines and the summary (``records.py``), Ctrl-C (``signals.py``) and the
-parallelism of a ``torchrun`` launch (:mod:`moelab.distributed`: ``self.parallel``, which changes
-nothing in one process) live elsewhere, so this file is the step and the loop. Under ``torchrun``
-every rank runs this loop on its shard of each batch; rank 0 alone writes the run directory
-(metrics, summary, provenance) and shows progress, and every rank writes its shards of each
-checkpoint.
+Set-up (``setup.py``), the run directory (:class:`~moelab.rundir.RunDir`), the loop
+(``loop.py``), logging (``metrics.py``), eval lines and the summary (``records.py``), Ctrl-C
+(``signals.py``) and the parallelism of a ``torchrun`` launch (:mod:`moelab.distributed`:
+``self.parallel``, which changes nothing in one process) live elsewhere, so this file is the
+construction and the step. Under ``torchrun`` every rank runs the loop on its shard of each
+batch; rank 0 alone writes the run directory (metrics, summary, provenance), holds its lock and
+shows progress, and every rank writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,12 +52,14 @@ from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fi
 from moelab.layers.router_load_hook import RouterLoadHook
 from moelab.layers.sparsity_controller import SparsityController
 from moelab.model import TransformerLM, accounting
-from moelab.rundir import RunDir
+from moelab.rundir import DirectoryLock, RunDir
 from moelab.train.checkpointing import CheckpointedTraining
 from moelab.train.config import RunConfig
-from moelab.train.metrics import MetricsLogger, Progress, check_backends
+from moelab.train.divergence import is_finite_step
+from moelab.train.loop import TrainingLoop
+from moelab.train.metrics import check_backends
 from moelab.train.optim import build_optimizer, clip_grad_norm_
-from moelab.train.records import build_summary, eval_record
+from moelab.train.records import eval_record
 from moelab.train.schedule import build_scheduler
 from moelab.train.setup import (
     build_controller,
@@ -61,7 +69,6 @@ from moelab.train.setup import (
     routed_by_block,
     use_bf16,
 )
-from moelab.train.signals import StopOnCtrlC
 
 __all__ = ["Trainer", "aux_loss", "train"]
 
@@ -78,7 +85,7 @@ def aux_loss(
     return total if penalty is None else total + penalty
 
 
-class Trainer(CheckpointedTraining):
+class Trainer(CheckpointedTraining, TrainingLoop):
     """Builds everything a run needs from a :class:`RunConfig`, then :meth:`run` trains it.
 
     All checks (config, data path, vocabulary, logging backends, device) happen in ``__init__``,
@@ -98,22 +105,60 @@ class Trainer(CheckpointedTraining):
         self.config = config
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
-        if not resume and self.rundir.holds_run and not overwrite:
-            raise ConfigError(
-                "run_dir",
-                f"{str(self.run_dir)!r} already holds a run; continue it with --resume "
-                f"{self.run_dir} or replace it with --overwrite",
-            )
-        replace = not resume and self.rundir.holds_run  # only after all checks
-        if resume and not self.rundir.holds_run:
-            raise ConfigError("resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})")
+        self._lock: DirectoryLock | None = None
+        self._made_dir = False  # this trainer created the run directory
         if resume:  # before anything else: a refused override must leave the run untouched
+            if not self.rundir.holds_run:
+                raise ConfigError(
+                    "resume", f"{str(self.run_dir)!r} holds no run (no {RunDir.CONFIG})"
+                )
             check_resume_config(self.rundir.read_config(RunConfig), config)
             preset = preset or self.rundir.recorded_preset()
+        else:  # a dataset, other files, or a run without overwrite: refused, nothing touched
+            self.rundir.check_new_run(overwrite=overwrite)
         self.preset = preset
         check_backends(config.logging)
         device = resolve_device(config)
         self.parallel = setup_parallel(config, device)  # one process: changes nothing
+        replace = False
+        if self.parallel.is_main:  # the one writer of the run directory, until run() ends
+            replace = self._hold_run_dir(resume, overwrite)
+        try:
+            self._build(config, device, resume=resume, replace=replace)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _hold_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Lock the run directory (a second writer is refused with this process's pid) and,
+        for a new run, check it again now that no other process can change it; returns whether
+        an earlier run is to be replaced."""
+        self._made_dir = not self.run_dir.exists()
+        self._lock = self.rundir.lock()
+        if resume:
+            return False
+        try:
+            return self.rundir.check_new_run(overwrite=overwrite)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Give the run directory's lock up (the end of :meth:`run` and :meth:`close` do); a
+        directory this trainer created and left empty (a failed start) is removed."""
+        if self._lock is None:
+            return
+        self._lock.release()
+        self._lock = None
+        if self._made_dir:
+            with contextlib.suppress(OSError):  # not empty: the run is there
+                self.run_dir.rmdir()
+
+    def _build(
+        self, config: RunConfig, device: torch.device, *, resume: bool, replace: bool
+    ) -> None:
+        """Everything else a run needs; on the main process, lays out (or continues) the run
+        directory once every check passed."""
         self.device = self.parallel.place(device)
         self.bf16 = use_bf16(config, self.device)
         if config.train.threads is not None:
@@ -185,7 +230,12 @@ class Trainer(CheckpointedTraining):
     # ---- one optimizer step ---------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step on the sampler's next batch; returns the step's metrics record."""
+        """One optimizer step on the sampler's next batch; returns the step's metrics record.
+
+        A step whose loss or gradient norm is not finite changes no weight, optimizer state or
+        between-step hook (their observations of it are dropped) and is marked ``nonfinite``;
+        with ``train.on_nonfinite=skip`` it still counts as a step (``skipped``), else nothing of
+        it is kept (the loop then stops, see ``divergence.py``)."""
         x, y = self.sampler.next_batch()
         lr = self.optimizer.param_groups[0]["lr"]
         lam = None if self.controller is None else self.controller.lam
@@ -193,17 +243,21 @@ class Trainer(CheckpointedTraining):
         self.parallel.finish_gradients(self.model)
         clip = self.config.optim.grad_clip
         grad_norm = self.parallel.clip_grad_norm_(self.model, clip or math.inf, clip_grad_norm_)
-        self.optimizer.step()
+        finite = is_finite_step(record["loss"], grad_norm)  # the same on every rank (reduced)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        stepped = {name: hook.step() for name, hook in self.step_hooks.items()}
-        sparsity = stepped.get("controller")
-        self.step += 1
-        self._sampler_state = self.sampler.state_dict()
+        if finite:
+            stepped = {name: hook.step() for name, hook in self.step_hooks.items()}
+        else:
+            stepped = {}
+            for hook in self.step_hooks.values():  # reloading its own state drops what it saw
+                hook.load_state_dict(hook.state_dict())
+        step = self.step + 1
         out: dict[str, Any] = {
             "kind": "train",
-            "step": self.step,
-            "tokens": self.step * self._tokens_per_step,
+            "step": step,
+            "tokens": step * self._tokens_per_step,
             "lr": lr,
             "loss": record["loss"],
             "aux": record["aux"],
@@ -214,9 +268,17 @@ class Trainer(CheckpointedTraining):
             out["lambda_next"] = self.controller.lam
             if self.controller.per_layer:
                 out["lambda_layers"] = list(self.controller.layer_lams)
-            out["sparsity"] = sparsity
+            out["sparsity"] = stepped.get("controller")
         out["layers"] = record["layers"]
         out.update(self.parallel.step_report())  # e.g. the all-to-all time of expert parallelism
+        if not finite:
+            out["nonfinite"] = True
+            if self.config.train.on_nonfinite != "skip":
+                return out  # not a step: the run stops at it
+            out["skipped"] = True
+        self.scheduler.step()
+        self.step = step
+        self._sampler_state = self.sampler.state_dict()
         return out
 
     def accumulate_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -279,115 +341,11 @@ class Trainer(CheckpointedTraining):
     def _eval_record(self) -> dict[str, Any]:
         return eval_record(self.step, self.step * self._tokens_per_step, self.evaluate())
 
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def run(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train to ``train.steps`` (or stop, checkpointed, after step ``stop_after``: what Ctrl-C
-        does); returns the summary (``interrupted`` tells which). A run that was already complete
-        (:attr:`complete`) is left as it is and its summary returned."""
-        if self.complete:
-            return self.rundir.read_summary()
-        cfg = self.config
-        total = cfg.train.steps
-        main = self.parallel.is_main  # the only rank that writes files and shows progress
-        logger = MetricsLogger(self.rundir, cfg) if main else _NoLogger()
-        progress = Progress(
-            total,
-            self.step,
-            cfg.logging.progress and main,
-            cfg.method,
-            log_every=cfg.logging.log_every,
-        )
-        start, tokens_at_start = time.perf_counter(), self.step * self._tokens_per_step
-        last_t, last_step = start, self.step
-        last_saved = self.step if self.step > 0 else -1
-        interrupted = False
-        record: dict[str, Any] = {}
-        with StopOnCtrlC() as ctrl_c, warnings.catch_warnings():
-            # one line above the bar (restored); other ranks' copies of a warning are not shown
-            warnings.showwarning = progress.show_warning if main else _hide_warning
-            try:
-                while self.step < total:
-                    record = self.train_step()
-                    now = time.perf_counter()
-                    tps = (self.step - last_step) * self._tokens_per_step / max(now - last_t, 1e-9)
-                    record["tokens_per_s"] = tps
-                    progress.update(record)
-                    if self.step % cfg.logging.log_every == 0 or self.step == total:
-                        logger.log(record)
-                        last_t, last_step = now, self.step
-                    if (
-                        cfg.train.eval_every
-                        and self.step % cfg.train.eval_every == 0
-                        and self.step < total
-                    ):
-                        evaluated = self._eval_record()
-                        logger.log(evaluated)
-                        progress.show_eval(evaluated)
-                        last_t, last_step = time.perf_counter(), self.step  # tokens/s: training
-                    stop = self.parallel.any(ctrl_c.requested)  # all ranks stop at one step
-                    stop = stop or (stop_after is not None and self.step >= stop_after)
-                    every = cfg.checkpoint.every
-                    if (every and self.step % every == 0) or self.step == total or stop:
-                        self._save_with_elapsed(start)
-                        last_saved = self.step
-                        last_t, last_step = time.perf_counter(), self.step
-                    if stop and self.step < total:
-                        interrupted = True
-                        break
-            except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread
-                interrupted = True
-                if self.parallel.distributed:  # ranks stopped at different points: no collective
-                    raise
-                if last_saved != self.step:
-                    self._save_with_elapsed(start)
-            finally:
-                progress.close()
-        wall = self.elapsed + (time.perf_counter() - start)
-        if interrupted:
-            logger.close()
-            if main:
-                print(f"stopped at step {self.step}; checkpoint saved in {self.run_dir}")
-            return {"interrupted": True, "steps": self.step, "run_dir": str(self.run_dir)}
-        trained = self.step * self._tokens_per_step - tokens_at_start
-        if not record:  # resumed at the last step (killed before its summary): finish it
-            record = self._logged("train") or {}
-        final = self._logged("eval") if not trained else None
-        if final is None:
-            final = self._eval_record()
-            logger.log(final)
-            progress.show_eval(final)
-        logger.close()
-        summary = build_summary(
-            cfg,
-            preset=self.preset,
-            steps=self.step,
-            tokens=self.step * self._tokens_per_step,
-            wall_time_s=wall,
-            # this session's speed; a session that trained nothing: the run's
-            tokens_per_s=(trained or self.step * self._tokens_per_step)
-            / max(time.perf_counter() - start if trained else wall, 1e-9),
-            final=final,
-            last=record,
-            sparsity_target=None if self.controller is None else self.controller.target,
-            accounting=self.accounting,
-            dataset=self.dataset,
-            device=self.device,
-        )
-        if self.parallel.distributed:
-            summary["distributed"] = self.parallel.layout()
-        if main:
-            self.rundir.write_summary(summary)
-        return summary
-
     def close(self) -> None:
-        """End the process group this trainer started (a ``torchrun`` launch; else nothing)."""
+        """Release the run directory and end the process group this trainer started (a
+        ``torchrun`` launch; else nothing)."""
+        self.release_run_dir()
         self.parallel.close()
-
-    def _logged(self, kind: str) -> dict[str, Any] | None:
-        """The metrics line of ``kind`` already logged at the current step, if any."""
-        at_step = [r for r in self.rundir.read_metrics(kind) if r.get("step") == self.step]
-        return at_step[-1] if at_step else None
 
     @property
     def _tokens_per_step(self) -> int:
@@ -408,17 +366,3 @@ def train(
     summary = trainer.run(stop_after=stop_after)
     trainer.close()
     return summary
-
-
-class _NoLogger:
-    """The metrics sink of ranks other than 0."""
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _hide_warning(*args: Any, **kwargs: Any) -> None:
-    """``warnings.showwarning`` of ranks other than 0 (rank 0 shows the run's warnings)."""
