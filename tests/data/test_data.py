@@ -501,6 +501,34 @@ def test_bad_inputs(tmp_path):
     assert TokenDataset(out).meta["val_fraction"] == 0.5
 
 
+def test_overwrite_replaces_only_a_dataset(tmp_path):
+    """--overwrite must never delete what prepare did not write: a run, a user's folder, extra
+    files beside a dataset, or the inputs themselves."""
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, [{"text": f"document number {i} " * 5} for i in range(6)])
+    user = tmp_path / "mine"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not one .*notes/.*nothing was removed"):
+        prepare(good, user, overwrite=True)
+    assert (user / "notes" / "todo.txt").read_text() == "keep me"
+    out = tmp_path / "out"
+    prepare(good, out)
+    (out / "extra.txt").write_text("mine")
+    with pytest.raises(ValueError, match="also extra.txt"):
+        prepare(good, out, overwrite=True)
+    assert (out / "extra.txt").exists() and (out / "meta.json").exists()
+    (out / "extra.txt").unlink()
+    prepare(good, out, overwrite=True, val_fraction=0.5)  # a plain dataset is replaced
+    assert TokenDataset(out).meta["val_fraction"] == 0.5
+    inside = tmp_path / "corpus"
+    inside.mkdir()
+    write_jsonl(inside / "docs.jsonl", [{"text": f"doc {i} " * 5} for i in range(6)])
+    with pytest.raises(ValueError, match="holds the input"):
+        prepare(inside / "docs.jsonl", inside, overwrite=True)
+    assert (inside / "docs.jsonl").exists()
+
+
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     from moelab.data.tokenizer import TextTokenizer
 

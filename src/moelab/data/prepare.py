@@ -105,14 +105,49 @@ def _validate(
     for path in inputs:
         if not path.exists():
             raise ValueError(f"input {path}: no such file or directory")
+    resolved = output_dir.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if src == resolved or resolved in src.parents:
+            raise ValueError(
+                f"output {output_dir}: holds the input {path}; write the dataset somewhere else"
+            )
     if output_dir.exists():
         if not output_dir.is_dir():
             raise ValueError(f"output {output_dir}: exists and is not a directory")
-        if any(output_dir.iterdir()) and not overwrite:
+        entries = {p.name for p in output_dir.iterdir()}
+        if entries and not overwrite:
             raise ValueError(
                 f"output {output_dir}: directory exists and is not empty "
                 "(pass overwrite=True / --overwrite to replace it)"
             )
+        if entries:
+            _check_replaceable(output_dir, entries)
+
+
+def dataset_entries() -> set[str]:
+    """The names a prepared dataset directory consists of (what ``overwrite`` may replace)."""
+    names = {"meta.json", "tokenizer.json"}
+    return names | {f(split) for split in SPLITS for f in (token_file, domain_file)}
+
+
+def _check_replaceable(output_dir: Path, entries: set[str]) -> None:
+    """``overwrite`` replaces a prepared dataset and nothing else: a directory that is not one
+    (no ``meta.json``: a run, a user's folder) or that also holds other files is refused, naming
+    them, before any work and with nothing removed."""
+    others = sorted(entries - dataset_entries())
+    shown = ", ".join(n + ("/" if (output_dir / n).is_dir() else "") for n in others[:5])
+    shown += ", ..." if len(others) > 5 else ""
+    if "meta.json" not in entries:
+        raise ValueError(
+            f"output {output_dir}: --overwrite replaces only a prepared dataset (meta.json), and "
+            f"this directory is not one (it holds {shown}); nothing was removed"
+        )
+    if others:
+        raise ValueError(
+            f"output {output_dir}: holds a dataset and also {shown}, which --overwrite would "
+            "delete; nothing was removed: move them away or write to another directory"
+        )
 
 
 def _scan(sources: Sequence[Source]) -> tuple[list[str], int]:
