@@ -147,6 +147,14 @@ class Router(nn.Module):
     controlled_loss: ClassVar[str | None] = None
     # True when step_update() must be called once per optimizer step (RouterLoadHook does it).
     updates_between_steps: ClassVar[bool] = False
+    # Capabilities the doors outside training ask (they never name a router). True when, in eval
+    # mode, a token's routing reads no later token, so KV-cache decoding equals a full forward.
+    causal_at_inference: ClassVar[bool] = True
+    # True when ``moelab export-hf`` may write it: the generated modelling file carries this class
+    # and the exported model decodes as moelab does. When False, ``not_exportable_reason`` says
+    # why in one line (what follows "cannot be exported to transformers: ").
+    exportable: ClassVar[bool] = True
+    not_exportable_reason: ClassVar[str] = ""
 
     def __init__(
         self,

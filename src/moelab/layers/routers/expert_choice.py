@@ -46,6 +46,11 @@ class ExpertChoiceRouter(Router):
     name = "expert_choice"
     method = "expert_choice"
     sets_own_capacity = True  # MoE refuses its own capacity_factor on top of this one
+    exportable = False
+    not_exportable_reason = (
+        "its paper defines no causal inference path (experts pick tokens over the whole batch; "
+        "inference='topk' is moelab's own replacement, not the trained routing)"
+    )
 
     def __init__(
         self,

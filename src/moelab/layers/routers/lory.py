@@ -69,6 +69,12 @@ class LoryRouter(Router):
         "over the whole sequence instead"
     )
 
+    exportable = False
+    not_exportable_reason = (
+        "moelab does not implement its paper's inference path (one merge per layer from the "
+        "prompt) and keeps no decoding state for a KV cache"
+    )
+
     def __init__(
         self,
         d_model: int,
