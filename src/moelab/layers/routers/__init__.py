@@ -29,6 +29,7 @@ from moelab.layers.routers.aux_free import AuxFreeRouter  # isort: split
 from moelab.layers.routers.rmoe import RecurrentRouter, share_recurrent_routers  # isort: split
 
 from moelab.layers.routers.base import (
+    CAPABILITIES,
     ROUTERS,
     Router,
     RouterOutput,
@@ -36,12 +37,15 @@ from moelab.layers.routers.base import (
     check_coef,
     make_decision,
     register_router,
+    require,
     router_class,
     router_options,
+    routers_with,
     uniform_assignment,
 )
 
 __all__ = [
+    "CAPABILITIES",
     "ROUTERS",
     "AuxFreeRouter",
     "ExpertChoiceRouter",
@@ -60,8 +64,10 @@ __all__ = [
     "check_coef",
     "make_decision",
     "register_router",
+    "require",
     "router_class",
     "router_options",
+    "routers_with",
     "share_recurrent_routers",
     "uniform_assignment",
 ]

@@ -16,6 +16,15 @@ A router owns everything that follows from its own outputs:
   :class:`~moelab.layers.RouterLoadHook` - the same kind of between-step hook as the λ controller,
   never inside ``forward``. Such state is a buffer, so checkpoints carry it.
 
+What a router supports beyond training is declared on its class, next to the between-step flags
+(``updates_between_steps``, ``sets_own_capacity``): one boolean per capability of
+:data:`CAPABILITIES` (``causal_at_inference``, ``exportable``, ``prunable``, ``upcyclable``,
+``convertible``, ``mergeable``), the reason for each one it lacks in ``lacks``, and the methods
+those capabilities need (:meth:`Router.pruned_state`, :meth:`Router.upcycle_init`,
+:meth:`Router.load_gate`, ...). Export, convert, upcycle, prune, the CLI and the benches ask
+:func:`routers_with` / :func:`require` and never list router names; a router one of them cannot
+take is refused with :meth:`Router.refusal`'s one line.
+
 Logits are computed in float32 whatever the input dtype: a bf16 router flips near-tied top-k
 choices and under-resolves small ReLU outputs. Adding a router from the literature is one
 :class:`Router` subclass decorated with :func:`register_router` (and its tests); :class:`~moelab.
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +129,27 @@ def check_coef(name: str, value: object) -> float:
     return float(value)
 
 
+# Each capability a router may declare (a ClassVar[bool] of that name on its class), with how its
+# refusal reads. A door that needs one asks the registry (routers_with, require).
+CAPABILITIES: dict[str, str] = {
+    "causal_at_inference": "is not causal at inference (a token's output may depend on later "
+    "tokens)",
+    "exportable": "cannot be exported to transformers (moelab export-hf)",
+    "prunable": "cannot be pruned (moelab prune)",
+    "upcyclable": "cannot be upcycled from a dense model (moelab upcycle)",
+    "convertible": "cannot take over a converted checkpoint's TopK gate (moelab convert-hf "
+    "--router)",
+    "mergeable": "cannot have its experts merged",
+}
+
+
+def check_capability(capability: str) -> None:
+    if capability not in CAPABILITIES:
+        raise ValueError(
+            f"capability must be one of {', '.join(map(repr, CAPABILITIES))}, got {capability!r}"
+        )
+
+
 class Router(nn.Module):
     """Base of every router: a bias-free ``[E, D]`` gate (``nn.Linear(D, E)`` layout, the one
     ``transformers`` uses for Mixtral's ``gate``) applied in float32, and the router z-loss.
@@ -147,8 +177,23 @@ class Router(nn.Module):
     controlled_loss: ClassVar[str | None] = None
     # True when step_update() must be called once per optimizer step (RouterLoadHook does it).
     updates_between_steps: ClassVar[bool] = False
-    # Capabilities the doors outside training ask (they never name a router). True when, in eval
-    # mode, a token's routing reads no later token, so KV-cache decoding equals a full forward.
+    # True when the router sets each expert's capacity itself (MoE refuses its capacity_factor).
+    sets_own_capacity: ClassVar[bool] = False
+
+    # Capabilities the doors outside training ask (they never name a router), one per key of
+    # CAPABILITIES; ``lacks`` says why one is False (looked up along the MRO, so a subclass adds
+    # its own reasons; export's reason is ``not_exportable_reason``). Options that withdraw a
+    # capability: override ``refusal``.
+    prunable: ClassVar[bool] = False  # needs pruned_state (and pruned_options) to be right
+    upcyclable: ClassVar[bool] = False  # needs upcycle_init
+    convertible: ClassVar[bool] = False  # needs load_gate
+    mergeable: ClassVar[bool] = False
+    lacks: ClassVar[dict[str, str]] = {"mergeable": "moelab has no expert merging yet"}
+    # Experts per token a small example of the method uses (tests, benches): 1, or the k the
+    # method needs (a top-2 method, a gate normalised over its choices).
+    example_top_k: ClassVar[int] = 1
+    # True when, in eval mode, a token's routing reads no later token, so KV-cache decoding
+    # equals a full forward.
     causal_at_inference: ClassVar[bool] = True
     # True when ``moelab export-hf`` may write it: the generated modelling file carries this class
     # and the exported model decodes as moelab does. When False, ``not_exportable_reason`` says
@@ -233,6 +278,79 @@ class Router(nn.Module):
         """Fraction of zero router outputs the λ controller drives towards (None: no controller)."""
         return None
 
+    # ------------------------------------------------------------------ capabilities
+
+    @classmethod
+    def refusal(cls, capability: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """None when this router (built with ``options``, its keyword options; None: the
+        defaults) has ``capability``; else one line naming the router, what it cannot do and
+        why. A router whose options withdraw a capability extends this."""
+        check_capability(capability)
+        if getattr(cls, capability):
+            return None
+        if capability == "exportable" and cls.not_exportable_reason:
+            return f"router {cls.name!r} {CAPABILITIES[capability]}: {cls.not_exportable_reason}"
+        reason = next(
+            (
+                k.__dict__["lacks"][capability]
+                for k in cls.__mro__
+                if capability in k.__dict__.get("lacks", {})
+            ),
+            "it does not declare it",
+        )
+        return f"router {cls.name!r} {CAPABILITIES[capability]}: {reason}"
+
+    @classmethod
+    def example_options(cls, seq_len: int) -> dict[str, Any]:
+        """Options a small example of the router runs with on sequences of ``seq_len`` tokens
+        (tests and benches; none by default)."""
+        return {}
+
+    def gate_rows(self, experts_K: Tensor) -> Tensor:
+        """Rows of ``weight`` that a router over the routed experts ``experts_K`` keeps: those
+        experts' own rows first, in their order, then the rows of any experts that are not
+        routed experts (null, zero-computation experts), which every pruned router keeps."""
+        return experts_K
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """This router's ``state_dict`` for the routed experts ``kept_K`` only (ascending ids):
+        what a router built for ``len(kept_K)`` experts (and :meth:`pruned_options`) loads. The
+        gate's rows are sliced by :meth:`gate_rows`; a router with more per-expert state (a
+        bias, an ``[N, N]`` map) slices it too."""
+        state = self.state_dict()
+        if "weight" in state:
+            state["weight"] = state["weight"].index_select(0, self.gate_rows(kept_K.cpu()))
+        return state
+
+    def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
+        """Options the pruned router is built with, besides its ``num_experts``: state kept in
+        its options rather than its tensors (a hash router's table); none by default."""
+        return {}
+
+    def prunes_exactly(self) -> bool:
+        """True when, with these options, dropping experts that no token chose leaves every
+        token's choices and gates unchanged (gates that do not depend on other experts)."""
+        return False
+
+    @torch.no_grad()
+    def upcycle_init(self, groups: int) -> None:
+        """Start on experts that are ``E`` copies of a dense FFN, each split into ``groups``
+        consecutive experts (moelab upcycle's virtual groups): a copy's parts get one gate row,
+        so they always score alike. Rows of non-routed experts keep their random init."""
+        routed = self.weight[: self.num_experts : groups].clone()  # routed experts' rows first
+        self.weight[: self.num_experts] = routed.repeat_interleave(groups, dim=0)
+
+    @torch.no_grad()
+    def load_gate(self, gate_ED: Tensor) -> None:
+        """Take over a trained TopK gate ``[E, D]`` over the same experts (convert-hf --router):
+        its rows become the routed experts' rows; other state keeps its init."""
+        if gate_ED.shape != (self.num_experts, self.weight.shape[1]):
+            raise ValueError(
+                f"router {self.name!r}: a gate of shape {tuple(gate_ED.shape)} does not fit its "
+                f"{self.num_experts} experts over {self.weight.shape[1]} features"
+            )
+        self.weight[: self.num_experts] = gate_ED.to(self.weight.dtype)  # routed rows first
+
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -253,6 +371,21 @@ def router_class(name: str) -> type[Router]:
         choices = ", ".join(repr(n) for n in ROUTERS)
         raise ValueError(f"router must be one of {choices}, got {name!r}{hint}")
     return ROUTERS[name]
+
+
+def routers_with(capability: str) -> list[str]:
+    """Registered routers whose class declares ``capability`` (registration order)."""
+    check_capability(capability)
+    return [name for name, cls in ROUTERS.items() if getattr(cls, capability)]
+
+
+def require(name: str, capability: str, options: Mapping[str, Any] | None = None) -> None:
+    """Refuse router ``name`` (with ``options``) for a door that needs ``capability``: a
+    ValueError whose one line names the router, the capability it lacks and why, and the
+    routers that have it. Call it before any work."""
+    line = router_class(name).refusal(capability, options)
+    if line is not None:
+        raise ValueError(f"{line} (routers that can: {', '.join(routers_with(capability))})")
 
 
 def router_options(name: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ the expert; nothing about the routing is learnt."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +15,58 @@ from moelab.layers.routers.base import Router, RouterOutput, decision_from_choic
 # A Mersenne prime above any vocabulary size: ((a·id + b) mod P) is a universal hash family
 # (Carter & Wegman 1979), and a·id < 2^62 stays exact in int64.
 _PRIME = 2**31 - 1
+
+
+def _check_table(
+    num_experts: int, hash_experts: object, hash_kept: object
+) -> tuple[int, list[int]]:
+    """``(hash_experts, hash_kept)`` once they describe a pruned table, else a ValueError."""
+    if hash_experts is None and hash_kept is None:
+        return num_experts, list(range(num_experts))
+    if (
+        not isinstance(hash_experts, int)
+        or isinstance(hash_experts, bool)
+        or hash_experts < num_experts
+    ):
+        raise ValueError(
+            f"hash_experts must be an integer >= num_experts ({num_experts}) set with "
+            f"hash_kept, got {hash_experts!r}"
+        )
+    kept = list(hash_kept) if isinstance(hash_kept, list | tuple) else None
+    if (
+        kept is None
+        or len(kept) != num_experts
+        or any(not isinstance(e, int) or isinstance(e, bool) for e in kept)
+        or kept != sorted(set(kept))
+        or not 0 <= kept[0] <= kept[-1] < hash_experts
+    ):
+        raise ValueError(
+            f"hash_kept must list {num_experts} distinct ascending expert ids below "
+            f"hash_experts ({hash_experts}), got {hash_kept!r}"
+        )
+    return hash_experts, kept
+
+
+def _nth_free(taken_TE: Tensor, slot_T: Tensor) -> Tensor:
+    """Per row, the column of its ``slot_T``-th False entry of ``taken_TE``."""
+    free_TE = ~taken_TE
+    rank_TE = free_TE.long().cumsum(-1) - 1
+    return (free_TE & (rank_TE == slot_T[:, None])).long().argmax(-1)
+
+
+def _hash_choices(ids_T: Tensor, coefs: tuple[tuple[int, int], ...], E: int) -> Tensor:
+    """The hash's k distinct experts ``[T, k]`` among ``E``: the j-th hash picks among the
+    experts not yet taken."""
+    num_tokens = ids_T.shape[0]
+    taken_TE = torch.zeros(num_tokens, E, dtype=torch.bool, device=ids_T.device)
+    rows_T = torch.arange(num_tokens, device=ids_T.device)
+    chosen = []
+    for j, (a, b) in enumerate(coefs):
+        slot_T = ((a * ids_T + b) % _PRIME) % (E - j)  # index among the free experts
+        expert_T = _nth_free(taken_TE, slot_T)
+        taken_TE[rows_T, expert_T] = True
+        chosen.append(expert_T)
+    return torch.stack(chosen, dim=-1)
 
 
 def token_ids_for(x_TD: Tensor, context: RoutingContext | None, router: str) -> Tensor:
@@ -53,10 +106,19 @@ class HashRouter(Router):
     MultiHash concatenates k expert segments.
 
     Token ids come only from ``context.token_ids`` (:class:`~moelab.layers.base.RoutingContext`).
+
+    Pruning (``moelab prune``) keeps the hash and remaps its table: the hash still picks among
+    the ``hash_experts`` experts it was built for, ``hash_kept`` (their ids, ascending) says which
+    of them this router still has (kept expert ``hash_kept[i]`` is now expert ``i``), and a token
+    hashed to a dropped expert takes a kept one it does not already have, chosen by the same
+    hash among those. Tokens whose experts were all kept route exactly as before.
     """
 
     name = "hash"
     method = "hash"
+    prunable = True
+    upcyclable = True  # nothing learnt to initialise
+    lacks = {"convertible": "it has no gate: it routes by a fixed hash of the token id"}
 
     def __init__(
         self,
@@ -65,11 +127,20 @@ class HashRouter(Router):
         top_k: int,
         *,
         hash_seed: int = 0,
+        hash_experts: int | None = None,
+        hash_kept: list[int] | None = None,
         init_std: float = 0.02,
     ) -> None:
         if not isinstance(hash_seed, int) or isinstance(hash_seed, bool) or hash_seed < 0:
             raise ValueError(f"hash_seed must be an integer >= 0, got {hash_seed!r}")
+        self.hash_experts, kept = _check_table(num_experts, hash_experts, hash_kept)
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
+        self.hash_kept: list[int] | None = None if hash_kept is None else list(kept)
+        # the hash's experts → this router's (-1: pruned away); Python ints, as the hash
+        self._remap: tuple[int, ...] | None = None
+        if hash_kept is not None:
+            new = {e: i for i, e in enumerate(kept)}
+            self._remap = tuple(new.get(e, -1) for e in range(self.hash_experts))
         del self.weight  # no learnt gate: see the class docstring
         self.register_buffer("weight", torch.zeros(num_experts, d_model), persistent=False)
         self.hash_seed = hash_seed
@@ -81,17 +152,37 @@ class HashRouter(Router):
 
     def experts_of(self, ids_T: Tensor) -> Tensor:
         """The k distinct experts ``[T, k]`` of each token id, in hash order."""
+        chosen_TK = _hash_choices(ids_T, self.hash_coefs, self.hash_experts)
+        if self._remap is None:
+            return chosen_TK
+        remap = torch.tensor(self._remap, device=ids_T.device)
+        mapped_TK = remap[chosen_TK]
         num_tokens, E = ids_T.shape[0], self.num_experts
-        taken_TE = torch.zeros(num_tokens, E, dtype=torch.bool, device=ids_T.device)
-        chosen = []
-        for j, (a, b) in enumerate(self.hash_coefs):
-            slot_T = ((a * ids_T + b) % _PRIME) % (E - j)  # index among the free experts
-            free_TE = ~taken_TE
-            rank_TE = free_TE.long().cumsum(-1) - 1
-            expert_T = (free_TE & (rank_TE == slot_T[:, None])).long().argmax(-1)
-            taken_TE[torch.arange(num_tokens, device=ids_T.device), expert_T] = True
-            chosen.append(expert_T)
-        return torch.stack(chosen, dim=-1)
+        rows_T = torch.arange(num_tokens, device=ids_T.device)
+        taken_TE = torch.zeros(num_tokens, E + 1, dtype=torch.bool, device=ids_T.device)
+        taken_TE[rows_T[:, None], mapped_TK] = True  # column E: "dropped", ignored below
+        taken_TE = taken_TE[:, :E]
+        for j, (a, b) in enumerate(self.hash_coefs):  # dropped picks: a kept expert not taken
+            dropped_T = mapped_TK[:, j] < 0
+            n_free_T = (~taken_TE).sum(-1).clamp_min(1)
+            slot_T = ((a * ids_T + b) % _PRIME) % n_free_T
+            substitute_T = _nth_free(taken_TE, slot_T)
+            mapped_TK[:, j] = torch.where(dropped_T, substitute_T, mapped_TK[:, j])
+            taken_TE[rows_T[dropped_T], substitute_T[dropped_T]] = True
+        return mapped_TK
+
+    def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
+        """The same hash over the same experts, with the table remapped to the kept ones."""
+        kept = kept_K.tolist()
+        original = kept if self.hash_kept is None else [self.hash_kept[i] for i in kept]
+        return {"hash_experts": self.hash_experts, "hash_kept": original}
+
+    def prunes_exactly(self) -> bool:
+        """A token whose experts were all kept is hashed to them as before."""
+        return True
+
+    def upcycle_init(self, groups: int) -> None:
+        """Nothing learnt: the hash spreads tokens over all the copies' parts."""
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -4,14 +4,21 @@ the previous segment (the weights that :mod:`moelab.layers.lory` merges the expe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.routers.base import Router, RouterOutput, make_decision, register_router
+from moelab.layers.routers.base import (
+    CAPABILITIES,
+    Router,
+    RouterOutput,
+    make_decision,
+    register_router,
+)
 
 FIRST_SEGMENT = ("uniform", "self")
 
@@ -61,6 +68,12 @@ class LoryRouter(Router):
 
     name = "lory"
     method = "lory"
+    upcyclable = True
+    convertible = True
+    lacks = {
+        "prunable": "every token uses every expert (merged per segment), so usage cannot rank "
+        "the experts to keep",
+    }
     # TransformerLM refuses KV-cache decoding with this message: one new token has no segment
     # position and no previous segment mean (the layer keeps no decoding state).
     kv_cache_error: ClassVar[str] = (
@@ -92,6 +105,23 @@ class LoryRouter(Router):
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
         self.segment_len = segment_len
         self.first_segment = first_segment
+
+    @classmethod
+    def refusal(cls, capability: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """``first_segment="self"`` withdraws causality: the first segment is routed by its own
+        mean, later tokens included."""
+        own = (options or {}).get("first_segment", "uniform") == "self"
+        if own and capability == "causal_at_inference":
+            return (
+                f"router {cls.name!r} with first_segment='self' {CAPABILITIES[capability]}: the "
+                "first segment is routed by its own mean (use first_segment='uniform')"
+            )
+        return super().refusal(capability, options)
+
+    @classmethod
+    def example_options(cls, seq_len: int) -> dict[str, Any]:
+        """Two segments per sequence, so that the second is routed by the first."""
+        return {"segment_len": max(1, seq_len // 2)}
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -72,6 +72,10 @@ class RecurrentRouter(TopKRouter):
 
     name = "rmoe"
     method = "rmoe"
+    convertible = False
+    lacks = {
+        "convertible": "its gate reads the GRU state, not the hidden state a TopK gate reads",
+    }
 
     def __init__(
         self,
