@@ -192,6 +192,9 @@ class Router(nn.Module):
     # Experts per token a small example of the method uses (tests, benches): 1, or the k the
     # method needs (a top-2 method, a gate normalised over its choices).
     example_top_k: ClassVar[int] = 1
+    # Timed at every expert shape by ``moelab bench moe`` (the ReMoE paper's two methods; every
+    # router is timed at the coarse shape by ``--configs routers``).
+    bench_shapes: ClassVar[bool] = False
     # True when, in eval mode, a token's routing reads no later token, so KV-cache decoding
     # equals a full forward.
     causal_at_inference: ClassVar[bool] = True

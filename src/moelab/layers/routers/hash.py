@@ -17,36 +17,6 @@ from moelab.layers.routers.base import Router, RouterOutput, decision_from_choic
 _PRIME = 2**31 - 1
 
 
-def _check_table(
-    num_experts: int, hash_experts: object, hash_kept: object
-) -> tuple[int, list[int]]:
-    """``(hash_experts, hash_kept)`` once they describe a pruned table, else a ValueError."""
-    if hash_experts is None and hash_kept is None:
-        return num_experts, list(range(num_experts))
-    if (
-        not isinstance(hash_experts, int)
-        or isinstance(hash_experts, bool)
-        or hash_experts < num_experts
-    ):
-        raise ValueError(
-            f"hash_experts must be an integer >= num_experts ({num_experts}) set with "
-            f"hash_kept, got {hash_experts!r}"
-        )
-    kept = list(hash_kept) if isinstance(hash_kept, list | tuple) else None
-    if (
-        kept is None
-        or len(kept) != num_experts
-        or any(not isinstance(e, int) or isinstance(e, bool) for e in kept)
-        or kept != sorted(set(kept))
-        or not 0 <= kept[0] <= kept[-1] < hash_experts
-    ):
-        raise ValueError(
-            f"hash_kept must list {num_experts} distinct ascending expert ids below "
-            f"hash_experts ({hash_experts}), got {hash_kept!r}"
-        )
-    return hash_experts, kept
-
-
 def _nth_free(taken_TE: Tensor, slot_T: Tensor) -> Tensor:
     """Per row, the column of its ``slot_T``-th False entry of ``taken_TE``."""
     free_TE = ~taken_TE
@@ -108,10 +78,11 @@ class HashRouter(Router):
     Token ids come only from ``context.token_ids`` (:class:`~moelab.layers.base.RoutingContext`).
 
     Pruning (``moelab prune``) keeps the hash and remaps its table: the hash still picks among
-    the ``hash_experts`` experts it was built for, ``hash_kept`` (their ids, ascending) says which
-    of them this router still has (kept expert ``hash_kept[i]`` is now expert ``i``), and a token
-    hashed to a dropped expert takes a kept one it does not already have, chosen by the same
-    hash among those. Tokens whose experts were all kept route exactly as before.
+    the ``hash_experts`` experts the router was first built with, and the buffer ``expert_map``
+    (``[hash_experts]``, per layer, in the checkpoint) says which expert each of them is now
+    (−1: pruned away). A token hashed to a dropped expert takes a kept one it does not already
+    have, chosen by the same hash among those; tokens whose experts were all kept route exactly
+    as before. ``hash_experts=None`` (default): the table is the identity, and no buffer.
     """
 
     name = "hash"
@@ -128,22 +99,29 @@ class HashRouter(Router):
         *,
         hash_seed: int = 0,
         hash_experts: int | None = None,
-        hash_kept: list[int] | None = None,
         init_std: float = 0.02,
     ) -> None:
         if not isinstance(hash_seed, int) or isinstance(hash_seed, bool) or hash_seed < 0:
             raise ValueError(f"hash_seed must be an integer >= 0, got {hash_seed!r}")
-        self.hash_experts, kept = _check_table(num_experts, hash_experts, hash_kept)
+        if hash_experts is not None and (
+            not isinstance(hash_experts, int)
+            or isinstance(hash_experts, bool)
+            or hash_experts < num_experts
+        ):
+            raise ValueError(
+                f"hash_experts must be None or an integer >= num_experts ({num_experts}), "
+                f"got {hash_experts!r}"
+            )
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
-        self.hash_kept: list[int] | None = None if hash_kept is None else list(kept)
-        # the hash's experts → this router's (-1: pruned away); Python ints, as the hash
-        self._remap: tuple[int, ...] | None = None
-        if hash_kept is not None:
-            new = {e: i for i, e in enumerate(kept)}
-            self._remap = tuple(new.get(e, -1) for e in range(self.hash_experts))
         del self.weight  # no learnt gate: see the class docstring
         self.register_buffer("weight", torch.zeros(num_experts, d_model), persistent=False)
         self.hash_seed = hash_seed
+        self.hash_experts = num_experts if hash_experts is None else hash_experts
+        table = None
+        if hash_experts is not None:  # a pruned table (the first num_experts kept until loaded)
+            first_E = torch.arange(hash_experts)
+            table = torch.where(first_E < num_experts, first_E, -1)
+        self.register_buffer("expert_map", table)
         rng = random.Random(hash_seed)
         # Python ints, not a tensor: the same on every device (also "meta", used by configs).
         self.hash_coefs: tuple[tuple[int, int], ...] = tuple(
@@ -153,29 +131,34 @@ class HashRouter(Router):
     def experts_of(self, ids_T: Tensor) -> Tensor:
         """The k distinct experts ``[T, k]`` of each token id, in hash order."""
         chosen_TK = _hash_choices(ids_T, self.hash_coefs, self.hash_experts)
-        if self._remap is None:
+        if self.expert_map is None:
             return chosen_TK
-        remap = torch.tensor(self._remap, device=ids_T.device)
-        mapped_TK = remap[chosen_TK]
+        mapped_TK = self.expert_map.to(ids_T.device)[chosen_TK]
         num_tokens, E = ids_T.shape[0], self.num_experts
         rows_T = torch.arange(num_tokens, device=ids_T.device)
         taken_TE = torch.zeros(num_tokens, E + 1, dtype=torch.bool, device=ids_T.device)
-        taken_TE[rows_T[:, None], mapped_TK] = True  # column E: "dropped", ignored below
+        taken_TE[rows_T[:, None], mapped_TK] = True  # column E: "dropped", cut off below
         taken_TE = taken_TE[:, :E]
         for j, (a, b) in enumerate(self.hash_coefs):  # dropped picks: a kept expert not taken
             dropped_T = mapped_TK[:, j] < 0
             n_free_T = (~taken_TE).sum(-1).clamp_min(1)
-            slot_T = ((a * ids_T + b) % _PRIME) % n_free_T
-            substitute_T = _nth_free(taken_TE, slot_T)
+            substitute_T = _nth_free(taken_TE, ((a * ids_T + b) % _PRIME) % n_free_T)
             mapped_TK[:, j] = torch.where(dropped_T, substitute_T, mapped_TK[:, j])
             taken_TE[rows_T[dropped_T], substitute_T[dropped_T]] = True
         return mapped_TK
 
     def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
-        """The same hash over the same experts, with the table remapped to the kept ones."""
-        kept = kept_K.tolist()
-        original = kept if self.hash_kept is None else [self.hash_kept[i] for i in kept]
-        return {"hash_experts": self.hash_experts, "hash_kept": original}
+        """The same hash over the experts it was first built with."""
+        return {"hash_experts": self.hash_experts}
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """The table remapped: a hashed expert that is kept becomes its index among ``kept_K``,
+        any other −1."""
+        now_E0 = torch.arange(self.hash_experts) if self.expert_map is None else self.expert_map
+        now_E0 = now_E0.cpu()
+        position = torch.full((self.num_experts + 1,), -1, dtype=torch.long)  # [-1] stays -1
+        position[kept_K.cpu()] = torch.arange(len(kept_K))
+        return {"expert_map": position[now_E0]}
 
     def prunes_exactly(self) -> bool:
         """A token whose experts were all kept is hashed to them as before."""

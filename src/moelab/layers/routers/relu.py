@@ -25,6 +25,7 @@ class ReLURouter(Router):
     name = "relu"
     method = "remoe"
     controlled_loss = "remoe_l1"
+    bench_shapes = True
     prunable = True
     upcyclable = True
     convertible = True

@@ -45,6 +45,7 @@ class TopKRouter(Router):
 
     name = "topk"
     method = "topk"
+    bench_shapes = True
     prunable = True
     upcyclable = True
     convertible = True
