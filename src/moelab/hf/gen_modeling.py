@@ -2,14 +2,15 @@
 
 One source for the model (as ``transformers`` builds ``modeling_*.py`` from ``modular_*.py``):
 :mod:`moelab.hf.modular_moelab` is the hand-written Hugging Face wrapper, written against moelab's
-own modules. This generator starts from every top-level definition of that file plus every
-registered router that declares ``exportable``, follows the names they use through moelab's
-imports (``from moelab.x import y``, ``from moelab.x import module`` then ``module.y``) to the
-definitions, and writes those definitions - verbatim, in an order where everything a class or a
-module-level value needs at import time comes first - after one merged block of the torch,
-``transformers`` and standard-library imports they use. A name the wrapper defines replaces
-moelab's definition of it (how the wrapper leaves out the C kernels of :mod:`moelab.native`,
-whose eager fallbacks then run, and moelab's validated ``ModelConfig``).
+own modules. This generator starts from every top-level definition of that file plus every router
+the export takes (:func:`moelab.hf.export.exportable_routers`, asked of the registry), follows the
+names they use through moelab's imports (``from moelab.x import y``, ``from moelab.x import
+module`` then ``module.y``) to their definitions, and writes those definitions - verbatim, in an
+order where whatever a class or a module-level value needs at import time comes first - after one
+merged block of the torch, ``transformers`` and standard-library imports they use. A name the
+wrapper defines replaces moelab's definition of it (how the wrapper leaves out the C kernels of
+:mod:`moelab.native`, whose eager fallbacks then run, and moelab's validated ``ModelConfig``); a
+name two moelab modules both define is prefixed with the second module's name.
 
 The result imports neither moelab nor anything outside torch, ``transformers`` and the standard
 library. It is checked in; ``tests/hf/test_gen_modeling.py`` fails when it is stale. Rewrite it
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import moelab
-from moelab.layers.routers import ROUTERS
+from moelab.hf.export import exportable_routers
+from moelab.layers.routers import router_class
 
 PACKAGE = Path(moelab.__file__).parent
 TEMPLATE = "moelab.hf.modular_moelab"
@@ -277,7 +279,8 @@ def render() -> str:
     template = load(TEMPLATE)
     graph = Graph(overrides=set(template.defs))
     roots = [(TEMPLATE, n) for n in template.defs]
-    roots += [(c.__module__, c.__name__) for c in ROUTERS.values() if c.exportable]
+    routers = [router_class(name) for name in exportable_routers()]
+    roots += [(c.__module__, c.__name__) for c in routers]
     for key in roots:
         graph.add(resolve(*key))
     keys = list(graph.nodes)
