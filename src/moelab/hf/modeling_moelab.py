@@ -328,12 +328,12 @@ def swiglu(h: Tensor) -> Tensor:
 
 
 # -------------------- moelab/layers/dense.py
-DENSE_ACTIVATIONS = ("swiglu", "gelu", "relu", "silu")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "silu")
 
 
 def check_activation(activation: str) -> None:
-    if activation not in DENSE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {DENSE_ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -1407,6 +1407,9 @@ class Router(nn.Module):
     # Experts per token a small example of the method uses (tests, benches): 1, or the k the
     # method needs (a top-2 method, a gate normalised over its choices).
     example_top_k: ClassVar[int] = 1
+    # Timed at every expert shape by ``moelab bench moe`` (the ReMoE paper's two methods; every
+    # router is timed at the coarse shape by ``--configs routers``).
+    bench_shapes: ClassVar[bool] = False
     # True when, in eval mode, a token's routing reads no later token, so KV-cache decoding
     # equals a full forward.
     causal_at_inference: ClassVar[bool] = True
@@ -2849,7 +2852,7 @@ class ProductKeyLayer(RoutedLayer):
 
 
 # -------------------- moelab/layers/peer.py
-ACTIVATIONS = ("relu", "gelu")
+PEER_ACTIVATIONS = ("relu", "gelu")
 
 
 GATES = ("softmax", "sigmoid")
@@ -2910,8 +2913,8 @@ class PEER(ProductKeyLayer):
         super().__init__(
             d_model, num_experts, heads=heads, top_k=top_k, d_key=d_key, sparse_grad=sparse_grad
         )
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation not in PEER_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {PEER_ACTIVATIONS}, got {activation!r}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         if init_std <= 0:
@@ -3113,6 +3116,7 @@ class TopKRouter(Router):
 
     name = "topk"
     method = "topk"
+    bench_shapes = True
     prunable = True
     upcyclable = True
     convertible = True
@@ -3260,6 +3264,7 @@ class RecurrentRouter(TopKRouter):
 
     name = "rmoe"
     method = "rmoe"
+    bench_shapes = False  # TopK's stays with TopK
     convertible = False
     lacks = {
         "convertible": "its gate reads the GRU state, not the hidden state a TopK gate reads",
@@ -3511,6 +3516,7 @@ class ReLURouter(Router):
     name = "relu"
     method = "remoe"
     controlled_loss = "remoe_l1"
+    bench_shapes = True
     prunable = True
     upcyclable = True
     convertible = True
