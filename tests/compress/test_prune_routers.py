@@ -61,6 +61,10 @@ def test_every_prunable_router_is_pruned_through_its_own_state(name, options):
             torch.testing.assert_close(new.ffn.router.logits(x), old.ffn.router.logits(x)[:, rows])
     with torch.no_grad():
         got, want = pruned(ids), model(ids)
+        # as a run reloads it: its config (router options included) and its state dict
+        again = TransformerLM(ModelConfig.from_dict(pruned.cfg.to_dict())).eval()
+        again.load_state_dict(pruned.state_dict())
+        torch.testing.assert_close(again(ids), got, rtol=0, atol=0)
     assert torch.isfinite(got).all()
     if pruned.blocks[0].ffn.router.prunes_exactly():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
