@@ -5,6 +5,8 @@ lacks is refused in one line with its reason)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,3 +100,16 @@ def test_options_that_withdraw_causality_are_refused_and_are_not_causal(name, op
 def test_an_unknown_capability_is_named():
     with pytest.raises(ValueError, match="capability must be one of 'causal_at_inference'"):
         routers_with("fast")
+
+
+def test_the_capability_table_of_the_docs_is_the_registry():
+    """docs/routers.md lists what each router declares; it must say what the classes say."""
+    text = (Path(__file__).parents[2] / "docs" / "routers.md").read_text()
+    section = text.split("## What each router declares", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table = {}
+    for row in rows:
+        name, *cells = (cell.strip() for cell in row.strip("|").split("|"))
+        table[name.strip("`")] = [cell.startswith("yes") for cell in cells]
+    want = {name: [getattr(cls, c) for c in CAPABILITIES] for name, cls in ROUTERS.items()}
+    assert table == want
