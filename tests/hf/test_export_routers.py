@@ -50,9 +50,10 @@ def tiny_model(router: str, seed: int = 0, **moe) -> TransformerLM:
         },
     )
     model = TransformerLM(cfg).eval()
-    for layer in model.routed_layers():
+    for layer in model.routed_layers():  # 500 steps of skewed loads: aux_free's bias at ±0.5
         if type(layer.router).updates_between_steps:
-            layer.router.step_update(torch.randint(0, 50, (layer.num_experts,)))
+            for _ in range(500):
+                layer.router.step_update(torch.arange(layer.num_experts))
     return model
 
 
