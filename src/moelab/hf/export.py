@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,21 @@ HF_LAYER_ARGS = {"sparse_grad": False}
 ROUTERS_PACKAGE = "moelab.layers.routers"  # the source the generated modelling file carries
 
 
-def export_refusal(router: str) -> str | None:
-    """Why router ``router`` cannot be exported (the part after "cannot be exported to
-    transformers: "), or None when it can. The router's class decides: it must be causal at
-    inference, declare ``exportable``, and live in moelab's router package, whose source the
-    generated ``modeling_moelab.py`` carries."""
+def export_refusal(router: str, options: Mapping[str, Any] | None = None) -> str | None:
+    """None when router ``router`` (built with ``options``; None: its defaults) can be exported,
+    else one line naming it and why. The router's class decides (:meth:`Router.refusal`): it must
+    be causal at inference and ``exportable``; and it must live in moelab's router package, whose
+    source the generated ``modeling_moelab.py`` carries."""
     cls = router_class(router)
-    if not cls.causal_at_inference:
-        return "it is not causal at inference (a token's routing reads later tokens)"
-    if not cls.exportable:
-        return cls.not_exportable_reason or "its class declares exportable = False"
+    for capability in ("causal_at_inference", "exportable"):
+        line = cls.refusal(capability, options)
+        if line is not None:
+            return line
     if not cls.__module__.startswith(ROUTERS_PACKAGE + "."):
         return (
-            f"it is defined in {cls.__module__}, outside {ROUTERS_PACKAGE}, whose source the "
-            "exported modeling_moelab.py is generated from"
+            f"router {router!r} cannot be exported to transformers: it is defined in "
+            f"{cls.__module__}, outside {ROUTERS_PACKAGE}, whose source the exported "
+            "modeling_moelab.py is generated from"
         )
     return None
 
@@ -80,12 +82,9 @@ def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
             f"{', '.join(LAYERS)}"
         )
     if kind == "moe":
-        reason = export_refusal(ffn.router)
-        if reason is not None:
-            raise ValueError(
-                f"model.ffn.router: router {ffn.router!r} (block {block}) cannot be exported to "
-                f"transformers: {reason}"
-            )
+        line = export_refusal(ffn.router, ffn.router_kwargs())
+        if line is not None:
+            raise ValueError(f"model.ffn.router (block {block}): {line}")
     params = inspect.signature(LAYERS[kind]).parameters
     spec: dict[str, Any] = {"kind": kind}
     for name, param in list(params.items())[1:]:  # after d_model
