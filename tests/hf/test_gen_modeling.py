@@ -5,6 +5,8 @@ export takes."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 
 import pytest
@@ -46,3 +48,20 @@ def test_every_exportable_router_is_in_the_generated_file() -> None:
 
     assert set(exportable_routers()) <= set(modeling_moelab.ROUTERS)
     assert {"topk", "hash", "rmoe", "aux_free"} <= set(exportable_routers())
+
+
+@pytest.mark.slow  # two fresh interpreters: ~10 s
+def test_generation_does_not_depend_on_the_hash_seed() -> None:
+    """Set and dict orders vary with PYTHONHASHSEED; the generated text must not."""
+    code = "from moelab.hf import gen_modeling; print(gen_modeling.render(), end='')"
+    texts = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(texts) == 1

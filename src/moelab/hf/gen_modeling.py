@@ -204,7 +204,7 @@ class Graph:
             ]
             self.nodes[(module, name)] = (deps[0], deps[1])
             self.aliases[(module, name)] = aliases
-            todo += [*deps[0], *deps[1]]
+            todo += sorted(deps[0] | deps[1], reverse=True)  # deterministic: no set order
 
 
 def import_block(external: dict[str, tuple[str, str | None]]) -> str:
@@ -288,10 +288,11 @@ def render() -> str:
     unique: dict[int, Key] = {}  # one statement may bind several names (a try block)
     for k in keys:
         unique.setdefault(id(stmts[k]), k)
+    rank = module_order(graph)
     names: dict[str, Key] = {}
-    for k in unique.values():
+    for k in sorted(unique.values(), key=lambda k: (rank[k[0]], stmts[k].lineno)):
         for n in bound_names(stmts[k]):
-            if names.setdefault(n, k)[0] != k[0]:  # two modules' names: prefix the second's
+            if names.setdefault(n, k)[0] != k[0]:  # two modules' names: prefix the later's
                 prefix = k[0].rsplit(".", 1)[-1]
                 new = f"{prefix.upper()}_{n}" if n.isupper() else f"_{prefix}_{n}"
                 if len(bound_names(stmts[k])) > 1 or new in names:
@@ -299,7 +300,6 @@ def render() -> str:
                 graph.renamed[k] = new
     # Kahn's order over import-time dependencies; ties: imports first, moelab before the
     # wrapper, modules in the order their definitions are first needed, then source order.
-    rank = module_order(graph)
     canon = {k: unique[id(stmts[k])] for k in keys}
     deps = {k: {canon[d] for d in graph.nodes[k][0]} - {k} for k in unique.values()}
 
