@@ -63,12 +63,19 @@ def case_id(case: tuple[str, dict]) -> str:
 
 @pytest.mark.parametrize("router,options", EXPORTED, ids=[case_id(c) for c in EXPORTED])
 def test_exported_router_matches_moelab(router: str, options: dict, tmp_path: Path) -> None:
+    """Logits and greedy tokens equal moelab's, also after ``save_pretrained`` and reloading."""
     model = tiny_model(router, **options)
     export_model(model, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    hf.save_pretrained(tmp_path / "again")  # parameters held once under several names included
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "again", trust_remote_code=True
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
     prompt = ids[:1, :5]
     expected = generate(model, prompt, max_new_tokens=8, temperature=0)
     got = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
