@@ -4527,11 +4527,30 @@ class MoelabModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def shared_parameters(module: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` of parameters held under several names (RMoE's GRU, shared by
+    every layer), which ``transformers`` must know as tied to save and load them."""
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    return {
+        name: first[id(p)]
+        for name, p in module.named_parameters(remove_duplicate=False)
+        if first[id(p)] != name
+    }
+
+
 class MoelabPreTrainedModel(PreTrainedModel):
     config_class = MoelabConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = False
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """``transformers`` 5's ``{target: source}`` of tied parameters, plus the parameters
+        moelab's model holds once under several names (loading ties them back)."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels)
+        return shared_parameters(self) | tied
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -4555,6 +4574,9 @@ class MoelabForCausalLM(MoelabPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoelabModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        shared = shared_parameters(self)  # save_pretrained writes tied names once
+        tied = type(self)._tied_weights_keys
+        self._tied_weights_keys = tied | shared if _MAJOR >= 5 else [*tied, *shared]
         self._rope: tuple[Tensor, Tensor] | None = None  # float32, built on first use
         self.post_init()
 
