@@ -1581,42 +1581,6 @@ def register_router(cls: type[Router]) -> type[Router]:
     return cls
 
 
-def router_class(name: str) -> type[Router]:
-    """The registered router called ``name``; the error lists the registered ones."""
-    if name not in ROUTERS:
-        close = difflib.get_close_matches(str(name), ROUTERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        choices = ", ".join(repr(n) for n in ROUTERS)
-        raise ValueError(f"router must be one of {choices}, got {name!r}{hint}")
-    return ROUTERS[name]
-
-
-def router_options(name: str) -> dict[str, Any]:
-    """Options of router ``name``: its keyword-only constructor arguments and their defaults
-    (``init_std`` excluded: it comes from the model)."""
-    params = inspect.signature(router_class(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init_std"
-    }
-
-
-def build_router(
-    name: str, d_model: int, num_experts: int, top_k: int, init_std: float, **options: Any
-) -> Router:
-    """Construct router ``name``; an option it does not take is an error naming its options."""
-    allowed = router_options(name)
-    for key in options:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"router {name!r} has no option {key!r}{hint}; its options: {', '.join(allowed)}"
-            )
-    return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
-
-
 def uniform_assignment(
     num_tokens: int, num_experts: int, top_k: int, valid_T: Tensor | None, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -1803,6 +1767,43 @@ def per_token(values_BSX: Tensor, segment_len: int, seq_len: int) -> Tensor:
     B, S, X = values_BSX.shape
     expanded = values_BSX[:, :, None].expand(B, S, segment_len, X).reshape(B, S * segment_len, X)
     return expanded[:, :seq_len].reshape(B * seq_len, X)
+
+
+# -------------------- moelab/layers/routers/registry.py
+def router_class(name: str) -> type[Router]:
+    """The registered router called ``name``; the error lists the registered ones."""
+    if name not in ROUTERS:
+        close = difflib.get_close_matches(str(name), ROUTERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        choices = ", ".join(repr(n) for n in ROUTERS)
+        raise ValueError(f"router must be one of {choices}, got {name!r}{hint}")
+    return ROUTERS[name]
+
+
+def router_options(name: str) -> dict[str, Any]:
+    """Options of router ``name``: its keyword-only constructor arguments and their defaults
+    (``init_std`` excluded: it comes from the model)."""
+    params = inspect.signature(router_class(name)).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init_std"
+    }
+
+
+def build_router(
+    name: str, d_model: int, num_experts: int, top_k: int, init_std: float, **options: Any
+) -> Router:
+    """Construct router ``name``; an option it does not take is an error naming its options."""
+    allowed = router_options(name)
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"router {name!r} has no option {key!r}{hint}; its options: {', '.join(allowed)}"
+            )
+    return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
 
 
 # -------------------- moelab/layers/moe.py
