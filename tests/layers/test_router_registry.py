@@ -111,5 +111,6 @@ def test_the_capability_table_of_the_docs_is_the_registry():
     for row in rows:
         name, *cells = (cell.strip() for cell in row.strip("|").split("|"))
         table[name.strip("`")] = [cell.startswith("yes") for cell in cells]
-    want = {name: [getattr(cls, c) for c in CAPABILITIES] for name, cls in ROUTERS.items()}
+    shipped = {n: cls for n, cls in ROUTERS.items() if cls.__module__.startswith("moelab.")}
+    want = {name: [getattr(cls, c) for c in CAPABILITIES] for name, cls in shipped.items()}
     assert table == want
