@@ -320,12 +320,13 @@ class Router(nn.Module):
         bias, an ``[N, N]`` map) slices it too."""
         state = self.state_dict()
         if "weight" in state:
-            state["weight"] = state["weight"].index_select(0, self.gate_rows(kept_K.cpu()))
+            rows = self.gate_rows(kept_K.cpu()).to(state["weight"].device)
+            state["weight"] = state["weight"].index_select(0, rows)
         return state
 
     def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
-        """Options the pruned router is built with, besides its ``num_experts``: state kept in
-        its options rather than its tensors (a hash router's table); none by default."""
+        """Options the pruned router is built with, besides its ``num_experts`` (the same in
+        every layer: a hash router's original expert count); none by default."""
         return {}
 
     def prunes_exactly(self) -> bool:
