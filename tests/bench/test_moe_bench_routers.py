@@ -21,6 +21,8 @@ def test_every_router_gets_a_row(capsys, tmp_path):
         assert r["ms"] > 0 and r["config"] == "routers"
         assert f"\nrouters            {r['layer']} " in table
     by = {r["layer"]: r for r in rows}
+    for name, cls in ROUTERS.items():  # a k > 1 method runs k·E experts of width 1/k
+        assert by[name]["experts"] == 8 * cls.example_top_k
     assert by["topk"]["top_k"] == 1.0  # one coarse expert's width per token
     assert by["sparsemixer"]["experts"] == 16 and by["sparsemixer"]["top_k"] == 1.0
     assert by["lory"]["top_k"] == 8.0  # every expert merged

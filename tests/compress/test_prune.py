@@ -74,7 +74,7 @@ def test_router_rows_and_expert_weights_follow_the_kept_ids():
     ("ffn", "keep", "message"),
     [
         ({"kind": "dense", "d_hidden": 32}, 2, "model: no MoE layer"),
-        ({"router": "hash"}, 4, "model.ffn.router: pruning supports topk, relu, got 'hash'"),
+        ({"router": "lory"}, 4, "model.ffn.router: router 'lory' cannot be pruned"),
         ({"router": "topk", "top_k": 2}, 1, r"keep: must be an integer from top_k x granularity"),
         ({"router": "topk"}, 9, r"to the routed experts \(8\), got 9"),
         ({"router": "topk", "granularity": 2}, 5, "keep: must be a multiple of the granularity"),

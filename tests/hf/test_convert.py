@@ -168,8 +168,10 @@ def test_convert_rejects_what_it_cannot_reproduce() -> None:
         convert(tiny_hf_model("olmoe", clip_qkv=8.0))
     with pytest.raises(ValueError, match="shared_expert_intermediate_size .* multiple"):
         convert(tiny_hf_model("qwen2_moe", shared_expert_intermediate_size=24))
-    with pytest.raises(ValueError, match="router must be None, 'topk' or 'relu'"):
+    with pytest.raises(ValueError, match="router must be one of 'topk', 'relu'"):
         convert(tiny_hf_model("mixtral"), router="sigmoid")
+    with pytest.raises(ValueError, match="router: router 'hash' cannot take over a converted"):
+        convert(tiny_hf_model("mixtral"), router="hash")
 
 
 def test_convert_hf_cli_then_train_resume(

@@ -11,6 +11,8 @@ import torch
 
 from moelab.cli import main
 from moelab.hf import upcycle
+from moelab.layers.routers import ROUTERS, routers_with
+from moelab.layers.routers.topk import TopKRouter
 from moelab.model import ModelConfig, TransformerLM
 from moelab.rundir import RunDir
 from moelab.train import load_run, train
@@ -67,6 +69,48 @@ def test_upcycled_block_is_the_dense_ffn_scaled_where_not_exact() -> None:
         noisy = upcycle(dense, 4, 1, noise_std=1e-3).eval()
         diff = (noisy(IDS) - dense(IDS)).abs().max()
         assert 0 < diff < 0.1
+
+
+@pytest.mark.parametrize("name", routers_with("upcyclable"))
+def test_every_upcyclable_router_starts_on_the_split_copies(name: str) -> None:
+    """Any router declaring ``upcyclable``: the experts are the dense FFN's split copies (the down
+    projections scaled by G), a learnt gate gives a copy's parts one row, and the model runs."""
+    dense = dense_model()
+    G, width = 2, 32
+    model = upcycle(dense, 4, 1, granularity=G, router=name).eval()
+    assert model.cfg.ffn.router == name
+    for old, new in zip(dense.blocks, model.blocks, strict=True):
+        w13, w2 = old.ffn.w13_DF2, old.ffn.w2_FD
+        for e in range(4 * G):
+            j = e % G
+            hidden = slice(j * width, (j + 1) * width)
+            up = slice(64 + j * width, 64 + (j + 1) * width)
+            want13 = torch.cat([w13[:, hidden], w13[:, up]], dim=1)
+            torch.testing.assert_close(new.ffn.experts.w13_EDF2[e], want13, rtol=0, atol=0)
+            torch.testing.assert_close(new.ffn.experts.w2_EFD[e], w2[hidden] * G, rtol=0, atol=0)
+        router = new.ffn.router
+        if isinstance(router.weight, torch.nn.Parameter):
+            rows = router.weight[: 4 * G].view(4, G, -1)
+            assert torch.equal(rows, rows[:, :1].expand_as(rows))
+            assert not torch.equal(rows[0, 0], rows[1, 0])
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS)).all()
+
+
+class _Undeclared(TopKRouter):
+    """A router added later that declares none of the capabilities."""
+
+    name = "undeclared-test"
+    upcyclable = False
+
+
+def test_a_router_that_is_not_upcyclable_is_refused_in_one_line(monkeypatch) -> None:
+    monkeypatch.setitem(ROUTERS, _Undeclared.name, _Undeclared)
+    with pytest.raises(ValueError) as err:
+        upcycle(dense_model(), 4, 1, router=_Undeclared.name)
+    message = str(err.value)
+    assert message.startswith("router: router 'undeclared-test' cannot be upcycled")
+    assert "\n" not in message
 
 
 def test_upcycle_bad_sizes_name_the_field() -> None:

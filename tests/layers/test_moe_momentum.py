@@ -8,7 +8,6 @@ import torch
 
 from moelab.layers import MoE, RoutingContext
 from moelab.model import ModelConfig, TransformerLM
-from moelab.model.ffn_configs import MoEConfig
 
 torch.set_num_threads(2)
 
@@ -104,7 +103,3 @@ def test_bad_settings():
         MoE(8, 16, 4, 1, momentum_step=0)
     with pytest.raises(ValueError, match=r"ffn.momentum: must be a number in \[0, 1\)"):
         _lm(momentum=-0.1)
-    from moelab.hf.export import block_ffn_spec
-
-    with pytest.raises(ValueError, match="model.ffn.momentum: 0.5 .* cannot be exported"):
-        block_ffn_spec(MoEConfig(momentum=0.5, d_hidden=16), 0)

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,12 +32,12 @@ from typing import Any
 import torch
 
 from moelab.bench.invocations import aggregate_rows, run_child, spread
+from moelab.bench.timing import clear_grads, six_matmuls, time_interleaved
 from moelab.layers import RoutingContext, dispatch
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import BACKENDS
-from moelab.layers.grouped_gemm import rows_matmul, rows_outer
 from moelab.layers.moe import MoE
-from moelab.layers.routers import ROUTERS
+from moelab.layers.routers import ROUTERS, router_class
 from moelab.runtime import allocator_mode, keep_freed_memory
 
 CONFIGS = {
@@ -51,10 +49,10 @@ CONFIGS = {
 TARGETS = {"coarse": 0.95, "fine-grained": 0.85, "very-fine-grained": 0.7}
 # ``--configs routers``: every registered router (or ``--routers NAMES``) at the coarse shape
 # (E=8, one expert's active width per token), in [B, L, D] batches of L=512 with token ids, so
-# that segment (Lory) and token-id (Hash) routers run as in a model. Top-2 methods use granularity
-# 2 (16 experts of half width) to keep the active width.
+# that segment (Lory) and token-id (Hash) routers run as in a model, with the router's own example
+# options. A method whose example k is K > 1 uses granularity K (K·E experts of width 1/K) to keep
+# the active width.
 ROUTER_SEQ_LEN = 512
-ROUTER_GRANULARITY = {"sparsemixer": 2, "aux_free": 2}
 # Columns that vary between invocations (medians and ranges are reported for these).
 TIMED_FIELDS = ("ms", "ratio_vs_dense", "route_share", "gemm_ratio")
 
@@ -106,35 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, float]:
-    """Median ms of each function, timed round-robin (one call of each per round) so that drift in
-    the machine's speed (other load, allocator warm-up, clocks) hits every layer alike."""
-    for fn in fns.values():  # warm-up (allocator, kernels)
-        fn()
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1000.0 for name, t in times.items()}
-
-
-def _clear_grads(module: torch.nn.Module, x: torch.Tensor) -> None:
-    """Gradients set to None before each step, as the trainer's ``zero_grad(set_to_none=True)``:
-    backward then writes fresh gradients instead of adding into the previous step's."""
-    module.zero_grad(set_to_none=True)
-    x.grad = None
-
-
 def calibrate_relu_router(moe: MoE, x_TD: torch.Tensor, k: int) -> None:
     """Make ``moe``'s ReLU router activate ~k experts per token on inputs like ``x_TD``.
 
@@ -172,7 +141,7 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
     moe.train()
 
     def step() -> None:
-        _clear_grads(moe, x)
+        clear_grads(moe, x)
         y = moe(x)
         (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
 
@@ -185,40 +154,14 @@ def _moe_steps(name: str, router: str, args: argparse.Namespace):
     def experts_only() -> None:
         # backward from a given output gradient: no loss pass over the [N, D] rows, which the
         # layer (whose loss is over [T, D]) does not have either
-        _clear_grads(moe.experts, x_ND)
+        clear_grads(moe.experts, x_ND)
         moe.experts(x_ND, perm.counts, perm.weight_N).backward(grad_ND)
 
     gemms = None
     if moe.experts.resolved_backend(x, perm.counts) == "fused":
         w13, w2 = moe.experts.w13_EDF2.detach(), moe.experts.w2_EFD.detach()
-        gemms = _six_matmuls(x_ND.detach(), w13, w2, perm.counts)
+        gemms = six_matmuls(x_ND.detach(), w13, w2, perm.counts)
     return step, experts_only, gemms, moe
-
-
-def _six_matmuls(
-    x_ND: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int] | None = None
-) -> Callable[[], None]:
-    """The six matmuls of an FFN's forward+backward (up and down projections; the down and up
-    projections' weight and input gradients), on the rows ``x_ND``: grouped by expert over
-    ``counts`` as the ``fused`` backend runs them, or plain ``mm`` for the dense FFN
-    (``counts=None``, 2-D weights). Timing both shows what the matmuls alone allow."""
-    N, D = x_ND.shape
-    F2, Fh = w13.shape[-1], w2.shape[-2]
-    h, a, gy = (torch.randn(N, n, device=x_ND.device, dtype=x_ND.dtype) for n in (F2, Fh, D))
-
-    def grouped() -> None:
-        rows_matmul(x_ND, w13, counts, h.new_empty(N, F2))
-        rows_matmul(a, w2, counts, h.new_empty(N, D))
-        rows_outer(a, gy, counts, torch.empty_like(w2))
-        rows_matmul(gy, w2, counts, h.new_empty(N, Fh), transpose_w=True)
-        rows_outer(x_ND, h, counts, torch.empty_like(w13))
-        rows_matmul(h, w13, counts, h.new_empty(N, D), transpose_w=True)
-
-    def dense() -> None:
-        for left, right in ((x_ND, w13), (a, w2), (a.T, gy), (gy, w2.T), (x_ND.T, h), (h, w13.T)):
-            torch.mm(left, right)
-
-    return dense if counts is None else grouped
 
 
 def bench_config(
@@ -227,15 +170,17 @@ def bench_config(
     dense_step: Callable[[], None],
     dense_gemms: Callable[[], None],
 ) -> list[Row]:
-    """Dense, TopK and ReLU layers of one configuration, timed interleaved in one process."""
+    """Dense and routed layers (the routers declaring ``bench_shapes``: TopK, ReLU) of one
+    configuration, timed interleaved in one process."""
     fns: dict[str, Callable[[], None]] = {"dense": dense_step, "dense-gemms": dense_gemms}
     layers: dict[str, MoE] = {}
-    for router in ("topk", "relu"):
+    # declared on the router's own class: a subclass (a test's, a plugin's) is not timed here
+    for router in [name for name, cls in ROUTERS.items() if vars(cls).get("bench_shapes")]:
         step, experts_only, gemms, layers[router] = _moe_steps(name, router, args)
         fns[router], fns[f"{router}-experts"] = step, experts_only
         if gemms is not None:
             fns[f"{router}-gemms"] = gemms
-    ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
+    ms = time_interleaved(fns, args.repeats, torch.device(args.device))
     rows = [Row(name, "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, 1.0, None)]
     for router, moe in layers.items():
         gemm_ms = ms.get(f"{router}-gemms")
@@ -263,16 +208,16 @@ def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], No
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     seq_len = min(ROUTER_SEQ_LEN, args.tokens)
-    options = {"segment_len": max(1, seq_len // 2)} if router == "lory" else {}  # 2 segments
+    cls = router_class(router)
     moe = MoE(
         args.d_model,
         args.d_hidden,
         CONFIGS["coarse"]["num_experts"],
         CONFIGS["coarse"]["top_k"],
         router=router,
-        granularity=ROUTER_GRANULARITY.get(router, 1),
+        granularity=cls.example_top_k,
         backend=args.backend,
-        **options,
+        **cls.example_options(seq_len),
     ).to(device=device, dtype=dtype)
     batch = max(1, args.tokens // seq_len)
     x = torch.randn(batch, seq_len, args.d_model, device=device, dtype=dtype)
@@ -283,7 +228,7 @@ def _router_step(router: str, args: argparse.Namespace) -> tuple[Callable[[], No
     moe.train()
 
     def step() -> None:
-        _clear_grads(moe, x)
+        clear_grads(moe, x)
         y = moe(x, context=RoutingContext(token_ids=ids))
         (y.float().square().mean() + sum(moe.aux_losses.values())).backward()
 
@@ -300,7 +245,7 @@ def bench_routers(args: argparse.Namespace, dense_step: Callable[[], None]) -> l
     layers: dict[str, MoE] = {}
     for name in names:
         fns[name], layers[name] = _router_step(name, args)
-    ms = _time_interleaved(fns, args.repeats, torch.device(args.device))
+    ms = time_interleaved(fns, args.repeats, torch.device(args.device))
     rows = [
         Row("routers", "dense FFN", 1, args.d_hidden, 1, round(ms["dense"], 2), 1.0, 0.0, 1.0, None)
     ]
@@ -333,10 +278,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
 
     def dense_step() -> None:
-        _clear_grads(dense, x)
+        clear_grads(dense, x)
         dense(x).float().square().mean().backward()
 
-    dense_gemms = _six_matmuls(x.detach(), dense.w13_DF2.detach(), dense.w2_FD.detach())
+    dense_gemms = six_matmuls(x.detach(), dense.w13_DF2.detach(), dense.w2_FD.detach())
 
     rows: list[Row] = []
     for name in args.configs:  # the dense baseline is re-measured next to each configuration

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from moelab.commands import add_new_run_options, print_new_run
+from moelab.layers.routers import routers_with
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert-hf",
         help="convert a local transformers checkpoint (Mixtral, OLMoE, Qwen2/3-MoE, Llama) "
-        "into a moelab run, optionally switched to ReLU routing",
+        "into a moelab run, optionally switched to another router (ReMoE's ReLU routing, ...)",
         description="Convert a local transformers checkpoint directory into a moelab run "
         "directory whose step-0 checkpoint holds its weights; continue with "
         "`moelab train --resume RUN_DIR`. Overrides (KEY=VALUE) set data/optim/train/logging/"
@@ -27,10 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--router",
-        choices=["topk", "relu"],
-        default="topk",
-        help="topk: the checkpoint's own routing (same outputs); relu: ReMoE's ReLU routing "
-        "with target sparsity 1 - k/E",
+        choices=routers_with("convertible"),
+        default=None,
+        help="switch the checkpoint's TopK routing to this router, which takes over the gate "
+        "(default: keep it, same outputs); relu: ReMoE's ReLU routing with target sparsity "
+        "1 - k/E",
     )
     add_new_run_options(p, "RUN_DIR")
     p.set_defaults(func=run)

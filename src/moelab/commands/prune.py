@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Expert pruning by usage: count the tokens the routers send to each expert "
         "on validation batches of the run's data, keep each MoE layer's KEEP most-used experts "
         "(routed, fine-grained experts; a multiple of the granularity) and write them as a new "
-        "run at step 0. Exact for ReLU routing and for TopK with renormalize when the dropped "
-        "experts were never chosen; evaluate the new run, continue it with "
+        "run at step 0. Each router slices its own per-expert state; a router that cannot be "
+        "pruned is refused. Exact where the router's gates do not depend on the dropped experts "
+        "and those were never chosen (docs/routers.md); evaluate the new run, continue it with "
         "`moelab train --resume OUT_RUN_DIR`. Overrides (KEY=VALUE) set data/optim/train/"
         "logging/checkpoint fields.",
     )

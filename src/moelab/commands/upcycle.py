@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moelab.commands import add_new_run_options, print_new_run
+from moelab.layers.routers import routers_with
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--noise-std", type=float, default=0.0, help="N(0, s^2) noise added to each copy"
     )
-    p.add_argument("--router", choices=["topk", "relu"], default="topk")
+    p.add_argument(
+        "--router",
+        choices=routers_with("upcyclable"),
+        default="topk",
+        help="the new router (default topk, renormalised: the dense model at step 0)",
+    )
     p.add_argument(
         "--no-renormalize",
         action="store_true",
-        help="TopK: keep the raw softmax weights (the upcycled model then differs at step 0)",
+        help="routers with renormalize (topk, ...): keep the raw softmax weights (the upcycled "
+        "model then differs at step 0)",
     )
     p.add_argument(
         "--checkpoint", default=None, help="step number or step_* name (default: latest)"

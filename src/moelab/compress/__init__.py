@@ -4,6 +4,6 @@ Each method takes a run and writes a new run (``moelab train --resume`` continue
 result is evaluated, analysed and compared like any other run.
 """
 
-from moelab.compress.prune import PRUNABLE_ROUTERS, expert_usage, prune_experts, prune_run
+from moelab.compress.prune import expert_usage, prune_experts, prune_run
 
-__all__ = ["PRUNABLE_ROUTERS", "expert_usage", "prune_experts", "prune_run"]
+__all__ = ["expert_usage", "prune_experts", "prune_run"]

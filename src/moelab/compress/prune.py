@@ -8,17 +8,21 @@ config says ``num_experts = keep / granularity``. This is frequency-based prunin
 of the expert-pruning criteria in the literature (Lu et al. 2024, "Not All Experts are Equal",
 compare reconstruction-loss search; Muzio et al. 2024, SEER-MoE, use usage counts as here).
 
-What stays exact: with ReMoE's ReLU router every expert's gate is independent of the others, so
-dropping experts that never fired leaves every output unchanged; with the TopK router and
-``renormalize=True`` a token's gates are its chosen experts' probabilities renormalised among
-themselves, which do not depend on the other experts, so dropping experts no token chose is exact
-too. Anything else changes outputs (a softmax over all experts loses the dropped ones' mass; a
-token whose choice was dropped takes its next-best kept experts): evaluate the pruned run, and
-continue training it (``moelab train --resume``) to recover.
+Each router slices its own per-expert state (:meth:`~moelab.layers.routers.Router.pruned_state`):
+the gate's rows of the kept experts, plus what else it holds per expert (aux-loss-free balancing's
+bias, MoE++'s gating-residual map, the rows of null and zero-computation experts, which are all
+kept; a hash router keeps its hash and remaps its table). A router that does not declare
+``prunable`` is refused before any work, with the reason (Lory: every token uses every expert).
 
-Routers other than ``topk`` and ``relu`` are refused: their per-expert state (a hash table over
-expert ids, a bias updated between steps, a recurrent router's output layer, merged experts) does
-not survive removing experts as plain rows do.
+What stays exact: where the router says so (:meth:`~moelab.layers.routers.Router.
+prunes_exactly`), a token's choices and gates depend on the chosen experts alone, so dropping
+experts that no token chose leaves every output unchanged: ReMoE's ReLU router (each gate is
+``ReLU(x·w_e)``), TopK (and RMoE) with ``renormalize=True`` or ``softmax_after_topk``, AdaMoE's
+null experts with ``renormalize``, aux-loss-free balancing with sigmoid scores, and hash routing
+(for tokens whose experts were all kept). Anything else changes outputs (a softmax over all
+experts loses the dropped ones' mass; a token whose choice was dropped takes its next-best kept
+experts): evaluate the pruned run, and continue training it (``moelab train --resume``) to
+recover.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ import torch
 from moelab.checkpoint_io import load_state
 from moelab.eval.perplexity import eval_batches
 from moelab.layers.moe import MoE
+from moelab.layers.routers import require
 from moelab.model import ModelConfig, TransformerLM
+from moelab.model.ffn_configs import ROUTER_OPTION_FIELDS
 from moelab.rundir import RunDir
 from moelab.train import load_run, open_dataset, run_config_for, start_run
 
-__all__ = ["PRUNABLE_ROUTERS", "expert_usage", "prune_experts", "prune_run"]
-
-PRUNABLE_ROUTERS = ("topk", "relu")
+__all__ = ["expert_usage", "prune_experts", "prune_run"]
 
 
 def _moe_blocks(model: TransformerLM) -> dict[int, MoE]:
@@ -50,10 +54,10 @@ def check_prunable(model: TransformerLM, keep: int) -> None:
     if not blocks:
         raise ValueError("model: no MoE layer to prune (model.ffn.kind must be 'moe')")
     ffn = model.cfg.ffn
-    if ffn.router not in PRUNABLE_ROUTERS:
-        raise ValueError(
-            f"model.ffn.router: pruning supports {', '.join(PRUNABLE_ROUTERS)}, got {ffn.router!r}"
-        )
+    try:
+        require(ffn.router, "prunable", ffn.router_kwargs())
+    except ValueError as err:
+        raise ValueError(f"model.ffn.router: {err}") from None
     if ffn.iterations != 1:
         raise ValueError(f"model.ffn.iterations: must be 1 to prune, got {ffn.iterations}")
     total, g, k = ffn.num_experts * ffn.granularity, ffn.granularity, ffn.top_k * ffn.granularity
@@ -106,29 +110,48 @@ def prune_experts(
     """A copy of ``model`` whose MoE blocks keep their ``keep`` most-used experts (by ``usage``,
     see :func:`expert_usage`); returns it and the kept expert ids per block."""
     check_prunable(model, keep)
-    raw = model.cfg.to_dict()
-    raw["ffn"] = raw["ffn"] | {"num_experts": keep // model.cfg.ffn.granularity}
-    cfg = ModelConfig.from_dict(raw)
-    state = torch.random.get_rng_state()
-    try:
-        pruned = TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
-    source = model.state_dict()
-    kept: dict[int, list[int]] = {}
     blocks = _moe_blocks(model)
+    kept_ids: dict[int, torch.Tensor] = {}
     for i, moe in blocks.items():
         if i not in usage or usage[i].shape != (moe.num_experts,):
             raise ValueError(f"usage: needs a [{moe.num_experts}] count for MoE block {i}")
-        idx = kept_experts(usage[i], keep)
-        kept[i] = idx.tolist()
-        prefix = f"blocks.{i}.ffn."
-        for part in ("experts.", "router."):
-            for name, t in list(source.items()):
-                if name.startswith(prefix + part) and t.dim() and t.shape[0] == moe.num_experts:
-                    source[name] = t.index_select(0, idx)
+        kept_ids[i] = kept_experts(usage[i], keep)
+    first = next(iter(blocks))
+    options = blocks[first].router.pruned_options(kept_ids[first])  # the same in every block
+    pruned = _build(_pruned_config(model.cfg, keep, options))
+    source = model.state_dict()
+    for i, moe in blocks.items():
+        idx, prefix = kept_ids[i], f"blocks.{i}.ffn."
+        for name, t in list(source.items()):
+            if name.startswith(prefix + "router."):
+                del source[name]  # replaced by the router's own pruned state below
+            elif name.startswith(prefix + "experts.") and t.dim() and t.shape[0] == moe.num_experts:
+                source[name] = t.index_select(0, idx.to(t.device))
+        source |= {prefix + "router." + k: v for k, v in moe.router.pruned_state(idx).items()}
     pruned.load_state_dict(source)
+    kept = {i: idx.tolist() for i, idx in kept_ids.items()}
     return pruned.train(model.training), kept
+
+
+def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
+    """``cfg`` with ``keep`` routed experts per block and the router's pruned ``options`` (those
+    with a field of their own on the MoE config there, the others in ``router_options``)."""
+    ffn = cfg.to_dict()["ffn"]
+    ffn["num_experts"] = keep // cfg.ffn.granularity
+    for name, value in options.items():
+        if name in ROUTER_OPTION_FIELDS:
+            ffn[name] = value
+        else:
+            ffn["router_options"] = ffn.get("router_options", {}) | {name: value}
+    return ModelConfig.from_dict(cfg.to_dict() | {"ffn": ffn})
+
+
+def _build(cfg: ModelConfig) -> TransformerLM:
+    state = torch.random.get_rng_state()
+    try:
+        return TransformerLM(cfg)
+    finally:
+        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
 
 
 def prune_run(

@@ -1,7 +1,8 @@
 """Hugging Face in and out (``docs/hf.md``):
 
 * :func:`export_run` / :func:`export_model`: a moelab run or model as a ``transformers`` directory
-  (``moelab export-hf``);
+  (``moelab export-hf``), whose ``modeling_moelab.py`` :mod:`moelab.hf.gen_modeling` generates
+  from moelab's own modules;
 * :func:`convert`: a ``transformers`` Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE model (or sparse MoE
   block, or a dense Llama/Mistral/Qwen2) as moelab's, with identical outputs, optionally switched
   to ReMoE's ReLU routing (:func:`switch_to_relu`); :func:`convert_checkpoint` makes a run of a

@@ -1,4 +1,4 @@
-"""``transformers`` MoE models into moelab, and TopK routing into ReMoE's ReLU routing.
+"""``transformers`` MoE models into moelab, and their TopK routing into another router's.
 
 :func:`convert` takes a ``transformers`` Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE causal LM (or one of
 their sparse MoE blocks) and returns the moelab :class:`~moelab.model.TransformerLM` (or
@@ -21,24 +21,27 @@ Qwen3-MoE     ``norm_topk_prob``              as Qwen2-MoE without shared expert
                                               ``qk_norm=head``, ``head_size=head_dim``
 ============  ==============================  ==============================================
 
-:func:`switch_to_relu` (``convert(..., router="relu")``) then replaces every TopK router by
-ReMoE's ReLU router for continued training with the λ controller: the router weight is the old
-gate's, ``top_k`` stays, so the controller's target is ``1 − k/E``. This changes the function (ReLU
-outputs are not the softmax weights, and tokens get a variable number of experts); the model has
-to adapt during the continued training, which is the ReMoE paper's plug-and-play claim to test.
+:func:`switch_router` (``convert(..., router=NAME)``) then replaces every TopK router by another
+router for continued training: any router that declares ``convertible`` (it takes over the TopK
+gate's rows through its own :meth:`~moelab.layers.routers.Router.load_gate`); any other is refused
+before any work. ReMoE's ReLU router (:func:`switch_to_relu`) is the case the paper studies: the
+router weight is the old gate's, ``top_k`` stays, so the λ controller's target is ``1 − k/E``. A
+switch changes the function (ReLU outputs are not the softmax weights, and tokens get a variable
+number of experts); the model has to adapt during the continued training, which is the ReMoE
+paper's plug-and-play claim to test.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moelab.hf.switch import check_switch_target, switch_router
+from moelab.hf.switch import switch_to_relu as switch_to_relu  # the public name, kept here
 from moelab.layers.moe import MoE
 from moelab.model import ModelConfig, TransformerLM
-from moelab.model.ffn_configs import MoEConfig
 
 # model_type of the config -> what differs between the families (see the module docstring)
 FAMILIES = {
@@ -66,15 +69,14 @@ SUPPORTED = (
     + "), or the dense "
     + ", ".join(DENSE_FAMILIES.values())
 )
-ROUTERS = (None, "topk", "relu")
 
 
 def convert(model: nn.Module, router: str | None = None) -> nn.Module:
     """A ``transformers`` MoE causal LM → :class:`TransformerLM`, or one of its sparse MoE blocks
-    → :class:`MoE`, computing the same function in float32 (``router=None`` or ``"topk"``), or
-    switched to ReLU routing (``router="relu"``, see :func:`switch_to_relu`)."""
-    if router not in ROUTERS:
-        raise ValueError(f"router must be None, 'topk' or 'relu', got {router!r}")
+    → :class:`MoE`, computing the same function in float32 (``router=None``, or the TopK router
+    it has), or switched to another router (see :func:`switch_router`)."""
+    if router is not None:
+        check_switch_target(router)
     if type(model).__name__ in BLOCKS:
         out: nn.Module = convert_block(model)
     else:
@@ -84,13 +86,13 @@ def convert(model: nn.Module, router: str | None = None) -> nn.Module:
             name = type(model).__name__
             kind = f" (model_type {model_type!r})" if model_type else ""
             raise ValueError(f"cannot convert {name}{kind}: supported are {SUPPORTED}")
-        if model_type in DENSE_FAMILIES and router == "relu":
+        if model_type in DENSE_FAMILIES and router is not None:
             raise ValueError(
                 f"router: {model_type} is a dense model with no router to switch; upcycle it "
-                "into an MoE first (moelab.hf.upcycle(..., router='relu'))"
+                f"into an MoE first (moelab.hf.upcycle(..., router={router!r}))"
             )
         out = convert_model(model)
-    return switch_to_relu(out) if router == "relu" else out
+    return out if router is None else switch_router(out, router)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -327,63 +329,3 @@ def convert_model(model: nn.Module) -> TransformerLM:
     moelab_model = TransformerLM(cfg)
     moelab_model.load_state_dict(state)
     return moelab_model.eval()
-
-
-# ------------------------------------------------------------------------------ ReLU switch
-
-
-def relu_config(ffn: MoEConfig) -> MoEConfig:
-    """A TopK :class:`MoEConfig` as ReMoE's ReLU router with the same E and k (target 1 − k/E)."""
-    if ffn.top_k >= ffn.num_experts:
-        raise ValueError(
-            f"model.ffn.top_k: ReLU routing needs top_k < num_experts (target sparsity "
-            f"1 - k/E > 0), got top_k={ffn.top_k}, num_experts={ffn.num_experts}"
-        )
-    return dataclasses.replace(
-        ffn,
-        router="relu",
-        renormalize=False,
-        softmax_after_topk=False,
-        balance_coef=0.01,
-        router_options={},
-    )
-
-
-def switch_to_relu(model: nn.Module) -> nn.Module:
-    """Every TopK-routed MoE of ``model`` (a :class:`TransformerLM` or an :class:`MoE`) switched
-    to ReMoE's ReLU router: same experts, router weight from the old gate, same k (so the λ
-    controller aims at ``1 − k/E``). Returns a new model; ``model`` is unchanged."""
-    if isinstance(model, MoE):
-        if model.router_name != "topk":
-            raise ValueError(
-                f"router: only a 'topk' MoE can be switched, got {model.router_name!r}"
-            )
-        k, g = model.top_k // model.granularity, model.granularity
-        shared = model.shared.d_hidden // model.expert_hidden if model.shared is not None else 0
-        new = MoE(
-            model.d_model,
-            model.expert_hidden * g,
-            model.num_experts // g,
-            k,
-            router="relu",
-            granularity=g,
-            shared_experts=shared,
-            capacity_factor=model.capacity_factor,
-            eval_capacity_factor=model.eval_capacity_factor,
-            activation=model.experts.activation,
-            shared_gate=model.shared_gate is not None,
-        )
-        new.load_state_dict(model.state_dict())
-        return new
-    if not isinstance(model, TransformerLM):
-        raise ValueError(
-            f"switch_to_relu expects a moelab TransformerLM or MoE, got {type(model).__name__}"
-        )
-    cfg = model.cfg
-    if not isinstance(cfg.ffn, MoEConfig) or cfg.ffn.router != "topk":
-        kind = cfg.ffn.kind if not isinstance(cfg.ffn, MoEConfig) else f"moe/{cfg.ffn.router}"
-        raise ValueError(f"model.ffn: only a TopK MoE can be switched to ReLU routing, got {kind}")
-    new_cfg = dataclasses.replace(cfg, ffn=relu_config(cfg.ffn))
-    new = TransformerLM(new_cfg)
-    new.load_state_dict(model.state_dict())
-    return new.train(model.training)

@@ -1,10 +1,10 @@
 """Export a moelab model or run to a directory ``transformers`` loads (``moelab export-hf``).
 
 The directory holds ``config.json`` (``model_type: moelab``, an ``auto_map`` to the modelling file,
-and ``block_ffns``: one FFN description per block), ``model.safetensors`` (moelab's own state dict
-under ``model.``, plus ``lm_head.weight``), ``modeling_moelab.py`` (a self-contained plain-torch
-copy of the model, :mod:`moelab.hf.modeling_moelab`), ``generation_config.json``, and the run's
-``tokenizer.json`` with a ``tokenizer_config.json``, so that::
+and ``block_ffns``: per block, the FFN kind and the arguments of its moelab layer),
+``model.safetensors`` (moelab's own state dict under ``model.``, plus ``lm_head.weight``),
+``modeling_moelab.py``, ``generation_config.json``, and the run's ``tokenizer.json`` with a
+``tokenizer_config.json``, so that::
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     AutoTokenizer.from_pretrained(DIR)
@@ -12,16 +12,19 @@ copy of the model, :mod:`moelab.hf.modeling_moelab`), ``generation_config.json``
 work without moelab (or, after :func:`moelab.hf.register_auto_classes`, without remote code).
 Writing needs no ``transformers``; only loading does.
 
-Why a copy of the model rather than a mapping onto an existing ``transformers`` architecture: no
-single one covers moelab's kinds (ReLU routing, fine-grained and shared experts, PEER, PKM), and a
-mapping that silently changed routing semantics (softmax order, renormalisation) would be worse
-than a faithful reimplementation that is tested against moelab logit for logit.
+``modeling_moelab.py`` is not a second implementation: :mod:`moelab.hf.gen_modeling` generates it
+from moelab's own modules (blocks, attention, every FFN layer, every exportable router) and a small
+Hugging Face wrapper, so the exported model runs moelab's code. Which routers go through is the
+routers' own declaration (:func:`export_refusal`): causal at inference, ``exportable``, and
+defined in moelab's router package; any other is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +33,13 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from moelab.data.tokenizer import PAD_TOKEN, TextTokenizer
+from moelab.layers import PEER, PKM, DenseFFN, MoE
+from moelab.layers.routers import ROUTERS, router_class
 from moelab.model import ModelConfig, TransformerLM
-from moelab.model.ffn_configs import (
-    STRUCTURE_FIELDS,
-    DenseConfig,
-    MoEConfig,
-    PEERConfig,
-    PKMConfig,
-)
 from moelab.rundir import RunDir, check_not_source, clear_entries, foreign_entries
 from moelab.train import CheckpointError, load_run_config, run_tokenizer
 
-MODELING_FILE = Path(__file__).with_name("modeling_moelab.py")
+MODELING_FILE = Path(__file__).with_name("modeling_moelab.py")  # gen_modeling writes it
 # What an export consists of: all --overwrite removes, and all an OUT_DIR may hold to be replaced.
 EXPORT_FILES = (
     "config.json",
@@ -52,65 +50,65 @@ EXPORT_FILES = (
     "tokenizer_config.json",
     "__pycache__",
 )
-EXPORTED_ROUTERS = ("topk", "relu")
-SUPPORTED = "dense, moe (routers: topk, relu), peer, pkm"
+LAYERS = {"dense": DenseFFN, "moe": MoE, "peer": PEER, "pkm": PKM}  # the FFN kinds it builds
+# Arguments the exported layers take whatever moelab trained with: dense gradients, which every
+# ``transformers`` optimizer accepts (moelab's row-sparse gradients need its own optimizer).
+HF_LAYER_ARGS = {"sparse_grad": False}
+ROUTERS_PACKAGE = "moelab.layers.routers"  # the source the generated modelling file carries
+
+
+def export_refusal(router: str, options: Mapping[str, Any] | None = None) -> str | None:
+    """None when router ``router`` (built with ``options``; None: its defaults) can be exported,
+    else one line naming it and why. The router's class decides (:meth:`Router.refusal`): it must
+    be causal at inference and ``exportable``; and it must live in moelab's router package, whose
+    source the generated ``modeling_moelab.py`` carries."""
+    cls = router_class(router)
+    for capability in ("causal_at_inference", "exportable"):
+        line = cls.refusal(capability, options)
+        if line is not None:
+            return line
+    if not cls.__module__.startswith(ROUTERS_PACKAGE + "."):
+        return (
+            f"router {router!r} cannot be exported to transformers: it is defined in "
+            f"{cls.__module__}, outside {ROUTERS_PACKAGE}, whose source the exported "
+            "modeling_moelab.py is generated from"
+        )
+    return None
+
+
+def exportable_routers() -> list[str]:
+    """The registered routers :func:`export_model` takes, in registry order."""
+    return [name for name in ROUTERS if export_refusal(name) is None]
 
 
 def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
-    """The modelling file's description of one block's (resolved) FFN config."""
-    if isinstance(ffn, DenseConfig):
-        return {"kind": "dense", "d_hidden": ffn.d_hidden, "activation": ffn.activation}
-    if isinstance(ffn, MoEConfig):
-        if ffn.router not in EXPORTED_ROUTERS:
-            raise ValueError(
-                f"model.ffn.router: router {ffn.router!r} (block {block}) cannot be exported to "
-                f"transformers; supported: {SUPPORTED}"
-            )
-        for name, off in STRUCTURE_FIELDS.items():  # MomentumSMoE, Chain-of-Experts
-            if getattr(ffn, name) != off:
-                raise ValueError(
-                    f"model.ffn.{name}: {getattr(ffn, name)!r} (block {block}) cannot be exported "
-                    f"to transformers; the exported MoE supports only {name}={off!r}"
-                )
-        g = ffn.granularity
-        width = ffn.d_hidden // g
-        return {
-            "kind": "moe",
-            "router": ffn.router,
-            "num_experts": ffn.num_experts * g,
-            "top_k": ffn.top_k * g,
-            "d_hidden": width,
-            "activation": ffn.activation,
-            "shared_d_hidden": ffn.shared_experts * width,
-            "shared_gate": ffn.shared_gate,
-            "renormalize": ffn.router == "topk" and ffn.renormalize,
-            "softmax_after_topk": ffn.router == "topk" and ffn.softmax_after_topk,
-            "capacity_factor": ffn.eval_capacity_factor,  # the exported model is for inference
-        }
-    if isinstance(ffn, PEERConfig):
-        return {
-            "kind": "peer",
-            "num_experts": ffn.num_experts,
-            "heads": ffn.heads,
-            "top_k": ffn.top_k,
-            "d_key": ffn.d_key,
-            "query_batchnorm": ffn.query_batchnorm,
-            "activation": ffn.activation,
-            "gate": ffn.gate,
-        }
-    if isinstance(ffn, PKMConfig):
-        return {
-            "kind": "pkm",
-            "num_memories": ffn.num_memories,
-            "heads": ffn.heads,
-            "top_k": ffn.top_k,
-            "d_key": ffn.d_key,
-            "query_batchnorm": ffn.query_batchnorm,
-        }
+    """The exported description of one block's (resolved) FFN config: its kind and the arguments
+    its moelab layer is built with (those the config holds, by the layer's signature, and a MoE's
+    router options), which the generated modelling file passes to the same layer class."""
     kind = getattr(ffn, "kind", type(ffn).__name__)
-    raise ValueError(
-        f"model.ffn.kind: {kind!r} (block {block}) cannot be exported; supported: {SUPPORTED}"
-    )
+    if kind not in LAYERS:
+        raise ValueError(
+            f"model.ffn.kind: {kind!r} (block {block}) cannot be exported; exported kinds: "
+            f"{', '.join(LAYERS)}"
+        )
+    if kind == "moe":
+        line = export_refusal(ffn.router, ffn.router_kwargs())
+        if line is not None:
+            raise ValueError(f"model.ffn.router (block {block}): {line}")
+    params = inspect.signature(LAYERS[kind]).parameters
+    spec: dict[str, Any] = {"kind": kind}
+    for name, param in list(params.items())[1:]:  # after d_model
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in HF_LAYER_ARGS:
+            spec[name] = HF_LAYER_ARGS[name]
+        elif hasattr(ffn, name) and name not in ("kind", "init_std"):
+            spec[name] = getattr(ffn, name)
+    if kind == "pkm":  # PKM's own value init (None: its default), not the model's
+        spec["init_std"] = ffn.init_std
+    if kind == "moe":
+        spec |= ffn.router_kwargs()
+    return spec
 
 
 def hf_config(cfg: ModelConfig, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:

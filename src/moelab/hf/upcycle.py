@@ -8,7 +8,9 @@ fine-grained experts with *virtual groups* and *weight scaling*, which moelab fo
   copy's hidden units ``[j·F/G, (j+1)·F/G)`` for expert ``c·G + j``); summed, the G parts of one
   copy are the dense FFN again;
 * the router gets E random rows, each repeated for the G experts of its copy, so a copy's G parts
-  always have equal logits and TopK selects whole copies (``k·G`` experts = k copies);
+  always have equal logits and TopK selects whole copies (``k·G`` experts = k copies) - each
+  router does this itself (:meth:`~moelab.layers.routers.Router.upcycle_init`); any router that
+  declares ``upcyclable`` can be the new one, any other is refused before any work;
 * the parts' down projections are multiplied by G, which cancels the ``1/G`` that renormalising
   the ``k·G`` selected weights gives each part.
 
@@ -23,6 +25,9 @@ Where the result equals the dense model at step 0 (tested):
 * ``router="relu"``: the output is the dense FFN scaled by the token's total gate
   ``Σ_e ReLU(x·w_e)`` (zero for a token with no positive router output): not equal; the λ
   controller and training adapt it, as when training ReMoE from scratch.
+* the other routers: a start, not the dense function (a softmax over all experts weights the
+  selected copies by their probability mass; hash routing gives a token ``k·G`` parts of different
+  copies, each with weight 1; Lory merges the parts of all copies); training adapts it.
 * ``noise_std > 0``: each copy gets independent ``N(0, noise_std²)`` noise (breaking the copies'
   symmetry, as in noisy upcycling): close to, not equal to, the dense model.
 """
@@ -34,10 +39,9 @@ import torch
 from moelab.config import ConfigError
 from moelab.layers.dense import DenseFFN
 from moelab.layers.moe import MoE
+from moelab.layers.routers import require, router_options
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_configs import DenseConfig
-
-UPCYCLE_ROUTERS = ("topk", "relu")
 
 
 def upcycled_config(
@@ -54,8 +58,10 @@ def upcycled_config(
             f"model.ffn.kind: upcycling needs a dense model, got kind {cfg.ffn.kind!r}; "
             "supported: dense"
         )
-    if router not in UPCYCLE_ROUTERS:
-        raise ValueError(f"router: must be one of {', '.join(UPCYCLE_ROUTERS)}, got {router!r}")
+    try:
+        require(router, "upcyclable")
+    except ValueError as err:
+        raise ValueError(f"router: {err}") from None
     d_hidden = cfg.ffn.resolved(cfg.d_model).d_hidden
     ffn = {
         "kind": "moe",
@@ -66,7 +72,7 @@ def upcycled_config(
         "d_hidden": d_hidden,
         "activation": cfg.ffn.activation,
     }
-    if router == "topk":
+    if "renormalize" in router_options(router):  # routers whose softmax gates can be renormalised
         ffn["renormalize"] = renormalize
     try:
         return ModelConfig.from_dict(cfg.to_dict() | {"ffn": ffn})
@@ -80,7 +86,8 @@ def upcycle_ffn(
     dense: DenseFFN, moe: MoE, noise_std: float = 0.0, generator: torch.Generator | None = None
 ) -> None:
     """Fill ``moe`` (built from :func:`upcycled_config`) from ``dense``: split copies, scaled down
-    projections, router rows repeated per copy (virtual groups); see the module docstring."""
+    projections, and the router's own start for copies split into G parts (virtual groups); see
+    the module docstring."""
     G, EG = moe.granularity, moe.num_experts
     E, F, Fg = EG // G, dense.d_hidden, moe.expert_hidden
     w13, w2 = dense.w13_DF2, dense.w2_FD
@@ -99,8 +106,8 @@ def upcycle_ffn(
                 part2 = part2 + noise_std * torch.randn(part2.shape, generator=generator)
             moe.experts.w13_EDF2[c * G + j].copy_(part13)
             moe.experts.w2_EFD[c * G + j].copy_(part2)
-    rows = moe.router.weight[::G].clone()  # one random row per copy, repeated for its parts
-    moe.router.weight.copy_(rows.repeat_interleave(G, dim=0))
+    for router in (moe.router, *moe.chain_routers):
+        router.upcycle_init(G)
 
 
 def upcycle(
@@ -115,9 +122,10 @@ def upcycle(
     seed: int = 0,
 ) -> TransformerLM:
     """A dense :class:`TransformerLM` as an MoE of ``num_experts`` copies of each FFN (split into
-    ``granularity`` fine-grained experts), ``top_k`` routed per token, a new ``router``
-    (``topk`` or ``relu``). Attention, norms and embeddings are copied; the router is drawn with
-    ``seed``. See the module docstring for where the result equals the dense model."""
+    ``granularity`` fine-grained experts), ``top_k`` routed per token, a new ``router`` (any
+    that declares ``upcyclable``; ``renormalize`` for those that take it). Attention, norms and
+    embeddings are copied; the router is drawn with ``seed``. See the module docstring for where
+    the result equals the dense model."""
     if not isinstance(dense_model, TransformerLM):
         raise ValueError(
             f"upcycle expects a moelab TransformerLM, got {type(dense_model).__name__}; convert a "

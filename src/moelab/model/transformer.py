@@ -90,6 +90,20 @@ class KVCache:
         self.v[layer][:, :, start:end] = v_BGLd
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attention_mask(self, length: int, device: torch.device) -> tuple[Tensor | None, bool]:
+        """SDPA's ``(attn_mask, is_causal)`` for ``length`` new queries after the stored
+        positions (asked of the cache, so that one knowing of padding, as the exported model's,
+        masks it)."""
+        past = self.length
+        if past == 0:  # square causal mask
+            return None, True
+        if length == 1:  # one new query sees every cached key
+            return None, False
+        # L new queries at positions past.., keys 0..past+L-1: bottom-right aligned mask
+        q_pos = torch.arange(past, past + length, device=device)
+        k_pos = torch.arange(past + length, device=device)
+        return k_pos[None, :] <= q_pos[:, None], False
+
 
 class Attention(nn.Module):
     """Causal grouped-query attention (Ainslie et al. 2023) with RoPE and no biases.
@@ -129,18 +143,10 @@ class Attention(nn.Module):
             q_BHLd, k_BGLd = self.q_norm(q_BHLd), self.k_norm(k_BGLd)
         q_BHLd, k_BGLd = apply_rope(q_BHLd, cos_Ld2, sin_Ld2), apply_rope(k_BGLd, cos_Ld2, sin_Ld2)
 
-        past = 0
+        mask, causal = None, True  # no cache: square causal mask
         if kv_cache is not None:
-            past = kv_cache.length
+            mask, causal = kv_cache.attention_mask(L, x_BLD.device)
             k_BGLd, v_BGLd = kv_cache.update(self.layer_idx, k_BGLd, v_BGLd)
-        if past == 0:  # square causal mask
-            mask, causal = None, True
-        elif L == 1:  # one new query sees every cached key
-            mask, causal = None, False
-        else:  # L new queries at positions past.., keys 0..past+L-1: bottom-right aligned mask
-            q_pos = torch.arange(past, past + L, device=x_BLD.device)
-            k_pos = torch.arange(past + L, device=x_BLD.device)
-            mask, causal = k_pos[None, :] <= q_pos[:, None], False
         y_BHLd = F.scaled_dot_product_attention(
             q_BHLd,
             k_BGLd,

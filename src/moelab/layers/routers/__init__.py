@@ -1,7 +1,8 @@
 """The router registry and every router moelab ships.
 
-:mod:`~moelab.layers.routers.base` holds the contract (:class:`Router`, :class:`RouterOutput`, the
-registry); each other module is one routing method, registered when its class is imported here.
+:mod:`~moelab.layers.routers.base` holds the contract (:class:`Router`, :class:`RouterOutput`,
+what a router may declare, the registry), :mod:`~moelab.layers.routers.registry` its queries; each
+other module is one routing method, registered when its class is imported here.
 """
 
 # Registration order is the order error messages and reports list routers in: the two methods
@@ -29,19 +30,25 @@ from moelab.layers.routers.aux_free import AuxFreeRouter  # isort: split
 from moelab.layers.routers.rmoe import RecurrentRouter, share_recurrent_routers  # isort: split
 
 from moelab.layers.routers.base import (
+    CAPABILITIES,
     ROUTERS,
     Router,
     RouterOutput,
-    build_router,
     check_coef,
     make_decision,
     register_router,
+    uniform_assignment,
+)
+from moelab.layers.routers.registry import (
+    build_router,
+    require,
     router_class,
     router_options,
-    uniform_assignment,
+    routers_with,
 )
 
 __all__ = [
+    "CAPABILITIES",
     "ROUTERS",
     "AuxFreeRouter",
     "ExpertChoiceRouter",
@@ -60,8 +67,10 @@ __all__ = [
     "check_coef",
     "make_decision",
     "register_router",
+    "require",
     "router_class",
     "router_options",
+    "routers_with",
     "share_recurrent_routers",
     "uniform_assignment",
 ]

@@ -46,6 +46,10 @@ class AuxFreeRouter(Router):
     name = "aux_free"
     method = "aux_free"
     updates_between_steps = True
+    prunable = True
+    upcyclable = True
+    convertible = True
+    example_top_k = 2  # normalize (the default) needs k > 1
 
     def __init__(
         self,
@@ -108,6 +112,16 @@ class AuxFreeRouter(Router):
         load_E = tokens_per_expert_E.to(torch.float64)
         delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.bias_E += delta_E.to(self.bias_E.dtype)
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """The gate's rows and the selection bias of the kept experts."""
+        state = super().pruned_state(kept_K)
+        state["bias_E"] = state["bias_E"].index_select(0, kept_K.to(state["bias_E"].device))
+        return state
+
+    def prunes_exactly(self) -> bool:
+        """Sigmoid affinities are per expert; a softmax's are not."""
+        return self.score == "sigmoid"
 
     def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
         own = {"seq_balance": (self.seq_balance_coef, self._seq_balance_loss)}

@@ -16,6 +16,15 @@ A router owns everything that follows from its own outputs:
   :class:`~moelab.layers.RouterLoadHook` - the same kind of between-step hook as the λ controller,
   never inside ``forward``. Such state is a buffer, so checkpoints carry it.
 
+What a router supports beyond training is declared on its class, next to the between-step flags
+(``updates_between_steps``, ``sets_own_capacity``): one boolean per capability of
+:data:`CAPABILITIES` (``causal_at_inference``, ``exportable``, ``prunable``, ``upcyclable``,
+``convertible``, ``mergeable``), the reason for each one it lacks in ``lacks``, and the methods
+those capabilities need (:meth:`Router.pruned_state`, :meth:`Router.upcycle_init`,
+:meth:`Router.load_gate`, ...). Export, convert, upcycle, prune, the CLI and the benches ask
+the registry (:mod:`~moelab.layers.routers.registry`: ``routers_with``, ``require``) and never list
+router names; a router one of them cannot take is refused with :meth:`Router.refusal`'s one line.
+
 Logits are computed in float32 whatever the input dtype: a bf16 router flips near-tied top-k
 choices and under-resolves small ReLU outputs. Adding a router from the literature is one
 :class:`Router` subclass decorated with :func:`register_router` (and its tests); :class:`~moelab.
@@ -25,9 +34,7 @@ trainer work with it unchanged. A router's keyword-only constructor arguments ar
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +127,27 @@ def check_coef(name: str, value: object) -> float:
     return float(value)
 
 
+# Each capability a router may declare (a ClassVar[bool] of that name on its class), with how its
+# refusal reads. A door that needs one asks the registry (routers_with, require).
+CAPABILITIES: dict[str, str] = {
+    "causal_at_inference": "is not causal at inference (a token's output may depend on later "
+    "tokens)",
+    "exportable": "cannot be exported to transformers (moelab export-hf)",
+    "prunable": "cannot be pruned (moelab prune)",
+    "upcyclable": "cannot be upcycled from a dense model (moelab upcycle)",
+    "convertible": "cannot take over a converted checkpoint's TopK gate (moelab convert-hf "
+    "--router)",
+    "mergeable": "cannot have its experts merged",
+}
+
+
+def check_capability(capability: str) -> None:
+    if capability not in CAPABILITIES:
+        raise ValueError(
+            f"capability must be one of {', '.join(map(repr, CAPABILITIES))}, got {capability!r}"
+        )
+
+
 class Router(nn.Module):
     """Base of every router: a bias-free ``[E, D]`` gate (``nn.Linear(D, E)`` layout, the one
     ``transformers`` uses for Mixtral's ``gate``) applied in float32, and the router z-loss.
@@ -147,6 +175,32 @@ class Router(nn.Module):
     controlled_loss: ClassVar[str | None] = None
     # True when step_update() must be called once per optimizer step (RouterLoadHook does it).
     updates_between_steps: ClassVar[bool] = False
+    # True when the router sets each expert's capacity itself (MoE refuses its capacity_factor).
+    sets_own_capacity: ClassVar[bool] = False
+
+    # Capabilities the doors outside training ask (they never name a router), one per key of
+    # CAPABILITIES; ``lacks`` says why one is False (looked up along the MRO, so a subclass adds
+    # its own reasons; export's reason is ``not_exportable_reason``). Options that withdraw a
+    # capability: override ``refusal``.
+    prunable: ClassVar[bool] = False  # needs pruned_state (and pruned_options) to be right
+    upcyclable: ClassVar[bool] = False  # needs upcycle_init
+    convertible: ClassVar[bool] = False  # needs load_gate
+    mergeable: ClassVar[bool] = False
+    lacks: ClassVar[dict[str, str]] = {"mergeable": "moelab has no expert merging yet"}
+    # Experts per token a small example of the method uses (tests, benches): 1, or the k the
+    # method needs (a top-2 method, a gate normalised over its choices).
+    example_top_k: ClassVar[int] = 1
+    # Timed at every expert shape by ``moelab bench moe`` (the ReMoE paper's two methods; every
+    # router is timed at the coarse shape by ``--configs routers``).
+    bench_shapes: ClassVar[bool] = False
+    # True when, in eval mode, a token's routing reads no later token, so KV-cache decoding
+    # equals a full forward.
+    causal_at_inference: ClassVar[bool] = True
+    # True when ``moelab export-hf`` may write it: the generated modelling file carries this class
+    # and the exported model decodes as moelab does. When False, ``not_exportable_reason`` says
+    # why in one line (what follows "cannot be exported to transformers: ").
+    exportable: ClassVar[bool] = True
+    not_exportable_reason: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -225,6 +279,80 @@ class Router(nn.Module):
         """Fraction of zero router outputs the λ controller drives towards (None: no controller)."""
         return None
 
+    # ------------------------------------------------------------------ capabilities
+
+    @classmethod
+    def refusal(cls, capability: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """None when this router (built with ``options``, its keyword options; None: the
+        defaults) has ``capability``; else one line naming the router, what it cannot do and
+        why. A router whose options withdraw a capability extends this."""
+        check_capability(capability)
+        if getattr(cls, capability):
+            return None
+        if capability == "exportable" and cls.not_exportable_reason:
+            return f"router {cls.name!r} {CAPABILITIES[capability]}: {cls.not_exportable_reason}"
+        reason = next(
+            (
+                k.__dict__["lacks"][capability]
+                for k in cls.__mro__
+                if capability in k.__dict__.get("lacks", {})
+            ),
+            "it does not declare it",
+        )
+        return f"router {cls.name!r} {CAPABILITIES[capability]}: {reason}"
+
+    @classmethod
+    def example_options(cls, seq_len: int) -> dict[str, Any]:
+        """Options a small example of the router runs with on sequences of ``seq_len`` tokens
+        (tests and benches; none by default)."""
+        return {}
+
+    def gate_rows(self, experts_K: Tensor) -> Tensor:
+        """Rows of ``weight`` that a router over the routed experts ``experts_K`` keeps: those
+        experts' own rows first, in their order, then the rows of any experts that are not
+        routed experts (null, zero-computation experts), which every pruned router keeps."""
+        return experts_K
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """This router's ``state_dict`` for the routed experts ``kept_K`` only (ascending ids):
+        what a router built for ``len(kept_K)`` experts (and :meth:`pruned_options`) loads. The
+        gate's rows are sliced by :meth:`gate_rows`; a router with more per-expert state (a
+        bias, an ``[N, N]`` map) slices it too."""
+        state = self.state_dict()
+        if "weight" in state:
+            rows = self.gate_rows(kept_K.cpu()).to(state["weight"].device)
+            state["weight"] = state["weight"].index_select(0, rows)
+        return state
+
+    def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
+        """Options the pruned router is built with, besides its ``num_experts`` (the same in
+        every layer: a hash router's original expert count); none by default."""
+        return {}
+
+    def prunes_exactly(self) -> bool:
+        """True when, with these options, dropping experts that no token chose leaves every
+        token's choices and gates unchanged (gates that do not depend on other experts)."""
+        return False
+
+    @torch.no_grad()
+    def upcycle_init(self, groups: int) -> None:
+        """Start on experts that are ``E`` copies of a dense FFN, each split into ``groups``
+        consecutive experts (moelab upcycle's virtual groups): a copy's parts get one gate row,
+        so they always score alike. Rows of non-routed experts keep their random init."""
+        routed = self.weight[: self.num_experts : groups].clone()  # routed experts' rows first
+        self.weight[: self.num_experts] = routed.repeat_interleave(groups, dim=0)
+
+    @torch.no_grad()
+    def load_gate(self, gate_ED: Tensor) -> None:
+        """Take over a trained TopK gate ``[E, D]`` over the same experts (convert-hf --router):
+        its rows become the routed experts' rows; other state keeps its init."""
+        if gate_ED.shape != (self.num_experts, self.weight.shape[1]):
+            raise ValueError(
+                f"router {self.name!r}: a gate of shape {tuple(gate_ED.shape)} does not fit its "
+                f"{self.num_experts} experts over {self.weight.shape[1]} features"
+            )
+        self.weight[: self.num_experts] = gate_ED.to(self.weight.dtype)  # routed rows first
+
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -235,42 +363,6 @@ def register_router(cls: type[Router]) -> type[Router]:
         raise ValueError(f"router name {cls.name!r} is empty or already registered")
     ROUTERS[cls.name] = cls
     return cls
-
-
-def router_class(name: str) -> type[Router]:
-    """The registered router called ``name``; the error lists the registered ones."""
-    if name not in ROUTERS:
-        close = difflib.get_close_matches(str(name), ROUTERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        choices = ", ".join(repr(n) for n in ROUTERS)
-        raise ValueError(f"router must be one of {choices}, got {name!r}{hint}")
-    return ROUTERS[name]
-
-
-def router_options(name: str) -> dict[str, Any]:
-    """Options of router ``name``: its keyword-only constructor arguments and their defaults
-    (``init_std`` excluded: it comes from the model)."""
-    params = inspect.signature(router_class(name)).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init_std"
-    }
-
-
-def build_router(
-    name: str, d_model: int, num_experts: int, top_k: int, init_std: float, **options: Any
-) -> Router:
-    """Construct router ``name``; an option it does not take is an error naming its options."""
-    allowed = router_options(name)
-    for key in options:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"router {name!r} has no option {key!r}{hint}; its options: {', '.join(allowed)}"
-            )
-    return router_class(name)(d_model, num_experts, top_k, init_std=init_std, **options)
 
 
 def uniform_assignment(

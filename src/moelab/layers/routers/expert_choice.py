@@ -4,12 +4,20 @@ tokens."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.routers.base import Router, RouterOutput, make_decision, register_router
+from moelab.layers.routers.base import (
+    CAPABILITIES,
+    Router,
+    RouterOutput,
+    make_decision,
+    register_router,
+)
 
 INFERENCE_MODES = ("topk", "batch")
 
@@ -46,6 +54,14 @@ class ExpertChoiceRouter(Router):
     name = "expert_choice"
     method = "expert_choice"
     sets_own_capacity = True  # MoE refuses its own capacity_factor on top of this one
+    prunable = True  # not exactly: the scores are a softmax over all experts
+    upcyclable = True
+    convertible = True
+    exportable = False
+    not_exportable_reason = (
+        "its paper defines no causal inference path (experts pick tokens over the whole batch; "
+        "inference='topk' is moelab's own replacement, not the trained routing)"
+    )
 
     def __init__(
         self,
@@ -83,6 +99,18 @@ class ExpertChoiceRouter(Router):
         )
         self.capacity_factor = float(ec_capacity_factor)
         self.inference = inference
+
+    @classmethod
+    def refusal(cls, capability: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """``inference="batch"`` withdraws causality: experts choose among the whole batch's
+        tokens, later ones included."""
+        batch = (options or {}).get("inference", "topk") == "batch"
+        if batch and capability == "causal_at_inference":
+            return (
+                f"router {cls.name!r} with inference='batch' {CAPABILITIES[capability]}: each "
+                "expert picks its tokens among the whole batch (use inference='topk')"
+            )
+        return super().refusal(capability, options)
 
     @property
     def inference_top_k(self) -> int:

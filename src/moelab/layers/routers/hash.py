@@ -4,6 +4,7 @@ the expert; nothing about the routing is learnt."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +15,28 @@ from moelab.layers.routers.base import Router, RouterOutput, decision_from_choic
 # A Mersenne prime above any vocabulary size: ((a·id + b) mod P) is a universal hash family
 # (Carter & Wegman 1979), and a·id < 2^62 stays exact in int64.
 _PRIME = 2**31 - 1
+
+
+def _nth_free(taken_TE: Tensor, slot_T: Tensor) -> Tensor:
+    """Per row, the column of its ``slot_T``-th False entry of ``taken_TE``."""
+    free_TE = ~taken_TE
+    rank_TE = free_TE.long().cumsum(-1) - 1
+    return (free_TE & (rank_TE == slot_T[:, None])).long().argmax(-1)
+
+
+def _hash_choices(ids_T: Tensor, coefs: tuple[tuple[int, int], ...], E: int) -> Tensor:
+    """The hash's k distinct experts ``[T, k]`` among ``E``: the j-th hash picks among the
+    experts not yet taken."""
+    num_tokens = ids_T.shape[0]
+    taken_TE = torch.zeros(num_tokens, E, dtype=torch.bool, device=ids_T.device)
+    rows_T = torch.arange(num_tokens, device=ids_T.device)
+    chosen = []
+    for j, (a, b) in enumerate(coefs):
+        slot_T = ((a * ids_T + b) % _PRIME) % (E - j)  # index among the free experts
+        expert_T = _nth_free(taken_TE, slot_T)
+        taken_TE[rows_T, expert_T] = True
+        chosen.append(expert_T)
+    return torch.stack(chosen, dim=-1)
 
 
 def token_ids_for(x_TD: Tensor, context: RoutingContext | None, router: str) -> Tensor:
@@ -53,10 +76,20 @@ class HashRouter(Router):
     MultiHash concatenates k expert segments.
 
     Token ids come only from ``context.token_ids`` (:class:`~moelab.layers.base.RoutingContext`).
+
+    Pruning (``moelab prune``) keeps the hash and remaps its table: the hash still picks among
+    the ``hash_experts`` experts the router was first built with, and the buffer ``expert_map``
+    (``[hash_experts]``, per layer, in the checkpoint) says which expert each of them is now
+    (−1: pruned away). A token hashed to a dropped expert takes a kept one it does not already
+    have, chosen by the same hash among those; tokens whose experts were all kept route exactly
+    as before. ``hash_experts=None`` (default): the table is the identity, and no buffer.
     """
 
     name = "hash"
     method = "hash"
+    prunable = True
+    upcyclable = True  # nothing learnt to initialise
+    lacks = {"convertible": "it has no gate: it routes by a fixed hash of the token id"}
 
     def __init__(
         self,
@@ -65,14 +98,30 @@ class HashRouter(Router):
         top_k: int,
         *,
         hash_seed: int = 0,
+        hash_experts: int | None = None,
         init_std: float = 0.02,
     ) -> None:
         if not isinstance(hash_seed, int) or isinstance(hash_seed, bool) or hash_seed < 0:
             raise ValueError(f"hash_seed must be an integer >= 0, got {hash_seed!r}")
+        if hash_experts is not None and (
+            not isinstance(hash_experts, int)
+            or isinstance(hash_experts, bool)
+            or hash_experts < num_experts
+        ):
+            raise ValueError(
+                f"hash_experts must be None or an integer >= num_experts ({num_experts}), "
+                f"got {hash_experts!r}"
+            )
         super().__init__(d_model, num_experts, top_k, init_std=init_std)
         del self.weight  # no learnt gate: see the class docstring
         self.register_buffer("weight", torch.zeros(num_experts, d_model), persistent=False)
         self.hash_seed = hash_seed
+        self.hash_experts = num_experts if hash_experts is None else hash_experts
+        table = None
+        if hash_experts is not None:  # a pruned table (the first num_experts kept until loaded)
+            first_E = torch.arange(hash_experts)
+            table = torch.where(first_E < num_experts, first_E, -1)
+        self.register_buffer("expert_map", table)
         rng = random.Random(hash_seed)
         # Python ints, not a tensor: the same on every device (also "meta", used by configs).
         self.hash_coefs: tuple[tuple[int, int], ...] = tuple(
@@ -81,17 +130,42 @@ class HashRouter(Router):
 
     def experts_of(self, ids_T: Tensor) -> Tensor:
         """The k distinct experts ``[T, k]`` of each token id, in hash order."""
+        chosen_TK = _hash_choices(ids_T, self.hash_coefs, self.hash_experts)
+        if self.expert_map is None:
+            return chosen_TK
+        mapped_TK = self.expert_map.to(ids_T.device)[chosen_TK]
         num_tokens, E = ids_T.shape[0], self.num_experts
-        taken_TE = torch.zeros(num_tokens, E, dtype=torch.bool, device=ids_T.device)
-        chosen = []
-        for j, (a, b) in enumerate(self.hash_coefs):
-            slot_T = ((a * ids_T + b) % _PRIME) % (E - j)  # index among the free experts
-            free_TE = ~taken_TE
-            rank_TE = free_TE.long().cumsum(-1) - 1
-            expert_T = (free_TE & (rank_TE == slot_T[:, None])).long().argmax(-1)
-            taken_TE[torch.arange(num_tokens, device=ids_T.device), expert_T] = True
-            chosen.append(expert_T)
-        return torch.stack(chosen, dim=-1)
+        rows_T = torch.arange(num_tokens, device=ids_T.device)
+        taken_TE = torch.zeros(num_tokens, E + 1, dtype=torch.bool, device=ids_T.device)
+        taken_TE[rows_T[:, None], mapped_TK] = True  # column E: "dropped", cut off below
+        taken_TE = taken_TE[:, :E]
+        for j, (a, b) in enumerate(self.hash_coefs):  # dropped picks: a kept expert not taken
+            dropped_T = mapped_TK[:, j] < 0
+            n_free_T = (~taken_TE).sum(-1).clamp_min(1)
+            substitute_T = _nth_free(taken_TE, ((a * ids_T + b) % _PRIME) % n_free_T)
+            mapped_TK[:, j] = torch.where(dropped_T, substitute_T, mapped_TK[:, j])
+            taken_TE[rows_T[dropped_T], substitute_T[dropped_T]] = True
+        return mapped_TK
+
+    def pruned_options(self, kept_K: Tensor) -> dict[str, Any]:
+        """The same hash over the experts it was first built with."""
+        return {"hash_experts": self.hash_experts}
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """The table remapped: a hashed expert that is kept becomes its index among ``kept_K``,
+        any other −1."""
+        now_E0 = torch.arange(self.hash_experts) if self.expert_map is None else self.expert_map
+        now_E0 = now_E0.cpu()
+        position = torch.full((self.num_experts + 1,), -1, dtype=torch.long)  # [-1] stays -1
+        position[kept_K.cpu()] = torch.arange(len(kept_K))
+        return {"expert_map": position[now_E0]}
+
+    def prunes_exactly(self) -> bool:
+        """A token whose experts were all kept is hashed to them as before."""
+        return True
+
+    def upcycle_init(self, groups: int) -> None:
+        """Nothing learnt: the hash spreads tokens over all the copies' parts."""
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -4,6 +4,7 @@ the previous segment (the weights that :mod:`moelab.layers.lory` merges the expe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -11,7 +12,13 @@ import torch
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.routers.base import Router, RouterOutput, make_decision, register_router
+from moelab.layers.routers.base import (
+    CAPABILITIES,
+    Router,
+    RouterOutput,
+    make_decision,
+    register_router,
+)
 
 FIRST_SEGMENT = ("uniform", "self")
 PAPER_SEGMENT_LEN = 256  # Zhong et al.'s segment length (for 4096-token sequences)
@@ -75,12 +82,24 @@ class LoryRouter(Router):
 
     name = "lory"
     method = "lory"
+    upcyclable = True
+    convertible = True
+    lacks = {
+        "prunable": "every token uses every expert (merged per segment), so usage cannot rank "
+        "the experts to keep",
+    }
     # TransformerLM refuses KV-cache decoding with this message: one new token has no segment
     # position and no previous segment mean (the layer keeps no decoding state).
     kv_cache_error: ClassVar[str] = (
         "router 'lory' cannot decode with a KV cache (a decoded token's segment weights depend on "
         "the previous segment's hidden states, which the layer does not keep); run full forwards "
         "over the whole sequence instead"
+    )
+
+    exportable = False
+    not_exportable_reason = (
+        "moelab does not implement its paper's inference path (one merge per layer from the "
+        "prompt) and keeps no decoding state for a KV cache"
     )
 
     def __init__(
@@ -123,6 +142,23 @@ class LoryRouter(Router):
                 f"segment i is routed by segment i-1), got {segment_len}"
             )
         return options
+
+    @classmethod
+    def refusal(cls, capability: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """``first_segment="self"`` withdraws causality: the first segment is routed by its own
+        mean, later tokens included."""
+        own = (options or {}).get("first_segment", "uniform") == "self"
+        if own and capability == "causal_at_inference":
+            return (
+                f"router {cls.name!r} with first_segment='self' {CAPABILITIES[capability]}: the "
+                "first segment is routed by its own mean (use first_segment='uniform')"
+            )
+        return super().refusal(capability, options)
+
+    @classmethod
+    def example_options(cls, seq_len: int) -> dict[str, Any]:
+        """Two segments per sequence, so that the second is routed by the first."""
+        return {"segment_len": max(1, seq_len // 2)}
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

@@ -72,6 +72,9 @@ class MoEPPRouter(Router):
 
     name = "moepp"
     method = "moepp"
+    prunable = True  # the zero-computation experts are all kept; not exact (softmax over all)
+    upcyclable = True
+    convertible = True
 
     def __init__(
         self,
@@ -133,6 +136,19 @@ class MoEPPRouter(Router):
         eta_N = torch.full((num_all,), float(balance_tau))
         eta_N[:num_experts] = 1.0
         self.register_buffer("eta_N", eta_N, persistent=False)
+
+    def gate_rows(self, experts_K: Tensor) -> Tensor:
+        """The FFN experts' rows, then every zero-computation expert's."""
+        others = torch.arange(self.num_experts, self.num_all, device=experts_K.device)
+        return torch.cat([experts_K, others])
+
+    def pruned_state(self, kept_K: Tensor) -> dict[str, Tensor]:
+        """Gate rows and the gating residual's rows and columns of the kept experts."""
+        state = super().pruned_state(kept_K)
+        if "residual_NN" in state:
+            rows = self.gate_rows(kept_K.cpu()).to(state["residual_NN"].device)
+            state["residual_NN"] = state["residual_NN"][rows][:, rows]
+        return state
 
     def gate_logits(self, x_TD: Tensor, context: RoutingContext | None) -> Tensor:
         """``W·x`` plus the gating residual ``W_g · G(x^{j-1})``; passes the result on."""

@@ -50,6 +50,10 @@ class NullExpertRouter(Router):
 
     name = "null"
     method = "adamoe"
+    prunable = True  # the null experts' rows are all kept
+    upcyclable = True
+    convertible = True
+    example_top_k = 2  # with k = 1, a null pick leaves a token no expert at all
 
     def __init__(
         self,
@@ -98,6 +102,16 @@ class NullExpertRouter(Router):
             top_idx_TK, weight_TK, valid_T, self.num_experts, keep_TK=real_TK
         )
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
+
+    def gate_rows(self, experts_K: Tensor) -> Tensor:
+        """The real experts' rows, then every null expert's."""
+        nulls = torch.arange(self.num_experts, self.num_experts + self.null_experts)
+        return torch.cat([experts_K, nulls.to(experts_K.device)])
+
+    def prunes_exactly(self) -> bool:
+        """Renormalised over the k chosen (null ones included), the gates depend on the chosen
+        logits alone."""
+        return self.renormalize
 
     def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
         return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()

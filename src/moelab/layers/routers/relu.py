@@ -25,6 +25,10 @@ class ReLURouter(Router):
     name = "relu"
     method = "remoe"
     controlled_loss = "remoe_l1"
+    bench_shapes = True
+    prunable = True
+    upcyclable = True
+    convertible = True
 
     def __init__(
         self,
@@ -63,6 +67,10 @@ class ReLURouter(Router):
     def aux_losses(self, out: RouterOutput, valid_T: Tensor | None) -> dict[str, Tensor]:
         l1 = remoe_l1_loss(out.scores_TE, valid_T, self.top_k, self.l1_balanced)
         return {self.controlled_loss: l1} | super().aux_losses(out, valid_T)
+
+    def prunes_exactly(self) -> bool:
+        """Each expert's gate ``ReLU(x·w_e)`` is independent of the other experts."""
+        return True
 
     @property
     def sparsity_target(self) -> float:

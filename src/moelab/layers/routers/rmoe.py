@@ -72,6 +72,11 @@ class RecurrentRouter(TopKRouter):
 
     name = "rmoe"
     method = "rmoe"
+    bench_shapes = False  # TopK's stays with TopK
+    convertible = False
+    lacks = {
+        "convertible": "its gate reads the GRU state, not the hidden state a TopK gate reads",
+    }
 
     def __init__(
         self,

@@ -94,6 +94,10 @@ class SparseMixerRouter(Router):
 
     name = "sparsemixer"
     method = "sparsemixer"
+    prunable = True  # not exactly: the mask and π are over all experts
+    upcyclable = True
+    convertible = True
+    example_top_k = 2  # GRIN is top-2
 
     def __init__(
         self,

@@ -88,6 +88,9 @@ class TopPRouter(Router):
 
     name = "top_p"
     method = "top_p"
+    prunable = True  # not exactly: the probability mass counted towards p is over all experts
+    upcyclable = True
+    convertible = True
 
     def __init__(
         self,

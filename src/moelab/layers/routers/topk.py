@@ -45,6 +45,10 @@ class TopKRouter(Router):
 
     name = "topk"
     method = "topk"
+    bench_shapes = True
+    prunable = True
+    upcyclable = True
+    convertible = True
 
     def __init__(
         self,
@@ -97,6 +101,11 @@ class TopKRouter(Router):
             seq_len = sequence_length(context, num_tokens, "balance_scope='sequence'")
             return SequencedRouterOutput(decision, logits_TE, probs_TE, nonzero, seq_len=seq_len)
         return RouterOutput(decision, logits_TE, probs_TE, nonzero)
+
+    def prunes_exactly(self) -> bool:
+        """Renormalised (or softmaxed over the k chosen) gates depend on the chosen experts'
+        logits alone, and experts no token chose never enter a top-k."""
+        return self.renormalize or self.softmax_after_topk
 
     def fixed_losses(self) -> dict[str, tuple[float, LossFn]]:
         return {"load_balance": (self.balance_coef, self._balance_loss)} | super().fixed_losses()
