@@ -66,7 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "uint16", "uint32"],
         help="token id dtype (auto: uint16 when the vocabulary fits)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier prepared dataset there (refused for anything else)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier prepared dataset there (refused for anything else)",
+    )
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
