@@ -33,9 +33,9 @@ bench: setup
 	$(VENV)/bin/moelab bench peer
 
 # Rerun every suite of docs/results with the current code, export reports and per-run data into
-# docs/results/<suite>/, rewrite the README's results blocks. Needs a committed tree; resumes if
-# interrupted. Measured on the shared 2-core CPU: paper-mini + experts-scaling + load-balance 66 min
-# (2 suites at a time), routers 35 min alone with its runs 2 at a time
+# docs/results/<suite>/, rewrite the generated blocks of docs/results/README.md. Needs a committed
+# tree; resumes if interrupted. Measured on the shared 2-core CPU: paper-mini + experts-scaling +
+# load-balance 66 min (2 suites at a time), routers 35 min alone with its runs 2 at a time
 # (RESULTS_ARGS='--suites routers --compare-args "--jobs 2"'). RESULTS_ARGS="--suites NAME" for one.
 results: setup
 	$(PY) scripts/make_results.py --jobs 2 $(RESULTS_ARGS)

@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
 """``make results``: rerun every suite of docs/results with the current code, copy each suite's
-report and per-run data into docs/results/<suite>/, and rewrite the README's results blocks.
+Markdown report, plots and per-run data into docs/results/<suite>/, and rewrite the generated
+results blocks (docs/results/README.md and each suite's README.md).
 
 Why one command: a result is only as trustworthy as the reader's ability to regenerate it. This
-script is the whole path from code to the numbers in the README:
+script is the whole path from code to the numbers in docs/results:
 
 1. refuse a tree with uncommitted changes (the runs would record ``git_dirty``, and no commit
    would hold the code behind the numbers) unless ``--allow-dirty``;
 2. for each suite, drop runs in its working directory (``runs/results/<suite>``, ignored by git)
    that were trained by other code, then ``moelab compare --suite <suite>``: runs already trained
    by this code are kept, so an interrupted ``make results`` resumes;
-3. once every suite has trained, export each one (``moelab.analysis.export``: report, plots,
+3. once every suite has trained, export each one (``moelab.analysis.export``: report.md, plots,
    analysis.json, suite.json, each run's config / metrics / summary / accounting / provenance;
-   no weights) into docs/results/<suite>/ - after training, so that later suites do not train
-   on a tree that the export already made dirty;
+   no weights, and no report.html, which would hold a second copy of every plot) into
+   docs/results/<suite>/ - after training, so that later suites do not train on a tree that the
+   export already made dirty;
 4. rewrite the results blocks (scripts/results_readme.py) from the exported files.
 
+``--redraw`` trains and exports nothing: it redraws the committed reports and plots of
+docs/results from the files there (``moelab.analysis.export.redraw_suite``), for a change to the
+report or plotting code, and rewrites the blocks.
+
 Reduced suites (``--steps``, ``--seeds``, ``--set``) are for checking the machinery and may not be
-written into docs/results: give ``--results DIR`` and ``--readme FILE`` elsewhere.
+written into docs/results: give ``--results DIR`` elsewhere.
 
 Usage::
 
@@ -25,6 +31,7 @@ Usage::
     python scripts/make_results.py --suites routers --compare-args "--jobs 2"   # 35 min
     python scripts/make_results.py --suites load-balance   # one suite
     python scripts/make_results.py --export-only           # re-export and re-render, no training
+    python scripts/make_results.py --redraw                # redraw docs/results from its files
 """
 
 from __future__ import annotations
@@ -107,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         help="where the suites train (default runs/results, ignored by git)",
     )
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--steps", type=int, default=None, help="reduced check: train.steps")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="reduced check: seeds")
     p.add_argument(
@@ -140,20 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no training: export the working directories and rewrite the blocks",
     )
-    p.add_argument("--no-html", action="store_true", help="do not commit report.html")
+    p.add_argument(
+        "--redraw",
+        action="store_true",
+        help="no training, no export: redraw the reports and plots under --results from "
+        "their own files, then rewrite the blocks",
+    )
     args = p.parse_args(argv)
     reduced = args.steps is not None or args.seeds is not None or args.overrides
     default_results = (ROOT / "docs" / "results").resolve()
-    if reduced and (
-        args.results.resolve() == default_results
-        or args.readme.resolve() == (ROOT / "README.md").resolve()
-    ):
+    if reduced and args.results.resolve() == default_results:
         p.error(
-            "a reduced suite (--steps/--seeds/--set) may not overwrite docs/results or "
-            "README.md: give --results DIR and --readme FILE"
+            "a reduced suite (--steps/--seeds/--set) may not overwrite docs/results: "
+            "give --results DIR"
         )
     t0 = time.time()
-    if not args.export_only:
+    if not (args.export_only or args.redraw):
         code = current_code()
         if code.endswith("+dirty") and not args.allow_dirty:
             p.error(
@@ -181,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    from moelab.analysis.export import export_suite
+    from moelab.analysis.export import export_suite, redraw_suite
     from moelab.analysis.results import write_blocks
 
     for suite in args.suites:
-        files = export_suite(args.work / suite, args.results / suite, html=not args.no_html)
-        print(f"exported {suite}: {len(files)} files into {args.results / suite}")
-    for path in write_blocks(args.readme, args.results):
+        if args.redraw:
+            res = redraw_suite(args.results / suite)
+            print(f"redrew {suite}: {len(res['images'])} plots in {args.results / suite}")
+        else:
+            files = export_suite(args.work / suite, args.results / suite)
+            print(f"exported {suite}: {len(files)} files into {args.results / suite}")
+    for path in write_blocks(args.results):
         print(f"rewrote the results block of {path}")
     print(f"make_results: done in {(time.time() - t0) / 60:.1f} min")
     return 0

@@ -129,3 +129,18 @@ def test_explicit_groups(fake_runs, tmp_path):
         plots_enabled=False,
     )
     assert "| TopK E=8 | topk | 2 |" in res["markdown"].read_text()
+
+
+def test_analysis_json_is_one_compact_line_per_run_and_keeps_every_digit(tmp_path):
+    """write_analysis: compact (docs/results commits one per suite), yet the same numbers: a
+    rounded float would round the report's figures twice when a report is redrawn from it."""
+    from moelab.analysis.report import write_analysis
+
+    dump = {
+        "a-seed0": {"results": {"x": 6.339549999999, "n": 3, "v": [1 / 3, None, "t é"]}},
+        "b-seed0": {"results": {"big": 123456789.0, "tiny": 1.23456789e-9}, "notes": []},
+    }
+    write_analysis(tmp_path / "analysis.json", dump)
+    text = (tmp_path / "analysis.json").read_text()
+    assert len(text.splitlines()) == 2 + len(dump) and ": " not in text.splitlines()[1][12:]
+    assert json.loads(text) == dump

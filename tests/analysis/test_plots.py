@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from analysis_fixtures import write_run
 
+from moelab.analysis import figures as figure_files
 from moelab.analysis import plots, read_run, training_curves
 
 pytest.importorskip("matplotlib")
@@ -98,3 +99,28 @@ def test_bars_start_at_zero_and_single_seeds_have_no_error_bar(tmp_path, figures
     assert np.isclose(seg[:, 0], 1).all()  # at the topk bar (x = 1)
     texts = [t.get_text() for t in bars_ax.texts]
     assert "6.229\n(1 seed)" in texts and any("± 0.021" in t for t in texts)
+
+
+def test_saved_plots_are_small_palette_pngs_close_to_the_full_colour_render(tmp_path):
+    """compact_png: a third of the size or less, and pixel for pixel close to the RGB render (a
+    heatmap's colormap and anti-aliased lines survive the 64-colour palette)."""
+    import io
+
+    Image = pytest.importorskip("PIL.Image")
+    plt = figure_files.pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3))
+    x = np.linspace(0, 10, 300)
+    for i in range(6):
+        a1.plot(x, np.sin(x + i), label=f"run {i}")
+    a1.legend(fontsize=8)
+    a2.imshow(np.random.default_rng(0).random((4, 16)), cmap="viridis")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=figure_files.DPI, facecolor="white")
+    plt.close(fig)
+    raw = buf.getvalue()
+    small = figure_files.compact_png(raw)
+    assert len(small) < len(raw) / 3
+    a = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=np.float64)
+    b = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"), dtype=np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).mean() < 2.0 and np.percentile(np.abs(a - b), 99) < 40

@@ -1,5 +1,6 @@
-"""The generated results blocks (README.md, docs/results/<suite>/README.md), the export of a suite
-into docs/results, and `make results` end to end on a tiny suite (issue #13)."""
+"""The generated results blocks (docs/results/README.md, docs/results/<suite>/README.md), the export
+of a suite into docs/results, redrawing it from its files, the weight of docs/results, and `make
+results` end to end on a tiny suite (issues #13, #19)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from analysis_fixtures import prov_record, write_run
 
 import moelab
 from moelab.analysis import results, suites
-from moelab.analysis.export import export_suite
+from moelab.analysis.export import export_suite, redraw_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(moelab.__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ RELU = {"model": {"ffn": {"kind": "moe", "router": "relu", "num_experts": 8, "to
 
 
 def test_committed_blocks_are_current():
-    """The checker, as a reader would run it, on the committed README and docs/results."""
+    """The checker, as a reader would run it, on the committed docs/results."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "results_readme.py"), "--check"],
         capture_output=True,
@@ -34,12 +35,39 @@ def test_committed_blocks_are_current():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_readme_results_section_quotes_no_numbers_outside_the_block():
-    text = (ROOT / "README.md").read_text("utf-8")
-    section = text[text.index("### The papers at small scale") : text.index("## MoE layers")]
-    outside = section[: section.index(results.BEGIN)] + section[section.index(results.END) :]
-    outside = re.sub(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->", "", outside)  # code, link targets
-    assert not re.findall(r"\d", outside), re.findall(r".{20}\d.{20}", outside)
+RESULTS = ROOT / "docs" / "results"
+RESULTS_LIMIT = 6 * 2**20  # issue #19: docs/results at most 6 MB, every suite included
+EMBEDDED = re.compile(r"data:image/|;base64,")
+
+
+def disk_usage(path: Path, block: int = 4096) -> int:
+    """What ``du -s`` reports for ``path`` on a filesystem of ``block``-byte blocks: every file
+    and every directory rounded up to whole blocks (so many small files cost what they occupy)."""
+    entries = [path, *path.rglob("*")]
+    return sum(-(-(p.stat().st_size if p.is_file() else 1) // block) * block for p in entries)
+
+
+def test_disk_usage_counts_blocks_like_du(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"x")
+    (tmp_path / "b").write_bytes(b"y" * 4097)
+    assert disk_usage(tmp_path) == 4096 * (2 + 1 + 2)  # two dirs, a: one block, b: two
+
+
+def test_committed_reports_link_their_plots_and_docs_results_stays_light():
+    """docs/results commits each plot once: Markdown reports that link the PNGs beside them, no
+    report embedding an image (the self-contained HTML is for users, not the repository), every
+    committed plot linked from its report, and the whole directory within the limit."""
+    texts = [p for p in RESULTS.rglob("*") if p.suffix in (".md", ".html", ".htm", ".json", ".svg")]
+    embedding = [p for p in texts if EMBEDDED.search(p.read_text("utf-8", errors="replace"))]
+    assert not embedding, f"reports embedding images: {embedding}"
+    assert not list(RESULTS.rglob("*.htm*"))
+    for report in RESULTS.glob("*/report.md"):
+        linked = set(re.findall(r"!\[[^]]*\]\((plots/[^)]+)\)", report.read_text("utf-8")))
+        committed = {p.relative_to(report.parent).as_posix() for p in report.parent.glob("plots/*")}
+        assert linked == committed, (report, linked ^ committed)
+    used = disk_usage(RESULTS)
+    assert used <= RESULTS_LIMIT, f"docs/results holds {used / 2**20:.1f} MiB, more than 6"
 
 
 def _fake_trainer(p: suites.PlannedRun) -> None:
@@ -59,7 +87,8 @@ def _fake_trainer(p: suites.PlannedRun) -> None:
 
 @pytest.fixture
 def exported(tmp_path):
-    """paper-mini with 2 seeds from the fake trainer, exported, with a README holding a block."""
+    """paper-mini with 2 seeds from the fake trainer, exported (over a stale report.html), with
+    an index README holding a block."""
     work, res = tmp_path / "work" / "paper-mini", tmp_path / "docs" / "results"
     suites.run_suite(
         "paper-mini",
@@ -69,8 +98,10 @@ def exported(tmp_path):
         log=lambda s: None,
         command="moelab compare --suite paper-mini --out work/paper-mini",
     )
+    (res / "paper-mini").mkdir(parents=True)
+    (res / "paper-mini" / "report.html").write_text("<img src='data:image/png;base64,AAAA'>")
     export_suite(work, res / "paper-mini")
-    readme = tmp_path / "README.md"
+    readme = res / "README.md"
     readme.write_text(f"# r\n\nprose\n\n{results.BEGIN}\nold\n{results.END}\n\nmore prose\n")
     (res / "paper-mini" / "README.md").write_text(f"x\n{results.BEGIN}\n{results.END}\ny\n")
     return readme, res
@@ -82,7 +113,6 @@ def test_export_holds_runs_without_weights(exported):
     assert {p.name for p in pm.iterdir()} == {
         "README.md",
         "report.md",
-        "report.html",
         "analysis.json",
         "suite.json",
         "plots",
@@ -100,9 +130,9 @@ def test_export_holds_runs_without_weights(exported):
 
 def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     readme, res = exported
-    assert results.check_blocks(readme, res)  # "old" is not what the files give
-    results.write_blocks(readme, res)
-    assert results.check_blocks(readme, res) == []
+    assert results.check_blocks(res)  # "old" is not what the files give
+    results.write_blocks(res)
+    assert results.check_blocks(res) == []
     text = readme.read_text()
     assert text.startswith("# r\n\nprose\n\n") and text.endswith("\n\nmore prose\n")
     assert "| remoe | 2 | 5.905 ± 0.005 | 2M | 20.5k |" in text
@@ -113,7 +143,7 @@ def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     assert "| TopK MoE beats dense at equal active compute | both papers |" in text
     assert "**no** |" in text.split("TopK MoE beats dense")[1].split("\n")[0]
     assert "`moelab compare --suite paper-mini --out work/paper-mini`" in text
-    assert "[per-run data](docs/results/paper-mini/runs/)" in text
+    assert "[per-run data](paper-mini/runs/)" in text
     assert "**`experts-scaling`**" in text and "no results committed yet" in text
     suite_md = (res / "paper-mini" / "README.md").read_text()
     assert re.search(
@@ -123,18 +153,67 @@ def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     summary = res / "paper-mini" / "runs" / "remoe-seed0" / "summary.json"
     data = json.loads(summary.read_text())
     summary.write_text(json.dumps(data | {"final_val_loss": 5.5}))
-    problems = results.check_blocks(readme, res)
+    problems = results.check_blocks(res)
     assert any(str(readme) in p and "differs" in p for p in problems)
     # and so does a hand edit of the block
     summary.write_text(json.dumps(data))
     readme.write_text(readme.read_text().replace("5.905 ± 0.005", "5.800 ± 0.005"))
-    assert [p for p in results.check_blocks(readme, res) if str(readme) in p]
+    assert [p for p in results.check_blocks(res) if str(readme) in p]
 
 
-def test_missing_markers_are_an_error(tmp_path):
+def test_redraw_rewrites_the_report_and_plots_from_the_exported_files(exported):
+    """An exported suite is redrawn from its own files (no checkpoint, no training): the same
+    report, the same plots (each a palette PNG), no HTML unless asked."""
+    _, res = exported
+    pm = res / "paper-mini"
+    before = (pm / "report.md").read_text()
+    plots_before = sorted(p.name for p in (pm / "plots").iterdir())
+    for p in (pm / "plots").iterdir():
+        p.unlink()
+    (pm / "report.md").write_text("stale")
+    (pm / "report.html").write_text("<img src='data:image/png;base64,AAAA'>")  # would contradict
+    out = redraw_suite(pm)
+    assert (pm / "report.md").read_text() == before
+    assert sorted(p.name for p in (pm / "plots").iterdir()) == plots_before
+    assert out["html"] is None and not (pm / "report.html").exists()
+    Image = pytest.importorskip("PIL.Image")
+    assert {Image.open(p).mode for p in out["images"]} == {"P"}
+    assert results.check_blocks(res)  # the index holds "old"; the suite's files are intact
+    results.write_blocks(res)
+    assert results.check_blocks(res) == []
+
+
+def test_the_committed_analysis_keeps_the_top_tokens_the_report_shows(exported):
+    """slim_analysis drops the top tokens of layers after the first routed one; the report,
+    which lists those of the first, is the same redrawn from the full or the slim file."""
+    _, res = exported
+    pm = res / "paper-mini"
+    path = pm / "analysis.json"
+    dump = json.loads(path.read_text())
+    row = [{"id": i, "text": f"t{i}", "weight": 0.5 - 0.01 * i, "count": 3} for i in range(8)]
+    tops = {"0": [row, row[::-1]], "1": [row[:2], row[2:4]]}
+    dump["remoe-seed0"]["results"]["top_tokens"] = tops
+    other = {k: v for k, v in dump["remoe-seed0"]["results"].items() if k != "top_tokens"}
+    path.write_text(json.dumps(dump))
+    out = redraw_suite(pm)  # redraws, then slims the file
+    full = (pm / "report.md").read_text()
+    assert "| remoe | 0 | 1 | 't7' 't6' 't5' 't4' 't3' 't2' |" in full
+    slim = json.loads(path.read_text())["remoe-seed0"]["results"]
+    assert slim["top_tokens"] == {"0": tops["0"]}
+    assert {k: v for k, v in slim.items() if k != "top_tokens"} == other
+    redraw_suite(pm)
+    assert (pm / "report.md").read_text() == full and out["html"] is None
+
+
+def test_missing_markers_or_index_are_an_error_and_write_creates_the_index(tmp_path):
+    assert "missing" in results.check_blocks(tmp_path)[0]
     readme = tmp_path / "README.md"
     readme.write_text("no block\n")
-    assert "needs exactly one" in results.check_blocks(readme, tmp_path)[0]
+    assert "needs exactly one" in results.check_blocks(tmp_path)[0]
+    readme.unlink()
+    results.write_blocks(tmp_path / "fresh")
+    assert results.check_blocks(tmp_path / "fresh") == []
+    assert "no results committed yet" in (tmp_path / "fresh" / "README.md").read_text()
 
 
 def test_export_refuses_an_unfinished_suite(tmp_path):
@@ -168,8 +247,6 @@ TINY = [
 @pytest.mark.slow
 def test_make_results_end_to_end_on_a_tiny_suite(tmp_path):
     """scripts/make_results.py: train (real trainer, 3 steps), export, rewrite the block."""
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
     args = [
         sys.executable,
         str(ROOT / "scripts" / "make_results.py"),
@@ -179,8 +256,6 @@ def test_make_results_end_to_end_on_a_tiny_suite(tmp_path):
         str(tmp_path / "work"),
         "--results",
         str(tmp_path / "results"),
-        "--readme",
-        str(readme),
         "--steps",
         "3",
         "--seeds",
@@ -193,8 +268,8 @@ def test_make_results_end_to_end_on_a_tiny_suite(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(SRC))
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert results.check_blocks(readme, tmp_path / "results") == []
-    text = readme.read_text()
+    assert results.check_blocks(tmp_path / "results") == []
+    text = (tmp_path / "results" / "README.md").read_text()
     assert "| topk-unbalanced | 1 |" in text and "max expert share × E" in text
     lb = tmp_path / "results" / "load-balance"
     assert (lb / "runs" / "remoe-plain-l1-seed0" / "provenance.json").is_file()

@@ -4,14 +4,18 @@
 * :mod:`moelab.analysis.runs` - a run's logged metrics and summary as arrays (via ``RunDir``).
 * :mod:`moelab.analysis.collect` - one eval pass recording every layer's routing decisions.
 * :mod:`moelab.analysis.analyses` - the papers' analyses on collected traces and metrics.
-* :mod:`moelab.analysis.plots` - PNG plots (matplotlib, the optional ``analysis`` extra).
+* :mod:`moelab.analysis.plots` - PNG plots (matplotlib, the optional ``analysis`` extra), saved
+  at one resolution and palette by :mod:`moelab.analysis.figures`.
 * :mod:`moelab.analysis.report` - ``report.md`` / ``report.html`` for one or many runs, from the
-  tables of :mod:`moelab.analysis.tables`, rendered by :mod:`moelab.analysis.render`.
+  tables of :mod:`moelab.analysis.tables` and the plots of :mod:`moelab.analysis.report_plots`,
+  rendered by :mod:`moelab.analysis.render`.
 * :mod:`moelab.analysis.origin` / :mod:`moelab.analysis.settings` - the report's provenance
   header, run-settings table and warnings (what produced the numbers, what differs between runs).
-* :mod:`moelab.analysis.suites` - named experiment suites for ``moelab compare``.
-* :mod:`moelab.analysis.export` / :mod:`moelab.analysis.results` - a suite copied into
-  ``docs/results/<suite>/`` and the README results blocks generated from it (``make results``).
+* :mod:`moelab.analysis.suites` - named experiment suites for ``moelab compare``; their record,
+  ``suite.json``, in :mod:`moelab.analysis.suite_record`.
+* :mod:`moelab.analysis.export` / :mod:`moelab.analysis.results` - a suite copied into (or
+  redrawn in) ``docs/results/<suite>/``, and the results blocks of ``docs/results/README.md`` and
+  each suite's README generated from it (``make results``).
 
 Importing this package does not import matplotlib.
 """

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis.figures import pyplot as _plt
+from moelab.analysis.figures import save_png as _save
 from moelab.analysis.runs import TrainingCurves
 from moelab.analysis.stats import SparsityStages
 
@@ -18,27 +20,6 @@ STAGE_COLORS = {"dense": "#f4cccc", "sparsifying": "#fff2cc", "stable": "#d9ead3
 # Fewer evaluations than this are drawn as separate points, not as a curve: two or three points
 # joined by lines look like a measured trend that was never measured.
 MIN_CURVE_POINTS = 5
-
-
-def _plt() -> Any:
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "plots need matplotlib: pip install 'moelab[analysis]' (statistics work without it)"
-        ) from err
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return path
 
 
 def _shade_stages(

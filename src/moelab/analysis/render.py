@@ -10,7 +10,7 @@ between runs, shown in bold / shaded, so a reader sees at once what a comparison
 from __future__ import annotations
 
 import base64
-import html
+import html as _html
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,9 +57,9 @@ def _md_table(rows: list[list[str]], highlight: set[tuple[int, int]] = frozenset
 
 
 def _html_cell(c: str, tag: str, marked: bool) -> str:
-    text = html.escape(str.__str__(c))
+    text = _html.escape(str.__str__(c))
     if isinstance(c, Link):
-        text = f'<a href="{html.escape(c.href)}">{text}</a>'
+        text = f'<a href="{_html.escape(c.href)}">{text}</a>'
     cls = ' class="diff"' if marked else ""
     return f"<{tag}{cls}>{text}</{tag}>"
 
@@ -86,36 +86,46 @@ CSS = (
 )
 
 
-def render(title: str, sections: list[Section], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (images linked) and ``report.html`` (images embedded as base64)."""
+def render(
+    title: str, sections: list[Section], out_dir: Path, *, html: bool = True
+) -> tuple[Path, Path | None]:
+    """Write ``report.md`` (images linked) and, with ``html``, ``report.html`` (images embedded
+    as base64, one file to send or open anywhere). Returns both paths (``None`` for no HTML).
+
+    The Markdown report is what docs/results commits: it links the plots committed beside it,
+    where the HTML would hold a second, base64 copy of every plot."""
     md = [f"# {title}", ""]
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{_html.escape(title)}</h1>"]
     for s in sections:
         md += [f"## {s.title}", ""]
-        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        body.append(f"<h2>{_html.escape(s.title)}</h2>")
         for w in s.warnings:
             md += [f"> **Warning:** {w}", ""]
-            body.append(f'<div class="warning"><strong>Warning:</strong> {html.escape(w)}</div>')
+            body.append(f'<div class="warning"><strong>Warning:</strong> {_html.escape(w)}</div>')
         if s.text:
             md += [s.text, ""]
             for para in s.text.split("\n\n"):
-                body.append(f"<p>{html.escape(para)}</p>")
+                body.append(f"<p>{_html.escape(para)}</p>")
         if s.table:
             md += [_md_table(s.table, s.highlight), ""]
             body.append(_html_table(s.table, s.highlight))
         for img in s.images:
             rel = img.relative_to(out_dir).as_posix()
             md += [f"![{img.stem}]({rel})", ""]
-            data = base64.b64encode(img.read_bytes()).decode("ascii")
-            body.append(
-                f'<figure><img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(img.stem)}</figcaption></figure>"
-            )
+            if html:
+                data = base64.b64encode(img.read_bytes()).decode("ascii")
+                body.append(
+                    f'<figure><img alt="{_html.escape(img.stem)}" '
+                    f'src="data:image/png;base64,{data}">'
+                    f"<figcaption>{_html.escape(img.stem)}</figcaption></figure>"
+                )
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md_path.write_text("\n".join(md), "utf-8")
+    if not html:
+        return md_path, None
     html_path.write_text(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+        f"<title>{_html.escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n",
         "utf-8",

@@ -9,7 +9,6 @@ over seeds (:mod:`moelab.analysis.tables`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from moelab.analysis import analyses, plots
+from moelab.analysis import analyses
 from moelab.analysis.evalpass import (
     EvalSettings,
     check_same_vocab,
@@ -36,9 +35,9 @@ from moelab.analysis.origin import (
     sources_table,
 )
 from moelab.analysis.render import Section, render
+from moelab.analysis.report_plots import plot_sections
 from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
 from moelab.analysis.settings import comparability_warnings, settings_table
-from moelab.analysis.stats import SparsityStages
 from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
 from moelab.rundir import RunDir
 
@@ -51,6 +50,9 @@ class RunAnalysis:
     results: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     z_primes: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+ANALYSIS_FILE = "analysis.json"
 
 
 # ----------------------------------------------------------------------------- per run
@@ -124,10 +126,6 @@ def analyze_run(
 # ----------------------------------------------------------------------------- report
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def build_report(
     run_dirs: list[str | Path],
     out_dir: str | Path,
@@ -138,8 +136,10 @@ def build_report(
     title: str = "moelab experiment report",
     plots_enabled: bool = True,
     mixed_code: str = "warn",
+    html: bool = True,
 ) -> dict[str, Any]:
-    """Write ``out_dir/report.md``, ``out_dir/report.html`` and the PNGs for ``run_dirs``.
+    """Write ``out_dir/report.md``, ``out_dir/report.html`` (unless ``html=False``) and the PNGs
+    for ``run_dirs``.
 
     Every directory must be a run (ValueError naming it otherwise). With ``analyze``, each run
     with a checkpoint gets one evaluation pass for the per-token analyses; all analysed runs must
@@ -158,12 +158,8 @@ def build_report(
         raise ValueError(f"mixed_code: one of warn, refuse, allow; got {mixed_code!r}")
     out = Path(out_dir).expanduser()
     records = [read_run(d) for d in run_dirs]
-    provenance = read_provenance(records)
     if mixed_code == "refuse":
-        check_same_code(provenance, allow_mixed=False, where=str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    img_dir = out / "plots"
-    grouped = group_runs(records, groups)
+        check_same_code(read_provenance(records), allow_mixed=False, where=str(out))
     settings = settings or EvalSettings()
     t0 = time.time()
 
@@ -179,7 +175,42 @@ def build_report(
             vocab_entries.append((str(rec.path), ra.results["vocab_size"], ra.results["tokenizer"]))
             check_same_vocab(vocab_entries)
         results[str(rec.path)] = ra
+    res = write_report(
+        records,
+        results,
+        out,
+        groups=groups,
+        title=title,
+        plots_enabled=plots_enabled,
+        mixed_code=mixed_code,
+        html=html,
+    )
+    res["seconds"] = time.time() - t0
+    return res
 
+
+def write_report(
+    records: list[RunRecord],
+    results: dict[str, RunAnalysis],
+    out: Path,
+    *,
+    groups: dict[str, list[str]] | None = None,
+    title: str = "moelab experiment report",
+    plots_enabled: bool = True,
+    mixed_code: str = "warn",
+    html: bool = True,
+    redraw: bool = False,
+) -> dict[str, Any]:
+    """Assemble and write the report of analysed runs (``results``: run path → its analysis):
+    sections, plots, ``report.md``, ``report.html`` unless ``html=False``, ``analysis.json``.
+
+    Separate from :func:`build_report` so that a report can be re-drawn from the runs' files and
+    a saved ``analysis.json`` alone (:func:`read_analysis`; ``redraw=True``), without the
+    checkpoints."""
+    provenance = read_provenance(records)
+    out.mkdir(parents=True, exist_ok=True)
+    img_dir = out / "plots"
+    grouped = group_runs(records, groups)
     sections: list[Section] = []
     warnings = provenance_warnings(
         provenance, allowed_mixed=mixed_code == "allow"
@@ -244,145 +275,52 @@ def build_report(
     )
     notes = [f"{Path(k).name}: {n}" for k, ra in results.items() for n in ra.notes]
     if plots_enabled:
-        sections += plot_sections(grouped, results, img_dir)
+        sections += plot_sections(grouped, results, img_dir, keep_drawn=redraw)
     if notes:
         sections.append(Section("Notes", "\n\n".join(notes)))
-    md_path, html_path = render(title, sections, out)
+    md_path, html_path = render(title, sections, out, html=html)
     dump = {
         Path(k).name: {"path": _relpath(Path(k), out), "results": ra.results, "notes": ra.notes}
         for k, ra in results.items()
     }
-    (out / "analysis.json").write_text(json.dumps(dump, indent=1), "utf-8")
+    write_analysis(out / ANALYSIS_FILE, dump)
     return {
         "markdown": md_path,
         "html": html_path,
         "warnings": warnings,
         "images": sorted(img_dir.glob("*.png")) if img_dir.exists() else [],
         "results": dump,
-        "seconds": time.time() - t0,
     }
+
+
+def write_analysis(path: Path, dump: dict[str, Any]) -> None:
+    """``analysis.json``: one compact line per run. Why: docs/results commits one per suite, where
+    the pretty-printed layout was two fifths of the bytes, and one line per run still shows a
+    change to one run's numbers as one line of a diff. Floats keep every digit (rounding them
+    would round the report's numbers twice, and a redrawn report could differ in a last digit)."""
+    lines = [f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in dump.items()]
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n", "utf-8")
+
+
+def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]:
+    """The per-run analyses saved in ``out/analysis.json``, keyed like :func:`write_report`'s
+    ``results``, for ``records`` (ValueError naming a run the file lacks). Raw per-expert gate
+    masses (the PEER/PKM usage plot) are not saved, so they come back empty."""
+    path = out / ANALYSIS_FILE
+    try:
+        dump = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; write the report with its analyses first") from None
+    results = {}
+    for rec in records:
+        name = Path(rec.path).name
+        if name not in dump:
+            raise ValueError(f"{path}: has no analysis of run {name!r}")
+        results[str(rec.path)] = RunAnalysis(rec, dump[name]["results"], dump[name]["notes"])
+    return results
 
 
 def _relpath(path: Path, base: Path) -> str:
     """``path`` relative to the report directory (so analysis.json holds no machine's absolute
     paths and stays valid when the report and its runs are copied together)."""
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
-
-
-def plot_sections(
-    grouped: dict[str, list[RunRecord]], results: dict[str, RunAnalysis], img_dir: Path
-) -> list[Section]:
-    """Plots of each group's first run (the representative seed), plus cross-run comparisons."""
-    secs: list[Section] = []
-    curves = {g: training_curves(recs[0]) for g, recs in grouped.items()}
-    imgs = [plots.plot_loss_curves(curves, img_dir / "loss_curves.png")]
-    finals = {
-        g: [float(r.final_val()["val_loss"]) for r in recs if r.final_val()["val_loss"] is not None]
-        for g, recs in grouped.items()
-    }
-    if any(math.isfinite(v) for vals in finals.values() for v in vals):
-        imgs.append(
-            plots.plot_metric_bars(
-                finals,
-                "validation loss (nats/token)",
-                "final validation loss",
-                img_dir / "final_val_loss.png",
-            )
-        )
-    few = min((c.val_loss.size for c in curves.values()), default=0)
-    text = (
-        "Training LM loss against tokens seen: thin lines are the logged values, thick lines "
-        "their moving average. "
-    )
-    if few < plots.MIN_CURVE_POINTS:
-        text += (
-            f"Validation loss was measured only {few} time(s) per run, too few for a curve: "
-            "the evaluations are drawn as separate points. "
-        )
-    text += (
-        "Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
-        "has no error bar), the dots the individual seeds."
-    )
-    secs.append(Section("Loss curves", text, images=imgs))
-
-    dyn, load, comp, dom, use = [], [], [], [], []
-    z_all: dict[str, np.ndarray] = {}
-    for g, recs in grouped.items():
-        ra = results[str(recs[0].path)]
-        r = ra.results
-        stem = _safe(g)
-        d = r.get("dynamics", {})
-        if "stages" in d:
-            st = SparsityStages(
-                **{
-                    k: (float("nan") if v is None and k.startswith("settled") else v)
-                    for k, v in d["stages"].items()
-                }
-            )
-            dyn.append(
-                plots.plot_dynamics(
-                    curves[g], st, f"{g}: ReMoE training dynamics", img_dir / f"dynamics_{stem}.png"
-                )
-            )
-        if r.get("load") and any(v.get("load_fraction") for v in r["load"].values()):
-            load.append(
-                plots.plot_expert_load(
-                    r["load"], f"{g}: expert load (validation)", img_dir / f"load_{stem}.png"
-                )
-            )
-        elif r.get("train_load"):
-            load.append(
-                plots.plot_expert_load(
-                    r["train_load"],
-                    f"{g}: expert load (last logged training step)",
-                    img_dir / f"load_{stem}.png",
-                )
-            )
-        if r.get("compute"):
-            comp.append(
-                plots.plot_active_by_frequency(
-                    r["compute"], f"{g}: dynamic compute", img_dir / f"compute_{stem}.png"
-                )
-            )
-        if r.get("domains", {}).get("layers") and len(r["domains"]["domains"]) > 1:
-            dom.append(plots.plot_domain_shares(r["domains"], g, img_dir / f"domains_{stem}.png"))
-        for lk, lt_use in (r.get("usage") or {}).items():
-            if lt_use["kind"] in ("peer", "pkm") and lk in ra.z_primes:
-                z_all[f"{g} layer {lk}"] = ra.z_primes[lk]
-    if z_all:
-        use.append(plots.plot_usage(z_all, "PEER/PKM", img_dir / "usage_peer.png"))
-    text = {
-        "Training dynamics": "Shaded: ReMoE's stages (red dense, yellow sparsifying, green "
-        "stable); dashed: target sparsity; dotted: settling step.",
-        "Expert load": "Share of each layer's (token, expert) assignments per expert on "
-        "validation data. TopK runs carry a load-balancing loss; ReMoE's L1 is load-balanced.",
-        "Dynamic compute": "Active experts per token by training-frequency bin of the token.",
-        "Domain specialisation": "Share of each domain's routed tokens going to each expert.",
-        "Expert usage (PEER/PKM)": "Experts sorted by gate mass z' = Σ_x g_i(x) on validation.",
-    }
-    for title, ims in (
-        ("Training dynamics", dyn),
-        ("Expert load", load),
-        ("Dynamic compute", comp),
-        ("Domain specialisation", dom),
-        ("Expert usage (PEER/PKM)", use),
-    ):
-        if ims:
-            secs.append(Section(title, text[title], images=ims))
-    tops = []
-    for g, recs in grouped.items():
-        r = results[str(recs[0].path)].results
-        for lk, rows in (r.get("top_tokens") or {}).items():
-            for e, row in enumerate(rows[:16]):
-                toks = " ".join(repr(t["text"]) for t in row[:6])
-                tops.append([g, lk, str(e), toks])
-            break  # first routed layer only; analysis.json has all
-    if tops:
-        secs.append(
-            Section(
-                "Top tokens per expert",
-                "Tokens routed with the highest mean gate weight (first routed layer).",
-                [["run", "layer", "expert", "tokens"], *tops],
-            )
-        )
-    return secs

@@ -1,6 +1,6 @@
-"""The generated results blocks of README.md and docs/results/<suite>/README.md.
+"""The generated results blocks of docs/results/README.md and docs/results/<suite>/README.md.
 
-Every number a reader sees in the README's results comes from the committed files of a suite
+Every number a reader sees in those results comes from the committed files of a suite
 directory (``suite.json``, ``runs/<run>/summary.json`` / ``provenance.json`` / ``metrics.jsonl``,
 ``analysis.json``), rendered here between ``<!-- results:begin -->`` and ``<!-- results:end -->``:
 nothing is copied by hand, so nothing can drift from the data. The verdicts on the papers'
@@ -12,7 +12,6 @@ committed files give.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,8 @@ from moelab.analysis.suite_data import (
     _table,
     load_suite,
 )
-from moelab.analysis.suites import (
-    RUNS_SUBDIR,
-    SUITE_FILE,
-    SUITES,
-)
+from moelab.analysis.suite_record import RUNS_SUBDIR, SUITE_FILE
+from moelab.analysis.suites import SUITES
 from moelab.rundir import RunDir
 
 # ----------------------------------------------------------------------------- rendering
@@ -248,15 +244,15 @@ def suite_names(results_dir: Path) -> list[str]:
     return [*SUITES, *extra]
 
 
-def _rel(target: Path, start: Path) -> str:
-    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+INDEX = "README.md"  # docs/results/README.md: every suite's block, under a page of prose
+INDEX_TEMPLATE = "# moelab results\n\n{begin}\n{end}\n"
 
 
-def render_readme_block(results_dir: Path, readme: Path) -> str:
-    """The block of the top-level README: every suite, links relative to the README."""
+def render_index_block(results_dir: Path) -> str:
+    """The block of ``docs/results/README.md``: every suite, links relative to that directory."""
     lines = [NOTICE, ""]
     for name in suite_names(results_dir):
-        lines += render_suite(name, results_dir / name, _rel(results_dir / name, readme.parent))
+        lines += render_suite(name, results_dir / name, name)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -276,21 +272,26 @@ def replace_block(text: str, block: str, where: str) -> str:
     return f"{head}{BEGIN}\n{block}{END}{tail}"
 
 
-def targets(readme: Path, results_dir: Path) -> dict[Path, str]:
-    """Every file holding a results block → the block it should hold: the README, and each suite
-    directory's README.md that has the markers."""
-    out = {readme: render_readme_block(results_dir, readme)}
+def targets(results_dir: Path) -> dict[Path, str]:
+    """Every file holding a results block → the block it should hold: ``results_dir/README.md``
+    (the index of all suites), and each suite directory's README.md that has the markers."""
+    out = {results_dir / INDEX: render_index_block(results_dir)}
     for name in suite_names(results_dir):
-        path = results_dir / name / "README.md"
+        path = results_dir / name / INDEX
         if path.is_file() and BEGIN in path.read_text("utf-8"):
             out[path] = render_suite_block(results_dir / name)
     return out
 
 
-def write_blocks(readme: Path, results_dir: Path) -> list[Path]:
-    """Rewrite every results block from the files; returns the files that changed."""
+def write_blocks(results_dir: Path) -> list[Path]:
+    """Rewrite every results block from the files; returns the files that changed. A missing
+    index (a fresh ``--results`` directory) is created holding just its block."""
     changed = []
-    for path, block in targets(readme, results_dir).items():
+    index = results_dir / INDEX
+    if not index.is_file():
+        results_dir.mkdir(parents=True, exist_ok=True)
+        index.write_text(INDEX_TEMPLATE.format(begin=BEGIN, end=END), "utf-8")
+    for path, block in targets(results_dir).items():
         old = path.read_text("utf-8")
         new = replace_block(old, block, str(path))
         if new != old:
@@ -299,14 +300,16 @@ def write_blocks(readme: Path, results_dir: Path) -> list[Path]:
     return changed
 
 
-def check_blocks(readme: Path, results_dir: Path) -> list[str]:
+def check_blocks(results_dir: Path) -> list[str]:
     """One message per file whose results block differs from what the committed files give
     (empty: everything is current)."""
     problems = []
-    for path, block in targets(readme, results_dir).items():
-        old = path.read_text("utf-8")
+    for path, block in targets(results_dir).items():
         try:
-            new = replace_block(old, block, str(path))
+            new = replace_block(old := path.read_text("utf-8"), block, str(path))
+        except FileNotFoundError:
+            problems.append(f"{path}: missing; run scripts/results_readme.py (or make results)")
+            continue
         except ValueError as err:
             problems.append(str(err))
             continue

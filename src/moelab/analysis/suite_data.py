@@ -14,7 +14,7 @@ import numpy as np
 
 from moelab.analysis.origin import Provenance
 from moelab.analysis.runs import RunRecord, read_run
-from moelab.analysis.suites import (
+from moelab.analysis.suite_record import (
     RUNS_SUBDIR,
     SUITE_FILE,
     read_suite_record,

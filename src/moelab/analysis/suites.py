@@ -12,13 +12,11 @@ Seeds set both ``train.seed`` (initialisation) and ``data.seed`` (training-windo
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,16 @@ import yaml
 from moelab import provenance
 from moelab.analysis.origin import check_same_code
 from moelab.analysis.report import build_report
+from moelab.analysis.suite_record import (
+    RUNS_SUBDIR,
+    now,
+    report_title,
+    suite_record,
+    write_record,
+)
 from moelab.config import dump_yaml, flatten
 from moelab.rundir import RunDir
 from moelab.train import resolve_run_config, train
-
-RUNS_SUBDIR = "runs"  # a suite's runs live in OUT/runs/NAME-seedS (and docs/results/SUITE/runs/)
-SUITE_FILE = "suite.json"  # what was run, by which command, on which code and machine
 
 # The routers suite: (run name, preset, overrides). Every routed run has the active expert
 # parameters of topk-tiny's one width-344 expert per token: top-2 methods use 16 experts of width
@@ -328,6 +330,7 @@ def run_suite(
     out.mkdir(parents=True, exist_ok=True)
     record = suite_record(
         name,
+        get_suite(name),
         plan,
         out,
         steps=steps,
@@ -336,7 +339,7 @@ def run_suite(
         command=command,
         process=here,
     )
-    _write_record(out, record)
+    write_record(out, record)
     t0 = time.time()
     _train_all(plan, trainer, jobs, out / "logs", log)
     train_seconds = time.time() - t0
@@ -349,92 +352,15 @@ def run_suite(
         groups=groups,
         analyze=analyze,
         settings=report_settings,
-        title=f"moelab compare: {name} — {get_suite(name)['description']}",
+        title=report_title(record),
         mixed_code="allow" if allow_mixed else "refuse",
     )
     record.update(
         train_seconds=round(train_seconds, 1),
         report_seconds=round(time.time() - t0 - train_seconds, 1),
-        finished=_now(),
+        finished=now(),
         warnings=res["warnings"],
     )
-    _write_record(out, record)
+    write_record(out, record)
     res["train_seconds"] = train_seconds
     return res
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def suite_record(
-    name: str,
-    plan: list[PlannedRun],
-    out: Path,
-    *,
-    steps: int | None,
-    extra_overrides: list[str] | None,
-    allow_mixed: bool,
-    command: str | None,
-    process: dict[str, Any],
-) -> dict[str, Any]:
-    """The contents of ``suite.json``: the suite and its definition, the command that ran it, the
-    steps / seeds / overrides it was given, each planned run (directory relative to ``out``) and
-    the provenance of the process that ran it."""
-    return {
-        "suite": name,
-        "description": get_suite(name)["description"],
-        "command": command,
-        "steps": steps,
-        "seeds": sorted({p.seed for p in plan}),
-        "extra_overrides": list(extra_overrides or []),
-        "allow_mixed": allow_mixed,
-        "definition": get_suite(name),
-        "runs": [
-            {
-                "name": p.run_dir.name,
-                "group": p.group,
-                "seed": p.seed,
-                "run_dir": p.run_dir.relative_to(out).as_posix(),
-                "preset": p.preset,
-                "overrides": list(p.overrides),
-            }
-            for p in plan
-        ],
-        "provenance": process,
-        "started": _now(),
-    }
-
-
-def _write_record(out: Path, record: dict[str, Any]) -> None:
-    (out / SUITE_FILE).write_text(json.dumps(record, indent=1) + "\n", "utf-8")
-
-
-def read_suite_record(out_dir: str | Path) -> dict[str, Any]:
-    """``suite.json`` of a suite directory; ValueError naming it when missing or malformed."""
-    path = Path(out_dir).expanduser() / SUITE_FILE
-    try:
-        record = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        raise ValueError(
-            f"{path}: missing (not a suite directory written by moelab compare)"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(record, dict) or "runs" not in record:
-        raise ValueError(f"{path}: not a suite record (no 'runs')")
-    return record
-
-
-def suite_run_names(record: dict[str, Any]) -> list[str]:
-    """The run directory names a suite record lists (also those of older records, which stored
-    the whole ``run_dir`` path)."""
-    return [r.get("name") or Path(r["run_dir"]).name for r in record["runs"]]
-
-
-def suite_groups(record: dict[str, Any]) -> dict[str, list[str]]:
-    """``group → run names`` of a suite record, in plan order."""
-    groups: dict[str, list[str]] = {}
-    for r, name in zip(record["runs"], suite_run_names(record), strict=True):
-        groups.setdefault(r["group"], []).append(name)
-    return groups
