@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
     )
     if args.plots:
-        from moelab.analysis.report import plot_sections
+        from moelab.analysis.report_plots import plot_sections
 
         secs = plot_sections(
             {ra.record.name: [ra.record]}, {str(ra.record.path): ra}, Path(args.plots).expanduser()
