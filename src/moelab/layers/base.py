@@ -20,6 +20,10 @@ statistics. Everything else a layer produces is *recorded on the layer* rather t
 * ``layer.controlled_loss``: the name of the loss (if any) whose coefficient is adapted between
   steps, and ``layer.sparsity_target`` what the adaptation aims at (ReMoE's L1 and ``1 − k/E``):
   :class:`~moelab.layers.SparsityController` applies it with ``penalty(layers)``.
+* ``layer.assignment_flops``: forward FLOPs of one computed (token, expert) assignment (one
+  retrieved row for PEER / PKM), which ``last_stats.expert_flops`` multiplies by the assignments
+  the layer really computed. The model's config sets it from its own FLOP accounting
+  (:mod:`moelab.model.accounting`); a layer built alone counts it from its own expert weights.
 * ``layer.last_stats``: a detached :class:`RoutingStats`, refreshed only by training forwards with
   grad enabled (or while ``layer.force_stats`` is set, which is how evaluation passes collect their
   own statistics) so that eval passes never pollute training counters.
@@ -122,6 +126,10 @@ class RoutingStats:
     dropped: Tensor | None = None  # assignments dropped by capacity
     assigned: Tensor | None = None  # assignments before dropping
     distinct_experts: Tensor | None = None  # PEER/PKM: distinct experts hit in this forward
+    # forward FLOPs the routed experts really spent: computed assignments (after capacity drops,
+    # without null / zero-computation picks) x ``assignment_flops``; shared experts and the router
+    # are fixed per token and left to the model's accounting
+    expert_flops: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
 
     # Counts that add up across micro-batches (``merge``); min / max / distinct are combined apart.
@@ -133,6 +141,7 @@ class RoutingStats:
         "active_sum",
         "dropped",
         "assigned",
+        "expert_flops",
     )
 
     def merge(self, other: RoutingStats | None) -> RoutingStats:
@@ -186,6 +195,8 @@ class RoutingStats:
             out["tokens_per_expert"] = [int(v) for v in self.tokens_per_expert.tolist()]
         if self.distinct_experts is not None:
             out["distinct_experts"] = float(self.distinct_experts)
+        if self.expert_flops is not None:
+            out["expert_flops"] = float(self.expert_flops)
         for k, v in self.extra.items():
             out[k] = float(v)
         return out
@@ -203,6 +214,7 @@ class RoutedLayer(nn.Module):
         self.aux_coefficients: dict[str, float] = {}
         self.controlled_loss: str | None = None
         self.last_stats: RoutingStats | None = None
+        self.assignment_flops: int = 0  # FLOPs of one computed assignment (module docstring)
         self.force_stats: bool = False
         self.routing_observer: RoutingObserver | None = None
 

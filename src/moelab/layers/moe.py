@@ -146,6 +146,8 @@ class MoE(RoutedLayer):
         self.experts = GroupedExperts(
             self.num_experts, d_model, self.expert_hidden, activation, init_std, backend
         )
+        # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
+        self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
         self.shared = (
             DenseFFN(d_model, shared_experts * self.expert_hidden, activation, init_std)
             if shared_experts
@@ -319,7 +321,15 @@ class MoE(RoutedLayer):
                 active_sum=per_valid.sum().cpu(),
                 dropped=torch.as_tensor(decision.dropped).detach().cpu(),
                 assigned=torch.tensor(assigned),
+                expert_flops=self._spent_flops(decision, n_valid),
             )
+
+    def _spent_flops(self, decision: RoutingDecision, n_valid: Tensor) -> Tensor:
+        """Expert FLOPs this pass computed: every assignment the dispatcher ran (capacity drops
+        and null / zero-computation picks are not in the decision), or, for Lory, one merged
+        expert per valid token (its decision lists every expert, but one FFN runs)."""
+        computed = n_valid.cpu() if self.merges_experts else torch.tensor(decision.num_assignments)
+        return computed.to(torch.long) * self.assignment_flops
 
     def extra_repr(self) -> str:
         return (

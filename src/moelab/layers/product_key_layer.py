@@ -95,6 +95,7 @@ class ProductKeyLayer(RoutedLayer):
         self.query = nn.Linear(D, H * self.d_key, bias=False, **factory)
         self.query_bn = nn.BatchNorm1d(H * self.d_key, **factory) if query_batchnorm else None
         key_sets = 1 if shared_keys else H
+        self.assignment_flops = 2 * tables * D  # one retrieved row of each table, per token
         self.sub_keys = nn.Parameter(torch.empty(key_sets, 2, S, self.d_key // 2, **factory))
 
     def _new_table(
@@ -210,6 +211,7 @@ class ProductKeyLayer(RoutedLayer):
             active_sum=torch.tensor(V * per_token),
             active_min=torch.tensor(per_token),
             active_max=torch.tensor(per_token),
+            expert_flops=torch.tensor(V * per_token * self.assignment_flops),
             extra={
                 "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
                 "retrievals": torch.tensor(V * per_token),

@@ -1,6 +1,6 @@
 """The decoder LM (:class:`TransformerLM`), its typed config, generation and accounting."""
 
-from moelab.model.accounting import accounting
+from moelab.model.accounting import accounting, measured_flops
 from moelab.model.config import ModelConfig
 from moelab.model.ffn_configs import (
     DenseConfig,
@@ -25,4 +25,5 @@ __all__ = [
     "accounting",
     "auto_d_hidden",
     "generate",
+    "measured_flops",
 ]

@@ -20,6 +20,12 @@ Conventions (so numbers compare across dense, MoE, PEER and PKM models):
   masking would halve the average) + product-key retrieval (per head: ``2·√N·d_key`` to score both
   sub-key halves, plus the ``top_k²`` candidate sums).
 
+Measured compute: the nominal count above assumes every token runs ``top_k`` experts. A routed
+layer records the expert FLOPs it really spent (``RoutingStats.expert_flops``: computed
+assignments × ``assignment_flops``); :func:`measured_flops` adds the part that does not depend on
+routing (``flops_per_token − routed_flops_per_token`` per token: attention, head, routers,
+shared experts) to get a forward's measured FLOPs.
+
 Each FFN kind counts itself (:meth:`moelab.model.ffn_configs.DenseConfig.accounting` and its
 siblings); a built model's ``total_params`` are counted from its real parameters.
 """
@@ -40,7 +46,9 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     """Parameters and forward FLOPs per token of a :class:`TransformerLM` or a :class:`ModelConfig`.
 
     Returns ``total_params``, ``active_params``, ``active_params_non_embedding``,
-    ``flops_per_token`` and ``by_type``: for each of ``LAYER_TYPES`` present, a dict with
+    ``flops_per_token``, ``routed_flops_per_token`` (the nominal routed-expert part of it),
+    ``routed_layers`` (per routed block: ``assignment_flops``, ``assignments_per_token``) and
+    ``by_type``: for each of ``LAYER_TYPES`` present, a dict with
     ``layers``, ``total_params``, ``active_params``, ``flops_per_token``. Given a model, totals
     are its real parameter counts (so custom layer layouts are counted exactly); from a config
     alone they are the same numbers for every registered router (tested).
@@ -85,6 +93,7 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
     qk_norm = {"none": 0, "full": attn_dim + kv_dim, "head": 2 * cfg.head_dim}[cfg.qk_norm]
     norms = (2 * cfg.n_layers + 1) * D + cfg.n_layers * qk_norm
     add("norms", norms, norms, 0, layers=0)
+    routed: list[dict[str, int]] = []  # per routed layer: its nominal expert FLOPs
     held_once: dict[str, int] = {}  # per layer type: parameters the model holds once (RMoE's GRU)
     for i in range(cfg.n_layers):
         add("attention", attn + biases, attn + biases, 2 * attn + 4 * L * attn_dim)
@@ -92,6 +101,14 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
         a = ffn.accounting(D)
         flops = 2 * a["matmul_active"] + a["extra_flops"]
         add(ffn.layer_type, a["total_params"], a["active_params"], flops)
+        if "assignment_flops" in a:
+            routed.append(
+                {
+                    "block": i,
+                    "assignment_flops": a["assignment_flops"],
+                    "assignments_per_token": a["assignments_per_token"],
+                }
+            )
         if a.get("model_shared_params"):
             held_once[ffn.layer_type] = a["model_shared_params"]
     for kind, n in held_once.items():  # one set of tensors, used by every layer: counted once
@@ -108,6 +125,10 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
         "active_params": active,
         "active_params_non_embedding": active - by_type["embeddings"]["active_params"],
         "flops_per_token": sum(r["flops_per_token"] for r in by_type.values()),
+        "routed_flops_per_token": sum(
+            r["assignment_flops"] * r["assignments_per_token"] for r in routed
+        ),
+        "routed_layers": routed,
         "by_type": by_type,
     }
     if model is not None:
@@ -116,6 +137,14 @@ def accounting(model_or_cfg: nn.Module | ModelConfig) -> dict:
             out["total_params"] = real
             out["unclassified_params"] = real - total
     return out
+
+
+def measured_flops(acc: dict, tokens: int, expert_flops: float) -> float:
+    """Forward FLOPs of ``tokens`` tokens whose routed layers spent ``expert_flops`` (the sum of
+    their ``RoutingStats.expert_flops``): the routing-independent FLOPs per token of
+    :func:`accounting` ``acc`` times ``tokens``, plus what the experts really spent."""
+    fixed = acc["flops_per_token"] - acc.get("routed_flops_per_token", 0)
+    return float(fixed) * tokens + float(expert_flops)
 
 
 def _count_real_totals(model: nn.Module, rows: dict[str, dict[str, int]]) -> None:

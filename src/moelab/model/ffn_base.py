@@ -70,7 +70,10 @@ class FFNSlot(Config):
     def accounting(self, d_model: int) -> dict[str, int]:
         """``total_params``, ``active_params``, ``matmul_active``, ``extra_flops`` of one layer of
         this (resolved) config, and ``model_shared_params`` where some of its parameters are held
-        once per model (absent: 0; see the module docstring)."""
+        once per model (absent: 0; see the module docstring). A routed kind adds
+        ``assignment_flops`` (forward FLOPs of one computed (token, expert) assignment) and
+        ``assignments_per_token`` (the nominal count in ``matmul_active``): the layer's measured
+        ``expert_flops`` are its computed assignments times ``assignment_flops``."""
         raise NotImplementedError
 
     @property

@@ -229,6 +229,8 @@ class MoEConfig(FFNSlot):
             "matmul_active": active + c * once,
             "extra_flops": 0,
             "model_shared_params": once,
+            "assignment_flops": 2 * expert,
+            "assignments_per_token": c * self.top_k * g,
         }
 
     @property
@@ -271,4 +273,6 @@ def _merging_accounting(
         "active_params": expert + router + shared,
         "matmul_active": expert + shared,
         "extra_flops": d_model + math.ceil(merge_flops / segment_len),
+        "assignment_flops": 2 * expert,  # the one merged expert a token runs
+        "assignments_per_token": 1,
     }

@@ -54,6 +54,8 @@ class _ProductKeyConfig(FFNSlot):
             "active_params": experts_active + queries + bn,
             "matmul_active": experts_active + queries,
             "extra_flops": h * (2 * math.isqrt(n) * dk + k * k),
+            "assignment_flops": 2 * row_params,  # one retrieved row (expert), per token
+            "assignments_per_token": h * k,
         }
 
 

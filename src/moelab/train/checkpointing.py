@@ -44,6 +44,7 @@ class CheckpointedTraining:
             set_rng_state(state["rng"])
             self.step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
+            self.flops_total = float(state.get("flops_total", 0.0))  # older checkpoints: 0
         except (KeyError, ValueError, RuntimeError) as err:
             raise ConfigError(
                 "resume", f"{ckpt / RunDir.STATE} does not fit this run: {err}"
@@ -60,6 +61,7 @@ class CheckpointedTraining:
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
+            "flops_total": self.flops_total,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             **{name: hook.state_dict() for name, hook in self.step_hooks.items()},

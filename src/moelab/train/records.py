@@ -44,7 +44,11 @@ def build_summary(
     dataset: TokenDataset,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The completed run's summary (``final``: last eval line, ``last``: last train line)."""
+    """The completed run's summary (``final``: last eval line, ``last``: last train line).
+    ``flops_total`` and ``params.measured_flops_per_token`` are the forward FLOPs the training
+    steps really spent (see ``flops_total`` in the metrics lines), beside the nominal count."""
+    spent = last.get("flops_total")
+    measured = spent / tokens if spent is not None and tokens else None
     return {
         "method": config.method,
         "preset": preset,
@@ -65,7 +69,9 @@ def build_summary(
             "total_params": accounting["total_params"],
             "active_params": accounting["active_params"],
             "flops_per_token": accounting["flops_per_token"],
+            "measured_flops_per_token": measured,
         },
+        "flops_total": spent,
         "device": str(device),
         "dataset": str(dataset.path),
     }

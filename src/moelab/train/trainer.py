@@ -51,7 +51,7 @@ from moelab.eval.perplexity import autocast_context, evaluate
 from moelab.layers.base import RoutedLayer, RoutingStats, collect_aux_losses, fixed_aux_loss
 from moelab.layers.router_load_hook import RouterLoadHook
 from moelab.layers.sparsity_controller import SparsityController
-from moelab.model import TransformerLM, accounting
+from moelab.model import TransformerLM, accounting, measured_flops
 from moelab.rundir import DirectoryLock, RunDir
 from moelab.train.checkpointing import CheckpointedTraining
 from moelab.train.config import RunConfig
@@ -201,6 +201,7 @@ class Trainer(CheckpointedTraining, TrainingLoop):
         )
         self._sampler_state = self.sampler.state_dict()  # as of the last completed step
         self.step = 0
+        self.flops_total = 0.0  # measured forward FLOPs of every training step so far
         self.elapsed = 0.0  # training wall time of earlier processes of this run
         self.complete = False  # resumed a run that already reached train.steps: nothing to do
         if resume:
@@ -254,6 +255,7 @@ class Trainer(CheckpointedTraining, TrainingLoop):
             for hook in self.step_hooks.values():  # reloading its own state drops what it saw
                 hook.load_state_dict(hook.state_dict())
         step = self.step + 1
+        step_flops = self._step_flops(record["layers"])
         out: dict[str, Any] = {
             "kind": "train",
             "step": step,
@@ -270,6 +272,8 @@ class Trainer(CheckpointedTraining, TrainingLoop):
                 out["lambda_layers"] = list(self.controller.layer_lams)
             out["sparsity"] = stepped.get("controller")
         out["layers"] = record["layers"]
+        out["flops"] = {"step": step_flops, "per_token": step_flops / self._tokens_per_step}
+        out["flops_total"] = self.flops_total + step_flops
         out.update(self.parallel.step_report())  # e.g. the all-to-all time of expert parallelism
         if not finite:
             out["nonfinite"] = True
@@ -278,6 +282,7 @@ class Trainer(CheckpointedTraining, TrainingLoop):
             out["skipped"] = True
         self.scheduler.step()
         self.step = step
+        self.flops_total = out["flops_total"]  # a skipped step's forward still ran
         self._sampler_state = self.sampler.state_dict()
         return out
 
@@ -319,6 +324,13 @@ class Trainer(CheckpointedTraining, TrainingLoop):
         lm_sum, aux_sum, stats = self.parallel.reduce_step(lm_sum, aux_sum, stats)
         layers = {k: st.as_dict() for k, st in stats.items() if st is not None}
         return {"loss": lm_sum, "aux": aux_sum, "layers": layers}
+
+    def _step_flops(self, layers: dict[str, dict[str, Any]]) -> float:
+        """Measured forward FLOPs of the step's training tokens: the routing-independent part
+        of the accounting per token, plus the expert FLOPs the routed layers recorded (summed
+        over micro-batches and ranks; evaluation forwards record none)."""
+        spent = sum(float(st.get("expert_flops", 0.0)) for st in layers.values())
+        return measured_flops(self.accounting, self._tokens_per_step, spent)
 
     # ---- evaluation -----------------------------------------------------------------------------
 
