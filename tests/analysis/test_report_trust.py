@@ -58,7 +58,7 @@ def test_settings_table_and_warnings_for_unmatched_runs(tmp_path):
     settings = md[md.index("## Run settings") : md.index("## Runs")]
     header = (
         "| run | seeds | method | E | k | granularity | shared experts | lr | steps | "
-        "tokens seen | FLOPs/token | data |"
+        "tokens seen | measured FLOPs/token | data |"
     )
     assert header in settings
     assert (
@@ -67,7 +67,7 @@ def test_settings_table_and_warnings_for_unmatched_runs(tmp_path):
     )
     assert "| big | 1 | topk | **16** | **2** | **2** | **1** |" in settings
     warnings = md[md.index("## Warnings") : md.index("## Provenance")]
-    assert "active FLOPs per token differ by 32%" in warnings
+    assert "measured forward FLOPs per token differ by 32%" in warnings
     assert "tokens seen differ 3.0×" in warnings
     assert "different data (sha256 aaaaaaaaaaaa: small; sha256 bbbbbbbbbbbb: big)" in warnings
     assert len([w for w in res["warnings"] if "uncommitted" not in w]) == 3

@@ -28,6 +28,7 @@ from moelab.analysis.suite_record import (
     report_title,
     suite_groups,
     suite_run_names,
+    write_record,
 )
 from moelab.rundir import RunDir
 
@@ -103,6 +104,8 @@ def redraw_suite(suite_dir: str | Path, *, html: bool = False) -> dict:
         redraw=True,
     )
     slim_analysis(out / ANALYSIS_FILE)
+    if record.get("warnings") != res["warnings"]:  # the results blocks show the suite's
+        write_record(out, {**record, "warnings": res["warnings"]})
     return res
 
 

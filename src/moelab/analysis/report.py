@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from moelab.analysis import analyses
+from moelab.analysis.compute import compute_text
 from moelab.analysis.evalpass import (
     EvalSettings,
     check_same_vocab,
@@ -223,8 +224,8 @@ def write_report(
         Section(
             "Run settings",
             "What each run was: experts E, experts per token k (PEER/PKM: heads × k), "
-            "granularity, shared experts, learning rate, steps, tokens seen, active forward FLOPs "
-            "per token, data "
+            "granularity, shared experts, learning rate, steps, tokens seen, measured forward "
+            "FLOPs per training token, data "
             "(and any other config value that differs between the runs). Highlighted: the columns "
             "that differ between rows.",
             set_rows,
@@ -236,7 +237,7 @@ def write_report(
         Section(
             "Runs",
             f"Runs: {names}. Numbers are mean ± std over seeds where a run has several. Validation "
-            "loss in nats/token; FLOPs/token are forward FLOPs (moelab.model.accounting).",
+            "loss in nats/token. " + compute_text(records),
             runs_table(grouped),
         )
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moelab.analysis import plots
+from moelab.analysis.compute import plot_loss_vs_flops
 from moelab.analysis.figures import compact_png
 from moelab.analysis.render import Section
 from moelab.analysis.runs import RunRecord, training_curves
@@ -53,6 +54,9 @@ def plot_sections(
                 img_dir / "final_val_loss.png",
             )
         )
+    by_flops = plot_loss_vs_flops(grouped, img_dir / "loss_vs_flops.png")
+    if by_flops is not None:
+        imgs.append(by_flops)
     few = min((c.val_loss.size for c in curves.values()), default=0)
     text = (
         "Training LM loss against tokens seen: thin lines are the logged values, thick lines "
@@ -62,6 +66,12 @@ def plot_sections(
         text += (
             f"Validation loss was measured only {few} time(s) per run, too few for a curve: "
             "the evaluations are drawn as separate points. "
+        )
+    if by_flops is not None:
+        text += (
+            "Validation loss against cumulative measured forward FLOPs of training (every seed; "
+            "the first seed labelled): a run that spent more compute per token sits further "
+            "right at the same step. "
         )
     text += (
         "Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "

@@ -17,6 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from moelab.analysis.claims import CLAIMS, _by_experts, _dead, _flip, _imbalance
+from moelab.analysis.compute import (
+    COMPUTE_TOLERANCE,
+    compute_matched,
+    measured_flops_per_token,
+    source_sentence,
+)
 from moelab.analysis.origin import run_fields
 from moelab.analysis.runs import RunRecord
 from moelab.analysis.suite_data import (
@@ -55,21 +61,57 @@ def _provenance_line(sd: SuiteData) -> str:
 
 
 def _loss_table(sd: SuiteData) -> list[str]:
-    rows = [["run", "seeds", "val loss (nats/token)", "active FLOPs/token", "tokens seen"]]
+    rows = [["run", "seeds", "val loss (nats/token)", "measured FLOPs/token", "tokens seen"]]
     for g, names in sd.groups.items():
         recs = [sd.runs[n] for n in names]
-        fl = {_si((r.summary.get("params") or {}).get("flops_per_token")) for r in recs}
         tok = {_si(r.summary.get("tokens")) for r in recs}
         rows.append(
             [
                 g,
                 str(len(names)),
                 _pm(list(sd.losses(g).values())),
-                " / ".join(sorted(fl)),
+                _measured(recs),
                 " / ".join(sorted(tok)),
             ]
         )
     return _table(rows)
+
+
+def _measured(recs: list[RunRecord]) -> str:
+    """Mean over seeds of the measured FLOPs/token (:mod:`moelab.analysis.compute`), with the
+    seeds' range where they differ by more than 0.5%."""
+    v = [x for x in map(measured_flops_per_token, recs) if x is not None]
+    if not v:
+        return "–"
+    mean = _si(float(np.mean(v)))
+    return mean if max(v) <= 1.005 * min(v) else f"{mean} ({_si(min(v))}–{_si(max(v))})"
+
+
+def _compute_lines(sd: SuiteData) -> list[str]:
+    """Where the FLOPs come from, and which settings are not at equal measured compute with the
+    suite's reference (TopK, else the first setting): a claim "at equal active compute" between
+    two of them holds only within the tolerance."""
+    recs = {g: [sd.runs[n] for n in names] for g, names in sd.groups.items()}
+    ref = "topk" if "topk" in recs else next(iter(recs), None)
+    if ref is None:
+        return []
+    off = []
+    for g, rs in recs.items():
+        m = compute_matched(rs, recs[ref]) if g != ref else None
+        if m is not None and not m[1]:
+            off.append(f"{g} {100 * m[0]:+.0f}%")
+    text = source_sentence([r for rs in recs.values() for r in rs])
+    tol = f"{100 * COMPUTE_TOLERANCE:.0f}%"
+    if off:
+        text += (
+            f" Not at equal measured compute with {ref} (more than {tol} apart): "
+            + ", ".join(off)
+            + '; a comparison of these at "equal active compute" is one per unit of measured '
+            "compute instead (see the report's loss-against-FLOPs plot)."
+        )
+    else:
+        text += f" Every setting is within {tol} of {ref}'s measured FLOPs/token."
+    return ["", text]
 
 
 def _experts_per_token(run: RunRecord) -> float | None:
@@ -91,7 +133,7 @@ def _routers_table(sd: SuiteData) -> list[str]:
             "method",
             "val loss",
             "FFN experts / token",
-            "active FLOPs / token",
+            "measured FLOPs / token",
             "tokens/s",
             "max expert share × E",
             "flip rate",
@@ -100,7 +142,6 @@ def _routers_table(sd: SuiteData) -> list[str]:
     for g, names in sd.groups.items():
         recs = [sd.runs[n] for n in names]
         per_tok = [v for v in map(_experts_per_token, recs) if v is not None]
-        flops = {_si((r.summary.get("params") or {}).get("flops_per_token")) for r in recs}
         speed = [float(r.summary["tokens_per_s"]) for r in recs if r.summary.get("tokens_per_s")]
         rows.append(
             [
@@ -108,7 +149,7 @@ def _routers_table(sd: SuiteData) -> list[str]:
                 recs[0].method,
                 _pm(list(sd.losses(g).values())),
                 _pm(per_tok, 2),
-                " / ".join(sorted(flops)),
+                _measured(recs),
                 _pm(speed, 0),
                 _pm(list(sd.metric(g, _imbalance).values()), 2),
                 _pm(list(sd.metric(g, _flip).values()), 2),
@@ -219,6 +260,7 @@ def render_suite(name: str, suite_dir: Path, base: str, detail: bool = False) ->
         f"[suite.json]({base}/{SUITE_FILE})",
         "",
         *_loss_table(sd),
+        *_compute_lines(sd),
         *_extra_table(sd),
         *_claims_table(sd),
     ]

@@ -14,12 +14,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moelab.analysis.compute import COMPUTE_TOLERANCE, measured_flops_per_token, sources
 from moelab.analysis.origin import Provenance
 from moelab.analysis.runs import RunRecord
 from moelab.config import flatten
 from moelab.rundir import RunDir
 
-FLOPS_TOLERANCE = 0.05  # active FLOPs/token may differ by 5% and still count as matched
+FLOPS_TOLERANCE = COMPUTE_TOLERANCE  # measured FLOPs/token within 5% count as matched
 TOKENS_RATIO = 1.5  # tokens seen may differ by 1.5× before the comparison is flagged
 
 # config keys shown in their own columns (or implied by the method column / the seeds)
@@ -48,8 +49,9 @@ def _si(x: float) -> str:
 
 
 def flops(rec: RunRecord) -> float | None:
-    v = (rec.summary.get("params") or {}).get("flops_per_token")
-    return None if v is None else float(v)
+    """Measured forward FLOPs per training token (:mod:`moelab.analysis.compute`): what the
+    run spent, not the nominal ``top_k`` count (ReMoE, top-p, null experts differ from it)."""
+    return measured_flops_per_token(rec)
 
 
 def tokens_seen(rec: RunRecord) -> float | None:
@@ -105,7 +107,7 @@ def run_settings(rec: RunRecord, records: list[dict[str, Any]]) -> dict[str, str
         "lr": get("optim.lr"),
         "steps": "–" if steps is None else str(steps),
         "tokens seen": "–" if tok is None else _si(tok),
-        "FLOPs/token": "–" if fl is None else _si(fl),
+        "measured FLOPs/token": "–" if fl is None else _si(fl),
         "data": data,
     }
 
@@ -154,7 +156,7 @@ def settings_table(
 
 
 def comparability_warnings(records: list[RunRecord], provenance: Provenance) -> list[str]:
-    """Warnings for runs that should not sit side by side without a caveat: active FLOPs/token
+    """Warnings for runs that should not sit side by side without a caveat: measured FLOPs/token
     differing by more than 5%, tokens seen differing by more than 1.5×, different data."""
     out = []
 
@@ -168,10 +170,15 @@ def comparability_warnings(records: list[RunRecord], provenance: Provenance) -> 
     s = spread({r.name: flops(r) for r in records})
     if s and s[3] / s[1] - 1 > FLOPS_TOLERANCE:
         out.append(
-            f"active FLOPs per token differ by {100 * (s[3] / s[1] - 1):.0f}% ({s[0]} "
-            f"{_si(s[1])}, {s[2]} {_si(s[3])}; matched means within "
+            f"measured forward FLOPs per token differ by {100 * (s[3] / s[1] - 1):.0f}% "
+            f"({s[0]} {_si(s[1])}, {s[2]} {_si(s[3])}; matched means within "
             f"{100 * FLOPS_TOLERANCE:.0f}%): the runs do not spend the same compute per "
             "token, so their losses are not a like-for-like comparison"
+            + (
+                " (measured FLOPs derived from the logged active experts per layer)"
+                if "derived" in sources(records)
+                else ""
+            )
         )
     s = spread({r.name: tokens_seen(r) for r in records})
     if s and s[3] / s[1] > TOKENS_RATIO:

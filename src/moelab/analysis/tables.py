@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis.compute import measured_flops_per_token
 from moelab.analysis.runs import RunRecord
 from moelab.analysis.stats import mean_std
 
@@ -52,8 +53,8 @@ def group_runs(records: list[RunRecord], groups: dict[str, list[str]] | None) ->
 
 
 def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
-    """The main table: method, params, FLOPs/token, tokens, final val loss/ppl (overall and per
-    domain) and throughput, mean ± std over each group's seeds."""
+    """The main table: method, params, measured FLOPs/token, tokens, final val loss/ppl (overall
+    and per domain) and throughput, mean ± std over each group's seeds."""
     domains: list[str] = []
     for recs in grouped.values():
         for r in recs:
@@ -66,7 +67,7 @@ def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
         "seeds",
         "active params",
         "total params",
-        "FLOPs/token",
+        "measured FLOPs/token",
         "tokens",
         "val loss",
         "val ppl",
@@ -85,7 +86,7 @@ def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
                 str(len(recs)),
                 _pm([x.get("active_params") for x in p], si=True),
                 _pm([x.get("total_params") for x in p], si=True),
-                _pm([x.get("flops_per_token") for x in p], si=True),
+                _pm([measured_flops_per_token(r) for r in recs], si=True),
                 _pm(
                     [
                         r.summary.get("tokens") or (r.train[-1].get("tokens") if r.train else None)
