@@ -33,9 +33,11 @@ from moelab.rundir import RunDir
 COMPUTE_TOLERANCE = 0.05  # "equal active compute": measured FLOPs/token within 5%
 
 SOURCE_NOTE = {
-    "logged": "logged by training (flops_total)",
-    "derived": "derived from the logged active experts per layer (every logged step)",
-    "nominal": "nominal (no routed layer, or nothing logged to measure it from)",
+    "logged": "logged by training (flops_total over tokens)",
+    "derived": "derived from the logged active experts per layer at every logged step (runs "
+    "trained before flops_total was logged)",
+    "nominal": "the nominal count for runs without a routed layer (exact there) or without "
+    "logged routing to derive it from",
 }
 
 
@@ -186,7 +188,7 @@ def source_sentence(records: list[RunRecord]) -> str:
     if not found:
         return ""
     return (
-        "Measured FLOPs/token are forward FLOPs per training token, "
+        "Measured FLOPs/token (forward, per training token): "
         + "; ".join(SOURCE_NOTE[s] for s in found)
         + "."
     )

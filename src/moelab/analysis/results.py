@@ -87,30 +87,40 @@ def _measured(recs: list[RunRecord]) -> str:
     return mean if max(v) <= 1.005 * min(v) else f"{mean} ({_si(min(v))}–{_si(max(v))})"
 
 
+def _reference(g: str, groups: list[str]) -> str | None:
+    """The TopK setting a group's compute is compared with: the one named like it with ``topk``
+    for its method (``remoe-E8`` → ``topk-E8``), else ``topk``, else the first setting."""
+    rest = g.split("-", 1)[1] if "-" in g else ""
+    for ref in (f"topk-{rest}" if rest else "", "topk", groups[0] if groups else ""):
+        if ref in groups:
+            return ref
+    return None
+
+
 def _compute_lines(sd: SuiteData) -> list[str]:
-    """Where the FLOPs come from, and which settings are not at equal measured compute with the
-    suite's reference (TopK, else the first setting): a claim "at equal active compute" between
-    two of them holds only within the tolerance."""
+    """Where the measured FLOPs come from, and which settings do not spend the compute of their
+    TopK reference (:func:`_reference`): a claim "at equal active compute" between two settings
+    holds only within the tolerance, otherwise it is one per unit of measured compute."""
     recs = {g: [sd.runs[n] for n in names] for g, names in sd.groups.items()}
-    ref = "topk" if "topk" in recs else next(iter(recs), None)
-    if ref is None:
+    if not recs:
         return []
     off = []
     for g, rs in recs.items():
-        m = compute_matched(rs, recs[ref]) if g != ref else None
+        ref = _reference(g, list(recs))
+        m = compute_matched(rs, recs[ref]) if ref is not None and ref != g else None
         if m is not None and not m[1]:
-            off.append(f"{g} {100 * m[0]:+.0f}%")
+            off.append(f"{g} {100 * m[0]:+.0f}% vs {ref}")
     text = source_sentence([r for rs in recs.values() for r in rs])
     tol = f"{100 * COMPUTE_TOLERANCE:.0f}%"
     if off:
         text += (
-            f" Not at equal measured compute with {ref} (more than {tol} apart): "
+            f" Not at equal measured compute (more than {tol} apart): "
             + ", ".join(off)
-            + '; a comparison of these at "equal active compute" is one per unit of measured '
-            "compute instead (see the report's loss-against-FLOPs plot)."
+            + '; a comparison of these "at equal active compute" holds only per unit of '
+            "measured compute (the report's plot of validation loss against measured FLOPs)."
         )
     else:
-        text += f" Every setting is within {tol} of {ref}'s measured FLOPs/token."
+        text += f" Every setting is within {tol} of its TopK reference's measured FLOPs/token."
     return ["", text]
 
 
