@@ -223,13 +223,17 @@ def plot_loss_vs_flops(grouped: dict[str, list[RunRecord]], path: str | Path) ->
         return None
     plt = pyplot()
     fig, ax = plt.subplots(1, 1, figsize=(8, 4.2))
+    many = len(points) > 10  # tab10 would repeat colours: tab20 and a second marker
+    cmap = plt.get_cmap("tab20")
     for i, (g, runs) in enumerate(points.items()):
-        color = f"C{i % 10}"
+        # dark hues first, then their light twins with another marker
+        color = cmap((2 * i) % 20 + (i // 10) % 2) if many else f"C{i}"
+        marker = "os^D"[(i // 10) % 4] if many else "o"
         for j, (x, y) in enumerate(runs):
             ax.plot(
                 x,
                 y,
-                "o-",
+                marker + "-",
                 ms=4,
                 lw=1.0,
                 alpha=1.0 if j == 0 else 0.4,
