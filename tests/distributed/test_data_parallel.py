@@ -64,8 +64,11 @@ def assert_same_curve(got: list[dict], want: list[dict], rel: float = REL) -> No
         assert g["tokens"] == w["tokens"]
         for name, value in w["aux"].items():
             assert g["aux"][name] == pytest.approx(value, rel=1e-4), (g["step"], name)
+        # measured FLOPs: every rank's expert FLOPs, summed, over the global batch's tokens
+        assert g["flops_total"] == pytest.approx(w["flops_total"], rel=1e-12), g["step"]
         for key, stats in w["layers"].items():  # the statistics of all ranks, summed
             assert g["layers"][key]["num_tokens"] == stats["num_tokens"]
+            assert g["layers"][key]["expert_flops"] == stats["expert_flops"]
             if "tokens_per_expert" in stats:
                 assert g["layers"][key]["tokens_per_expert"] == stats["tokens_per_expert"]
 
