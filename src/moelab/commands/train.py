@@ -148,7 +148,7 @@ def print_start(trainer) -> None:  # noqa: ANN001 - a moelab.train.Trainer
     print(f"run        {trainer.run_dir} ({action})")
     print(
         f"method     {cfg.method}: {acc['total_params']:,} params, {acc['active_params']:,} "
-        f"active, {acc['flops_per_token'] / 1e6:.2f} MFLOPs/token (forward)"
+        f"active, {acc['flops_per_token'] / 1e6:.2f} MFLOPs/token (forward, nominal)"
     )
     print(
         f"data       {trainer.dataset.path}  unigram entropy train {ent.get('train', 0):.3f} / "
@@ -183,4 +183,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     if ent:
         line += f" vs unigram entropy {ent:.3f}"
     print(f"{line}; by domain: {by_dom}")
+    measured = (summary.get("params") or {}).get("measured_flops_per_token")
+    if measured is not None:  # what the routers really ran (docs/training.md)
+        print(f"compute    {measured / 1e6:.2f} MFLOPs/token measured (forward)")
     print(f"saved      {run_dir}/ ({RunDir.SUMMARY}, {RunDir.METRICS}, {RunDir.CHECKPOINTS}/)")
