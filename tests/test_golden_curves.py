@@ -45,8 +45,11 @@ def _machine() -> dict:
     }
 
 
-def run_curve(preset: str, run_dir: Path) -> dict[str, list[float]]:
-    cfg = resolve_run_config(preset, overrides=OVERRIDES)
+def run_curve(
+    preset: str, run_dir: Path, steps: int = STEPS, extra: list[str] | tuple = ()
+) -> dict[str, list[float]]:
+    overrides = [*OVERRIDES, f"train.steps={steps}", *extra]
+    cfg = resolve_run_config(preset, overrides=overrides)
     train(cfg, run_dir, preset=preset)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     steps = [r for r in records if r["kind"] == "train"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from moelab.checkpoint_io import replace_text
 from moelab.data.prepare import FORMAT_VERSION, prepare
 from moelab.data.tokenizer import SHIPPED_TOKENIZER, file_sha256
-from moelab.provenance import data_checksum
+from moelab.provenance import CHECKSUM_VERSION, data_checksum
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "corpus.jsonl.gz"
 DEFAULT_VAL_FRACTION = 0.05
@@ -34,7 +34,8 @@ def dataset_checksum(dataset_dir: Path) -> str | None:
     """:func:`moelab.provenance.data_checksum` of a prepared dataset, kept in the per-user cache
     (``data-checksums.json``) while every file keeps its name, size and modification time: a
     multi-GB dataset is hashed once, not at every run start. Entries of datasets that no longer
-    exist are dropped; an unreadable or unwritable cache only costs the hashing."""
+    exist are dropped, entries of an older checksum rule are recomputed; an unreadable or unwritable
+    cache only costs the hashing."""
     files = sorted(p for p in Path(dataset_dir).glob("*") if p.is_file())
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     cache_file, key = cache_dir() / CHECKSUMS, str(Path(dataset_dir).resolve())
@@ -44,12 +45,13 @@ def dataset_checksum(dataset_dir: Path) -> str | None:
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
     entry = cache.get(key)
-    if files and isinstance(entry, dict) and entry.get("stamp") == stamp:
+    fresh = isinstance(entry, dict) and entry.get("version") == CHECKSUM_VERSION
+    if files and fresh and entry.get("stamp") == stamp:
         return entry["sha256"]
     checksum = data_checksum(dataset_dir)
     if checksum is not None:
         cache = {k: v for k, v in cache.items() if Path(k).is_dir()}
-        cache[key] = {"stamp": stamp, "sha256": checksum}
+        cache[key] = {"stamp": stamp, "sha256": checksum, "version": CHECKSUM_VERSION}
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f"{CHECKSUMS}.{os.getpid()}.tmp")
