@@ -76,11 +76,13 @@ def embedded_key() -> str:
 
 
 def default_dataset_dir() -> Path:
-    """Path of the embedded corpus prepared with the shipped tokenizer (built on first use)."""
+    """Path of the embedded corpus prepared with the shipped tokenizer (built on first use);
+    ValueError naming ``MOELAB_CACHE`` when the cache cannot be written."""
     out = cache_dir() / "datasets" / f"embedded-{embedded_key()}"
     if (out / "meta.json").is_file():
         return out
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # fails here, before the tokenising
         prepare(
             EMBEDDED_CORPUS,
             out,
@@ -92,4 +94,10 @@ def default_dataset_dir() -> Path:
     except FileExistsError:  # another process published it while we were building
         if not (out / "meta.json").is_file():
             raise
+    except OSError as err:  # a cache that is a file, read-only, full: say which and what to do
+        raise ValueError(
+            f"MOELAB_CACHE: cannot write the default dataset under {cache_dir()} "
+            f"({err.strerror or err}{f': {err.filename}' if err.filename else ''}); set "
+            "MOELAB_CACHE to a writable directory, or give a prepared dataset with data.path="
+        ) from None
     return out
