@@ -43,7 +43,7 @@ def _prepare_in(checkout: Path, texts: dict[str, str], **kw) -> Path:
     return prepare(corpus, checkout / "data", tokenizer=tokenizer, progress=False, **kw)
 
 
-TEXTS = {f"doc{i}.txt": f"Document number {i} says something about topic {i % 3}." for i in range(8)}
+TEXTS = {f"doc{i}.txt": f"Document number {i} is about topic {i % 3}." for i in range(8)}
 
 
 def test_same_data_prepared_in_two_folders_has_one_checksum(tmp_path, monkeypatch):

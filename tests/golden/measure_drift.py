@@ -42,16 +42,15 @@ sys.path.insert(0, {tests!r})
 from test_golden_curves import run_curve
 import moelab.train.trainer as trainer
 if {patch!r} == "ulp":
-    base = trainer.TransformerLM
-    def perturbed(config):
-        model = base(config)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                up = torch.rand(p.shape, generator=gen) < 0.5
-                p.copy_(torch.where(up, torch.nextafter(p, p + 1), torch.nextafter(p, p - 1)))
-        return model
-    trainer.TransformerLM = perturbed
+    class Perturbed(trainer.TransformerLM):  # every initial weight 1 ulp up or down, at random
+        def __init__(self, config):
+            super().__init__(config)
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for p in self.parameters():
+                    up = torch.rand(p.shape, generator=gen) < 0.5
+                    p.copy_(torch.where(up, torch.nextafter(p, p + 1), torch.nextafter(p, p - 1)))
+    trainer.TransformerLM = Perturbed
 curve = run_curve({preset!r}, __import__("pathlib").Path({run_dir!r}), steps={steps},
                   extra={extra!r})
 print("CURVE" + json.dumps(curve))
@@ -74,8 +73,10 @@ def run_variant(preset: str, variant: str, steps: int) -> dict[str, list[float]]
             env={**os.environ, **env_extra},
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
+        )
+        if out.returncode:
+            raise RuntimeError(f"{preset} {variant} failed:\n{out.stderr[-3000:]}")
+        out = out.stdout
     line = next(x for x in out.splitlines() if x.startswith("CURVE"))
     return json.loads(line[len("CURVE") :])
 
