@@ -40,8 +40,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch.nn.functional as F
 
 from moelab import native
+from moelab.layers.routers import relu as relu_router
 from moelab.train import resolve_run_config, train
 
 GOLDEN = Path(__file__).parent / "golden" / "curves.json"
@@ -59,18 +61,31 @@ OVERRIDES = [
 ]
 # preset: (losses compared, tolerance in nats) on a machine whose fingerprint differs
 CROSS_MACHINE: dict[str, tuple[int, float]] = {
-    "dense-tiny": (20, 5e-4),
-    "topk-tiny": (20, 2e-3),
-    "remoe-tiny": (20, 2e-3),
+    "dense-tiny": (20, 1e-3),
+    "topk-tiny": (20, 1e-3),
+    "remoe-tiny": (20, 1e-3),
     "peer-tiny": (9, 2.5e-3),
 }
-# real changes the tolerance must catch: (preset, override)
+# real changes the tolerance must catch: (preset, overrides, scale of ReMoE's ReLU gate)
 REGRESSIONS = [
-    ("dense-tiny", "optim.lr=3.3e-3"),
-    ("peer-tiny", "optim.lr=3.3e-3"),
-    ("topk-tiny", "model.ffn.softmax_after_topk=true"),
-    ("remoe-tiny", "model.ffn.l1_balanced=false"),
+    ("dense-tiny", ["optim.lr=3.3e-3"], None),  # 10% more learning rate
+    ("peer-tiny", ["optim.lr=3.3e-3"], None),
+    ("topk-tiny", ["model.ffn.balance_coef=0.02"], None),  # twice the balance loss
+    ("remoe-tiny", [], 1.1),  # the router's gate relu(x) computed as 1.1·relu(x)
 ]
+
+
+class _ScaledRelu:
+    """``torch.nn.functional`` with ``relu`` scaled: another ReLU-router formula."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    def relu(self, x, *args, **kwargs):
+        return F.relu(x, *args, **kwargs) * self.scale
 
 
 def machine() -> dict:
@@ -129,13 +144,17 @@ def test_golden_curve(preset: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "override"), REGRESSIONS)
-def test_the_tolerance_catches_real_regressions(preset: str, override: str, tmp_path) -> None:
+@pytest.mark.parametrize(("preset", "overrides", "relu_scale"), REGRESSIONS)
+def test_the_tolerance_catches_real_regressions(
+    preset: str, overrides: list[str], relu_scale: float | None, tmp_path, monkeypatch
+) -> None:
     """Off the recording machine only the tolerance guards the numerics: a real change (10% more
     learning rate, another router formula) must still fail it, by a margin."""
+    if relu_scale is not None:
+        monkeypatch.setattr(relu_router, "F", _ScaledRelu(relu_scale))
     n, tol = CROSS_MACHINE[preset]
     stored = json.loads(GOLDEN.read_text())["curves"][preset]
-    curve = run_curve(preset, tmp_path / "run", extra=[override])
+    curve = run_curve(preset, tmp_path / "run", extra=overrides)
     worst = max(abs(a - b) for a, b in zip(curve["loss"][:n], stored["loss"][:n], strict=True))
-    assert worst > 2 * tol, f"{override} moved {preset} by only {worst:.2e}"
+    assert worst > 2 * tol, f"{overrides or relu_scale} moved {preset} by only {worst:.2e}"
     assert mismatches(preset, curve, stored, exact=False)
