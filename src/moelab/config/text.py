@@ -174,11 +174,9 @@ def yaml_problem(err: yaml.YAMLError, lines: bool = True) -> str:
     mark = getattr(err, "problem_mark", None)
     if mark is None:
         return problem
-    return (
-        f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-        if lines
-        else (f"{problem} (column {mark.column + 1})")
-    )
+    if not lines:
+        return f"{problem} (column {mark.column + 1})"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _unquote(text: str) -> str:
