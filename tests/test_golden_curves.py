@@ -19,8 +19,8 @@ compiler of moelab's C kernels; plus the thread count, fixed to 1 here):
 How the lengths and tolerances were chosen (``tests/golden/measure_drift.py``; 20-step runs of
 each preset, largest |Δ loss| over the first n steps; docs/training.md has the table):
 
-* real cross-CPU drift: the curves recorded on an Intel Xeon (AVX-512) against an AMD EPYC
-  (Zen 3, AVX2), same torch 2.13.0+cpu;
+* real cross-CPU drift: the curves recorded on an Intel Xeon against an AMD EPYC
+  (family 25 model 1, AVX2 without AVX-512), same torch 2.13.0+cpu;
 * ulp-level perturbations on one machine that another CPU would cause: ATen's scalar kernels
   (``ATEN_CPU_CAPABILITY=default``), one GEMM per expert instead of MKL's grouped GEMM
   (``MOELAB_NO_MKL_BATCH=1``), the eager SwiGLU / top-k / AdamW-row fallbacks instead of the C
@@ -33,7 +33,7 @@ Largest |Δ loss| measured (nats; compared steps): Xeon vs EPYC 1e-6 (dense-tiny
 difference into another retrieved expert from about step 10, so only its first 9 steps are
 compared; the other presets keep all 20. The tolerances (1e-3; 2.5e-3 for PEER) are 30 to 50
 times (PEER: 5 times) the largest drift measured, while a 10% larger learning rate or a changed
-router formula moves the compared steps by more than twice the tolerance
+router formula moves the compared steps by 2.5e-2 to 8.4e-2, over 10 times the tolerance
 (``test_the_tolerance_catches_real_regressions``, slow). The stored curves come from the EPYC.
 """
 
