@@ -77,3 +77,14 @@ def test_numerics_fingerprint_sees_each_switch_that_changes_the_kernels() -> Non
     assert scalar["aten_capability"] == "DEFAULT"
     if plain["aten_capability"] != "DEFAULT":
         assert scalar != plain
+
+
+def test_the_fingerprint_knows_when_c_kernels_cannot_be_built(tmp_path: Path) -> None:
+    """An unwritable kernel cache silently selects the eager fallbacks (other numerics): the
+    fingerprint must then differ from a machine that builds the kernels."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _fingerprint_with({"MOELAB_CACHE": str(blocker)})["c_kernels"] is None
+    assert _fingerprint_with({"MOELAB_CACHE": str(tmp_path / "cache")})["c_kernels"] is not None

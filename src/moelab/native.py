@@ -261,9 +261,10 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def _compiler_version() -> str | None:
-    """First line of ``cc --version`` when the C kernels are enabled and a compiler exists."""
-    cc = None if os.environ.get("MOELAB_NO_C_KERNELS") else _compiler()
-    if cc is None:
+    """First line of ``cc --version`` when C kernels load here (enabled, a compiler, a writable
+    cache: a probe kernel is built), else None: the eager fallbacks run."""
+    cc = _compiler()
+    if cc is None or load_c_kernel("probe", "int moelab_probe(void) { return 1; }\n") is None:
         return None
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
