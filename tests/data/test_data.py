@@ -647,3 +647,27 @@ def test_hf_source_logic_with_stub_datasets(tmp_path, monkeypatch):
         prepare(tmp_path / "hf", tmp_path / "o2", text_field="content", hf_split="validation")
     with pytest.raises(ValueError, match="missing text field 'text'.*columns"):
         prepare(tmp_path / "hf", tmp_path / "o3")
+
+
+def test_a_non_utf8_file_gets_a_hint_that_keeps_its_extension(tmp_path):
+    """Issue #18: the hint said to leave the file's extension out with --extensions, which for a
+    .txt file drops every .txt of the corpus; it now says to convert or move that one file."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("plain text, fine")
+    (src / "b.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        prepare(src, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"input {src / 'b.txt'}: not UTF-8 text (byte 0xe9 at offset 3)")
+    assert "convert it to UTF-8" in message and "--extensions" not in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_cache_is_one_line_naming_moelab_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MOELAB_CACHE", str(blocker))
+    with pytest.raises(ValueError, match=r"^MOELAB_CACHE: cannot write the default dataset under "):
+        default_dataset_dir()
