@@ -171,3 +171,50 @@ def cli(rank: int, world: int, *, argv: list[str]) -> int:
     from moelab.cli import main
 
     return main(argv)
+
+
+def clip_norm(rank: int, world: int, *, config: dict, max_norm: float) -> dict[str, float]:
+    """The same gradients twice: whole in one process (``moelab.train.optim.clip_grad_norm_``)
+    and split by this launch's layout (experts sliced, FSDP2 shards) through
+    ``DataParallel.clip_grad_norm_``; returns both norms and the largest relative difference of
+    the clipped gradients."""
+    from moelab.distributed import setup_parallel
+    from moelab.model import TransformerLM
+    from moelab.train import RunConfig
+    from moelab.train.optim import clip_grad_norm_
+
+    cfg = RunConfig.from_dict(config)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg.model)
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    grads = {}
+    for i, (name, p) in enumerate(ref.named_parameters()):
+        g = torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 4)
+        g.view(-1)[0] = 1.0  # many small entries and a large one (cf. the lm_head's gradient)
+        grads[name] = g
+        p.grad = g.clone()
+    want = float(clip_grad_norm_(ref.parameters(), max_norm))
+    parallel = setup_parallel(cfg, torch.device("cpu"))
+    parallel.parallelize(model)
+    for name, p in model.named_parameters():
+        g = grads[name]
+        if name in parallel.sharded:
+            lo = parallel.sharded[name].offset
+            g = g[lo : lo + p.shape[0]]
+        if hasattr(p, "to_local"):
+            from torch.distributed.tensor import distribute_tensor
+
+            g = distribute_tensor(g, p.device_mesh, p.placements)
+        p.grad = g.clone()
+    got = parallel.clip_grad_norm_(model, max_norm, clip_grad_norm_)
+    worst = 0.0
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        w = dict(ref.named_parameters())[name].grad
+        if name in parallel.sharded:
+            lo = parallel.sharded[name].offset
+            w = w[lo : lo + p.shape[0]]
+        worst = max(worst, float(((g - w).abs() / w.abs().clamp_min(1e-30)).max()))
+    parallel.close()
+    return {"got": got, "want": want, "clipped": worst}

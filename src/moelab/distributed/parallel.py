@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -231,33 +230,51 @@ class DataParallel(SingleProcess):
         max_norm: float,
         local_clip: Callable[[Iterable[Tensor], float], Tensor],
     ) -> float:
+        """The one-process norm (:func:`moelab.train.optim.clip_grad_norm_`), computed the same
+        way: one float32 ``g.float().pow(2).sum()`` per parameter, in parameter order, then their
+        float32 sum and square root. A parameter split over ranks (FSDP2 shards, experts under
+        expert parallelism) contributes the sum of its parts' squares over the ranks that split
+        it; every other entry is this rank's own, bit for bit what one process computes. (A
+        ``vector_norm`` per tensor, squared, is not: it drifts by up to 1e-3 relative on CPU.)"""
         if self._fsdp is None and not self._expert_params:  # the same gradients on every rank
             return float(local_clip(model.parameters(), max_norm))
-        # squared norms: replicated gradients (the same on every rank), FSDP2 shards (summed over
-        # all ranks), experts (summed over an expert-parallel group: each expert once)
         experts = {id(p) for p in self._expert_params}
-        params = [p for p in model.parameters() if p.grad is not None]
-        sq = torch.zeros(3, dtype=torch.float64)
+        # one entry per parameter, so the vectors all-reduced have the same length on every rank
+        params = list(model.parameters())
+        squares, split_by = [], []  # float32 sum of squares; over which ranks its parts lie
         for p in params:
             g = p.grad
-            if g.is_sparse:
+            if g is not None and g.is_sparse:
                 g = p.grad = g.coalesce()
                 g = g._values()
-            kind = 2 if id(p) in experts else 0
-            if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
-                g, kind = g.to_local(), 1
-            norm = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
-            sq[kind] += float(norm) ** 2
-        sharded = self._all_reduce(sq[1:2])
-        expert_sq = sq[2:].to(self._comm_device)
-        dist.all_reduce(expert_sq, group=self.topo.ep_group)
-        total = math.sqrt(float(sq[0]) + float(sharded) + float(expert_sq))
-        coef = min(max_norm / (total + 1e-6), 1.0)
+            if g is not None and hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
+                g = g.to_local()
+            squares.append(torch.zeros(()) if g is None else g.detach().float().pow(2).sum().cpu())
+            sharded = hasattr(p, "to_local")
+            split_by.append("world" if sharded else "ep" if id(p) in experts else "local")
+        sq = torch.stack(squares)
+        for where, group, used in (
+            ("world", None, self._fsdp is not None),
+            ("ep", self.topo.ep_group, bool(self._expert_params)),
+        ):
+            if used:  # decided by the layout, the same on every rank
+                mask = torch.tensor([w == where for w in split_by])
+                part = torch.where(mask, sq, torch.zeros_like(sq)).to(self._comm_device)
+                dist.all_reduce(part, group=group)
+                sq = torch.where(mask, part.cpu(), sq)
+        has_grad = [p.grad is not None for p in params]
+        if not any(has_grad):
+            return 0.0
+        params = [p for p, has in zip(params, has_grad, strict=True) if has]
+        sq = sq[torch.tensor(has_grad)]  # the one-process sum runs over these only
+        total = sq.sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         if coef < 1.0:
             for p in params:
                 g = p.grad._values() if p.grad.is_sparse else p.grad
-                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
-        return total
+                g = g.to_local() if hasattr(g, "to_local") else g
+                g.mul_(coef.to(g.device, g.dtype))
+        return float(total)
 
     # ---- what the logs show ---------------------------------------------------------------------
 
