@@ -27,6 +27,7 @@ from run_fixtures import REMOE, TOPK, tiny_config
 STEPS = 4
 REL = 1e-5
 PEER = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
+AUX_FREE = {**TOPK, "router": "aux_free", "router_options": {"bias_update_rate": 0.05}}
 
 
 def one_process(
@@ -77,8 +78,12 @@ def assert_same_curve(got: list[dict], want: list[dict], rel: float = REL) -> No
         ({**TOPK, "balance_coef": 0.0, "z_loss_coef": 1e-2}, None),
         (TOPK, 2),  # Switch balance loss: per forward, i.e. per rank
         (PEER, 2),  # sparse row gradients, all-gathered (DDP cannot reduce them)
+        # balance_scope=global: f_e of the ranks' forwards summed, i.e. one forward of all 4
+        ({**TOPK, "router_options": {"balance_scope": "global"}}, None),
+        # aux-loss-free bias: updated from the step's loads summed over micro-batches and ranks
+        (AUX_FREE, 2),
     ],
-    ids=["dense", "topk-zloss", "topk-balance", "peer"],
+    ids=["dense", "topk-zloss", "topk-balance", "peer", "topk-global-balance", "aux-free"],
 )
 def test_two_ranks_match_one_process(
     ffn: dict, micro: int | None, tmp_path: Path, data_dir: Path

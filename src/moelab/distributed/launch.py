@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ from moelab.config import ConfigError
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+    from moelab.distributed.config import LaunchConfig
 
 __all__ = [
     "LaunchEnv",
@@ -83,11 +85,12 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return requested
 
 
-def check_layout(config: Any, env: LaunchEnv, cuda_devices: int | None = None) -> None:
+def check_layout(config: LaunchConfig, env: LaunchEnv, cuda_devices: int | None = None) -> None:
     """Refuse a parallel layout the run cannot use; the same error on every rank.
 
-    ``config`` is a :class:`moelab.train.RunConfig` (its ``model``, ``data``, ``train`` and
-    ``distributed`` sections are read). ``cuda_devices``: GPUs visible to this process (default:
+    ``config``: a :class:`~moelab.distributed.config.LaunchConfig` (a
+    :class:`moelab.train.RunConfig`; its ``model``, ``data``, ``train`` and ``distributed``
+    sections are read). ``cuda_devices``: GPUs visible to this process (default:
     ``torch.cuda.device_count()``).
     """
     d = config.distributed
@@ -190,8 +193,14 @@ class Topology:
     def edp(self) -> int:
         return self.env.world_size // self.ep
 
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """Every rank: the data-parallel group of the replicated parameters (and of the
+        statistics summed over ranks)."""
+        return dist.group.WORLD
 
-def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology:
+
+def init_topology(config: LaunchConfig, env: LaunchEnv, device: torch.device) -> Topology:
     """Initialise the default process group (unless already done) and build the mesh.
 
     ``device`` is the training device (``cuda`` becomes ``cuda:LOCAL_RANK``). Call

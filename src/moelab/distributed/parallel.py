@@ -32,8 +32,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from moelab.distributed.config import LaunchConfig
 from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
 from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
+from moelab.distributed.rank_sum import GroupSum, hand_rank_sum
 from moelab.distributed.wrapping import (
     apply_fsdp2,
     fsdp_no_sync,
@@ -41,6 +43,7 @@ from moelab.distributed.wrapping import (
     sync_sparse_grad,
 )
 from moelab.layers.base import RoutingStats
+from moelab.layers.ranks import RankSum
 
 __all__ = ["DataParallel", "SingleProcess", "setup"]
 
@@ -53,6 +56,7 @@ class SingleProcess:
     is_main = True
     distributed = False
     sharded: dict[str, ShardedParam] = {}  # noqa: RUF012 - read-only here
+    rank_sum: RankSum | None = None  # the sum over data-parallel ranks (none in one process)
 
     def describe(self) -> str:
         return "1 process"
@@ -74,8 +78,13 @@ class SingleProcess:
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Apply the parallelism to ``model`` (in place); returns what the training forward
-        calls."""
+        calls. Its modules that sum statistics over ranks get :attr:`rank_sum`."""
         return model
+
+    def connect(self, *parts: object) -> None:
+        """Hand :attr:`rank_sum` to ``parts`` that sum statistics over ranks (the trainer's
+        between-step hooks: ReMoE's λ controller, the router load hook; models are searched
+        module by module). Nothing to sum in one process."""
 
     def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
         """Around each micro-batch's forward and backward: gradients are reduced across ranks
@@ -145,6 +154,7 @@ class DataParallel(SingleProcess):
         self._sparse_params: list[nn.Parameter] = []
         self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
         self.clock = CommClock()  # time in the expert-parallel all-to-alls
+        self.rank_sum = GroupSum(topology.dp_group, self._comm_device)
 
     def describe(self) -> str:
         t = self.topo
@@ -176,6 +186,7 @@ class DataParallel(SingleProcess):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         t = self.topo
+        self.connect(model)  # first: the probe backward below may already sum over ranks
         if t.ep > 1:
             self.sharded = apply_expert_parallel(model, t.ep_group, t.ep, t.ep_rank, self.clock)
         names = dict(model.named_parameters())
@@ -199,6 +210,9 @@ class DataParallel(SingleProcess):
         self._ddp = DistributedDataParallel(model, **kwargs)
         self.clock.take()  # the probe's all-to-alls are not a step's
         return self._ddp
+
+    def connect(self, *parts: object) -> None:
+        hand_rank_sum(parts, self.rank_sum)
 
     def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
         if last:
@@ -367,7 +381,7 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
-def setup(config: Any, device: torch.device) -> SingleProcess:
+def setup(config: LaunchConfig, device: torch.device) -> SingleProcess:
     """The parallel setting of this process: :class:`SingleProcess` unless started by
     ``torchrun``; then the layout is checked (the same error on every rank, before any rank waits
     for another), the process group is initialised and :class:`DataParallel` returned.
