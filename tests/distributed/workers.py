@@ -166,10 +166,23 @@ def train_run(
     return out
 
 
-def cli(rank: int, world: int, *, argv: list[str]) -> int:
-    """``moelab`` on this rank, as ``torchrun -m moelab`` runs it."""
+def cli(
+    rank: int, world: int, *, argv: list[str], cwd: str | None = None, clock_skew_s: float = 0
+) -> int:
+    """``moelab`` on this rank, as ``torchrun -m moelab`` runs it (in ``cwd``); this rank's clock
+    runs ``rank · clock_skew_s`` seconds late, as when ranks start in different seconds."""
+    import os
+    import time
+
     from moelab.cli import main
 
+    if cwd is not None:
+        os.chdir(cwd)
+    if clock_skew_s:
+        strftime, skew = time.strftime, rank * clock_skew_s
+        time.strftime = lambda fmt, t=None: strftime(  # type: ignore[assignment]
+            fmt, time.localtime(time.time() + skew) if t is None else t
+        )
     return main(argv)
 
 

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -216,12 +216,20 @@ def init_topology(config: LaunchConfig, env: LaunchEnv, device: torch.device) ->
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
+        from moelab.distributed.rendezvous import take_store  # it imports this module
+
+        store = take_store()  # the launch's store, if rank0_choice opened it already
+        where: dict[str, Any] = (
+            {"init_method": "env://"}
+            if store is None
+            else {"store": dist.PrefixStore("default_pg", store)}  # what env:// would build
+        )
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=d.timeout_s),
+            **where,
         )
     elif dist.get_world_size() != env.world_size:
         raise ConfigError(
