@@ -20,6 +20,12 @@ LAYOUTS = [
     ),
     pytest.param(4, {"expert_parallel": 4}, id="ep4", marks=pytest.mark.slow),
     pytest.param(4, {"expert_parallel": 2}, id="ep2x2", marks=pytest.mark.slow),
+    pytest.param(  # FSDP2 also shards each expert block over its 2 copies
+        4,
+        {"data_parallel": "fsdp2", "expert_parallel": 2},
+        id="fsdp2-ep2x2",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 

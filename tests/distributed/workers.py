@@ -156,6 +156,11 @@ def train_run(
             for n, p in trainer.model.named_parameters()
             if n not in sharded
         }
+        out["expert_rows"] = {  # rows of each expert tensor this rank keeps
+            n: (p.to_local() if hasattr(p, "to_local") else p).shape[0]
+            for n, p in trainer.model.named_parameters()
+            if n in sharded
+        }
         trainer.close()
         return 0
 

@@ -38,8 +38,10 @@ from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_to
 from moelab.distributed.rank_sum import GroupSum, hand_rank_sum
 from moelab.distributed.wrapping import (
     apply_fsdp2,
+    expert_mesh,
     fsdp_no_sync,
     probe_gradients,
+    split_grad_norm_,
     sync_sparse_grad,
 )
 from moelab.layers.base import RoutingStats
@@ -150,6 +152,8 @@ class DataParallel(SingleProcess):
         self.sharded = {}
         self._ddp: DistributedDataParallel | None = None
         self._fsdp: nn.Module | None = None
+        self.experts_fsdp = False  # expert blocks sharded over their edp copies by FSDP2
+        self.expert_mesh: Any = None  # then: the (ep, edp) mesh their rows are laid out on
         self._expert_params: list[nn.Parameter] = []
         self._sparse_params: list[nn.Parameter] = []
         self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
@@ -192,7 +196,10 @@ class DataParallel(SingleProcess):
         names = dict(model.named_parameters())
         self._expert_params = [names[n] for n in self.sharded]
         if self.data_parallel == "fsdp2":
-            self._fsdp = apply_fsdp2(model, t, set(self._expert_params))
+            self.experts_fsdp = apply_fsdp2(model, t, set(self._expert_params))
+            self._fsdp = model
+            if self.experts_fsdp:  # checkpoints address the expert rows as (ep, edp) shards
+                self.expert_mesh = expert_mesh(t)
             return model
         sparse, unused = probe_gradients(model)
         self._sparse_params = [names[n] for n in sparse]
@@ -225,7 +232,7 @@ class DataParallel(SingleProcess):
 
     def finish_gradients(self, model: nn.Module) -> None:
         t = self.topo
-        if self._expert_params:
+        if self._expert_params and not self.experts_fsdp:  # (else FSDP2 reduce-scattered them)
             grads = [
                 p.grad if p.grad is not None else torch.zeros_like(p) for p in self._expert_params
             ]
@@ -244,51 +251,19 @@ class DataParallel(SingleProcess):
         max_norm: float,
         local_clip: Callable[[Iterable[Tensor], float], Tensor],
     ) -> float:
-        """The one-process norm (:func:`moelab.train.optim.clip_grad_norm_`), computed the same
-        way: one float32 ``g.float().pow(2).sum()`` per parameter, in parameter order, then their
-        float32 sum and square root. A parameter split over ranks (FSDP2 shards, experts under
-        expert parallelism) contributes the sum of its parts' squares over the ranks that split
-        it; every other entry is this rank's own, bit for bit what one process computes. (A
-        ``vector_norm`` per tensor, squared, is not: it drifts by up to 1e-3 relative on CPU.)"""
+        """The one-process norm, computed the same way (see
+        :func:`~moelab.distributed.wrapping.split_grad_norm_`)."""
         if self._fsdp is None and not self._expert_params:  # the same gradients on every rank
             return float(local_clip(model.parameters(), max_norm))
-        experts = {id(p) for p in self._expert_params}
-        # one entry per parameter, so the vectors all-reduced have the same length on every rank
-        params = list(model.parameters())
-        squares, split_by = [], []  # float32 sum of squares; over which ranks its parts lie
-        for p in params:
-            g = p.grad
-            if g is not None and g.is_sparse:
-                g = p.grad = g.coalesce()
-                g = g._values()
-            if g is not None and hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
-                g = g.to_local()
-            squares.append(torch.zeros(()) if g is None else g.detach().float().pow(2).sum().cpu())
-            sharded = hasattr(p, "to_local")
-            split_by.append("world" if sharded else "ep" if id(p) in experts else "local")
-        sq = torch.stack(squares)
-        for where, group, used in (
-            ("world", None, self._fsdp is not None),
-            ("ep", self.topo.ep_group, bool(self._expert_params)),
-        ):
-            if used:  # decided by the layout, the same on every rank
-                mask = torch.tensor([w == where for w in split_by])
-                part = torch.where(mask, sq, torch.zeros_like(sq)).to(self._comm_device)
-                dist.all_reduce(part, group=group)
-                sq = torch.where(mask, part.cpu(), sq)
-        has_grad = [p.grad is not None for p in params]
-        if not any(has_grad):
-            return 0.0
-        params = [p for p, has in zip(params, has_grad, strict=True) if has]
-        sq = sq[torch.tensor(has_grad)]  # the one-process sum runs over these only
-        total = sq.sum().sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        if coef < 1.0:
-            for p in params:
-                g = p.grad._values() if p.grad.is_sparse else p.grad
-                g = g.to_local() if hasattr(g, "to_local") else g
-                g.mul_(coef.to(g.device, g.dtype))
-        return float(total)
+        whole_experts = [] if self.experts_fsdp else self._expert_params  # (else FSDP2 shards)
+        return split_grad_norm_(
+            list(model.parameters()),
+            max_norm,
+            experts={id(p) for p in whole_experts},
+            ep_group=self.topo.ep_group,
+            fsdp=self._fsdp is not None,
+            comm_device=self._comm_device,
+        )
 
     # ---- what the logs show ---------------------------------------------------------------------
 
