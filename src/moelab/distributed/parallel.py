@@ -13,7 +13,8 @@ batch's mean loss:
   or FSDP2's reduce-scatter;
 * expert weights under expert parallelism: the all-to-all's backward already sums every rank of
   the expert-parallel group into the rank that owns the expert; :meth:`finish_gradients` sums the
-  ``W / ep`` copies of each expert and divides by ``W``;
+  ``W / ep`` copies of each expert and divides by ``W`` (under FSDP2, which shards each expert
+  block over its copies, its reduce-scatter does this);
 * sparse row gradients (PEER / PKM tables), which DDP cannot reduce: all-gathered rows, summed,
   divided by ``W`` (:func:`~moelab.distributed.wrapping.sync_sparse_grad`), so the update stays
   sparse.
@@ -25,7 +26,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,9 @@ from moelab.distributed.wrapping import (
 )
 from moelab.layers.base import RoutingStats
 from moelab.layers.ranks import RankSum
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["DataParallel", "SingleProcess", "setup"]
 
@@ -153,7 +157,7 @@ class DataParallel(SingleProcess):
         self._ddp: DistributedDataParallel | None = None
         self._fsdp: nn.Module | None = None
         self.experts_fsdp = False  # expert blocks sharded over their edp copies by FSDP2
-        self.expert_mesh: Any = None  # then: the (ep, edp) mesh their rows are laid out on
+        self.expert_mesh: DeviceMesh | None = None  # then: the (ep, edp) mesh of their rows
         self._expert_params: list[nn.Parameter] = []
         self._sparse_params: list[nn.Parameter] = []
         self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
