@@ -82,7 +82,7 @@ def assert_same_curve(got: list[dict], want: list[dict], rel: float = REL) -> No
         # balance_scope=global: f_e of the ranks' forwards summed, i.e. one forward of all 4
         ({**TOPK, "router_options": {"balance_scope": "global"}}, None),
         # aux-loss-free bias: updated from the step's loads summed over micro-batches and ranks
-        (AUX_FREE, 2),
+        pytest.param(AUX_FREE, 2, marks=pytest.mark.slow),
     ],
     ids=["dense", "topk-zloss", "topk-balance", "peer", "topk-global-balance", "aux-free"],
 )
