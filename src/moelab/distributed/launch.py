@@ -31,6 +31,8 @@ from moelab.config import ConfigError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from moelab.distributed.config import LaunchConfig
+
 __all__ = [
     "LaunchEnv",
     "Topology",
@@ -83,11 +85,12 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return requested
 
 
-def check_layout(config: Any, env: LaunchEnv, cuda_devices: int | None = None) -> None:
+def check_layout(config: LaunchConfig, env: LaunchEnv, cuda_devices: int | None = None) -> None:
     """Refuse a parallel layout the run cannot use; the same error on every rank.
 
-    ``config`` is a :class:`moelab.train.RunConfig` (its ``model``, ``data``, ``train`` and
-    ``distributed`` sections are read). ``cuda_devices``: GPUs visible to this process (default:
+    ``config``: a :class:`~moelab.distributed.config.LaunchConfig` (a
+    :class:`moelab.train.RunConfig`; its ``model``, ``data``, ``train`` and ``distributed``
+    sections are read). ``cuda_devices``: GPUs visible to this process (default:
     ``torch.cuda.device_count()``).
     """
     d = config.distributed
@@ -191,8 +194,14 @@ class Topology:
     def edp(self) -> int:
         return self.env.world_size // self.ep
 
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """Every rank: the data-parallel group of the replicated parameters (and of the
+        statistics summed over ranks)."""
+        return dist.group.WORLD
 
-def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology:
+
+def init_topology(config: LaunchConfig, env: LaunchEnv, device: torch.device) -> Topology:
     """Initialise the default process group (unless already done) and build the mesh.
 
     ``device`` is the training device (``cuda`` becomes ``cuda:LOCAL_RANK``). Call
@@ -208,12 +217,20 @@ def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
+        from moelab.distributed.rendezvous import take_store  # it imports this module
+
+        store = take_store()  # the launch's store, if rank0_choice opened it already
+        where: dict[str, Any] = (
+            {"init_method": "env://"}
+            if store is None
+            else {"store": dist.PrefixStore("default_pg", store)}  # what env:// would build
+        )
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=d.timeout_s),
+            **where,
         )
     elif dist.get_world_size() != env.world_size:
         raise ConfigError(
