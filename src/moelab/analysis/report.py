@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from moelab.analysis import analyses
 from moelab.analysis.evalpass import (
@@ -36,21 +33,10 @@ from moelab.analysis.origin import (
 )
 from moelab.analysis.render import Section, render
 from moelab.analysis.report_plots import plot_sections
-from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
+from moelab.analysis.runs import RunAnalysis, RunRecord, read_run, sparsity_target, training_curves
 from moelab.analysis.settings import comparability_warnings, settings_table
 from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
 from moelab.rundir import RunDir
-
-
-@dataclass
-class RunAnalysis:
-    """Everything computed for one run (JSON-able ``results``, plus a note on what was skipped)."""
-
-    record: RunRecord
-    results: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    z_primes: dict[str, np.ndarray] = field(default_factory=dict)
-
 
 ANALYSIS_FILE = "analysis.json"
 

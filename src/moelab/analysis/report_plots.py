@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moelab.analysis import plots
 from moelab.analysis.figures import compact_png
 from moelab.analysis.render import Section
-from moelab.analysis.runs import RunRecord, training_curves
+from moelab.analysis.runs import RunAnalysis, RunRecord, training_curves
 from moelab.analysis.stats import SparsityStages
-
-if TYPE_CHECKING:
-    from moelab.analysis.report import RunAnalysis
 
 
 def _safe(name: str) -> str:

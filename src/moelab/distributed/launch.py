@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from moelab.config import ConfigError
+from moelab.distributed.env import LaunchEnv
+from moelab.distributed.rendezvous import take_store
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -41,41 +43,6 @@ __all__ = [
     "resolve_backend",
     "run_guarded",
 ]
-
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What ``torchrun`` tells each process (environment variables ``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> LaunchEnv | None:
-        """The launch this process belongs to, or None when it was not started by ``torchrun``
-        (no ``WORLD_SIZE``): a one-process run."""
-        env = os.environ if environ is None else environ
-        if "WORLD_SIZE" not in env:
-            return None
-        missing = [name for name in ENV_VARS if name not in env]
-        if missing:
-            raise ConfigError(
-                "",
-                f"WORLD_SIZE is set but {', '.join(missing)} not: start distributed runs with "
-                "torchrun (torchrun --nproc_per_node N -m moelab train ...)",
-            )
-        world = int(env["WORLD_SIZE"])
-        return cls(
-            rank=int(env["RANK"]),
-            world_size=world,
-            local_rank=int(env["LOCAL_RANK"]),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-        )
 
 
 def resolve_backend(requested: str, device_type: str) -> str:
@@ -217,8 +184,6 @@ def init_topology(config: LaunchConfig, env: LaunchEnv, device: torch.device) ->
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        from moelab.distributed.rendezvous import take_store  # it imports this module
-
         store = take_store()  # the launch's store, if rank0_choice opened it already
         where: dict[str, Any] = (
             {"init_method": "env://"}

@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from moelab.distributed.launch import LaunchEnv
+from moelab.distributed.env import LaunchEnv
 
 __all__ = ["rank0_choice", "take_store"]
 
