@@ -184,6 +184,24 @@ def test_redraw_rewrites_the_report_and_plots_from_the_exported_files(exported):
     assert results.check_blocks(res) == []
 
 
+def test_redraw_recomputes_the_training_dynamics_from_the_metrics(exported):
+    """The dynamics are a function of metrics.jsonl alone, so a redraw computes them with this
+    code (a number written by an older version, e.g. a population SD, does not survive)."""
+    _, res = exported
+    pm = res / "paper-mini"
+    path = pm / "analysis.json"
+    dump = json.loads(path.read_text())
+    fresh = dump["remoe-seed0"]["results"]["dynamics"]
+    assert fresh["stages"]["min_sparsity"] is not None
+    stale = json.loads(json.dumps(fresh))
+    stale["stages"]["min_sparsity"] = 123.0
+    dump["remoe-seed0"]["results"]["dynamics"] = stale
+    path.write_text(json.dumps(dump))
+    redraw_suite(pm)
+    again = json.loads(path.read_text())["remoe-seed0"]["results"]["dynamics"]
+    assert again == fresh
+
+
 def test_the_committed_analysis_keeps_the_top_tokens_the_report_shows(exported):
     """slim_analysis drops the top tokens of layers after the first routed one; the report,
     which lists those of the first, is the same redrawn from the full or the slim file."""
