@@ -50,6 +50,8 @@ def _compare(
     diffs = [a[s] - other[s] for s in seeds]
     direction = 1.0 if higher else -1.0
     test = paired_test(diffs)
+    if test is None:  # no finite difference
+        return None
     ma, mb = np.mean([a[s] for s in seeds]), np.mean([other[s] for s in seeds])
     ref = f"{mb:.{digits}f}{unit}" if isinstance(b, dict) else f"the threshold {mb:g}{unit}"
     way = "higher" if higher else "lower"
@@ -184,10 +186,9 @@ def _usage(sd: SuiteData, g: str) -> Verdict | None:
         None,
     )
     toks = next((sd.analysis[n].get("eval_tokens") for n in sd.groups[g] if n in sd.analysis), None)
-    res = _compare(vals, USAGE_NEARLY_ALL, "usage", higher=True)
-    assert res is not None
+    text, verdict = _compare(vals, USAGE_NEARLY_ALL, "usage", higher=True) or ("", "")
     where = f" of {n_exp:,} experts over {_si(toks)} validation tokens" if n_exp else ""
-    return f"usage {_pm(list(vals.values()), 1, pct=True)}{where}; " + res[0], res[1]
+    return f"usage {_pm(list(vals.values()), 1, pct=True)}{where}; {text}", verdict
 
 
 def _flip(r: dict[str, Any]) -> float | None:
@@ -267,7 +268,9 @@ def _num_experts(sd: SuiteData, name: str) -> int | None:
     return ffn.get("num_experts")
 
 
-def _by_experts(sd: SuiteData, first: str = "topk", second: str = "remoe") -> dict[int, tuple]:
+def _by_experts(
+    sd: SuiteData, first: str = "topk", second: str = "remoe"
+) -> dict[int, tuple[str, str]]:
     """``E → (group of method first, group of method second)``: the groups of a suite paired by
     the number of experts in their runs' configs, the method from their summaries."""
     out: dict[int, dict[str, str]] = {}
