@@ -2,8 +2,8 @@
 
 A report is built as a list of sections (text, tables, images) and rendered twice
 (:mod:`moelab.analysis.render`), so Markdown and HTML always say the same thing. Runs sharing a
-name up to a ``-seedN`` suffix (or grouped explicitly) are averaged: numbers are shown as mean ± std
-over seeds (:mod:`moelab.analysis.tables`).
+name up to a ``-seedN`` suffix (or grouped explicitly) are averaged: numbers are shown as
+mean ± sample SD (ddof=1) over seeds (:mod:`moelab.analysis.tables`).
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def write_report(
     sections.append(
         Section(
             "Runs",
-            f"Runs: {names}. Numbers are mean ± std over seeds where a run has several. Validation "
+            f"Runs: {names}. Numbers are mean ± sample SD (ddof=1) over seeds where a run has "
+            "several. Validation "
             "loss in nats/token; FLOPs/token are forward FLOPs (moelab.model.accounting).",
             runs_table(grouped),
         )
@@ -235,8 +236,9 @@ def write_report(
             "tokens. Rare − frequent: mean active experts of the rarest minus the most frequent "
             "fifth of the vocabulary. Domain KL: mean KL(domain ‖ all) of expert distributions. "
             "Usage/unevenness: "
-            "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: share of validation "
-            "tokens whose experts changed between the last two checkpoints.",
+            "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: per layer, the share "
+            "of the (token, expert) assignments made at either of the last two checkpoints that "
+            "only one made (tokens routed nowhere at both are no assignments), mean over layers.",
             analysis_table(ra_grouped),
         )
     )
@@ -291,7 +293,9 @@ def write_analysis(path: Path, dump: dict[str, Any]) -> None:
 def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]:
     """The per-run analyses saved in ``out/analysis.json``, keyed like :func:`write_report`'s
     ``results``, for ``records`` (ValueError naming a run the file lacks). Raw per-expert gate
-    masses (the PEER/PKM usage plot) are not saved, so they come back empty."""
+    masses (the PEER/PKM usage plot) are not saved, so they come back empty. The training
+    dynamics depend only on the run's ``metrics.jsonl``, so they are recomputed rather than read
+    back: a redrawn report shows them as the current code computes them."""
     path = out / ANALYSIS_FILE
     try:
         dump = json.loads(path.read_text("utf-8"))
@@ -302,7 +306,11 @@ def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]
         name = Path(rec.path).name
         if name not in dump:
             raise ValueError(f"{path}: has no analysis of run {name!r}")
-        results[str(rec.path)] = RunAnalysis(rec, dump[name]["results"], dump[name]["notes"])
+        saved = dump[name]["results"]
+        if "dynamics" in saved:  # a pure function of metrics.jsonl: recomputed by this code
+            tol = (saved["dynamics"].get("stages") or {}).get("tolerance", 0.03)
+            saved["dynamics"] = analyses.dynamics(training_curves(rec), sparsity_target(rec), tol)
+        results[str(rec.path)] = RunAnalysis(rec, saved, dump[name]["notes"])
     return results
 
 

@@ -60,8 +60,8 @@ def plot_sections(
             "the evaluations are drawn as separate points. "
         )
     text += (
-        "Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
-        "has no error bar), the dots the individual seeds."
+        "Bars start at zero; the numbers on them are mean ± sample SD (ddof=1) over seeds (a "
+        "single seed has no error bar), the dots the individual seeds."
     )
     secs.append(Section("Loss curves", text, images=imgs))
 

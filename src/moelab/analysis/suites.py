@@ -128,6 +128,13 @@ SUITES: dict[str, dict[str, Any]] = {
             name: {"preset": preset, "overrides": overrides}
             for name, preset, overrides in ROUTER_RUNS
         },
+        # the paper whose baselines these runs rerun: its method's run and the baseline runs
+        # (ReMoE Table 2: 182M active parameters, E=8, k=1); the claims compare them
+        "paper": {
+            "name": "ReMoE Table 2",
+            "method": "remoe",
+            "baselines": ["topk", "expert_choice", "hash", "sparsemixer", "lory"],
+        },
     },
 }
 
