@@ -287,3 +287,46 @@ def test_kind_override_keeps_shared_keys_and_drops_the_others():
 def test_float_fields_accept_yaml_exponent_text():
     # YAML 1.1 (PyYAML) reads `rate: 1e-3` as the string '1e-3'
     assert build({"name": "x", "inner": {"rate": "1e-3"}}).inner.rate == 1e-3
+
+
+# ---- files and values that are not YAML: one line naming the file (or field) and the place
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("name: x\nxs: [1, 2\n", r"c\.yaml: not valid YAML \(.* at line 3, column 1\)"),
+        ("name: x\n  flag: true\n", r"c\.yaml: not valid YAML \(.* at line 2, column 7\)"),
+        ("", r"c\.yaml: the file is empty"),
+        ("# only a comment\n", r"c\.yaml: the file is empty"),
+    ],
+)
+def test_yaml_file_errors_are_one_line(tmp_path, text, want):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=want) as info:
+        Outer.from_yaml(path)
+    assert "\n" not in str(info.value)
+
+
+def test_non_utf8_or_unreadable_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8 text \(byte 6\)"):
+        Outer.from_yaml(path)
+    with pytest.raises(ConfigError, match=r": cannot read it \(Is a directory\)"):
+        Outer.from_yaml(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("override", "want"),
+    [
+        ("anything=[0.4", r"^anything: could not parse '\[0.4': .* \(column 5\)$"),
+        ("anything={a: 1", r"^anything: could not parse '\{a: 1': .* \(column 6\)$"),
+        ("extra={lr: [", r"^extra: could not parse '\{lr: \[' as a mapping: "),
+    ],
+)
+def test_unparsable_override_values_name_the_field(override, want):
+    with pytest.raises(ConfigError, match=want) as info:
+        build({"name": "x"}, [override])
+    assert "\n" not in str(info.value)

@@ -50,3 +50,41 @@ def test_leaf_modules_do_not_import_train() -> None:
     allowed = ("moelab", "moelab.layers", "moelab.native")
     outside = [m for m in after_layers if ".".join(m.split(".")[:2]) not in allowed]
     assert outside == [], outside
+
+
+def _fingerprint_with(env: dict[str, str]) -> dict:
+    code = (
+        "import json; from moelab import native; print(json.dumps(native.numerics_fingerprint()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_numerics_fingerprint_sees_each_switch_that_changes_the_kernels() -> None:
+    """The golden-curve test compares bit for bit only between equal fingerprints: each switch
+    that changes which kernels run must show in it (measured: each moves the tiny curves)."""
+    plain = _fingerprint_with({})
+    assert plain["torch"] and plain["cpu"] and isinstance(plain["isa"], list)
+    assert _fingerprint_with({"MOELAB_NO_C_KERNELS": "1"})["c_kernels"] is None
+    assert _fingerprint_with({"MOELAB_NO_MKL_BATCH": "1"})["mkl_gemm_batch"] is False
+    scalar = _fingerprint_with({"ATEN_CPU_CAPABILITY": "default"})
+    assert scalar["aten_capability"] == "DEFAULT"
+    if plain["aten_capability"] != "DEFAULT":
+        assert scalar != plain
+
+
+def test_the_fingerprint_knows_when_c_kernels_cannot_be_built(tmp_path: Path) -> None:
+    """An unwritable kernel cache silently selects the eager fallbacks (other numerics): the
+    fingerprint must then differ from a machine that builds the kernels."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _fingerprint_with({"MOELAB_CACHE": str(blocker)})["c_kernels"] is None
+    assert _fingerprint_with({"MOELAB_CACHE": str(tmp_path / "cache")})["c_kernels"] is not None

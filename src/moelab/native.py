@@ -6,6 +6,8 @@
 * :func:`available_memory_bytes` / :func:`check_fits_in_memory` - refuse a layer that cannot fit
   in RAM before allocating it; :func:`adamw_state_dtype` - the dtype of the AdamW moments, which
   both that estimate and ``moelab.train.optim`` use.
+* :func:`numerics_fingerprint` - what, besides the code and the thread count, decides CPU float
+  results bit for bit (CPU, instruction sets, kernels chosen, compiler of the C kernels).
 
 A leaf utility: it imports only the standard library and torch, so both ``moelab.layers`` and
 ``moelab.train`` may use it.
@@ -35,6 +37,7 @@ __all__ = [
     "float_kernel",
     "load_c_kernel",
     "mkl_gemm_batch",
+    "numerics_fingerprint",
 ]
 
 # --------------------------------------------------------------------------- memory
@@ -99,6 +102,11 @@ def _cpu_signature() -> str:
     return sig
 
 
+def _compiler() -> str | None:
+    """Path of the C compiler the kernels are built with (``$CC``, else cc, else gcc)."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
 def load_c_kernel(name: str, source: str) -> ctypes.CDLL | None:
     """Compile (once, cached on disk) and load a small OpenMP C kernel; None if unavailable.
 
@@ -113,7 +121,7 @@ def load_c_kernel(name: str, source: str) -> ctypes.CDLL | None:
     if name in _KERNELS:
         return _KERNELS[name]
     lib = None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    cc = _compiler()
     if cc is not None:
         flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
         blob = (source + _cpu_signature() + " ".join(flags)).encode()
@@ -211,3 +219,82 @@ def mkl_gemm_batch(dtype: torch.dtype):
             fn = None
         _GEMM_BATCH[dtype] = fn
     return _GEMM_BATCH[dtype]
+
+
+# --------------------------------------------------------------------------- numerics fingerprint
+
+# CPU flags that change which vectorised code runs (ATen's kernels, MKL's, -march=native C kernels)
+_KERNEL_ISA = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+)
+
+
+_CPUINFO_KEYS = ("vendor_id", "cpu family", "model", "stepping", "model name", "flags")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's vendor, model and flags from /proc/cpuinfo (empty elsewhere)."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in _CPUINFO_KEYS and key not in out:
+                    out[key] = value.strip()
+                if not line.strip() and out:
+                    break
+    except OSError:
+        pass
+    return out
+
+
+def _compiler_version() -> str | None:
+    """First line of ``cc --version`` when C kernels load here (enabled, a compiler, a writable
+    cache: a probe kernel is built), else None: the eager fallbacks run."""
+    cc = _compiler()
+    if cc is None or load_c_kernel("probe", "int moelab_probe(void) { return 1; }\n") is None:
+        return None
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.splitlines() or [cc])[0].strip()
+
+
+def numerics_fingerprint() -> dict[str, object]:
+    """What, besides moelab's code and the thread count, decides float results on CPU bit for bit.
+
+    Two processes with equal fingerprints (and equal code, inputs and threads) compute the same
+    bits; anything else may differ in the last place, and training amplifies that. Covers: the
+    CPU (vendor, model name, family/model/stepping), the instruction sets that change which
+    kernels run (``isa``), the kernel level ATen dispatches to (``ATEN_CPU_CAPABILITY`` can lower
+    it), the torch build and whether it has MKL, whether MoE expert matmuls use MKL's grouped GEMM
+    (``MOELAB_NO_MKL_BATCH``), and the compiler of moelab's C kernels (None: eager fallbacks,
+    ``MOELAB_NO_C_KERNELS``).
+    """
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu_vendor": info.get("vendor_id") or platform.machine(),
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        # family/model/stepping: a virtual machine's model name may hide the generation
+        "cpu_id": "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "isa": [f for f in _KERNEL_ISA if f in flags],
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available(),
+        "mkl_gemm_batch": mkl_gemm_batch(torch.float32) is not None,
+        "c_kernels": _compiler_version(),
+    }

@@ -8,6 +8,7 @@ commit, same torch build, same CPU, same thread count) or only within tolerance 
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -52,9 +53,36 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# meta.json fields that say where and by which version a dataset was prepared, not what it holds:
+# left out of the checksum, so the same data prepared in another checkout or folder has the same
+# identity ("source" entries keep what they counted, without their "path").
+META_LOCAL_FIELDS = ("tokenizer", "created_with")
+CHECKSUM_VERSION = 2  # 1 hashed meta.json verbatim (absolute paths included)
+
+
+def _meta_identity(raw: bytes) -> bytes:
+    """The path-independent part of a ``meta.json`` as canonical JSON (``raw`` itself when it is
+    not a JSON object)."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(meta, dict):
+        return raw
+    meta = {k: v for k, v in meta.items() if k not in META_LOCAL_FIELDS}
+    if isinstance(meta.get("source"), list):
+        meta["source"] = [
+            {k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s
+            for s in meta["source"]
+        ]
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
 def data_checksum(dataset_dir: Path) -> str | None:
-    """sha256 over a prepared dataset's ``meta.json`` and token files (None if absent), in name
-    order: two runs with equal checksums trained on the same tokens. (Reused across runs by
+    """sha256 over a prepared dataset's files (None if there are none), in name order: the token
+    and domain files and the tokenizer byte for byte, ``meta.json`` without the fields that name
+    a path (:data:`META_LOCAL_FIELDS`, each source's ``path``). Two runs with equal checksums
+    trained on the same tokens, wherever each checkout prepared them. (Reused across runs by
     :func:`moelab.data.dataset_checksum`, which keeps it in the per-user cache.)"""
     files = sorted(p for p in Path(dataset_dir).glob("*") if p.is_file())
     if not files:
@@ -62,6 +90,9 @@ def data_checksum(dataset_dir: Path) -> str | None:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
+        if path.name == "meta.json":
+            digest.update(_meta_identity(path.read_bytes()))
+            continue
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

@@ -71,9 +71,9 @@ def test_report_from_logged_runs(fake_runs, tmp_path):
     out = tmp_path / "report"
     res = build_report(list(fake_runs.values()), out, title="fixture report")
     md = res["markdown"].read_text()
-    # table: the two TopK seeds are one row with mean ± std; the dense run still has its row
+    # table: the two TopK seeds are one row with mean ± SD; the dense run still has its row
     assert "| topk | topk | 2 |" in md
-    assert "3.1500 ± 0.0500" in md
+    assert "3.1500 ± 0.0707" in md  # sample SD (ddof=1) of 3.10 and 3.20
     assert "| dense-seed0 | dense | 1 |" in md or "| dense | dense | 1 |" in md
     assert "loss: prose" in md and "loss: code" in md
     assert "no checkpoint: per-token analyses skipped" in md

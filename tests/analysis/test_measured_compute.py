@@ -100,3 +100,19 @@ def test_warning_uses_measured_compute(tmp_path: Path) -> None:
     warnings = comparability_warnings([topk, top_p], {})
     assert len(warnings) == 1 and "measured forward FLOPs per token differ" in warnings[0]
     assert not compute_matched([top_p], [topk])[1]
+
+
+def test_equal_compute_claim_needs_matched_measured_compute() -> None:
+    """paper-mini's ReMoE ran ~15% more expert FLOPs than TopK: its win is not one at equal
+    compute; TopK vs dense is matched (within 5%) and keeps its verdict."""
+    from moelab.analysis.claims import _beats, paper_mini_claims
+    from moelab.analysis.suite_data import load_suite
+
+    sd, why = load_suite(Path(__file__).parents[2] / "docs" / "results" / "paper-mini")
+    assert sd is not None, why
+    claims = {c: v for c, _, v in paper_mini_claims(sd)}
+    text, verdict = claims["ReMoE beats TopK MoE at equal active compute"]
+    assert "not equal compute" in text and verdict == "not shown (unequal compute)"
+    assert _beats(sd, "remoe", "topk")[1] == "yes"  # what the nominal count let it claim
+    text, verdict = claims["TopK MoE beats dense at equal active compute"]
+    assert "equal compute" in text and verdict == _beats(sd, "topk", "dense")[1]

@@ -135,13 +135,14 @@ def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     assert results.check_blocks(res) == []
     text = readme.read_text()
     assert text.startswith("# r\n\nprose\n\n") and text.endswith("\n\nmore prose\n")
-    assert "| remoe | 2 | 5.905 ± 0.005 | 2M | 20.5k |" in text
-    assert (
-        "| ReMoE beats TopK MoE at equal active compute | ReMoE Table 2 | val loss 5.905 vs "
-        "6.305 (difference -0.400); better on 2/2 seeds, on 2/2 domains | **yes** |" in text
-    )
+    assert "| remoe | 2 | 5.905 ± 0.007 | 2M | 20.5k |" in text  # sample SD (ddof=1)
+    line = text.split("| ReMoE beats TopK MoE at equal active compute | ReMoE Table 2 | ")[1]
+    line = line.split("\n")[0]
+    assert line.startswith("val loss 5.905 vs 6.305: difference -0.400 (95% CI -0.400 to -0.400")
+    assert "paired t-test over 2 seeds" in line and line.endswith("| **yes** |")
     assert "| TopK MoE beats dense at equal active compute | both papers |" in text
-    assert "**no** |" in text.split("TopK MoE beats dense")[1].split("\n")[0]
+    assert "**contradicted** |" in text.split("TopK MoE beats dense")[1].split("\n")[0]
+    assert results.RULE in text  # the rule, stated under the table
     assert "`moelab compare --suite paper-mini --out work/paper-mini`" in text
     assert "[per-run data](paper-mini/runs/)" in text
     assert "**`experts-scaling`**" in text and "no results committed yet" in text
@@ -157,7 +158,7 @@ def test_blocks_render_from_the_files_and_the_check_catches_drift(exported):
     assert any(str(readme) in p and "differs" in p for p in problems)
     # and so does a hand edit of the block
     summary.write_text(json.dumps(data))
-    readme.write_text(readme.read_text().replace("5.905 ± 0.005", "5.800 ± 0.005"))
+    readme.write_text(readme.read_text().replace("5.905 ± 0.007", "5.800 ± 0.007"))
     assert [p for p in results.check_blocks(res) if str(readme) in p]
 
 
@@ -181,6 +182,24 @@ def test_redraw_rewrites_the_report_and_plots_from_the_exported_files(exported):
     assert results.check_blocks(res)  # the index holds "old"; the suite's files are intact
     results.write_blocks(res)
     assert results.check_blocks(res) == []
+
+
+def test_redraw_recomputes_the_training_dynamics_from_the_metrics(exported):
+    """The dynamics are a function of metrics.jsonl alone, so a redraw computes them with this
+    code (a number written by an older version, e.g. a population SD, does not survive)."""
+    _, res = exported
+    pm = res / "paper-mini"
+    path = pm / "analysis.json"
+    dump = json.loads(path.read_text())
+    fresh = dump["remoe-seed0"]["results"]["dynamics"]
+    assert fresh["stages"]["min_sparsity"] is not None
+    stale = json.loads(json.dumps(fresh))
+    stale["stages"]["min_sparsity"] = 123.0
+    dump["remoe-seed0"]["results"]["dynamics"] = stale
+    path.write_text(json.dumps(dump))
+    redraw_suite(pm)
+    again = json.loads(path.read_text())["remoe-seed0"]["results"]["dynamics"]
+    assert again == fresh
 
 
 def test_the_committed_analysis_keeps_the_top_tokens_the_report_shows(exported):
@@ -300,6 +319,8 @@ def test_the_routers_suite_renders_its_table_and_table2_claims(tmp_path):
     text = "\n".join(results.render_suite("routers", work, "."))
     assert "| hash | hash | 6.040 | 1.00 |" in text  # run, method, val loss, experts/token
     for baseline in ("topk", "expert_choice", "hash", "sparsemixer", "lory"):
-        assert f"| ReMoE beats {baseline} at equal active compute | ReMoE Table 2 |" in text
+        assert f"| remoe beats {baseline} at equal active compute | ReMoE Table 2 |" in text
     assert "| hash beats dense | ReMoE Table 2 | val loss 6.040 vs 6.000" in text
+    hash_line = text.split("| hash beats dense |")[1].split("\n")[0]
+    assert "(one seed, no test)" in hash_line and "**not shown (1 seed)** |" in hash_line
     assert "| top_p beats dense | its paper |" in text

@@ -1,5 +1,6 @@
-"""The dataset checksum kept in the per-user cache: the same digest as computing it, recomputed
-when a file changes, and a broken cache costs only the hashing."""
+"""The dataset checksum: the same data prepared in two folders (from two checkouts) has one
+checksum, other data another; kept in the per-user cache with the same digest as computing it,
+recomputed when a file changes, and a broken cache costs only the hashing."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 from pathlib import Path
 
 from moelab import provenance
-from moelab.data import dataset_checksum
+from moelab.data import dataset_checksum, prepare
 from moelab.data.default import CHECKSUMS
+from moelab.data.tokenizer import SHIPPED_TOKENIZER
 
 
 def _dataset(root: Path) -> Path:
@@ -22,10 +24,57 @@ def _dataset(root: Path) -> Path:
 
 def _by_hand(root: Path) -> str:
     h = hashlib.sha256()
-    for name in ("meta.json", "train.bin"):
-        h.update(name.encode())
-        h.update((root / name).read_bytes())
+    meta = json.loads((root / "meta.json").read_text())  # hashed as sorted, compact JSON
+    h.update(b"meta.json" + json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    h.update(b"train.bin" + (root / "train.bin").read_bytes())
     return h.hexdigest()
+
+
+def _prepare_in(checkout: Path, texts: dict[str, str], **kw) -> Path:
+    """Prepare ``texts`` the way a user of a checkout at ``checkout`` would: inputs, tokenizer
+    copy and output all under that folder."""
+    corpus = checkout / "corpus"
+    corpus.mkdir(parents=True)
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    tokenizer = checkout / "tok" / "tokenizer.json"
+    tokenizer.parent.mkdir()
+    tokenizer.write_bytes(SHIPPED_TOKENIZER.read_bytes())
+    return prepare(corpus, checkout / "data", tokenizer=tokenizer, progress=False, **kw)
+
+
+TEXTS = {f"doc{i}.txt": f"Document number {i} is about topic {i % 3}." for i in range(8)}
+
+
+def test_same_data_prepared_in_two_folders_has_one_checksum(tmp_path, monkeypatch):
+    _cache(monkeypatch, tmp_path / "cache")
+    a = _prepare_in(tmp_path / "checkout-a", TEXTS)
+    b = _prepare_in(tmp_path / "elsewhere" / "checkout-b", TEXTS)
+    meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+    assert meta_a["source"][0]["path"] != meta_b["source"][0]["path"]  # the paths do differ
+    assert meta_a["tokenizer"] != meta_b["tokenizer"]
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert provenance.data_checksum(a) == provenance.data_checksum(b)
+    assert dataset_checksum(a) == dataset_checksum(b)
+
+    # ... while other tokens, another split or another domain name is other data
+    other = dict(TEXTS, **{"doc0.txt": "Another first document."})
+    c = _prepare_in(tmp_path / "c", other)
+    d = _prepare_in(tmp_path / "d", TEXTS, seed=1)
+    e = _prepare_in(tmp_path / "e", TEXTS, domain="news")
+    sums = {provenance.data_checksum(x) for x in (a, c, d, e)}
+    assert len(sums) == 4
+
+
+def test_a_cached_checksum_of_the_older_rule_is_recomputed(tmp_path, monkeypatch):
+    data, cache = _dataset(tmp_path / "data"), _cache(monkeypatch, tmp_path / "cache")
+    dataset_checksum(data)
+    entries = json.loads(cache.read_text())
+    entries[str(data.resolve())].pop("version")  # as written before the checksum ignored paths
+    entries[str(data.resolve())]["sha256"] = "0" * 64
+    cache.write_text(json.dumps(entries))
+    assert dataset_checksum(data) == _by_hand(data)
 
 
 def _cache(monkeypatch, root: Path) -> Path:

@@ -15,6 +15,7 @@ tiny model such differences stay below 1e-5 relative in the loss (measured: 0 to
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from run_fixtures import REMOE, TOPK, tiny_config
 STEPS = 4
 REL = 1e-5
 PEER = {"kind": "peer", "num_experts": 256, "heads": 2, "top_k": 4, "d_key": 16}
+AUX_FREE = {**TOPK, "router": "aux_free", "router_options": {"bias_update_rate": 0.05}}
 
 
 def one_process(
@@ -80,8 +82,12 @@ def assert_same_curve(got: list[dict], want: list[dict], rel: float = REL) -> No
         ({**TOPK, "balance_coef": 0.0, "z_loss_coef": 1e-2}, None),
         (TOPK, 2),  # Switch balance loss: per forward, i.e. per rank
         (PEER, 2),  # sparse row gradients, all-gathered (DDP cannot reduce them)
+        # balance_scope=global: f_e of the ranks' forwards summed, i.e. one forward of all 4
+        ({**TOPK, "router_options": {"balance_scope": "global"}}, None),
+        # aux-loss-free bias: updated from the step's loads summed over micro-batches and ranks
+        pytest.param(AUX_FREE, 2, marks=pytest.mark.slow),
     ],
-    ids=["dense", "topk-zloss", "topk-balance", "peer"],
+    ids=["dense", "topk-zloss", "topk-balance", "peer", "topk-global-balance", "aux-free"],
 )
 def test_two_ranks_match_one_process(
     ffn: dict, micro: int | None, tmp_path: Path, data_dir: Path
@@ -200,3 +206,37 @@ def test_fsdp2_matches_one_process_across_a_resume(
     got = [r for r in ranks[0]["metrics"] if r["kind"] == "train"]
     assert_same_curve(got, want)
     assert ranks[0]["lams"] == ranks[1]["lams"]
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_experts_over_their_copies(tmp_path: Path, data_dir: Path) -> None:
+    """4 ranks, FSDP2 with expert_parallel 2: each block of 2 experts is held by 2 ranks (a mesh
+    column), and FSDP2 shards it between them: a rank keeps 1 expert of each layer. The
+    one-process curve (4 forwards of 1 sequence) across a stop and resume, and the checkpoint of
+    step 2 resumes in one process to the same curve."""
+    want = one_process(data_dir, tmp_path / "one", REMOE, 1)
+    cfg = tiny_config(
+        data_dir,
+        ffn=REMOE,
+        data={"batch_size": 4},
+        train={"steps": STEPS},
+        checkpoint={"every": 2},
+        distributed={"data_parallel": "fsdp2", "expert_parallel": 2},
+    )
+    run = tmp_path / "run"
+    args = {"config": cfg.to_dict(), "run_dir": str(run)}
+    first = check_ok(
+        run_ranks(4, "train_run", {**args, "stop_after": 2}, tmp=tmp_path / "a", timeout=300)
+    )
+    for ranks in first:
+        assert ranks["expert_rows"] and set(ranks["expert_rows"].values()) == {1}
+    shutil.copytree(run, tmp_path / "copy")
+    ranks = check_ok(run_ranks(4, "train_run", {**args, "resume": True}, tmp=tmp_path / "b"))
+    got = [r for r in ranks[0]["metrics"] if r["kind"] == "train"]
+    assert_same_curve(got, want)
+    assert all(r["lams"] == ranks[0]["lams"] for r in ranks)
+    one = tiny_config(
+        data_dir, ffn=REMOE, data={"batch_size": 4, "micro_batch_size": 1}, train={"steps": STEPS}
+    )
+    train(one, tmp_path / "copy", resume=True)
+    assert_same_curve(RunDir(tmp_path / "copy").read_metrics("train"), want)

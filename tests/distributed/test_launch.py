@@ -11,6 +11,7 @@ from launcher import check_ok, run_ranks
 
 from moelab.config import ConfigError
 from moelab.distributed import LaunchEnv, check_layout
+from moelab.rundir import RunDir
 from moelab.train import RunConfig
 from run_fixtures import REMOE, tiny_config
 
@@ -121,6 +122,24 @@ def test_bad_setting_fails_every_rank_with_one_message(
     assert stderr.count("moelab: error: ") == 1, stderr
     assert setting.split("=")[0] in stderr
     assert not (tmp_path / "run").exists()  # failed before touching the run directory
+
+
+def test_default_run_dir_is_rank_0s(tmp_path: Path, data_dir: Path) -> None:
+    """Without --run-dir each rank would name runs/<name>-<time> from its own clock; with the
+    clocks 3 s apart (a busy machine) the ranks still train into rank 0's one directory."""
+    cfg = tiny_config(data_dir, ffn=REMOE, train={"steps": 2}, checkpoint={"every": 2})
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg.to_yaml(cfg_file)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = {"argv": ["train", "--config", str(cfg_file)], "cwd": str(work), "clock_skew_s": 3}
+    results = run_ranks(2, "cli", args, tmp=tmp_path / "ranks", timeout=120)
+    assert check_ok(results) == [0, 0]
+    (run,) = (work / "runs").iterdir()  # one directory, named from rank 0's clock
+    assert run.name.startswith("tiny-")
+    assert f"{run.name} (new run)" in results[0].stdout
+    assert [r["step"] for r in RunDir(run).read_metrics("train")] == [1, 2]
+    assert RunDir(run).latest_checkpoint() is not None
 
 
 def test_failing_rank_ends_every_rank(tmp_path: Path, data_dir: Path) -> None:

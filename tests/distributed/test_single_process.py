@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from moelab.data import BatchSampler, TokenDataset
-from moelab.distributed import SingleProcess, setup_parallel
-from moelab.layers import MoE
+from moelab.distributed import GroupSum, SingleProcess, rank0_choice, setup_parallel
+from moelab.distributed.rank_sum import hand_rank_sum
+from moelab.layers import MoE, RouterLoadHook, SparsityController
 from moelab.layers.dispatch import LocalDispatcher
 from run_fixtures import tiny_config
 
@@ -40,6 +41,26 @@ def test_one_process_setting_changes_nothing(data_dir: Path, monkeypatch) -> Non
     assert parallel.micro_batches(8, 2) == 4
     assert parallel.reduce_step(1.5, {"a": 2.0}, {}) == (1.5, {"a": 2.0}, {})
     assert parallel.step_report() == {}
+
+
+def test_parts_that_sum_over_ranks_get_the_sum_from_outside(monkeypatch) -> None:
+    """One process hands nothing (the parts sum nothing) and names its run directory itself; a
+    launch's sum reaches every such part of a model and the hooks, and a copy of the model
+    shares it (a communicator is not copied)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    moe = MoE(8, 16, 4, 2, balance_scope="global")
+    aux_free = MoE(8, 16, 4, 2, router="aux_free")
+    ctl, hook = SparsityController(target=0.5), RouterLoadHook.for_layers([aux_free])
+    parallel = SingleProcess()
+    parallel.parallelize(moe)
+    parallel.connect(ctl, hook)
+    assert moe.router.rank_sum is None and ctl.rank_sum is None and hook.rank_sum is None
+    assert rank0_choice("runs/x-20261207-120000") == "runs/x-20261207-120000"
+
+    group_sum = GroupSum(object(), torch.device("cpu"))  # never called here
+    hand_rank_sum([moe, ctl, hook], group_sum)
+    assert moe.router.rank_sum is ctl.rank_sum is hook.rank_sum is group_sum
+    assert copy.deepcopy(moe).router.rank_sum is group_sum
 
 
 class CountingDispatcher(LocalDispatcher):

@@ -156,6 +156,11 @@ def train_run(
             for n, p in trainer.model.named_parameters()
             if n not in sharded
         }
+        out["expert_rows"] = {  # rows of each expert tensor this rank keeps
+            n: (p.to_local() if hasattr(p, "to_local") else p).shape[0]
+            for n, p in trainer.model.named_parameters()
+            if n in sharded
+        }
         trainer.close()
         return 0
 
@@ -166,8 +171,68 @@ def train_run(
     return out
 
 
-def cli(rank: int, world: int, *, argv: list[str]) -> int:
-    """``moelab`` on this rank, as ``torchrun -m moelab`` runs it."""
+def cli(
+    rank: int, world: int, *, argv: list[str], cwd: str | None = None, clock_skew_s: float = 0
+) -> int:
+    """``moelab`` on this rank, as ``torchrun -m moelab`` runs it (in ``cwd``); this rank's clock
+    runs ``rank · clock_skew_s`` seconds late, as when ranks start in different seconds."""
+    import os
+    import time
+
     from moelab.cli import main
 
+    if cwd is not None:
+        os.chdir(cwd)
+    if clock_skew_s:
+        strftime, skew = time.strftime, rank * clock_skew_s
+        time.strftime = lambda fmt, t=None: strftime(  # type: ignore[assignment]
+            fmt, time.localtime(time.time() + skew) if t is None else t
+        )
     return main(argv)
+
+
+def clip_norm(rank: int, world: int, *, config: dict, max_norm: float) -> dict[str, float]:
+    """The same gradients twice: whole in one process (``moelab.train.optim.clip_grad_norm_``)
+    and split by this launch's layout (experts sliced, FSDP2 shards) through
+    ``DataParallel.clip_grad_norm_``; returns both norms and the largest relative difference of
+    the clipped gradients."""
+    from moelab.distributed import setup_parallel
+    from moelab.model import TransformerLM
+    from moelab.train import RunConfig
+    from moelab.train.optim import clip_grad_norm_
+
+    cfg = RunConfig.from_dict(config)
+    torch.manual_seed(0)
+    model = TransformerLM(cfg.model)
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    grads = {}
+    for i, (name, p) in enumerate(ref.named_parameters()):
+        g = torch.randn(p.shape, generator=gen) * 10.0 ** -(i % 4)
+        g.view(-1)[0] = 1.0  # many small entries and a large one (cf. the lm_head's gradient)
+        grads[name] = g
+        p.grad = g.clone()
+    want = float(clip_grad_norm_(ref.parameters(), max_norm))
+    parallel = setup_parallel(cfg, torch.device("cpu"))
+    parallel.parallelize(model)
+    for name, p in model.named_parameters():
+        g = grads[name]
+        if name in parallel.sharded:
+            lo = parallel.sharded[name].offset
+            g = g[lo : lo + p.shape[0]]
+        if hasattr(p, "to_local"):
+            from torch.distributed.tensor import distribute_tensor
+
+            g = distribute_tensor(g, p.device_mesh, p.placements)
+        p.grad = g.clone()
+    got = parallel.clip_grad_norm_(model, max_norm, clip_grad_norm_)
+    worst = 0.0
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        w = dict(ref.named_parameters())[name].grad
+        if name in parallel.sharded:
+            lo = parallel.sharded[name].offset
+            w = w[lo : lo + p.shape[0]]
+        worst = max(worst, float(((g - w).abs() / w.abs().clamp_min(1e-30)).max()))
+    parallel.close()
+    return {"got": got, "want": want, "clipped": worst}

@@ -8,7 +8,6 @@ import torch
 from moelab.layers import MoE, RoutingContext
 from moelab.layers.losses import switch_load_balance_loss
 from moelab.layers.routers import ROUTERS, router_options
-from moelab.layers.routers import balance as balance_mod
 from router_checks import assert_causal
 
 torch.set_num_threads(2)
@@ -92,7 +91,7 @@ def test_sequence_scope_needs_token_ids():
 
 def test_global_scope_sums_counts_over_ranks(monkeypatch):
     """With a fake second rank: f_e = (local + other counts) / ((local + other tokens) · k),
-    P_e stays local."""
+    P_e stays local; without a sum handed in (one process) the counts stay local."""
     torch.manual_seed(0)
     moe = MoE(8, 16, 4, 2, balance_scope="global", init_std=0.5)
     x = torch.randn(6, 8)
@@ -104,12 +103,10 @@ def test_global_scope_sums_counts_over_ranks(monkeypatch):
 
     other_counts, other_tokens = torch.tensor([9.0, 1.0, 1.0, 1.0]), 6.0
 
-    def fake_all_reduce(t):
-        t += other_counts.to(t.dtype) if t.numel() == 4 else other_tokens
+    def second_rank(t):  # the router sums its counts and its token count in one collective
+        return t + torch.cat([other_counts, torch.tensor([other_tokens])]).to(t.dtype)
 
-    monkeypatch.setattr(balance_mod.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(balance_mod.dist, "get_backend", lambda: "gloo")
-    monkeypatch.setattr(balance_mod.dist, "all_reduce", fake_all_reduce)
+    moe.router.set_rank_sum(second_rank)  # what moelab.distributed hands in under a launch
     moe(x)
     counts = moe.last_stats.tokens_per_expert.double() + other_counts.double()
     probs = (x @ moe.router.weight.T).softmax(-1).double()
@@ -118,6 +115,20 @@ def test_global_scope_sums_counts_over_ranks(monkeypatch):
     # the local call alone would give another value: the counts really were summed
     local = switch_load_balance_loss(probs, moe.last_stats.tokens_per_expert, None, 2)
     assert not torch.isclose(local, want)
+
+
+def test_global_scope_is_per_forward_not_per_step():
+    """As docs/moe.md says: ``global`` sums one forward's counts over the ranks; the micro-batches
+    of a step are not added up, so a forward's loss does not depend on the forwards before it."""
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 4, 2, balance_scope="global", init_std=0.5)
+    moe.router.set_rank_sum(lambda t: 2 * t)  # two ranks that saw the same tokens
+    x1, x2 = torch.randn(6, 8), 3 * torch.randn(6, 8)
+    moe(x2)
+    alone = moe.aux_losses["load_balance"].detach().clone()
+    moe(x1)
+    moe(x2)  # the step's second micro-batch
+    torch.testing.assert_close(moe.aux_losses["load_balance"].detach(), alone, rtol=0, atol=0)
 
 
 def test_balance_scope_keeps_routing_causal():

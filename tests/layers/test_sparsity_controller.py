@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moelab.distributed.rank_sum import GroupSum
 from moelab.layers import MoE, SparsityController
 from moelab.layers.base import RoutingStats
 from moelab.layers.sparsity_controller import LAMBDA_MIN, next_lambda
@@ -179,11 +180,14 @@ def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        ctl = SparsityController(target=0.5, lambda0=1.0, alpha=2.0, per_layer=True)
         # rank 0 sees sparsities (0.9, 0.2) on 100 outputs per layer, rank 1 (0.7, 0.2) on 300
         counts = [(10, 100), (80, 100)] if rank == 0 else [(90, 300), (240, 300)]
+        local = SparsityController(target=0.5)  # never handed a sum: never asks the default group
+        local.observe([_FakeLayer(nz, t) for nz, t in counts])
+        ctl = SparsityController(target=0.5, lambda0=1.0, alpha=2.0, per_layer=True)
+        ctl.set_rank_sum(GroupSum(dist.group.WORLD, torch.device("cpu")))  # as distributed/ does
         ctl.observe([_FakeLayer(nz, t) for nz, t in counts])
-        out[rank] = (ctl.step(), ctl.last_layer_sparsity, ctl.layer_lams)
+        out[rank] = (ctl.step(), ctl.last_layer_sparsity, ctl.layer_lams, local.step())
     finally:
         dist.destroy_process_group()
 
@@ -198,8 +202,9 @@ def test_step_all_reduces_counts_across_ranks():
     mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
     # token-weighted over ranks: layer 0: 1 - 100/400, layer 1: 1 - 320/400; overall 1 - 420/800
     for rank in (0, 1):
-        sparsity, layers, lams = out[rank]
+        sparsity, layers, lams, local = out[rank]
         assert sparsity == pytest.approx(1 - 420 / 800)
+        assert local == pytest.approx(1 - 90 / 200 if rank == 0 else 1 - 330 / 600)
         assert layers == pytest.approx([0.75, 0.2])
         assert lams == [0.5, 2.0]  # both ranks take the same decision
 

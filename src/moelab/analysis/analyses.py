@@ -40,8 +40,9 @@ def dynamics(
     curves: TrainingCurves, target: float | None, tolerance: float = 0.03, collapse_at: float = 0.98
 ) -> dict:
     """Training dynamics: final LM loss, aux losses, and for ReMoE runs the three stages, the
-    settling step, settled sparsity mean ± std vs target, per layer too, and the layers whose
-    sparsity averaged ``>= collapse_at`` over the last five logged steps (collapsed layers)."""
+    settling step, settled sparsity mean ± within-run SD (ddof=1) vs target, per layer too, and
+    the layers whose sparsity averaged ``>= collapse_at`` over the last five logged steps
+    (collapsed layers)."""
     out: dict[str, Any] = {
         "steps": int(curves.steps[-1]) if curves.steps.size else 0,
         "final_loss": float(curves.loss[-1]) if curves.loss.size else float("nan"),
@@ -56,7 +57,8 @@ def dynamics(
                 tail = s[(curves.steps >= st.settle_step) & np.isfinite(s)]
                 per_layer[lk] = {
                     "mean": float(tail.mean()) if tail.size else float("nan"),
-                    "std": float(tail.std()) if tail.size else float("nan"),
+                    # within-run spread: sample SD (ddof=1) over the logged steps
+                    "std": float(tail.std(ddof=1)) if tail.size >= 2 else float("nan"),
                 }
             else:
                 per_layer[lk] = {"final": float(s[np.isfinite(s)][-1])}
@@ -145,7 +147,9 @@ def domain_analysis(trace: RoutingTrace) -> dict:
 
 
 def stability(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict:
-    """Flip rates per layer between two traces of the same tokens (two checkpoints of one run)."""
+    """Flip rates per layer between two traces of the same tokens (two checkpoints of one run):
+    the assignment flip rate per layer and its mean over layers (the reports' flip rate), and
+    the token flip rate over routed tokens (:func:`moelab.analysis.stats.flip_rate`)."""
     if not np.array_equal(trace_a.token_ids_T, trace_b.token_ids_T):
         raise ValueError("stability: the two traces were not collected on the same tokens")
     out, skipped = {}, []
@@ -165,10 +169,13 @@ def stability(trace_a: RoutingTrace, trace_b: RoutingTrace) -> dict:
             la.num_experts,
         )
     rates = [v["token_flip_rate"] for v in out.values()]
+    assign = [v["assignment_flip_rate"] for v in out.values()]
     return _clean(
         {
             "layers": out,
             "mean_token_flip_rate": float(np.mean(rates)) if rates else None,
+            # the reports' flip rate: defined on assignments, per layer, then averaged
+            "mean_assignment_flip_rate": float(np.mean(assign)) if assign else None,
             # no per-assignment arrays kept for these (collect with store_flat=True)
             "skipped_layers": skipped,
         }

@@ -95,7 +95,7 @@ def plot_dynamics(
                     ls=":",
                     lw=1.2,
                     label=f"settled at step {stages.settle_step}: "
-                    f"{stages.settled_mean:.4f} ± {stages.settled_std:.4f}",
+                    f"{stages.settled_mean:.4f} (SD over steps {stages.settled_std:.4f})",
                 )
         ax.set_ylabel("sparsity (zero router\noutputs, fraction)")
         ax.set_ylim(-0.02, 1.02)
@@ -314,7 +314,7 @@ def plot_metric_bars(
     """One number per group (e.g. final validation loss per method) over its seeds, twice.
 
     Left, bars from zero, so their heights compare honestly (an axis starting just below the
-    smallest bar turns a 0.02 difference into a visible gap), labelled with mean ± std. Right,
+    smallest bar turns a 0.02 difference into a visible gap), labelled with mean ± sample SD. Right,
     each group's difference to the lowest mean on an axis centred on zero, so small differences
     are readable and plainly labelled as differences. Seeds are drawn as dots; a group with a
     single seed gets no error bar (it has no spread to show)."""
@@ -331,7 +331,7 @@ def plot_metric_bars(
         color, m = f"C{i % 10}", means[n]
         a1.bar(i, m, color=color, alpha=0.85)
         if len(v) > 1:
-            sd = float(np.std(v))
+            sd = float(np.std(v, ddof=1))  # sample SD over seeds
             a1.errorbar(i, m, yerr=sd, color="k", capsize=4, lw=1.2)
             a2.errorbar(i, m - best, yerr=sd, color=color, capsize=4, lw=1.5, marker="_", ms=14)
             label = f"{m:.3f}\n± {sd:.3f}\n({len(v)} seeds)"
@@ -358,7 +358,7 @@ def plot_metric_bars(
     a1.set_title("mean over seeds (bars from zero)", fontsize=9)
     a2.axhline(0, color="k", lw=0.8)
     a2.set_ylabel("difference to the lowest mean")
-    a2.set_title("difference to the lowest mean (dots: seeds; bars: ± std)", fontsize=9)
+    a2.set_title("difference to the lowest mean (dots: seeds; bars: ± sample SD)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -2,8 +2,8 @@
 
 A report is built as a list of sections (text, tables, images) and rendered twice
 (:mod:`moelab.analysis.render`), so Markdown and HTML always say the same thing. Runs sharing a
-name up to a ``-seedN`` suffix (or grouped explicitly) are averaged: numbers are shown as mean ± std
-over seeds (:mod:`moelab.analysis.tables`).
+name up to a ``-seedN`` suffix (or grouped explicitly) are averaged: numbers are shown as
+mean ± sample SD (ddof=1) over seeds (:mod:`moelab.analysis.tables`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from moelab.analysis import analyses
 from moelab.analysis.compute import compute_text
@@ -37,21 +34,10 @@ from moelab.analysis.origin import (
 )
 from moelab.analysis.render import Section, render
 from moelab.analysis.report_plots import plot_sections
-from moelab.analysis.runs import RunRecord, read_run, sparsity_target, training_curves
+from moelab.analysis.runs import RunAnalysis, RunRecord, read_run, sparsity_target, training_curves
 from moelab.analysis.settings import comparability_warnings, settings_table
 from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
 from moelab.rundir import RunDir
-
-
-@dataclass
-class RunAnalysis:
-    """Everything computed for one run (JSON-able ``results``, plus a note on what was skipped)."""
-
-    record: RunRecord
-    results: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    z_primes: dict[str, np.ndarray] = field(default_factory=dict)
-
 
 ANALYSIS_FILE = "analysis.json"
 
@@ -236,8 +222,8 @@ def write_report(
     sections.append(
         Section(
             "Runs",
-            f"Runs: {names}. Numbers are mean ± std over seeds where a run has several. Validation "
-            "loss in nats/token. " + compute_text(records),
+            f"Runs: {names}. Numbers are mean ± sample SD (ddof=1) over seeds where a run has "
+            "several. Validation loss in nats/token. " + compute_text(records),
             runs_table(grouped),
         )
     )
@@ -250,8 +236,9 @@ def write_report(
             "tokens. Rare − frequent: mean active experts of the rarest minus the most frequent "
             "fifth of the vocabulary. Domain KL: mean KL(domain ‖ all) of expert distributions. "
             "Usage/unevenness: "
-            "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: share of validation "
-            "tokens whose experts changed between the last two checkpoints.",
+            "PEER §3.3 (unevenness 0 = even, log N = one expert). Flip rate: per layer, the share "
+            "of the (token, expert) assignments made at either of the last two checkpoints that "
+            "only one made (tokens routed nowhere at both are no assignments), mean over layers.",
             analysis_table(ra_grouped),
         )
     )
@@ -306,7 +293,9 @@ def write_analysis(path: Path, dump: dict[str, Any]) -> None:
 def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]:
     """The per-run analyses saved in ``out/analysis.json``, keyed like :func:`write_report`'s
     ``results``, for ``records`` (ValueError naming a run the file lacks). Raw per-expert gate
-    masses (the PEER/PKM usage plot) are not saved, so they come back empty."""
+    masses (the PEER/PKM usage plot) are not saved, so they come back empty. The training
+    dynamics depend only on the run's ``metrics.jsonl``, so they are recomputed rather than read
+    back: a redrawn report shows them as the current code computes them."""
     path = out / ANALYSIS_FILE
     try:
         dump = json.loads(path.read_text("utf-8"))
@@ -317,7 +306,11 @@ def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]
         name = Path(rec.path).name
         if name not in dump:
             raise ValueError(f"{path}: has no analysis of run {name!r}")
-        results[str(rec.path)] = RunAnalysis(rec, dump[name]["results"], dump[name]["notes"])
+        saved = dump[name]["results"]
+        if "dynamics" in saved:  # a pure function of metrics.jsonl: recomputed by this code
+            tol = (saved["dynamics"].get("stages") or {}).get("tolerance", 0.03)
+            saved["dynamics"] = analyses.dynamics(training_curves(rec), sparsity_target(rec), tol)
+        results[str(rec.path)] = RunAnalysis(rec, saved, dump[name]["notes"])
     return results
 
 

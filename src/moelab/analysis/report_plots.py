@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,11 +16,8 @@ from moelab.analysis import plots
 from moelab.analysis.compute import plot_loss_vs_flops
 from moelab.analysis.figures import compact_png
 from moelab.analysis.render import Section
-from moelab.analysis.runs import RunRecord, training_curves
+from moelab.analysis.runs import RunAnalysis, RunRecord, training_curves
 from moelab.analysis.stats import SparsityStages
-
-if TYPE_CHECKING:
-    from moelab.analysis.report import RunAnalysis
 
 
 def _safe(name: str) -> str:
@@ -74,8 +70,8 @@ def plot_sections(
             "right at the same step. "
         )
     text += (
-        "Bars start at zero; the numbers on them are mean ± std over seeds (a single seed "
-        "has no error bar), the dots the individual seeds."
+        "Bars start at zero; the numbers on them are mean ± sample SD (ddof=1) over seeds (a "
+        "single seed has no error bar), the dots the individual seeds."
     )
     secs.append(Section("Loss curves", text, images=imgs))
 

@@ -41,6 +41,14 @@ from moelab.rundir import RunDir
 
 # ----------------------------------------------------------------------------- rendering
 
+RULE = (
+    "Verdicts: a paired t-test over matched seeds (same seed, same data order); **yes** when the "
+    "95% confidence interval of the mean difference excludes zero in the claimed direction, "
+    "**contradicted** when it excludes zero the other way, **not shown** otherwise; with one "
+    "seed **indicative** at most. ± is the sample SD over seeds (ddof=1); flip rate is per layer "
+    "on (token, expert) assignments; sparsity is judged per layer against its within-run SD."
+)
+
 
 def _provenance_line(sd: SuiteData) -> str:
     values: dict[str, list[str]] = {}
@@ -61,7 +69,9 @@ def _provenance_line(sd: SuiteData) -> str:
 
 
 def _loss_table(sd: SuiteData) -> list[str]:
-    rows = [["run", "seeds", "val loss (nats/token)", "measured FLOPs/token", "tokens seen"]]
+    rows = [
+        ["run", "seeds", "val loss (nats/token, mean ± SD)", "measured FLOPs/token", "tokens seen"]
+    ]
     for g, names in sd.groups.items():
         recs = [sd.runs[n] for n in names]
         tok = {_si(r.summary.get("tokens")) for r in recs}
@@ -216,11 +226,13 @@ def _extra_table(sd: SuiteData) -> list[str]:
 
 def _claims_table(sd: SuiteData) -> list[str]:
     fn = CLAIMS.get(sd.name)
-    rows = [["claim", "paper", "here", "reproduced?"]]
+    rows = [["claim", "paper", "here (test and outcome)", "verdict"]]
     for claim, paper, res in fn(sd) if fn else []:
         if res is not None:
             rows.append([claim, paper, res[0], f"**{res[1]}**"])
-    return ["", *_table(rows)] if len(rows) > 1 else []
+    if len(rows) == 1:
+        return []
+    return ["", *_table(rows), "", RULE]
 
 
 def _runs_table(sd: SuiteData, base: str) -> list[str]:

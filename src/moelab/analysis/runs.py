@@ -116,6 +116,16 @@ def _num(v: Any) -> float:
 
 
 @dataclass
+class RunAnalysis:
+    """Everything computed for one run (JSON-able ``results``, plus a note on what was skipped)."""
+
+    record: RunRecord
+    results: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    z_primes: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
 class TrainingCurves:
     """Training-line series aligned on ``steps`` (NaN where a line lacks a value)."""
 

@@ -85,8 +85,8 @@ def detect_sparsity_stages(
     * end of the dense stage: before settling, sparsity first falls to its minimum ``S_min``
       (ReLU routers start near 0.5 and the LM loss turns experts on); stage I ends at the last
       step before the curve has climbed ``rise_fraction`` of the way from ``S_min`` to the target.
-    * the settled sparsity mean ± std over stage III (the paper reports 0.8751 ± 0.0061 for a
-      target of 0.875, E=8, k=1).
+    * the settled sparsity mean ± its within-run sample SD (ddof=1) over the logged steps of
+      stage III (the paper reports 0.8751 ± 0.0061 for a target of 0.875, E=8, k=1).
     """
     steps = np.asarray(steps)
     s = np.asarray(sparsity, dtype=np.float64)
@@ -107,7 +107,8 @@ def detect_sparsity_stages(
     i_dense_end = max(i_dense_end, i_min)
     if i_settle is not None:
         tail = s[i_settle:]
-        mean, std = float(tail.mean()), float(tail.std())
+        mean = float(tail.mean())
+        std = float(tail.std(ddof=1)) if tail.size >= 2 else float("nan")
     else:
         mean = std = float("nan")
     return SparsityStages(
@@ -275,18 +276,21 @@ def flip_rate(
 ) -> dict[str, float]:
     """Routing change between two snapshots on the same tokens (ReMoE §5.4: steadier routing).
 
-    ``token_flip_rate``: fraction of tokens whose set of active experts differs (for top-1
-    routing, the fraction whose expert changed). ``assignment_flip_rate``: fraction of the
-    (token, expert) pairs active in either snapshot that are active in only one,
-    ``|A Δ B| / |A ∪ B|``.
+    ``assignment_flip_rate`` (the reports' flip rate): fraction of the (token, expert) pairs
+    active in either snapshot that are active in only one, ``|A Δ B| / |A ∪ B|``.
+    ``token_flip_rate``: among the tokens routed to at least one expert in either snapshot, the
+    fraction whose set of active experts differs (for top-1 routing, whose expert changed). A
+    token routed nowhere in both snapshots made no decision, so it counts in neither: counting it
+    as unchanged would make a collapsed layer (most tokens routed nowhere) look steady.
     """
     a = np.unique(np.asarray(token_idx_a, np.int64) * num_experts + np.asarray(expert_idx_a))
     b = np.unique(np.asarray(token_idx_b, np.int64) * num_experts + np.asarray(expert_idx_b))
     sym = np.setxor1d(a, b, assume_unique=True)
     union = np.union1d(a, b).size
     changed_tokens = np.unique(sym // num_experts).size
+    routed_tokens = np.unique(np.concatenate([a, b]) // num_experts).size
     return {
-        "token_flip_rate": changed_tokens / num_tokens if num_tokens else float("nan"),
+        "token_flip_rate": changed_tokens / routed_tokens if routed_tokens else 0.0,
         "assignment_flip_rate": sym.size / union if union else 0.0,
     }
 
@@ -345,9 +349,10 @@ def top_tokens_per_expert(
 
 
 def mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:
-    """Mean and (population) std over seeds, ignoring NaN; (nan, nan) when nothing is finite."""
+    """Mean and sample SD (ddof=1) over seeds, ignoring NaN; the SD is NaN for a single value,
+    both are NaN when nothing is finite."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std())
+    return float(v.mean()), float(v.std(ddof=1)) if v.size >= 2 else float("nan")

@@ -96,7 +96,9 @@ def load_suite(path: str | Path) -> tuple[SuiteData | None, str]:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     v = np.asarray(values, dtype=np.float64)
-    return (float(v.mean()), float(v.std())) if v.size else (math.nan, math.nan)
+    if not v.size:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size >= 2 else math.nan
 
 
 def _pm(values: list[float], digits: int = 3, pct: bool = False) -> str:

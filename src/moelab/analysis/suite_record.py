@@ -8,15 +8,24 @@ Read by the report, the export into docs/results and the generated results block
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from moelab.analysis.suites import PlannedRun
+from typing import Any
 
 RUNS_SUBDIR = "runs"  # a suite's runs live in OUT/runs/NAME-seedS (and docs/results/SUITE/runs/)
 SUITE_FILE = "suite.json"  # what was run, by which command, on which code and machine
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of a suite: its group name, seed, directory and full override list."""
+
+    group: str
+    seed: int
+    run_dir: Path
+    preset: str
+    overrides: tuple[str, ...]
 
 
 def now() -> str:

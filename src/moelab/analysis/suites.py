@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from moelab.analysis.origin import check_same_code
 from moelab.analysis.report import build_report
 from moelab.analysis.suite_record import (
     RUNS_SUBDIR,
+    PlannedRun,
     now,
     report_title,
     suite_record,
@@ -128,19 +128,15 @@ SUITES: dict[str, dict[str, Any]] = {
             name: {"preset": preset, "overrides": overrides}
             for name, preset, overrides in ROUTER_RUNS
         },
+        # the paper whose baselines these runs rerun: its method's run and the baseline runs
+        # (ReMoE Table 2: 182M active parameters, E=8, k=1); the claims compare them
+        "paper": {
+            "name": "ReMoE Table 2",
+            "method": "remoe",
+            "baselines": ["topk", "expert_choice", "hash", "sparsemixer", "lory"],
+        },
     },
 }
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One training run of a suite: its group name, seed, directory and full override list."""
-
-    group: str
-    seed: int
-    run_dir: Path
-    preset: str
-    overrides: tuple[str, ...]
 
 
 def get_suite(name: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The report's tables: runs side by side and the headline routing numbers, mean ± std over seeds.
+"""The report's tables: runs side by side and the headline routing numbers, mean ± sample SD
+(ddof=1) over seeds.
 
 Cells are plain strings, so the same rows render to Markdown and HTML
 (:mod:`moelab.analysis.render`).
@@ -103,8 +104,18 @@ def runs_table(grouped: dict[str, list[RunRecord]]) -> list[list[str]]:
     return rows
 
 
+def assignment_flips(res: Results) -> float | None:
+    """The flip rate a report shows: the assignment flip rate, mean over layers (recomputed from
+    the per-layer values for analyses saved before the mean was)."""
+    st = res["stability"]
+    if st.get("mean_assignment_flip_rate") is not None:
+        return float(st["mean_assignment_flip_rate"])
+    v = [x["assignment_flip_rate"] for x in st["layers"].values()]
+    return float(np.mean(v)) if v else None
+
+
 def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
-    """Per group, mean ± std over seeds of the headline routing numbers."""
+    """Per group, mean ± sample SD (ddof=1) over seeds of the headline routing numbers."""
     header = [
         "run",
         "settle step",
@@ -145,8 +156,10 @@ def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
         target = next((t for t in targets if t is not None), None)
         settled_means = col(lambda r: r["dynamics"]["stages"]["settled_mean"])
         settled = _pm(settled_means, 4)
-        if len(runs) == 1 and settled_means[0] is not None:  # one seed: the std over steps
-            settled += f" ± {runs[0]['dynamics']['stages']['settled_std']:.4f}"
+        stages = ((runs[0].get("dynamics") or {}).get("stages") or {}) if len(runs) == 1 else {}
+        within = stages.get("settled_std")
+        if settled_means[0] is not None and within is not None:  # one seed: SD over steps
+            settled += f" (SD over steps {within:.4f})"
         if target is not None:
             settled += f" ({target:.3f})"
         rows.append(
@@ -167,14 +180,14 @@ def analysis_table(grouped: dict[str, list[Results]]) -> list[list[str]]:
                 _pm(col(lambda r: r["domains"]["mean_kl"]), 4),
                 _pm(col(lambda r: layer_mean(r, "usage", "usage")), 3),
                 _pm(col(lambda r: layer_mean(r, "usage", "unevenness")), 3),
-                _pm(col(lambda r: r["stability"]["mean_token_flip_rate"]), 3),
+                _pm(col(assignment_flips), 3),
             ]
         )
     return rows
 
 
 def eval_loss_table(grouped: dict[str, list[Results]]) -> list[list[str]] | None:
-    """Per group, the analysis pass's loss per domain (mean ± std over seeds); None if no run
+    """Per group, the analysis pass's loss per domain (mean ± SD over seeds); None if no run
     had an analysis pass."""
     domains: list[str] = []
     for runs in grouped.values():

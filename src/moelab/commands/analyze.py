@@ -71,7 +71,8 @@ def print_summary(name: str, res: dict[str, Any], notes: list[str]) -> None:
             print(
                 f"  ReMoE stages: dense until step {st['dense_end']}, settled at step "
                 f"{st['settle_step']} (|S - {st['target']:.4f}| <= {st['tolerance']}); "
-                f"sparsity after settling {_f(st['settled_mean'])} ± {_f(st['settled_std'])}"
+                f"sparsity after settling {_f(st['settled_mean'])} (SD over steps "
+                f"{_f(st['settled_std'])})"
             )
             for lk, v in dyn.get("layer_sparsity", {}).items():
                 print(f"    layer {lk}: " + ", ".join(f"{k} {_f(x)}" for k, x in v.items()))
@@ -106,8 +107,9 @@ def print_summary(name: str, res: dict[str, Any], notes: list[str]) -> None:
     stab = res.get("stability")
     if stab:
         print(
-            f"  stability {stab['checkpoints'][0]} -> {stab['checkpoints'][1]}: token flip "
-            f"rate {_f(stab['mean_token_flip_rate'])}"
+            f"  stability {stab['checkpoints'][0]} -> {stab['checkpoints'][1]}: assignment "
+            f"flip rate {_f(stab.get('mean_assignment_flip_rate'))} (mean over layers), token "
+            f"flip rate {_f(stab['mean_token_flip_rate'])}"
         )
     for lk, v in (res.get("usage") or {}).items():
         print(

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write report.md + report.html comparing finished runs",
         description="Compare finished runs side by side: a table (method, active/total params, "
         "FLOPs/token, tokens, final validation loss/perplexity overall and per domain, tokens/s; "
-        "seeds named NAME-seedN are averaged as mean ± std) and the routing analyses as PNG plots "
+        "seeds named NAME-seedN are averaged as mean ± SD) and the routing analyses as PNG plots "
         "(training dynamics with ReMoE's stages, expert load, active experts vs token frequency, "
         "domain specialisation, PEER/PKM usage), headed by the runs' provenance, their settings "
         "and warnings (different code, unmatched FLOPs or tokens, different data). Writes "

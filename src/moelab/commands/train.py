@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         preset = None if args.config else (args.preset or DEFAULT_PRESET)
         config = resolve_run_config(preset=preset, config_file=args.config, overrides=overrides)
         name = preset or Path(args.config).stem
-        run_dir = Path(args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(args.run_dir or default_run_dir(name, config.distributed.timeout_s))
     if args.print_config:
         print(dump_yaml(config), end="")
         acc = accounting(config.model)
@@ -97,6 +97,14 @@ def _run(args: argparse.Namespace) -> int:
         trainer.close()
         return 0
     return 130 if run_and_report(trainer, run_dir) is None else 0
+
+
+def default_run_dir(name: str, timeout_s: float) -> str:
+    """``runs/<name>-<time>``, from rank 0's clock on every rank of a ``torchrun`` launch (ranks
+    that start in different seconds would otherwise write different directories)."""
+    from moelab.distributed import rank0_choice
+
+    return rank0_choice(f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}", timeout_s)
 
 
 def run_and_report(trainer, run_dir: Path) -> dict | None:  # noqa: ANN001 - a Trainer

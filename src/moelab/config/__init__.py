@@ -40,7 +40,7 @@ from moelab.config.convert import (
     from_dict,
     to_dict,
 )
-from moelab.config.text import apply_overrides, parse_override
+from moelab.config.text import apply_overrides, parse_override, yaml_problem
 
 __all__ = [
     "Config",
@@ -52,7 +52,9 @@ __all__ = [
     "from_dict",
     "load_config",
     "parse_override",
+    "read_yaml",
     "to_dict",
+    "yaml_problem",
 ]
 
 C = TypeVar("C")
@@ -121,10 +123,9 @@ def load_config(
 ) -> C:
     """Build ``cls`` from a dict or a YAML file, after applying dotted ``overrides`` to the data."""
     if isinstance(source, str | Path):
-        text = Path(source).read_text()
-        data = yaml.safe_load(text)
-        if data is None:
-            data = {}
+        data = read_yaml(source)
+        if data is None:  # a run's config.yaml emptied by a crash must not load as the defaults
+            raise ConfigError("", f"{source}: the file is empty (no configuration in it)")
         if not isinstance(data, Mapping):
             raise ConfigError(
                 "", f"{source}: expected a YAML mapping at top level, got {_show(data)}"
@@ -133,6 +134,23 @@ def load_config(
         data = source or {}
     data = apply_overrides(cls, data, overrides)
     return from_dict(cls, data)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The data of a YAML file (None for an empty one); ConfigError with the file, line and column
+    for text that is not YAML or not UTF-8, and for a file that cannot be read."""
+    try:
+        text = Path(path).read_text("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            "", f"{path}: not UTF-8 text (byte {err.start}); is it a YAML file?"
+        ) from None
+    except OSError as err:
+        raise ConfigError("", f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{path}: not valid YAML ({yaml_problem(err)})") from None
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -106,7 +106,12 @@ def _parse_text(raw: str, tp: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     text = raw.strip()
     if tp is Any:
-        return yaml.safe_load(text) if text else ""
+        try:
+            return yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:  # an unclosed [ or {: say so, with the field
+            raise ConfigError(
+                path, f"could not parse {raw!r}: {yaml_problem(e, lines=False)}"
+            ) from None
     if _is_union(tp):
         if text.lower() in _NONE_WORDS and type(None) in args:
             return None
@@ -129,7 +134,9 @@ def _parse_text(raw: str, tp: Any, path: str) -> Any:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(path, f"could not parse {raw!r} as a mapping: {e}") from None
+            raise ConfigError(
+                path, f"could not parse {raw!r} as a mapping: {yaml_problem(e, lines=False)}"
+            ) from None
         return _convert(value, tp, path) if origin is dict else value
     if tp is bool:
         low = text.lower()
@@ -158,6 +165,18 @@ def _parse_text(raw: str, tp: Any, path: str) -> Any:
     if tp is str:
         return _unquote(text)
     raise ConfigError(path, f"cannot parse a {_type_name(tp)} from the command line")
+
+
+def yaml_problem(err: yaml.YAMLError, lines: bool = True) -> str:
+    """One line for a YAML parser's error (its own text spans several): the problem and where
+    (``line L, column C``, 1-based; the column only for one-line override values)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return problem
+    if not lines:
+        return f"{problem} (column {mark.column + 1})"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _unquote(text: str) -> str:

@@ -194,10 +194,11 @@ class TextSource:
             try:
                 text = file.read_text("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"input {file}: not UTF-8 text ({err}); leave its extension out "
-                    "with --extensions"
-                ) from err
+                raise ValueError(  # not "drop its extension": that would drop every .txt
+                    f"input {file}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                    f"offset {err.start}); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) "
+                    "or move it out of the input"
+                ) from None
             yield Document(text, self._domain(file))
 
     def describe(self) -> dict[str, Any]:

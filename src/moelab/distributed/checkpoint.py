@@ -7,11 +7,12 @@ RNG, the optimizer's hyper-parameters and the layout the run was saved with.
 
 Every tensor is saved with its *global* shape: replicated tensors once, expert weights (and their
 Adam moments) under expert parallelism as ``DTensor`` shards of the full ``[E, ...]`` tensor
-(placements ``Replicate()`` over the ``edp`` mesh dimension, ``Shard(0)`` over ``ep``), FSDP2's
-``DTensor`` parameters as they are. Loading asks DCP for this rank's part in the current layout,
-so a run saved on N ranks resumes on M ranks (another expert-parallel size, DDP ↔ FSDP2, or one
-process) whenever the config validates for M (``data.batch_size`` divisible by M, ...): the same
-global batches in the same order, the same weights.
+(placements ``Replicate()`` over the ``edp`` mesh dimension, ``Shard(0)`` over ``ep``; when FSDP2
+also shards each block over its ``edp`` copies, ``(Shard(0), Shard(0))`` over the ``(ep, edp)``
+mesh), FSDP2's ``DTensor`` parameters as they are. Loading asks DCP for this rank's part in the
+current layout, so a run saved on N ranks resumes on M ranks (another expert-parallel size,
+DDP ↔ FSDP2, or one process) whenever the config validates for M (``data.batch_size`` divisible
+by M, ...): the same global batches in the same order, the same weights.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def _wrap(t: Tensor, spec: ShardedParam | None, parallel: SingleProcess) -> Tens
 
     shape = torch.Size(spec.global_shape)
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(
-        t, parallel.topo.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=stride
-    )
+    if isinstance(t, DTensor):  # FSDP2 also split the block over its edp copies: (ep, edp) rows
+        mesh, placements, t = parallel.expert_mesh, [Shard(0), Shard(0)], t.to_local()
+    else:  # the whole block, the same on every edp copy
+        mesh, placements = parallel.topo.mesh, [Replicate(), Shard(0)]
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def _tensors(

@@ -8,11 +8,14 @@ MoE layer (parallel folding: the expert-parallel group is folded onto the data-p
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from moelab.config import Config, check
 
-__all__ = ["DistributedConfig"]
+if TYPE_CHECKING:
+    from moelab.model import ModelConfig
+
+__all__ = ["DistributedConfig", "LaunchConfig"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -36,3 +39,39 @@ class DistributedConfig(Config):
         ep = self.expert_parallel
         check(ep >= 1, "expert_parallel", f"must be a positive integer, got {ep}")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+class DataSection(Protocol):
+    """What a launch reads of the ``data`` section: the global batch and its micro-batches."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def micro_batch_size(self) -> int | None: ...
+
+
+class TrainSection(Protocol):
+    """What a launch reads of the ``train`` section: the device (``auto``, ``cpu``, ``cuda``)."""
+
+    @property
+    def device(self) -> str: ...
+
+
+class LaunchConfig(Protocol):
+    """What :mod:`moelab.distributed` reads of a run config to check and build a launch.
+
+    :class:`moelab.train.RunConfig` is one; it is named by what it offers because
+    ``moelab.distributed`` sits below ``moelab.train`` and does not import it."""
+
+    @property
+    def model(self) -> ModelConfig: ...
+
+    @property
+    def data(self) -> DataSection: ...
+
+    @property
+    def train(self) -> TrainSection: ...
+
+    @property
+    def distributed(self) -> DistributedConfig: ...

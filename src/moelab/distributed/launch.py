@@ -27,9 +27,13 @@ import torch
 import torch.distributed as dist
 
 from moelab.config import ConfigError
+from moelab.distributed.env import LaunchEnv
+from moelab.distributed.rendezvous import take_store
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+    from moelab.distributed.config import LaunchConfig
 
 __all__ = [
     "LaunchEnv",
@@ -40,41 +44,6 @@ __all__ = [
     "run_guarded",
 ]
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What ``torchrun`` tells each process (environment variables ``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> LaunchEnv | None:
-        """The launch this process belongs to, or None when it was not started by ``torchrun``
-        (no ``WORLD_SIZE``): a one-process run."""
-        env = os.environ if environ is None else environ
-        if "WORLD_SIZE" not in env:
-            return None
-        missing = [name for name in ENV_VARS if name not in env]
-        if missing:
-            raise ConfigError(
-                "",
-                f"WORLD_SIZE is set but {', '.join(missing)} not: start distributed runs with "
-                "torchrun (torchrun --nproc_per_node N -m moelab train ...)",
-            )
-        world = int(env["WORLD_SIZE"])
-        return cls(
-            rank=int(env["RANK"]),
-            world_size=world,
-            local_rank=int(env["LOCAL_RANK"]),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-        )
-
 
 def resolve_backend(requested: str, device_type: str) -> str:
     """``auto`` → ``nccl`` for CUDA training, ``gloo`` otherwise."""
@@ -83,11 +52,12 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return requested
 
 
-def check_layout(config: Any, env: LaunchEnv, cuda_devices: int | None = None) -> None:
+def check_layout(config: LaunchConfig, env: LaunchEnv, cuda_devices: int | None = None) -> None:
     """Refuse a parallel layout the run cannot use; the same error on every rank.
 
-    ``config`` is a :class:`moelab.train.RunConfig` (its ``model``, ``data``, ``train`` and
-    ``distributed`` sections are read). ``cuda_devices``: GPUs visible to this process (default:
+    ``config``: a :class:`~moelab.distributed.config.LaunchConfig` (a
+    :class:`moelab.train.RunConfig`; its ``model``, ``data``, ``train`` and ``distributed``
+    sections are read). ``cuda_devices``: GPUs visible to this process (default:
     ``torch.cuda.device_count()``).
     """
     d = config.distributed
@@ -191,8 +161,14 @@ class Topology:
     def edp(self) -> int:
         return self.env.world_size // self.ep
 
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """Every rank: the data-parallel group of the replicated parameters (and of the
+        statistics summed over ranks)."""
+        return dist.group.WORLD
 
-def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology:
+
+def init_topology(config: LaunchConfig, env: LaunchEnv, device: torch.device) -> Topology:
     """Initialise the default process group (unless already done) and build the mesh.
 
     ``device`` is the training device (``cuda`` becomes ``cuda:LOCAL_RANK``). Call
@@ -208,12 +184,18 @@ def init_topology(config: Any, env: LaunchEnv, device: torch.device) -> Topology
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
+        store = take_store()  # the launch's store, if rank0_choice opened it already
+        where: dict[str, Any] = (
+            {"init_method": "env://"}
+            if store is None
+            else {"store": dist.PrefixStore("default_pg", store)}  # what env:// would build
+        )
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=d.timeout_s),
+            **where,
         )
     elif dist.get_world_size() != env.world_size:
         raise ConfigError(

@@ -13,7 +13,8 @@ batch's mean loss:
   or FSDP2's reduce-scatter;
 * expert weights under expert parallelism: the all-to-all's backward already sums every rank of
   the expert-parallel group into the rank that owns the expert; :meth:`finish_gradients` sums the
-  ``W / ep`` copies of each expert and divides by ``W``;
+  ``W / ep`` copies of each expert and divides by ``W`` (under FSDP2, which shards each expert
+  block over its copies, its reduce-scatter does this);
 * sparse row gradients (PEER / PKM tables), which DDP cannot reduce: all-gathered rows, summed,
   divided by ``W`` (:func:`~moelab.distributed.wrapping.sync_sparse_grad`), so the update stays
   sparse.
@@ -23,25 +24,32 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from moelab.distributed.config import LaunchConfig
 from moelab.distributed.expert_parallel import CommClock, ShardedParam, apply_expert_parallel
 from moelab.distributed.launch import LaunchEnv, Topology, check_layout, init_topology
+from moelab.distributed.rank_sum import GroupSum, hand_rank_sum
 from moelab.distributed.wrapping import (
     apply_fsdp2,
+    expert_mesh,
     fsdp_no_sync,
     probe_gradients,
+    split_grad_norm_,
     sync_sparse_grad,
 )
 from moelab.layers.base import RoutingStats
+from moelab.layers.ranks import RankSum
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["DataParallel", "SingleProcess", "setup"]
 
@@ -54,6 +62,7 @@ class SingleProcess:
     is_main = True
     distributed = False
     sharded: dict[str, ShardedParam] = {}  # noqa: RUF012 - read-only here
+    rank_sum: RankSum | None = None  # the sum over data-parallel ranks (none in one process)
 
     def describe(self) -> str:
         return "1 process"
@@ -75,8 +84,13 @@ class SingleProcess:
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Apply the parallelism to ``model`` (in place); returns what the training forward
-        calls."""
+        calls. Its modules that sum statistics over ranks get :attr:`rank_sum`."""
         return model
+
+    def connect(self, *parts: object) -> None:
+        """Hand :attr:`rank_sum` to ``parts`` that sum statistics over ranks (the trainer's
+        between-step hooks: ReMoE's λ controller, the router load hook; models are searched
+        module by module). Nothing to sum in one process."""
 
     def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
         """Around each micro-batch's forward and backward: gradients are reduced across ranks
@@ -142,10 +156,13 @@ class DataParallel(SingleProcess):
         self.sharded = {}
         self._ddp: DistributedDataParallel | None = None
         self._fsdp: nn.Module | None = None
+        self.experts_fsdp = False  # expert blocks sharded over their edp copies by FSDP2
+        self.expert_mesh: DeviceMesh | None = None  # then: the (ep, edp) mesh of their rows
         self._expert_params: list[nn.Parameter] = []
         self._sparse_params: list[nn.Parameter] = []
         self._comm_device = topology.device if topology.backend == "nccl" else torch.device("cpu")
         self.clock = CommClock()  # time in the expert-parallel all-to-alls
+        self.rank_sum = GroupSum(topology.dp_group, self._comm_device)
 
     def describe(self) -> str:
         t = self.topo
@@ -177,12 +194,16 @@ class DataParallel(SingleProcess):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         t = self.topo
+        self.connect(model)  # first: the probe backward below may already sum over ranks
         if t.ep > 1:
             self.sharded = apply_expert_parallel(model, t.ep_group, t.ep, t.ep_rank, self.clock)
         names = dict(model.named_parameters())
         self._expert_params = [names[n] for n in self.sharded]
         if self.data_parallel == "fsdp2":
-            self._fsdp = apply_fsdp2(model, t, set(self._expert_params))
+            self.experts_fsdp = apply_fsdp2(model, t, set(self._expert_params))
+            self._fsdp = model
+            if self.experts_fsdp:  # checkpoints address the expert rows as (ep, edp) shards
+                self.expert_mesh = expert_mesh(t)
             return model
         sparse, unused = probe_gradients(model)
         self._sparse_params = [names[n] for n in sparse]
@@ -201,6 +222,9 @@ class DataParallel(SingleProcess):
         self.clock.take()  # the probe's all-to-alls are not a step's
         return self._ddp
 
+    def connect(self, *parts: object) -> None:
+        hand_rank_sum(parts, self.rank_sum)
+
     def sync_gradients(self, last: bool) -> contextlib.AbstractContextManager:
         if last:
             return contextlib.nullcontext()
@@ -212,7 +236,7 @@ class DataParallel(SingleProcess):
 
     def finish_gradients(self, model: nn.Module) -> None:
         t = self.topo
-        if self._expert_params:
+        if self._expert_params and not self.experts_fsdp:  # (else FSDP2 reduce-scattered them)
             grads = [
                 p.grad if p.grad is not None else torch.zeros_like(p) for p in self._expert_params
             ]
@@ -231,33 +255,19 @@ class DataParallel(SingleProcess):
         max_norm: float,
         local_clip: Callable[[Iterable[Tensor], float], Tensor],
     ) -> float:
+        """The one-process norm, computed the same way (see
+        :func:`~moelab.distributed.wrapping.split_grad_norm_`)."""
         if self._fsdp is None and not self._expert_params:  # the same gradients on every rank
             return float(local_clip(model.parameters(), max_norm))
-        # squared norms: replicated gradients (the same on every rank), FSDP2 shards (summed over
-        # all ranks), experts (summed over an expert-parallel group: each expert once)
-        experts = {id(p) for p in self._expert_params}
-        params = [p for p in model.parameters() if p.grad is not None]
-        sq = torch.zeros(3, dtype=torch.float64)
-        for p in params:
-            g = p.grad
-            if g.is_sparse:
-                g = p.grad = g.coalesce()
-                g = g._values()
-            kind = 2 if id(p) in experts else 0
-            if hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
-                g, kind = g.to_local(), 1
-            norm = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
-            sq[kind] += float(norm) ** 2
-        sharded = self._all_reduce(sq[1:2])
-        expert_sq = sq[2:].to(self._comm_device)
-        dist.all_reduce(expert_sq, group=self.topo.ep_group)
-        total = math.sqrt(float(sq[0]) + float(sharded) + float(expert_sq))
-        coef = min(max_norm / (total + 1e-6), 1.0)
-        if coef < 1.0:
-            for p in params:
-                g = p.grad._values() if p.grad.is_sparse else p.grad
-                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef)
-        return total
+        whole_experts = [] if self.experts_fsdp else self._expert_params  # (else FSDP2 shards)
+        return split_grad_norm_(
+            list(model.parameters()),
+            max_norm,
+            experts={id(p) for p in whole_experts},
+            ep_group=self.topo.ep_group,
+            fsdp=self._fsdp is not None,
+            comm_device=self._comm_device,
+        )
 
     # ---- what the logs show ---------------------------------------------------------------------
 
@@ -350,7 +360,7 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
-def setup(config: Any, device: torch.device) -> SingleProcess:
+def setup(config: LaunchConfig, device: torch.device) -> SingleProcess:
     """The parallel setting of this process: :class:`SingleProcess` unless started by
     ``torchrun``; then the layout is checked (the same error on every rank, before any rank waits
     for another), the process group is initialised and :class:`DataParallel` returned.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,17 @@ from torch import Tensor, nn
 from moelab.config import ConfigError
 from moelab.distributed.launch import Topology
 
-__all__ = ["apply_fsdp2", "fsdp_no_sync", "probe_gradients", "sync_sparse_grad"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = [
+    "apply_fsdp2",
+    "expert_mesh",
+    "fsdp_no_sync",
+    "probe_gradients",
+    "split_grad_norm_",
+    "sync_sparse_grad",
+]
 
 
 def probe_gradients(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -69,11 +79,18 @@ def sync_sparse_grad(p: nn.Parameter, world: int) -> Tensor:
     return torch.sparse_coo_tensor(out.indices(), out.values() / world, p.shape, is_coalesced=True)
 
 
-def apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) -> nn.Module:
+def apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) -> bool:
     """``fully_shard`` each transformer block, then the whole model (torchtitan's recipe), over
-    all ranks. Expert weights split by expert parallelism are left to it (``ignored_params``):
-    each rank keeps its experts whole, their gradients are synchronised by
-    :meth:`~moelab.distributed.parallel.DataParallel.finish_gradients`."""
+    all ranks. Returns whether the expert weights were sharded too.
+
+    Expert weights split by expert parallelism are not part of that mesh. When ``edp > 1`` (each
+    expert block held by ``edp`` ranks, a mesh column), each module holding them is first
+    ``fully_shard``-ed over its column, as torchtitan does: a rank keeps ``1 / edp`` of its block,
+    FSDP2 all-gathers the block around the experts' forward and backward and reduce-scatters their
+    gradients over the column, divided by ``world`` (the all-to-all's backward has already summed
+    the expert-parallel group: together ``1/world · Σ_r ∂L_r/∂W``, DDP's average). With
+    ``edp == 1`` there is nothing to shard them over: they stay whole (``ignored_params``) and
+    :meth:`~moelab.distributed.parallel.DataParallel.finish_gradients` scales their gradients."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard  # heavy (DTensor): only FSDP2 runs import it
 
@@ -83,7 +100,16 @@ def apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) ->
         else init_device_mesh(topo.device.type, (topo.world_size,), mesh_dim_names=("dp",))
     )
     kwargs: dict[str, Any] = {"mesh": mesh}
-    if experts:
+    shard_experts = bool(experts) and topo.edp > 1
+    if shard_experts:
+        holders = [
+            m for m in model.modules() if any(p in experts for p in m.parameters(recurse=False))
+        ]
+        for module in holders:  # before the blocks: their fully_shard skips these parameters
+            fully_shard(module, mesh=topo.mesh["edp"])
+            module.set_gradient_divide_factor(float(topo.world_size))
+            module.set_force_sum_reduction_for_comms(True)  # sum, then divide (gloo has no premul)
+    elif experts:
         if "ignored_params" not in inspect.signature(fully_shard).parameters:
             raise ConfigError(
                 "distributed.data_parallel",
@@ -94,7 +120,7 @@ def apply_fsdp2(model: nn.Module, topo: Topology, experts: set[nn.Parameter]) ->
     for block in getattr(model, "blocks", []):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    return model
+    return shard_experts
 
 
 @contextlib.contextmanager
@@ -104,3 +130,68 @@ def fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def expert_mesh(topo: Topology) -> DeviceMesh:
+    """The launch's ranks as an ``(ep, edp)`` mesh (the ``(edp, ep)`` mesh transposed): with
+    placements ``(Shard(0), Shard(0))`` on it, rank ``(i, j)`` of ``(edp, ep)`` holds rows
+    ``[j·E/ep, (j+1)·E/ep)`` split ``edp`` ways, part ``i`` - where FSDP2 over a mesh column
+    puts the rows of an expert block. Checkpoints address the experts' shards with it. Every rank
+    must call it (it builds process groups)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = topo.mesh.mesh.transpose(0, 1).contiguous()
+    return DeviceMesh(topo.device.type, ranks, mesh_dim_names=("ep", "edp"))
+
+
+def split_grad_norm_(
+    params: list[nn.Parameter],
+    max_norm: float,
+    *,
+    experts: set[int],
+    ep_group: dist.ProcessGroup | None,
+    fsdp: bool,
+    comm_device: torch.device,
+) -> float:
+    """Clip to ``max_norm`` the global gradient norm of parameters split over ranks; returns the
+    norm before clipping, computed as one process computes it
+    (:func:`moelab.train.optim.clip_grad_norm_`): one float32 ``g.float().pow(2).sum()`` per
+    parameter, in parameter order, then the float32 sum of those that have a gradient and its
+    square root. A parameter split over ranks (an FSDP2 ``DTensor``: over all ranks; an expert
+    block, ``id`` in ``experts``: over ``ep_group``) contributes the sum of its parts' squares;
+    every other entry is this rank's own, bit for bit one process's. (Squaring a float32
+    ``vector_norm`` per tensor is not: up to ~1e-3 relative off on large CPU gradients.)"""
+    squares, split_by = [], []  # one entry per parameter: the same length on every rank
+    for p in params:
+        g = p.grad
+        if g is not None and g.is_sparse:
+            g = p.grad = g.coalesce()
+            g = g._values()
+        if g is not None and hasattr(g, "to_local"):  # an FSDP2 DTensor: this rank's shard
+            g = g.to_local()
+        squares.append(torch.zeros(()) if g is None else g.detach().float().pow(2).sum().cpu())
+        split_by.append(
+            "world" if hasattr(p, "to_local") else "ep" if id(p) in experts else "local"
+        )
+    sq = torch.stack(squares)
+    for where, group, used in (
+        ("world", dist.group.WORLD, fsdp),
+        ("ep", ep_group, bool(experts)),
+    ):
+        if used:  # decided by the layout, the same on every rank
+            mask = torch.tensor([w == where for w in split_by])
+            part = torch.where(mask, sq, torch.zeros_like(sq)).to(comm_device)
+            dist.all_reduce(part, group=group)
+            sq = torch.where(mask, part.cpu(), sq)
+    has_grad = [p.grad is not None for p in params]
+    if not any(has_grad):
+        return 0.0
+    total = sq[torch.tensor(has_grad)].sum().sqrt()  # the one-process sum: these entries only
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if coef < 1.0:
+        for p, has in zip(params, has_grad, strict=True):
+            if has:
+                g = p.grad._values() if p.grad.is_sparse else p.grad
+                g = g.to_local() if hasattr(g, "to_local") else g
+                g.mul_(coef.to(g.device, g.dtype))
+    return float(total)

@@ -38,7 +38,8 @@ _WORD = re.compile(r"(?<=\S )([A-Za-z]{4,})\b")  # a word after one space
 
 
 def _offline() -> None:
-    """Local tasks and local models only: never let datasets / the hub client go online."""
+    """Only local tasks asked for: never let datasets / the hub client go online (a hub task
+    keeps the network, and without one gets :func:`_download_hint`)."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")
 
@@ -256,7 +257,6 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    _offline()
     path = Path(path).expanduser()
     exported = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
     tasks = tasks or [CLOZE_TASK]
@@ -270,6 +270,8 @@ def evaluate(
         # indexing lm-eval's thousands of shipped task files takes most of a run's time: skip it
         # when only local tasks are asked for
         local_only = set(tasks) <= {CLOZE_TASK} | _task_names(include_path)
+        if local_only:  # a hub task (hellaswag) needs its data from the hub, or from its cache
+            _offline()
         manager = TaskManager(include_path=includes or None, include_defaults=not local_only)
         if exported:
             model: Any = "hf"
@@ -284,19 +286,60 @@ def evaluate(
             if config.train.threads is not None:  # the run's choice (tiny presets: 1)
                 torch.set_num_threads(config.train.threads)
             model, model_args = make_lm(lm_model, run_tokenizer(path)), None
-        results = lm_eval.simple_evaluate(
-            model=model,
-            model_args=model_args,
-            tasks=tasks,
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=0,
-        )
+        try:
+            results = lm_eval.simple_evaluate(
+                model=model,
+                model_args=model_args,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=0,
+            )
+        except Exception as err:
+            if not _is_network_error(err):
+                raise
+            local = {CLOZE_TASK} | _task_names(include_path)
+            raise ValueError(_download_hint([t for t in tasks if t not in local], err)) from None
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if not k.startswith("alias")}
         for task, metrics in results["results"].items()
     }
+
+
+# what the datasets / hub / requests stack raises without network or in offline mode
+_NETWORK_ERRORS = {
+    "ConnectionError",  # builtin (datasets' "Couldn't reach ...") and requests' own
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "Timeout",
+    "MaxRetryError",
+    "NewConnectionError",
+}
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a failed download."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(cls.__name__ in _NETWORK_ERRORS for cls in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _download_hint(tasks: list[str], err: BaseException) -> str:
+    """One line: which task's data could not be fetched, and the two ways to run it offline."""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    names = ", ".join(tasks) or "the task"
+    return (
+        f"lm-eval: the data of {names} could not be downloaded ({type(err).__name__}: {first}); "
+        "run it once on a machine with network to fill the Hugging Face datasets cache "
+        "(HF_HOME, default ~/.cache/huggingface) and copy that cache here (with "
+        "HF_DATASETS_OFFLINE=1), or describe the task over local files in a YAML and give its "
+        "folder with --include-path"
+    )
 
 
 def _task_names(include_path: str | Path | None) -> set[str]:

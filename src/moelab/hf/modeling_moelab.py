@@ -18,10 +18,9 @@ import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -3115,6 +3114,29 @@ class PKM(ProductKeyLayer):
         return weighted_row_sum(self.values, idx_TR, w_TR, groups, self.sparse_grad)
 
 
+# -------------------- moelab/layers/ranks.py
+class RankSum(Protocol):
+    """A collective that names its process group: ``t`` summed over the group's ranks, returned
+    with ``t``'s shape, dtype and device. Every rank of the group calls it, in the same order."""
+
+    def __call__(self, t: Tensor) -> Tensor: ...
+
+
+class SumsOverRanks:
+    """Mixin of a part whose statistics are summed over data-parallel ranks (see the module
+    docstring). ``rank_sum`` is None in one process."""
+
+    rank_sum: RankSum | None = None
+
+    def set_rank_sum(self, rank_sum: RankSum | None) -> None:
+        """Called by the parallelism layer: the sum over the ranks that share this part."""
+        self.rank_sum = rank_sum
+
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (``t`` itself in one process)."""
+        return t if self.rank_sum is None else self.rank_sum(t)
+
+
 # -------------------- moelab/layers/routers/balance.py
 BALANCE_SCOPES = ("batch", "sequence", "global")
 
@@ -3170,21 +3192,19 @@ def flat_assignments(
     return token_idx_N, expert_idx_N, weight_TE[token_idx_N, expert_idx_N]
 
 
-def data_parallel_sum(*counts: Tensor) -> list[Tensor]:
-    """``counts`` summed over data-parallel ranks (unchanged without ``torch.distributed``)."""
-    out = [c.detach().to(torch.float64) for c in counts]
-    if dist.is_available() and dist.is_initialized():
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        moved = [c.to(device) for c in out]
-        for c in moved:
-            dist.all_reduce(c)
-        out = [c.to(counts[0].device) for c in moved]
-    return out
+def data_parallel_sum(rank_sum: RankSum | None, *counts: Tensor) -> list[Tensor]:
+    """``counts`` (detached, float64) summed over data-parallel ranks by ``rank_sum``, in one
+    collective; unchanged when ``rank_sum`` is None (one process)."""
+    out = [c.detach().to(torch.float64).reshape(-1) for c in counts]
+    if rank_sum is None:
+        return [o.reshape(c.shape) for o, c in zip(out, counts, strict=True)]
+    summed = rank_sum(torch.cat(out)).split([o.numel() for o in out])
+    return [s.reshape(c.shape) for s, c in zip(summed, counts, strict=True)]
 
 
 # -------------------- moelab/layers/routers/topk.py
 @register_router
-class TopKRouter(Router):
+class TopKRouter(Router, SumsOverRanks):
     """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral), with the Switch
     load-balancing loss (Fedus et al. 2021, eq. 4) weighted by ``balance_coef``.
 
@@ -3284,7 +3304,9 @@ class TopKRouter(Router):
                 decision.num_tokens if valid_T is None else int(valid_T.sum()),
                 device=out.scores_TE.device,
             )
-            counts_E, n_global = data_parallel_sum(decision.tokens_per_expert_E, n_valid)
+            counts_E, n_global = data_parallel_sum(
+                self.rank_sum, decision.tokens_per_expert_E, n_valid
+            )
             return global_load_balance_loss(out.scores_TE, counts_E, n_global, valid_T, self.top_k)
         return switch_balance_loss(out, valid_T, self.top_k)
 

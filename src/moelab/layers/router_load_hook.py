@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
 from moelab.layers.base import RoutedLayer
+from moelab.layers.ranks import SumsOverRanks
 
 
 def _stateful_router(layer: RoutedLayer) -> object | None:
@@ -25,9 +25,11 @@ def _stateful_router(layer: RoutedLayer) -> object | None:
     return router if getattr(router, "updates_between_steps", False) else None
 
 
-class RouterLoadHook:
+class RouterLoadHook(SumsOverRanks):
     """Sums each stateful router's expert loads over a step and hands them to its
-    ``step_update`` once per optimizer step. ``layers`` fixes which layers it serves, in order."""
+    ``step_update`` once per optimizer step. ``layers`` fixes which layers it serves, in order.
+    Under data parallelism the loads are summed over the ranks by the
+    :class:`~moelab.layers.ranks.RankSum` the parallelism layer hands in (``set_rank_sum``)."""
 
     name = "router_load"
 
@@ -80,10 +82,7 @@ class RouterLoadHook:
                 "step: call observe() with every layer it serves after each training forward"
             )
         for layer, load in zip(self.layers, self._loads, strict=True):
-            if dist.is_available() and dist.is_initialized():
-                device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-                load = load.to(device)
-                dist.all_reduce(load)
+            load = self.sum_over_ranks(load)
             router = _stateful_router(layer)
             router.step_update(load.to(router.weight.device))  # type: ignore[attr-defined]
         self._loads = [None] * len(self.layers)

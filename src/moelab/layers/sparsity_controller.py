@@ -7,10 +7,10 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from moelab.layers.base import RoutedLayer, RoutingStats
+from moelab.layers.ranks import SumsOverRanks
 
 
 def _check_finite_positive(name: str, value: float) -> None:
@@ -48,15 +48,16 @@ def next_lambda(
     return min(max(_f32(lam * factor), _f32(lam_min)), _f32(lam_max))
 
 
-class SparsityController:
+class SparsityController(SumsOverRanks):
     """Drives the fraction of zero ReLU-router outputs to ``target = 1 − k/E``.
 
     Between-step state lives here, never in a forward: the trainer calls :meth:`observe` after each
     micro-batch forward (it sums the layers' ``router_nonzero``/``router_total`` counts) and
     :meth:`step` once per optimizer step, after all micro-batches. The step's sparsity is therefore
-    averaged over layers, micro-batches and (when ``torch.distributed`` is initialised)
-    data-parallel ranks, weighted by tokens. λ is a Python float kept at float32 precision, so it is
-    untouched by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
+    averaged over layers, micro-batches and data-parallel ranks (through the
+    :class:`~moelab.layers.ranks.RankSum` the parallelism layer hands in with ``set_rank_sum``;
+    none in one process), weighted by tokens. λ is a Python float kept at float32 precision, so
+    it is untouched by ``model.half()``/``bfloat16()``; it is saved by :meth:`state_dict`.
 
     ``per_layer=True`` keeps one λ per routed layer, each driven by its own layer's sparsity, so a
     layer cannot collapse to 100% sparsity while the average sits at the target (the paper uses
@@ -109,11 +110,7 @@ class SparsityController:
     def step(self) -> float:
         """Update λ from the sparsity accumulated since the last step; return that sparsity."""
         counts_L2 = torch.tensor(self._layer_counts, dtype=torch.float64).reshape(-1, 2)
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            counts_L2 = counts_L2.to(device)
-            dist.all_reduce(counts_L2)
-            counts_L2 = counts_L2.cpu()
+        counts_L2 = self.sum_over_ranks(counts_L2)
         self._layer_counts = []
         if not len(counts_L2):
             raise RuntimeError(

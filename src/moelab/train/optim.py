@@ -30,12 +30,12 @@ forever, and ``β2·v`` rounds back to ``v``, so a bfloat16 second moment never 
 
 Optimizer state for a sparse ``[N, D]`` table: ``exp_avg`` and ``exp_avg_sq`` (``[N, D]``, float32
 or float64 as above) and ``row_step`` (int32 ``[N]``); the update runs in row chunks so its scratch
-memory stays bounded regardless of N.
+memory stays bounded regardless of N. That row update (a fused C kernel and its eager reference)
+lives in :mod:`moelab.train.adamw_rows`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Iterable
 from typing import Literal
@@ -43,7 +43,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from moelab.native import adamw_state_dtype, advise_huge_pages, load_c_kernel
+from moelab.native import adamw_state_dtype, advise_huge_pages
+from moelab.train.adamw_rows import update_rows
 
 __all__ = [
     "SPARSE_MODES",
@@ -56,76 +57,7 @@ __all__ = [
 SPARSE_MODES = ("lazy", "dense")  # how SparseAdamW treats sparse row gradients (module docstring)
 SparseMode = Literal["lazy", "dense"]
 
-_ROW_CHUNK = 1024  # rows per chunk of the eager sparse path (bounds scratch memory)
 _DENSE_CHUNK = 8192  # rows per densified gradient chunk of sparse_mode="dense"
-
-# One pass over each touched row: read g, p, m, v; write p, m, v (the eager path needs ~15 passes).
-# Same equations and operation order as the eager path (_rows_update_eager).
-_SPARSE_ADAMW_C = r"""
-#include <math.h>
-#include <stdint.h>
-#define DEFINE(NAME, T, SQRT)                                                                   \
-void NAME(T* p, T* m, T* v, int32_t* step, const int64_t* rows, const T* g, int64_t n_rows,   \
-          int64_t dim, double lr, double beta1, double beta2, double eps, double wd, int nth) { \
-  _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
-  for (int64_t i = 0; i < n_rows; ++i) {                                                        \
-    const int64_t r = rows[i];                                                                  \
-    const int32_t t = step[r] + 1;                                                              \
-    step[r] = t;                                                                                \
-    const T bc1 = (T)(1.0 - pow(beta1, (double)t));                                             \
-    const T bc2s = SQRT((T)(1.0 - pow(beta2, (double)t)));                                      \
-    const T w1 = (T)(1.0 - beta1), b2 = (T)beta2, w2 = (T)(1.0 - beta2);                        \
-    const T decay = (T)(1.0 - lr * wd), nlr = (T)(-lr), e = (T)eps;                             \
-    T* pr = p + r * dim; T* mr = m + r * dim; T* vr = v + r * dim;                              \
-    const T* gr = g + i * dim;                                                                  \
-    for (int64_t d = 0; d < dim; ++d) {                                                         \
-      const T gi = gr[d];                                                                       \
-      const T mi = mr[d] + w1 * (gi - mr[d]);                                                   \
-      const T vi = vr[d] * b2 + w2 * gi * gi;                                                   \
-      mr[d] = mi; vr[d] = vi;                                                                   \
-      pr[d] = pr[d] * decay + nlr * ((mi / bc1) / (SQRT(vi) / bc2s + e));                       \
-    }                                                                                           \
-  }                                                                                             \
-}
-DEFINE(sparse_adamw_f32, float, sqrtf)
-DEFINE(sparse_adamw_f64, double, sqrt)
-"""
-_C_FUNCS = {torch.float32: "sparse_adamw_f32", torch.float64: "sparse_adamw_f64"}
-
-
-def _c_rows_update(
-    p2: Tensor, m2: Tensor, v2: Tensor, row_step: Tensor, idx_U: Tensor, g2: Tensor, hp: tuple
-) -> bool:
-    """Fused C row update; False when the kernel or the dtype/layout is unavailable."""
-    if p2.device.type != "cpu" or p2.dtype not in _C_FUNCS or not p2.is_contiguous():
-        return False
-    if m2.dtype != p2.dtype or v2.dtype != p2.dtype:
-        return False
-    lib = load_c_kernel("sparse_adamw", _SPARSE_ADAMW_C)
-    if lib is None:
-        return False
-    fn = getattr(lib, _C_FUNCS[p2.dtype])
-    idx = idx_U.to(torch.int64).contiguous()
-    g = g2.to(p2.dtype).contiguous()
-    lr, beta1, beta2, eps, wd = hp
-    ptr = ctypes.c_void_p
-    fn(
-        ptr(p2.data_ptr()),
-        ptr(m2.data_ptr()),
-        ptr(v2.data_ptr()),
-        ptr(row_step.data_ptr()),
-        ptr(idx.data_ptr()),
-        ptr(g.data_ptr()),
-        ctypes.c_int64(idx.numel()),
-        ctypes.c_int64(p2.shape[1]),
-        ctypes.c_double(lr),
-        ctypes.c_double(beta1),
-        ctypes.c_double(beta2),
-        ctypes.c_double(eps),
-        ctypes.c_double(wd),
-        ctypes.c_int(torch.get_num_threads()),
-    )
-    return True
 
 
 def _coalesced(g: Tensor) -> Tensor:
@@ -336,29 +268,8 @@ class SparseAdamW(torch.optim.Optimizer):
         p2 = p.view(p.shape[0], -1)
         m2, v2 = m.view(p.shape[0], -1), v.view(p.shape[0], -1)
         g2 = g_UD.reshape(idx_U.numel(), -1)
-        if self.use_c_kernel and _c_rows_update(
-            p2, m2, v2, row_step, idx_U, g2, (lr, beta1, beta2, eps, wd)
-        ):
-            return
-        decay = 1.0 - lr * wd
-        for start in range(0, idx_U.numel(), _ROW_CHUNK):
-            rows = idx_U[start : start + _ROW_CHUNK]
-            gc = g2[start : start + _ROW_CHUNK].to(cdt)
-            t = row_step.index_select(0, rows) + 1
-            row_step.index_copy_(0, rows, t)
-            t_f = t.to(cdt).unsqueeze(1)
-            bc1 = 1.0 - torch.pow(beta1, t_f)  # [R, 1] per-row bias corrections
-            bc2_sqrt = (1.0 - torch.pow(beta2, t_f)).sqrt_()
-            mc = m2.index_select(0, rows).lerp_(gc, 1.0 - beta1)
-            vc = v2.index_select(0, rows).mul_(beta2).addcmul_(gc, gc, value=1.0 - beta2)
-            m2.index_copy_(0, rows, mc)
-            v2.index_copy_(0, rows, vc)
-            pc = p2.index_select(0, rows).to(cdt)
-            if wd != 0.0:
-                pc.mul_(decay)
-            denom = vc.sqrt_().div_(bc2_sqrt).add_(eps)  # vc is scratch from here on
-            pc.addcdiv_(mc.div_(bc1), denom, value=-lr)
-            p2.index_copy_(0, rows, pc.to(p.dtype))
+        hp = (lr, beta1, beta2, eps, wd)
+        update_rows(p2, m2, v2, row_step, idx_U, g2, hp, use_c_kernel=self.use_c_kernel)
 
 
 def build_optimizer(

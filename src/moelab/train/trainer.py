@@ -191,6 +191,7 @@ class Trainer(CheckpointedTraining, TrainingLoop):
             for name, hook in (("controller", self.controller), (RouterLoadHook.name, load_hook))
             if hook is not None
         }
+        self.parallel.connect(*self.step_hooks.values())  # they sum their counts over ranks
         self.sampler = BatchSampler(
             self.dataset,
             "train",

@@ -1,5 +1,6 @@
 """Pieces shared by token-choice routers: flat assignments from a dense selection, the sequence
-structure a sequence-wise balance loss needs, and the data-parallel sums of a global one.
+structure a sequence-wise balance loss needs, and the data-parallel sums of a global one (through
+the :class:`~moelab.layers.ranks.RankSum` the parallelism layer hands the router).
 
 Not a router (nothing here is registered); :mod:`~moelab.layers.routers.topk`,
 :mod:`~moelab.layers.routers.top_p`, :mod:`~moelab.layers.routers.null` and
@@ -11,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from moelab.layers.base import RoutingContext
+from moelab.layers.ranks import RankSum
 from moelab.layers.routers.base import RouterOutput
 
 BALANCE_SCOPES = ("batch", "sequence", "global")
@@ -71,13 +72,11 @@ def flat_assignments(
     return token_idx_N, expert_idx_N, weight_TE[token_idx_N, expert_idx_N]
 
 
-def data_parallel_sum(*counts: Tensor) -> list[Tensor]:
-    """``counts`` summed over data-parallel ranks (unchanged without ``torch.distributed``)."""
-    out = [c.detach().to(torch.float64) for c in counts]
-    if dist.is_available() and dist.is_initialized():
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        moved = [c.to(device) for c in out]
-        for c in moved:
-            dist.all_reduce(c)
-        out = [c.to(counts[0].device) for c in moved]
-    return out
+def data_parallel_sum(rank_sum: RankSum | None, *counts: Tensor) -> list[Tensor]:
+    """``counts`` (detached, float64) summed over data-parallel ranks by ``rank_sum``, in one
+    collective; unchanged when ``rank_sum`` is None (one process)."""
+    out = [c.detach().to(torch.float64).reshape(-1) for c in counts]
+    if rank_sum is None:
+        return [o.reshape(c.shape) for o, c in zip(out, counts, strict=True)]
+    summed = rank_sum(torch.cat(out)).split([o.numel() for o in out])
+    return [s.reshape(c.shape) for s, c in zip(summed, counts, strict=True)]

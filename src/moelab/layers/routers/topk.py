@@ -7,6 +7,7 @@ from torch import Tensor
 
 from moelab.layers.base import RoutingContext
 from moelab.layers.losses import global_load_balance_loss, sequence_load_balance_loss
+from moelab.layers.ranks import SumsOverRanks
 from moelab.layers.routers.balance import (
     SequencedRouterOutput,
     check_balance_scope,
@@ -26,7 +27,7 @@ from moelab.layers.routers.base import (
 
 
 @register_router
-class TopKRouter(Router):
+class TopKRouter(Router, SumsOverRanks):
     """Token-choice top-k with softmax (Shazeer et al. 2017; Switch; Mixtral), with the Switch
     load-balancing loss (Fedus et al. 2021, eq. 4) weighted by ``balance_coef``.
 
@@ -126,6 +127,8 @@ class TopKRouter(Router):
                 decision.num_tokens if valid_T is None else int(valid_T.sum()),
                 device=out.scores_TE.device,
             )
-            counts_E, n_global = data_parallel_sum(decision.tokens_per_expert_E, n_valid)
+            counts_E, n_global = data_parallel_sum(
+                self.rank_sum, decision.tokens_per_expert_E, n_valid
+            )
             return global_load_balance_loss(out.scores_TE, counts_E, n_global, valid_T, self.top_k)
         return switch_balance_loss(out, valid_T, self.top_k)
