@@ -489,6 +489,10 @@ class RoutingStats:
     dropped: Tensor | None = None  # assignments dropped by capacity
     assigned: Tensor | None = None  # assignments before dropping
     distinct_experts: Tensor | None = None  # PEER/PKM: distinct experts hit in this forward
+    # forward FLOPs the routed experts really spent: computed assignments (after capacity drops,
+    # without null / zero-computation picks) x ``assignment_flops``; shared experts and the router
+    # are fixed per token and left to the model's accounting
+    expert_flops: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
 
     # Counts that add up across micro-batches (``merge``); min / max / distinct are combined apart.
@@ -500,6 +504,7 @@ class RoutingStats:
         "active_sum",
         "dropped",
         "assigned",
+        "expert_flops",
     )
 
     def merge(self, other: RoutingStats | None) -> RoutingStats:
@@ -553,6 +558,8 @@ class RoutingStats:
             out["tokens_per_expert"] = [int(v) for v in self.tokens_per_expert.tolist()]
         if self.distinct_experts is not None:
             out["distinct_experts"] = float(self.distinct_experts)
+        if self.expert_flops is not None:
+            out["expert_flops"] = float(self.expert_flops)
         for k, v in self.extra.items():
             out[k] = float(v)
         return out
@@ -570,6 +577,7 @@ class RoutedLayer(nn.Module):
         self.aux_coefficients: dict[str, float] = {}
         self.controlled_loss: str | None = None
         self.last_stats: RoutingStats | None = None
+        self.assignment_flops: int = 0  # FLOPs of one computed assignment (module docstring)
         self.force_stats: bool = False
         self.routing_observer: RoutingObserver | None = None
 
@@ -2065,6 +2073,8 @@ class MoE(RoutedLayer):
         self.experts = GroupedExperts(
             self.num_experts, d_model, self.expert_hidden, activation, init_std, backend
         )
+        # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
+        self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
         self.shared = (
             DenseFFN(d_model, shared_experts * self.expert_hidden, activation, init_std)
             if shared_experts
@@ -2238,7 +2248,15 @@ class MoE(RoutedLayer):
                 active_sum=per_valid.sum().cpu(),
                 dropped=torch.as_tensor(decision.dropped).detach().cpu(),
                 assigned=torch.tensor(assigned),
+                expert_flops=self._spent_flops(decision, n_valid),
             )
+
+    def _spent_flops(self, decision: RoutingDecision, n_valid: Tensor) -> Tensor:
+        """Expert FLOPs this pass computed: every assignment the dispatcher ran (capacity drops
+        and null / zero-computation picks are not in the decision), or, for Lory, one merged
+        expert per valid token (its decision lists every expert, but one FFN runs)."""
+        computed = n_valid.cpu() if self.merges_experts else torch.tensor(decision.num_assignments)
+        return computed.to(torch.long) * self.assignment_flops
 
     def extra_repr(self) -> str:
         return (
@@ -2796,6 +2814,7 @@ class ProductKeyLayer(RoutedLayer):
         self.query = nn.Linear(D, H * self.d_key, bias=False, **factory)
         self.query_bn = nn.BatchNorm1d(H * self.d_key, **factory) if query_batchnorm else None
         key_sets = 1 if shared_keys else H
+        self.assignment_flops = 2 * tables * D  # one retrieved row of each table, per token
         self.sub_keys = nn.Parameter(torch.empty(key_sets, 2, S, self.d_key // 2, **factory))
 
     def _new_table(
@@ -2911,6 +2930,7 @@ class ProductKeyLayer(RoutedLayer):
             active_sum=torch.tensor(V * per_token),
             active_min=torch.tensor(per_token),
             active_max=torch.tensor(per_token),
+            expert_flops=torch.tensor(V * per_token * self.assignment_flops),
             extra={
                 "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
                 "retrievals": torch.tensor(V * per_token),

@@ -76,6 +76,12 @@ class FFNSlot(Config):
         ``expert_flops`` are its computed assignments times ``assignment_flops``."""
         raise NotImplementedError
 
+    def counted(self, layer: nn.Module, d_model: int) -> nn.Module:
+        """``layer`` (built from this config) with ``assignment_flops`` from this config's
+        accounting, so that the FLOPs it measures are the ones the accounting counts."""
+        layer.assignment_flops = self.accounting(d_model)["assignment_flops"]
+        return layer
+
     @property
     def method(self) -> str:
         """Short name of the method, used in run names and reports."""

@@ -180,7 +180,7 @@ class MoEConfig(FFNSlot):
         return dataclasses.replace(self, router_options=options)
 
     def build(self, d_model: int, init_std: float) -> nn.Module:
-        return MoE(
+        layer = MoE(
             d_model,
             self.d_hidden,
             self.num_experts,
@@ -199,6 +199,7 @@ class MoEConfig(FFNSlot):
             iterations=self.iterations,
             **self.router_kwargs(),
         )
+        return self.counted(layer, d_model)
 
     def accounting(self, d_model: int) -> dict[str, int]:
         g = self.granularity

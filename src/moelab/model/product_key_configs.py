@@ -74,7 +74,7 @@ class PEERConfig(_ProductKeyConfig):
     gate: PEERGate = "softmax"
 
     def build(self, d_model: int, init_std: float) -> nn.Module:
-        return PEER(
+        layer = PEER(
             d_model,
             num_experts=self.num_experts,
             heads=self.heads,
@@ -85,6 +85,7 @@ class PEERConfig(_ProductKeyConfig):
             gate=self.gate,
             init_std=init_std,
         )
+        return self.counted(layer, d_model)
 
     def accounting(self, d_model: int) -> dict[str, int]:
         keys = math.isqrt(self.num_experts) * self.d_key  # 2 halves x √N x d_key/2, shared
@@ -110,7 +111,7 @@ class PKMConfig(_ProductKeyConfig):
             raise ConfigError("init_std", f"must be > 0 or null, got {self.init_std}")
 
     def build(self, d_model: int, init_std: float) -> nn.Module:
-        return PKM(
+        layer = PKM(
             d_model,
             num_memories=self.num_memories,
             heads=self.heads,
@@ -119,6 +120,7 @@ class PKMConfig(_ProductKeyConfig):
             query_batchnorm=self.query_batchnorm,
             init_std=self.init_std,
         )
+        return self.counted(layer, d_model)
 
     def accounting(self, d_model: int) -> dict[str, int]:
         keys = self.heads * math.isqrt(self.num_memories) * self.d_key  # one set per head

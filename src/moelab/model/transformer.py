@@ -166,10 +166,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        ffn = cfg.ffn_for(layer_idx)
-        self.ffn = ffn.build(cfg.d_model, cfg.init_std)
-        if isinstance(self.ffn, RoutedLayer):  # what its measured FLOPs count per assignment
-            self.ffn.assignment_flops = ffn.accounting(cfg.d_model)["assignment_flops"]
+        self.ffn = cfg.ffn_for(layer_idx).build(cfg.d_model, cfg.init_std)
 
     def forward(
         self,
