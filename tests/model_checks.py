@@ -20,6 +20,8 @@ TINY_LM: dict[str, Any] = {
     "n_heads": 2,
     "max_seq_len": 12,
 }
+# The same with a 64-token vocabulary and 16 positions (the pruning and router-switch tests).
+TINY_LM_64: dict[str, Any] = TINY_LM | {"vocab_size": 64, "max_seq_len": 16}
 
 
 def tiny_lm_config(
