@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_checks import TINY_LM_64
 from moelab.cli import main
 from moelab.compress import expert_usage, prune_experts
 from moelab.compress.prune import kept_experts
@@ -16,13 +17,11 @@ from moelab.rundir import RunDir
 from moelab.train import load_run, train
 from run_fixtures import tiny_config
 
-MODEL = {"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16}
-
 
 def _model(**ffn) -> TransformerLM:
     torch.manual_seed(0)
     spec = {"kind": "moe", "num_experts": 8, "top_k": 1, "d_hidden": 32} | ffn
-    return TransformerLM(ModelConfig.from_dict(MODEL | {"ffn": spec})).eval()
+    return TransformerLM(ModelConfig.from_dict(TINY_LM_64 | {"ffn": spec})).eval()
 
 
 def _idle_experts_dropped_exactly(model: TransformerLM, keep: int) -> None:
@@ -83,7 +82,7 @@ def test_router_rows_and_expert_weights_follow_the_kept_ids():
 def test_bad_settings_are_refused(ffn, keep, message):
     if ffn.get("kind") == "dense":
         torch.manual_seed(0)
-        model = TransformerLM(ModelConfig.from_dict(MODEL | {"ffn": ffn}))
+        model = TransformerLM(ModelConfig.from_dict(TINY_LM_64 | {"ffn": ffn}))
     else:
         model = _model(**ffn)
     with pytest.raises(ValueError, match=message):

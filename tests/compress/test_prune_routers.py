@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from model_checks import TINY_LM_64
 from moelab.compress import expert_usage, prune_experts
 from moelab.layers.routers import (
     ROUTERS,
@@ -21,7 +22,6 @@ from moelab.layers.routers import (
 from moelab.layers.routers.topk import TopKRouter
 from moelab.model import ModelConfig, TransformerLM
 
-MODEL = {"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16}
 PRUNABLE = routers_with("prunable")
 NOT_PRUNABLE = [name for name in ROUTERS if name not in PRUNABLE]
 # Each prunable router with its default options, and with renormalised gates where it takes them
@@ -37,7 +37,7 @@ def _model(name: str, num_experts: int = 16, **options) -> TransformerLM:
     ffn |= {"top_k": cls.example_top_k, "router_options": cls.example_options(16)}
     ffn |= options
     torch.manual_seed(0)
-    return TransformerLM(ModelConfig.from_dict(MODEL | {"ffn": ffn})).eval()
+    return TransformerLM(ModelConfig.from_dict(TINY_LM_64 | {"ffn": ffn})).eval()
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)

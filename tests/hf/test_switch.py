@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_checks import TINY_LM_64
 from moelab.cli import build_parser
 from moelab.hf.switch import switch_router
 from moelab.layers import MoE
@@ -19,9 +20,8 @@ NOT_CONVERTIBLE = [name for name in ROUTERS if name not in CONVERTIBLE]
 
 def topk_model(top_k: int = 1) -> TransformerLM:
     ffn = {"kind": "moe", "router": "topk", "num_experts": 4, "top_k": top_k, "d_hidden": 32}
-    cfg = {"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 16}
     torch.manual_seed(0)
-    return TransformerLM(ModelConfig.from_dict(cfg | {"ffn": ffn})).eval()
+    return TransformerLM(ModelConfig.from_dict(TINY_LM_64 | {"ffn": ffn})).eval()
 
 
 @pytest.mark.parametrize("name", CONVERTIBLE)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_checks import assert_causal, shift_tokens, tiny_lm
 from moelab.layers import MoE, RoutingContext
-from moelab.model import ModelConfig, TransformerLM
 
 torch.set_num_threads(2)
 
@@ -63,19 +63,7 @@ def test_gradient_flows_through_the_momentum_path():
 
 
 def _lm(**ffn_kw):
-    ffn = {"kind": "moe", "num_experts": 4, "top_k": 1, "d_hidden": 16} | ffn_kw
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 3,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-        }
-    )
-    torch.manual_seed(0)
-    return TransformerLM(cfg).eval()
+    return tiny_lm(ffn=ffn_kw, n_layers=3).eval()
 
 
 @pytest.mark.parametrize("ffn", [dict(momentum=0.7, momentum_step=1.5), dict(router="rmoe")])
@@ -84,10 +72,7 @@ def test_causal_and_incremental_decoding_matches(ffn):
     token at a time with a KV cache gives the full forward's logits."""
     model = _lm(**ffn)
     ids = torch.randint(0, 50, (2, 10))
-    changed = ids.clone()
-    changed[:, 6:] = (changed[:, 6:] + 1) % 50
-    full = model(ids)
-    torch.testing.assert_close(full[:, :6], model(changed)[:, :6])
+    full = assert_causal(model, ids, shift_tokens(ids, 6, 50), atol=1e-5)
     cache = model.new_kv_cache(2)
     steps = [model(ids[:, :4], kv_cache=cache)]
     steps += [model(ids[:, t : t + 1], kv_cache=cache) for t in range(4, 10)]

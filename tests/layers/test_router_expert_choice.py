@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import earlier_change, tiny_lm
 from moelab.layers import MoE
-from moelab.model import ModelConfig, TransformerLM
+from moelab.model import TransformerLM
 
 torch.set_num_threads(2)
 
@@ -104,27 +105,7 @@ def test_eval_uses_causal_top_k_on_the_same_scores():
 
 
 def _lm(**options) -> TransformerLM:
-    ffn = {
-        "kind": "moe",
-        "router": "expert_choice",
-        "num_experts": 4,
-        "top_k": 1,
-        "d_hidden": 16,
-        "router_options": options,
-    }
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 2,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-            "init_std": 0.2,
-        }
-    )
-    torch.manual_seed(0)
-    return TransformerLM(cfg)
+    return tiny_lm("expert_choice", router_options=options, init_std=0.2)
 
 
 def _earlier_changes(model: TransformerLM) -> bool:
@@ -134,9 +115,7 @@ def _earlier_changes(model: TransformerLM) -> bool:
     ids = torch.randint(0, 50, (2, 10))
     changed = ids.clone()
     changed[:, 5:] = torch.randint(0, 50, (2, 5))
-    with torch.no_grad():
-        a, b = model(ids), model(changed)
-    return bool((a[:, :5] - b[:, :5]).abs().max() > 1e-4)
+    return earlier_change(model, ids, changed) > 1e-4
 
 
 def test_non_causal_in_batch_mode_causal_in_the_inference_default():

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import assert_causal, shift_tokens, tiny_lm
 from moelab.layers import MoE, RoutingContext
-from moelab.model import ModelConfig, TransformerLM
 
 torch.set_num_threads(2)
 P = 2**31 - 1
@@ -107,26 +107,9 @@ def test_padding_gets_no_assignment():
 
 
 def test_causal_through_the_model():
-    ffn = {"kind": "moe", "router": "hash", "num_experts": 4, "top_k": 1, "d_hidden": 16}
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 2,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-        }
-    )
-    torch.manual_seed(0)
-    model = TransformerLM(cfg)
+    model = tiny_lm("hash")
     ids = torch.randint(0, 50, (2, 10))
-    changed = ids.clone()
-    changed[:, 6:] = (changed[:, 6:] + 1) % 50
-    with torch.no_grad():
-        a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-5)  # matmul rounding only
-    assert not torch.equal(a[:, 6:], b[:, 6:])
+    assert_causal(model, ids, shift_tokens(ids, 6, 50), atol=1e-5)  # matmul rounding only
 
 
 def test_missing_token_ids_and_bad_settings_raise():

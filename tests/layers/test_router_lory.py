@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import assert_causal, assert_checkpointing_keeps_grads, shift_tokens, tiny_lm
 from moelab.config import ConfigError
 from moelab.layers import MoE
 from moelab.layers.routers import LoryRouter
@@ -157,28 +158,14 @@ def test_same_parameters_as_a_topk_moe():
 
 
 def _lm(first_segment="uniform", ckpt=False):
-    ffn = {
-        "kind": "moe",
-        "router": "lory",
-        "num_experts": 4,
-        "top_k": 1,
-        "d_hidden": 16,
-        "router_options": {"segment_len": 4, "first_segment": first_segment},
-    }
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 3,
-            "n_heads": 2,
-            "max_seq_len": 16,
-            "ffn": ffn,
-            "init_std": 0.3,
-            "activation_checkpointing": ckpt,
-        }
-    )
-    torch.manual_seed(0)
-    return TransformerLM(cfg).double()
+    return tiny_lm(
+        "lory",
+        router_options={"segment_len": 4, "first_segment": first_segment},
+        n_layers=3,
+        max_seq_len=16,
+        init_std=0.3,
+        activation_checkpointing=ckpt,
+    ).double()
 
 
 @pytest.mark.parametrize("position", [1, 3, 4, 6, 9, 11])
@@ -188,11 +175,8 @@ def test_causal_through_the_model(position):
     model = _lm().eval()
     torch.manual_seed(1)
     ids = torch.randint(0, 50, (2, 12))
-    changed = ids.clone()
-    changed[:, position] = (changed[:, position] + 7) % 50
-    before, after = model(ids), model(changed)
-    torch.testing.assert_close(before[:, :position], after[:, :position])
-    assert not torch.allclose(before[:, position:], after[:, position:])
+    changed = shift_tokens(ids, position, 50, shift=7, only=True)
+    assert_causal(model, ids, changed, atol=1e-7)
 
 
 def test_paper_first_segment_sees_its_own_later_tokens_and_nothing_else():
@@ -200,23 +184,14 @@ def test_paper_first_segment_sees_its_own_later_tokens_and_nothing_else():
     tokens of that segment (through its merge weights); from the second segment on it is causal."""
     model = _lm("self").eval()
     ids = torch.randint(0, 50, (2, 12))
-    changed = ids.clone()
-    changed[:, 3] = (changed[:, 3] + 7) % 50
+    changed = shift_tokens(ids, 3, 50, shift=7, only=True)
     assert not torch.allclose(model(ids)[:, :3], model(changed)[:, :3])
-    changed = ids.clone()
-    changed[:, 6] = (changed[:, 6] + 7) % 50
-    torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
+    assert_causal(model, ids, shift_tokens(ids, 6, 50, shift=7, only=True), atol=1e-7)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, 50, (2, 10))
-    grads = []
-    for ckpt in (False, True):
-        m = _lm(ckpt=ckpt).train()
-        m(ids).square().mean().backward()
-        grads.append([p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_keeps_grads(lambda ckpt: _lm(ckpt=ckpt), ids)
 
 
 def test_kv_cache_decoding_is_refused():

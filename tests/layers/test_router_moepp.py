@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import assert_causal, assert_checkpointing_keeps_grads, shift_tokens, tiny_lm
 from moelab.layers import MoE, RoutingContext
 from moelab.layers.routers import MoEPPRouter
-from moelab.model import ModelConfig, TransformerLM
+from moelab.model import TransformerLM
 
 torch.set_num_threads(2)
 
@@ -122,28 +123,15 @@ def test_matches_per_token_loop_reference(with_prev):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _lm(n_layers: int = 2, **options) -> TransformerLM:
-    ffn = {
-        "kind": "moe",
-        "router": "moepp",
-        "num_experts": 4,
-        "top_k": 2,
-        "d_hidden": 16,
-        "router_options": options,
-    }
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": n_layers,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-            "init_std": 0.2,
-        }
+def _lm(n_layers: int = 2, ckpt: bool = False, **options) -> TransformerLM:
+    return tiny_lm(
+        "moepp",
+        top_k=2,
+        router_options=options,
+        n_layers=n_layers,
+        init_std=0.2,
+        activation_checkpointing=ckpt,
     )
-    torch.manual_seed(0)
-    return TransformerLM(cfg)
 
 
 def test_gradients_reach_the_residual_map_from_the_second_layer_on():
@@ -164,12 +152,7 @@ def test_gradients_reach_the_residual_map_from_the_second_layer_on():
 def test_causal_through_the_model():
     model = _lm(2)
     ids = torch.randint(0, 50, (2, 10))
-    changed = ids.clone()
-    changed[:, 6:] = (changed[:, 6:] + 1) % 50
-    with torch.no_grad():
-        a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-5)  # matmul rounding only
-    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-4
+    assert_causal(model, ids, shift_tokens(ids, 6, 50), atol=1e-5)  # matmul rounding only
 
 
 def test_padding_gets_nothing_and_counts_nothing():
@@ -214,24 +197,4 @@ def test_bad_settings_raise():
 
 def test_activation_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(5))
-    grads = []
-    for ckpt in (False, True):
-        ffn = {"kind": "moe", "router": "moepp", "num_experts": 4, "top_k": 2, "d_hidden": 16}
-        cfg = ModelConfig.from_dict(
-            {
-                "vocab_size": 50,
-                "d_model": 16,
-                "n_layers": 3,
-                "n_heads": 2,
-                "max_seq_len": 12,
-                "ffn": ffn,
-                "init_std": 0.2,
-                "activation_checkpointing": ckpt,
-            }
-        )
-        torch.manual_seed(0)
-        model = TransformerLM(cfg).train()
-        model(ids).square().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_keeps_grads(lambda ckpt: _lm(3, ckpt), ids)

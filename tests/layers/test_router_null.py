@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.layers import MoE
-from router_checks import assert_causal, assert_close_with_grads, loop_moe, observed_gates
+from router_checks import assert_close_with_grads, assert_router_causal, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -103,7 +103,7 @@ def test_zero_null_experts_is_topk():
 
 
 def test_causal_through_the_model():
-    assert_causal("null", null_experts=2)
+    assert_router_causal("null", null_experts=2)
 
 
 @pytest.mark.parametrize(

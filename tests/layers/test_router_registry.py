@@ -19,7 +19,7 @@ from moelab.layers.routers import (
     router_options,
     routers_with,
 )
-from router_checks import assert_causal
+from router_checks import assert_router_causal
 
 JITTERED = [name for name in ROUTERS if "jitter_eps" in router_options(name)]
 
@@ -81,7 +81,7 @@ def test_every_capability_is_declared_and_refused_with_its_reason(name):
 @pytest.mark.parametrize("name", routers_with("causal_at_inference"))
 def test_every_router_declaring_causal_inference_is_causal(name):
     cls = router_class(name)
-    assert_causal(name, **cls.example_options(10))
+    assert_router_causal(name, **cls.example_options(10))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_options_that_withdraw_causality_are_refused_and_are_not_causal(name, op
     line = router_class(name).refusal("causal_at_inference", options)
     assert line.startswith(f"router {name!r} with ") and "is not causal at inference" in line
     with pytest.raises(AssertionError):  # the refusal is true: a later token changes an earlier
-        assert_causal(name, **(router_class(name).example_options(10) | options))
+        assert_router_causal(name, **(router_class(name).example_options(10) | options))
 
 
 def test_an_unknown_capability_is_named():

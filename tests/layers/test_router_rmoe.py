@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_checks import assert_causal, assert_checkpointing_keeps_grads, shift_tokens, tiny_lm
 from moelab.layers import MoE, RoutingContext
 from moelab.layers.routers import RecurrentRouter, share_recurrent_routers
-from moelab.model import ModelConfig, TransformerLM
 from moelab.model.accounting import accounting
 
 torch.set_num_threads(2)
@@ -119,27 +119,12 @@ def test_state_carries_gradient_to_earlier_layers():
 
 
 def _lm(ckpt=False, hidden_dim=4):
-    ffn = {
-        "kind": "moe",
-        "router": "rmoe",
-        "num_experts": 4,
-        "top_k": 1,
-        "d_hidden": 16,
-        "router_options": {"hidden_dim": hidden_dim},
-    }
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 3,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-            "activation_checkpointing": ckpt,
-        }
+    return tiny_lm(
+        "rmoe",
+        router_options={"hidden_dim": hidden_dim},
+        n_layers=3,
+        activation_checkpointing=ckpt,
     )
-    torch.manual_seed(0)
-    return TransformerLM(cfg)
 
 
 def test_one_gru_for_all_layers_counted_once_and_saved():
@@ -164,16 +149,8 @@ def test_one_gru_for_all_layers_counted_once_and_saved():
 def test_causal_through_the_model_and_with_activation_checkpointing():
     model = _lm().eval()
     ids = torch.randint(0, 50, (2, 10))
-    changed = ids.clone()
-    changed[:, 6:] = (changed[:, 6:] + 1) % 50
-    torch.testing.assert_close(model(ids)[:, :6], model(changed)[:, :6])
-    grads = []
-    for ckpt in (False, True):
-        m = _lm(ckpt).train()
-        m(ids).square().mean().backward()
-        grads.append([p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_causal(model, ids, shift_tokens(ids, 6, 50), atol=1e-5)
+    assert_checkpointing_keeps_grads(_lm, ids)
 
 
 def test_bad_settings():

@@ -11,7 +11,7 @@ import torch
 
 from moelab.layers import MoE
 from moelab.layers.routers.sparsemixer import SparseMixerGate, far_from_top, pick_one
-from router_checks import assert_causal, loop_moe, observed_gates
+from router_checks import assert_router_causal, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -171,7 +171,7 @@ def test_dropless_accounting_and_padding():
 
 
 def test_causal_through_the_model():
-    assert_causal("sparsemixer")
+    assert_router_causal("sparsemixer")
 
 
 @pytest.mark.parametrize(

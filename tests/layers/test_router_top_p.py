@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelab.layers import MoE, fixed_aux_loss
-from router_checks import assert_causal, assert_close_with_grads, loop_moe, observed_gates
+from router_checks import assert_close_with_grads, assert_router_causal, loop_moe, observed_gates
 
 torch.set_num_threads(2)
 
@@ -189,7 +189,7 @@ def test_dropless_accounting_and_padding():
 
 
 def test_causal_through_the_model():
-    assert_causal("top_p", p=0.5)
+    assert_router_causal("top_p", p=0.5)
 
 
 @pytest.mark.parametrize(

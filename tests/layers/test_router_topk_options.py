@@ -8,7 +8,7 @@ import torch
 from moelab.layers import MoE, RoutingContext
 from moelab.layers.losses import switch_load_balance_loss
 from moelab.layers.routers import ROUTERS, router_options
-from router_checks import assert_causal
+from router_checks import assert_router_causal
 
 torch.set_num_threads(2)
 
@@ -132,7 +132,7 @@ def test_global_scope_is_per_forward_not_per_step():
 
 
 def test_balance_scope_keeps_routing_causal():
-    assert_causal("topk", balance_scope="sequence", jitter_eps=0.05)
+    assert_router_causal("topk", balance_scope="sequence", jitter_eps=0.05)
 
 
 @pytest.mark.parametrize(

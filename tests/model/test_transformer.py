@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from model_checks import assert_causal, assert_checkpointing_keeps_grads, shift_tokens
 from moelab.layers.dense import DenseFFN
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.transformer import apply_rope, rope_tables
@@ -39,11 +40,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
     torch.manual_seed(0)
     model = TransformerLM(tiny_cfg()).double()
     x = ids()
-    y = x.clone()
-    y[:, 6] = (y[:, 6] + 1) % 50
-    a, b = model(x), model(y)
-    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=0)
-    assert not torch.allclose(a[:, 6:], b[:, 6:])
+    assert_causal(model, x, shift_tokens(x, 6, 50, only=True))
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -145,10 +142,6 @@ def test_too_long_sequence_is_an_error():
         model(ids(length=17))
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize(
     "kind", ["dense", pytest.param("topk", marks=needs_moe), pytest.param("relu", marks=needs_moe)]
 )
@@ -158,26 +151,17 @@ def test_activation_checkpointing_gives_identical_outputs_and_grads(kind):
     if kind != "dense":
         ffn = {"kind": "moe", "num_experts": 4, "top_k": 2, "router": kind}
     cfg = ModelConfig.from_dict({**tiny_cfg().to_dict(), "ffn": ffn})
-    torch.manual_seed(0)
-    plain = TransformerLM(cfg).double()
-    ckpt = TransformerLM(ModelConfig.from_dict(cfg.to_dict(), ["activation_checkpointing=true"]))
-    ckpt = ckpt.double()
-    ckpt.load_state_dict(plain.state_dict())
-    x = ids()
-    outs = []
-    for model in (plain, ckpt):
-        model.train()
-        logits = model(x)
-        loss = logits.logsumexp(-1).mean()
-        for layer in model.routed_layers():
-            loss = loss + sum(layer.aux_losses.values())
-        loss.backward()
-        outs.append(logits.detach())
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    g0, g1 = _grads(plain), _grads(ckpt)
-    assert g0.keys() == g1.keys()
-    for name in g0:
-        torch.testing.assert_close(g0[name], g1[name], rtol=1e-12, atol=1e-14, msg=name)
+
+    def build(checkpointing: bool) -> TransformerLM:
+        torch.manual_seed(0)
+        flag = f"activation_checkpointing={str(checkpointing).lower()}"
+        return TransformerLM(cfg.with_overrides([flag])).double()
+
+    def loss(model: TransformerLM, logits: torch.Tensor) -> torch.Tensor:
+        aux = [sum(layer.aux_losses.values()) for layer in model.routed_layers()]
+        return logits.logsumexp(-1).mean() + sum(aux)
+
+    assert_checkpointing_keeps_grads(build, ids(), loss=loss, rtol=1e-12, atol=1e-14)
 
 
 @needs_moe

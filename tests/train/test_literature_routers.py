@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from model_checks import tiny_lm_config
 from moelab.train import train
 from run_fixtures import tiny_config
 
@@ -49,17 +50,6 @@ def test_every_parameter_gets_a_gradient_for_ddp(router):
     """DDP's probe (one eval-mode backward) finds no parameter without a gradient: Hash has no
     router parameter, MoE++'s first layer keeps its gating-residual map in the graph."""
     from moelab.distributed.wrapping import probe_gradients
-    from moelab.model import ModelConfig, TransformerLM
+    from moelab.model import TransformerLM
 
-    ffn = {"kind": "moe", "router": router, "num_experts": 4, "top_k": 1, "d_hidden": 16}
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 2,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-        }
-    )
-    assert probe_gradients(TransformerLM(cfg)) == ([], [])
+    assert probe_gradients(TransformerLM(tiny_lm_config(router))) == ([], [])

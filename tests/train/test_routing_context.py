@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from model_checks import assert_checkpointing_keeps_grads, tiny_lm
 from moelab.layers import MoE, RouterLoadHook, RoutingContext
 from moelab.layers.routers import ROUTERS, Router, RouterOutput, make_decision, register_router
-from moelab.model import ModelConfig, TransformerLM
+from moelab.model import TransformerLM
 from moelab.rundir import RunDir
 from moelab.train import train
 from run_fixtures import tiny_config
@@ -87,20 +88,7 @@ def test_routers():
 
 
 def _lm(**overrides) -> TransformerLM:
-    ffn = {"kind": "moe", "router": "chain-test", "num_experts": 4, "top_k": 1, "d_hidden": 16}
-    cfg = ModelConfig.from_dict(
-        {
-            "vocab_size": 50,
-            "d_model": 16,
-            "n_layers": 3,
-            "n_heads": 2,
-            "max_seq_len": 12,
-            "ffn": ffn,
-        }
-        | overrides
-    )
-    torch.manual_seed(0)
-    return TransformerLM(cfg)
+    return tiny_lm("chain-test", **{"n_layers": 3} | overrides)
 
 
 def test_token_ids_and_state_reach_each_layer_in_order(test_routers):
@@ -119,14 +107,7 @@ def test_token_ids_and_state_reach_each_layer_in_order(test_routers):
 
 def test_activation_checkpointing_recomputes_with_the_same_state(test_routers):
     ids = torch.randint(0, 50, (2, 7))
-    grads = []
-    for ckpt in (False, True):
-        model = _lm(activation_checkpointing=ckpt)
-        model.train()
-        model(ids).square().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_checkpointing_keeps_grads(lambda ckpt: _lm(activation_checkpointing=ckpt), ids)
 
 
 def test_context_keeps_read_and_written_state_apart():

@@ -121,22 +121,32 @@ def test_export_hf_overwrite_keeps_other_files(
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "fields"),
     [
-        ["prune", "{run}", "{run}", "--keep", "1", "--overwrite"],
-        ["upcycle", "{run}", "{run}", "--num-experts", "2", "--top-k", "1", "--overwrite"],
-        ["convert-hf", "{run}", "{run}", "--overwrite"],
+        (["prune", "{run}", "{run}", "--keep", "1", "--overwrite"], ("OUT_RUN_DIR", "RUN_DIR")),
+        (
+            ["upcycle", "{run}", "{run}", "--num-experts", "2", "--top-k", "1", "--overwrite"],
+            ("OUT_RUN_DIR", "RUN_DIR"),
+        ),
+        (["convert-hf", "{run}", "{run}", "--overwrite"], ("RUN_DIR", "HF_DIR")),
     ],
     ids=["prune", "upcycle", "convert-hf"],
 )
 def test_commands_never_write_over_their_source(
-    argv: list[str], tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
+    argv: list[str],
+    fields: tuple[str, str],
+    tmp_path: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
+    """One line naming the output and the source as the command's usage line names them."""
     run = trained(tmp_path / "run", data_dir)
     before = snapshot(run)
     assert main([a.format(run=run) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert "is the same directory as" in err and err.count("\n") == 1
+    output, source = fields
+    assert f"{output}: '{run}' is the same directory as {source};" in err, err
+    assert err.count("\n") == 1
     assert snapshot(run) == before
 
 

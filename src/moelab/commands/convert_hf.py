@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.commands import add_new_run_options, print_new_run
+from moelab.commands import (
+    add_new_run_parser,
+    check_new_run_args,
+    config_overrides,
+    print_new_run,
+)
 from moelab.layers.routers import routers_with
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_new_run_parser(
+        sub,
         "convert-hf",
+        source="HF_DIR",
+        output="RUN_DIR",
         help="convert a local transformers checkpoint (Mixtral, OLMoE, Qwen2/3-MoE, Llama) "
         "into a moelab run, optionally switched to another router (ReMoE's ReLU routing, ...)",
         description="Convert a local transformers checkpoint directory into a moelab run "
         "directory whose step-0 checkpoint holds its weights; continue with "
         "`moelab train --resume RUN_DIR`. Overrides (KEY=VALUE) set data/optim/train/logging/"
         "checkpoint fields, e.g. train.steps=1000 optim.lr=1e-4.",
+        run=run,
+        options=_options,
     )
-    p.add_argument("hf_dir", metavar="HF_DIR")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+
+
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         metavar="DIR",
@@ -34,25 +45,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: keep it, same outputs); relu: ReMoE's ReLU routing with target sparsity "
         "1 - k/E",
     )
-    add_new_run_options(p, "RUN_DIR")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moelab.hf.runs import convert_checkpoint
-    from moelab.rundir import RunDir
 
     # before loading the checkpoint: never HF_DIR itself, a dataset or a folder of other files
-    RunDir(args.run_dir).check_new_run_from(
-        args.hf_dir, overwrite=args.overwrite, field="RUN_DIR", source_field="HF_DIR"
-    )
+    check_new_run_args(args)
     ckpt = convert_checkpoint(
-        args.hf_dir,
-        args.run_dir,
+        args.source,
+        args.output,
         data=args.data,
         router=args.router,
-        overrides=[*args.overrides, *args.set_overrides],
+        overrides=config_overrides(args),
         overwrite=args.overwrite,
     )
-    print_new_run("converted", args.hf_dir, args.run_dir, ckpt.name)
+    print_new_run("converted", args.source, args.output, ckpt.name)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moelab.commands import add_checkpoint_option
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss / perplexity of a trained run")
@@ -18,9 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate at most N batches (default: the whole split)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's eval batch")
-    p.add_argument(
-        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
-    )
+    add_checkpoint_option(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moelab.commands import add_checkpoint_option
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -14,9 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument(
-        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
-    )
+    add_checkpoint_option(p)
     p.add_argument(
         "--dtype", choices=DTYPES, default=None, help="cast the weights (default: as trained)"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moelab.commands import add_checkpoint_option
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run")
@@ -13,9 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
-    )
+    add_checkpoint_option(p)
     p.set_defaults(func=run)
 
 

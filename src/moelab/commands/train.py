@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from moelab.commands import add_override_options
+from moelab.commands import add_override_options, config_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         for name in list_presets():
             print(name)
         return 0
-    overrides = [*args.overrides, *args.set_overrides]
+    overrides = config_overrides(args)
     if args.resume:
         if args.run_dir and Path(args.run_dir) != Path(args.resume):
             raise ValueError("--run-dir: not used with --resume (the run continues in RUN_DIR)")

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from moelab.commands import add_new_run_options, print_new_run
+from moelab.commands import (
+    add_new_run_parser,
+    check_new_run_args,
+    config_overrides,
+    print_new_run,
+)
 from moelab.layers.routers import routers_with
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_new_run_parser(
+        sub,
         "upcycle",
+        source="RUN_DIR",
+        output="OUT_RUN_DIR",
         help="turn a dense run into an MoE run whose experts start as copies of its FFNs",
         description="Sparse upcycling: each FFN of the dense run becomes NUM_EXPERTS copies "
         "(split into GRANULARITY fine-grained experts) with a new router. The new run starts "
         "at step 0 with those weights; continue with `moelab train --resume OUT_RUN_DIR`. "
         "Overrides (KEY=VALUE) set data/optim/train/logging/checkpoint fields.",
+        run=run,
+        options=_options,
+        from_run=True,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("out_dir", metavar="OUT_RUN_DIR")
+
+
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, required=True, help="E, copies of each FFN")
     p.add_argument("--top-k", type=int, required=True, help="k, copies routed per token")
     p.add_argument("--granularity", type=int, default=1, help="G: split each copy into G experts")
@@ -37,22 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="routers with renormalize (topk, ...): keep the raw softmax weights (the upcycled "
         "model then differs at step 0)",
     )
-    p.add_argument(
-        "--checkpoint", default=None, help="step number or step_* name (default: latest)"
-    )
-    add_new_run_options(p, "OUT_RUN_DIR")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moelab.hf.runs import upcycle_run
-    from moelab.rundir import RunDir
 
     # before any work: never the source run, a dataset or a folder of other files
-    RunDir(args.out_dir).check_new_run_from(args.run_dir, overwrite=args.overwrite)
+    check_new_run_args(args)
     ckpt = upcycle_run(
-        args.run_dir,
-        args.out_dir,
+        args.source,
+        args.output,
         num_experts=args.num_experts,
         top_k=args.top_k,
         granularity=args.granularity,
@@ -60,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         router=args.router,
         renormalize=not args.no_renormalize,
         checkpoint=args.checkpoint,
-        overrides=[*args.overrides, *args.set_overrides],
+        overrides=config_overrides(args),
         overwrite=args.overwrite,
     )
-    print_new_run("upcycled", args.run_dir, args.out_dir, ckpt.name)
+    print_new_run("upcycled", args.source, args.output, ckpt.name)
     return 0
