@@ -46,6 +46,9 @@ class ProductKeyLayer(RoutedLayer):
     """
 
     keys_name = "num_keys"
+    #: which grid candidates the second top-k scores (see product_key_topk); "grid" is the k² path
+    #: kept as a reference, for ``moelab bench peer`` to compare in one process
+    candidates = "staircase"
 
     def __init__(
         self, d_model: int, num_keys: int, *, heads: int, top_k: int, d_key: int, sparse_grad: bool
@@ -109,7 +112,7 @@ class ProductKeyLayer(RoutedLayer):
         """Queries → (scores ``[T, H, K]``, row ids ``[T, H, K]``), best first per head."""
         q_TC = normalize_queries(self.query_bn, self.query(x_TD), mask_T)
         q_THK = q_TC.view(x_TD.shape[0], self.heads, self.d_key)
-        return product_key_topk(q_THK, self.sub_keys, self.top_k)
+        return product_key_topk(q_THK, self.sub_keys, self.top_k, self.candidates)
 
     def retrieval_weights(self, scores_THK: Tensor) -> Tensor:
         """Weights ``[T, H, K]`` of the retrieved rows from their scores (per head)."""

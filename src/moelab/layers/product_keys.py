@@ -1,15 +1,17 @@
 """Product-key retrieval: each query head's exact top-k of N = S² keys, without scoring all N.
 
-* :func:`product_key_topk` - exact top-k over N = S² product keys at cost O((S + k²)·d_key)
+* :func:`product_key_topk` - exact top-k over N = S² product keys at cost O(S·d_key + k·ln k)
   (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2), with a
-  backward that touches only the selected sub-keys.
+  backward that touches only the selected sub-keys; :func:`staircase_pairs` are the only grid
+  candidates that can win, :func:`pair_topk` ranks them.
 * :func:`normalize_queries` - query batch normalisation that ignores padding tokens.
 * :func:`check_product_key_args` - the hyper-parameter checks both layers share;
   :func:`as_int` - the integer check behind them.
 * :func:`duplicated_retrievals` - retrievals one head repeats from another.
 
 Shape legend (see ``moelab.layers.base``): T tokens, H heads, K top-k, S sub-keys per half (√N),
-C = K² candidates per head, B = 2·H (head, half) pairs, d = d_key / 2 (one half of a key).
+C = Σ_a ⌊K/a⌋ candidates per head (K² on the grid path), B = 2·H (head, half) pairs,
+d = d_key / 2 (one half of a key).
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
 
 # Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
 # rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
-# entries it would sit in the buffer and block larger values.
+# entries it would sit in the buffer and block larger values. pair_topk_*: the same selection over
+# the pair sums v0[pa[c]] + v1[pb[c]] of C listed pairs, computed on the fly (no candidate tensor);
+# it writes the k best pair numbers c (the first listed pair wins a tie) and their sums.
 _TOPK_C = r"""
 #include <stdint.h>
 #define DEFINE_TOPK(SUF, T)                                                                     \
@@ -107,6 +111,29 @@ int64_t topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v
       int64_t p = n < k ? n++ : k - 1;                                                          \
       while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
       v[p] = xj; ix[p] = j;                                                                     \
+    }                                                                                           \
+    nan_rows += nan;                                                                            \
+  }                                                                                             \
+  return nan_rows;                                                                              \
+}                                                                                               \
+int64_t pair_topk_##SUF(const T* v0, const T* v1, const int64_t* pa, const int64_t* pb,       \
+                        int64_t rows, int64_t K, int64_t C, int64_t k, T* buf_v,                \
+                        int64_t* out_p, int nth) {                                              \
+  int64_t nan_rows = 0;                                                                         \
+  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
+  for (int64_t r = 0; r < rows; ++r) {                                                          \
+    const T* x0 = v0 + r * K;                                                                   \
+    const T* x1 = v1 + r * K;                                                                   \
+    T* v = buf_v + r * k;                                                                       \
+    int64_t* ix = out_p + r * k;                                                                \
+    int64_t n = 0, nan = 0;                                                                     \
+    for (int64_t c = 0; c < C; ++c) {                                                           \
+      const T xj = x0[pa[c]] + x1[pb[c]];                                                       \
+      if (n == k && xj <= v[k - 1]) continue;                                                   \
+      if (xj != xj) { nan = 1; continue; }                                                      \
+      int64_t p = n < k ? n++ : k - 1;                                                          \
+      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
+      v[p] = xj; ix[p] = c;                                                                     \
     }                                                                                           \
     nan_rows += nan;                                                                            \
   }                                                                                             \
@@ -207,25 +234,104 @@ class _HalfTopK(torch.autograd.Function):
         return g_q, g_keys, None
 
 
-def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+CANDIDATES = ("staircase", "grid")
+
+_PAIRS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def staircase_pairs(k: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The grid positions ``(a, b)`` (0-based) with ``(a+1)·(b+1) <= k``, in grid order (a-major).
+
+    Both halves' top-k lists are sorted, so the candidate at 1-based grid position (a, b) scores
+    no higher than the a·b candidates (a' <= a, b' <= b), each of which also comes earlier in grid
+    order (so wins a tie): with a·b > k it can never be among the top k. The Σ_a ⌊k/a⌋ pairs left
+    (≈ k·ln k: 50 of 256 at k = 16, 140 of 1,296 at k = 36) hold the exact top-k. Cached per
+    (k, device): built once, never per call; callers must not modify the returned tensors.
+    """
+    key = (int(k), torch.device(device))
+    if key not in _PAIRS:
+        ab = [(a, b) for a in range(k) for b in range(k // (a + 1))]
+        pairs = torch.tensor(ab, dtype=torch.int64, device=key[1]).reshape(-1, 2)
+        _PAIRS[key] = (pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
+    return _PAIRS[key]
+
+
+def pair_topk(v0: Tensor, v1: Tensor, pa: Tensor, pb: Tensor, k: int) -> Tensor:
+    """Positions ``c`` (into ``pa``/``pb``) of the k largest ``v0[.., pa[c]] + v1[.., pb[c]]``,
+    descending, the first listed pair winning a tie. ``v0``/``v1`` ``[..., K]`` carry no gradient.
+
+    A fused C kernel (sums computed on the fly), else a stable descending sort of the candidate
+    sums (torch.topk would not do: its tie order is unspecified). NaN sums raise
+    :class:`NaNScoresError` on both paths.
+    """
+    v0, v1 = v0.contiguous(), v1.contiguous()
+    K, C = v0.shape[-1], pa.numel()
+    rows = v0.numel() // K if K else 0
+    lib = float_kernel("topk", _TOPK_C, v0, v1) if pa.device.type == "cpu" else None
+    if lib is None:
+        cand = v0.index_select(-1, pa) + v1.index_select(-1, pb)
+        if cand.numel() and bool(cand.isnan().any()):
+            raise _nan_error(int(cand.isnan().any(-1).sum()), rows)
+        return cand.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    buf = torch.empty(*v0.shape[:-1], k, dtype=v0.dtype)
+    pos = torch.empty(*v0.shape[:-1], k, dtype=torch.int64)
+    fn = getattr(lib, f"pair_topk_{FLOAT_SUFFIX[v0.dtype]}")
+    fn.restype = ctypes.c_int64
+    nan_rows = fn(
+        c_ptr(v0),
+        c_ptr(v1),
+        c_ptr(pa),
+        c_ptr(pb),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(K),
+        ctypes.c_int64(C),
+        ctypes.c_int64(k),
+        c_ptr(buf),
+        c_ptr(pos),
+        ctypes.c_int(torch.get_num_threads()),
+    )
+    if nan_rows:
+        raise _nan_error(nan_rows, rows)
+    return pos
+
+
+def product_key_topk(
+    q_THK: Tensor, sub_keys: Tensor, top_k: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of ``q·key_n`` over the N = S² product keys ``key_{i·S+j} = [c_i ; c'_j]``.
 
     Lample et al. 2019, §3.2 (used unchanged by PEER): split the query into halves ``q1, q2``;
     take the top-k of ``q1·C`` and of ``q2·C'``; the top-k of all N sums lies among the k×k sums of
-    those candidates, so a second top-k over the C = k² sums is exact. Grid positions ``(a, b)`` of
-    the second top-k are mapped back to sub-key ids and then to the expert id ``i·S + j``
-    (returning the grid position ``a·k + b`` instead still yields ids in range, so the mistake is
-    silent: the layer would read the wrong rows).
+    those candidates. Grid positions ``(a, b)`` of the second top-k are mapped back to sub-key ids
+    and then to the expert id ``i·S + j`` (returning the grid position ``a·k + b`` instead still
+    yields ids in range, so the mistake is silent: the layer would read the wrong rows).
+
+    ``candidates``:
+
+    * ``"staircase"`` (default): score only the Σ_a ⌊k/a⌋ pairs of :func:`staircase_pairs` (the
+      others can never win), the second top-k in a fused kernel. Ties: the lower grid position
+      wins (higher first-half score, then lower first-half sub-key id, then the same for the second
+      half), the rule under which the pruning is exact; the half top-k also lets the lower sub-key
+      id win. The result is then the top-k of all N keys ordered by (score, first-half score,
+      -i, second-half score, -j), which the tests check by brute force.
+    * ``"grid"``: all k² sums and ``torch.topk`` (the original path, kept as the reference and for
+      ``moelab bench peer``). Same result except on exact ties, which ``torch.topk`` breaks in an
+      unspecified order (on an all-equal 4×4 grid it returns positions 10, 11, 12, 9).
+
+    The returned scores are differentiable w.r.t. queries and keys; the backward reaches only the
+    half top-k entries of the selected pairs (both paths touch the same sub-keys).
 
     Args:
         q_THK: queries ``[T, H, d_key]`` (d_key here is the full key size).
         sub_keys: ``[Hk, 2, S, d_key/2]`` with ``Hk`` = 1 (keys shared by heads, PEER) or H (PKM).
         top_k: k.
+        candidates: ``"staircase"`` or ``"grid"``.
 
     Returns:
-        ``scores_THK`` (differentiable w.r.t. queries and keys) and long ``idx_THK`` in ``[0, S²)``,
-        both sorted by descending score.
+        ``scores_THK`` and long ``idx_THK`` in ``[0, S²)``, both sorted by descending score.
     """
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
     T, H, d_key = q_THK.shape
     S, half = sub_keys.shape[-2], sub_keys.shape[-1]
     keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
@@ -233,12 +339,21 @@ def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tenso
     top_v, top_i = _HalfTopK.apply(q_BTd, keys.reshape(H * 2, S, half), top_k)  # [B, T, k]
     top_v = top_v.view(H, 2, T, top_k)
     top_i = top_i.view(H, 2, T, top_k)
-    cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
-    best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # [H, T, k], grid positions in [0, k²)
-    if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the two halves
-        raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
-    i = top_i[:, 0].gather(-1, pos // top_k)
-    j = top_i[:, 1].gather(-1, pos % top_k)
+    if candidates == "grid":
+        cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
+        best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # grid positions in [0, k²)
+        if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the halves
+            raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
+        a, b = pos // top_k, pos % top_k
+    else:
+        pa, pb = staircase_pairs(top_k, top_v.device)
+        v = top_v.detach()
+        c = pair_topk(v[:, 0], v[:, 1], pa, pb, top_k)  # [H, T, k] pair numbers
+        a, b = pa[c], pb[c]
+        # the same IEEE sums the kernel ranked, now with a gradient to the two half entries
+        best_v = top_v[:, 0].gather(-1, a) + top_v[:, 1].gather(-1, b)
+    i = top_i[:, 0].gather(-1, a)
+    j = top_i[:, 1].gather(-1, b)
     idx = i * S + j
     return best_v.permute(1, 0, 2), idx.permute(1, 0, 2)
 
