@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moelab import native
+from moelab.layers import product_key_kernels as pkk
 from moelab.layers import product_keys as pk
 from moelab.layers import sparse_rows
 from moelab.layers.product_keys import (
@@ -318,3 +319,35 @@ def test_staircase_gradients_match_grid_and_finite_differences(shared: bool) -> 
 def test_unknown_candidates_value_is_named() -> None:
     with pytest.raises(ValueError, match=r"candidates must be one of \('staircase', 'grid'\)"):
         product_key_topk(torch.randn(2, 1, 4), torch.randn(1, 2, 4, 2), 2, candidates="k2")
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+def test_subkey_grads_match_a_one_hot_reference(
+    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The half top-k's backward (a fused scatter in C, segment sums eagerly) against the dense
+    formula ``g`` scattered to one-hot ``[B, T, S]`` scores."""
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
+    elif native.load_c_kernel("subkey_grads", pkk._SUBKEY_GRADS_C) is None:
+        pytest.skip("no C compiler: only the eager path can be checked")
+    g = torch.Generator().manual_seed(11)
+    B, T, K, S, d = 3, 9, 4, 6, 5
+    q = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(B, S, d, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, S, (B, T, K), generator=g)  # repeats within and across tokens
+    grad = torch.randn(B, T, K, generator=g, dtype=torch.float64)
+    dense = torch.zeros(B, T, S, dtype=torch.float64).scatter_add_(-1, idx, grad)
+    g_q, g_keys = pkk.subkey_grads(q, keys, idx, grad, True, True)
+    torch.testing.assert_close(g_q, torch.bmm(dense, keys))
+    torch.testing.assert_close(g_keys, torch.bmm(dense.transpose(1, 2), q))
+    only_q = pkk.subkey_grads(q, keys, idx, grad, True, False)
+    assert only_q[1] is None and torch.equal(only_q[0], g_q)
+
+
+def test_repeated_in_token_counts_like_duplicated_retrievals() -> None:
+    g = torch.Generator().manual_seed(5)
+    for T, R, N in [(0, 4, 8), (1, 1, 3), (13, 6, 5), (40, 12, 50)]:
+        idx = torch.randint(0, N, (T, R), generator=g)
+        got = RowGroups.build(idx).repeated_in_token()
+        assert int(got) == int(duplicated_retrievals(idx.view(T, 1, R)).sum()), (T, R, N)

@@ -20,7 +20,6 @@ from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, Rou
 from moelab.layers.product_keys import (
     as_int,
     check_product_key_args,
-    duplicated_retrievals,
     normalize_queries,
     product_key_topk,
 )
@@ -206,6 +205,7 @@ class ProductKeyLayer(RoutedLayer):
         if not record:  # decided outside no_grad (should_record looks at grad mode)
             return
         distinct = 0 if groups is None else groups.rows_U.numel()
+        dup = torch.tensor(0) if groups is None else groups.repeated_in_token()
         self.last_stats = RoutingStats(
             num_tokens=torch.tensor(V),
             num_experts=self.num_experts,
@@ -214,7 +214,8 @@ class ProductKeyLayer(RoutedLayer):
             active_min=torch.tensor(per_token),
             active_max=torch.tensor(per_token),
             extra={
-                "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
+                # from the forward's row grouping: no per-token sort of the retrievals
+                "duplicate_retrievals": dup,
                 "retrievals": torch.tensor(V * per_token),
             },
         )

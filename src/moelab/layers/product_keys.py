@@ -16,7 +16,6 @@ d = d_key / 2 (one half of a key).
 
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 
@@ -24,8 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.layers.sparse_rows import RowGroups
-from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
+from moelab.layers.product_key_kernels import (
+    _TOPK_C,  # noqa: F401 - re-exported for the tests' compiler checks
+    NaNScoresError,
+    _nan_error,
+    pair_topk,
+    subkey_grads,
+    topk_last_dim,
+)
+
+__all__ = [
+    "CANDIDATES",
+    "NaNScoresError",
+    "as_int",
+    "check_product_key_args",
+    "duplicated_retrievals",
+    "normalize_queries",
+    "pair_topk",
+    "product_key_topk",
+    "staircase_pairs",
+    "topk_last_dim",
+]
 
 
 def as_int(value: object) -> int | None:
@@ -87,122 +105,14 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
-# Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
-# rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
-# entries it would sit in the buffer and block larger values. pair_topk_*: the same selection over
-# the pair sums v0[pa[c]] + v1[pb[c]] of C listed pairs, computed on the fly (no candidate tensor);
-# it writes the k best pair numbers c (the first listed pair wins a tie) and their sums.
-_TOPK_C = r"""
-#include <stdint.h>
-#define DEFINE_TOPK(SUF, T)                                                                     \
-int64_t topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v,             \
-                        int64_t* out_i, int nth) {                                              \
-  int64_t nan_rows = 0;                                                                         \
-  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
-  for (int64_t r = 0; r < rows; ++r) {                                                          \
-    const T* x = s + r * S;                                                                     \
-    T* v = out_v + r * k;                                                                       \
-    int64_t* ix = out_i + r * k;                                                                \
-    int64_t n = 0, nan = 0;                                                                     \
-    for (int64_t j = 0; j < S; ++j) {                                                           \
-      const T xj = x[j];                                                                        \
-      if (n == k && xj <= v[k - 1]) continue;   /* false for NaN: it takes the next test */    \
-      if (xj != xj) { nan = 1; continue; }                                                      \
-      int64_t p = n < k ? n++ : k - 1;                                                          \
-      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
-      v[p] = xj; ix[p] = j;                                                                     \
-    }                                                                                           \
-    nan_rows += nan;                                                                            \
-  }                                                                                             \
-  return nan_rows;                                                                              \
-}                                                                                               \
-int64_t pair_topk_##SUF(const T* v0, const T* v1, const int64_t* pa, const int64_t* pb,       \
-                        int64_t rows, int64_t K, int64_t C, int64_t k, T* buf_v,                \
-                        int64_t* out_p, int nth) {                                              \
-  int64_t nan_rows = 0;                                                                         \
-  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
-  for (int64_t r = 0; r < rows; ++r) {                                                          \
-    const T* x0 = v0 + r * K;                                                                   \
-    const T* x1 = v1 + r * K;                                                                   \
-    T* v = buf_v + r * k;                                                                       \
-    int64_t* ix = out_p + r * k;                                                                \
-    int64_t n = 0, nan = 0;                                                                     \
-    for (int64_t c = 0; c < C; ++c) {                                                           \
-      const T xj = x0[pa[c]] + x1[pb[c]];                                                       \
-      if (n == k && xj <= v[k - 1]) continue;                                                   \
-      if (xj != xj) { nan = 1; continue; }                                                      \
-      int64_t p = n < k ? n++ : k - 1;                                                          \
-      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
-      v[p] = xj; ix[p] = c;                                                                     \
-    }                                                                                           \
-    nan_rows += nan;                                                                            \
-  }                                                                                             \
-  return nan_rows;                                                                              \
-}
-DEFINE_TOPK(f32, float)
-DEFINE_TOPK(f64, double)
-"""
-
-
-class NaNScoresError(ValueError):
-    """Product-key retrieval met NaN scores (NaN or inf in the queries or sub-keys).
-
-    A NaN cannot be ranked: ``torch.topk`` selects it first while an insertion buffer may keep or
-    skip it, so the two paths would retrieve different rows. Both raise this instead.
-    """
-
-
-def _nan_error(rows: int, total: int) -> NaNScoresError:
-    return NaNScoresError(
-        f"product-key retrieval got NaN scores in {rows} of {total} rows: the queries or sub-keys "
-        f"hold NaN/inf (diverged training, or NaN input); NaN scores cannot be ranked"
-    )
-
-
-def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)`` (descending, first index wins ties) via a fused C selection kernel.
-
-    An insertion-sorted buffer of k per row: each of the S entries costs one comparison with the
-    current k-th value (most are rejected), about 10x faster than ``torch.topk`` here. Falls back
-    to ``torch.topk`` without the kernel or when ``x`` needs a gradient. A NaN anywhere in ``x``
-    raises :class:`NaNScoresError` on both paths (``torch.topk`` would select it first, the buffer
-    could not rank it).
-    """
-    x = x.contiguous()
-    lib = float_kernel("topk", _TOPK_C, x)
-    if lib is None or x.requires_grad:
-        v, i = x.topk(k, dim=-1)
-        # torch.topk ranks NaN above everything: a row with a NaN has one among its top k
-        if x.numel() and bool(v.detach().isnan().any()):
-            nan_rows = int(v.detach().isnan().any(-1).sum())
-            raise _nan_error(nan_rows, x.numel() // x.shape[-1])
-        return v, i
-    S = x.shape[-1]
-    rows = x.numel() // S if S else 0
-    v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
-    i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
-    fn = getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")
-    fn.restype = ctypes.c_int64
-    nan_rows = fn(
-        c_ptr(x),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(S),
-        ctypes.c_int64(k),
-        c_ptr(v),
-        c_ptr(i),
-        ctypes.c_int(torch.get_num_threads()),
-    )
-    if nan_rows:
-        raise _nan_error(nan_rows, rows)
-    return v, i
-
-
 class _HalfTopK(torch.autograd.Function):
     """Top-k of ``q·c`` over one half's S sub-keys, batched over (head, half) pairs.
 
     Same values/indices as ``torch.bmm(q, keysᵀ).topk(k)`` but the backward only touches the k
-    selected sub-keys per row (O(T·k·d) instead of two dense O(T·S·d) matmuls and a dense
-    ``[B, T, S]`` zero-filled score gradient).
+    selected sub-keys per row (:func:`subkey_grads`: O(T·k·d) instead of two dense O(T·S·d)
+    matmuls and a dense ``[B, T, S]`` zero-filled score gradient). Gradients are not
+    materialised: autograd would otherwise zero-fill a ``[B, T, k]`` gradient for the index
+    output in every backward, only for it to be ignored.
     """
 
     @staticmethod
@@ -211,27 +121,40 @@ class _HalfTopK(torch.autograd.Function):
         top_v, top_i = topk_last_dim(scores_BTS, k)
         ctx.save_for_backward(q_BTd, keys_BSd, top_i)
         ctx.mark_non_differentiable(top_i)
+        ctx.set_materialize_grads(False)
         return top_v, top_i
 
     @staticmethod
     def backward(ctx, g_BTk, _g_idx):  # noqa: ANN001, ANN205
+        if g_BTk is None:
+            return None, None, None
         q_BTd, keys_BSd, top_i = ctx.saved_tensors
-        g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()  # (autocast: scores may be lower precision)
-        g_q = g_keys = None
-        if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
-            g_q = torch.stack(
-                [
-                    F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
-                    for b in range(q_BTd.shape[0])
-                ]
-            ).to(q_BTd.dtype)
-        if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
-            g_keys = torch.zeros_like(keys_BSd)
-            q_BTd = q_BTd.to(keys_BSd.dtype)
-            for b in range(top_i.shape[0]):  # segment sums over the sorted selections (fused)
-                groups = RowGroups.build(top_i[b])
-                g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
-        return g_q, g_keys, None
+        want_q, want_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_q, g_keys = subkey_grads(q_BTd, keys_BSd, top_i, g_BTk, want_q, want_keys)
+        return None if g_q is None else g_q.to(q_BTd.dtype), g_keys, None
+
+
+class _PairScores(torch.autograd.Function):
+    """``v[h,0,t,a] + v[h,1,t,b]`` for the selected grid positions ``(a, b)`` ``[H, T, k]``.
+
+    The same sums as two ``gather`` calls of the two halves' top-k values, but the backward
+    zero-fills one ``[H, 2, T, k]`` gradient and scatters into it, where autograd's gather and
+    select backwards zero-filled four buffers (two of them the full ``[H, 2, T, k]``).
+    """
+
+    @staticmethod
+    def forward(ctx, top_v_H2TK, a_HTK, b_HTK):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(a_HTK, b_HTK)
+        return top_v_H2TK[:, 0].gather(-1, a_HTK) + top_v_H2TK[:, 1].gather(-1, b_HTK)
+
+    @staticmethod
+    def backward(ctx, g_HTK):  # noqa: ANN001, ANN205
+        a_HTK, b_HTK = ctx.saved_tensors
+        H, T, K = g_HTK.shape
+        g = g_HTK.new_zeros(H, 2, T, K)
+        g[:, 0].scatter_add_(-1, a_HTK, g_HTK)
+        g[:, 1].scatter_add_(-1, b_HTK, g_HTK)
+        return g, None, None
 
 
 CANDIDATES = ("staircase", "grid")
@@ -254,45 +177,6 @@ def staircase_pairs(k: int, device: torch.device | str = "cpu") -> tuple[Tensor,
         pairs = torch.tensor(ab, dtype=torch.int64, device=key[1]).reshape(-1, 2)
         _PAIRS[key] = (pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
     return _PAIRS[key]
-
-
-def pair_topk(v0: Tensor, v1: Tensor, pa: Tensor, pb: Tensor, k: int) -> Tensor:
-    """Positions ``c`` (into ``pa``/``pb``) of the k largest ``v0[.., pa[c]] + v1[.., pb[c]]``,
-    descending, the first listed pair winning a tie. ``v0``/``v1`` ``[..., K]`` carry no gradient.
-
-    A fused C kernel (sums computed on the fly), else a stable descending sort of the candidate
-    sums (torch.topk would not do: its tie order is unspecified). NaN sums raise
-    :class:`NaNScoresError` on both paths.
-    """
-    v0, v1 = v0.contiguous(), v1.contiguous()
-    K, C = v0.shape[-1], pa.numel()
-    rows = v0.numel() // K if K else 0
-    lib = float_kernel("topk", _TOPK_C, v0, v1) if pa.device.type == "cpu" else None
-    if lib is None:
-        cand = v0.index_select(-1, pa) + v1.index_select(-1, pb)
-        if cand.numel() and bool(cand.isnan().any()):
-            raise _nan_error(int(cand.isnan().any(-1).sum()), rows)
-        return cand.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    buf = torch.empty(*v0.shape[:-1], k, dtype=v0.dtype)
-    pos = torch.empty(*v0.shape[:-1], k, dtype=torch.int64)
-    fn = getattr(lib, f"pair_topk_{FLOAT_SUFFIX[v0.dtype]}")
-    fn.restype = ctypes.c_int64
-    nan_rows = fn(
-        c_ptr(v0),
-        c_ptr(v1),
-        c_ptr(pa),
-        c_ptr(pb),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(K),
-        ctypes.c_int64(C),
-        ctypes.c_int64(k),
-        c_ptr(buf),
-        c_ptr(pos),
-        ctypes.c_int(torch.get_num_threads()),
-    )
-    if nan_rows:
-        raise _nan_error(nan_rows, rows)
-    return pos
 
 
 def product_key_topk(
@@ -351,7 +235,7 @@ def product_key_topk(
         c = pair_topk(v[:, 0], v[:, 1], pa, pb, top_k)  # [H, T, k] pair numbers
         a, b = pa[c], pb[c]
         # the same IEEE sums the kernel ranked, now with a gradient to the two half entries
-        best_v = top_v[:, 0].gather(-1, a) + top_v[:, 1].gather(-1, b)
+        best_v = _PairScores.apply(top_v, a, b)
     i = top_i[:, 0].gather(-1, a)
     j = top_i[:, 1].gather(-1, b)
     idx = i * S + j
