@@ -351,3 +351,27 @@ def test_repeated_in_token_counts_like_duplicated_retrievals() -> None:
         idx = torch.randint(0, N, (T, R), generator=g)
         got = RowGroups.build(idx).repeated_in_token()
         assert int(got) == int(duplicated_retrievals(idx.view(T, 1, R)).sum()), (T, R, N)
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+@pytest.mark.parametrize(
+    "v0,v1",
+    [
+        ([5.0, 4.0, 3.0, float("-inf")], [float("inf"), 1.0, 0.0, -1.0]),  # only (K-1, 0) is NaN
+        ([float("inf"), 4.0, 3.0, 2.0], [3.0, 1.0, 0.0, float("-inf")]),  # only (0, K-1) is NaN
+        ([5.0, float("nan"), 3.0, 2.0], [3.0, 1.0, 0.0, -1.0]),
+    ],
+)
+def test_pair_topk_finds_every_nan_sum(
+    v0: list, v1: list, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel stops early (rows that cannot enter); a NaN sum must still be found."""
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
+    ok = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    pa, pb = pk.staircase_pairs(4)
+    pk.pair_topk(ok, ok, pa, pb, 4)
+    with pytest.raises(pk.NaNScoresError, match="1 of 2 rows"):
+        pk.pair_topk(
+            torch.cat([ok, torch.tensor([v0])]), torch.cat([ok, torch.tensor([v1])]), pa, pb, 4
+        )

@@ -27,7 +27,10 @@ from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
 # rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
 # entries it would sit in the buffer and block larger values. pair_topk_*: the same selection over
 # the pair sums v0[pa[c]] + v1[pb[c]] of C listed pairs, computed on the fly (no candidate tensor);
-# it writes the k best pair numbers c (the first listed pair wins a tie) and their sums.
+# it writes the k best pair numbers c (the first listed pair wins a tie). The pairs are listed in
+# grid order and both lists are sorted, so a rejected sum ends its row (later ones are no higher
+# and listed later) and a rejected row start ends the search. Its NaN check is up front: a NaN sum
+# exists iff a list holds NaN or +inf meets -inf at (0, K-1) or (K-1, 0), both always listed.
 _TOPK_C = r"""
 #include <stdint.h>
 #define DEFINE_TOPK(SUF, T)                                                                     \
@@ -62,16 +65,23 @@ int64_t pair_topk_##SUF(const T* v0, const T* v1, const int64_t* pa, const int64
     const T* x1 = v1 + r * K;                                                                   \
     T* v = buf_v + r * k;                                                                       \
     int64_t* ix = out_p + r * k;                                                                \
-    int64_t n = 0, nan = 0;                                                                     \
+    int64_t n = 0, nan = 0, skip_a = -1;                                                        \
+    for (int64_t j = 0; j < K; ++j) nan |= (x0[j] != x0[j]) | (x1[j] != x1[j]);                 \
+    nan |= (x0[0] > 0 && x0[0] * 0 != 0 && x1[K - 1] < 0 && x1[K - 1] * 0 != 0);                \
+    nan |= (x1[0] > 0 && x1[0] * 0 != 0 && x0[K - 1] < 0 && x0[K - 1] * 0 != 0);                \
+    if (nan) { nan_rows += 1; for (int64_t j = 0; j < k; ++j) ix[j] = 0; continue; }            \
     for (int64_t c = 0; c < C; ++c) {                                                           \
+      if (pa[c] == skip_a) continue;                                                            \
       const T xj = x0[pa[c]] + x1[pb[c]];                                                       \
-      if (n == k && xj <= v[k - 1]) continue;                                                   \
-      if (xj != xj) { nan = 1; continue; }                                                      \
+      if (n == k && xj <= v[k - 1]) {                                                           \
+        if (pb[c] == 0) break;  /* every later row starts lower: nothing left can enter */      \
+        skip_a = pa[c];         /* the rest of this row is lower still */                       \
+        continue;                                                                               \
+      }                                                                                         \
       int64_t p = n < k ? n++ : k - 1;                                                          \
       while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
       v[p] = xj; ix[p] = c;                                                                     \
     }                                                                                           \
-    nan_rows += nan;                                                                            \
   }                                                                                             \
   return nan_rows;                                                                              \
 }
@@ -137,7 +147,10 @@ def pair_topk(v0: Tensor, v1: Tensor, pa: Tensor, pb: Tensor, k: int) -> Tensor:
     """Positions ``c`` (into ``pa``/``pb``) of the k largest ``v0[.., pa[c]] + v1[.., pb[c]]``,
     descending, the first listed pair winning a tie. ``v0``/``v1`` ``[..., K]`` carry no gradient.
 
-    A fused C kernel (sums computed on the fly), else a stable descending sort of the candidate
+    The pairs must be a down-closed set of grid positions listed in grid order (row ``a`` holds
+    ``b = 0, 1, ...``; no row longer than the one above), as the staircase pairs and the full
+    k×k grid are, and ``v0``/``v1`` sorted descending. A fused C kernel (sums computed on the fly,
+    rows cut short once nothing more can enter), else a stable descending sort of the candidate
     sums (torch.topk would not do: its tie order is unspecified). NaN sums raise
     :class:`NaNScoresError` on both paths.
     """
