@@ -37,7 +37,9 @@ __all__ = [
     "NaNScoresError",
     "as_int",
     "check_product_key_args",
+    "combine_halves",
     "duplicated_retrievals",
+    "half_topk",
     "normalize_queries",
     "pair_topk",
     "product_key_topk",
@@ -216,13 +218,27 @@ def product_key_topk(
     """
     if candidates not in CANDIDATES:
         raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
-    T, H, d_key = q_THK.shape
+    top_v, top_i = half_topk(q_THK, sub_keys, top_k)
+    return combine_halves(top_v, top_i, sub_keys.shape[-2], candidates)
+
+
+def half_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """First stage of :func:`product_key_topk`: each (head, half)'s top-k sub-key scores and ids,
+    ``[H, 2, T, k]`` each, sorted descending (scores differentiable)."""
+    T, H, _ = q_THK.shape
     S, half = sub_keys.shape[-2], sub_keys.shape[-1]
     keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
     q_BTd = q_THK.view(T, H * 2, half).transpose(0, 1)  # B = (head, half) pairs
     top_v, top_i = _HalfTopK.apply(q_BTd, keys.reshape(H * 2, S, half), top_k)  # [B, T, k]
-    top_v = top_v.view(H, 2, T, top_k)
-    top_i = top_i.view(H, 2, T, top_k)
+    return top_v.view(H, 2, T, top_k), top_i.view(H, 2, T, top_k)
+
+
+def combine_halves(
+    top_v: Tensor, top_i: Tensor, S: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
+    """Second stage of :func:`product_key_topk`: score the candidate pairs of the two halves'
+    lists ``[H, 2, T, k]`` and keep the top k; returns ``scores_THK`` and ids ``i·S + j``."""
+    H, _, T, top_k = top_v.shape
     if candidates == "grid":
         cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
         best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # grid positions in [0, k²)
