@@ -8,7 +8,7 @@ import torch
 
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
-from moelab.layers.product_keys import check_product_key_args
+from moelab.layers.product_keys import check_product_key_args, duplicated_retrievals
 from moelab.train.optim import build_optimizer
 
 
@@ -165,3 +165,23 @@ def test_bools_and_floats_are_not_sizes(kwargs: dict, match: str) -> None:
         )
         == 8
     )
+
+
+# --------------------------------------------------------------------------- statistics (#23)
+@pytest.mark.parametrize("kind", ["peer", "pkm"])
+@pytest.mark.parametrize("candidates", ["staircase", "grid"])
+def test_duplicate_count_from_row_groups_matches_per_token_sort(kind: str, candidates: str) -> None:
+    """``last_stats`` counts retrievals repeated across heads from the forward's row grouping
+    (no per-token sort); it must equal the per-token sort of the retrieved ids."""
+    torch.manual_seed(0)
+    layer = _layer(kind, n=16, query_batchnorm=False)  # 16 rows, 2 heads x 4: many repeats
+    layer.candidates = candidates
+    x = torch.randn(2, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    layer(x, token_mask=mask).sum().backward()
+    with torch.no_grad():
+        _, idx = layer.retrieve(x[mask])
+    expected = int(duplicated_retrievals(idx).sum())
+    assert expected > 0
+    assert int(layer.last_stats.extra["duplicate_retrievals"]) == expected

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moelab import native
+from moelab.layers import product_key_kernels as pkk
 from moelab.layers import product_keys as pk
 from moelab.layers import sparse_rows
 from moelab.layers.product_keys import (
@@ -170,14 +171,20 @@ def test_nan_scores_raise_on_every_path(
         product_key_topk(q, torch.randn(1, 2, 16, 4), 4)
 
 
-def test_inf_plus_minus_inf_candidates_raise() -> None:
+@pytest.mark.parametrize("candidates", pk.CANDIDATES)
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+def test_inf_plus_minus_inf_candidates_raise(
+    candidates: str, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Finite-looking halves can still sum to NaN (+inf + -inf) in the second top-k."""
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
     q = torch.zeros(1, 1, 4)
     q[0, 0, 0], q[0, 0, 2] = 1.0, 1.0
     sub = torch.zeros(1, 2, 3, 2)
     sub[0, 0, :, 0], sub[0, 1, :, 0] = float("inf"), float("-inf")
     with pytest.raises(pk.NaNScoresError):
-        product_key_topk(q, sub, 2)
+        product_key_topk(q, sub, 2, candidates=candidates)
 
 
 def test_nan_input_to_peer_raises_clearly() -> None:
@@ -188,3 +195,183 @@ def test_nan_input_to_peer_raises_clearly() -> None:
     x[1, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN scores"):
         layer(x)
+
+
+# ----------------------------------------------------------------------------- staircase candidates
+
+
+def no_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_KERNELS", {})
+    monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
+
+
+@pytest.mark.parametrize("k,count", [(1, 1), (4, 8), (16, 50), (36, 140)])
+def test_staircase_pairs_are_the_undominated_grid_positions(k: int, count: int) -> None:
+    pa, pb = pk.staircase_pairs(k)
+    got = list(zip(pa.tolist(), pb.tolist(), strict=True))
+    # written differently: scan the whole grid and keep what fewer than k positions dominate
+    ref = [
+        (a, b)
+        for a in range(k)
+        for b in range(k)
+        if sum(1 for x in range(a + 1) for _ in range(b + 1)) <= k
+    ]
+    assert got == ref and len(got) == count
+    assert pk.staircase_pairs(k)[0] is pa  # cached: built once per k
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+def test_pair_topk_matches_a_loop_with_first_listed_pair_winning_ties(
+    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    k, rows = 8, 40
+    v0 = torch.randint(-3, 4, (rows, k), generator=g).double().sort(-1, descending=True).values
+    v1 = torch.randint(-3, 4, (rows, k), generator=g).double().sort(-1, descending=True).values
+    for pa, pb in [pk.staircase_pairs(k), (torch.arange(k * k) // k, torch.arange(k * k) % k)]:
+        got = pk.pair_topk(v0, v1, pa, pb, k)
+        for r in range(rows):
+            sums = [v0[r, a].item() + v1[r, b].item() for a, b in zip(pa, pb, strict=True)]
+            ref = sorted(range(len(sums)), key=lambda c: (-sums[c], c))[:k]
+            assert got[r].tolist() == ref, r
+
+
+def lexicographic_brute_force(q_Td: torch.Tensor, sub_2Sd: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k ids over all N keys ordered by (score, first-half score, -i, second-half score, -j):
+    the documented tie rule, by stable sorts from the least significant key (exact for integer
+    data)."""
+    half = sub_2Sd.shape[-1]
+    S = sub_2Sd.shape[1]
+    out = []
+    for q in q_Td:
+        s1 = (sub_2Sd[0] @ q[:half]).repeat_interleave(S)  # [N], key i·S + j
+        s2 = (sub_2Sd[1] @ q[half:]).repeat(S)
+        ids = torch.arange(S * S)
+        keys = [-(s1 + s2), -s1, ids // S, -s2, ids % S]
+        perm = ids
+        for key in reversed(keys):
+            perm = perm[key[perm].sort(stable=True).indices]
+        out.append(perm[:k])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("S,T", [(64, 12), pytest.param(1024, 3, marks=pytest.mark.slow)])
+def test_staircase_with_ties_equals_lexicographic_brute_force(S: int, T: int) -> None:
+    if native.load_c_kernel("topk", pk._TOPK_C) is None:
+        pytest.skip("the half top-k's tie order (lower id first) is the C kernel's")
+    g = torch.Generator().manual_seed(S)
+    H, d_key, k = 2, 4, 16
+    q = torch.randint(-1, 2, (T, H, d_key), generator=g).double()  # few values: many exact ties
+    sub = torch.randint(-1, 2, (H, 2, S, d_key // 2), generator=g).double()
+    scores, idx = product_key_topk(q, sub, k)
+    for h in range(H):
+        ref = lexicographic_brute_force(q[:, h], sub[h], k)
+        assert torch.equal(idx[:, h], ref), h
+        brute = q[:, h] @ full_keys(sub[h]).T
+        assert torch.equal(scores[:, h], brute.gather(1, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("S,T", [(64, 50), (1024, 4)])
+def test_staircase_equals_grid_and_brute_force(S: int, T: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(S + T)
+    H, d_key, k = 3, 16, 16
+    q = torch.randn(T, H, d_key, generator=g, dtype=dtype)
+    sub = torch.randn(1, 2, S, d_key // 2, generator=g, dtype=dtype)
+    s_st, i_st = product_key_topk(q, sub, k)
+    s_gr, i_gr = product_key_topk(q, sub, k, candidates="grid")
+    assert torch.equal(i_st, i_gr) and torch.equal(s_st, s_gr)
+    ref = torch.einsum("thd,nd->thn", q.double(), full_keys(sub[0].double())).topk(k, dim=-1)
+    assert torch.equal(i_st, ref.indices)  # expert ids i·S + j
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(s_st.double(), ref.values, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_staircase_gradients_match_grid_and_finite_differences(shared: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    T, H, d_key, S, k = 4, 2, 4, 8, 4
+    q = torch.randn(T, H, d_key, generator=g, dtype=torch.float64, requires_grad=True)
+    sub = torch.randn(1 if shared else H, 2, S, d_key // 2, generator=g, dtype=torch.float64)
+    sub.requires_grad_()
+    w = torch.randn(T, H, k, generator=g, dtype=torch.float64)
+    grads = {}
+    for cand in pk.CANDIDATES:
+        scores, _ = product_key_topk(q, sub, k, candidates=cand)
+        grads[cand] = torch.autograd.grad((scores * w).sum(), [q, sub])
+    for a, b in zip(grads["staircase"], grads["grid"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # finite differences along random directions (central, float64): no near-tie flips at eps
+    for seed in range(3):
+        dq = torch.randn(q.shape, generator=g.manual_seed(seed), dtype=torch.float64)
+        ds = torch.randn(sub.shape, generator=g, dtype=torch.float64)
+        eps = 1e-6
+        with torch.no_grad():
+            plus = (product_key_topk(q + eps * dq, sub + eps * ds, k)[0] * w).sum()
+            minus = (product_key_topk(q - eps * dq, sub - eps * ds, k)[0] * w).sum()
+        numeric = (plus - minus) / (2 * eps)
+        analytic = (grads["staircase"][0] * dq).sum() + (grads["staircase"][1] * ds).sum()
+        assert abs(numeric - analytic) < 1e-6, (seed, numeric, analytic)
+
+
+def test_unknown_candidates_value_is_named() -> None:
+    with pytest.raises(ValueError, match=r"candidates must be one of \('staircase', 'grid'\)"):
+        product_key_topk(torch.randn(2, 1, 4), torch.randn(1, 2, 4, 2), 2, candidates="k2")
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+def test_subkey_grads_match_a_one_hot_reference(
+    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The half top-k's backward (a fused scatter in C, segment sums eagerly) against the dense
+    formula ``g`` scattered to one-hot ``[B, T, S]`` scores."""
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
+    elif native.load_c_kernel("subkey_grads", pkk._SUBKEY_GRADS_C) is None:
+        pytest.skip("no C compiler: only the eager path can be checked")
+    g = torch.Generator().manual_seed(11)
+    B, T, K, S, d = 3, 9, 4, 6, 5
+    q = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(B, S, d, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, S, (B, T, K), generator=g)  # repeats within and across tokens
+    grad = torch.randn(B, T, K, generator=g, dtype=torch.float64)
+    dense = torch.zeros(B, T, S, dtype=torch.float64).scatter_add_(-1, idx, grad)
+    g_q, g_keys = pkk.subkey_grads(q, keys, idx, grad, True, True)
+    torch.testing.assert_close(g_q, torch.bmm(dense, keys))
+    torch.testing.assert_close(g_keys, torch.bmm(dense.transpose(1, 2), q))
+    only_q = pkk.subkey_grads(q, keys, idx, grad, True, False)
+    assert only_q[1] is None and torch.equal(only_q[0], g_q)
+
+
+def test_repeated_in_token_counts_like_duplicated_retrievals() -> None:
+    g = torch.Generator().manual_seed(5)
+    for T, R, N in [(0, 4, 8), (1, 1, 3), (13, 6, 5), (40, 12, 50)]:
+        idx = torch.randint(0, N, (T, R), generator=g)
+        got = RowGroups.build(idx).repeated_in_token()
+        assert int(got) == int(duplicated_retrievals(idx.view(T, 1, R)).sum()), (T, R, N)
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
+@pytest.mark.parametrize(
+    "v0,v1",
+    [
+        ([5.0, 4.0, 3.0, float("-inf")], [float("inf"), 1.0, 0.0, -1.0]),  # only (K-1, 0) is NaN
+        ([float("inf"), 4.0, 3.0, 2.0], [3.0, 1.0, 0.0, float("-inf")]),  # only (0, K-1) is NaN
+        ([5.0, float("nan"), 3.0, 2.0], [3.0, 1.0, 0.0, -1.0]),
+    ],
+)
+def test_pair_topk_finds_every_nan_sum(
+    v0: list, v1: list, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel stops early (rows that cannot enter); a NaN sum must still be found."""
+    if not c_kernels:
+        no_c_kernels(monkeypatch)
+    ok = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    pa, pb = pk.staircase_pairs(4)
+    pk.pair_topk(ok, ok, pa, pb, 4)
+    with pytest.raises(pk.NaNScoresError, match="1 of 2 rows"):
+        pk.pair_topk(
+            torch.cat([ok, torch.tensor([v0])]), torch.cat([ok, torch.tensor([v1])]), pa, pb, 4
+        )

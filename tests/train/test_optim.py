@@ -301,7 +301,10 @@ def test_dense_table_optimizer_equals_torch_adamw_on_every_row(
 def test_table_optimizer_default_is_lazy_and_unknown_mode_is_rejected() -> None:
     model = _Tiny(sparse=True)
     assert build_optimizer(model, lr=1e-3, weight_decay=0.0).sparse_mode == "lazy"
-    with pytest.raises(ValueError, match=r"sparse_mode must be one of \('lazy', 'dense'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"sparse_mode must be one of \('lazy', 'dense', 'rowwise', 'rowwise_bf16'\)",
+    ):
         build_optimizer(model, lr=1e-3, weight_decay=0.0, table_optimizer="eager")
 
 

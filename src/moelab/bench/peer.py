@@ -12,8 +12,14 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
   above the resident RSS before them (activations, gradients, scratch);
 * ``rows``: distinct expert rows touched per step (what the sparse gradient and update cost scale
   with);
+* a second table: the second retrieval stage (candidate scoring + top-k) with the k² grid and with
+  the staircase pairs, and its share of the layer's step in each mode, in the same process
+  (:mod:`moelab.bench.peer_retrieval`; ``--no-compare`` skips it);
+* a last line: ``peer-tiny`` vs ``dense-tiny`` whole-model training tokens/s, alternating steps in
+  one process (``--tiny-steps 0`` skips it);
 * ``opt GB/s``: the bytes the lazy AdamW update must move (per touched row of each table: read the
-  gradient, read and write the parameter and both moments, 7 x 4 bytes per element) over ``opt``;
+  gradient, read and write the parameter and both moments, 7 x 4 bytes per element; 20 / 16 bytes
+  with ``--table-optimizer rowwise`` / ``rowwise_bf16``, :mod:`moelab.train.rowwise`) over ``opt``;
   ``mem GB/s``: the machine's in-place read+write bandwidth measured in the same process right
   after (``mul_`` over a 256 MB buffer, best of 5). When the two are close the optimizer step is at
   the memory-bandwidth floor: only touching fewer rows or fewer bytes per row makes it faster.
@@ -38,6 +44,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moelab.bench.invocations import aggregate_rows, run_child, spread
+from moelab.bench.peer_retrieval import (
+    compare_candidates,
+    format_candidates_table,
+    format_tiny,
+)
 
 SIZES = (128, 256, 512, 1024)
 # Columns that vary between invocations (medians and ranges are reported for these).
@@ -55,6 +66,10 @@ TIMED_FIELDS = (
 # Bytes the lazy AdamW update moves per element of a touched row: gradient read; parameter, first
 # and second moment each read and written (float32).
 ADAMW_BYTES_PER_ELEMENT = 7 * 4
+# The same for each table optimizer (row-wise: no [N, D] second moment; bf16: a 2-byte first
+# moment; moelab.train.rowwise). "dense" moves every row, not only the touched ones.
+BYTES_PER_ELEMENT = {"lazy": ADAMW_BYTES_PER_ELEMENT, "dense": ADAMW_BYTES_PER_ELEMENT}
+BYTES_PER_ELEMENT |= {"rowwise": 5 * 4, "rowwise_bf16": 3 * 4 + 2 * 2}
 
 
 @dataclass
@@ -86,6 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-pkm", action="store_true", help="skip the PKM baseline")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baselines")
+    parser.add_argument(
+        "--table-optimizer",
+        choices=("lazy", "dense", "rowwise", "rowwise_bf16"),
+        default="lazy",
+        help="PEER/PKM table update (optim.table_optimizer; default: exact lazy AdamW)",
+    )
+    parser.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the grid vs staircase candidate comparison of each PEER/PKM size",
+    )
+    parser.add_argument(
+        "--tiny-steps",
+        type=int,
+        default=5,
+        help="alternating peer-tiny / dense-tiny training steps for their tokens/s ratio (0: skip)",
+    )
     parser.add_argument(
         "--invocations",
         type=int,
@@ -132,7 +164,8 @@ def _child(cfg: dict) -> dict:
         layer = PKM(D, num_memories=cfg["experts"], heads=cfg["heads"], top_k=cfg["top_k"])
     else:
         layer = nn.Sequential(nn.Linear(D, cfg["hidden"]), nn.ReLU(), nn.Linear(cfg["hidden"], D))
-    opt = build_optimizer(layer, lr=1e-3, weight_decay=0.1)
+    table_optimizer = cfg.get("table_optimizer", "lazy")
+    opt = build_optimizer(layer, lr=1e-3, weight_decay=0.1, table_optimizer=table_optimizer)
     x = torch.randn(T, D)
     times: list[tuple[float, float, float]] = []
     rows = 0
@@ -164,6 +197,9 @@ def _child(cfg: dict) -> dict:
         if stats is not None and stats.distinct_experts is not None:
             rows = int(stats.distinct_experts)
     peak_kb = _status_kb("VmHWM") if clean else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    compare = None
+    if kind in ("peer", "pkm") and cfg.get("compare"):
+        compare = compare_candidates(layer, x, step, cfg["steps"])
     if not clean:
         rss_kb = maxrss0
     n_params = sum(p.numel() for p in layer.parameters())
@@ -176,7 +212,7 @@ def _child(cfg: dict) -> dict:
     opt_gbps = mem_gbps = None
     if kind in ("peer", "pkm") and rows:
         tables = 2 if kind == "peer" else 1  # PEER: u and v; PKM: the values
-        moved = tables * rows * D * ADAMW_BYTES_PER_ELEMENT
+        moved = tables * rows * D * BYTES_PER_ELEMENT[table_optimizer]
         opt_s = sorted(t[2] for t in times)[len(times) // 2]
         opt_gbps, mem_gbps = moved / opt_s / 1e9, _inplace_bandwidth_gbps()
     totals = [sum(t) for t in times]
@@ -184,7 +220,7 @@ def _child(cfg: dict) -> dict:
     f, b, o = times[med]
     ms = totals[med] * 1000
     name = kind if kind != "dense" else f"dense-{cfg['hidden']}"
-    return asdict(
+    return {"compare": compare} | asdict(
         Result(
             layer=name,
             experts=cfg.get("experts", 0),
@@ -219,6 +255,8 @@ def _inplace_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 def _configs(args: argparse.Namespace) -> list[dict]:
     base = dict(d_model=args.d_model, tokens=args.tokens, steps=args.steps, threads=args.threads)
+    base["compare"] = not getattr(args, "no_compare", False)
+    base["table_optimizer"] = getattr(args, "table_optimizer", "lazy")
     sizes = args.sizes
     if args.quick:
         base.update(d_model=128, tokens=256, steps=2)
@@ -286,9 +324,23 @@ def run(args: argparse.Namespace) -> int:
     if n > 1:
         print(f"median (range) of {n} invocations, each config a fresh process per invocation")
     print(format_table(results))
+    compared = [r["compare"] for r in runs[-1] if r.get("compare")]
+    if compared:
+        print(
+            "\nsecond retrieval stage (candidate scoring + top-k), k² grid vs staircase pairs, "
+            "steps alternating in one process (last invocation):"
+        )
+        print(format_candidates_table(compared))
+    tiny = None
+    if getattr(args, "tiny_steps", 0) > 0:
+        payload = dict(presets=["peer-tiny", "dense-tiny"], steps=args.tiny_steps, threads=1)
+        print("running peer-tiny vs dense-tiny ...", file=sys.stderr, flush=True)
+        tiny = run_child("moelab.bench.peer_retrieval", payload, 1)
+        print("\n" + format_tiny(tiny))
     if getattr(args, "json", None):
+        doc = {"config": vars(args) | {"func": None}, "results": results, "tiny_models": tiny}
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args) | {"func": None}, "results": results}, f, indent=2)
+            json.dump(doc, f, indent=2)
     return 0
 
 

@@ -2326,7 +2326,9 @@ def _rows_lib(*tensors: Tensor) -> ctypes.CDLL | None:
 class RowGroups:
     """Retrievals ``idx_TR`` grouped by table row: the sort every sparse backward reuses.
 
-    ``order_M`` sorts the flat retrievals by row; ``rows_U`` are the distinct rows (ascending);
+    ``order_M`` sorts the flat retrievals by row, stably (within a row, by token: the segment sums
+    accumulate in token order, and :meth:`repeated_in_token` needs no second sort);
+    ``rows_U`` are the distinct rows (ascending);
     ``offsets_U`` start each row's segment in the sorted order; ``tok_M`` is the token of each
     sorted retrieval.
     """
@@ -2339,11 +2341,25 @@ class RowGroups:
     @staticmethod
     def build(idx_TR: Tensor) -> RowGroups:
         flat = idx_TR.reshape(-1)
-        sorted_M, order_M = flat.sort()
+        sorted_M, order_M = flat.sort(stable=True)  # measured: as fast as the unstable sort
         rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
         offsets_U = counts_U.cumsum(0) - counts_U
         tok_M = torch.div(order_M, idx_TR.shape[1], rounding_mode="floor")
         return RowGroups(order_M, tok_M, rows_U, offsets_U)
+
+    def repeated_in_token(self) -> Tensor:
+        """Number of retrievals (long scalar) that repeat a row their token already retrieved.
+
+        The stable sort puts one token's retrievals of a row next to each other, so these are the
+        sorted neighbours with the same token inside one row's segment; equals
+        ``duplicated_retrievals(idx).sum()`` without sorting each token's retrievals again.
+        """
+        M = self.tok_M.numel()
+        if M < 2:
+            return torch.zeros((), dtype=torch.long, device=self.tok_M.device)
+        same = self.tok_M[1:] == self.tok_M[:-1]
+        same[self.offsets_U[1:] - 1] = False  # neighbours across a row boundary
+        return same.sum()
 
     def row_sums(self, weight_TR: Tensor, src_TD: Tensor) -> Tensor:
         """``out[u] = Σ_{(t,r): idx[t,r] = rows[u]} weight[t,r] · src[t]`` as ``[U, D]`` (fused)."""
@@ -2477,69 +2493,15 @@ def weighted_row_sum(
     return _WeightedRowSum.apply(table_ND, idx_TR, w_TR.to(table_ND.dtype), groups, sparse)
 
 
-# -------------------- moelab/layers/product_keys.py
-def as_int(value: object) -> int | None:
-    """``value`` as a Python int if it is an integral number (``numbers.Integral``: numpy integer
-    scalars included, bool excluded), else None.
-
-    Sizes often come from numpy (``np.int64``), which is not an ``int`` subclass; rejecting one as
-    "not a perfect square" would be misleading.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        return None
-    return int(value)
-
-
-def check_product_key_args(
-    *, num_keys: int, top_k: int, d_key: int, heads: int, keys_name: str
-) -> int:
-    """Validate product-key hyper-parameters; return S = √N. Errors name the argument.
-
-    Integral numbers of any type (``np.int64`` ...) are accepted (see :func:`as_int`); callers
-    store ``int(value)``.
-    """
-    n, k, dk, h = (as_int(v) for v in (num_keys, top_k, d_key, heads))
-    if n is None or n < 1:
-        raise ValueError(
-            f"{keys_name} must be a positive perfect square (e.g. 1024**2), got {num_keys!r}"
-        )
-    s = math.isqrt(n)
-    if s * s != n:
-        raise ValueError(
-            f"{keys_name} must be a perfect square (product keys use √{keys_name} sub-keys per "
-            f"half), got {n}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
-        )
-    if k is None or k < 1 or k > s:
-        raise ValueError(f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}")
-    if dk is None or dk < 2 or dk % 2:
-        raise ValueError(
-            f"d_key must be an even integer >= 2 (split into two halves), got {d_key!r}"
-        )
-    if h is None or h < 1:
-        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
-    return s
-
-
-def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | None) -> Tensor:
-    """Batch-norm the queries (PEER §2, "query batch normalisation") using valid tokens only.
-
-    Padding rows are normalised with the running statistics and never update them.
-    """
-    if bn is None:
-        return q_TC
-    if mask_T is None or not bn.training or bool(mask_T.all()):
-        return bn(q_TC)
-    out = torch.empty_like(q_TC)
-    out[mask_T] = bn(q_TC[mask_T])
-    out[~mask_T] = F.batch_norm(
-        q_TC[~mask_T], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-    )
-    return out
-
-
+# -------------------- moelab/layers/product_key_kernels.py
 # Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
 # rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
-# entries it would sit in the buffer and block larger values.
+# entries it would sit in the buffer and block larger values. pair_topk_*: the same selection over
+# the pair sums v0[pa[c]] + v1[pb[c]] of C listed pairs, computed on the fly (no candidate tensor);
+# it writes the k best pair numbers c (the first listed pair wins a tie). The pairs are listed in
+# grid order and both lists are sorted, so a rejected sum ends its row (later ones are no higher
+# and listed later) and a rejected row start ends the search. Its NaN check is up front: a NaN sum
+# exists iff a list holds NaN or +inf meets -inf at (0, K-1) or (K-1, 0), both always listed.
 _TOPK_C = r"""
 #include <stdint.h>
 #define DEFINE_TOPK(SUF, T)                                                                     \
@@ -2561,6 +2523,36 @@ int64_t topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v
       v[p] = xj; ix[p] = j;                                                                     \
     }                                                                                           \
     nan_rows += nan;                                                                            \
+  }                                                                                             \
+  return nan_rows;                                                                              \
+}                                                                                               \
+int64_t pair_topk_##SUF(const T* v0, const T* v1, const int64_t* pa, const int64_t* pb,       \
+                        int64_t rows, int64_t K, int64_t C, int64_t k, T* buf_v,                \
+                        int64_t* out_p, int nth) {                                              \
+  int64_t nan_rows = 0;                                                                         \
+  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
+  for (int64_t r = 0; r < rows; ++r) {                                                          \
+    const T* x0 = v0 + r * K;                                                                   \
+    const T* x1 = v1 + r * K;                                                                   \
+    T* v = buf_v + r * k;                                                                       \
+    int64_t* ix = out_p + r * k;                                                                \
+    int64_t n = 0, nan = 0, skip_a = -1;                                                        \
+    for (int64_t j = 0; j < K; ++j) nan |= (x0[j] != x0[j]) | (x1[j] != x1[j]);                 \
+    nan |= (x0[0] > 0 && x0[0] * 0 != 0 && x1[K - 1] < 0 && x1[K - 1] * 0 != 0);                \
+    nan |= (x1[0] > 0 && x1[0] * 0 != 0 && x0[K - 1] < 0 && x0[K - 1] * 0 != 0);                \
+    if (nan) { nan_rows += 1; for (int64_t j = 0; j < k; ++j) ix[j] = 0; continue; }            \
+    for (int64_t c = 0; c < C; ++c) {                                                           \
+      if (pa[c] == skip_a) continue;                                                            \
+      const T xj = x0[pa[c]] + x1[pb[c]];                                                       \
+      if (n == k && xj <= v[k - 1]) {                                                           \
+        if (pb[c] == 0) break;  /* every later row starts lower: nothing left can enter */      \
+        skip_a = pa[c];         /* the rest of this row is lower still */                       \
+        continue;                                                                               \
+      }                                                                                         \
+      int64_t p = n < k ? n++ : k - 1;                                                          \
+      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
+      v[p] = xj; ix[p] = c;                                                                     \
+    }                                                                                           \
   }                                                                                             \
   return nan_rows;                                                                              \
 }
@@ -2622,12 +2614,212 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return v, i
 
 
+def pair_topk(v0: Tensor, v1: Tensor, pa: Tensor, pb: Tensor, k: int) -> Tensor:
+    """Positions ``c`` (into ``pa``/``pb``) of the k largest ``v0[.., pa[c]] + v1[.., pb[c]]``,
+    descending, the first listed pair winning a tie. ``v0``/``v1`` ``[..., K]`` carry no gradient.
+
+    The pairs must be a down-closed set of grid positions listed in grid order (row ``a`` holds
+    ``b = 0, 1, ...``; no row longer than the one above), as the staircase pairs and the full
+    k×k grid are, and ``v0``/``v1`` sorted descending. A fused C kernel (sums computed on the fly,
+    rows cut short once nothing more can enter), else a stable descending sort of the candidate
+    sums (torch.topk would not do: its tie order is unspecified). NaN sums raise
+    :class:`NaNScoresError` on both paths.
+    """
+    v0, v1 = v0.contiguous(), v1.contiguous()
+    K, C = v0.shape[-1], pa.numel()
+    rows = v0.numel() // K if K else 0
+    lib = float_kernel("topk", _TOPK_C, v0, v1) if pa.device.type == "cpu" else None
+    if lib is None:
+        cand = v0.index_select(-1, pa) + v1.index_select(-1, pb)
+        if cand.numel() and bool(cand.isnan().any()):
+            raise _nan_error(int(cand.isnan().any(-1).sum()), rows)
+        return cand.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    buf = torch.empty(*v0.shape[:-1], k, dtype=v0.dtype)
+    pos = torch.empty(*v0.shape[:-1], k, dtype=torch.int64)
+    fn = getattr(lib, f"pair_topk_{FLOAT_SUFFIX[v0.dtype]}")
+    fn.restype = ctypes.c_int64
+    nan_rows = fn(
+        c_ptr(v0),
+        c_ptr(v1),
+        c_ptr(pa),
+        c_ptr(pb),
+        ctypes.c_int64(rows),
+        ctypes.c_int64(K),
+        ctypes.c_int64(C),
+        ctypes.c_int64(k),
+        c_ptr(buf),
+        c_ptr(pos),
+        ctypes.c_int(torch.get_num_threads()),
+    )
+    if nan_rows:
+        raise _nan_error(nan_rows, rows)
+    return pos
+
+
+# The half top-k's backward (eager equivalent: subkey_grads' fallback). gk: each (head, half) pair
+# b owns its [S, d] slice, zeroed here and accumulated in (t, k) order (the order of the eager
+# segment sums over the stably sorted selections). gq: one [d] row per (b, t).
+_SUBKEY_GRADS_C = r"""
+#include <stdint.h>
+#define DEFINE(SUF, T)                                                                          \
+void subkey_grads_##SUF(const T* q, const T* keys, const int64_t* idx, const T* g, T* gq,     \
+                        T* gk, int64_t B, int64_t n_tok, int64_t K, int64_t S, int64_t d,       \
+                        int nth) {                                                              \
+  if (gk) {                                                                                     \
+    _Pragma("omp parallel for num_threads(nth) schedule(static)")                              \
+    for (int64_t b = 0; b < B; ++b) {                                                           \
+      T* o = gk + b * S * d;                                                                    \
+      for (int64_t x = 0; x < S * d; ++x) o[x] = 0;                                             \
+      for (int64_t t = 0; t < n_tok; ++t) {                                                     \
+        const int64_t r = b * n_tok + t;                                                        \
+        const T* qr = q + r * d;                                                                \
+        for (int64_t k = 0; k < K; ++k) {                                                       \
+          const T w = g[r * K + k];                                                             \
+          T* orow = o + idx[r * K + k] * d;                                                     \
+          _Pragma("omp simd")                                                                   \
+          for (int64_t j = 0; j < d; ++j) orow[j] += w * qr[j];                                 \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+  }                                                                                             \
+  if (gq) {                                                                                     \
+    _Pragma("omp parallel for num_threads(nth) schedule(static)")                              \
+    for (int64_t r = 0; r < B * n_tok; ++r) {                                                   \
+      const T* kb = keys + (r / n_tok) * S * d;                                                 \
+      T* o = gq + r * d;                                                                        \
+      for (int64_t j = 0; j < d; ++j) o[j] = 0;                                                 \
+      for (int64_t k = 0; k < K; ++k) {                                                         \
+        const T w = g[r * K + k];                                                               \
+        const T* krow = kb + idx[r * K + k] * d;                                                \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t j = 0; j < d; ++j) o[j] += w * krow[j];                                    \
+      }                                                                                         \
+    }                                                                                           \
+  }                                                                                             \
+}
+DEFINE(f32, float)
+DEFINE(f64, double)
+"""
+
+
+def subkey_grads(
+    q_BTd: Tensor, keys_BSd: Tensor, top_i: Tensor, g_BTk: Tensor, want_q: bool, want_keys: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of the half top-k ``v[b,t,k] = q[b,t] · keys[b, i[b,t,k]]``:
+    ``dq[b,t] = Σ_k g[b,t,k] · keys[b, i[b,t,k]]`` and
+    ``dkeys[b,s] = Σ_{(t,k): i[b,t,k] = s} g[b,t,k] · q[b,t]``, in ``keys``' dtype.
+
+    One fused C pass (no sort of the selections, no scratch); else per pair ``b`` an
+    ``F.embedding_bag`` for ``dq`` and segment sums over :class:`RowGroups` for ``dkeys``.
+    """
+    q_BTd = q_BTd.to(keys_BSd.dtype).contiguous()
+    g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()
+    keys_BSd, top_i = keys_BSd.contiguous(), top_i.contiguous()
+    lib = float_kernel("subkey_grads", _SUBKEY_GRADS_C, q_BTd, keys_BSd, g_BTk)
+    B, T, K = top_i.shape
+    S, d = keys_BSd.shape[1], keys_BSd.shape[2]
+    if lib is not None:
+        g_q = torch.empty_like(q_BTd) if want_q else None
+        g_keys = torch.empty_like(keys_BSd) if want_keys else None
+        getattr(lib, f"subkey_grads_{FLOAT_SUFFIX[keys_BSd.dtype]}")(
+            c_ptr(q_BTd),
+            c_ptr(keys_BSd),
+            c_ptr(top_i),
+            c_ptr(g_BTk),
+            None if g_q is None else c_ptr(g_q),
+            None if g_keys is None else c_ptr(g_keys),
+            ctypes.c_int64(B),
+            ctypes.c_int64(T),
+            ctypes.c_int64(K),
+            ctypes.c_int64(S),
+            ctypes.c_int64(d),
+            ctypes.c_int(torch.get_num_threads()),
+        )
+        return g_q, g_keys
+    g_q = g_keys = None
+    if want_q:
+        g_q = torch.stack(
+            [
+                F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
+                for b in range(B)
+            ]
+        )
+    if want_keys:
+        g_keys = torch.zeros_like(keys_BSd)
+        for b in range(B):
+            groups = RowGroups.build(top_i[b])
+            g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
+    return g_q, g_keys
+
+
+# -------------------- moelab/layers/product_keys.py
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int if it is an integral number (``numbers.Integral``: numpy integer
+    scalars included, bool excluded), else None.
+
+    Sizes often come from numpy (``np.int64``), which is not an ``int`` subclass; rejecting one as
+    "not a perfect square" would be misleading.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def check_product_key_args(
+    *, num_keys: int, top_k: int, d_key: int, heads: int, keys_name: str
+) -> int:
+    """Validate product-key hyper-parameters; return S = √N. Errors name the argument.
+
+    Integral numbers of any type (``np.int64`` ...) are accepted (see :func:`as_int`); callers
+    store ``int(value)``.
+    """
+    n, k, dk, h = (as_int(v) for v in (num_keys, top_k, d_key, heads))
+    if n is None or n < 1:
+        raise ValueError(
+            f"{keys_name} must be a positive perfect square (e.g. 1024**2), got {num_keys!r}"
+        )
+    s = math.isqrt(n)
+    if s * s != n:
+        raise ValueError(
+            f"{keys_name} must be a perfect square (product keys use √{keys_name} sub-keys per "
+            f"half), got {n}; nearest allowed values: {s * s} or {(s + 1) ** 2}"
+        )
+    if k is None or k < 1 or k > s:
+        raise ValueError(f"top_k must be an integer in [1, √{keys_name}] = [1, {s}], got {top_k!r}")
+    if dk is None or dk < 2 or dk % 2:
+        raise ValueError(
+            f"d_key must be an even integer >= 2 (split into two halves), got {d_key!r}"
+        )
+    if h is None or h < 1:
+        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    return s
+
+
+def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | None) -> Tensor:
+    """Batch-norm the queries (PEER §2, "query batch normalisation") using valid tokens only.
+
+    Padding rows are normalised with the running statistics and never update them.
+    """
+    if bn is None:
+        return q_TC
+    if mask_T is None or not bn.training or bool(mask_T.all()):
+        return bn(q_TC)
+    out = torch.empty_like(q_TC)
+    out[mask_T] = bn(q_TC[mask_T])
+    out[~mask_T] = F.batch_norm(
+        q_TC[~mask_T], bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+    )
+    return out
+
+
 class _HalfTopK(torch.autograd.Function):
     """Top-k of ``q·c`` over one half's S sub-keys, batched over (head, half) pairs.
 
     Same values/indices as ``torch.bmm(q, keysᵀ).topk(k)`` but the backward only touches the k
-    selected sub-keys per row (O(T·k·d) instead of two dense O(T·S·d) matmuls and a dense
-    ``[B, T, S]`` zero-filled score gradient).
+    selected sub-keys per row (:func:`subkey_grads`: O(T·k·d) instead of two dense O(T·S·d)
+    matmuls and a dense ``[B, T, S]`` zero-filled score gradient). Gradients are not
+    materialised: autograd would otherwise zero-fill a ``[B, T, k]`` gradient for the index
+    output in every backward, only for it to be ignored.
     """
 
     @staticmethod
@@ -2636,61 +2828,138 @@ class _HalfTopK(torch.autograd.Function):
         top_v, top_i = topk_last_dim(scores_BTS, k)
         ctx.save_for_backward(q_BTd, keys_BSd, top_i)
         ctx.mark_non_differentiable(top_i)
+        ctx.set_materialize_grads(False)
         return top_v, top_i
 
     @staticmethod
     def backward(ctx, g_BTk, _g_idx):  # noqa: ANN001, ANN205
+        if g_BTk is None:
+            return None, None, None
         q_BTd, keys_BSd, top_i = ctx.saved_tensors
-        g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()  # (autocast: scores may be lower precision)
-        g_q = g_keys = None
-        if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
-            g_q = torch.stack(
-                [
-                    F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
-                    for b in range(q_BTd.shape[0])
-                ]
-            ).to(q_BTd.dtype)
-        if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
-            g_keys = torch.zeros_like(keys_BSd)
-            q_BTd = q_BTd.to(keys_BSd.dtype)
-            for b in range(top_i.shape[0]):  # segment sums over the sorted selections (fused)
-                groups = RowGroups.build(top_i[b])
-                g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
-        return g_q, g_keys, None
+        want_q, want_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_q, g_keys = subkey_grads(q_BTd, keys_BSd, top_i, g_BTk, want_q, want_keys)
+        return None if g_q is None else g_q.to(q_BTd.dtype), g_keys, None
 
 
-def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+class _PairScores(torch.autograd.Function):
+    """``v[h,0,t,a] + v[h,1,t,b]`` for the selected grid positions ``(a, b)`` ``[H, T, k]``.
+
+    The same sums as two ``gather`` calls of the two halves' top-k values, but the backward
+    zero-fills one ``[H, 2, T, k]`` gradient and scatters into it, where autograd's gather and
+    select backwards zero-filled four buffers (two of them the full ``[H, 2, T, k]``).
+    """
+
+    @staticmethod
+    def forward(ctx, top_v_H2TK, a_HTK, b_HTK):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(a_HTK, b_HTK)
+        return top_v_H2TK[:, 0].gather(-1, a_HTK) + top_v_H2TK[:, 1].gather(-1, b_HTK)
+
+    @staticmethod
+    def backward(ctx, g_HTK):  # noqa: ANN001, ANN205
+        a_HTK, b_HTK = ctx.saved_tensors
+        H, T, K = g_HTK.shape
+        g = g_HTK.new_zeros(H, 2, T, K)
+        g[:, 0].scatter_add_(-1, a_HTK, g_HTK)
+        g[:, 1].scatter_add_(-1, b_HTK, g_HTK)
+        return g, None, None
+
+
+CANDIDATES = ("staircase", "grid")
+
+
+_PAIRS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def staircase_pairs(k: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The grid positions ``(a, b)`` (0-based) with ``(a+1)·(b+1) <= k``, in grid order (a-major).
+
+    Both halves' top-k lists are sorted, so the candidate at 1-based grid position (a, b) scores
+    no higher than the a·b candidates (a' <= a, b' <= b), each of which also comes earlier in grid
+    order (so wins a tie): with a·b > k it can never be among the top k. The Σ_a ⌊k/a⌋ pairs left
+    (≈ k·ln k: 50 of 256 at k = 16, 140 of 1,296 at k = 36) hold the exact top-k. Cached per
+    (k, device): built once, never per call; callers must not modify the returned tensors.
+    """
+    key = (int(k), torch.device(device))
+    if key not in _PAIRS:
+        ab = [(a, b) for a in range(k) for b in range(k // (a + 1))]
+        pairs = torch.tensor(ab, dtype=torch.int64, device=key[1]).reshape(-1, 2)
+        _PAIRS[key] = (pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
+    return _PAIRS[key]
+
+
+def product_key_topk(
+    q_THK: Tensor, sub_keys: Tensor, top_k: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of ``q·key_n`` over the N = S² product keys ``key_{i·S+j} = [c_i ; c'_j]``.
 
     Lample et al. 2019, §3.2 (used unchanged by PEER): split the query into halves ``q1, q2``;
     take the top-k of ``q1·C`` and of ``q2·C'``; the top-k of all N sums lies among the k×k sums of
-    those candidates, so a second top-k over the C = k² sums is exact. Grid positions ``(a, b)`` of
-    the second top-k are mapped back to sub-key ids and then to the expert id ``i·S + j``
-    (returning the grid position ``a·k + b`` instead still yields ids in range, so the mistake is
-    silent: the layer would read the wrong rows).
+    those candidates. Grid positions ``(a, b)`` of the second top-k are mapped back to sub-key ids
+    and then to the expert id ``i·S + j`` (returning the grid position ``a·k + b`` instead still
+    yields ids in range, so the mistake is silent: the layer would read the wrong rows).
+
+    ``candidates``:
+
+    * ``"staircase"`` (default): score only the Σ_a ⌊k/a⌋ pairs of :func:`staircase_pairs` (the
+      others can never win), the second top-k in a fused kernel. Ties: the lower grid position
+      wins (higher first-half score, then lower first-half sub-key id, then the same for the second
+      half), the rule under which the pruning is exact; the half top-k also lets the lower sub-key
+      id win. The result is then the top-k of all N keys ordered by (score, first-half score,
+      -i, second-half score, -j), which the tests check by brute force.
+    * ``"grid"``: all k² sums and ``torch.topk`` (the original path, kept as the reference and for
+      ``moelab bench peer``). Same result except on exact ties, which ``torch.topk`` breaks in an
+      unspecified order (on an all-equal 4×4 grid it returns positions 10, 11, 12, 9).
+
+    The returned scores are differentiable w.r.t. queries and keys; the backward reaches only the
+    half top-k entries of the selected pairs (both paths touch the same sub-keys).
 
     Args:
         q_THK: queries ``[T, H, d_key]`` (d_key here is the full key size).
         sub_keys: ``[Hk, 2, S, d_key/2]`` with ``Hk`` = 1 (keys shared by heads, PEER) or H (PKM).
         top_k: k.
+        candidates: ``"staircase"`` or ``"grid"``.
 
     Returns:
-        ``scores_THK`` (differentiable w.r.t. queries and keys) and long ``idx_THK`` in ``[0, S²)``,
-        both sorted by descending score.
+        ``scores_THK`` and long ``idx_THK`` in ``[0, S²)``, both sorted by descending score.
     """
-    T, H, d_key = q_THK.shape
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    top_v, top_i = half_topk(q_THK, sub_keys, top_k)
+    return combine_halves(top_v, top_i, sub_keys.shape[-2], candidates)
+
+
+def half_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """First stage of :func:`product_key_topk`: each (head, half)'s top-k sub-key scores and ids,
+    ``[H, 2, T, k]`` each, sorted descending (scores differentiable)."""
+    T, H, _ = q_THK.shape
     S, half = sub_keys.shape[-2], sub_keys.shape[-1]
     keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
     q_BTd = q_THK.view(T, H * 2, half).transpose(0, 1)  # B = (head, half) pairs
     top_v, top_i = _HalfTopK.apply(q_BTd, keys.reshape(H * 2, S, half), top_k)  # [B, T, k]
-    top_v = top_v.view(H, 2, T, top_k)
-    top_i = top_i.view(H, 2, T, top_k)
-    cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
-    best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # [H, T, k], grid positions in [0, k²)
-    if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the two halves
-        raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
-    i = top_i[:, 0].gather(-1, pos // top_k)
-    j = top_i[:, 1].gather(-1, pos % top_k)
+    return top_v.view(H, 2, T, top_k), top_i.view(H, 2, T, top_k)
+
+
+def combine_halves(
+    top_v: Tensor, top_i: Tensor, S: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
+    """Second stage of :func:`product_key_topk`: score the candidate pairs of the two halves'
+    lists ``[H, 2, T, k]`` and keep the top k; returns ``scores_THK`` and ids ``i·S + j``."""
+    H, _, T, top_k = top_v.shape
+    if candidates == "grid":
+        cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
+        best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # grid positions in [0, k²)
+        if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the halves
+            raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
+        a, b = pos // top_k, pos % top_k
+    else:
+        pa, pb = staircase_pairs(top_k, top_v.device)
+        v = top_v.detach()
+        c = pair_topk(v[:, 0], v[:, 1], pa, pb, top_k)  # [H, T, k] pair numbers
+        a, b = pa[c], pb[c]
+        # the same IEEE sums the kernel ranked, now with a gradient to the two half entries
+        best_v = _PairScores.apply(top_v, a, b)
+    i = top_i[:, 0].gather(-1, a)
+    j = top_i[:, 1].gather(-1, b)
     idx = i * S + j
     return best_v.permute(1, 0, 2), idx.permute(1, 0, 2)
 
@@ -2765,6 +3034,9 @@ class ProductKeyLayer(RoutedLayer):
     """
 
     keys_name = "num_keys"
+    #: which grid candidates the second top-k scores (see product_key_topk); "grid" is the k² path
+    #: kept as a reference, for ``moelab bench peer`` to compare in one process
+    candidates = "staircase"
 
     def __init__(
         self, d_model: int, num_keys: int, *, heads: int, top_k: int, d_key: int, sparse_grad: bool
@@ -2829,7 +3101,7 @@ class ProductKeyLayer(RoutedLayer):
         """Queries → (scores ``[T, H, K]``, row ids ``[T, H, K]``), best first per head."""
         q_TC = normalize_queries(self.query_bn, self.query(x_TD), mask_T)
         q_THK = q_TC.view(x_TD.shape[0], self.heads, self.d_key)
-        return product_key_topk(q_THK, self.sub_keys, self.top_k)
+        return product_key_topk(q_THK, self.sub_keys, self.top_k, self.candidates)
 
     def retrieval_weights(self, scores_THK: Tensor) -> Tensor:
         """Weights ``[T, H, K]`` of the retrieved rows from their scores (per head)."""
@@ -2923,6 +3195,7 @@ class ProductKeyLayer(RoutedLayer):
         if not record:  # decided outside no_grad (should_record looks at grad mode)
             return
         distinct = 0 if groups is None else groups.rows_U.numel()
+        dup = torch.tensor(0) if groups is None else groups.repeated_in_token()
         self.last_stats = RoutingStats(
             num_tokens=torch.tensor(V),
             num_experts=self.num_experts,
@@ -2932,7 +3205,8 @@ class ProductKeyLayer(RoutedLayer):
             active_max=torch.tensor(per_token),
             expert_flops=torch.tensor(V * per_token * self.assignment_flops),
             extra={
-                "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
+                # from the forward's row grouping: no per-token sort of the retrievals
+                "duplicate_retrievals": dup,
                 "retrievals": torch.tensor(V * per_token),
             },
         )

@@ -20,7 +20,6 @@ from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, Rou
 from moelab.layers.product_keys import (
     as_int,
     check_product_key_args,
-    duplicated_retrievals,
     normalize_queries,
     product_key_topk,
 )
@@ -46,6 +45,9 @@ class ProductKeyLayer(RoutedLayer):
     """
 
     keys_name = "num_keys"
+    #: which grid candidates the second top-k scores (see product_key_topk); "grid" is the k² path
+    #: kept as a reference, for ``moelab bench peer`` to compare in one process
+    candidates = "staircase"
 
     def __init__(
         self, d_model: int, num_keys: int, *, heads: int, top_k: int, d_key: int, sparse_grad: bool
@@ -110,7 +112,7 @@ class ProductKeyLayer(RoutedLayer):
         """Queries → (scores ``[T, H, K]``, row ids ``[T, H, K]``), best first per head."""
         q_TC = normalize_queries(self.query_bn, self.query(x_TD), mask_T)
         q_THK = q_TC.view(x_TD.shape[0], self.heads, self.d_key)
-        return product_key_topk(q_THK, self.sub_keys, self.top_k)
+        return product_key_topk(q_THK, self.sub_keys, self.top_k, self.candidates)
 
     def retrieval_weights(self, scores_THK: Tensor) -> Tensor:
         """Weights ``[T, H, K]`` of the retrieved rows from their scores (per head)."""
@@ -204,6 +206,7 @@ class ProductKeyLayer(RoutedLayer):
         if not record:  # decided outside no_grad (should_record looks at grad mode)
             return
         distinct = 0 if groups is None else groups.rows_U.numel()
+        dup = torch.tensor(0) if groups is None else groups.repeated_in_token()
         self.last_stats = RoutingStats(
             num_tokens=torch.tensor(V),
             num_experts=self.num_experts,
@@ -213,7 +216,8 @@ class ProductKeyLayer(RoutedLayer):
             active_max=torch.tensor(per_token),
             expert_flops=torch.tensor(V * per_token * self.assignment_flops),
             extra={
-                "duplicate_retrievals": duplicated_retrievals(idx_VHK).sum(),
+                # from the forward's row grouping: no per-token sort of the retrievals
+                "duplicate_retrievals": dup,
                 "retrievals": torch.tensor(V * per_token),
             },
         )

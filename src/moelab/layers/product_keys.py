@@ -1,20 +1,21 @@
 """Product-key retrieval: each query head's exact top-k of N = S² keys, without scoring all N.
 
-* :func:`product_key_topk` - exact top-k over N = S² product keys at cost O((S + k²)·d_key)
+* :func:`product_key_topk` - exact top-k over N = S² product keys at cost O(S·d_key + k·ln k)
   (Lample et al. 2019, "Large Memory Layers with Product Keys", §3.2; PEER, He 2024, §2), with a
-  backward that touches only the selected sub-keys.
+  backward that touches only the selected sub-keys; :func:`staircase_pairs` are the only grid
+  candidates that can win, :func:`pair_topk` ranks them.
 * :func:`normalize_queries` - query batch normalisation that ignores padding tokens.
 * :func:`check_product_key_args` - the hyper-parameter checks both layers share;
   :func:`as_int` - the integer check behind them.
 * :func:`duplicated_retrievals` - retrievals one head repeats from another.
 
 Shape legend (see ``moelab.layers.base``): T tokens, H heads, K top-k, S sub-keys per half (√N),
-C = K² candidates per head, B = 2·H (head, half) pairs, d = d_key / 2 (one half of a key).
+C = Σ_a ⌊K/a⌋ candidates per head (K² on the grid path), B = 2·H (head, half) pairs,
+d = d_key / 2 (one half of a key).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 
@@ -22,8 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.layers.sparse_rows import RowGroups
-from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
+from moelab.layers.product_key_kernels import (
+    _TOPK_C,  # noqa: F401 - re-exported for the tests' compiler checks
+    NaNScoresError,
+    _nan_error,
+    pair_topk,
+    subkey_grads,
+    topk_last_dim,
+)
+
+__all__ = [
+    "CANDIDATES",
+    "NaNScoresError",
+    "as_int",
+    "check_product_key_args",
+    "combine_halves",
+    "duplicated_retrievals",
+    "half_topk",
+    "normalize_queries",
+    "pair_topk",
+    "product_key_topk",
+    "staircase_pairs",
+    "topk_last_dim",
+]
 
 
 def as_int(value: object) -> int | None:
@@ -85,97 +107,14 @@ def normalize_queries(bn: nn.BatchNorm1d | None, q_TC: Tensor, mask_T: Tensor | 
     return out
 
 
-# Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
-# rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
-# entries it would sit in the buffer and block larger values.
-_TOPK_C = r"""
-#include <stdint.h>
-#define DEFINE_TOPK(SUF, T)                                                                     \
-int64_t topk_rows_##SUF(const T* s, int64_t rows, int64_t S, int64_t k, T* out_v,             \
-                        int64_t* out_i, int nth) {                                              \
-  int64_t nan_rows = 0;                                                                         \
-  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")          \
-  for (int64_t r = 0; r < rows; ++r) {                                                          \
-    const T* x = s + r * S;                                                                     \
-    T* v = out_v + r * k;                                                                       \
-    int64_t* ix = out_i + r * k;                                                                \
-    int64_t n = 0, nan = 0;                                                                     \
-    for (int64_t j = 0; j < S; ++j) {                                                           \
-      const T xj = x[j];                                                                        \
-      if (n == k && xj <= v[k - 1]) continue;   /* false for NaN: it takes the next test */    \
-      if (xj != xj) { nan = 1; continue; }                                                      \
-      int64_t p = n < k ? n++ : k - 1;                                                          \
-      while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }               \
-      v[p] = xj; ix[p] = j;                                                                     \
-    }                                                                                           \
-    nan_rows += nan;                                                                            \
-  }                                                                                             \
-  return nan_rows;                                                                              \
-}
-DEFINE_TOPK(f32, float)
-DEFINE_TOPK(f64, double)
-"""
-
-
-class NaNScoresError(ValueError):
-    """Product-key retrieval met NaN scores (NaN or inf in the queries or sub-keys).
-
-    A NaN cannot be ranked: ``torch.topk`` selects it first while an insertion buffer may keep or
-    skip it, so the two paths would retrieve different rows. Both raise this instead.
-    """
-
-
-def _nan_error(rows: int, total: int) -> NaNScoresError:
-    return NaNScoresError(
-        f"product-key retrieval got NaN scores in {rows} of {total} rows: the queries or sub-keys "
-        f"hold NaN/inf (diverged training, or NaN input); NaN scores cannot be ranked"
-    )
-
-
-def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)`` (descending, first index wins ties) via a fused C selection kernel.
-
-    An insertion-sorted buffer of k per row: each of the S entries costs one comparison with the
-    current k-th value (most are rejected), about 10x faster than ``torch.topk`` here. Falls back
-    to ``torch.topk`` without the kernel or when ``x`` needs a gradient. A NaN anywhere in ``x``
-    raises :class:`NaNScoresError` on both paths (``torch.topk`` would select it first, the buffer
-    could not rank it).
-    """
-    x = x.contiguous()
-    lib = float_kernel("topk", _TOPK_C, x)
-    if lib is None or x.requires_grad:
-        v, i = x.topk(k, dim=-1)
-        # torch.topk ranks NaN above everything: a row with a NaN has one among its top k
-        if x.numel() and bool(v.detach().isnan().any()):
-            nan_rows = int(v.detach().isnan().any(-1).sum())
-            raise _nan_error(nan_rows, x.numel() // x.shape[-1])
-        return v, i
-    S = x.shape[-1]
-    rows = x.numel() // S if S else 0
-    v = torch.empty(*x.shape[:-1], k, dtype=x.dtype)
-    i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
-    fn = getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")
-    fn.restype = ctypes.c_int64
-    nan_rows = fn(
-        c_ptr(x),
-        ctypes.c_int64(rows),
-        ctypes.c_int64(S),
-        ctypes.c_int64(k),
-        c_ptr(v),
-        c_ptr(i),
-        ctypes.c_int(torch.get_num_threads()),
-    )
-    if nan_rows:
-        raise _nan_error(nan_rows, rows)
-    return v, i
-
-
 class _HalfTopK(torch.autograd.Function):
     """Top-k of ``q·c`` over one half's S sub-keys, batched over (head, half) pairs.
 
     Same values/indices as ``torch.bmm(q, keysᵀ).topk(k)`` but the backward only touches the k
-    selected sub-keys per row (O(T·k·d) instead of two dense O(T·S·d) matmuls and a dense
-    ``[B, T, S]`` zero-filled score gradient).
+    selected sub-keys per row (:func:`subkey_grads`: O(T·k·d) instead of two dense O(T·S·d)
+    matmuls and a dense ``[B, T, S]`` zero-filled score gradient). Gradients are not
+    materialised: autograd would otherwise zero-fill a ``[B, T, k]`` gradient for the index
+    output in every backward, only for it to be ignored.
     """
 
     @staticmethod
@@ -184,61 +123,137 @@ class _HalfTopK(torch.autograd.Function):
         top_v, top_i = topk_last_dim(scores_BTS, k)
         ctx.save_for_backward(q_BTd, keys_BSd, top_i)
         ctx.mark_non_differentiable(top_i)
+        ctx.set_materialize_grads(False)
         return top_v, top_i
 
     @staticmethod
     def backward(ctx, g_BTk, _g_idx):  # noqa: ANN001, ANN205
+        if g_BTk is None:
+            return None, None, None
         q_BTd, keys_BSd, top_i = ctx.saved_tensors
-        g_BTk = g_BTk.to(keys_BSd.dtype).contiguous()  # (autocast: scores may be lower precision)
-        g_q = g_keys = None
-        if ctx.needs_input_grad[0]:  # dq[b,t] = Σ_k g[b,t,k] · c_b[i[b,t,k]]
-            g_q = torch.stack(
-                [
-                    F.embedding_bag(top_i[b], keys_BSd[b], mode="sum", per_sample_weights=g_BTk[b])
-                    for b in range(q_BTd.shape[0])
-                ]
-            ).to(q_BTd.dtype)
-        if ctx.needs_input_grad[1]:  # dc_b[s] = Σ_{(t,k): i[b,t,k]=s} g[b,t,k] · q[b,t]
-            g_keys = torch.zeros_like(keys_BSd)
-            q_BTd = q_BTd.to(keys_BSd.dtype)
-            for b in range(top_i.shape[0]):  # segment sums over the sorted selections (fused)
-                groups = RowGroups.build(top_i[b])
-                g_keys[b].index_copy_(0, groups.rows_U, groups.row_sums(g_BTk[b], q_BTd[b]))
-        return g_q, g_keys, None
+        want_q, want_keys = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_q, g_keys = subkey_grads(q_BTd, keys_BSd, top_i, g_BTk, want_q, want_keys)
+        return None if g_q is None else g_q.to(q_BTd.dtype), g_keys, None
 
 
-def product_key_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+class _PairScores(torch.autograd.Function):
+    """``v[h,0,t,a] + v[h,1,t,b]`` for the selected grid positions ``(a, b)`` ``[H, T, k]``.
+
+    The same sums as two ``gather`` calls of the two halves' top-k values, but the backward
+    zero-fills one ``[H, 2, T, k]`` gradient and scatters into it, where autograd's gather and
+    select backwards zero-filled four buffers (two of them the full ``[H, 2, T, k]``).
+    """
+
+    @staticmethod
+    def forward(ctx, top_v_H2TK, a_HTK, b_HTK):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(a_HTK, b_HTK)
+        return top_v_H2TK[:, 0].gather(-1, a_HTK) + top_v_H2TK[:, 1].gather(-1, b_HTK)
+
+    @staticmethod
+    def backward(ctx, g_HTK):  # noqa: ANN001, ANN205
+        a_HTK, b_HTK = ctx.saved_tensors
+        H, T, K = g_HTK.shape
+        g = g_HTK.new_zeros(H, 2, T, K)
+        g[:, 0].scatter_add_(-1, a_HTK, g_HTK)
+        g[:, 1].scatter_add_(-1, b_HTK, g_HTK)
+        return g, None, None
+
+
+CANDIDATES = ("staircase", "grid")
+
+_PAIRS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def staircase_pairs(k: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The grid positions ``(a, b)`` (0-based) with ``(a+1)·(b+1) <= k``, in grid order (a-major).
+
+    Both halves' top-k lists are sorted, so the candidate at 1-based grid position (a, b) scores
+    no higher than the a·b candidates (a' <= a, b' <= b), each of which also comes earlier in grid
+    order (so wins a tie): with a·b > k it can never be among the top k. The Σ_a ⌊k/a⌋ pairs left
+    (≈ k·ln k: 50 of 256 at k = 16, 140 of 1,296 at k = 36) hold the exact top-k. Cached per
+    (k, device): built once, never per call; callers must not modify the returned tensors.
+    """
+    key = (int(k), torch.device(device))
+    if key not in _PAIRS:
+        ab = [(a, b) for a in range(k) for b in range(k // (a + 1))]
+        pairs = torch.tensor(ab, dtype=torch.int64, device=key[1]).reshape(-1, 2)
+        _PAIRS[key] = (pairs[:, 0].contiguous(), pairs[:, 1].contiguous())
+    return _PAIRS[key]
+
+
+def product_key_topk(
+    q_THK: Tensor, sub_keys: Tensor, top_k: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
     """Exact top-k of ``q·key_n`` over the N = S² product keys ``key_{i·S+j} = [c_i ; c'_j]``.
 
     Lample et al. 2019, §3.2 (used unchanged by PEER): split the query into halves ``q1, q2``;
     take the top-k of ``q1·C`` and of ``q2·C'``; the top-k of all N sums lies among the k×k sums of
-    those candidates, so a second top-k over the C = k² sums is exact. Grid positions ``(a, b)`` of
-    the second top-k are mapped back to sub-key ids and then to the expert id ``i·S + j``
-    (returning the grid position ``a·k + b`` instead still yields ids in range, so the mistake is
-    silent: the layer would read the wrong rows).
+    those candidates. Grid positions ``(a, b)`` of the second top-k are mapped back to sub-key ids
+    and then to the expert id ``i·S + j`` (returning the grid position ``a·k + b`` instead still
+    yields ids in range, so the mistake is silent: the layer would read the wrong rows).
+
+    ``candidates``:
+
+    * ``"staircase"`` (default): score only the Σ_a ⌊k/a⌋ pairs of :func:`staircase_pairs` (the
+      others can never win), the second top-k in a fused kernel. Ties: the lower grid position
+      wins (higher first-half score, then lower first-half sub-key id, then the same for the second
+      half), the rule under which the pruning is exact; the half top-k also lets the lower sub-key
+      id win. The result is then the top-k of all N keys ordered by (score, first-half score,
+      -i, second-half score, -j), which the tests check by brute force.
+    * ``"grid"``: all k² sums and ``torch.topk`` (the original path, kept as the reference and for
+      ``moelab bench peer``). Same result except on exact ties, which ``torch.topk`` breaks in an
+      unspecified order (on an all-equal 4×4 grid it returns positions 10, 11, 12, 9).
+
+    The returned scores are differentiable w.r.t. queries and keys; the backward reaches only the
+    half top-k entries of the selected pairs (both paths touch the same sub-keys).
 
     Args:
         q_THK: queries ``[T, H, d_key]`` (d_key here is the full key size).
         sub_keys: ``[Hk, 2, S, d_key/2]`` with ``Hk`` = 1 (keys shared by heads, PEER) or H (PKM).
         top_k: k.
+        candidates: ``"staircase"`` or ``"grid"``.
 
     Returns:
-        ``scores_THK`` (differentiable w.r.t. queries and keys) and long ``idx_THK`` in ``[0, S²)``,
-        both sorted by descending score.
+        ``scores_THK`` and long ``idx_THK`` in ``[0, S²)``, both sorted by descending score.
     """
-    T, H, d_key = q_THK.shape
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    top_v, top_i = half_topk(q_THK, sub_keys, top_k)
+    return combine_halves(top_v, top_i, sub_keys.shape[-2], candidates)
+
+
+def half_topk(q_THK: Tensor, sub_keys: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """First stage of :func:`product_key_topk`: each (head, half)'s top-k sub-key scores and ids,
+    ``[H, 2, T, k]`` each, sorted descending (scores differentiable)."""
+    T, H, _ = q_THK.shape
     S, half = sub_keys.shape[-2], sub_keys.shape[-1]
     keys = sub_keys.expand(H, 2, S, half) if sub_keys.shape[0] == 1 else sub_keys
     q_BTd = q_THK.view(T, H * 2, half).transpose(0, 1)  # B = (head, half) pairs
     top_v, top_i = _HalfTopK.apply(q_BTd, keys.reshape(H * 2, S, half), top_k)  # [B, T, k]
-    top_v = top_v.view(H, 2, T, top_k)
-    top_i = top_i.view(H, 2, T, top_k)
-    cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
-    best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # [H, T, k], grid positions in [0, k²)
-    if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the two halves
-        raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
-    i = top_i[:, 0].gather(-1, pos // top_k)
-    j = top_i[:, 1].gather(-1, pos % top_k)
+    return top_v.view(H, 2, T, top_k), top_i.view(H, 2, T, top_k)
+
+
+def combine_halves(
+    top_v: Tensor, top_i: Tensor, S: int, candidates: str = "staircase"
+) -> tuple[Tensor, Tensor]:
+    """Second stage of :func:`product_key_topk`: score the candidate pairs of the two halves'
+    lists ``[H, 2, T, k]`` and keep the top k; returns ``scores_THK`` and ids ``i·S + j``."""
+    H, _, T, top_k = top_v.shape
+    if candidates == "grid":
+        cand_HTKK = top_v[:, 0, :, :, None] + top_v[:, 1, :, None, :]  # [H, T, k, k]
+        best_v, pos = cand_HTKK.flatten(-2).topk(top_k, dim=-1)  # grid positions in [0, k²)
+        if best_v.numel() and bool(best_v.detach().isnan().any()):  # inf + (-inf) of the halves
+            raise _nan_error(int(best_v.detach().isnan().any(-1).sum()), H * T)
+        a, b = pos // top_k, pos % top_k
+    else:
+        pa, pb = staircase_pairs(top_k, top_v.device)
+        v = top_v.detach()
+        c = pair_topk(v[:, 0], v[:, 1], pa, pb, top_k)  # [H, T, k] pair numbers
+        a, b = pa[c], pb[c]
+        # the same IEEE sums the kernel ranked, now with a gradient to the two half entries
+        best_v = _PairScores.apply(top_v, a, b)
+    i = top_i[:, 0].gather(-1, a)
+    j = top_i[:, 1].gather(-1, b)
     idx = i * S + j
     return best_v.permute(1, 0, 2), idx.permute(1, 0, 2)
 

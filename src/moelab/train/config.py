@@ -89,7 +89,9 @@ class OptimConfig(Config):
     ``table_optimizer`` is how the product-key tables (PEER/PKM, sparse row gradients) are updated:
     ``"lazy"`` touches only the rows retrieved in the step (moments and weight decay of the other
     rows frozen); ``"dense"`` is textbook AdamW on every row, as the PEER paper trained. Measured
-    on peer-tiny in docs/peer.md ("Lazy vs dense table optimizer").
+    on peer-tiny in docs/peer.md ("Lazy vs dense table optimizer"). ``"rowwise"`` /
+    ``"rowwise_bf16"``: lazy row-wise Adam (one second-moment scalar per row; float32 / bfloat16
+    first moments), fewer bytes per step (docs/peer.md, "Row-wise optimizer state").
     """
 
     lr: float = 5e-4
@@ -100,7 +102,8 @@ class OptimConfig(Config):
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global L2 norm; null: no clipping
-    table_optimizer: Literal["lazy", "dense"] = "lazy"  # build_optimizer(table_optimizer=...)
+    # build_optimizer(table_optimizer=...); rowwise*: moelab.train.rowwise (docs/peer.md)
+    table_optimizer: Literal["lazy", "dense", "rowwise", "rowwise_bf16"] = "lazy"
 
     def validate(self) -> None:
         check(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from moelab.native import adamw_state_dtype, advise_huge_pages
 from moelab.train.adamw_rows import update_rows
+from moelab.train.rowwise import ROWWISE_MODES, rowwise_applies, rowwise_step
 
 __all__ = [
     "SPARSE_MODES",
@@ -54,8 +55,9 @@ __all__ = [
     "optimizer_state_bytes",
 ]
 
-SPARSE_MODES = ("lazy", "dense")  # how SparseAdamW treats sparse row gradients (module docstring)
-SparseMode = Literal["lazy", "dense"]
+# how SparseAdamW treats sparse row gradients (module docstring; row-wise: moelab.train.rowwise)
+SPARSE_MODES = ("lazy", "dense", *ROWWISE_MODES)
+SparseMode = Literal["lazy", "dense", "rowwise", "rowwise_bf16"]
 
 _DENSE_CHUNK = 8192  # rows per densified gradient chunk of sparse_mode="dense"
 
@@ -144,6 +146,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 ("row_step", torch.int32),
                 ("exp_avg", adamw_state_dtype(p.dtype)),
                 ("exp_avg_sq", adamw_state_dtype(p.dtype)),
+                ("exp_avg_sq_row", adamw_state_dtype(p.dtype)),  # row-wise modes
             ):
                 if key in saved:
                     value = saved[key]
@@ -164,7 +167,11 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse and self.sparse_mode == "dense":
+                if rowwise_applies(self.state[p], p, p.grad, self.sparse_mode):
+                    g = _coalesced(p.grad) if p.grad.is_sparse else p.grad
+                    hp = (lr, beta1, beta2, eps, wd)
+                    rowwise_step(self.state[p], p, g, hp, self.sparse_mode, self.use_c_kernel)
+                elif p.grad.is_sparse and self.sparse_mode == "dense":
                     self._all_rows_step(p, p.grad, lr, beta1, beta2, eps, wd)
                 elif p.grad.is_sparse:
                     self._sparse_step(p, p.grad, lr, beta1, beta2, eps, wd)
@@ -284,7 +291,9 @@ def build_optimizer(
 
     Groups are named ``"decay"`` / ``"no_decay"`` (``group["name"]``); LR schedulers act on both.
     ``table_optimizer`` is :class:`SparseAdamW`'s ``sparse_mode`` for the tables that get sparse
-    row gradients (PEER/PKM): ``"lazy"`` (only retrieved rows) or ``"dense"`` (textbook AdamW).
+    row gradients (PEER/PKM): ``"lazy"`` (only retrieved rows), ``"dense"`` (textbook AdamW), or
+    ``"rowwise"`` / ``"rowwise_bf16"`` (lazy row-wise Adam: one second moment per row, float32 or
+    bfloat16 first moments; :mod:`moelab.train.rowwise`).
     """
     return SparseAdamW(
         _param_groups(model, weight_decay),
