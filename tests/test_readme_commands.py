@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,17 @@ def test_every_command_of_the_cli_tour_parses_and_reads_only_what_exists():
     """docs/cli.md holds the README's longer forms: checked the same way (not run)."""
     cmds = readme_commands((ROOT / "docs" / "cli.md").read_text("utf-8"), "docs/cli.md")
     assert len(check_commands(cmds)) == len(cmds) > 20
+
+
+def test_inline_moelab_commands_parse():
+    """Commands quoted in prose (`moelab convert-hf HF_DIR RUN_DIR --router relu`) parse too."""
+    spans = re.findall(
+        r"`((?:\.venv/bin/)?moelab [^`]+)`", re.sub(r"```.*?```", "", TEXT, flags=re.S)
+    )
+    assert spans
+    for span in spans:
+        cmd = Command(shlex.split(span.removeprefix(".venv/bin/")), 0, span)
+        parse_moelab(cmd.words[1:], cmd)
 
 
 @pytest.mark.parametrize(
@@ -231,8 +243,7 @@ def _capped(cmd: Command) -> list[str] | None:
         rest += _caps(w, positional=True)
     elif sub == "compare" and "--suite" in rest:
         steps = int(rest[rest.index("--steps") + 1]) if "--steps" in rest else 250
-        rest = [a for a in rest if a != "--steps"]
-        rest = [a for i, a in enumerate(rest) if i == 0 or rest[i - 1] != "--steps"]
+        rest = [a for i, a in enumerate(rest) if "--steps" not in (a, rest[i - 1] if i else "")]
         rest += ["--steps", str(min(steps, 4)), "--max-batches", "2"]
         rest += [] if "--seeds" in rest else ["--seeds", "0"]
     return [*head, *rest]
@@ -243,6 +254,25 @@ def _caps(words: list[str], positional: bool) -> list[str]:
     steps = min(asked[-1], 3 + asked[-1] // 50) if asked else 3
     caps = [f"train.steps={steps}", "train.eval_every=0", "data.eval_max_batches=2"]
     return caps if positional else [x for c in caps for x in ("--set", c)]
+
+
+def test_the_slow_runner_caps_training_and_keeps_the_rest():
+    def run(line):
+        argv = _capped(readme_commands(f"```bash\n{line}\n```\n")[0])
+        return None if argv is None else " ".join(argv[1:])
+
+    caps = "--set train.eval_every=0 --set data.eval_max_batches=2"
+    assert run(".venv/bin/moelab compare --suite routers --steps 20 --jobs 2") == (
+        "-m moelab compare --suite routers --jobs 2 --steps 4 --max-batches 2 --seeds 0"
+    )
+    assert run(".venv/bin/moelab train --resume runs/x train.steps=200").endswith(
+        f"train.steps=200 --set train.steps=7 {caps}"
+    )
+    assert run("make demo").startswith("-m moelab demo train.steps=3")
+    assert run("make test") is None and run(".venv/bin/pip install -e '.[hf]'") is None
+    assert run(".venv/bin/torchrun --nproc_per_node 2 -m moelab eval runs/x") == (
+        "-m torch.distributed.run --nproc_per_node 2 -m moelab eval runs/x"
+    )
 
 
 @pytest.mark.slow
