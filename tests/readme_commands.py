@@ -168,9 +168,12 @@ def inputs_outputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if c == "train":
         ins += [args.resume] if args.resume else []
         outs += [args.run_dir] if args.run_dir and not args.print_config else []
-    elif c in ("eval", "generate", "prune", "upcycle", "export-hf"):
+    elif c in ("eval", "generate", "export-hf"):
         ins.append(args.run_dir)
-        outs += [args.out_dir] if c in ("prune", "upcycle", "export-hf") else []
+        outs += [args.out_dir] if c == "export-hf" else []
+    elif c in ("prune", "upcycle", "convert-hf"):  # the commands that make a run from weights
+        ins.append(args.source)
+        outs.append(args.output)
     elif c == "analyze":
         ins.append(args.run)
     elif c == "report":
@@ -178,9 +181,6 @@ def inputs_outputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         outs.append(args.out)
     elif c == "lm-eval":
         ins.append(args.path)
-    elif c == "convert-hf":
-        ins.append(args.hf_dir)
-        outs.append(args.run_dir)
     elif c == "compare" and args.suite:
         outs.append(args.out or f"runs/{args.suite}")
     elif c == "demo":
