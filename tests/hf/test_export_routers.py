@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelab.hf import export_model
-from moelab.hf.export import export_refusal
+from moelab.hf.exportable import export_refusal
 from moelab.layers.routers import ROUTERS
 from moelab.model import ModelConfig, TransformerLM, generate
 

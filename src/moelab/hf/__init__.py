@@ -26,10 +26,13 @@ def register_auto_classes() -> None:
     ``AutoModelForCausalLM``, so exports load without ``trust_remote_code`` in this process."""
     import transformers
 
-    from moelab.hf.modeling_moelab import MoelabConfig, MoelabForCausalLM
+    from moelab.hf.gen_modeling import load_module
 
-    transformers.AutoConfig.register("moelab", MoelabConfig, exist_ok=True)
-    transformers.AutoModelForCausalLM.register(MoelabConfig, MoelabForCausalLM, exist_ok=True)
+    modeling = load_module()
+    transformers.AutoConfig.register("moelab", modeling.MoelabConfig, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(
+        modeling.MoelabConfig, modeling.MoelabForCausalLM, exist_ok=True
+    )
 
 
 __all__ = [

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +31,19 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from moelab.data.tokenizer import PAD_TOKEN, TextTokenizer
+from moelab.hf.exportable import export_refusal
+from moelab.hf.gen_modeling import modeling_source
 from moelab.layers import PEER, PKM, DenseFFN, MoE
-from moelab.layers.routers import ROUTERS, router_class
 from moelab.model import ModelConfig, TransformerLM
 from moelab.rundir import RunDir, check_not_source, clear_entries, foreign_entries
 from moelab.train import CheckpointError, load_run_config, run_tokenizer
 
-MODELING_FILE = Path(__file__).with_name("modeling_moelab.py")  # gen_modeling writes it
+MODELING_FILE = "modeling_moelab.py"  # written by gen_modeling at each export
 # What an export consists of: all --overwrite removes, and all an OUT_DIR may hold to be replaced.
 EXPORT_FILES = (
     "config.json",
     "model.safetensors",
-    MODELING_FILE.name,
+    MODELING_FILE,
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -54,31 +53,6 @@ LAYERS = {"dense": DenseFFN, "moe": MoE, "peer": PEER, "pkm": PKM}  # the FFN ki
 # Arguments the exported layers take whatever moelab trained with: dense gradients, which every
 # ``transformers`` optimizer accepts (moelab's row-sparse gradients need its own optimizer).
 HF_LAYER_ARGS = {"sparse_grad": False}
-ROUTERS_PACKAGE = "moelab.layers.routers"  # the source the generated modelling file carries
-
-
-def export_refusal(router: str, options: Mapping[str, Any] | None = None) -> str | None:
-    """None when router ``router`` (built with ``options``; None: its defaults) can be exported,
-    else one line naming it and why. The router's class decides (:meth:`Router.refusal`): it must
-    be causal at inference and ``exportable``; and it must live in moelab's router package, whose
-    source the generated ``modeling_moelab.py`` carries."""
-    cls = router_class(router)
-    for capability in ("causal_at_inference", "exportable"):
-        line = cls.refusal(capability, options)
-        if line is not None:
-            return line
-    if not cls.__module__.startswith(ROUTERS_PACKAGE + "."):
-        return (
-            f"router {router!r} cannot be exported to transformers: it is defined in "
-            f"{cls.__module__}, outside {ROUTERS_PACKAGE}, whose source the exported "
-            "modeling_moelab.py is generated from"
-        )
-    return None
-
-
-def exportable_routers() -> list[str]:
-    """The registered routers :func:`export_model` takes, in registry order."""
-    return [name for name in ROUTERS if export_refusal(name) is None]
 
 
 def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
@@ -188,7 +162,7 @@ def export_model(
     config["torch_dtype"] = str(dtype or first.dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(hf_state_dict(model, dtype), str(out / "model.safetensors"), {"format": "pt"})
-    shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
+    (out / MODELING_FILE).write_text(modeling_source())
     generation = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in config:
