@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 __all__ = [
+    "listing",
     "CheckpointError",
     "commit_directory",
     "load_state",
@@ -40,6 +42,13 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or corrupt (the message names the file)."""
+
+
+def listing(path: Path, names: Collection[str], limit: int = 5) -> str:
+    """What a directory holds, for a one-line refusal: ``notes/, todo.txt`` (directories with a
+    slash), at most ``limit`` names then ``...``."""
+    shown = [n + ("/" if (path / n).is_dir() else "") for n in sorted(names)[:limit]]
+    return ", ".join(shown) + (", ..." if len(names) > limit else "")
 
 
 def _fsync_dir(path: Path) -> None:

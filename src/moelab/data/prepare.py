@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from moelab.checkpoint_io import listing
 from moelab.data.sources import Document, Source, open_source
 from moelab.data.tokenizer import TextTokenizer, load_tokenizer
 
@@ -135,9 +136,8 @@ def _check_replaceable(output_dir: Path, entries: set[str]) -> None:
     """``overwrite`` replaces a prepared dataset and nothing else: a directory that is not one
     (no ``meta.json``: a run, a user's folder) or that also holds other files is refused, naming
     them, before any work and with nothing removed."""
-    others = sorted(entries - dataset_entries())
-    shown = ", ".join(n + ("/" if (output_dir / n).is_dir() else "") for n in others[:5])
-    shown += ", ..." if len(others) > 5 else ""
+    others = entries - dataset_entries()
+    shown = listing(output_dir, others or entries)
     if "meta.json" not in entries:
         raise ValueError(
             f"output {output_dir}: --overwrite replaces only a prepared dataset (meta.json), and "

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Collection
 from pathlib import Path
 
+from moelab.checkpoint_io import listing
 from moelab.config import ConfigError
 
 try:
@@ -34,12 +35,6 @@ except ImportError:  # Windows: no flock; runs are not locked there
 __all__ = ["DirectoryLock", "check_not_source", "clear_entries", "foreign_entries", "listing"]
 
 DATASET_MARKER = "meta.json"  # what moelab.data.prepare writes into every dataset directory
-
-
-def listing(path: Path, names: Collection[str], limit: int = 5) -> str:
-    """``notes/, todo.txt`` (directories with a slash), at most ``limit`` names then ``...``."""
-    shown = [n + ("/" if (path / n).is_dir() else "") for n in sorted(names)[:limit]]
-    return ", ".join(shown) + (", ..." if len(names) > limit else "")
 
 
 def foreign_entries(
