@@ -199,6 +199,24 @@ def test_compare_refuses_mixed_code_unless_allowed(tmp_path):
     assert record["allow_mixed"] is True and any("MIXED" in w for w in record["warnings"])
 
 
+def test_finished_suite_of_one_other_commit_is_reported_by_this_code(tmp_path):
+    """Every run finished by one earlier commit: nothing trains, so this code (a newer report or
+    analysis version) may report them; a run still to train would be refused."""
+    trained: list[str] = []
+    old = _fake_trainer(trained, lambda p: "e" * 40)
+    suites.run_suite("paper-mini", tmp_path / "s", seeds=[0], trainer=old, log=lambda s: None)
+    assert len(trained) == 4
+    for run in (tmp_path / "s" / "runs").iterdir():  # the fake runs lack one: a started run
+        (run / "config.yaml").touch()
+    trained.clear()
+    res = suites.run_suite("paper-mini", tmp_path / "s", seeds=[0], trainer=old, log=lambda s: None)
+    assert trained == [] and "MIXED" not in res["markdown"].read_text()
+    (tmp_path / "s" / "runs" / "dense-seed0" / "summary.json").unlink()  # one run to train
+    with pytest.raises(ValueError, match="different code"):
+        suites.run_suite("paper-mini", tmp_path / "s", seeds=[0], trainer=old, log=lambda s: None)
+    assert trained == []
+
+
 def test_suite_json_records_command_and_provenance(tmp_path):
     trained: list[str] = []
     suites.run_suite(

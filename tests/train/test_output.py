@@ -48,6 +48,22 @@ def test_plain_lines_and_validation_lines_off_a_terminal(
     assert "(ppl " in evals[0] and "prose " in evals[0] and "code " in evals[0]
 
 
+def test_each_step_logged_up_to_log_each_step_until(tmp_path: Path, data_dir: Path) -> None:
+    """The first steps' dynamics (ReMoE's stage I) need every step: lines at steps 1-3 (every
+    step up to 3), then every log_every = 4 steps, and the last step."""
+    import json
+
+    cfg = tiny_config(
+        data_dir,
+        train={"steps": 10, "eval_every": 0},
+        logging={"progress": False, "log_every": 4, "log_each_step_until": 3},
+    )
+    train(cfg, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [r["step"] for r in map(json.loads, lines) if r.get("kind", "train") == "train"]
+    assert steps == [1, 2, 3, 4, 8, 10], steps
+
+
 def test_progress_off_prints_nothing(
     tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:

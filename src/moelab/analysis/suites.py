@@ -24,6 +24,7 @@ import yaml
 from moelab import provenance
 from moelab.analysis.origin import check_same_code
 from moelab.analysis.report import build_report
+from moelab.analysis.suite_catalog import ROUTER_RUNS, SUITES
 from moelab.analysis.suite_record import (
     RUNS_SUBDIR,
     PlannedRun,
@@ -36,107 +37,7 @@ from moelab.config import dump_yaml, flatten
 from moelab.rundir import RunDir
 from moelab.train import resolve_run_config, train
 
-# The routers suite: (run name, preset, overrides). Every routed run has the active expert
-# parameters of topk-tiny's one width-344 expert per token: top-2 methods use 16 experts of width
-# 172 (granularity 2, with `topk-g2` as their TopK control); Chain-of-Experts two passes of one
-# width-172 expert. Methods whose experts per token vary (ReMoE, top-p, null experts, MoE++) have
-# that as their target or their cap (null experts: top-2 of 8 real + 8 null experts, one real
-# expert per token on average when balanced) and report what they used (the suite table's
-# "FFN experts / token").
-ROUTER_RUNS: tuple[tuple[str, str, list[str]], ...] = (
-    ("dense", "dense-tiny", []),
-    ("topk", "topk-tiny", []),
-    ("remoe", "remoe-tiny", []),
-    ("expert_choice", "topk-tiny", ["model.ffn.router=expert_choice"]),
-    ("hash", "topk-tiny", ["model.ffn.router=hash"]),
-    ("topk-g2", "topk-tiny", ["model.ffn.granularity=2"]),
-    ("sparsemixer", "topk-tiny", ["model.ffn.router=sparsemixer", "model.ffn.granularity=2"]),
-    ("lory", "topk-tiny", ["model.ffn.router=lory", "model.ffn.router_options.segment_len=32"]),
-    (
-        "top_p",
-        "topk-tiny",
-        ["model.ffn.router=top_p", "model.ffn.granularity=2", "model.ffn.router_options.p=0.4"],
-    ),
-    (
-        "null",
-        "topk-tiny",
-        ["model.ffn.router=null", "model.ffn.top_k=2", "model.ffn.router_options.null_experts=8"],
-    ),
-    ("moepp", "topk-tiny", ["model.ffn.router=moepp", "model.ffn.granularity=2"]),
-    ("aux_free", "topk-tiny", ["model.ffn.router=aux_free", "model.ffn.granularity=2"]),
-    ("rmoe", "topk-tiny", ["model.ffn.router=rmoe"]),
-    (
-        "chain",
-        "topk-tiny",
-        ["model.ffn.num_experts=16", "model.ffn.d_hidden=172", "model.ffn.iterations=2"],
-    ),
-    ("momentum", "topk-tiny", ["model.ffn.momentum=0.7"]),
-)
-
-SUITES: dict[str, dict[str, Any]] = {
-    "paper-mini": {
-        "description": "ReMoE Table 2 in miniature: dense vs TopK MoE vs ReMoE vs PEER, matched "
-        "on active FLOPs (E=8, k=1), on the embedded corpus, 250 steps, 3 seeds",
-        "seeds": [0, 1, 2],
-        # 250 of the presets' 300 steps keep the 12 runs (~13-16 min per seed: PEER ~6 min,
-        # ReMoE ~3.5, TopK ~2.5, dense ~2) plus the report under 60 min on a shared 2-core CPU;
-        # ReMoE settles after ~100 steps, so its three stages are all visible.
-        "overrides": ["train.steps=250"],
-        "runs": {
-            "dense": {"preset": "dense-tiny", "overrides": []},
-            "topk": {"preset": "topk-tiny", "overrides": []},
-            "remoe": {"preset": "remoe-tiny", "overrides": []},
-            "peer": {"preset": "peer-tiny", "overrides": []},
-        },
-    },
-    "experts-scaling": {
-        "description": "ReMoE Fig. 5 in miniature: TopK vs ReMoE (k=1) as the number of experts "
-        "grows, E = 4, 8, 16, 32, 1 seed",
-        "seeds": [0],
-        "overrides": [],
-        "runs": {
-            f"{method}-E{e}": {
-                "preset": f"{method}-tiny",
-                "overrides": [f"model.ffn.num_experts={e}", "model.ffn.top_k=1"],
-            }
-            for method in ("topk", "remoe")
-            for e in (4, 8, 16, 32)
-        },
-    },
-    "load-balance": {
-        "description": "expert load with and without load balancing: TopK with / without the "
-        "Switch loss, ReMoE with load-balanced / plain L1, 1 seed",
-        "seeds": [0],
-        "overrides": [],
-        "runs": {
-            "topk-balanced": {"preset": "topk-tiny", "overrides": []},
-            "topk-unbalanced": {"preset": "topk-tiny", "overrides": ["model.ffn.balance_coef=0"]},
-            "remoe-balanced-l1": {"preset": "remoe-tiny", "overrides": []},
-            "remoe-plain-l1": {
-                "preset": "remoe-tiny",
-                "overrides": ["model.ffn.l1_balanced=false"],
-            },
-        },
-    },
-    "routers": {
-        "description": "the routing literature on equal terms: ReMoE's Table 2 baselines (dense, "
-        "TopK, Expert Choice, Hash, SparseMixer-v2, Lory) and token-adaptive / cross-layer "
-        "routers, from topk-tiny (E=8, k=1) at matched active parameters, 250 steps",
-        "seeds": [0, 1, 2],
-        "overrides": ["train.steps=250"],
-        "runs": {
-            name: {"preset": preset, "overrides": overrides}
-            for name, preset, overrides in ROUTER_RUNS
-        },
-        # the paper whose baselines these runs rerun: its method's run and the baseline runs
-        # (ReMoE Table 2: 182M active parameters, E=8, k=1); the claims compare them
-        "paper": {
-            "name": "ReMoE Table 2",
-            "method": "remoe",
-            "baselines": ["topk", "expert_choice", "hash", "sparsemixer", "lory"],
-        },
-    },
-}
+__all__ = ["ROUTER_RUNS", "SUITES", "get_suite", "plan_suite", "run_suite"]
 
 
 def get_suite(name: str) -> dict[str, Any]:
@@ -297,14 +198,14 @@ def run_suite(
     a summary, are kept, so an interrupted suite resumes), then write the report to ``out_dir``
     (``report.md``, ``report.html``) with seeds averaged per run name.
 
-    The runs of one suite must come from one version of the code and one plan: kept runs trained
-    by another commit (or from a tree with uncommitted changes while this one is clean, or the
-    reverse) are refused before anything trains, and so is a finished suite whose runs disagree,
-    unless ``allow_mixed`` (the report then says so at the top); kept runs whose config differs
-    from the plan's (another ``steps`` or override) are always refused. ``out_dir/suite.json``
-    records the suite, the command, steps, seeds, overrides, timings and this process's
-    provenance. ``jobs > 1`` trains that many runs at once, each in its own process (logs in
-    ``out_dir/logs/``).
+    The runs of one suite must come from one version of the code and one plan: when runs remain to
+    train, kept runs trained by another commit (or from a tree with uncommitted changes while this
+    one is clean, or the reverse) are refused before anything trains, and so is a finished suite
+    whose runs disagree, unless ``allow_mixed`` (the report then says so at the top); kept runs
+    whose config differs from the plan's (another ``steps`` or override) are always refused.
+    ``out_dir/suite.json`` records the suite, the command, steps, seeds, overrides, timings and this
+    process's provenance. ``jobs > 1`` trains that many runs at once, each in its own process (logs
+    in ``out_dir/logs/``).
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: must be an integer >= 1, got {jobs!r}")
@@ -321,8 +222,12 @@ def run_suite(
             for p in plan
             if RunDir(p.run_dir).holds_run
         }
+        # runs still to train must come from the code that trained the kept ones; a suite whose
+        # runs have all finished is only reported (a later report version may redraw it)
+        trains = any(not RunDir(p.run_dir).has_summary for p in plan)
         if kept:
-            check_same_code({"this process": [here], **kept}, False, str(out / RUNS_SUBDIR))
+            mine = {"this process": [here]} if trains else {}
+            check_same_code({**mine, **kept}, False, str(out / RUNS_SUBDIR))
     out.mkdir(parents=True, exist_ok=True)
     record = suite_record(
         name,

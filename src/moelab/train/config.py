@@ -166,6 +166,9 @@ class LoggingConfig(Config):
     """What is written where: ``metrics.jsonl`` always; TensorBoard / W&B (offline) on request."""
 
     log_every: int = 10
+    # also log every step up to this one: ReMoE's stage I (sparsity falling before λ acts) lasts
+    # ~20 steps at the presets' learning rate, shorter than the log_every interval
+    log_each_step_until: int = 0
     progress: bool = True
     tensorboard: bool = False
     wandb: bool = False
@@ -173,6 +176,8 @@ class LoggingConfig(Config):
 
     def validate(self) -> None:
         check(self.log_every > 0, "log_every", f"must be a positive integer, got {self.log_every}")
+        until = self.log_each_step_until
+        check(until >= 0, "log_each_step_until", f"must be >= 0, got {until}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -74,7 +74,9 @@ class TrainingLoop:
                     progress.update(record)
                     logged = record.get("nonfinite")
                     if not logged and (
-                        self.step % cfg.logging.log_every == 0 or self.step == total
+                        self.step % cfg.logging.log_every == 0
+                        or self.step <= cfg.logging.log_each_step_until
+                        or self.step == total
                     ):
                         logger.log(record)
                         last_t, last_step = now, self.step
