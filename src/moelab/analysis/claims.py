@@ -8,7 +8,6 @@ rerun that changes an outcome changes the verdict and says why."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -389,11 +388,3 @@ def routers_claims(sd: SuiteData) -> list[tuple[str, str, Verdict | None]]:
             source = paper["name"] if g in baselines else "its paper"
             out.append((f"{g} beats dense", source, _beats(sd, g, dense)))
     return out
-
-
-CLAIMS: dict[str, Callable[[SuiteData], list[tuple[str, str, Verdict | None]]]] = {
-    "paper-mini": paper_mini_claims,
-    "experts-scaling": experts_scaling_claims,
-    "load-balance": load_balance_claims,
-    "routers": routers_claims,
-}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.analysis.claims import CLAIMS, _by_experts, _dead, _flip, _imbalance
+from moelab.analysis.claim_sets import CLAIMS
+from moelab.analysis.claims import _by_experts, _dead, _flip, _imbalance
 from moelab.analysis.compute import (
     COMPUTE_TOLERANCE,
     compute_matched,
