@@ -76,7 +76,7 @@ def parse_bytes(text: str | int, field: str = "--expert-memory") -> int | float:
         try:
             if raw.endswith("%"):
                 frac = float(raw[:-1]) / 100.0
-                if not 0 < frac:
+                if not frac > 0:
                     raise ValueError
                 return frac
             number = raw.rstrip("KMGIB")
