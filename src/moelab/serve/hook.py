@@ -12,7 +12,7 @@ call, which the next layer's router needs for its prediction.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,9 +23,6 @@ from moelab.layers.base import RoutingContext, RoutingDecision
 from moelab.layers.experts import GroupedExperts
 from moelab.serve.prefetch import predict_experts
 
-if TYPE_CHECKING:
-    from moelab.serve.offload import OffloadSession
-
 __all__ = ["OffloadDispatcher"]
 
 
@@ -34,7 +31,7 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
 
     def __init__(
         self,
-        session: OffloadSession,
+        session: Any,  # moelab.serve.offload.OffloadSession (which imports this module)
         layer: int,
         experts: GroupedExperts,
         next_router: torch.nn.Module | None,
