@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moelab.commands import add_checkpoint_option
+from moelab.serve.options import add_offload_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     add_checkpoint_option(p)
+    add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier
     p.set_defaults(func=run)
 
 
@@ -23,7 +25,20 @@ def run(args: argparse.Namespace) -> int:
     from moelab.eval import generate_text
     from moelab.train import load_run, run_tokenizer
 
-    model, config = load_run(args.run_dir, checkpoint=args.checkpoint)
+    session = None
+    if args.expert_memory is not None:  # experts served from the checkpoint file (moelab.serve)
+        from moelab.serve import load_offloaded
+
+        model, config, session = load_offloaded(
+            args.run_dir,
+            args.expert_memory,
+            policy=args.expert_policy,
+            prefetch=args.prefetch,
+            tier_name=args.tier,
+            checkpoint=args.checkpoint,
+        )
+    else:
+        model, config = load_run(args.run_dir, checkpoint=args.checkpoint)
     if config.train.threads is not None:
         import torch
 
@@ -38,4 +53,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(args.prompt + text)
+    if session is not None:
+        from moelab.serve import print_stats
+
+        print_stats(session.stats())
+        session.close()
     return 0

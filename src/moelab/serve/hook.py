@@ -1,0 +1,81 @@
+"""Where offloading meets the MoE block: a dispatcher that fetches only the experts with tokens.
+
+:class:`~moelab.layers.MoE` runs its experts through ``moe.dispatcher`` (the same door expert
+parallelism uses), so offloading needs no change to the layer: :class:`OffloadDispatcher`
+permutes the rows as the local dispatcher does, asks the session for each expert that received
+rows (hits first, then loads still in flight, then misses), runs that one expert on its rows with
+the layer's own expert code (``GroupedExperts`` called on the fetched weights through
+``torch.func.functional_call``, so the backend and the arithmetic are the fully loaded model's),
+and combines. A forward pre-hook on the layer keeps the token mask and routing context of the
+call, which the next layer's router needs for its prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from moelab.layers import dispatch
+from moelab.layers.base import RoutingContext, RoutingDecision
+from moelab.layers.experts import GroupedExperts
+from moelab.serve.prefetch import predict_experts
+
+__all__ = ["OffloadDispatcher"]
+
+
+class OffloadDispatcher(dispatch.LocalDispatcher):
+    """Runs layer ``layer``'s experts from ``session``'s cache (see module doc)."""
+
+    def __init__(
+        self,
+        session: Any,  # moelab.serve.offload.OffloadSession (which imports this module)
+        layer: int,
+        experts: GroupedExperts,
+        next_router: torch.nn.Module | None,
+    ) -> None:
+        self.session, self.layer, self.next_router = session, layer, next_router
+        with torch.device("meta"):  # a one-expert shell: its weights are passed at each call
+            self.shell = GroupedExperts(
+                1, experts.d_model, experts.d_hidden, experts.activation, 1.0, experts.backend
+            )
+        self.valid_T: Tensor | None = None
+        self.context: RoutingContext | None = None
+
+    def remember_call(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the MoE layer: keep its token mask and context."""
+        mask = kwargs.get("token_mask", args[1] if len(args) > 1 else None)
+        self.valid_T = None if mask is None else mask.reshape(-1).to(torch.bool)
+        self.context = kwargs.get("context", args[2] if len(args) > 2 else None)
+
+    def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
+        if torch.is_grad_enabled() and x_TD.requires_grad:
+            raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
+        perm = dispatch.permute(decision)
+        x_ND = dispatch.gather(x_TD, perm)
+        counts = perm.counts
+        needed = [e for e, n in enumerate(counts) if n]
+        self.session.note_layer(self.layer, needed)
+        remaining = {(self.layer, e) for e in needed}  # pinned until their rows are computed
+        if self.next_router is not None and self.session.prefetch_enabled:
+            guess = predict_experts(self.next_router, x_TD, self.valid_T, self.context)
+            self.session.prefetch(self.layer + 1, guess, remaining)
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        y_ND = x_ND.new_empty(x_ND.shape[0], x_ND.shape[1])
+        for e in self.session.fetch_order(self.layer, needed):
+            w13, w2 = self.session.fetch(self.layer, e, remaining)
+            rows = slice(starts[e], starts[e + 1])
+            y_ND[rows] = functional_call(
+                self.shell,
+                {"w13_EDF2": w13[None], "w2_EFD": w2[None]},
+                (x_ND[rows], [counts[e]], perm.weight_N[rows]),
+            )
+            remaining.discard((self.layer, e))
+        return dispatch.combine(y_ND, perm, weighted=True)
+
+    def __repr__(self) -> str:
+        return f"OffloadDispatcher(layer={self.layer})"

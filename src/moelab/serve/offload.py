@@ -1,0 +1,270 @@
+"""Expert offloading: non-expert weights resident, experts read on demand under a byte budget.
+
+:func:`offload_model` turns a built :class:`~moelab.model.TransformerLM` into one whose MoE
+experts live in its safetensors file (read per expert, :mod:`moelab.serve.store`), cached under a
+measured budget (:mod:`moelab.serve.cache`), optionally prefetched by the next layer's router
+(:mod:`moelab.serve.prefetch`); :func:`load_offloaded` does it for a run directory. Every check
+(the layers, the routers' ``causal_at_inference``, the file, the budget) runs before any token
+is decoded, and fails in one line.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moelab.checkpoint_io import CheckpointError
+from moelab.layers import MoE
+from moelab.layers.base import RoutedLayer
+from moelab.layers.dispatch import LocalDispatcher
+from moelab.layers.routers import require
+from moelab.model import TransformerLM
+from moelab.serve.cache import ExpertCache, check_policy
+from moelab.serve.hook import OffloadDispatcher
+from moelab.serve.prefetch import Prefetcher
+from moelab.serve.store import PARTS, ExpertStore
+from moelab.serve.tiers import parse_bytes, tier
+
+__all__ = ["OffloadSession", "check_offloadable", "offload_model"]
+
+
+def check_offloadable(model: TransformerLM) -> list[tuple[int, MoE]]:
+    """``(block, layer)`` of every MoE layer; a one-line ValueError when the model cannot be
+    offloaded: no MoE layer, a layer that gathers rows instead of running experts (PEER, PKM),
+    a router that is not causal at inference, experts merged per segment, expert parallelism,
+    or a device other than the CPU."""
+    found = []
+    for i, block in enumerate(model.blocks):
+        ffn = block.ffn
+        if isinstance(ffn, MoE):
+            slot = model.cfg.ffn_for(i)
+            try:
+                require(slot.router, "causal_at_inference", slot.router_kwargs())
+            except ValueError as err:
+                raise ValueError(f"--expert-memory: {err}") from None
+            if ffn.merges_experts:
+                raise ValueError(
+                    f"--expert-memory: router {ffn.router_name!r} merges every expert's weights "
+                    "per segment, so every expert is needed at every token: nothing to offload"
+                )
+            if not isinstance(ffn.dispatcher, LocalDispatcher):
+                raise ValueError("--expert-memory: experts are spread over processes already")
+            found.append((i, ffn))
+        elif isinstance(ffn, RoutedLayer):  # PEER, PKM
+            raise ValueError(
+                f"--expert-memory: block {i} is {type(ffn).__name__}, which needs no expert "
+                "offloading: it gathers single rows of a product-key table per token, not whole "
+                "experts, so only the rows it reads are touched"
+            )
+    if not found:
+        raise ValueError("--expert-memory: the model has no MoE layer (no experts to offload)")
+    if model.tok_emb.weight.device.type != "cpu":
+        raise ValueError("--expert-memory: offloaded serving runs on CPU models for now")
+    return found
+
+
+class OffloadSession:
+    """The cache, the file and the counters of one offloaded model (``model.offload``)."""
+
+    def __init__(
+        self,
+        model: TransformerLM,
+        layers: list[tuple[int, MoE]],
+        store: ExpertStore,
+        budget: int,
+        policy: str,
+        prefetch: bool,
+    ) -> None:
+        self.store, self.policy, self.prefetch_enabled = store, policy, prefetch
+        self.slots = [
+            store.slots(
+                f"blocks.{i}.ffn.experts.",
+                moe.num_experts,
+                {p: getattr(moe.experts, p).shape for p in PARTS},
+            )
+            for i, moe in layers
+        ]
+        self.expert_bytes = [sum(s.stride for s in slots) for slots in self.slots]
+        self.total_expert_bytes = sum(
+            b * moe.num_experts for b, (_, moe) in zip(self.expert_bytes, layers, strict=True)
+        )
+        biggest = max(self.expert_bytes)
+        if budget < biggest:
+            raise ValueError(
+                f"--expert-memory: {budget} bytes is smaller than one expert ({biggest} bytes); "
+                f"allowed: {biggest} bytes up to the experts' {self.total_expert_bytes}"
+            )
+        self.budget = budget
+        self.cache = ExpertCache(budget, policy, self._allocate)
+        self.prefetcher = Prefetcher() if prefetch else None
+        self.reset_counters()
+
+    # ---- called by the dispatchers --------------------------------------------------------------
+
+    def _allocate(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        return [torch.empty(s.shape, dtype=s.dtype) for s in self.slots[key[0]]]
+
+    def note_layer(self, layer: int, needed: list[int]) -> None:
+        self.used_bytes += len(needed) * self.expert_bytes[layer]
+        self.forwards += layer == 0
+
+    def fetch_order(self, layer: int, needed: list[int]) -> list[int]:
+        """Loaded experts first, then loads in flight, then misses: compute starts on what is
+        here while the rest arrives, and a miss never waits behind a pinned in-flight load."""
+        entries = self.cache.entries
+
+        def rank(e: int) -> int:
+            entry = entries.get((layer, e))
+            return 2 if entry is None else (0 if entry.ready else 1)
+
+        return sorted(needed, key=rank)
+
+    def fetch(self, layer: int, expert: int, pinned: set) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        tensors, how = self.cache.get(
+            (layer, expert),
+            self.expert_bytes[layer],
+            pinned,
+            lambda bufs: self.store.read(self.slots[layer], expert, bufs),
+        )
+        if how != "hit":
+            self.wait_s += time.perf_counter() - t0
+        return tensors
+
+    def prefetch(self, layer: int, experts: list[int], pinned: set) -> None:
+        if layer >= len(self.slots) or self.prefetcher is None:
+            return
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            entry = self.cache.reserve_prefetch(key, self.expert_bytes[layer], pinned | set(keys))
+            if entry is not None:
+                self.prefetcher.submit(self._load, key, entry.tensors)
+
+    def _load(self, key: tuple[int, int], buffers: list[torch.Tensor]) -> None:
+        try:
+            n = self.store.read(self.slots[key[0]], key[1], buffers)
+        except BaseException:
+            self.cache.drop(key)
+            raise
+        self.cache.finish(key, n)
+
+    # ---- counters -------------------------------------------------------------------------------
+
+    def reset_counters(self) -> None:
+        """Zero the counters (the cache keeps its contents): measure decoding apart from prefill."""
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+        self.cache.stats = type(self.cache.stats)(peak_bytes=self.cache.held)
+        self.used_bytes, self.forwards, self.wait_s = 0, 0, 0.0
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the last reset (prefetches still in flight are waited for first)."""
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
+        s = self.cache.stats
+        uses = s.hits + s.late + s.misses
+        return {
+            "tier": self.store.tier.label(),
+            "tier_modelled": self.store.tier.modelled,
+            "policy": self.policy,
+            "prefetch": self.prefetch_enabled,
+            "budget_bytes": self.budget,
+            "peak_bytes": s.peak_bytes,
+            "expert_bytes": self.total_expert_bytes,
+            "hits": s.hits,
+            "late": s.late,
+            "misses": s.misses,
+            "hit_rate": s.hits / uses if uses else None,
+            "prefetch_issued": s.prefetch_issued,
+            "prefetch_used": s.prefetch_used,
+            "prefetch_accuracy": s.prefetch_used / s.prefetch_issued if s.prefetch_issued else None,
+            "evictions": s.evictions,
+            "bytes_read": s.bytes_loaded,
+            "bytes_used": self.used_bytes,
+            "read_over_used": s.bytes_loaded / self.used_bytes if self.used_bytes else None,
+            "load_wait_s": self.wait_s,
+            "forwards": self.forwards,
+        }
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+        self.store.close()
+
+
+def offload_model(
+    model: TransformerLM,
+    weights: str | Path,
+    expert_memory: str | int,
+    *,
+    policy: str = "lru",
+    prefetch: bool = False,
+    tier_name: str = "disk",
+    load_resident: bool = False,
+) -> OffloadSession:
+    """Serve ``model``'s experts from ``weights`` (its safetensors file) under ``expert_memory``
+    bytes (``"64MB"``, ``"25%"`` of the experts, an int). The experts' parameters are dropped
+    from the model (it is for inference only afterwards); ``load_resident`` also loads every
+    other weight from the file. Returns the session (also ``model.offload``)."""
+    tier_ = tier(tier_name)
+    budget = parse_bytes(expert_memory)
+    check_policy(policy)
+    layers = check_offloadable(model)
+    store = ExpertStore(Path(weights), tier_)
+    try:
+        if isinstance(budget, float):
+            shapes = [
+                moe.experts.w13_EDF2.numel() + moe.experts.w2_EFD.numel() for _, moe in layers
+            ]
+            size = model.blocks[layers[0][0]].ffn.experts.w13_EDF2.element_size()
+            budget = int(budget * sum(shapes) * size)
+        session = OffloadSession(model, layers, store, budget, policy, prefetch)
+        if load_resident:
+            _load_resident(model, store)
+    except BaseException:
+        store.close()
+        raise
+    moes = [moe for _, moe in layers]
+    for n, moe in enumerate(moes):
+        nxt = moes[n + 1].router if n + 1 < len(moes) else None
+        dispatcher = OffloadDispatcher(session, n, moe.experts, nxt)
+        moe.register_forward_pre_hook(dispatcher.remember_call, with_kwargs=True)
+        moe.dispatcher = dispatcher
+        for part in PARTS:  # the experts now live in the file: free their memory
+            old = getattr(moe.experts, part)
+            setattr(moe.experts, part, nn.Parameter(old.new_empty(0), requires_grad=False))
+    model.offload = session
+    return session
+
+
+def _load_resident(model: TransformerLM, store: ExpertStore) -> None:
+    """Every weight but the experts from the file (a tied weight stored once is found by its
+    shared storage); CheckpointError naming the file when one is missing."""
+    state = model.state_dict()
+    in_file = set(store.keys())
+    loaded: dict[int, str] = {}
+    missing = []
+    with safe_open(str(store.path), framework="pt") as f:
+        for name, t in state.items():
+            if name.rsplit(".", 1)[-1] in PARTS and ".experts." in name:
+                continue
+            if name in in_file:
+                saved = f.get_tensor(name)
+                if saved.shape != t.shape:
+                    raise CheckpointError(
+                        f"{store.path}: {name} is {list(saved.shape)} in the file, "
+                        f"{list(t.shape)} in the model"
+                    )
+                with torch.no_grad():
+                    t.copy_(saved)
+                loaded[t.data_ptr()] = name
+            else:
+                missing.append((name, t))
+    for name, t in missing:
+        if t.data_ptr() not in loaded:
+            raise CheckpointError(f"{store.path}: no tensor {name!r} (not this model's file?)")

@@ -1,0 +1,36 @@
+"""The offloading options of ``moelab generate`` (no torch import: the CLI builds its parser
+before it knows which command runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from moelab.serve.tiers import TIERS
+
+__all__ = ["POLICIES", "add_offload_arguments"]
+
+POLICIES = ("lru", "lfu")  # eviction policies of moelab.serve.cache.ExpertCache
+
+
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    """``--expert-memory``, ``--expert-policy``, ``--prefetch``, ``--tier``."""
+    p.add_argument(
+        "--expert-memory",
+        metavar="SIZE",
+        help="serve MoE experts from the checkpoint file under this budget (64MB, 1GiB, or 25%% "
+        "of the experts' bytes); default: every weight in memory",
+    )
+    p.add_argument(
+        "--expert-policy", default="lru", choices=POLICIES, help="cache eviction (default: lru)"
+    )
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="load the experts the next layer's router predicts on a background thread",
+    )
+    p.add_argument(
+        "--tier",
+        default="disk",
+        choices=list(TIERS),
+        help="where experts come from: disk (real, page cache dropped) or a modelled link",
+    )

@@ -1,0 +1,86 @@
+"""Offloading a run directory, and the counters' report ``moelab generate`` prints.
+
+``moelab generate RUN --expert-memory 64MB [--expert-policy lru|lfu] [--prefetch]
+[--tier disk|pcie16|nvme3]`` builds the run's model, loads every weight but the experts from its
+checkpoint's ``model.safetensors``, and serves the experts from that file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from moelab.checkpoint_io import CheckpointError
+from moelab.model import TransformerLM
+from moelab.rundir import RunDir
+from moelab.serve.cache import check_policy
+from moelab.serve.offload import OffloadSession, offload_model
+from moelab.serve.tiers import parse_bytes, tier
+from moelab.train import RunConfig, load_run_config
+
+__all__ = ["load_offloaded", "print_stats"]
+
+
+def load_offloaded(
+    run_dir: str | Path,
+    expert_memory: str | int,
+    *,
+    policy: str = "lru",
+    prefetch: bool = False,
+    tier_name: str = "disk",
+    checkpoint: str | int | None = None,
+) -> tuple[TransformerLM, RunConfig, OffloadSession]:
+    """``(model, run_config, session)`` of a run with its experts offloaded (see
+    :func:`~moelab.serve.offload.offload_model`); options are checked before the model is built."""
+    tier(tier_name)
+    parse_bytes(expert_memory)
+    check_policy(policy)
+    config = load_run_config(run_dir)
+    run = RunDir(run_dir)
+    ckpt = run.find_checkpoint(checkpoint)
+    if run.is_sharded(ckpt):
+        raise CheckpointError(
+            f"{ckpt}: a sharded checkpoint (several processes); --expert-memory reads "
+            f"{run.WEIGHTS}: load and save it on one process first"
+        )
+    model = TransformerLM(config.model).eval()
+    session = offload_model(
+        model,
+        ckpt / run.WEIGHTS,
+        expert_memory,
+        policy=policy,
+        prefetch=prefetch,
+        tier_name=tier_name,
+        load_resident=True,
+    )
+    return model, config, session
+
+
+def print_stats(stats: dict[str, Any], file: IO[str] = sys.stderr) -> None:
+    """The counters in a few lines (``moelab generate`` prints them to stderr after the text)."""
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    mb = 1e6
+    print(
+        f"experts offloaded: tier {stats['tier']}, policy {stats['policy']}, prefetch "
+        f"{'on' if stats['prefetch'] else 'off'}; budget {stats['budget_bytes'] / mb:.2f} MB "
+        f"(peak held {stats['peak_bytes'] / mb:.2f} MB) of {stats['expert_bytes'] / mb:.2f} MB",
+        file=file,
+    )
+    ratio = stats["read_over_used"]
+    print(
+        f"  hits {stats['hits']}, late {stats['late']}, misses {stats['misses']} (hit rate "
+        f"{pct(stats['hit_rate'])}); prefetch accuracy {pct(stats['prefetch_accuracy'])} "
+        f"({stats['prefetch_used']}/{stats['prefetch_issued']})",
+        file=file,
+    )
+    print(
+        f"  read {stats['bytes_read'] / mb:.2f} MB for {stats['bytes_used'] / mb:.2f} MB of "
+        f"experts used ({'n/a' if ratio is None else f'{ratio:.2f}x'}); waited "
+        f"{stats['load_wait_s']:.3f} s for loads"
+        + (" (modelled tier)" if stats["tier_modelled"] else ""),
+        file=file,
+    )

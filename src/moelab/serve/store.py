@@ -1,0 +1,139 @@
+"""Per-expert reads from a run's ``model.safetensors``: byte ranges, no export, no copy of the file.
+
+Why byte ranges: moelab's checkpoints are already safetensors, and an MoE layer stores its experts
+as two 3-D tensors, ``w13_EDF2 [E, D, 2F]`` and ``w2_EFD [E, F, D]`` (row-major), so expert ``e``
+of a tensor is one contiguous range, ``begin + e·(end − begin)/E``. Reading that range straight
+into a preallocated tensor needs neither a second per-expert file in the run directory (which a
+run would have to own and keep in step with its checkpoints) nor any copy. The header (8-byte
+little-endian length, then JSON) is parsed once, and the file is checked before decoding starts:
+a missing file, a bad header, a tensor of the wrong shape or a file shorter than its header says
+is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.checkpoint_io import CheckpointError
+from moelab.serve.tiers import Tier
+
+__all__ = ["ExpertSlot", "ExpertStore"]
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+PARTS = ("w13_EDF2", "w2_EFD")  # GroupedExperts' two weights, in the order a load returns them
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where one weight of one MoE layer lives in the file: its absolute byte offset, the bytes
+    of one expert's slice and that slice's shape and dtype."""
+
+    offset: int
+    stride: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class ExpertStore:
+    """Reads expert ``e`` of a layer (prefix ``blocks.3.ffn.experts.``) from a safetensors file.
+
+    Thread-safe: every read is a positional ``os.preadv`` on one shared descriptor.
+    """
+
+    def __init__(self, path: Path, tier: Tier) -> None:
+        self.path = Path(path)
+        self.tier = tier
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: missing weights file")
+        self.size = self.path.stat().st_size
+        self.header, self.data_start = _read_header(self.path, self.size)
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def keys(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def slots(self, prefix: str, num_experts: int, shapes: dict[str, tuple[int, ...]]) -> list:
+        """The two :class:`ExpertSlot` of the layer at ``prefix`` (``w13`` then ``w2``), checked
+        against the model's shapes ``[E, ...]``; CheckpointError naming the file otherwise."""
+        out = []
+        for part in PARTS:
+            name = prefix + part
+            info = self.header.get(name)
+            if info is None:
+                raise CheckpointError(f"{self.path}: no tensor {name!r} (not this model's file?)")
+            shape = tuple(info["shape"])
+            if shape != tuple(shapes[part]):
+                raise CheckpointError(
+                    f"{self.path}: {name} is {list(shape)} in the file, "
+                    f"{list(shapes[part])} in the model"
+                )
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{self.path}: {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            out.append(
+                ExpertSlot(self.data_start + begin, (end - begin) // num_experts, shape[1:], dtype)
+            )
+        return out
+
+    def read(self, slots: list[ExpertSlot], expert: int, into: list[torch.Tensor]) -> int:
+        """Read expert ``expert``'s slices into the CPU tensors ``into`` (preallocated, one per
+        slot); returns the bytes read. Follows the tier: drop the page cache of the range first
+        (real disk), or sleep until ``bytes / bandwidth`` has passed (modelled)."""
+        start = time.perf_counter()
+        total = 0
+        for slot, out in zip(slots, into, strict=True):
+            offset = slot.offset + expert * slot.stride
+            if self.tier.drop_page_cache:
+                os.posix_fadvise(self.fd, offset, slot.stride, os.POSIX_FADV_DONTNEED)
+            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            got = os.preadv(self.fd, [view], offset)
+            if got != slot.stride:
+                raise CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
+            total += got
+        if self.tier.bandwidth is not None:
+            left = total / self.tier.bandwidth - (time.perf_counter() - start)
+            if left > 0:
+                time.sleep(left)
+        return total
+
+
+def _read_header(path: Path, size: int) -> tuple[dict, int]:
+    """The JSON header and where the data starts; CheckpointError for a file that is not
+    safetensors or shorter than its header says (a truncated checkpoint)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header of {n} bytes does not fit the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated weights file ({err})") from None
+    data_start = 8 + n
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if data_start + max(ends, default=0) > size:
+        raise CheckpointError(
+            f"{path}: truncated weights file ({size} bytes, the header needs "
+            f"{data_start + max(ends)})"
+        )
+    return header, data_start
