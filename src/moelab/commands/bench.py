@@ -1,4 +1,4 @@
-"""``moelab bench moe|peer``: speed/memory benchmarks that print a table (and write JSON)."""
+"""``moelab bench moe|peer|generate``: speed benchmarks that print a table (and write JSON)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "moe": "moelab.bench.moe",  # dense vs TopK vs ReLU MoE, forward+backward
     "peer": "moelab.bench.peer",  # PEER / PKM at 128^2..1024^2 experts vs dense
+    "generate": "moelab.commands._bench_generate",  # a run's generation vs transformers' generate
 }
 
 
