@@ -52,6 +52,10 @@ class Decoder(Protocol):
         """Logits ``[B, V]`` after appending one token per row."""
         ...
 
+    def remove(self) -> None:
+        """Undo whatever the decoder changed on the model (routing offsets, ...)."""
+        ...
+
 
 class PlainDecoder:
     """The model's own distribution: one KV cache, allocated once at its final size."""
@@ -68,6 +72,9 @@ class PlainDecoder:
 
     def step(self, next_B: Tensor) -> Tensor:
         return self.model(next_B[:, None], kv_cache=self.cache)[:, -1]
+
+    def remove(self) -> None:
+        """Nothing to take off the model (the MoE-aware decoders undo their routing changes)."""
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
