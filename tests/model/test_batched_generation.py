@@ -114,3 +114,22 @@ def test_bad_attention_mask_is_refused_in_one_line() -> None:
         generate(model, ids, 2, temperature=0, attention_mask=right)
     with pytest.raises(ValueError, match="attention_mask must have the shape"):
         generate(model, ids, 2, temperature=0, attention_mask=mask[:, 1:])
+
+
+def test_decode_loop_equals_the_previous_loop() -> None:
+    """The preallocated-buffer loop gives the tokens of the previous one (a cache forward per
+    token and ``torch.cat`` of the outputs), written out here; an all-ones mask changes nothing."""
+    model = model_for("topk")
+    ids = torch.tensor([[3, 8, 1, 9], [4, 4, 20, 2]])
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, max_len=ids.shape[1] + NEW)
+        logits = model(ids, kv_cache=cache)
+        out = [ids]
+        for _ in range(NEW):
+            nxt = logits[:, -1].argmax(-1)
+            out.append(nxt[:, None])
+            logits = model(nxt[:, None], kv_cache=cache)
+    want = torch.cat(out, dim=1)
+    assert torch.equal(generate(model, ids, NEW, temperature=0), want)
+    ones = torch.ones_like(ids)
+    assert torch.equal(generate(model, ids, NEW, temperature=0, attention_mask=ones), want)
