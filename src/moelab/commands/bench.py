@@ -1,4 +1,5 @@
-"""``moelab bench moe|peer|offload``: speed/memory benchmarks that print a table (and JSON)."""
+"""``moelab bench moe|peer|offload|generate``: speed/memory benchmarks that print a table (and
+write JSON)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ BENCHMARKS = {
     "moe": "moelab.bench.moe",  # dense vs TopK vs ReLU MoE, forward+backward
     "peer": "moelab.bench.peer",  # PEER / PKM at 128^2..1024^2 experts vs dense
     "offload": "moelab.bench.offload",  # expert offloading: budgets x policies vs fully loaded
+    "generate": "moelab.commands._bench_generate",  # a run's generation vs transformers' generate
 }
 
 

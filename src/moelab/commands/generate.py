@@ -6,6 +6,7 @@ import argparse
 
 from moelab.commands import add_checkpoint_option
 from moelab.serve.options import add_offload_arguments
+from moelab.commands._decoding import add_decoding_options, decoding_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--decoding", default="plain", help="plain (default), scmoe or reroute: next-token scores"
+    )
+    add_decoding_options(p)
     add_checkpoint_option(p)
     add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier
     p.set_defaults(func=run)
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        decoding=args.decoding,
+        decoding_options=decoding_options(args),
     )
     print(args.prompt + text)
     if session is not None:

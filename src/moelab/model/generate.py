@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from moelab.model.transformer import TransformerLM
+from moelab.model.transformer import KVCache, TransformerLM
 
 
 def nucleus_filter(probs_BV: Tensor, top_p: float) -> Tensor:
@@ -36,6 +39,76 @@ def sample_next(
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+class Decoder(Protocol):
+    """What :func:`generate` asks for the next-token logits: one call for the prompt, one per
+    new token. :class:`PlainDecoder` runs the model with a KV cache; MoE-aware decoders
+    (:mod:`moelab.eval.decoding`) combine or adapt passes behind the same two calls."""
+
+    def prefill(self, ids_BL: Tensor, pad_B: Tensor | None, max_len: int) -> Tensor:
+        """Logits ``[B, V]`` after the (left-padded) prompt; sets up caches of ``max_len``."""
+        ...
+
+    def step(self, next_B: Tensor) -> Tensor:
+        """Logits ``[B, V]`` after appending one token per row."""
+        ...
+
+    def remove(self) -> None:
+        """Undo whatever the decoder changed on the model (routing offsets, ...)."""
+        ...
+
+
+class PlainDecoder:
+    """The model's own distribution: one KV cache, allocated once at its final size."""
+
+    def __init__(self, model: TransformerLM) -> None:
+        self.model = model
+        self.cache: KVCache | None = None
+
+    def prefill(self, ids_BL: Tensor, pad_B: Tensor | None, max_len: int) -> Tensor:
+        self.cache = self.model.new_kv_cache(ids_BL.shape[0], max_len=max_len)
+        if pad_B is not None:
+            self.cache.set_left_padding(pad_B)
+        return self.model(ids_BL, kv_cache=self.cache)[:, -1]
+
+    def step(self, next_B: Tensor) -> Tensor:
+        return self.model(next_B[:, None], kv_cache=self.cache)[:, -1]
+
+    def remove(self) -> None:
+        """Nothing to take off the model (the MoE-aware decoders undo their routing changes)."""
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as one left-padded batch: ids ``[B, L]`` and the attention
+    mask ``[B, L]`` (1 = real token) that :func:`generate` takes."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: need at least one prompt, each of at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def left_padding(attention_mask: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Padding per row ``[B]`` of a left-padded ``attention_mask`` (zeros only before the first
+    real token, at least one real token per row); a one-line error otherwise."""
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {shape}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    real_BL = attention_mask.bool()
+    pad_B = (~real_BL).long().cumprod(dim=1).sum(dim=1)  # leading zeros of each row
+    if bool((pad_B == shape[1]).any()) or not bool((real_BL.sum(1) + pad_B == shape[1]).all()):
+        raise ValueError(
+            "attention_mask must be left padding: zeros only before each row's first real "
+            "token, and at least one real token per row"
+        )
+    return pad_B
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -45,6 +118,8 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     eos_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    decoder: Decoder | None = None,
 ) -> Tensor:
     """Continue ``input_ids`` (``[B, L]`` or ``[L]``) by up to ``max_new_tokens`` tokens.
 
@@ -52,6 +127,12 @@ def generate(
     greedy. With ``eos_id``, a sequence that has produced it keeps emitting ``eos_id`` and
     generation stops once all have. Returns prompt + continuation, same rank as ``input_ids``.
     The model is run in eval mode (restored afterwards), so routing statistics are not touched.
+
+    ``attention_mask`` (``[B, L]``, 1 = real token, :func:`left_pad` makes one) batches prompts
+    of different lengths by left padding: padded positions are masked out of attention and out
+    of routing, and each row's positions count from its own first token, so every row continues
+    as it would alone. ``decoder`` replaces the model's own next-token distribution (default:
+    :class:`PlainDecoder`).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -65,6 +146,10 @@ def generate(
         raise ValueError(
             f"input_ids must be [B, L] or [L] with L >= 1, got {tuple(input_ids.shape)}"
         )
+    pad_B = None
+    if attention_mask is not None:
+        mask_BL = attention_mask[None] if squeeze else attention_mask
+        pad_B = left_padding(mask_BL, tuple(ids_BL.shape))
     total = ids_BL.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
         raise ValueError(
@@ -78,23 +163,29 @@ def generate(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
+    decoder = PlainDecoder(model) if decoder is None else decoder
+    batch = ids_BL.shape[0]
+    out_BT = torch.empty((batch, total), dtype=torch.long, device=device)
+    out_BT[:, : ids_BL.shape[1]] = ids_BL
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_kv_cache(ids_BL.shape[0], max_len=total)
-        logits_BLV = model(ids_BL, kv_cache=cache)
-        done_B = torch.zeros(ids_BL.shape[0], dtype=torch.bool, device=device)
-        out = [ids_BL]
+        logits_BV = decoder.prefill(ids_BL, pad_B, total)
+        done_B = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos_B = None if eos_id is None else torch.full((batch,), eos_id, device=device)
+        end = ids_BL.shape[1]
         for step in range(max_new_tokens):
-            next_B = sample_next(logits_BLV[:, -1], temperature, top_p, generator)
-            if eos_id is not None:
-                next_B = torch.where(done_B, torch.full_like(next_B, eos_id), next_B)
-                done_B |= next_B == eos_id
-            out.append(next_B[:, None])
-            if (eos_id is not None and bool(done_B.all())) or step == max_new_tokens - 1:
+            next_B = sample_next(logits_BV, temperature, top_p, generator)
+            if eos_B is not None:
+                next_B = torch.where(done_B, eos_B, next_B)
+                done_B |= next_B == eos_B
+            out_BT[:, end] = next_B
+            end += 1
+            # the EOS check is the loop's one device sync, and only with an eos_id
+            if step == max_new_tokens - 1 or (eos_B is not None and bool(done_B.all())):
                 break
-            logits_BLV = model(next_B[:, None], kv_cache=cache)
+            logits_BV = decoder.step(next_B)
     finally:
         model.train(was_training)
-    result = torch.cat(out, dim=1)
+    result = out_BT[:, :end]
     return result[0] if squeeze else result

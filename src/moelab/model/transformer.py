@@ -80,6 +80,43 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0
+        # Left padding (set_left_padding): pad_B[b] leading positions of row b hold no token.
+        self.pad_B: Tensor | None = None
+        self._key_valid_BP: Tensor | None = None
+        self._pad_max = 0  # the longest padding: later positions are real in every row
+
+    def set_left_padding(self, pad_B: Tensor) -> None:
+        """Declare that row b's first ``pad_B[b]`` positions are padding (set before the first
+        forward). From then on padded keys are masked out of attention, each row's positions
+        count from its first real token (so its RoPE angles are those of the row alone) and
+        :meth:`token_mask` marks padded queries, which routed layers leave out of routing."""
+        if self.length != 0:
+            raise ValueError("left padding must be set on an empty KV cache")
+        batch = self.k[0].shape[0] if self.k else pad_B.shape[0]
+        if pad_B.shape != (batch,):
+            raise ValueError(f"pad_B must have shape ({batch},), got {tuple(pad_B.shape)}")
+        device = self.k[0].device if self.k else pad_B.device
+        self.pad_B = pad_B.to(device=device, dtype=torch.long)
+        if not bool((self.pad_B > 0).any()):
+            self.pad_B = None  # no row is padded: the plain (faster) path
+            return
+        self._pad_max = int(self.pad_B.max())  # one sync, at set-up
+        positions_P = torch.arange(self.max_len, device=device)
+        self._key_valid_BP = positions_P[None, :] >= self.pad_B[:, None]
+
+    def positions(self, length: int, device: torch.device) -> Tensor | None:
+        """RoPE positions ``[B, L]`` of the ``length`` new tokens, counted per row from its first
+        real token (padded positions get 0); None without padding (positions are shared)."""
+        if self.pad_B is None:
+            return None
+        steps_L = torch.arange(self.length, self.length + length, device=device)
+        return (steps_L[None, :] - self.pad_B[:, None]).clamp_min(0)
+
+    def token_mask(self, length: int) -> Tensor | None:
+        """bool ``[B, L]``, True for the new positions that hold a real token; None when all do."""
+        if self._key_valid_BP is None or self.length >= self._pad_max:
+            return None
+        return self._key_valid_BP[:, self.length : self.length + length]
 
     def update(self, layer: int, k_BGLd: Tensor, v_BGLd: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``layer``'s new keys/values; return all of them so far, ``[B, G, P+L, Hd]``."""
@@ -95,6 +132,13 @@ class KVCache:
         positions (asked of the cache, so that one knowing of padding, as the exported model's,
         masks it)."""
         past = self.length
+        if self._key_valid_BP is not None:  # causal and no padded key; a padded query sees itself
+            q_pos = torch.arange(past, past + length, device=device)
+            k_pos = torch.arange(past + length, device=device)
+            keep_LP = k_pos[None, :] <= q_pos[:, None]
+            keep_BLP = keep_LP[None] & self._key_valid_BP[:, None, : past + length]
+            keep_BLP = keep_BLP | (k_pos[None, None, :] == q_pos[None, :, None])  # no empty row
+            return keep_BLP[:, None], False
         if past == 0:  # square causal mask
             return None, True
         if length == 1:  # one new query sees every cached key
@@ -192,7 +236,10 @@ class TransformerLM(nn.Module):
 
     ``token_mask`` (bool, True = real token) is handed to every FFN slot so routed layers leave
     padding out of their losses and statistics. It is *not* an attention mask: attention is causal
-    only, which is exact for right padding (pad positions come after every real token).
+    only, which is exact for right padding (pad positions come after every real token). Left
+    padding is declared on the KV cache instead (:meth:`KVCache.set_left_padding`, what batched
+    generation uses): padded keys are then masked out of attention, positions count per row and
+    padded positions are left out of routing.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -262,9 +309,15 @@ class TransformerLM(nn.Module):
                 f"token_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(token_mask.shape)}"
             )
+        cos_Ld2, sin_Ld2 = self.rope(start, L, input_ids.device)
         if kv_cache is not None:
             self._check_decodable()
-        cos_Ld2, sin_Ld2 = self.rope(start, L, input_ids.device)
+            positions_BL = kv_cache.positions(L, input_ids.device)
+            if positions_BL is not None:  # left-padded rows: each row's own positions
+                cos_Ld2, sin_Ld2 = (t[positions_BL][:, None] for t in self._rope_tables())
+            pad_mask = kv_cache.token_mask(L)
+            if pad_mask is not None:  # padded positions never enter routing
+                token_mask = pad_mask if token_mask is None else token_mask & pad_mask
 
         x_BLD = self.tok_emb(input_ids)
         use_ckpt = self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None
@@ -291,10 +344,15 @@ class TransformerLM(nn.Module):
 
     def rope(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """float32 cos / sin ``[length, Hd/2]`` of positions ``start .. start+length-1``."""
-        if self._rope_cos.device != device:
-            self._rope_cos, self._rope_sin = self._rope_cos.to(device), self._rope_sin.to(device)
+        self._rope_tables(device)
         end = start + length
         return self._rope_cos[start:end], self._rope_sin[start:end]
+
+    def _rope_tables(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """The whole cos / sin tables ``[max_seq_len, Hd/2]``, moved to ``device`` once."""
+        if device is not None and self._rope_cos.device != device:
+            self._rope_cos, self._rope_sin = self._rope_cos.to(device), self._rope_sin.to(device)
+        return self._rope_cos, self._rope_sin
 
     def routed_layers(self) -> list[RoutedLayer]:
         """The MoE / PEER / PKM layers, in block order (for aux losses and routing statistics)."""

@@ -138,6 +138,8 @@ CAPABILITIES: dict[str, str] = {
     "convertible": "cannot take over a converted checkpoint's TopK gate (moelab convert-hf "
     "--router)",
     "mergeable": "cannot have its experts merged",
+    "routes_by_rank": "cannot route each token to its expert of one rank at inference "
+    "(SCMoE's weak pass, moelab generate --decoding scmoe)",
 }
 
 
@@ -186,7 +188,13 @@ class Router(nn.Module):
     upcyclable: ClassVar[bool] = False  # needs upcycle_init
     convertible: ClassVar[bool] = False  # needs load_gate
     mergeable: ClassVar[bool] = False
-    lacks: ClassVar[dict[str, str]] = {"mergeable": "moelab has no expert merging yet"}
+    # True when, with ``inference_rank = r`` set, an eval forward routes each token to its r-th
+    # ranked expert alone (Self-Contrast MoE's weak routing); the router reads that attribute.
+    routes_by_rank: ClassVar[bool] = False
+    lacks: ClassVar[dict[str, str]] = {
+        "mergeable": "moelab has no expert merging yet",
+        "routes_by_rank": "it does not select a fixed number of experts by score rank",
+    }
     # Experts per token a small example of the method uses (tests, benches): 1, or the k the
     # method needs (a top-2 method, a gate normalised over its choices).
     example_top_k: ClassVar[int] = 1
@@ -223,19 +231,29 @@ class Router(nn.Module):
         self.jitter_eps = float(jitter_eps)
         self.num_experts = num_experts
         self.top_k = top_k
+        # Inference-time routing changes, set from outside and never saved (not buffers):
+        # ``logit_offset`` is added to the logits (test-time rerouting's additive vector, one
+        # value per row of ``weight``); ``inference_rank`` is read by routers that declare
+        # ``routes_by_rank``. Both None: the trained routing.
+        self.logit_offset: Tensor | None = None
+        self.inference_rank: int | None = None
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=init_std)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits in at least float32 (float64 stays float64, for reference tests); the
-        input is jittered first when training with ``jitter_eps > 0``."""
+        input is jittered first when training with ``jitter_eps > 0``; ``logit_offset``, when
+        set, is added."""
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x = x_TD.to(dtype)
             if self.training and self.jitter_eps > 0:
                 eps = self.jitter_eps
                 x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-            return F.linear(x, self.weight.to(dtype))
+            logits = F.linear(x, self.weight.to(dtype))
+            if self.logit_offset is not None:
+                logits = logits + self.logit_offset.to(dtype)
+            return logits
 
     def forward(
         self, x_TD: Tensor, valid_T: Tensor | None, context: RoutingContext | None = None

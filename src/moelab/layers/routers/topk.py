@@ -50,6 +50,7 @@ class TopKRouter(Router, SumsOverRanks):
     prunable = True
     upcyclable = True
     convertible = True
+    routes_by_rank = True
 
     def __init__(
         self,
@@ -89,7 +90,10 @@ class TopKRouter(Router, SumsOverRanks):
     ) -> RouterOutput:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        top_logits_TK, top_idx_TK = logits_TE.topk(self.top_k, dim=-1)
+        rank = None if self.training else self.inference_rank
+        top_logits_TK, top_idx_TK = logits_TE.topk(rank or self.top_k, dim=-1)
+        if rank is not None:  # routes_by_rank: the rank-th expert alone (SCMoE's weak routing)
+            top_logits_TK, top_idx_TK = top_logits_TK[:, -1:], top_idx_TK[:, -1:]
         if self.softmax_after_topk:
             weight_TK = top_logits_TK.softmax(dim=-1)
         else:
