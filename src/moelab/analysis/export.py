@@ -32,7 +32,14 @@ from moelab.analysis.suite_record import (
 )
 from moelab.rundir import RunDir
 
-RUN_FILES = (RunDir.CONFIG, RunDir.METRICS, RunDir.SUMMARY, RunDir.ACCOUNTING, RunDir.PROVENANCE)
+RUN_FILES = (
+    RunDir.CONFIG,
+    RunDir.METRICS,
+    RunDir.SUMMARY,
+    RunDir.ACCOUNTING,
+    RunDir.PROVENANCE,
+    RunDir.ROUTING,  # the analysis pass's routing statistics: its numbers, recomputable
+)
 REPORT_FILES = ("report.md", ANALYSIS_FILE, SUITE_FILE)
 HTML = "report.html"
 PLOTS = "plots"
