@@ -16,7 +16,7 @@ from moelab.analysis.collect import LayerTrace, RoutingTrace
 from moelab.analysis.evalpass import EvalSettings
 from moelab.analysis.export import RUN_FILES, export_suite, redraw_suite
 from moelab.analysis.report import analyze_run, build_report, read_analysis
-from moelab.analysis.routing_file import WEIGHT_RTOL, load_routing, save_routing
+from moelab.analysis.routing_file import load_routing, save_routing
 from moelab.analysis.runs import read_run
 from moelab.cli import main
 from moelab.rundir import RunDir
@@ -62,22 +62,6 @@ def without_checkpoints(run: Path, dest: Path) -> Path:
     return dest
 
 
-def check_top_tokens(got: list, want: list) -> None:
-    """Top tokens from float16 weights: the same ids and counts per expert, mean weights within
-    the stated tolerance; two ids may trade places only where their means are that close."""
-    assert len(got) == len(want)
-    for g_row, w_row in zip(got, want, strict=True):
-        assert len(g_row) == len(w_row)
-        assert {(t["id"], t["count"], t["text"]) for t in g_row} == {
-            (t["id"], t["count"], t["text"]) for t in w_row
-        }
-        ref = {t["id"]: t["weight"] for t in w_row}
-        for i, t in enumerate(g_row):
-            assert t["weight"] == pytest.approx(ref[t["id"]], rel=WEIGHT_RTOL, abs=1e-7)
-            if t["id"] != w_row[i]["id"]:  # a swap of near-equal means
-                assert abs(ref[t["id"]] - w_row[i]["weight"]) <= 2 * WEIGHT_RTOL * ref[t["id"]]
-
-
 def test_numbers_from_the_file_equal_the_checkpoint_pass(analysed, tmp_path):
     run, want, _ = analysed
     assert (run / RunDir.ROUTING).is_file()
@@ -88,8 +72,8 @@ def test_numbers_from_the_file_equal_the_checkpoint_pass(analysed, tmp_path):
     got = ra.results
     exact = [k for k in want if k != "top_tokens"]
     assert json.dumps({k: got[k] for k in exact}) == json.dumps({k: want[k] for k in exact})
-    assert set(got["top_tokens"]) == {"0"}  # the layer whose gate weights are kept
-    check_top_tokens(got["top_tokens"]["0"], want["top_tokens"]["0"])
+    assert set(got["top_tokens"]) == {"0"}  # the layer whose gate-weight sums are kept
+    assert got["top_tokens"]["0"] == want["top_tokens"]["0"]  # texts: the shipped tokenizer
     note = ra.notes[-1]
     assert note.startswith(f"per-token analyses from {RunDir.ROUTING}")
     assert "need a checkpoint: top tokens of layers 1" in note
@@ -102,7 +86,7 @@ def test_the_file_is_small_and_holds_compact_arrays(analysed):
         kinds = {k: z[k].dtype for k in z.files}
     assert kinds["token_ids"] == np.uint16 and kinds["domain"] == np.uint8
     assert kinds["c0_l0_experts"] == np.uint8 and kinds["c1_l1_count"] == np.uint8
-    assert kinds["c0_l0_weight"] == np.float16 and "c0_l1_weight" not in kinds
+    assert kinds["c0_l0_pair_wsum"] == np.float64 and "c0_l1_pair_wsum" not in kinds
     assert rf.trace.num_tokens == want["eval_tokens"] == 4 * 4 * 32
     assert rf.meta["checkpoints"] == want["stability"]["checkpoints"]
     # 512 tokens: the training counts of the 8,192 ids (about 11 kB) weigh most
@@ -123,7 +107,7 @@ def trace_with(layers: dict[str, LayerTrace], T: int = 6) -> RoutingTrace:
 def test_round_trip_keeps_every_assignment_aggregate_and_pass(tmp_path):
     """Hand-made traces: assignments in router order (not sorted by token), a token routed
     twice to one expert (several passes), a token routed nowhere, a weight beyond float16's
-    range (kept as float32), and a layer with aggregates only."""
+    range, and a layer with aggregates only."""
     tok = np.array([3, 0, 0, 5, 3, 3, 1], np.int64)
     exp = np.array([2, 1, 0, 7, 2, 4, 0], np.int32)
     w = np.array([0.5, 0.25, 0.125, 7e4, 0.75, 1.0, 0.3], np.float32)
@@ -149,12 +133,21 @@ def test_round_trip_keeps_every_assignment_aggregate_and_pass(tmp_path):
     save_routing(tmp_path / "r.npz", trace, previous, train_counts_V=np.arange(70_000))
     rf = load_routing(tmp_path / "r.npz")
     got = rf.trace.layers["0"]
-    # the same multiset of (token, expert, weight), compared one assignment at a time
-    want_rows = sorted(zip(tok.tolist(), exp.tolist(), w.tolist(), strict=True))
-    got_rows = sorted(
-        zip(got.token_idx_N.tolist(), got.expert_idx_N.tolist(), got.weight_N.tolist(), strict=True)
+    # the same multiset of (token, expert), compared one assignment at a time
+    want_rows = sorted(zip(tok.tolist(), exp.tolist(), strict=True))
+    assert (
+        sorted(zip(got.token_idx_N.tolist(), got.expert_idx_N.tolist(), strict=True)) == want_rows
     )
-    assert got_rows == want_rows  # 7e4 kept exactly: the layer's weights were stored as float32
+    # gate-weight sums per (expert, vocabulary id), against a loop over the assignments
+    sums: dict[tuple[int, int], list[float]] = {}
+    for t, e, x in zip(tok, exp, w, strict=True):
+        sums.setdefault((int(e), int(trace.token_ids_T[t])), []).append(float(x))
+    pe, pi, pc, pw = rf.weight_sums["0"]
+    assert sorted(sums) == list(zip(pe.tolist(), pi.tolist(), strict=True))
+    assert pc.tolist() == [len(sums[k]) for k in sorted(sums)]
+    assert pw.tolist() == pytest.approx([sum(sums[k]) for k in sorted(sums)], rel=1e-12)
+    tops = analyses.top_tokens(rf.trace, sums=rf.weight_sums)
+    assert tops == analyses.top_tokens(trace) and tops["0"][3][0]["weight"] == pytest.approx(7e4)
     assert got.active_T.tolist() == [2, 1, 0, 3, 0, 1]
     assert got.distinct_per_batch == [3, 2] and np.array_equal(got.z_prime_E, flat.z_prime_E)
     back = rf.trace.layers["1"]

@@ -8,7 +8,6 @@ checkpoint pass gave.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,12 @@ def per_token_results(
     train_counts_V: np.ndarray | None,
     decode: Callable[[list[int]], str] | None,
     checkpoints: list[str],
+    weight_sums: dict[str, tuple[np.ndarray, ...]] | None = None,
 ) -> tuple[dict[str, Any], list[str], dict[str, np.ndarray]]:
     """``(results, notes, z_primes)`` of the analyses in ``what`` on ``trace``; ``previous`` is
     the trace of the checkpoint the flip rate compares with (None: stability is left out), and
     ``checkpoints`` their names (previous first). Top tokens come from the layers whose gate
-    weights the trace holds."""
+    weights the trace holds, or whose sums ``weight_sums`` holds (a routing file's)."""
     res: dict[str, Any] = {
         "eval_tokens": trace.num_tokens,
         "eval_loss_by_domain": analyses.loss_by_domain(trace),
@@ -54,8 +54,7 @@ def per_token_results(
         res["usage"] = analyses.usage_analysis(trace)
         z_primes = {k: lt.z_prime_E for k, lt in trace.layers.items()}
     if "top-tokens" in what:
-        weighted = {k: lt for k, lt in trace.layers.items() if lt.weight_N is not None}
-        res["top_tokens"] = analyses.top_tokens(replace(trace, layers=weighted), decode=decode)
+        res["top_tokens"] = analyses.top_tokens(trace, decode=decode, sums=weight_sums)
     if "stability" in what and previous is not None:
         res["stability"] = analyses.stability(previous, trace)
         res["stability"]["checkpoints"] = list(checkpoints)
@@ -90,6 +89,7 @@ def results_from_file(
         train_counts_V=rf.train_counts_V,
         decode=decode,
         checkpoints=rf.checkpoints,
+        weight_sums=rf.weight_sums,
     )
     res = {"vocab_size": meta.get("vocab_size"), "tokenizer": tok, **res}
     missing = []
@@ -99,7 +99,9 @@ def results_from_file(
         kept = set(meta.get("weight_layers") or [])
         rest = [n for n, lt in rf.trace.layers.items() if lt.has_flat and n not in kept]
         if rest:
-            missing.append(f"top tokens of layers {', '.join(rest)} (no gate weights stored)")
+            missing.append(
+                f"top tokens of layers {', '.join(rest)} (gate weights of one layer kept)"
+            )
     src = f"per-token analyses from {RunDir.ROUTING} ({', '.join(rf.checkpoints) or '?'})"
     notes.append(src + ("; need a checkpoint: " + "; ".join(missing) if missing else ""))
     return res, notes, z

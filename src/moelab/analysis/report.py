@@ -319,9 +319,9 @@ def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]
     files determine is recomputed rather than read back, so a redrawn report shows it as the
     current code computes it: the training dynamics (``metrics.jsonl``) and, for a run with a
     routing statistics file (``RunDir.ROUTING``), every per-token number it holds the inputs of,
-    with the per-expert gate masses of the PEER/PKM usage plot. A saved top-tokens table is
-    kept (the file's float16 gate weights give it only to their tolerance). Without that file the
-    saved numbers are kept and the gate masses come back empty."""
+    with the per-expert gate masses of the PEER/PKM usage plot (the top tokens of layers whose
+    gate weights the file does not hold stay as saved). Without that file the saved numbers are
+    kept and the gate masses come back empty."""
     path = out / ANALYSIS_FILE
     try:
         dump = json.loads(path.read_text("utf-8"))
@@ -339,8 +339,8 @@ def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]
         ra = RunAnalysis(rec, saved, dump[name]["notes"])
         if (Path(rec.path) / RunDir.ROUTING).is_file():
             res, _, ra.z_primes = results_from_file(rec.path, PER_TOKEN)
-            if saved.get("top_tokens"):  # kept: computed from full-precision gate weights
-                res.pop("top_tokens", None)
+            if "top_tokens" in res:  # a layer whose gate weights the file lacks: as saved
+                res["top_tokens"] = (saved.get("top_tokens") or {}) | res["top_tokens"]
             saved |= res
         results[str(rec.path)] = ra
     return results

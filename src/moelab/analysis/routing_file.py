@@ -16,11 +16,13 @@ What is stored (``np.savez_compressed``; ``meta`` is a JSON document as bytes):
   assignments in CSR form, sorted stably by token: experts per token (the CSR row lengths) and
   the expert ids, as the smallest unsigned integer type that holds them; experts per token of
   the other layers (and of layers whose decisions run several passes per token);
-* the gate weights (float16) of the first :data:`WEIGHT_LAYERS` layers the top-tokens table
-  uses (at most 64 experts): the report and the committed ``analysis.json`` show that layer's
-  table only. float16 keeps each weight to a relative 2^-11 (:data:`WEIGHT_RTOL`), so the mean
-  weights of the top-tokens table agree with the checkpoint pass to that tolerance, and two
-  tokens whose means lie closer than that may swap places; every other number is exact;
+* for the first :data:`WEIGHT_LAYERS` layers with a top-tokens table (at most 64 experts; the
+  report and the committed ``analysis.json`` show that layer's table only), the summed gate
+  weight (float64) and count of every (expert, vocabulary id) pair
+  (:func:`moelab.analysis.stats.token_weight_sums`): what that table is computed from, and a
+  fraction of the size of the per-assignment weights (ReMoE's first layers make about three
+  assignments per token). Every number recomputed from the file is the checkpoint pass's
+  exactly;
 * the previous checkpoint's assignments (flat layers only): what the ``stability`` flip rate
   compares.
 """
@@ -35,24 +37,25 @@ from typing import Any
 
 import numpy as np
 
+from moelab.analysis import stats
 from moelab.analysis.collect import LayerTrace, RoutingTrace
 
 FORMAT = 1
 WEIGHT_LAYERS = 1  # layers whose gate weights are kept (the top-tokens table the report shows)
 WEIGHT_MAX_EXPERTS = 64  # analyses.top_tokens' default: larger layers have no table
-WEIGHT_RTOL = 2.0**-11  # float16's relative rounding error (normal range)
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
 class RoutingFile:
-    """What :func:`load_routing` reads: the analysed checkpoint's trace, the previous checkpoint's
-    (None when the pass compared none), training-split counts per vocabulary id and the meta
-    document (settings, checkpoints, vocabulary, tokenizer, which layers kept weights)."""
+    """What :func:`load_routing` reads: the analysed checkpoint's trace (no gate weights), the
+    previous checkpoint's (None when the pass compared none), training-split counts per
+    vocabulary id, the gate-weight sums of the top-tokens layers (``layer → (expert_P, id_P,
+    count_P, wsum_P)``) and the meta document (settings, checkpoints, vocabulary, tokenizer)."""
 
     trace: RoutingTrace
     previous: RoutingTrace | None
     train_counts_V: np.ndarray | None
+    weight_sums: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,7 +74,7 @@ def _uint(a: np.ndarray) -> np.ndarray:
 
 
 def weight_layers(trace: RoutingTrace) -> list[str]:
-    """The layers whose gate weights are stored: the first :data:`WEIGHT_LAYERS` that keep flat
+    """The layers whose gate-weight sums are stored: the first :data:`WEIGHT_LAYERS` that keep flat
     arrays and have a top-tokens table (at most :data:`WEIGHT_MAX_EXPERTS` experts)."""
     ok = [
         n for n, lt in trace.layers.items() if lt.has_flat and lt.num_experts <= WEIGHT_MAX_EXPERTS
@@ -80,8 +83,9 @@ def weight_layers(trace: RoutingTrace) -> list[str]:
 
 
 def _layer_arrays(
-    lt: LayerTrace, T: int, prefix: str, *, aggregates: bool, weights: bool
+    lt: LayerTrace, ids_T: np.ndarray, prefix: str, *, aggregates: bool, weights: bool
 ) -> dict[str, np.ndarray]:
+    T = int(ids_T.size)
     out: dict[str, np.ndarray] = {}
     count = None
     if lt.has_flat:
@@ -90,9 +94,11 @@ def _layer_arrays(
         out[prefix + "count"] = _uint(count)
         out[prefix + "experts"] = _uint(lt.expert_idx_N[order])
         if weights:
-            w = lt.weight_N[order]
-            finite = bool(np.all(np.abs(w) <= _F16_MAX)) if w.size else True
-            out[prefix + "weight"] = w.astype(np.float16 if finite else np.float32)
+            e, i, c, w = stats.token_weight_sums(
+                ids_T, lt.token_idx_N, lt.expert_idx_N, lt.weight_N, lt.num_experts
+            )
+            out |= {prefix + "pair_expert": _uint(e), prefix + "pair_id": _uint(i)}
+            out |= {prefix + "pair_count": _uint(c), prefix + "pair_wsum": w}
     if aggregates:
         out[prefix + "load"] = _uint(lt.load_E)
         out[prefix + "zprime"] = np.asarray(lt.z_prime_E, np.float64)
@@ -118,7 +124,7 @@ def save_routing(
     path = Path(path)
     if previous is not None and not np.array_equal(previous.token_ids_T, trace.token_ids_T):
         raise ValueError("save_routing: the two traces were not collected on the same tokens")
-    T = trace.num_tokens
+    ids_T = trace.token_ids_T
     names = list(trace.layers)
     with_w = set(weight_layers(trace))
     arrays: dict[str, np.ndarray] = {
@@ -132,12 +138,12 @@ def save_routing(
     for i, name in enumerate(names):
         lt = trace.layers[name]
         layers.append({"name": name, "kind": lt.kind, "num_experts": lt.num_experts})
-        arrays |= _layer_arrays(lt, T, f"c0_l{i}_", aggregates=True, weights=name in with_w)
+        arrays |= _layer_arrays(lt, ids_T, f"c0_l{i}_", aggregates=True, weights=name in with_w)
         if previous is not None and lt.has_flat:
             lp = previous.layers.get(name)
             if lp is None or lp.num_experts != lt.num_experts or not lp.has_flat:
                 raise ValueError(f"save_routing: layer {name} differs between the two traces")
-            arrays |= _layer_arrays(lp, T, f"c1_l{i}_", aggregates=False, weights=False)
+            arrays |= _layer_arrays(lp, ids_T, f"c1_l{i}_", aggregates=False, weights=False)
     doc = {
         **(meta or {}),
         "format": FORMAT,
@@ -168,8 +174,6 @@ def _layer(z: Any, prefix: str, info: dict[str, Any], T: int, full: bool) -> Lay
         lt.token_idx_N = np.repeat(np.arange(T, dtype=np.int64), count)
         lt.expert_idx_N = z[prefix + "experts"].astype(np.int32)
         lt.active_T = count.astype(np.int32)
-        if prefix + "weight" in z:
-            lt.weight_N = z[prefix + "weight"].astype(np.float32)
     if full:
         lt.load_E = z[prefix + "load"].astype(np.int64)
         lt.z_prime_E = z[prefix + "zprime"].astype(np.float64)
@@ -183,8 +187,8 @@ def _layer(z: Any, prefix: str, info: dict[str, Any], T: int, full: bool) -> Lay
 
 def load_routing(path: str | Path) -> RoutingFile:
     """Read a file :func:`save_routing` wrote; ValueError naming it when it is not one (or is
-    of a newer format). Layers that kept no flat arrays come back with aggregates only, and
-    gate weights (``weight_N``) only for ``meta["weight_layers"]``."""
+    of a newer format). Layers that kept no flat arrays come back with aggregates only; no layer
+    has per-assignment gate weights (``weight_N``), the top-tokens layers have their sums."""
     path = Path(path)
     try:
         z = np.load(path, allow_pickle=False)
@@ -218,4 +222,12 @@ def load_routing(path: str | Path) -> RoutingFile:
         current = trace("c0", True)
         previous = trace("c1", False) if meta.get("has_previous") else None
         counts = z["train_counts"].astype(np.int64) if "train_counts" in z else None
-    return RoutingFile(current, previous, counts, meta)
+        sums = {}
+        for i, info in enumerate(meta["layers"]):
+            p = f"c0_l{i}_pair_"
+            if p + "wsum" in z:
+                fields = ("expert", "id", "count", "wsum")
+                sums[info["name"]] = tuple(
+                    z[p + f].astype(np.float64 if f == "wsum" else np.int64) for f in fields
+                )
+    return RoutingFile(current, previous, counts, sums, meta)
