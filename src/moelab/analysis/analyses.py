@@ -203,17 +203,31 @@ def usage_analysis(trace: RoutingTrace) -> dict:
     return _clean(out)
 
 
-def top_tokens(trace: RoutingTrace, decode: Any = None, k: int = 8, max_experts: int = 64) -> dict:
+def top_tokens(
+    trace: RoutingTrace,
+    decode: Any = None,
+    k: int = 8,
+    max_experts: int = 64,
+    sums: dict[str, tuple[np.ndarray, ...]] | None = None,
+) -> dict:
     """Per layer and expert: the vocabulary ids routed with the highest mean gate weight
     (decoded with ``decode(list[int]) -> str`` when given). Layers with more than
-    ``max_experts`` experts are skipped (a million singleton experts do not fit a table)."""
+    ``max_experts`` experts are skipped (a million singleton experts do not fit a table).
+    A layer without gate weights in the trace uses its :func:`stats.token_weight_sums` from
+    ``sums`` (a routing statistics file's), or is left out."""
     out: dict[str, Any] = {}
     for name, lt in trace.layers.items():
         if not lt.has_flat or lt.num_experts > max_experts:
             continue
-        tops = stats.top_tokens_per_expert(
-            trace.token_ids_T, lt.token_idx_N, lt.expert_idx_N, lt.weight_N, lt.num_experts, k
-        )
+        if lt.weight_N is not None:
+            pairs = stats.token_weight_sums(
+                trace.token_ids_T, lt.token_idx_N, lt.expert_idx_N, lt.weight_N, lt.num_experts
+            )
+        elif sums and name in sums:
+            pairs = sums[name]
+        else:
+            continue
+        tops = stats.top_tokens_from_sums(*pairs, lt.num_experts, k)
         out[name] = [
             [
                 {"id": t, "text": decode([t]) if decode else str(t), "weight": w, "count": c}

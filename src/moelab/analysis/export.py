@@ -1,6 +1,8 @@
 """Copying a finished suite into the repository (``docs/results/<suite>/``): its Markdown report,
 plots, analysis and suite record, and each run's small files - config, metrics, summary,
-accounting, provenance - but no weights, no checkpoints and no HTML report.
+accounting, provenance, and the routing statistics its analysis numbers are computed from
+(``routing.npz``, :mod:`moelab.analysis.routing_file`) - but no weights, no checkpoints and no
+HTML report.
 
 With the runs next to the report, every number in the report can be traced to the metrics line it
 was logged on (the report's links are relative, ``runs/<run>/metrics.jsonl#L<n>``, and the layout
@@ -32,7 +34,14 @@ from moelab.analysis.suite_record import (
 )
 from moelab.rundir import RunDir
 
-RUN_FILES = (RunDir.CONFIG, RunDir.METRICS, RunDir.SUMMARY, RunDir.ACCOUNTING, RunDir.PROVENANCE)
+RUN_FILES = (
+    RunDir.CONFIG,
+    RunDir.METRICS,
+    RunDir.SUMMARY,
+    RunDir.ACCOUNTING,
+    RunDir.PROVENANCE,
+    RunDir.ROUTING,  # the analysis pass's routing statistics: its numbers, recomputable
+)
 REPORT_FILES = ("report.md", ANALYSIS_FILE, SUITE_FILE)
 HTML = "report.html"
 PLOTS = "plots"
@@ -82,9 +91,12 @@ def redraw_suite(suite_dir: str | Path, *, html: bool = False) -> dict:
     """Rewrite ``report.md``, the plots and ``analysis.json`` of an exported suite from its own
     files (suite.json, runs/*, analysis.json): no checkpoint and no evaluation pass, so a report
     committed by an earlier version of the report code can be redrawn by this one (another plot
-    resolution, another layout) without training anything. Returns :func:`write_report`'s dict.
+    resolution, another layout) without training anything. The per-token numbers of runs with a
+    ``routing.npz`` are recomputed from it (:func:`moelab.analysis.report.read_analysis`).
+    Returns :func:`write_report`'s dict.
 
-    A plot whose data the files do not hold (PEER/PKM usage: raw gate masses) is kept as drawn."""
+    A plot whose data the files do not hold (PEER/PKM usage of a run without ``routing.npz``:
+    raw gate masses) is kept as drawn."""
     out = Path(suite_dir).expanduser()
     record = read_suite_record(out)
     groups = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ from moelab.analysis.origin import (
     read_provenance,
     sources_table,
 )
+from moelab.analysis.per_token import PER_TOKEN, per_token_results, results_from_file
 from moelab.analysis.render import Section, render
 from moelab.analysis.report_plots import plot_sections
+from moelab.analysis.routing_file import save_routing as save_routing_file
 from moelab.analysis.runs import RunAnalysis, RunRecord, read_run, sparsity_target, training_curves
 from moelab.analysis.settings import comparability_warnings, settings_table
 from moelab.analysis.tables import analysis_table, eval_loss_table, group_runs, runs_table
@@ -52,13 +55,17 @@ def analyze_run(
     checkpoint: str | None = None,
     compare_checkpoint: str | None = None,
     tolerance: float = 0.03,
+    save_routing: bool = False,
 ) -> RunAnalysis:
     """Run the requested analyses on one run directory.
 
     ``dynamics`` reads only ``metrics.jsonl``; the others run one evaluation pass with the trained
     model (:func:`moelab.analysis.evalpass.run_eval_pass`). ``stability`` compares
     ``compare_checkpoint`` (default: the previous checkpoint) with ``checkpoint`` (default: latest)
-    and is skipped with a note when the run has a single checkpoint.
+    and is skipped with a note when the run has a single checkpoint. ``save_routing`` writes the
+    pass's routing statistics into the run (``RunDir.ROUTING``, :mod:`moelab.analysis.
+    routing_file`). A run without checkpoints but with that file gets the per-token analyses
+    from the file (:func:`moelab.analysis.per_token.results_from_file`).
     """
     rec = read_run(run_dir)
     unknown = sorted(set(what) - set(analyses.ANALYSES))
@@ -74,39 +81,50 @@ def analyze_run(
     per_token = [w for w in what if w != "dynamics"]
     if not per_token:
         return out
+    run = RunDir(rec.path)
+    ckpts = run.checkpoints()
+    if not ckpts and checkpoint is None and (run.path / RunDir.ROUTING).is_file():
+        res, notes, out.z_primes = results_from_file(rec.path, per_token)
+        out.results |= res
+        out.notes += notes
+        return out
+    if not ckpts:
+        raise ValueError(
+            f"{rec.path}: no {RunDir.CHECKPOINTS}/{RunDir.STEP_PREFIX}* and no {RunDir.ROUTING}: "
+            f"{', '.join(per_token)} need one of them (dynamics reads {RunDir.METRICS} alone)"
+        )
     model, run_config = load_model(rec.path, checkpoint)
     trace, ds = run_eval_pass(model, run_config, settings, rec.path)
-    out.results["vocab_size"] = model_vocab_size(model)
-    out.results["tokenizer"] = tokenizer_id(rec.path, ds)
-    out.results["eval_tokens"] = trace.num_tokens
-    out.results["eval_loss_by_domain"] = analyses.loss_by_domain(trace)
-    out.results["eval_loss"] = float(trace.loss_T.mean()) if trace.num_tokens else None
-    if not trace.layers:
-        out.notes.append("no routed layers: routing analyses do not apply")
-        return out
-    if "load" in what:
-        out.results["load"] = analyses.expert_load_analysis(trace)
-    if "compute" in what:
-        out.results["compute"] = analyses.dynamic_compute(trace, train_token_counts(ds))
-    if "domains" in what:
-        out.results["domains"] = analyses.domain_analysis(trace)
-    if "usage" in what:
-        out.results["usage"] = analyses.usage_analysis(trace)
-        out.z_primes = {k: lt.z_prime_E for k, lt in trace.layers.items()}
-    if "top-tokens" in what:
-        tok = RunDir(rec.path).tokenizer(ds)
-        out.results["top_tokens"] = analyses.top_tokens(trace, decode=tok.decode)
-    if "stability" in what:
-        ckpts = RunDir(rec.path).checkpoints()
+    current = str(checkpoint or ckpts[-1])
+    previous, names = None, [current]
+    if "stability" in what and trace.layers:
         if compare_checkpoint is None and len(ckpts) < 2:
             out.notes.append("stability: needs two checkpoints; this run has one")
         else:
-            other = compare_checkpoint or str(ckpts[-2])
+            other = str(compare_checkpoint or ckpts[-2])
             model_b, cfg_b = load_model(rec.path, other)
-            trace_b, _ = run_eval_pass(model_b, cfg_b, settings, rec.path)
-            res = analyses.stability(trace_b, trace)
-            res["checkpoints"] = [str(other), str(checkpoint or ckpts[-1])]
-            out.results["stability"] = res
+            previous, _ = run_eval_pass(model_b, cfg_b, settings, rec.path)
+            names = [other, current]
+    counts = train_token_counts(ds) if "compute" in what else None
+    out.results["vocab_size"] = model_vocab_size(model)
+    out.results["tokenizer"] = tokenizer_id(rec.path, ds)
+    decode = run.tokenizer(ds).decode if "top-tokens" in what else None
+    res, notes, out.z_primes = per_token_results(
+        per_token, trace, previous, train_counts_V=counts, decode=decode, checkpoints=names
+    )
+    out.results |= res
+    out.notes += notes
+    if save_routing:
+        meta = {
+            "checkpoints": names,
+            "vocab_size": out.results["vocab_size"],
+            "tokenizer": out.results["tokenizer"],
+            "settings": asdict(settings),
+            "analyses": per_token,
+        }
+        save_routing_file(
+            run.path / RunDir.ROUTING, trace, previous, train_counts_V=counts, meta=meta
+        )
     return out
 
 
@@ -124,6 +142,7 @@ def build_report(
     plots_enabled: bool = True,
     mixed_code: str = "warn",
     html: bool = True,
+    save_routing: bool = False,
 ) -> dict[str, Any]:
     """Write ``out_dir/report.md``, ``out_dir/report.html`` (unless ``html=False``) and the PNGs
     for ``run_dirs``.
@@ -138,6 +157,9 @@ def build_report(
     different data) and the runs' provenance. ``mixed_code`` decides what runs trained by
     different code get: ``"warn"`` (a warning), ``"refuse"`` (ValueError before anything is
     written: ``moelab compare``'s default) or ``"allow"`` (a warning saying it was allowed).
+    ``save_routing`` writes each analysed run's routing statistics file into the run
+    (``moelab compare`` does, for the runs it trained); a run without checkpoints but with that
+    file is analysed from it.
     """
     if not run_dirs:
         raise ValueError("report: give at least one run directory")
@@ -153,9 +175,10 @@ def build_report(
     results: dict[str, RunAnalysis] = {}
     vocab_entries: list[tuple[str, int, str]] = []
     for rec in records:
-        can_eval = analyze and bool(RunDir(rec.path).checkpoints())
+        run = RunDir(rec.path)
+        can_eval = analyze and (bool(run.checkpoints()) or (run.path / run.ROUTING).is_file())
         what = analyses.ANALYSES if can_eval else ("dynamics",)
-        ra = analyze_run(rec.path, what, settings)
+        ra = analyze_run(rec.path, what, settings, save_routing=save_routing)
         if analyze and not can_eval:
             ra.notes.append("no checkpoint: per-token analyses skipped")
         if "vocab_size" in ra.results:
@@ -292,10 +315,13 @@ def write_analysis(path: Path, dump: dict[str, Any]) -> None:
 
 def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]:
     """The per-run analyses saved in ``out/analysis.json``, keyed like :func:`write_report`'s
-    ``results``, for ``records`` (ValueError naming a run the file lacks). Raw per-expert gate
-    masses (the PEER/PKM usage plot) are not saved, so they come back empty. The training
-    dynamics depend only on the run's ``metrics.jsonl``, so they are recomputed rather than read
-    back: a redrawn report shows them as the current code computes them."""
+    ``results``, for ``records`` (ValueError naming a run the file lacks). What the runs' own
+    files determine is recomputed rather than read back, so a redrawn report shows it as the
+    current code computes it: the training dynamics (``metrics.jsonl``) and, for a run with a
+    routing statistics file (``RunDir.ROUTING``), every per-token number it holds the inputs of,
+    with the per-expert gate masses of the PEER/PKM usage plot (the top tokens of layers whose
+    gate weights the file does not hold stay as saved). Without that file the saved numbers are
+    kept and the gate masses come back empty."""
     path = out / ANALYSIS_FILE
     try:
         dump = json.loads(path.read_text("utf-8"))
@@ -310,7 +336,13 @@ def read_analysis(out: Path, records: list[RunRecord]) -> dict[str, RunAnalysis]
         if "dynamics" in saved:  # a pure function of metrics.jsonl: recomputed by this code
             tol = (saved["dynamics"].get("stages") or {}).get("tolerance", 0.03)
             saved["dynamics"] = analyses.dynamics(training_curves(rec), sparsity_target(rec), tol)
-        results[str(rec.path)] = RunAnalysis(rec, saved, dump[name]["notes"])
+        ra = RunAnalysis(rec, saved, dump[name]["notes"])
+        if (Path(rec.path) / RunDir.ROUTING).is_file():
+            res, _, ra.z_primes = results_from_file(rec.path, PER_TOKEN)
+            if "top_tokens" in res:  # a layer whose gate weights the file lacks: as saved
+                res["top_tokens"] = (saved.get("top_tokens") or {}) | res["top_tokens"]
+            saved |= res
+        results[str(rec.path)] = ra
     return results
 
 

@@ -316,6 +316,55 @@ def usage_unevenness(z_prime_E: np.ndarray) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- top tokens
 
 
+def token_weight_sums(
+    token_ids_T: np.ndarray,
+    token_idx_N: np.ndarray,
+    expert_idx_N: np.ndarray,
+    weight_N: np.ndarray,
+    num_experts: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(expert_P, id_P, count_P, wsum_P)``: every (expert, vocabulary id) pair routed at least
+    once, ordered by expert then id, with its number of assignments and their summed gate weight
+    (float64): all :func:`top_tokens_from_sums` reads, far smaller than the weights themselves."""
+    ids_N = np.asarray(token_ids_T, np.int64)[np.asarray(token_idx_N, np.int64)]
+    e_N = np.asarray(expert_idx_N, np.int64)
+    w_N = np.asarray(weight_N, np.float64)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for e in range(num_experts):
+        sel = e_N == e
+        uniq, inv, cnt = np.unique(ids_N[sel], return_inverse=True, return_counts=True)
+        wsum = np.bincount(inv, weights=w_N[sel], minlength=uniq.size)
+        parts.append((np.full(uniq.size, e, np.int64), uniq, cnt.astype(np.int64), wsum))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))  # type: ignore[return-value]
+
+
+def top_tokens_from_sums(
+    expert_P: np.ndarray,
+    id_P: np.ndarray,
+    count_P: np.ndarray,
+    wsum_P: np.ndarray,
+    num_experts: int,
+    k: int = 10,
+    min_count: int = 3,
+) -> list[list[tuple[int, float, int]]]:
+    """:func:`top_tokens_per_expert` from :func:`token_weight_sums`' pairs."""
+    out: list[list[tuple[int, float, int]]] = []
+    for e in range(num_experts):
+        sel = expert_P == e
+        if not sel.any():
+            out.append([])
+            continue
+        uniq, cnt = id_P[sel], count_P[sel]
+        mean_w = wsum_P[sel] / cnt
+        ok = cnt >= min_count
+        if ok.sum() < k:
+            ok = np.ones_like(ok)
+        cand = np.nonzero(ok)[0]
+        order = cand[np.lexsort((-cnt[cand], -mean_w[cand]))][:k]
+        out.append([(int(uniq[i]), float(mean_w[i]), int(cnt[i])) for i in order])
+    return out
+
+
 def top_tokens_per_expert(
     token_ids_T: np.ndarray,
     token_idx_N: np.ndarray,
@@ -328,24 +377,8 @@ def top_tokens_per_expert(
     """For each expert, the ``k`` vocabulary ids routed to it with the highest mean gate weight
     (``(token_id, mean_weight, count)``), among ids routed to it at least ``min_count`` times
     (relaxed to 1 for an expert that has too few such ids)."""
-    ids_N = np.asarray(token_ids_T, np.int64)[np.asarray(token_idx_N, np.int64)]
-    e_N = np.asarray(expert_idx_N, np.int64)
-    w_N = np.asarray(weight_N, np.float64)
-    out: list[list[tuple[int, float, int]]] = []
-    for e in range(num_experts):
-        sel = e_N == e
-        if not sel.any():
-            out.append([])
-            continue
-        uniq, inv, cnt = np.unique(ids_N[sel], return_inverse=True, return_counts=True)
-        mean_w = np.bincount(inv, weights=w_N[sel]) / cnt
-        ok = cnt >= min_count
-        if ok.sum() < k:
-            ok = np.ones_like(ok)
-        cand = np.nonzero(ok)[0]
-        order = cand[np.lexsort((-cnt[cand], -mean_w[cand]))][:k]
-        out.append([(int(uniq[i]), float(mean_w[i]), int(cnt[i])) for i in order])
-    return out
+    sums = token_weight_sums(token_ids_T, token_idx_N, expert_idx_N, weight_N, num_experts)
+    return top_tokens_from_sums(*sums, num_experts, k, min_count)
 
 
 def mean_std(values: list[float] | np.ndarray) -> tuple[float, float]:

@@ -255,6 +255,7 @@ def run_suite(
         settings=report_settings,
         title=report_title(record),
         mixed_code="allow" if allow_mixed else "refuse",
+        save_routing=True,  # the suite's own runs: export commits the file (docs/results)
     )
     record.update(
         train_seconds=round(train_seconds, 1),

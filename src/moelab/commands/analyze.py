@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluation pass of the trained model over validation data: 'load' (tokens per expert, "
         "nearly-dead experts), 'compute' (active experts per token, by token frequency), "
         "'domains' (expert share per domain, mean KL), 'stability' (flip rate between two "
-        "checkpoints), 'usage' (PEER/PKM usage and unevenness), 'top-tokens'.",
+        "checkpoints), 'usage' (PEER/PKM usage and unevenness), 'top-tokens'. A run without "
+        "checkpoints but with a routing.npz (moelab compare writes one per run) gets these "
+        "from that file.",
     )
     p.add_argument("run", metavar="RUN_DIR", help="run directory (moelab train)")
     p.add_argument(
@@ -47,6 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.03,
         help="dynamics: |sparsity - target| band of the stable stage (default 0.03)",
+    )
+    p.add_argument(
+        "--save-routing",
+        action="store_true",
+        help="write the pass's routing statistics into the run (routing.npz): later analyses "
+        "of the run without its checkpoints recompute their numbers from it",
     )
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     p.add_argument("--plots", default=None, metavar="DIR", help="also write PNG plots to DIR")
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         compare_checkpoint=args.compare_checkpoint,
         tolerance=args.tolerance,
+        save_routing=args.save_routing,
     )
     if args.plots:
         from moelab.analysis.report_plots import plot_sections

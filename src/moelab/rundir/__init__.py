@@ -11,6 +11,8 @@
       summary.json         written when the run completes
       provenance.json      per training process: code (git commit, dirty), torch, CPU/GPU,
                            threads, data checksum, the step it started at (moelab.provenance)
+      routing.npz          written by the analysis pass of `moelab compare` (or `analyze
+                           --save-routing`): the per-token routing its numbers are computed from
       tensorboard/         only with logging.tensorboard
       wandb/               only with logging.wandb
       .lock                while a process writes the run: its pid (claim.py)

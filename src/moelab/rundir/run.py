@@ -32,6 +32,7 @@ class RunDir(CheckpointFiles):
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
     PROVENANCE = "provenance.json"
+    ROUTING = "routing.npz"  # routing statistics of the analysis pass (analysis.routing_file)
     TENSORBOARD = "tensorboard"
     WANDB = "wandb"  # W&B's offline files (logging.wandb)
     LOCK = DirectoryLock.NAME  # present while a process writes the run
@@ -46,6 +47,8 @@ class RunDir(CheckpointFiles):
             METRICS + ".tmp",
             SUMMARY,
             PROVENANCE,
+            ROUTING,
+            ".tmp-" + ROUTING,
             TENSORBOARD,
             WANDB,
             CheckpointFiles.CHECKPOINTS,
