@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from moelab.commands import add_checkpoint_option
-from moelab.serve.options import add_offload_arguments
 from moelab.commands._decoding import add_decoding_options, decoding_options
+from moelab.serve.options import add_offload_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
