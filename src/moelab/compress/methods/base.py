@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from moelab.model import TransformerLM
+    from moelab.train.config import RunConfig
 
 __all__ = [
     "Calibration",
@@ -32,6 +34,7 @@ __all__ = [
     "CompressOutcome",
     "LayerChange",
     "METHODS",
+    "SourceRun",
     "get_method",
     "method_names",
     "module_bytes",
@@ -69,6 +72,18 @@ class LayerChange:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    """The run being compressed, for a method that reads more of it than the chosen weights
+    (router_change: an earlier checkpoint, or the run's step-0 init from ``config.train.seed``).
+    The driver sets it as ``method.source`` before :meth:`CompressMethod.check`; Python callers
+    of ``apply`` on a bare model leave it None. Read only: a source run is never modified."""
+
+    path: Path
+    checkpoint: Path  # the checkpoint whose weights ``apply`` receives
+    config: RunConfig
 
 
 @dataclass
@@ -121,6 +136,7 @@ class CompressMethod:
         # not given or the method has none
         self.ratio = ratio
         self.options = dict(options)
+        self.source: SourceRun | None = None  # set by the driver (see SourceRun)
 
     def check(self, model: TransformerLM) -> None:
         """Refuse ``model`` (one-line ValueError naming the field/option) before any work."""
