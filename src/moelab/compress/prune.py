@@ -49,6 +49,8 @@ __all__ = [
     "moe_blocks",
     "prune_experts",
     "prune_to",
+    "pruned_layer",
+    "sliced_layer_state",
 ]
 
 
@@ -189,15 +191,37 @@ def prune_to(model: TransformerLM, kept_ids: dict[int, torch.Tensor]) -> Transfo
     pruned = _build(_pruned_config(model.cfg, keep, options))
     source = model.state_dict()
     for i, moe in blocks.items():
-        idx, prefix = kept_ids[i], f"blocks.{i}.ffn."
-        for name, t in list(source.items()):
-            if name.startswith(prefix + "router."):
-                del source[name]  # replaced by the router's own pruned state below
-            elif name.startswith(prefix + "experts.") and t.dim() and t.shape[0] == moe.num_experts:
-                source[name] = t.index_select(0, idx.to(t.device))
-        source |= {prefix + "router." + k: v for k, v in moe.router.pruned_state(idx).items()}
+        prefix = f"blocks.{i}.ffn."
+        source = {k: v for k, v in source.items() if not k.startswith(prefix)}
+        source |= {prefix + k: v for k, v in sliced_layer_state(moe, kept_ids[i]).items()}
     pruned.load_state_dict(source)
     return pruned.train(model.training)
+
+
+def pruned_layer(model: TransformerLM, block: int, keep: int) -> MoE:
+    """A fresh MoE layer of block ``block`` built for ``keep`` routed experts (load it with
+    :func:`sliced_layer_state`): candidate layers of criteria that compare kept sets."""
+    first = next(iter(moe_blocks(model).values()))
+    cfg = _pruned_config(model.cfg, keep, first.router.pruned_options(torch.arange(keep)))
+    state = torch.random.get_rng_state()
+    try:
+        return cfg.ffn_for(block).build(cfg.d_model, cfg.init_std)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def sliced_layer_state(moe: MoE, kept_K: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of MoE layer ``moe`` keeping only the routed experts ``kept_K``
+    (ascending ids): what the same layer built for ``len(kept_K)`` experts loads. Per-expert
+    tensors of the experts are sliced, the router slices its own state, the rest is copied."""
+    state = {}
+    for name, t in moe.state_dict().items():
+        if name.startswith("router."):
+            continue  # the router's own pruned state below
+        if name.startswith("experts.") and t.dim() and t.shape[0] == moe.num_experts:
+            t = t.index_select(0, kept_K.to(t.device))
+        state[name] = t
+    return state | {"router." + k: v for k, v in moe.router.pruned_state(kept_K).items()}
 
 
 def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
