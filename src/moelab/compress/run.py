@@ -85,7 +85,9 @@ def compress_run(
     compressor = cls(ratio, options)
     compressor.source = SourceRun(Path(source), ckpt, config)
     model, _ = load_run(source, ckpt)
-    run_config_for(model, config.to_dict(), overrides)  # model.* overrides refused before work
+    # before work: model.* overrides are refused, and the new run must find its data (the run's,
+    # or data.path=... in overrides) as the trainer that writes it will
+    open_dataset(run_config_for(model, config.to_dict(), overrides))
     compressor.check(model)
 
     calib = _calibration(dataset, config, calib_batches, seed)
@@ -172,11 +174,14 @@ def _check_layers(cls: type[CompressMethod], config: RunConfig) -> None:
     ffn = config.model.ffn
     if not cls.needs_moe or isinstance(ffn, MoEConfig):
         return
-    takes_others = [n for n in method_names() if not get_method(n).needs_moe]
-    other = f"; methods that take it: {', '.join(takes_others)}" if takes_others else ""
+    routed = ", ".join(n for n in method_names() if get_method(n).needs_moe)
+    others = [n for n in method_names() if not get_method(n).needs_moe]
+    also = (
+        f"; --method {', '.join(others)} also take{'s' * (len(others) == 1)} it" if others else ""
+    )
     raise ValueError(
-        f"model.ffn.kind: method {cls.name!r} compresses routed MoE layers (kind 'moe'), and "
-        f"this run's FFN layers are {ffn.kind!r}, which have no routed experts{other}"
+        f"model.ffn.kind: this run's FFN layers are {ffn.kind!r}, without routed experts: "
+        f"moelab compress --method {routed} compress routed MoE layers (kind 'moe'){also}"
     )
 
 
