@@ -4,8 +4,8 @@ written, the written run (provenance, reload, eval, generate), and the source ru
 from __future__ import annotations
 
 import argparse
-import re
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -94,7 +94,10 @@ def test_options_resolve_to_the_defaults_and_refuse_other_keys():
             "--calib-data: '/no/such/data' does not exist",
         ),
         (["--method", "frequency", "--keep", "1"], "keep: must be an integer from top_k"),
-        (["--method", "frequency", "--ratio", ".5", "--set", "model.d_model=8"], "model.d_model: the"),
+        (
+            ["--method", "frequency", "--ratio", ".5", "--set", "model.d_model=8"],
+            "model.d_model: the",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_any_file(runs, tmp_path, capsys, argv, message):
@@ -153,8 +156,17 @@ def test_missing_run_data_is_refused_before_any_file(tmp_path, data_dir):
     assert RunDir(tmp_path / "o").holds_run
 
 
-@pytest.mark.parametrize("router", ["topk", "relu"])
-@pytest.mark.parametrize("method", PRUNING)
+# two combinations by default (each ~3 s idle); all of them with -m slow
+COMBINATIONS = [
+    (m, r)
+    if (m, r) in {("frequency", "topk"), ("stun", "relu")}
+    else pytest.param(m, r, marks=pytest.mark.slow)
+    for m in PRUNING
+    for r in ("topk", "relu")
+]
+
+
+@pytest.mark.parametrize(("method", "router"), COMBINATIONS)
 def test_each_pruning_method_writes_a_run_that_reloads_evaluates_and_generates(
     runs, tmp_path, capsys, data_dir, router, method
 ):
@@ -170,8 +182,10 @@ def test_each_pruning_method_writes_a_run_that_reloads_evaluates_and_generates(
     assert origin["method"] == method and origin["ratio"] == 0.5
     assert origin["source"] == str(source.resolve()) and origin["checkpoint"] == "step_00000000"
     assert origin["seed"] == 0 and origin["options"] == get_method(method).resolve_options({})
-    assert origin["calibration"] == "none" if method == "router_change" else "split 'val'" in (
-        origin["calibration"]
+    assert (
+        origin["calibration"] == "none"
+        if method == "router_change"
+        else "split 'val'" in (origin["calibration"])
     )
     weights = RunDir(out).latest_checkpoint() / RunDir.WEIGHTS
     assert origin["weights_bytes"]["compressed"] == weights.stat().st_size

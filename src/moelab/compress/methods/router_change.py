@@ -34,6 +34,7 @@ from moelab.compress.methods.base import (
 from moelab.compress.prune import keep_for_ratio, moe_blocks, prune_to
 from moelab.model import TransformerLM
 from moelab.rundir import RunDir
+from moelab.train.config import RunConfig
 
 
 def router_change(model: TransformerLM, reference: TransformerLM) -> dict[int, torch.Tensor]:
@@ -46,6 +47,17 @@ def router_change(model: TransformerLM, reference: TransformerLM) -> dict[int, t
         before = ref_blocks[i].router.weight.detach().double().to(now.device)[rows]
         scores[i] = torch.linalg.vector_norm(now - before, dim=1).cpu()
     return scores
+
+
+def seeded_init(config: RunConfig) -> TransformerLM:
+    """The run's step-0 weights as the trainer makes them: ``torch.manual_seed(train.seed)``,
+    then ``TransformerLM(model)`` (on CPU); the caller's RNG state is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(config.train.seed)
+        return TransformerLM(config.model)
+    finally:
+        torch.random.set_rng_state(state)
 
 
 @register_method
@@ -123,14 +135,8 @@ class RouterChange(CompressMethod):
         run = RunDir(source.path)
         if ref is not None:
             return run.load_model(source.config.model, ref), f"checkpoint {ref.name}"
-        seed = source.config.train.seed
-        state = torch.random.get_rng_state()
-        try:  # the trainer's init: torch.manual_seed(train.seed), then TransformerLM(cfg)
-            torch.manual_seed(seed)
-            model = TransformerLM(source.config.model)
-        finally:
-            torch.random.set_rng_state(state)
-        return model, f"step-0 init regenerated from train.seed={seed}"
+        model = seeded_init(source.config)
+        return model, f"step-0 init regenerated from train.seed={source.config.train.seed}"
 
     def apply(self, model: TransformerLM, calib: Calibration) -> CompressOutcome:
         keep = keep_for_ratio(model, self.require_ratio())
