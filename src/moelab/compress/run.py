@@ -91,8 +91,14 @@ def compress_run(
     compressor.check(model)
 
     calib = _calibration(dataset, config, calib_batches, seed)
-    torch.manual_seed(seed)
-    outcome = compressor.apply(model, calib)
+    threads = torch.get_num_threads()
+    if config.train.threads is not None:  # the run's choice (tiny presets: 1, see training.md)
+        torch.set_num_threads(config.train.threads)
+    try:
+        torch.manual_seed(seed)
+        outcome = compressor.apply(model, calib)
+    finally:
+        torch.set_num_threads(threads)
     run_config = run_config_for(outcome.model, config.to_dict(), overrides)
     origin = {
         "command": command,

@@ -44,16 +44,22 @@ from moelab.model import TransformerLM
 
 @torch.no_grad()
 def reconstruction_loss(
-    layer: MoE, template: MoE, calls: list[LayerCall], kept_K: torch.Tensor
+    layer: MoE,
+    template: MoE,
+    calls: list[LayerCall],
+    kept_K: torch.Tensor,
+    targets: list[torch.Tensor] | None = None,
 ) -> float:
     """``‖F(x) − F'(x, kept)‖_F²`` summed over ``calls``: ``template`` (the layer built for
     ``len(kept_K)`` experts, :func:`~moelab.compress.prune.pruned_layer`) takes the kept
-    experts' state and runs on the same inputs."""
+    experts' state and runs on the same inputs; ``targets``: ``F(x)`` of each call, computed
+    once by the caller (default: run ``layer`` again)."""
     template.eval().load_state_dict(sliced_layer_state(layer, kept_K))
+    if targets is None:
+        targets = [call.run(layer) for call in calls]
     total = 0.0
-    for call in calls:
-        diff = call.run(layer).double() - call.run(template).double()
-        total += float(diff.square().sum())
+    for call, target in zip(calls, targets, strict=True):
+        total += float((target.double() - call.run(template).double()).square().sum())
     return total
 
 
@@ -123,12 +129,15 @@ class Reconstruction(CompressMethod):
         model.eval()
         try:
             for i, layer in blocks.items():
+                targets = [call.run(layer) for call in calls[i]]  # F(x), once per layer
 
-                def loss(kept_K: torch.Tensor, i: int = i, layer: MoE = layer) -> float:
+                def loss(
+                    kept_K: torch.Tensor, i: int = i, layer: MoE = layer, targets=targets
+                ) -> float:
                     key = (i, len(kept_K))
                     if key not in templates:
                         templates[key] = pruned_layer(model, i, len(kept_K))
-                    return reconstruction_loss(layer, templates[key], calls[i], kept_K)
+                    return reconstruction_loss(layer, templates[key], calls[i], kept_K, targets)
 
                 kept[i], searches[i], losses[i] = search(
                     loss, layer.num_experts, keep, self.max_combinations
