@@ -186,7 +186,9 @@ class Router(nn.Module):
     upcyclable: ClassVar[bool] = False  # needs upcycle_init
     convertible: ClassVar[bool] = False  # needs load_gate
     mergeable: ClassVar[bool] = False
-    lacks: ClassVar[dict[str, str]] = {"mergeable": "moelab has no expert merging yet"}
+    lacks: ClassVar[dict[str, str]] = {
+        "mergeable": "its routing has not been checked with merged experts sharing weight slots"
+    }
     # Experts per token a small example of the method uses (tests, benches): 1, or the k the
     # method needs (a top-2 method, a gate normalised over its choices).
     example_top_k: ClassVar[int] = 1

@@ -50,6 +50,7 @@ class TopKRouter(Router, SumsOverRanks):
     prunable = True
     upcyclable = True
     convertible = True
+    mergeable = True  # merged experts share weight slots; routing stays over all E
 
     def __init__(
         self,
