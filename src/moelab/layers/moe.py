@@ -161,7 +161,11 @@ class MoE(RoutedLayer):
         self.aux_coefficients = self.router.aux_coefficients()
         self.experts = GroupedExperts(
             self.num_experts if expert_slots is None else expert_slots,
-            d_model, self.expert_hidden, activation, init_std, backend
+            d_model,
+            self.expert_hidden,
+            activation,
+            init_std,
+            backend,
         )
         # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
         self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
