@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moelab.compress.methods.base import LayerChange, module_bytes, module_params
 from moelab.layers.moe import MoE
 from moelab.layers.routers import require
 from moelab.model import ModelConfig, TransformerLM
@@ -33,7 +32,6 @@ from moelab.model import ModelConfig, TransformerLM
 __all__ = [
     "RoutingProfile",
     "check_mergeable",
-    "merge_changes",
     "merged_model",
     "moe_blocks",
     "routing_profiles",
@@ -180,20 +178,3 @@ def merged_model(
         state[prefix + "expert_slot"] = slot_E.to(moe.experts.w2_EFD.device)
     merged.load_state_dict(state, strict=True)
     return merged.to(next(model.parameters()).device).train(model.training)
-
-
-def merge_changes(model: TransformerLM, merged: TransformerLM) -> list[LayerChange]:
-    """Per MoE block: experts (weight slots after), parameters and bytes before and after."""
-    after = moe_blocks(merged)
-    return [
-        LayerChange(
-            block=i,
-            experts_before=moe.experts.num_experts,
-            experts_after=after[i].experts.num_experts,
-            params_before=module_params(moe),
-            params_after=module_params(after[i]),
-            bytes_before=module_bytes(moe),
-            bytes_after=module_bytes(after[i]),
-        )
-        for i, moe in moe_blocks(model).items()
-    ]

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from moelab.compress.merging import (
     check_mergeable,
-    merge_changes,
     merged_model,
     moe_blocks,
     routing_profiles,
     slots_for_ratio,
 )
+from moelab.compress.methods._merging import merge_changes
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
