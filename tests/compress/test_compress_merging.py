@@ -236,3 +236,25 @@ def test_merge_groups_of_singletons_keep_the_experts():
         m13, m2 = merge(w13, w2, single, counts)
         torch.testing.assert_close(m13, w13)
         torch.testing.assert_close(m2, w2)
+
+
+@pytest.mark.slow  # trains two tiny runs (~30 s each on the busy 2-core machine)
+@pytest.mark.parametrize("router", ["topk", "relu"])
+def test_compress_command_merges_a_run_that_loads_evaluates_generates_and_trains(
+    router, tmp_path, data_dir
+):
+    from moelab.cli import main
+    from moelab.train import load_run, train
+    from run_fixtures import tiny_config
+
+    ffn = {"kind": "moe", "router": router, "num_experts": 4, "top_k": 1, "d_hidden": 32}
+    train(tiny_config(data_dir, ffn=ffn, train={"steps": 2}), tmp_path / "src")
+    for method in ("mc_smoe", "sub_moe"):
+        out = tmp_path / method
+        argv = ["compress", str(tmp_path / "src"), str(out), "--method", method, "--ratio", "0.5"]
+        assert main([*argv, "--calib-batches", "2"]) == 0
+        model, config = load_run(out)
+        assert config.model.ffn.expert_slots == 2 and model.blocks[0].ffn.experts.num_experts == 2
+        assert main(["eval", str(out)]) == 0
+        assert main(["generate", str(out), "--prompt", "the", "--max-new-tokens", "3"]) == 0
+        assert main(["train", "--resume", str(out), "train.steps=2", "logging.progress=false"]) == 0
