@@ -17,7 +17,7 @@ from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, Rou
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import GroupedExperts
 from moelab.layers.lory import merged_experts_ffn
-from moelab.layers.moe_checks import check_moe_args, check_router_fits
+from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
 from moelab.layers.routers import (
     RouterOutput,
     build_router,
@@ -65,6 +65,13 @@ class MoE(RoutedLayer):
             ``p_{l−1}`` passed on by the previous MoE layer through the
             :class:`~moelab.layers.base.RoutingContext`, ``p_0 = 0``). 0 (default): off.
         momentum_step: γ, the step size of that update (1.0 default; μ=0, γ=1 is the plain MoE).
+        expert_slots: experts' weight slots after merging (MC-SMoE, Sub-MoE: :mod:`moelab.
+            compress.merging`). None (default): one per routed expert. A number S: the layer
+            holds S expert weights and a long ``[E·G]`` buffer ``expert_slot`` mapping each
+            routed expert to its slot (filled by the merge, kept in the state dict); routing,
+            the router's state, its losses and statistics stay over all E·G experts, and only
+            the dispatcher sees slots (a token choosing two experts of one slot runs that slot
+            twice, with each gate: the gates add up).
         iterations: C of Chain-of-Experts (Wang et al. 2025, arXiv 2506.18945, eq. 4): the experts
             run C times in sequence, ``x⁽ᵗ⁾ = MoE_t(x⁽ᵗ⁻¹⁾) + x⁽ᵗ⁻¹⁾`` with a router of its own
             per iteration (shared experts run in every iteration); the layer returns
@@ -94,6 +101,7 @@ class MoE(RoutedLayer):
         momentum_step: float = 1.0,
         iterations: int = 1,
         eval_capacity_factor: float | None = None,
+        expert_slots: int | None = None,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -131,6 +139,14 @@ class MoE(RoutedLayer):
             router, capacity_factor, iterations, debug_uniform_routing, eval_capacity_factor
         )
         self.router_name = router
+        check_expert_slots(expert_slots, self.num_experts, router, router_options)
+        self.expert_slots = expert_slots
+        # contiguous groups until a merge's state is loaded; None: one slot per expert
+        slot_E = None
+        if expert_slots is not None:
+            slot_E = torch.arange(self.num_experts) * expert_slots // self.num_experts
+        self.expert_slot: Tensor | None
+        self.register_buffer("expert_slot", slot_E)
         # Lory merges the experts per segment instead of dispatching tokens (_merged_pass).
         self.merges_experts = isinstance(self.router, LoryRouter)
         # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
@@ -144,7 +160,12 @@ class MoE(RoutedLayer):
         self.controlled_loss = self.router.controlled_loss
         self.aux_coefficients = self.router.aux_coefficients()
         self.experts = GroupedExperts(
-            self.num_experts, d_model, self.expert_hidden, activation, init_std, backend
+            self.num_experts if expert_slots is None else expert_slots,
+            d_model,
+            self.expert_hidden,
+            activation,
+            init_std,
+            backend,
         )
         # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
         self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
@@ -221,7 +242,8 @@ class MoE(RoutedLayer):
             )
             decision = dispatch.apply_capacity(decision, capacity)
 
-        y_TD = self.dispatcher.run(x_TD, decision, self.experts)  # permute → experts → combine
+        slotted = self._slotted(decision)  # merged experts: their shared weight slots
+        y_TD = self.dispatcher.run(x_TD, slotted, self.experts)  # permute → experts → combine
         if routed.direct_TD is not None:
             y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
         y_TD = self._add_shared(x_TD, y_TD)
@@ -230,6 +252,21 @@ class MoE(RoutedLayer):
         if self.routing_observer is not None and router is self.router:
             self.routing_observer(self, decision, x_TD)
         return y_TD, [(routed, decision, assigned)]
+
+    def _slotted(self, decision: RoutingDecision) -> RoutingDecision:
+        """``decision`` over the experts' weight slots (itself when each expert has its own)."""
+        if self.expert_slot is None:
+            return decision
+        expert_idx_N = self.expert_slot[decision.expert_idx_N]
+        return RoutingDecision(
+            token_idx_N=decision.token_idx_N,
+            expert_idx_N=expert_idx_N,
+            weight_N=decision.weight_N,
+            tokens_per_expert_E=torch.bincount(expert_idx_N, minlength=self.expert_slots),
+            num_tokens=decision.num_tokens,
+            num_experts=self.expert_slots,
+            dropped=decision.dropped,
+        )
 
     def _add_shared(self, x_TD: Tensor, y_TD: Tensor) -> Tensor:
         if self.shared is None:
@@ -340,6 +377,7 @@ class MoE(RoutedLayer):
                 if self.eval_capacity_factor is not None
                 else ""
             )
+            + (f", expert_slots={self.expert_slots}" if self.expert_slots is not None else "")
             + (f", iterations={self.iterations}" if self.iterations > 1 else "")
             + (f", momentum={self.momentum}" if self.momentum > 0 else "")
             + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")

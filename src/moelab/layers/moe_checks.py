@@ -10,7 +10,7 @@ import math
 from moelab.layers.dense import check_activation, check_positive_int
 from moelab.layers.experts import check_backend
 from moelab.layers.lory import check_merging_moe
-from moelab.layers.routers import router_class
+from moelab.layers.routers import require, router_class
 from moelab.layers.routers.lory import LoryRouter
 
 
@@ -98,3 +98,23 @@ def check_router_fits(
             f"iterations > 1 cannot be combined with router {router!r}: its between-step "
             "update sees the loads of one router per layer"
         )
+
+
+def check_expert_slots(
+    expert_slots: int | None, routed_experts: int, router: str, router_options: dict | None = None
+) -> None:
+    """``expert_slots`` (merged experts sharing weight slots, :mod:`moelab.compress.merging`):
+    None (one slot per expert) or an integer from 1 to the routed experts, with a router that
+    declares ``mergeable`` (its routing stays over all experts; only the weights are shared)."""
+    if expert_slots is None:
+        return
+    if (
+        not isinstance(expert_slots, int)
+        or isinstance(expert_slots, bool)
+        or not 1 <= expert_slots <= routed_experts
+    ):
+        raise ValueError(
+            f"expert_slots must be None or an integer from 1 to the routed experts "
+            f"({routed_experts}), got {expert_slots!r}"
+        )
+    require(router, "mergeable", router_options)

@@ -13,7 +13,7 @@ from torch import nn
 
 from moelab.config import ConfigError
 from moelab.layers.moe import MoE
-from moelab.layers.moe_checks import check_moe_args, check_router_fits
+from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
 from moelab.layers.routers import (
     ROUTERS,
     LoryRouter,
@@ -48,7 +48,7 @@ ROUTER_OPTION_FIELDS = (
 # only when set).
 STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
 # Other options config.yaml shows only when set (so the files of ordinary runs do not change).
-HIDDEN_AT_DEFAULT = {"eval_capacity_factor": None}
+HIDDEN_AT_DEFAULT = {"eval_capacity_factor": None, "expert_slots": None}
 _UNSET = object()
 
 
@@ -59,8 +59,9 @@ class MoEConfig(FFNSlot):
     the sparsity target 1 − k/E), ``router`` (a registered router: ``topk``, ReMoE's ``relu``, ...),
     ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless; training only),
     ``eval_capacity_factor`` (the cap in eval and generation; null = dropless), ``backend``;
-    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ) and ``iterations`` (Chain-of-Experts),
-    see :class:`~moelab.layers.MoE`.
+    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ), ``iterations`` (Chain-of-Experts)
+    and ``expert_slots`` (experts merged into shared weight slots by ``moelab compress``), see
+    :class:`~moelab.layers.MoE`.
 
     The router's options: ``balance_coef``, ``z_loss_coef``, ``renormalize``,
     ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU) have fields here; the options of other
@@ -83,6 +84,7 @@ class MoEConfig(FFNSlot):
     momentum: float = 0.0  # MomentumSMoE's μ (0: off)
     momentum_step: float = 1.0  # MomentumSMoE's γ
     iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
+    expert_slots: int | None = None  # merged experts' weight slots (null: one per routed expert)
     renormalize: bool = False
     softmax_after_topk: bool = False
     balance_coef: float = 0.01
@@ -129,6 +131,15 @@ class MoEConfig(FFNSlot):
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             layer_checks(self, self._meta_router)
+        layer_checks(
+            self,
+            lambda: check_expert_slots(
+                self.expert_slots,
+                self.num_experts * self.granularity,
+                self.router,
+                self.router_kwargs(),
+            ),
+        )
         layer_checks(
             self,
             lambda: check_router_fits(
@@ -197,6 +208,7 @@ class MoEConfig(FFNSlot):
             momentum=self.momentum,
             momentum_step=self.momentum_step,
             iterations=self.iterations,
+            expert_slots=self.expert_slots,
             **self.router_kwargs(),
         )
         return self.counted(layer, d_model)
@@ -221,8 +233,10 @@ class MoEConfig(FFNSlot):
             )
         # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
         # The model-shared router parameters are counted by the model, once; each router runs them.
+        # Merged experts (expert_slots): fewer weights; every assignment still runs one expert.
         c = self.iterations
-        total = self.num_experts * g * expert + c * (router - once) + shared
+        weights = self.num_experts * g if self.expert_slots is None else self.expert_slots
+        total = weights * expert + c * (router - once) + shared
         active = c * (self.top_k * g * expert + router - once + shared)
         return {
             "total_params": total,

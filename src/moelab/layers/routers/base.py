@@ -192,7 +192,7 @@ class Router(nn.Module):
     # ranked expert alone (Self-Contrast MoE's weak routing); the router reads that attribute.
     routes_by_rank: ClassVar[bool] = False
     lacks: ClassVar[dict[str, str]] = {
-        "mergeable": "moelab has no expert merging yet",
+        "mergeable": "its routing has not been checked with merged experts sharing weight slots",
         "routes_by_rank": "it does not select a fixed number of experts by score rank",
     }
     # Experts per token a small example of the method uses (tests, benches): 1, or the k the

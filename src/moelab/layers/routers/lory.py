@@ -87,6 +87,8 @@ class LoryRouter(Router):
     lacks = {
         "prunable": "every token uses every expert (merged per segment), so usage cannot rank "
         "the experts to keep",
+        "mergeable": "every token uses every expert (merged per segment); nothing is "
+        "dispatched to shared weight slots",
     }
     # TransformerLM refuses KV-cache decoding with this message: one new token has no segment
     # position and no previous segment mean (the layer keeps no decoding state).

@@ -29,6 +29,7 @@ class ReLURouter(Router):
     prunable = True
     upcyclable = True
     convertible = True
+    mergeable = True  # merged experts share weight slots; routing stays over all E
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class TopKRouter(Router, SumsOverRanks):
     upcyclable = True
     convertible = True
     routes_by_rank = True
+    mergeable = True  # merged experts share weight slots; routing stays over all E
 
     def __init__(
         self,
