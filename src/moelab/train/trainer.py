@@ -102,6 +102,9 @@ class Trainer(CheckpointedTraining, TrainingLoop):
         overwrite: bool = False,
         preset: str | None = None,
     ) -> None:
+        untrainable = config.model.ffn.untrainable()
+        if untrainable is not None:  # before anything: the run directory stays untouched
+            raise ConfigError(f"model.ffn.{untrainable[0]}", untrainable[1])
         self.config = config
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
