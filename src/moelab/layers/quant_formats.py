@@ -39,9 +39,12 @@ HIGHER = {"int4": "int8", "int8": "fp32"}  # the precision of experts kept high 
 
 def torchao_primitives() -> Any:
     """torchao's ``quant_primitives`` module (``ValueError`` naming the install when absent)."""
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "Failed to load ... .so": its CUDA kernels, unused here
+    # silenced on import: "Failed to load ... .so" (its CUDA kernels, unused here) and torch's
+    # pytree deprecation notice about one of its enums
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         from torchao.quantization import quant_primitives
     except ImportError:
@@ -49,7 +52,8 @@ def torchao_primitives() -> Any:
             "expert_quant: quantized experts need torchao (pip install 'moelab[compress]')"
         ) from None
     finally:
-        quiet.setLevel(level)
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
     return quant_primitives
 
 
@@ -130,16 +134,18 @@ class Int8Bank(ExpertBank):
             scale_dtype=torch.float32,
         )
         scale = scale.view(w_NK.shape[0], -1)
+        zero = torch.zeros_like(scale, dtype=torch.int32)  # symmetric: not stored
         getattr(self, f"{name}_q")[slot].copy_(
-            qp.quantize_affine(w_NK, block, scale, None, torch.int8)
+            qp.quantize_affine(w_NK, block, scale, zero, torch.int8)
         )
         getattr(self, f"{name}_scale")[slot].copy_(scale)
 
     def _weight_NK(self, slot: int, name: str) -> Tensor:
         qp = torchao_primitives()
         q, scale = getattr(self, f"{name}_q")[slot], getattr(self, f"{name}_scale")[slot]
+        zero = torch.zeros_like(scale, dtype=torch.int32)
         return qp.dequantize_affine(
-            q, (1, self.group), scale, None, torch.int8, output_dtype=torch.float32
+            q, (1, self.group), scale, zero, torch.int8, output_dtype=torch.float32
         )
 
     def linear(self, slot: int, name: str, x_nK: Tensor) -> Tensor:
