@@ -2,7 +2,8 @@
 
 Every module of the package is imported (:func:`pkgutil.iter_modules`), and each method
 registers itself with :func:`~moelab.compress.methods.base.register_method`: adding a method is
-adding a module, and no list of method names exists anywhere.
+adding a module, and no list of method names exists anywhere. Modules whose name starts with
+``_`` are helpers that several methods share, not methods.
 """
 
 from __future__ import annotations
@@ -39,5 +40,5 @@ __all__ = [
 ]
 
 for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
+    if _info.name != "base" and not _info.name.startswith("_"):  # _name: helper modules
         importlib.import_module(f"{__name__}.{_info.name}")

@@ -111,7 +111,8 @@ class CompressMethod:
     """Base of every ``moelab compress --method NAME``.
 
     Subclasses set ``name`` (the ``--method`` value), ``summary`` (one line for ``--help`` and
-    docs, citing the paper), ``capability`` (the router capability of
+    docs, citing the paper), ``needs_moe`` (the driver refuses a model without routed MoE
+    layers: dense, PEER, PKM), ``capability`` (the router capability of
     :data:`~moelab.layers.routers.base.CAPABILITIES` it needs: the driver refuses other routers
     with the registry's ``require`` line before any work), ``needs_calibration`` and
     ``takes_ratio`` (False: ``--ratio`` is refused, e.g. quantization, whose options say how far
@@ -126,6 +127,7 @@ class CompressMethod:
     capability: ClassVar[str | None] = None
     needs_calibration: ClassVar[bool] = True
     takes_ratio: ClassVar[bool] = True
+    needs_moe: ClassVar[bool] = True  # False: also takes models without routed MoE layers
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
