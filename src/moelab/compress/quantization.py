@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.compress.prune import expert_usage, kept_experts
+from moelab.compress.prune import expert_usage, kept_experts, moe_blocks
 from moelab.layers.dense import activate
 from moelab.layers.moe import MoE
 from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
@@ -50,10 +50,6 @@ CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 (no clipping) down
 _BITS = {8: "int8", 4: "int4"}
 
 
-def _moe_blocks(model: TransformerLM) -> dict[int, MoE]:
-    return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
-
-
 def quant_format(bits: int) -> str:
     """``8`` → ``"int8"``, ``4`` → ``"int4"``; any other width is refused with the allowed ones."""
     if bits not in _BITS or isinstance(bits, bool):
@@ -63,7 +59,7 @@ def quant_format(bits: int) -> str:
 
 def check_quantizable(model: TransformerLM, fmt: str, group: int, keep: int) -> None:
     """One-line refusals, naming the option and the allowed values, before any work."""
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("model: no MoE layer to quantize (model.ffn.kind must be 'moe')")
     ffn = model.cfg.ffn
@@ -90,7 +86,7 @@ def routed_grams(
     """Per MoE block, ``{"w13": [E, D/g, g, g], "w2": [E, F/g, g, g]}``: for each expert and input
     group, ``Σ_t g_t² x_t x_t^T`` over the tokens routed to it (``g_t`` their gates), of the
     expert's inputs (``w13``) and its float hidden activations (``w2``)."""
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     grams: dict[int, dict[str, Tensor]] = {}
     for i, moe in blocks.items():
         e, d, f = moe.num_experts, moe.d_model, moe.expert_hidden
@@ -189,7 +185,7 @@ def quantize_model(
     quantized = _build(_quantized_config(model.cfg, fmt, group, keep))
     state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
     missing = quantized.load_state_dict(state, strict=False).missing_keys
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     assert all(".experts." in k for k in missing), missing
     details: dict[str, Any] = {
         "format": fmt,

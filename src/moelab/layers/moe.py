@@ -17,8 +17,8 @@ from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, Rou
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import GroupedExperts
 from moelab.layers.lory import merged_experts_ffn
-from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
 from moelab.layers.moe_checks import check_moe_args, check_router_fits
+from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
 from moelab.layers.routers import (
     RouterOutput,
     build_router,

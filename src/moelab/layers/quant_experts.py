@@ -40,7 +40,10 @@ def check_quant_args(
         return
     if group not in QUANT_GROUPS:
         raise ValueError(f"expert_quant_group must be one of {QUANT_GROUPS}, got {group!r}")
-    for name, width in (("d_model", d_model), ("the expert width d_hidden/granularity", expert_hidden)):
+    for name, width in (
+        ("d_model", d_model),
+        ("the expert width d_hidden/granularity", expert_hidden),
+    ):
         if width % group:
             raise ValueError(
                 f"expert_quant_group must divide {name} ({width}); allowed: "

@@ -185,6 +185,8 @@ class Int4Bank(ExpertBank):
             None,
             torch.float32,
         )
+        groups = (w_NK.shape[0], w_NK.shape[1] // self.group)  # [N, K/group], even for one group
+        scale, zero = scale.reshape(groups), zero.reshape(groups)
         q = qp._quantize_affine_tinygemm(w_NK, block, scale, zero, torch.int32, 0, 15)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         getattr(self, f"{name}_packed")[slot].copy_(packed)

@@ -64,6 +64,7 @@ from moelab.train.schedule import build_scheduler
 from moelab.train.setup import (
     build_controller,
     check_resume_config,
+    check_trainable,
     open_dataset,
     resolve_device,
     routed_by_block,
@@ -102,9 +103,6 @@ class Trainer(CheckpointedTraining, TrainingLoop):
         overwrite: bool = False,
         preset: str | None = None,
     ) -> None:
-        untrainable = config.model.ffn.untrainable()
-        if untrainable is not None:  # before anything: the run directory stays untouched
-            raise ConfigError(f"model.ffn.{untrainable[0]}", untrainable[1])
         self.config = config
         self.rundir = RunDir(run_dir)
         self.run_dir = self.rundir.path
@@ -377,7 +375,9 @@ def train(
     preset: str | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir`` (see :class:`Trainer`); returns the summary dict."""
+    """Train ``config`` into ``run_dir`` (see :class:`Trainer`); returns the summary dict.
+    A model that cannot train (quantized experts) is refused before anything is touched."""
+    check_trainable(config)
     trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, preset=preset)
     summary = trainer.run(stop_after=stop_after)
     trainer.close()
