@@ -38,17 +38,17 @@ def check_quant_args(
         if keep:
             raise ValueError(f"expert_quant_keep must be 0 without expert_quant, got {keep!r}")
         return
-    if group not in QUANT_GROUPS:
-        raise ValueError(f"expert_quant_group must be one of {QUANT_GROUPS}, got {group!r}")
-    for name, width in (
-        ("d_model", d_model),
-        ("the expert width d_hidden/granularity", expert_hidden),
-    ):
+    groups = QUANT_GROUPS[expert_quant]
+    if group not in groups:
+        raise ValueError(
+            f"expert_quant_group must be one of {groups} for {expert_quant}, got {group!r}"
+        )
+    fits = [g for g in groups if not d_model % g and not expert_hidden % g]
+    for name, width in (("d_model", d_model), ("the expert width", expert_hidden)):
         if width % group:
             raise ValueError(
-                f"expert_quant_group must divide {name} ({width}); allowed: "
-                f"{[g for g in QUANT_GROUPS if not d_model % g and not expert_hidden % g]}, "
-                f"got {group}"
+                f"expert_quant_group must divide {name} ({width}); {expert_quant} allows "
+                f"{fits or 'none of ' + str(groups)} for this model, got {group}"
             )
     if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep < num_experts:
         raise ValueError(
