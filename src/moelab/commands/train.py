@@ -58,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     from moelab.train import (
         DEFAULT_PRESET,
         Trainer,
+        check_trainable,
         list_presets,
         load_run_config,
         resolve_run_config,
@@ -83,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         acc = accounting(config.model)
         print(json.dumps({k: acc[k] for k in ("total_params", "active_params", "flops_per_token")}))
         return 0
+    check_trainable(config)
     trainer = Trainer(
         config, run_dir, resume=bool(args.resume), overwrite=args.overwrite, preset=preset
     )

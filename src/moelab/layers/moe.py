@@ -18,6 +18,7 @@ from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import GroupedExperts
 from moelab.layers.lory import merged_experts_ffn
 from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
+from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
 from moelab.layers.routers import (
     RouterOutput,
     build_router,
@@ -47,6 +48,10 @@ class MoE(RoutedLayer):
             computed for every token in addition to the routed ones.
         shared_gate: scale the shared experts' output per token by ``sigmoid(x · w)``, a learnt
             ``[1, D]`` gate (Qwen2-MoE's ``shared_expert_gate``); needs ``shared_experts > 0``.
+        expert_quant: ``"none"`` (float experts), ``"int8"`` or ``"int4"``: the routed experts
+            are :class:`~moelab.layers.quant_experts.QuantizedExperts` (inference only), with
+            ``expert_quant_group`` inputs per scale and ``expert_quant_keep`` experts one step
+            higher (written by ``moelab compress --method quantize``).
         capacity_factor: ``None`` is dropless (no token is ever dropped); a number caps each expert
             at ``ceil(capacity_factor · T · k·G / (E·G))`` assignments, dropping later tokens first.
             It applies in training mode only (``self.training``).
@@ -102,6 +107,9 @@ class MoE(RoutedLayer):
         iterations: int = 1,
         eval_capacity_factor: float | None = None,
         expert_slots: int | None = None,
+        expert_quant: str = "none",
+        expert_quant_group: int = 32,
+        expert_quant_keep: int = 0,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -123,6 +131,14 @@ class MoE(RoutedLayer):
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        check_quant_args(
+            expert_quant,
+            expert_quant_group,
+            expert_quant_keep,
+            num_experts * granularity,
+            d_model,
+            d_hidden // granularity,
+        )
 
         self.d_model = d_model
         self.granularity = granularity
@@ -159,13 +175,29 @@ class MoE(RoutedLayer):
         self.momentum, self.momentum_step = float(momentum), float(momentum_step)
         self.controlled_loss = self.router.controlled_loss
         self.aux_coefficients = self.router.aux_coefficients()
-        self.experts = GroupedExperts(
-            self.num_experts if expert_slots is None else expert_slots,
-            d_model,
-            self.expert_hidden,
-            activation,
-            init_std,
-            backend,
+        if expert_quant != "none" and self.merges_experts:
+            raise ValueError(
+                "expert_quant: router 'lory' merges the experts' float weights; quantized "
+                "experts need a router that dispatches tokens"
+            )
+        if expert_quant != "none" and expert_slots is not None:
+            raise ValueError(
+                "expert_quant: experts merged into shared slots (expert_slots) cannot be "
+                "quantized yet; allowed: expert_quant='none' with expert_slots"
+            )
+        stored = self.num_experts if expert_slots is None else expert_slots
+        self.experts: GroupedExperts | QuantizedExperts = (
+            GroupedExperts(stored, d_model, self.expert_hidden, activation, init_std, backend)
+            if expert_quant == "none"
+            else QuantizedExperts(
+                stored,
+                d_model,
+                self.expert_hidden,
+                activation,
+                expert_quant,
+                expert_quant_group,
+                expert_quant_keep,
+            )
         )
         # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
         self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())

@@ -82,6 +82,11 @@ class FFNSlot(Config):
         layer.assignment_flops = self.accounting(d_model)["assignment_flops"]
         return layer
 
+    def untrainable(self) -> tuple[str, str] | None:
+        """``(field, reason)`` when a model of this config cannot be trained (quantized experts);
+        None for every trainable one."""
+        return None
+
     @property
     def method(self) -> str:
         """Short name of the method, used in run names and reports."""

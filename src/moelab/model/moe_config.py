@@ -14,6 +14,7 @@ from torch import nn
 from moelab.config import ConfigError
 from moelab.layers.moe import MoE
 from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
+from moelab.layers.quant_experts import check_quant_args
 from moelab.layers.routers import (
     ROUTERS,
     LoryRouter,
@@ -48,7 +49,13 @@ ROUTER_OPTION_FIELDS = (
 # only when set).
 STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
 # Other options config.yaml shows only when set (so the files of ordinary runs do not change).
-HIDDEN_AT_DEFAULT = {"eval_capacity_factor": None, "expert_slots": None}
+HIDDEN_AT_DEFAULT = {
+    "eval_capacity_factor": None,
+    "expert_slots": None,
+    "expert_quant": "none",
+    "expert_quant_group": 32,
+    "expert_quant_keep": 0,
+}
 _UNSET = object()
 
 
@@ -67,6 +74,11 @@ class MoEConfig(FFNSlot):
     ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU) have fields here; the options of other
     routers go in ``router_options`` (``model.ffn.router_options.NAME=VALUE``). Setting an option
     the chosen router does not take is an error.
+
+    ``expert_quant`` (``none``, ``int8``, ``int4``), ``expert_quant_group`` and
+    ``expert_quant_keep``: the routed experts are stored quantized, group-wise, with that many
+    experts per layer one step higher (:class:`~moelab.layers.quant_experts.QuantizedExperts`,
+    written by ``moelab compress --method quantize``); such a model evaluates but does not train.
     """
 
     layer_type: ClassVar[str] = "moe"
@@ -92,6 +104,9 @@ class MoEConfig(FFNSlot):
     l1_balanced: bool = True
     backend: Backend = "auto"
     router_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    expert_quant: Literal["none", "int8", "int4"] = "none"
+    expert_quant_group: int = 32
+    expert_quant_keep: int = 0
 
     def validate(self) -> None:
         if self.router not in ROUTERS:  # the registry's message: names and the closest match
@@ -170,9 +185,32 @@ class MoEConfig(FFNSlot):
         return fields | dict(self.router_options)
 
     def resolved(self, d_model: int) -> MoEConfig:
-        if self.d_hidden is not None:
-            return self
-        return dataclasses.replace(self, d_hidden=auto_d_hidden(d_model, self.activation))
+        out = self
+        if self.d_hidden is None:
+            out = dataclasses.replace(self, d_hidden=auto_d_hidden(d_model, self.activation))
+        g = self.granularity
+        layer_checks(  # the group against the real widths
+            self,
+            lambda: check_quant_args(
+                self.expert_quant,
+                self.expert_quant_group,
+                self.expert_quant_keep,
+                self.num_experts * g,
+                d_model,
+                out.d_hidden // g,
+            ),
+        )
+        return out
+
+    def untrainable(self) -> tuple[str, str] | None:
+        """Quantized experts have no gradient: ``(field, reason)`` for the trainer's refusal."""
+        if self.expert_quant == "none":
+            return None
+        return (
+            "expert_quant",
+            f"is {self.expert_quant!r}: quantized experts have no gradient, so this run "
+            "evaluates, generates and is analysed but cannot train (train its source run)",
+        )
 
     def for_seq_len(self, seq_len: int, where: str) -> MoEConfig:
         """The router's options fitted to the sequence length, where the router says how
@@ -209,6 +247,9 @@ class MoEConfig(FFNSlot):
             momentum_step=self.momentum_step,
             iterations=self.iterations,
             expert_slots=self.expert_slots,
+            expert_quant=self.expert_quant,
+            expert_quant_group=self.expert_quant_group,
+            expert_quant_keep=self.expert_quant_keep,
             **self.router_kwargs(),
         )
         return self.counted(layer, d_model)
@@ -257,6 +298,8 @@ class MoEConfig(FFNSlot):
             name += "+momentum"
         if self.iterations > 1:
             name += f"+chain{self.iterations}"
+        if self.expert_quant != "none":
+            name += f"+{self.expert_quant}"
         return name
 
     @property

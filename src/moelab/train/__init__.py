@@ -18,7 +18,7 @@ from moelab.train.config import (
 from moelab.train.new_run import run_config_for, start_run
 from moelab.train.run import evaluate_run, load_run, load_run_config, run_tokenizer
 from moelab.train.schedule import lr_at
-from moelab.train.setup import open_dataset
+from moelab.train.setup import check_trainable, open_dataset
 from moelab.train.trainer import Trainer, train
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "RunConfig",
     "Trainer",
+    "check_trainable",
     "evaluate_run",
     "list_presets",
     "load_run",

@@ -22,6 +22,7 @@ from moelab.train.config import RunConfig
 __all__ = [
     "build_controller",
     "check_resume_config",
+    "check_trainable",
     "open_dataset",
     "resolve_device",
     "rng_state",
@@ -64,6 +65,15 @@ FIXED_ON_RESUME = ("seq_len", "batch_size")
 HEAD_LAYOUT = ("n_heads", "n_kv_heads")
 """Model fields that change how the attention weights are split into heads without changing their
 shapes: a checkpoint would load, and mean something else."""
+
+
+def check_trainable(config: RunConfig) -> None:
+    """Refuse a model that cannot train (quantized experts), naming the field, before a run
+    directory is touched (``moelab train`` and :func:`~moelab.train.train`; laying out a
+    compressed run at step 0 builds a Trainer without training)."""
+    untrainable = config.model.ffn.untrainable()
+    if untrainable is not None:
+        raise ConfigError(f"model.ffn.{untrainable[0]}", untrainable[1])
 
 
 def check_resume_config(saved: RunConfig, new: RunConfig) -> None:

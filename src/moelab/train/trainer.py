@@ -64,6 +64,7 @@ from moelab.train.schedule import build_scheduler
 from moelab.train.setup import (
     build_controller,
     check_resume_config,
+    check_trainable,
     open_dataset,
     resolve_device,
     routed_by_block,
@@ -374,7 +375,9 @@ def train(
     preset: str | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir`` (see :class:`Trainer`); returns the summary dict."""
+    """Train ``config`` into ``run_dir`` (see :class:`Trainer`); returns the summary dict.
+    A model that cannot train (quantized experts) is refused before anything is touched."""
+    check_trainable(config)
     trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, preset=preset)
     summary = trainer.run(stop_after=stop_after)
     trainer.close()

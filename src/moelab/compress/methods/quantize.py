@@ -1,0 +1,120 @@
+"""``--method quantize``: routed experts stored as group-wise int8 or int4 (weight-only), the
+most-used experts of each layer one step higher, the router at full precision, and each group's
+clipping chosen on the calibration tokens routed to its expert (EAQuant's expert-aware parts that
+apply to weight-only quantization; :mod:`moelab.compress.quantization`). The written run says so in
+``model.ffn.expert_quant`` and reloads with quantized experts: it evaluates, generates and is
+analysed; it does not train. Needs torchao (``pip install 'moelab[compress]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from moelab.compress.methods.base import (
+    Calibration,
+    CompressMethod,
+    CompressOutcome,
+    LayerChange,
+    module_bytes,
+    module_params,
+    register_method,
+)
+from moelab.compress.prune import moe_blocks
+from moelab.compress.quantization import check_quantizable, quant_format, quantize_model
+
+if TYPE_CHECKING:
+    from moelab.model import TransformerLM
+
+
+def _keep_high(value: str) -> float:
+    return float(value)
+
+
+@register_method
+class Quantize(CompressMethod):
+    name = "quantize"
+    summary = (
+        "store routed experts as group-wise int8/int4 (torchao), most-used experts one step "
+        "higher, router-weighted clipping (expert-aware PTQ after EAQuant, Fu et al. 2025)"
+    )
+    capability = None
+    takes_ratio = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--bits", type=int, default=8, help="quantize: expert weight width, 8 or 4"
+        )
+        parser.add_argument(
+            "--quant-group",
+            type=int,
+            default=32,
+            help="quantize: inputs sharing one scale (32, 64, 128 or 256; divides the widths)",
+        )
+        parser.add_argument(
+            "--keep-high",
+            type=_keep_high,
+            default=0,
+            help="quantize: most-used experts per layer kept one step higher (int8 beside int4, "
+            "fp32 beside int8): a count, or a fraction of the experts below 1",
+        )
+        parser.add_argument(
+            "--clip-search",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="quantize: choose each group's clipping on the routed calibration tokens",
+        )
+
+    def __init__(self, ratio: float | None, options: dict[str, Any]) -> None:
+        super().__init__(ratio, options)
+        self.fmt = quant_format(self.options["bits"])  # refused before any work
+        self.group = self.options["quant_group"]
+        self.clip_search = bool(self.options["clip_search"])
+
+    def keep(self, model: TransformerLM) -> int:
+        """``--keep-high`` as a count of experts per layer (a fraction below 1 rounds down)."""
+        value = self.options["keep_high"]
+        blocks = moe_blocks(model)
+        n = next(iter(blocks.values())).num_experts if blocks else 0
+        if isinstance(value, bool) or not 0 <= value < n:
+            raise ValueError(
+                f"--keep-high: must be a count in [0, {n}) or a fraction in [0, 1), got {value!r}"
+            )
+        if value < 1:
+            return int(value * n)
+        if value != int(value):
+            raise ValueError(f"--keep-high: a count must be a whole number, got {value!r}")
+        return int(value)
+
+    def check(self, model: TransformerLM) -> None:
+        if not moe_blocks(model):
+            raise ValueError("model: no MoE layer to quantize (model.ffn.kind must be 'moe')")
+        check_quantizable(model, self.fmt, self.group, self.keep(model))
+
+    def apply(self, model: TransformerLM, calib: Calibration) -> CompressOutcome:
+        keep = self.keep(model)
+        quantized, details = quantize_model(
+            model, self.options["bits"], self.group, keep, calib.batches, self.clip_search
+        )
+        after = moe_blocks(quantized)
+        layers = []
+        for i, moe in moe_blocks(model).items():
+            experts = sum(p.numel() for p in moe.experts.parameters())
+            layers.append(
+                LayerChange(
+                    block=i,
+                    experts_before=moe.num_experts,
+                    experts_after=after[i].num_experts,
+                    params_before=module_params(moe),
+                    # the same weights, stored in fewer bits (buffers, not parameters)
+                    params_after=module_params(after[i]) + experts,
+                    bytes_before=module_bytes(moe),
+                    bytes_after=module_bytes(after[i]),
+                )
+            )
+        details["expert_bytes"] = {
+            str(i): {"before": module_bytes(moe.experts), "after": module_bytes(after[i].experts)}
+            for i, moe in moe_blocks(model).items()
+        }
+        return CompressOutcome(quantized, layers, details)
