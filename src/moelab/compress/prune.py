@@ -23,34 +23,46 @@ null experts with ``renormalize``, aux-loss-free balancing with sigmoid scores, 
 experts loses the dropped ones' mass; a token whose choice was dropped takes its next-best kept
 experts): evaluate the pruned run, and continue training it (``moelab train --resume``) to
 recover.
+
+Other criteria choose the kept ids differently and slice the same way (:func:`prune_to`); they
+are the pruning methods of ``moelab compress`` (:mod:`moelab.compress.methods`), of which this
+one is ``frequency``. :func:`prune_run` (``moelab prune``) is that method's short name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
-from moelab.checkpoint_io import load_state
-from moelab.eval.perplexity import eval_batches
 from moelab.layers.moe import MoE
 from moelab.layers.routers import require
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_configs import ROUTER_OPTION_FIELDS
-from moelab.rundir import RunDir
-from moelab.train import load_run, open_dataset, run_config_for, start_run
 
-__all__ = ["expert_usage", "prune_experts", "prune_run"]
+__all__ = [
+    "check_prunable",
+    "expert_usage",
+    "keep_for_ratio",
+    "kept_experts",
+    "moe_blocks",
+    "prune_experts",
+    "prune_to",
+    "pruned_layer",
+    "sliced_layer_state",
+]
 
 
-def _moe_blocks(model: TransformerLM) -> dict[int, MoE]:
+def moe_blocks(model: TransformerLM) -> dict[int, MoE]:
+    """The model's MoE layers by block index."""
     return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
 
 
-def check_prunable(model: TransformerLM, keep: int) -> None:
-    """Refuse, naming the field and the allowed values, before any work."""
-    blocks = _moe_blocks(model)
+def check_prunable(model: TransformerLM, keep: int, field: str = "keep") -> None:
+    """Refuse, naming the field and the allowed values, before any work: a model without MoE
+    layers, a router that cannot be pruned, and a ``keep`` the pruned config would refuse."""
+    blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("model: no MoE layer to prune (model.ffn.kind must be 'moe')")
     ffn = model.cfg.ffn
@@ -63,21 +75,54 @@ def check_prunable(model: TransformerLM, keep: int) -> None:
     total, g, k = ffn.num_experts * ffn.granularity, ffn.granularity, ffn.top_k * ffn.granularity
     if not isinstance(keep, int) or isinstance(keep, bool) or not k <= keep <= total:
         raise ValueError(
-            f"keep: must be an integer from top_k x granularity ({k}) to the routed experts "
+            f"{field}: must be an integer from top_k x granularity ({k}) to the routed experts "
             f"({total}), got {keep!r}"
         )
     if keep % g:
         raise ValueError(
-            f"keep: must be a multiple of the granularity ({g}) so that the pruned model has "
+            f"{field}: must be a multiple of the granularity ({g}) so that the pruned model has "
             f"whole coarse experts, got {keep}"
         )
+    first = next(iter(blocks.values()))
+    try:  # the router's own limits on its expert count (ReLU routing: k < E)
+        _pruned_config(model.cfg, keep, first.router.pruned_options(torch.arange(keep)))
+    except ValueError as err:
+        raise ValueError(f"{field}: {keep} experts do not make a valid model ({err})") from None
+
+
+def keep_for_ratio(model: TransformerLM, ratio: float) -> int:
+    """Routed experts per MoE layer that keep at least ``ratio`` of the experts' parameters (all
+    experts are the same size): ``ceil(ratio·E)`` rounded up to whole coarse experts. A ratio
+    that keeps fewer than the router can take is refused (``--ratio``) with the smallest one."""
+    ffn = model.cfg.ffn
+    total, g = ffn.num_experts * ffn.granularity, ffn.granularity
+    keep = math.ceil(round(ratio * total, 9) / g) * g
+    try:
+        check_prunable(model, keep, field="--ratio")
+    except ValueError as err:
+        if not str(err).startswith("--ratio"):
+            raise
+        lowest = next((n for n in range(keep + g, total + 1, g) if _keeps(model, n)), total)
+        raise ValueError(
+            f"--ratio: {ratio} keeps {keep} of {total} experts per layer, fewer than this model "
+            f"can run with; the smallest ratio is {lowest / total:g} ({lowest} experts)"
+        ) from None
+    return keep
+
+
+def _keeps(model: TransformerLM, keep: int) -> bool:
+    try:
+        check_prunable(model, keep)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
 def expert_usage(model: TransformerLM, batches: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert of every MoE block (``{block: long [E]}``) over ``batches``
     of input ids, in evaluation mode (no aux losses, no controller update, nothing learnt)."""
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     counts = {i: torch.zeros(moe.num_experts, dtype=torch.long) for i, moe in blocks.items()}
     was_training = model.training
     model.eval()
@@ -110,27 +155,73 @@ def prune_experts(
     """A copy of ``model`` whose MoE blocks keep their ``keep`` most-used experts (by ``usage``,
     see :func:`expert_usage`); returns it and the kept expert ids per block."""
     check_prunable(model, keep)
-    blocks = _moe_blocks(model)
     kept_ids: dict[int, torch.Tensor] = {}
-    for i, moe in blocks.items():
+    for i, moe in moe_blocks(model).items():
         if i not in usage or usage[i].shape != (moe.num_experts,):
             raise ValueError(f"usage: needs a [{moe.num_experts}] count for MoE block {i}")
         kept_ids[i] = kept_experts(usage[i], keep)
+    pruned = prune_to(model, kept_ids)
+    return pruned, {i: idx.tolist() for i, idx in kept_ids.items()}
+
+
+@torch.no_grad()
+def prune_to(model: TransformerLM, kept_ids: dict[int, torch.Tensor]) -> TransformerLM:
+    """A copy of ``model`` whose MoE block ``i`` keeps the routed experts ``kept_ids[i]`` (the
+    same number in every block: one config describes them all), in ascending order: the experts'
+    weights and every per-expert row of the router (its own :meth:`~moelab.layers.routers.Router.
+    pruned_state`) are sliced, everything else is copied."""
+    blocks = moe_blocks(model)
+    if set(kept_ids) != set(blocks) or len({len(v) for v in kept_ids.values()}) != 1:
+        raise ValueError(
+            f"kept_ids: needs the same number of kept experts for every MoE block {sorted(blocks)}"
+        )
+    kept_ids = {i: torch.as_tensor(v, dtype=torch.long).sort().values for i, v in kept_ids.items()}
+    keep = len(next(iter(kept_ids.values())))
+    check_prunable(model, keep)
+    for i, idx in kept_ids.items():
+        if len(set(idx.tolist())) != keep or not 0 <= int(idx.min()) <= int(idx.max()) < (
+            blocks[i].num_experts
+        ):
+            raise ValueError(
+                f"kept_ids[{i}]: must be distinct expert ids below "
+                f"{blocks[i].num_experts}, got {idx.tolist()}"
+            )
     first = next(iter(blocks))
     options = blocks[first].router.pruned_options(kept_ids[first])  # the same in every block
     pruned = _build(_pruned_config(model.cfg, keep, options))
     source = model.state_dict()
     for i, moe in blocks.items():
-        idx, prefix = kept_ids[i], f"blocks.{i}.ffn."
-        for name, t in list(source.items()):
-            if name.startswith(prefix + "router."):
-                del source[name]  # replaced by the router's own pruned state below
-            elif name.startswith(prefix + "experts.") and t.dim() and t.shape[0] == moe.num_experts:
-                source[name] = t.index_select(0, idx.to(t.device))
-        source |= {prefix + "router." + k: v for k, v in moe.router.pruned_state(idx).items()}
+        prefix = f"blocks.{i}.ffn."
+        source = {k: v for k, v in source.items() if not k.startswith(prefix)}
+        source |= {prefix + k: v for k, v in sliced_layer_state(moe, kept_ids[i]).items()}
     pruned.load_state_dict(source)
-    kept = {i: idx.tolist() for i, idx in kept_ids.items()}
-    return pruned.train(model.training), kept
+    return pruned.train(model.training)
+
+
+def pruned_layer(model: TransformerLM, block: int, keep: int) -> MoE:
+    """A fresh MoE layer of block ``block`` built for ``keep`` routed experts (load it with
+    :func:`sliced_layer_state`): candidate layers of criteria that compare kept sets."""
+    first = next(iter(moe_blocks(model).values()))
+    cfg = _pruned_config(model.cfg, keep, first.router.pruned_options(torch.arange(keep)))
+    state = torch.random.get_rng_state()
+    try:
+        return cfg.ffn_for(block).build(cfg.d_model, cfg.init_std)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def sliced_layer_state(moe: MoE, kept_K: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of MoE layer ``moe`` keeping only the routed experts ``kept_K``
+    (ascending ids): what the same layer built for ``len(kept_K)`` experts loads. Per-expert
+    tensors of the experts are sliced, the router slices its own state, the rest is copied."""
+    state = {}
+    for name, t in moe.state_dict().items():
+        if name.startswith("router."):
+            continue  # the router's own pruned state below
+        if name.startswith("experts.") and t.dim() and t.shape[0] == moe.num_experts:
+            t = t.index_select(0, kept_K.to(t.device))
+        state[name] = t
+    return state | {"router." + k: v for k, v in moe.router.pruned_state(kept_K).items()}
 
 
 def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
@@ -152,54 +243,3 @@ def _build(cfg: ModelConfig) -> TransformerLM:
         return TransformerLM(cfg)
     finally:
         torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
-
-
-def prune_run(
-    run_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    keep: int,
-    batches: int | None = 16,
-    checkpoint: str | int | None = None,
-    overrides: Iterable[str] = (),
-    overwrite: bool = False,
-) -> tuple[Path, dict[int, list[int]], dict[int, torch.Tensor]]:
-    """A run's checkpoint pruned to ``keep`` experts per MoE block, counting usage on
-    ``batches`` validation batches of the run's own data; written as a new run in ``out_dir``
-    with the source run's other settings (``overrides`` change data/optim/train/... fields).
-    Returns the new checkpoint, the kept expert ids and the usage counts per block."""
-    source = RunDir(run_dir).find_checkpoint(checkpoint)  # resolved once: weights, λ, origin
-    model, config = load_run(run_dir, source)
-    check_prunable(model, keep)  # before the usage pass (prune_experts checks again for callers)
-    d = config.data
-    windows = eval_batches(open_dataset(config), "val", d.seq_len, d.eval_batch_size, batches)
-    usage = expert_usage(model, (b["input_ids"] for b in windows))
-    pruned, kept = prune_experts(model, keep, usage)
-    run_config = run_config_for(pruned, config.to_dict(), overrides)
-    origin = {
-        "command": "prune",
-        "source": str(Path(run_dir).resolve()),
-        "checkpoint": source.name,
-        "keep": keep,
-        "usage_batches": batches,
-        "kept_experts": {str(block): ids for block, ids in kept.items()},
-    }
-    ckpt = start_run(
-        pruned,
-        run_config,
-        out_dir,
-        overwrite=overwrite,
-        origin=origin,
-        hook_states=_controller_state(source),
-    )
-    return ckpt, kept, usage
-
-
-def _controller_state(checkpoint: Path) -> dict:
-    """The checkpoint's ReMoE λ controller state (``{}`` when it has none): the pruned run
-    continues with the trained λ (its target becomes 1 − k/E' for the fewer experts)."""
-    try:
-        state = load_state(checkpoint / RunDir.STATE)
-    except (OSError, ValueError):
-        return {}
-    return {"controller": state["controller"]} if "controller" in state else {}

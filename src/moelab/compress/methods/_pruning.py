@@ -1,0 +1,85 @@
+"""What the expert-pruning methods share: each block's :class:`LayerChange`, a ranking, and
+each MoE layer's inputs on the calibration tokens.
+(A helper module of the package: its name starts with ``_``, so discovery skips it.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moelab.compress.methods.base import LayerChange, module_bytes, module_params
+from moelab.compress.prune import moe_blocks
+from moelab.layers.base import RoutingContext
+from moelab.model import TransformerLM
+
+
+def pruning_changes(
+    model: TransformerLM, pruned: TransformerLM, *, nonzero: bool = False
+) -> list[LayerChange]:
+    """Per MoE block, experts, parameters (``nonzero``: only the nonzero ones of the pruned
+    layer, for methods that zero weights in place) and bytes of the layer before and after."""
+    after = moe_blocks(pruned)
+    return [
+        LayerChange(
+            block=i,
+            experts_before=moe.num_experts,
+            experts_after=after[i].num_experts,
+            params_before=module_params(moe),
+            params_after=module_params(after[i], nonzero=nonzero),
+            bytes_before=module_bytes(moe),
+            bytes_after=module_bytes(after[i]),
+        )
+        for i, moe in moe_blocks(model).items()
+    ]
+
+
+def ranked_keep(score_E: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` experts of highest ``score_E``, ascending ids (ties: the lower id)."""
+    order = torch.argsort(-score_E, stable=True)
+    return order[:keep].sort().values
+
+
+@torch.no_grad()
+def layer_inputs(model: TransformerLM, batches: list[torch.Tensor]) -> dict[int, list[LayerCall]]:
+    """What each MoE layer receives on ``batches`` (a no-grad eval forward of the unchanged
+    model): per block, one :class:`LayerCall` per batch, to run the layer (or a pruned copy of
+    it) again on the same inputs."""
+    calls: dict[int, list[LayerCall]] = {i: [] for i in moe_blocks(model)}
+
+    def hook(block: int):
+        def record(module, args, kwargs):
+            x = kwargs.get("x", args[0] if args else None)
+            calls[block].append(
+                LayerCall(x.detach(), kwargs.get("token_mask"), kwargs.get("context"))
+            )
+
+        return record
+
+    handles = [
+        moe.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, moe in moe_blocks(model).items()
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return calls
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One forward's inputs of a MoE layer."""
+
+    x: torch.Tensor
+    token_mask: torch.Tensor | None
+    context: RoutingContext | None
+
+    def run(self, layer: torch.nn.Module) -> torch.Tensor:
+        return layer(self.x, token_mask=self.token_mask, context=self.context)
