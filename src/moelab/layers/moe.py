@@ -14,6 +14,7 @@ from torch import Tensor
 
 from moelab.layers import dispatch
 from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
+from moelab.layers.compressed_experts import PartlyCompressedExperts, check_compressed_experts
 from moelab.layers.dense import DenseFFN
 from moelab.layers.experts import GroupedExperts
 from moelab.layers.lory import merged_experts_ffn
@@ -69,6 +70,11 @@ class MoE(RoutedLayer):
             run C times in sequence, ``x⁽ᵗ⁾ = MoE_t(x⁽ᵗ⁻¹⁾) + x⁽ᵗ⁻¹⁾`` with a router of its own
             per iteration (shared experts run in every iteration); the layer returns
             ``x⁽ᶜ⁾ − x⁽⁰⁾`` (the block's residual adds the input). 1 (default): the plain MoE.
+        compressed_experts: C, the last C routed experts are compressed stand-ins (a vector plus
+            a narrow FFN of width ``compressed_width``; He et al. 2025, arXiv 2503.00634, see
+            :mod:`moelab.layers.compressed_experts`), written by ``moelab compress --method
+            compressed_experts``. 0 (default): every expert is full.
+        compressed_width: hidden width of each compressed expert's narrow FFN (0: the vector only).
         **router_options: the router's own options, e.g. ``balance_coef``, ``z_loss_coef``,
             ``renormalize``, ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU); see
             :func:`moelab.layers.routers.router_options`.
@@ -94,6 +100,8 @@ class MoE(RoutedLayer):
         momentum_step: float = 1.0,
         iterations: int = 1,
         eval_capacity_factor: float | None = None,
+        compressed_experts: int = 0,
+        compressed_width: int = 0,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -115,6 +123,9 @@ class MoE(RoutedLayer):
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        check_compressed_experts(
+            compressed_experts, compressed_width, num_experts * granularity, d_hidden // granularity
+        )
 
         self.d_model = d_model
         self.granularity = granularity
@@ -143,11 +154,31 @@ class MoE(RoutedLayer):
         self.momentum, self.momentum_step = float(momentum), float(momentum_step)
         self.controlled_loss = self.router.controlled_loss
         self.aux_coefficients = self.router.aux_coefficients()
-        self.experts = GroupedExperts(
-            self.num_experts, d_model, self.expert_hidden, activation, init_std, backend
+        self.compressed_experts = compressed_experts
+        if compressed_experts and self.merges_experts:
+            raise ValueError(f"compressed_experts cannot be combined with router {router!r}")
+        self.experts = (
+            PartlyCompressedExperts(
+                self.num_experts,
+                compressed_experts,
+                d_model,
+                self.expert_hidden,
+                compressed_width,
+                activation,
+                init_std,
+                backend,
+            )
+            if compressed_experts
+            else GroupedExperts(
+                self.num_experts, d_model, self.expert_hidden, activation, init_std, backend
+            )
         )
         # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
-        self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
+        self.assignment_flops = (
+            self.experts.flops_per_assignment()[0]
+            if compressed_experts
+            else 2 * sum(p[0].numel() for p in self.experts.parameters())
+        )
         self.shared = (
             DenseFFN(d_model, shared_experts * self.expert_hidden, activation, init_std)
             if shared_experts
@@ -329,6 +360,11 @@ class MoE(RoutedLayer):
         and null / zero-computation picks are not in the decision), or, for Lory, one merged
         expert per valid token (its decision lists every expert, but one FFN runs)."""
         computed = n_valid.cpu() if self.merges_experts else torch.tensor(decision.num_assignments)
+        if self.compressed_experts:  # assignments of compressed experts cost their stand-in's
+            _, stand_in = self.experts.flops_per_assignment()
+            compressed = decision.tokens_per_expert_E[-self.compressed_experts :].sum().cpu()
+            computed = computed - compressed
+            return computed.to(torch.long) * self.assignment_flops + compressed * stand_in
         return computed.to(torch.long) * self.assignment_flops
 
     def extra_repr(self) -> str:
@@ -341,6 +377,7 @@ class MoE(RoutedLayer):
                 else ""
             )
             + (f", iterations={self.iterations}" if self.iterations > 1 else "")
+            + (f", compressed_experts={self.compressed_experts}" if self.compressed_experts else "")
             + (f", momentum={self.momentum}" if self.momentum > 0 else "")
             + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")
         )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelab.config import ConfigError
+from moelab.layers.compressed_experts import check_compressed_experts
 from moelab.layers.moe import MoE
 from moelab.layers.moe_checks import check_moe_args, check_router_fits
 from moelab.layers.routers import (
@@ -46,7 +47,13 @@ ROUTER_OPTION_FIELDS = (
 
 # MoE options that change the layer's structure, with their "off" values (config.yaml shows them
 # only when set).
-STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+STRUCTURE_FIELDS = {
+    "momentum": 0.0,
+    "momentum_step": 1.0,
+    "iterations": 1,
+    "compressed_experts": 0,
+    "compressed_width": 0,
+}
 # Other options config.yaml shows only when set (so the files of ordinary runs do not change).
 HIDDEN_AT_DEFAULT = {"eval_capacity_factor": None}
 _UNSET = object()
@@ -60,7 +67,9 @@ class MoEConfig(FFNSlot):
     ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless; training only),
     ``eval_capacity_factor`` (the cap in eval and generation; null = dropless), ``backend``;
     ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ) and ``iterations`` (Chain-of-Experts),
-    see :class:`~moelab.layers.MoE`.
+    ``compressed_experts`` / ``compressed_width`` (the last routed experts are compressed
+    stand-ins, written by ``moelab compress --method compressed_experts``), see
+    :class:`~moelab.layers.MoE`.
 
     The router's options: ``balance_coef``, ``z_loss_coef``, ``renormalize``,
     ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU) have fields here; the options of other
@@ -83,6 +92,8 @@ class MoEConfig(FFNSlot):
     momentum: float = 0.0  # MomentumSMoE's μ (0: off)
     momentum_step: float = 1.0  # MomentumSMoE's γ
     iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
+    compressed_experts: int = 0  # the last C routed experts are compressed stand-ins
+    compressed_width: int = 0  # hidden width of a compressed expert's narrow FFN (0: a vector)
     renormalize: bool = False
     softmax_after_topk: bool = False
     balance_coef: float = 0.01
@@ -129,6 +140,16 @@ class MoEConfig(FFNSlot):
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             layer_checks(self, self._meta_router)
+        expert_hidden = None if self.d_hidden is None else self.d_hidden // self.granularity
+        layer_checks(
+            self,
+            lambda: check_compressed_experts(
+                self.compressed_experts,
+                self.compressed_width,
+                self.num_experts * self.granularity,
+                expert_hidden,
+            ),
+        )
         layer_checks(
             self,
             lambda: check_router_fits(
@@ -197,6 +218,8 @@ class MoEConfig(FFNSlot):
             momentum=self.momentum,
             momentum_step=self.momentum_step,
             iterations=self.iterations,
+            compressed_experts=self.compressed_experts,
+            compressed_width=self.compressed_width,
             **self.router_kwargs(),
         )
         return self.counted(layer, d_model)
@@ -222,7 +245,12 @@ class MoEConfig(FFNSlot):
         # Chain-of-Experts: a router per iteration, and every iteration runs k experts + shared.
         # The model-shared router parameters are counted by the model, once; each router runs them.
         c = self.iterations
-        total = self.num_experts * g * expert + c * (router - once) + shared
+        # compressed experts: a vector and a narrow FFN each instead of a full expert; a token's
+        # active count stays that of k full experts (an upper bound: what a token that picks
+        # only full experts runs; the measured FLOPs count each stand-in at its own cost)
+        stand_in = d_model + ffn_params(d_model, self.compressed_width, self.activation)
+        routed = (self.num_experts * g - self.compressed_experts) * expert
+        total = routed + self.compressed_experts * stand_in + c * (router - once) + shared
         active = c * (self.top_k * g * expert + router - once + shared)
         return {
             "total_params": total,
