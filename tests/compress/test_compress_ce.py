@@ -34,7 +34,8 @@ def _model(**ffn) -> TransformerLM:
 
 def _calib(batches: int = 4) -> Calibration:
     gen = torch.Generator().manual_seed(3)
-    return Calibration([torch.randint(0, 64, (2, 16), generator=gen) for _ in range(batches)], "t", 0)
+    ids = [torch.randint(0, 64, (2, 16), generator=gen) for _ in range(batches)]
+    return Calibration(ids, "t", 0)
 
 
 def _apply(model: TransformerLM, ratio: float, width: int | None = None, batches: int = 4):
@@ -197,3 +198,18 @@ def test_the_driver_writes_a_run_that_reloads_evaluates_and_generates(
     assert generate(model, ids, max_new_tokens=4, temperature=0).shape == (1, 12)
     if router == "relu":
         assert model.blocks[0].ffn.sparsity_target == pytest.approx(1 - 1 / 4)
+
+
+def test_the_command_writes_a_run_that_analyzes_and_trains_on(tmp_path: Path, data_dir: Path):
+    from moelab.cli import main
+
+    ffn = {"kind": "moe", "router": "relu", "num_experts": 4, "top_k": 1, "d_hidden": 32}
+    train(tiny_config(data_dir, ffn=ffn, train={"steps": 2}), tmp_path / "src")
+    out = str(tmp_path / "ce")
+    args = ["--method", "compressed_experts", "--ratio", "0.6", "--ce-width", "2"]
+    assert main(["compress", str(tmp_path / "src"), out, *args, "--calib-batches", "1"]) == 0
+    assert main(["generate", out, "--prompt", "a b", "--max-new-tokens", "3"]) == 0
+    assert main(["train", "--resume", out, "train.steps=2", "logging.progress=false"]) == 0
+    assert main(["analyze", out, "--what", "load", "compute"]) == 0  # needs logged metrics
+    model, config = load_run(out)
+    assert config.model.ffn.compressed_experts >= 1 and config.train.steps == 2

@@ -10,13 +10,14 @@ A replaced expert ``E_e(x) = act(x·W13)·W2`` becomes ``s_e(x) = b + act(x·W13
 ``r`` of its hidden units, chosen greedily by column-pivoted QR of the gated, output-scaled
 activations ``g_t·a_j(x_t)·‖W2_j‖`` (after the constant column: each step keeps the unit whose
 contribution the vector and the units already kept explain least, so a unit that copies kept
-ones is never chosen), and ``(b, W2')`` the weighted least-squares fit of the expert's outputs on the tokens routed to it,
-``min Σ_t g_t²‖E_e(x_t) − s_e(x_t)‖²`` (what the layer output loses, since it adds ``g_t·E_e``),
-with a tiny ridge towards the truncated expert ``(0, W2_S)`` so that an expert with fewer
-calibration tokens than unknowns stays well posed. Closed form, not gradient descent: for fixed
-``S`` the problem is linear in ``(b, W2')``, so the solve is the exact optimum in one step, and
-deterministic. ``r = 0`` leaves the vector ``b``, the gated mean of the expert's outputs (the
-paper's compressed expert is such a vector, learnt during fine-tuning there).
+ones is never chosen), and ``(b, W2')`` the weighted least-squares fit of the expert's outputs
+on the tokens routed to it, ``min Σ_t g_t²‖E_e(x_t) − s_e(x_t)‖²`` (what the layer output
+loses, since it adds ``g_t·E_e``), with a tiny ridge towards the truncated expert
+``(0, W2_S)`` so that an expert with fewer calibration tokens than unknowns stays well posed.
+Closed form, not gradient descent: for fixed ``S`` the problem is linear in ``(b, W2')``, so
+one solve gives the exact optimum, deterministically. ``r = 0`` leaves the vector ``b``, the
+gated mean of the expert's outputs (the paper's compressed expert is such a vector, learnt
+during fine-tuning there).
 """
 
 from __future__ import annotations
