@@ -207,6 +207,11 @@ def apply_expert_parallel(
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
+        if module.compressed_experts:
+            raise ValueError(
+                "model.ffn.compressed_experts: expert parallelism shards full experts only; "
+                "train a model with compressed experts without it"
+            )
         dispatcher = ExpertParallelDispatcher(group, ep_size, ep_rank, module.num_experts, clock)
         experts = module.experts
         lo, n = dispatcher.first_expert, dispatcher.num_local

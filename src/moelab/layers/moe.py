@@ -15,10 +15,9 @@ from torch import Tensor
 from moelab.layers import dispatch
 from moelab.layers.base import RoutedLayer, RoutingContext, RoutingDecision, RoutingStats
 from moelab.layers.dense import DenseFFN
-from moelab.layers.experts import GroupedExperts
+from moelab.layers.expert_banks import build_expert_bank
 from moelab.layers.lory import merged_experts_ffn
 from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
-from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
 from moelab.layers.routers import (
     RouterOutput,
     build_router,
@@ -48,10 +47,6 @@ class MoE(RoutedLayer):
             computed for every token in addition to the routed ones.
         shared_gate: scale the shared experts' output per token by ``sigmoid(x · w)``, a learnt
             ``[1, D]`` gate (Qwen2-MoE's ``shared_expert_gate``); needs ``shared_experts > 0``.
-        expert_quant: ``"none"`` (float experts), ``"int8"`` or ``"int4"``: the routed experts
-            are :class:`~moelab.layers.quant_experts.QuantizedExperts` (inference only), with
-            ``expert_quant_group`` inputs per scale and ``expert_quant_keep`` experts one step
-            higher (written by ``moelab compress --method quantize``).
         capacity_factor: ``None`` is dropless (no token is ever dropped); a number caps each expert
             at ``ceil(capacity_factor · T · k·G / (E·G))`` assignments, dropping later tokens first.
             It applies in training mode only (``self.training``).
@@ -70,17 +65,13 @@ class MoE(RoutedLayer):
             ``p_{l−1}`` passed on by the previous MoE layer through the
             :class:`~moelab.layers.base.RoutingContext`, ``p_0 = 0``). 0 (default): off.
         momentum_step: γ, the step size of that update (1.0 default; μ=0, γ=1 is the plain MoE).
-        expert_slots: experts' weight slots after merging (MC-SMoE, Sub-MoE: :mod:`moelab.
-            compress.merging`). None (default): one per routed expert. A number S: the layer
-            holds S expert weights and a long ``[E·G]`` buffer ``expert_slot`` mapping each
-            routed expert to its slot (filled by the merge, kept in the state dict); routing,
-            the router's state, its losses and statistics stay over all E·G experts, and only
-            the dispatcher sees slots (a token choosing two experts of one slot runs that slot
-            twice, with each gate: the gates add up).
         iterations: C of Chain-of-Experts (Wang et al. 2025, arXiv 2506.18945, eq. 4): the experts
             run C times in sequence, ``x⁽ᵗ⁾ = MoE_t(x⁽ᵗ⁻¹⁾) + x⁽ᵗ⁻¹⁾`` with a router of its own
             per iteration (shared experts run in every iteration); the layer returns
             ``x⁽ᶜ⁾ − x⁽⁰⁾`` (the block's residual adds the input). 1 (default): the plain MoE.
+        expert_slots, expert_quant, expert_quant_group, expert_quant_keep, compressed_experts,
+            compressed_width: the expert bank ``moelab compress`` wrote (merged weight slots,
+            quantized experts, compressed stand-ins): :mod:`moelab.layers.expert_banks`.
         **router_options: the router's own options, e.g. ``balance_coef``, ``z_loss_coef``,
             ``renormalize``, ``softmax_after_topk`` (TopK), ``l1_balanced`` (ReLU); see
             :func:`moelab.layers.routers.router_options`.
@@ -110,6 +101,8 @@ class MoE(RoutedLayer):
         expert_quant: str = "none",
         expert_quant_group: int = 32,
         expert_quant_keep: int = 0,
+        compressed_experts: int = 0,
+        compressed_width: int = 0,
         **router_options: Any,
     ) -> None:
         super().__init__()
@@ -131,14 +124,6 @@ class MoE(RoutedLayer):
         )
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
-        check_quant_args(
-            expert_quant,
-            expert_quant_group,
-            expert_quant_keep,
-            num_experts * granularity,
-            d_model,
-            d_hidden // granularity,
-        )
 
         self.d_model = d_model
         self.granularity = granularity
@@ -175,32 +160,28 @@ class MoE(RoutedLayer):
         self.momentum, self.momentum_step = float(momentum), float(momentum_step)
         self.controlled_loss = self.router.controlled_loss
         self.aux_coefficients = self.router.aux_coefficients()
-        if expert_quant != "none" and self.merges_experts:
-            raise ValueError(
-                "expert_quant: router 'lory' merges the experts' float weights; quantized "
-                "experts need a router that dispatches tokens"
-            )
-        if expert_quant != "none" and expert_slots is not None:
-            raise ValueError(
-                "expert_quant: experts merged into shared slots (expert_slots) cannot be "
-                "quantized yet; allowed: expert_quant='none' with expert_slots"
-            )
-        stored = self.num_experts if expert_slots is None else expert_slots
-        self.experts: GroupedExperts | QuantizedExperts = (
-            GroupedExperts(stored, d_model, self.expert_hidden, activation, init_std, backend)
-            if expert_quant == "none"
-            else QuantizedExperts(
-                stored,
-                d_model,
-                self.expert_hidden,
-                activation,
-                expert_quant,
-                expert_quant_group,
-                expert_quant_keep,
-            )
+        self.compressed_experts = compressed_experts
+        self.experts = build_expert_bank(
+            self.num_experts,
+            d_model,
+            self.expert_hidden,
+            activation,
+            init_std,
+            backend,
+            merges_experts=self.merges_experts,
+            expert_slots=expert_slots,
+            expert_quant=expert_quant,
+            expert_quant_group=expert_quant_group,
+            expert_quant_keep=expert_quant_keep,
+            compressed_experts=compressed_experts,
+            compressed_width=compressed_width,
         )
         # 2 FLOPs per weight of one expert; the model's config overwrites it with its accounting's
-        self.assignment_flops = 2 * sum(p[0].numel() for p in self.experts.parameters())
+        self.assignment_flops = (
+            self.experts.flops_per_assignment()[0]
+            if compressed_experts
+            else 2 * sum(p[0].numel() for p in self.experts.parameters())
+        )
         self.shared = (
             DenseFFN(d_model, shared_experts * self.expert_hidden, activation, init_std)
             if shared_experts
@@ -398,6 +379,11 @@ class MoE(RoutedLayer):
         and null / zero-computation picks are not in the decision), or, for Lory, one merged
         expert per valid token (its decision lists every expert, but one FFN runs)."""
         computed = n_valid.cpu() if self.merges_experts else torch.tensor(decision.num_assignments)
+        if self.compressed_experts:  # assignments of compressed experts cost their stand-in's
+            _, stand_in = self.experts.flops_per_assignment()
+            compressed = decision.tokens_per_expert_E[-self.compressed_experts :].sum().cpu()
+            computed = computed - compressed
+            return computed.to(torch.long) * self.assignment_flops + compressed * stand_in
         return computed.to(torch.long) * self.assignment_flops
 
     def extra_repr(self) -> str:
@@ -411,6 +397,7 @@ class MoE(RoutedLayer):
             )
             + (f", expert_slots={self.expert_slots}" if self.expert_slots is not None else "")
             + (f", iterations={self.iterations}" if self.iterations > 1 else "")
+            + (f", compressed_experts={self.compressed_experts}" if self.compressed_experts else "")
             + (f", momentum={self.momentum}" if self.momentum > 0 else "")
             + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")
         )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelab.config import ConfigError
+from moelab.layers.compressed_experts import check_compressed_experts
 from moelab.layers.moe import MoE
 from moelab.layers.moe_checks import check_expert_slots, check_moe_args, check_router_fits
 from moelab.layers.quant_experts import check_quant_args
@@ -47,7 +48,13 @@ ROUTER_OPTION_FIELDS = (
 
 # MoE options that change the layer's structure, with their "off" values (config.yaml shows them
 # only when set).
-STRUCTURE_FIELDS = {"momentum": 0.0, "momentum_step": 1.0, "iterations": 1}
+STRUCTURE_FIELDS = {
+    "momentum": 0.0,
+    "momentum_step": 1.0,
+    "iterations": 1,
+    "compressed_experts": 0,
+    "compressed_width": 0,
+}
 # Other options config.yaml shows only when set (so the files of ordinary runs do not change).
 HIDDEN_AT_DEFAULT = {
     "eval_capacity_factor": None,
@@ -66,8 +73,10 @@ class MoEConfig(FFNSlot):
     the sparsity target 1 − k/E), ``router`` (a registered router: ``topk``, ReMoE's ``relu``, ...),
     ``granularity``, ``shared_experts``, ``capacity_factor`` (null = dropless; training only),
     ``eval_capacity_factor`` (the cap in eval and generation; null = dropless), ``backend``;
-    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ), ``iterations`` (Chain-of-Experts)
-    and ``expert_slots`` (experts merged into shared weight slots by ``moelab compress``), see
+    ``momentum`` / ``momentum_step`` (MomentumSMoE's μ / γ), ``iterations`` (Chain-of-Experts),
+    ``expert_slots`` (experts merged into shared weight slots by ``moelab compress``) and
+    ``compressed_experts`` / ``compressed_width`` (the last routed experts are compressed
+    stand-ins, written by ``moelab compress --method compressed_experts``), see
     :class:`~moelab.layers.MoE`.
 
     The router's options: ``balance_coef``, ``z_loss_coef``, ``renormalize``,
@@ -97,6 +106,8 @@ class MoEConfig(FFNSlot):
     momentum_step: float = 1.0  # MomentumSMoE's γ
     iterations: int = 1  # Chain-of-Experts passes (1: plain MoE)
     expert_slots: int | None = None  # merged experts' weight slots (null: one per routed expert)
+    compressed_experts: int = 0  # the last C routed experts are compressed stand-ins
+    compressed_width: int = 0  # hidden width of a compressed expert's narrow FFN (0: a vector)
     renormalize: bool = False
     softmax_after_topk: bool = False
     balance_coef: float = 0.01
@@ -146,6 +157,16 @@ class MoEConfig(FFNSlot):
         )
         with torch.device("meta"):  # the router's own checks; no memory, no random numbers
             layer_checks(self, self._meta_router)
+        expert_hidden = None if self.d_hidden is None else self.d_hidden // self.granularity
+        layer_checks(
+            self,
+            lambda: check_compressed_experts(
+                self.compressed_experts,
+                self.compressed_width,
+                self.num_experts * self.granularity,
+                expert_hidden,
+            ),
+        )
         layer_checks(
             self,
             lambda: check_expert_slots(
@@ -250,6 +271,8 @@ class MoEConfig(FFNSlot):
             expert_quant=self.expert_quant,
             expert_quant_group=self.expert_quant_group,
             expert_quant_keep=self.expert_quant_keep,
+            compressed_experts=self.compressed_experts,
+            compressed_width=self.compressed_width,
             **self.router_kwargs(),
         )
         return self.counted(layer, d_model)
@@ -277,7 +300,12 @@ class MoEConfig(FFNSlot):
         # Merged experts (expert_slots): fewer weights; every assignment still runs one expert.
         c = self.iterations
         weights = self.num_experts * g if self.expert_slots is None else self.expert_slots
-        total = weights * expert + c * (router - once) + shared
+        # compressed experts: a vector and a narrow FFN each instead of a full expert; a token's
+        # active count stays that of k full experts (an upper bound: what a token that picks
+        # only full experts runs; the measured FLOPs count each stand-in at its own cost)
+        stand_in = d_model + ffn_params(d_model, self.compressed_width, self.activation)
+        routed = (weights - self.compressed_experts) * expert
+        total = routed + self.compressed_experts * stand_in + c * (router - once) + shared
         active = c * (self.top_k * g * expert + router - once + shared)
         return {
             "total_params": total,
