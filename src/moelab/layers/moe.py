@@ -150,8 +150,7 @@ class MoE(RoutedLayer):
         self.register_buffer("expert_slot", slot_E)
         # Lory merges the experts per segment instead of dispatching tokens (_merged_pass).
         self.merges_experts = isinstance(self.router, LoryRouter)
-        # Chain-of-Experts: iteration t > 0 routes with a router of its own (the paper's
-        # "independent gating"); iteration 0 keeps ``self.router``, so C = 1 is today's layer.
+        # Chain-of-Experts: iteration t > 0 has a router of its own ("independent gating")
         self.chain_routers = torch.nn.ModuleList(
             build_router(router, d_model, self.num_experts, self.top_k, init_std, **router_options)
             for _ in range(iterations - 1)
@@ -387,17 +386,15 @@ class MoE(RoutedLayer):
         return computed.to(torch.long) * self.assignment_flops
 
     def extra_repr(self) -> str:
+        optional = {  # shown when not at their default
+            "eval_capacity_factor": (self.eval_capacity_factor, None),
+            "expert_slots": (self.expert_slots, None),
+            "iterations": (self.iterations, 1),
+            "compressed_experts": (self.compressed_experts, 0),
+            "momentum": (self.momentum, 0.0),
+            "momentum_step": (self.momentum_step, 1.0),
+        }
         return (
             f"router={self.router_name}, experts={self.num_experts}, top_k={self.top_k}, "
             f"granularity={self.granularity}, capacity_factor={self.capacity_factor}"
-            + (
-                f", eval_capacity_factor={self.eval_capacity_factor}"
-                if self.eval_capacity_factor is not None
-                else ""
-            )
-            + (f", expert_slots={self.expert_slots}" if self.expert_slots is not None else "")
-            + (f", iterations={self.iterations}" if self.iterations > 1 else "")
-            + (f", compressed_experts={self.compressed_experts}" if self.compressed_experts else "")
-            + (f", momentum={self.momentum}" if self.momentum > 0 else "")
-            + (f", momentum_step={self.momentum_step}" if self.momentum_step != 1.0 else "")
-        )
+        ) + "".join(f", {k}={v}" for k, (v, off) in optional.items() if v != off)
