@@ -69,6 +69,11 @@ def block_ffn_spec(ffn: Any, block: int) -> dict[str, Any]:
         line = export_refusal(ffn.router, ffn.router_kwargs())
         if line is not None:
             raise ValueError(f"model.ffn.router (block {block}): {line}")
+        if getattr(ffn, "expert_quant", "none") != "none":  # torchao formats stay in moelab
+            raise ValueError(
+                f"model.ffn.expert_quant: is {ffn.expert_quant!r}; quantized experts are not "
+                "exported to transformers (allowed: 'none'); export the run it was quantized from"
+            )
     params = inspect.signature(LAYERS[kind]).parameters
     spec: dict[str, Any] = {"kind": kind}
     for name, param in list(params.items())[1:]:  # after d_model

@@ -26,7 +26,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moelab.layers.base import RoutingContext
+from moelab.layers.compressed_experts import PartlyCompressedExperts
 from moelab.layers.dense import DenseFFN
+from moelab.layers.experts import GroupedExperts
 from moelab.layers.moe import MoE
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
@@ -49,6 +51,44 @@ _CACHE_FIELD = (
     "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 )
 LAYERS = {"dense": DenseFFN, "moe": MoE, "peer": PEER, "pkm": PKM}
+
+
+def build_expert_bank(
+    num_experts: int,
+    d_model: int,
+    expert_hidden: int,
+    activation: str,
+    init_std: float,
+    backend: str,
+    *,
+    merges_experts: bool = False,
+    expert_slots: int | None = None,
+    expert_quant: str = "none",
+    compressed_experts: int = 0,
+    compressed_width: int = 0,
+    **_: Any,
+) -> nn.Module:
+    """The exported file's expert banks: float experts (merged weight slots included) or full
+    experts followed by compressed stand-ins. Quantized experts stay in moelab: their formats
+    need torchao, which the exported file does not import."""
+    if expert_quant != "none":
+        raise ValueError(
+            f"expert_quant: a quantized run ({expert_quant!r}) is not exported; export the run "
+            "it was quantized from"
+        )
+    if compressed_experts:
+        return PartlyCompressedExperts(
+            num_experts,
+            compressed_experts,
+            d_model,
+            expert_hidden,
+            compressed_width,
+            activation,
+            init_std,
+            backend,
+        )
+    stored = num_experts if expert_slots is None else expert_slots
+    return GroupedExperts(stored, d_model, expert_hidden, activation, init_std, backend)
 
 
 def float_kernel(name: str, source: str, *tensors: Tensor) -> None:
