@@ -80,7 +80,13 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *args.set_overrides]
 
 
-def print_new_run(verb: str, source: str, run_dir: str, checkpoint_name: str) -> None:
-    """The two closing lines of those commands: what was written, and how to continue."""
+def print_new_run(
+    verb: str, source: str, run_dir: str, checkpoint_name: str, untrainable: str | None = None
+) -> None:
+    """The two closing lines of those commands: what was written, and how to continue (or, for
+    a model that cannot train, ``untrainable`` saying why, how to use it)."""
     print(f"{verb} {source} into {run_dir} ({checkpoint_name})")
-    print(f"continue training with: moelab train --resume {run_dir}")
+    if untrainable is None:
+        print(f"continue training with: moelab train --resume {run_dir}")
+    else:
+        print(f"evaluate with: moelab eval {run_dir} (not trainable: {untrainable})")

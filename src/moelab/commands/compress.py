@@ -116,5 +116,14 @@ def run(args: argparse.Namespace) -> int:
             f"{c.params_before:,} -> {c.params_after:,}, bytes {c.bytes_before:,} -> "
             f"{c.bytes_after:,}"
         )
-    print_new_run(f"compressed ({args.method})", args.source, args.output, ckpt.name)
+    from moelab.train import load_run_config
+
+    why = load_run_config(args.output).model.ffn.untrainable()
+    print_new_run(
+        f"compressed ({args.method})",
+        args.source,
+        args.output,
+        ckpt.name,
+        untrainable=None if why is None else f"model.ffn.{why[0]} {why[1]}",
+    )
     return 0

@@ -22,6 +22,7 @@ from moelab.compress.methods.base import (
 )
 from moelab.compress.prune import moe_blocks
 from moelab.compress.quantization import check_quantizable, quant_format, quantize_model
+from moelab.layers.quant_formats import QUANT_GROUPS
 
 if TYPE_CHECKING:
     from moelab.model import TransformerLM
@@ -49,8 +50,9 @@ class Quantize(CompressMethod):
         parser.add_argument(
             "--quant-group",
             type=int,
-            default=32,
-            help="quantize: inputs sharing one scale (32, 64, 128 or 256; divides the widths)",
+            default=None,
+            help="quantize: inputs sharing one scale (int8: 8-256, int4: 32-256, a power of two "
+            "dividing the widths; default: 32, or the nearest size that divides them)",
         )
         parser.add_argument(
             "--keep-high",
@@ -69,7 +71,7 @@ class Quantize(CompressMethod):
     def __init__(self, ratio: float | None, options: dict[str, Any]) -> None:
         super().__init__(ratio, options)
         self.fmt = quant_format(self.options["bits"])  # refused before any work
-        self.group = self.options["quant_group"]
+        self.group: int | None = self.options["quant_group"]
         self.clip_search = bool(self.options["clip_search"])
 
     def keep(self, model: TransformerLM) -> int:
@@ -87,15 +89,27 @@ class Quantize(CompressMethod):
             raise ValueError(f"--keep-high: a count must be a whole number, got {value!r}")
         return int(value)
 
+    def group_for(self, model: TransformerLM) -> int:
+        """``--quant-group``, or by default 32 when it divides the model's widths, else the
+        allowed size nearest 32 that does (the presets' 344-wide experts take 8 in int8); with
+        none, 32, which :func:`check_quantizable` then refuses naming the allowed sizes."""
+        if self.group is not None:
+            return self.group
+        blocks = moe_blocks(model)
+        widths = [model.cfg.d_model] + [b.expert_hidden for b in blocks.values()][:1]
+        fits = [g for g in QUANT_GROUPS[self.fmt] if all(w % g == 0 for w in widths)]
+        return min(fits, key=lambda g: (abs(g - 32), g)) if fits else 32
+
     def check(self, model: TransformerLM) -> None:
         if not moe_blocks(model):
             raise ValueError("model: no MoE layer to quantize (model.ffn.kind must be 'moe')")
-        check_quantizable(model, self.fmt, self.group, self.keep(model))
+        check_quantizable(model, self.fmt, self.group_for(model), self.keep(model))
 
     def apply(self, model: TransformerLM, calib: Calibration) -> CompressOutcome:
         keep = self.keep(model)
+        group = self.group_for(model)
         quantized, details = quantize_model(
-            model, self.options["bits"], self.group, keep, calib.batches, self.clip_search
+            model, self.options["bits"], group, keep, calib.batches, self.clip_search
         )
         after = moe_blocks(quantized)
         layers = []
