@@ -171,7 +171,7 @@ def inputs_outputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     elif c in ("eval", "generate", "export-hf"):
         ins.append(args.run_dir)
         outs += [args.out_dir] if c == "export-hf" else []
-    elif c in ("prune", "upcycle", "convert-hf"):  # the commands that make a run from weights
+    elif c in ("prune", "compress", "upcycle", "convert-hf"):  # they make a run from weights
         ins.append(args.source)
         outs.append(args.output)
     elif c == "analyze":
@@ -204,7 +204,7 @@ def check_config(args: argparse.Namespace, cmd: Command, world: int | None = Non
     torchrun, its parallel layout suits ``world`` processes."""
     from moelab.train import resolve_run_config
 
-    if args.command not in ("train", "demo", "prune", "upcycle", "convert-hf"):
+    if args.command not in ("train", "demo", "prune", "compress", "upcycle", "convert-hf"):
         return
     config_file = getattr(args, "config", None)
     preset = None if config_file else (getattr(args, "preset", None) or None)

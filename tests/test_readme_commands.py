@@ -74,7 +74,7 @@ def test_block_reader_joins_continuations_keeps_quoted_lines_and_drops_comments(
 def test_readme_has_a_command_block_per_capability():
     programs = {c.words[1] for c in COMMANDS if c.program == "moelab"}
     needed = {"train", "data", "eval", "generate", "analyze", "report", "compare", "export-hf"}
-    needed |= {"upcycle", "lm-eval", "prune", "bench"}
+    needed |= {"upcycle", "lm-eval", "compress", "bench"}
     assert needed <= programs, needed - programs
     assert any(c.program == "torchrun" for c in COMMANDS)
     assert any(c.words[:2] == ["make", "demo"] for c in COMMANDS)
@@ -157,7 +157,7 @@ def test_headline_numbers_are_copied_from_the_file_they_name():
 
 # --- the cheap commands and the Python blocks, run on a small fresh run -------------------------
 
-CHEAP = {"eval", "generate", "analyze", "prune"}
+CHEAP = {"eval", "generate", "analyze", "prune", "compress"}
 
 
 def _is_cheap(cmd: Command) -> bool:
@@ -209,7 +209,7 @@ def test_cheap_readme_commands_run(workdir, monkeypatch, capsys):
         out = capsys.readouterr()
         assert code == 0, f"{cmd.where()}\nexit {code}\n{out.err[-2000:]}"
         ran.append(cmd.words[1])
-    assert {"eval", "generate", "analyze", "data", "train", "prune"} <= set(ran), ran
+    assert {"eval", "generate", "analyze", "data", "train", "compress"} <= set(ran), ran
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks(TEXT))))
@@ -237,7 +237,7 @@ def _capped(cmd: Command) -> list[str] | None:
     sub = rest[rest.index("moelab") + 1]
     if sub == "lm-eval" and importlib.util.find_spec("lm_eval") is None:
         return None
-    if sub in ("train", "prune", "upcycle", "convert-hf"):
+    if sub in ("train", "prune", "compress", "upcycle", "convert-hf"):
         rest += _caps(w, positional=False)
     elif sub == "demo":
         rest += _caps(w, positional=True)
