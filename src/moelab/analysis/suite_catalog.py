@@ -198,3 +198,6 @@ SUITES["remoe-collapse"] = {
         },
     },
 }
+
+# the protocol that can show the papers' claims first (the results pages list suites in this order)
+SUITES = {"paper": SUITES["paper"], "paper-lr": SUITES["paper-lr"]} | SUITES
