@@ -233,3 +233,16 @@ def test_method_options_are_grouped_on_the_parser():
     help_text = sub.choices["compress"].format_help()
     for name in PRUNING:
         assert f"--method {name} options" in help_text
+
+
+def test_a_compressed_run_is_analysed_before_it_trains(runs, tmp_path, capsys):
+    """A step-0 run (config + checkpoint, no metrics yet) reads as a run: its routing analysis
+    runs on the checkpoint, and stability says it needs a second one."""
+    out = tmp_path / "c"
+    argv = ["compress", str(runs["relu"]), str(out), "--method", "frequency", "--ratio", ".5"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert not RunDir(out).has_metrics
+    assert main(["analyze", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "expert" in printed and "stability: needs two checkpoints" in printed

@@ -72,13 +72,15 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
     Raises ValueError naming the directory when it is not a run: missing, not a directory, or
     holding neither file (either one alone is enough: a crashed run has metrics but no summary),
-    or with a malformed line.
+    or with a malformed line. A run laid out at step 0 (``moelab compress``, ``prune``,
+    ``upcycle``: a config and a checkpoint, nothing trained yet) reads as a run without lines, so
+    its routing can be analysed before it trains.
     """
     run = RunDir(run_dir)
     path = run.path
     if not path.is_dir():
         raise ValueError(f"{path}: not a run directory (does not exist or is not a directory)")
-    if not run.has_summary and not run.has_metrics:
+    if not run.has_summary and not run.has_metrics and not (run.holds_run and run.has_latest):
         raise ValueError(
             f"{path}: not a run directory (no {RunDir.SUMMARY} or {RunDir.METRICS}; expected a "
             "directory written by `moelab train`)"
