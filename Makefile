@@ -36,7 +36,9 @@ bench: setup
 # docs/results/<suite>/, rewrite the generated blocks of docs/results/README.md. Needs a committed
 # tree; resumes if interrupted. Measured on the shared 2-core CPU: paper-mini + experts-scaling +
 # load-balance 66 min (2 suites at a time), routers 35 min alone with its runs 2 at a time
-# (RESULTS_ARGS='--suites routers --compare-args "--jobs 2"'). RESULTS_ARGS="--suites NAME" for one.
+# (RESULTS_ARGS='--suites routers --compare-args "--jobs 2"'); paper-lr 32 min and paper ~80 min
+# (18 runs of ~1M tokens), each alone with --compare-args "--jobs 2", on a machine shared with
+# other work. RESULTS_ARGS="--suites NAME" for one.
 results: setup
 	$(PY) scripts/make_results.py --jobs 2 $(RESULTS_ARGS)
 
