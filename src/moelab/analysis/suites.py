@@ -179,6 +179,18 @@ def _train_all(
             future.result()  # the first failure is raised once every started run has ended
 
 
+def _trained_span(plan: list[PlannedRun]) -> float | None:
+    """Seconds from the first run's start (its config is written before its first step) to the
+    last run's end (its summary is written last): a suite reported by a later process than the
+    one that trained it still says how long training took."""
+    try:
+        starts = [(p.run_dir / RunDir.CONFIG).stat().st_mtime for p in plan]
+        ends = [(p.run_dir / RunDir.SUMMARY).stat().st_mtime for p in plan]
+    except OSError:
+        return None
+    return max(ends) - min(starts) if plan else None
+
+
 def run_suite(
     name: str,
     out_dir: str | Path,
@@ -216,6 +228,7 @@ def run_suite(
         check_kept_runs(plan)
     if trainer is None and jobs <= 1:
         trainer = _default_trainer()
+    trains = any(not RunDir(p.run_dir).has_summary for p in plan)
     if not allow_mixed:
         kept = {
             p.run_dir.name: RunDir(p.run_dir).provenance()
@@ -224,7 +237,6 @@ def run_suite(
         }
         # runs still to train must come from the code that trained the kept ones; a suite whose
         # runs have all finished is only reported (a later report version may redraw it)
-        trains = any(not RunDir(p.run_dir).has_summary for p in plan)
         if kept:
             mine = {"this process": [here]} if trains else {}
             check_same_code({**mine, **kept}, False, str(out / RUNS_SUBDIR))
@@ -244,6 +256,8 @@ def run_suite(
     t0 = time.time()
     _train_all(plan, trainer, jobs, out / "logs", log)
     train_seconds = time.time() - t0
+    if not trains:  # only reported here: the training time the run files span
+        train_seconds = _trained_span(plan) or train_seconds
     groups: dict[str, list[str]] = {}
     for p in plan:
         groups.setdefault(p.group, []).append(str(p.run_dir))
