@@ -255,9 +255,9 @@ def run_suite(
     write_record(out, record)
     t0 = time.time()
     _train_all(plan, trainer, jobs, out / "logs", log)
-    train_seconds = time.time() - t0
-    if not trains:  # only reported here: the training time the run files span
-        train_seconds = _trained_span(plan) or train_seconds
+    trained_here = time.time() - t0
+    # only reported here: the training time the run files span
+    train_seconds = trained_here if trains else (_trained_span(plan) or trained_here)
     groups: dict[str, list[str]] = {}
     for p in plan:
         groups.setdefault(p.group, []).append(str(p.run_dir))
@@ -273,7 +273,7 @@ def run_suite(
     )
     record.update(
         train_seconds=round(train_seconds, 1),
-        report_seconds=round(time.time() - t0 - train_seconds, 1),
+        report_seconds=round(time.time() - t0 - trained_here, 1),
         finished=now(),
         warnings=res["warnings"],
     )
