@@ -39,7 +39,7 @@ RESULTS = ROOT / "docs" / "results"
 # issue #19: docs/results stays light (no embedded images, no HTML copies, no checkpoints); issue
 # #20 adds what re-derives every routing number: each run's routing.npz (~0.5 MB for a 4-layer,
 # 8-expert run) and the `paper` protocol's every-step logs
-RESULTS_LIMIT = 24 * 2**20
+RESULTS_LIMIT = 28 * 2**20
 EMBEDDED = re.compile(r"data:image/|;base64,")
 
 
