@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from moelab.analysis.compress_report import read_rows
-from moelab.analysis.compress_suite import plan_compress, run_compress_suite
 from moelab.cli import main
 from moelab.compress import compress_run
 from moelab.compress.methods import SUITE_RATIOS, get_method, method_names
+from moelab.compress.suite import plan_compress, run_compress_suite
 from moelab.train import evaluate_run, load_run, train
 from run_fixtures import REMOE, TOPK, tiny_config
 

@@ -1,6 +1,6 @@
 """``moelab compare --suite NAME``: train a named suite of runs and report them side by side; or
 ``--suite compress``, a different kind (no training: trained runs compressed by every method,
-:mod:`moelab.analysis.compress_suite`)."""
+:mod:`moelab.compress.suite`)."""
 
 from __future__ import annotations
 
@@ -94,8 +94,10 @@ COMPRESS = "compress"
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    """``--suite compress`` (see :mod:`moelab.analysis.compress_suite`)."""
-    from moelab.analysis.compress_suite import run_compress_suite
+    """``--suite compress`` (see :mod:`moelab.compress.suite`): the runs and rows, then the
+    report (:mod:`moelab.analysis.compress_report`)."""
+    from moelab.analysis.compress_report import write_compress_report
+    from moelab.compress.suite import run_compress_suite
 
     sources = {}
     for item in args.sources:
@@ -121,7 +123,8 @@ def run_compress(args: argparse.Namespace) -> int:
         calib_batches=args.calib_batches,
         command=shlex.join(words),
     )
-    print(f"wrote {res['markdown']} ({len(res['rows'])} rows, {res['seconds']:.0f} s)")
+    report = write_compress_report(res["rows"], out)
+    print(f"wrote {report['markdown']} ({len(res['rows'])} rows, {res['seconds']:.0f} s)")
     return 0
 
 

@@ -13,11 +13,14 @@ int4), optionally heals each compressed run for a few training steps, and writes
   only read);
 * ``rows/<same name>.json``: one table row each, written once the run is evaluated (or refused),
   so an interrupted suite resumes and keeps finished rows; ``rows/<source>.json`` the source;
-* ``compress_report.md`` and two plots (:mod:`moelab.analysis.compress_report`);
 * ``compress_suite.json``: the command, sources (path, checkpoint), settings and provenance.
 
 A method that refuses a source (a router without the capability, a ratio too low for its
 router, a width no quantization group divides) is a row with the one-line reason, not a crash.
+
+Here, in the compress package, so that it may drive :func:`compress_run` (the analysis package
+may not import it); the command passes the rows to
+:func:`moelab.analysis.compress_report.write_compress_report` for the table and plots.
 """
 
 from __future__ import annotations
@@ -26,12 +29,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from moelab import provenance
-from moelab.analysis.compress_report import write_compress_report
-from moelab.analysis.suite_record import RUNS_SUBDIR, now
 from moelab.compress.methods import SUITE_RATIOS, SuiteSetting, get_method, method_names
 from moelab.compress.run import compress_run
 from moelab.rundir import RunDir
@@ -46,6 +48,7 @@ __all__ = [
     "run_compress_suite",
 ]
 
+RUNS_SUBDIR = "runs"  # as a training suite's OUT/runs
 DEFAULT_SOURCES = {"remoe": "remoe-seed0", "topk": "topk-seed0"}  # label → run of --from DIR/runs
 ROWS_SUBDIR = "rows"
 RECORD_FILE = "compress_suite.json"  # not suite.json: the training-suite tools read those
@@ -64,6 +67,10 @@ class CompressJob:
     @property
     def name(self) -> str:
         return self.run_dir.name
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _slug(text: str) -> str:
@@ -249,9 +256,9 @@ def run_compress_suite(
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Compress, evaluate and report every planned job into ``out_dir`` (see the module doc);
-    rows already in ``out_dir/rows`` are kept. Returns ``{"rows", "markdown", "images",
-    "seconds"}``."""
+    """Compress and evaluate every planned job into ``out_dir`` (see the module doc); rows
+    already in ``out_dir/rows`` are kept. Returns ``{"rows", "seconds"}``; ``compress_suite.json``
+    says when it finished."""
     if isinstance(heal_steps, bool) or not isinstance(heal_steps, int) or heal_steps < 0:
         raise ValueError(f"--heal-steps: must be an integer >= 0, got {heal_steps!r}")
     if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
@@ -301,7 +308,6 @@ def run_compress_suite(
         rows.append(row)
         said = row.get("reason") or f"val loss {row['val_loss']:.4f}"
         log(f"[{i}/{len(steps)}] {name}: {said} ({time.time() - t:.0f} s)")
-    res = write_compress_report(rows, out)
     record |= {"finished": now(), "seconds": round(time.time() - t0, 1), "rows": len(rows)}
     _write_json(out / RECORD_FILE, record)
-    return {"rows": rows, **res, "seconds": time.time() - t0}
+    return {"rows": rows, "seconds": time.time() - t0}
