@@ -1,7 +1,7 @@
 """The compress suite's report: one table row per (source, method, setting) and two plots of
 whole-split validation loss against what a compressed run keeps (MoE parameters, weight bytes).
 
-Kept apart from the runner (:mod:`moelab.analysis.compress_suite`) so that a report can be
+Kept apart from the runner (:mod:`moelab.compress.suite`) so that a report can be
 redrawn from the ``rows/*.json`` files alone (no checkpoint, no evaluation).
 """
 
