@@ -13,11 +13,13 @@ import pkgutil
 
 from moelab.compress.methods.base import (
     METHODS,
+    SUITE_RATIOS,
     Calibration,
     CompressMethod,
     CompressOutcome,
     LayerChange,
     SourceRun,
+    SuiteSetting,
     get_method,
     method_names,
     module_bytes,
@@ -31,7 +33,9 @@ __all__ = [
     "CompressMethod",
     "CompressOutcome",
     "LayerChange",
+    "SUITE_RATIOS",
     "SourceRun",
+    "SuiteSetting",
     "get_method",
     "method_names",
     "module_bytes",

@@ -34,7 +34,9 @@ __all__ = [
     "CompressOutcome",
     "LayerChange",
     "METHODS",
+    "SUITE_RATIOS",
     "SourceRun",
+    "SuiteSetting",
     "get_method",
     "method_names",
     "module_bytes",
@@ -72,6 +74,22 @@ class LayerChange:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+# The ratios of expert parameters kept at which ``moelab compare --suite compress`` runs every
+# method that takes a ratio (a method without one declares its own settings).
+SUITE_RATIOS: tuple[float, ...] = (0.75, 0.5, 0.25)
+
+
+@dataclass(frozen=True)
+class SuiteSetting:
+    """One setting the compress suite runs a method at: a short ``label`` (the table's "setting"
+    column and part of the run's directory name), the ``ratio`` (None for methods without one)
+    and the method's ``options`` (by ``dest``, over its defaults)."""
+
+    label: str
+    ratio: float | None
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,16 @@ class CompressMethod:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add this method's own options (none by default)."""
+
+    @classmethod
+    def suite_settings(
+        cls, model: TransformerLM, ratios: tuple[float, ...] = SUITE_RATIOS
+    ) -> list[SuiteSetting]:
+        """The settings ``moelab compare --suite compress`` runs this method at on ``model`` (the
+        source, read only): by default each of ``ratios`` with default options. A method without
+        a ratio overrides this with its own (e.g. quantize: int8 and int4), so the suite keeps no
+        list of methods or settings."""
+        return [SuiteSetting(f"{r:g}", r, {}) for r in ratios]
 
     def __init__(self, ratio: float | None, options: dict[str, Any]) -> None:
         # ratio: fraction of expert parameters KEPT, in (0, 1) (checked by the driver); None when

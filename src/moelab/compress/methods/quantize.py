@@ -12,10 +12,12 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from moelab.compress.methods.base import (
+    SUITE_RATIOS,
     Calibration,
     CompressMethod,
     CompressOutcome,
     LayerChange,
+    SuiteSetting,
     module_bytes,
     module_params,
     register_method,
@@ -67,6 +69,28 @@ class Quantize(CompressMethod):
             default=True,
             help="quantize: choose each group's clipping on the routed calibration tokens",
         )
+
+    @classmethod
+    def suite_settings(
+        cls, model: TransformerLM, ratios: tuple[float, ...] = SUITE_RATIOS
+    ) -> list[SuiteSetting]:
+        """int8 and int4 (no ratio), each with the largest group its kernel allows that divides
+        the model's ``d_model`` and expert width (the default 32 when none does: that setting
+        is then refused, and the suite's table says why)."""
+        blocks = moe_blocks(model)
+        moe = next(iter(blocks.values()), None)
+        settings = []
+        for bits in (8, 4):
+            fits = [
+                g
+                for g in QUANT_GROUPS[quant_format(bits)]
+                if moe is not None and moe.d_model % g == 0 and moe.expert_hidden % g == 0
+            ]
+            group = max(fits, default=32)
+            settings.append(
+                SuiteSetting(f"int{bits} g{group}", None, {"bits": bits, "quant_group": group})
+            )
+        return settings
 
     def __init__(self, ratio: float | None, options: dict[str, Any]) -> None:
         super().__init__(ratio, options)
