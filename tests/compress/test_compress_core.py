@@ -185,7 +185,7 @@ def test_each_pruning_method_writes_a_run_that_reloads_evaluates_and_generates(
     assert (
         origin["calibration"] == "none"
         if method == "router_change"
-        else "split 'val'" in (origin["calibration"])
+        else "split 'train'" in (origin["calibration"])
     )
     weights = RunDir(out).latest_checkpoint() / RunDir.WEIGHTS
     assert origin["weights_bytes"]["compressed"] == weights.stat().st_size

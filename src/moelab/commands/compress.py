@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "at step 0 (evaluate it like any run; continue it with `moelab train --resume "
         "OUT_RUN_DIR`). Methods: "
         + "; ".join(f"{n}: {get_method(n).summary}" for n in method_names())
-        + ". Calibration tokens are validation batches of the run's data (or --calib-data). "
+        + ". Calibration tokens are training-split batches of the run's data (or --calib-data), "
+        "never the validation split the new run is evaluated on. "
         "The provenance of the new run records the method, its options, each layer's experts, "
         "parameters and bytes before and after. Overrides (KEY=VALUE) set data/optim/train/"
         "logging/checkpoint fields. See docs/compress.md.",
@@ -52,13 +53,13 @@ def _options(p: argparse.ArgumentParser) -> None:
         "--calib-batches",
         type=int,
         default=16,
-        help="validation batches the method calibrates on (default 16)",
+        help="training-split batches the method calibrates on (default 16)",
     )
     p.add_argument(
         "--calib-data",
         default=None,
         metavar="PATH",
-        help="a prepared dataset (moelab data prepare, the run's tokenizer) whose validation "
+        help="a prepared dataset (moelab data prepare, the run's tokenizer) whose training "
         "split calibrates, instead of the run's own data",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the method's random numbers")

@@ -3,7 +3,7 @@
 :func:`compress_run` validates everything it can before any work (the method and its options,
 the ratio, the model's layers, the router's declared capability, the calibration data, the
 overrides, the output directory), loads the source run, builds the :class:`Calibration` from the
-run's validation split (or a prepared dataset given as ``calib_data``), calls the method's
+run's training split (or a prepared dataset given as ``calib_data``), calls the method's
 ``check`` then ``apply``, and writes the compressed model as a new run at step 0 through
 :func:`~moelab.train.start_run` (the source's optimizer state is dropped; a ReLU router's trained
 λ is carried, its sparsity target ``1 − k/E`` follows from the new model). The run's provenance
@@ -191,10 +191,13 @@ def _check_layers(cls: type[CompressMethod], config: RunConfig) -> None:
     )
 
 
+CALIBRATION_SPLIT = "train"  # never the split the compressed run is evaluated on
+
+
 def _calibration_dataset(
     cls: type[CompressMethod], config: RunConfig, run: RunDir, calib_data: str | Path | None
 ) -> TokenDataset | None:
-    """The dataset whose validation split calibrates: ``calib_data`` or the run's own."""
+    """The dataset whose training split calibrates: ``calib_data`` or the run's own."""
     if not cls.needs_calibration:
         return None
     if calib_data is None:
@@ -214,9 +217,10 @@ def _calibration_dataset(
     except ValueError as err:
         raise ValueError(f"--calib-data: {err}") from None
     run.check_same_tokenizer(dataset, field="--calib-data")
-    if dataset.num_tokens("val") < config.data.seq_len + 1:
+    if dataset.num_tokens(CALIBRATION_SPLIT) < config.data.seq_len + 1:
         raise ValueError(
-            f"--calib-data: split 'val' of {path} has fewer than {config.data.seq_len + 1} tokens"
+            f"--calib-data: split '{CALIBRATION_SPLIT}' of {path} has fewer than "
+            f"{config.data.seq_len + 1} tokens"
         )
     return dataset
 
@@ -227,12 +231,15 @@ def _calibration(
     if dataset is None:
         return Calibration([], "none", seed)
     d = config.data
+    # the training split: the compressed run is evaluated on the validation split, and a method
+    # fitted on the tokens it is scored on would look better than it is
     windows = [
-        b["input_ids"] for b in eval_batches(dataset, "val", d.seq_len, d.eval_batch_size, batches)
+        b["input_ids"]
+        for b in eval_batches(dataset, CALIBRATION_SPLIT, d.seq_len, d.eval_batch_size, batches)
     ]
     shape = f"{len(windows)} batches of {d.eval_batch_size}x{d.seq_len} tokens"
     checksum = dataset_checksum(dataset.path)
-    source = f"{dataset.path} (sha256 {checksum}), split 'val', {shape}"
+    source = f"{dataset.path} (sha256 {checksum}), split '{CALIBRATION_SPLIT}', {shape}"
     return Calibration(windows, source, seed)
 
 
