@@ -199,5 +199,19 @@ SUITES["remoe-collapse"] = {
     },
 }
 
+# docs/results/peer-optim: the row-wise table optimizers (moelab.train.rowwise) against the exact
+# lazy AdamW on PEER's tables, at the peer-tiny preset's own settings, paired by seed
+PEER_TABLE_OPTIMIZERS = ("lazy", "rowwise", "rowwise_bf16")
+SUITES["peer-optim"] = {
+    "description": "PEER's expert tables trained with exact lazy AdamW, row-wise Adam and row-wise "
+    "Adam with a bfloat16 first moment: peer-tiny, 300 steps, whole validation split, 3 seeds",
+    "seeds": [0, 1, 2],
+    "overrides": ["data.eval_max_batches=null"],
+    "runs": {
+        mode: {"preset": "peer-tiny", "overrides": [f"optim.table_optimizer={mode}"]}
+        for mode in PEER_TABLE_OPTIMIZERS
+    },
+}
+
 # the protocol that can show the papers' claims first (the results pages list suites in this order)
 SUITES = {"paper": SUITES["paper"], "paper-lr": SUITES["paper-lr"]} | SUITES
