@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_decoding_options(p)
     add_checkpoint_option(p)
-    add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier
+    add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier, --miss-*
     p.set_defaults(func=run)
 
 
@@ -31,6 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from moelab.train import load_run, run_tokenizer
 
     session = None
+    if args.expert_memory is None and (args.miss_precision or args.miss_threshold is not None):
+        raise ValueError("--miss-precision/--miss-threshold: need --expert-memory")
+    if args.miss_threshold is not None and args.miss_precision is None:
+        raise ValueError("--miss-threshold: needs --miss-precision (int8 or int4)")
     if args.expert_memory is not None:  # experts served from the checkpoint file (moelab.serve)
         from moelab.serve import load_offloaded
 
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             tier_name=args.tier,
             checkpoint=args.checkpoint,
+            miss_precision=args.miss_precision,
+            **({} if args.miss_threshold is None else {"miss_threshold": args.miss_threshold}),
         )
     else:
         model, config = load_run(args.run_dir, checkpoint=args.checkpoint)

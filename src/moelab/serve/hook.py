@@ -6,7 +6,8 @@ permutes the rows as the local dispatcher does, asks the session for each expert
 rows (hits first, then loads still in flight, then misses), runs that one expert on its rows with
 the layer's own expert code (``GroupedExperts`` called on the fetched weights through
 ``torch.func.functional_call``, so the backend and the arithmetic are the fully loaded model's),
-and combines. A forward pre-hook on the layer keeps the token mask and routing context of the
+and combines. With low-precision copies (:mod:`moelab.serve.lowprec`) a missed expert whose
+rows all have small gates is computed from its copy instead of fetched. A forward pre-hook on the layer keeps the token mask and routing context of the
 call, which the next layer's router needs for its prediction.
 """
 
@@ -66,9 +67,16 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         for n in counts:
             starts.append(starts[-1] + n)
         y_ND = x_ND.new_empty(x_ND.shape[0], x_ND.shape[1])
+        ratio_N = self._gate_ratios(perm, x_TD.shape[0])
         for e in self.session.fetch_order(self.layer, needed):
-            w13, w2 = self.session.fetch(self.layer, e, remaining)
             rows = slice(starts[e], starts[e + 1])
+            if ratio_N is not None and self.session.use_low_precision(self.layer, e, ratio_N[rows]):
+                y_ND[rows] = self.session.lowprec.run(
+                    self.layer, e, x_ND[rows], perm.weight_N[rows]
+                )
+                remaining.discard((self.layer, e))
+                continue
+            w13, w2 = self.session.fetch(self.layer, e, remaining)
             y_ND[rows] = functional_call(
                 self.shell,
                 {"w13_EDF2": w13[None], "w2_EFD": w2[None]},
@@ -76,6 +84,15 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
             )
             remaining.discard((self.layer, e))
         return dispatch.combine(y_ND, perm, weighted=True)
+
+    def _gate_ratios(self, perm: dispatch.Permutation, num_tokens: int) -> Tensor | None:
+        """Each row's gate over its token's top gate (HOBBIT's importance), or None when no
+        low-precision copies are kept."""
+        if self.session.lowprec is None or not self.session.miss_threshold > 0:
+            return None
+        w_N = perm.weight_N.float()
+        top_T = w_N.new_zeros(num_tokens).scatter_reduce_(0, perm.token_idx_N, w_N, "amax")
+        return w_N / top_T[perm.token_idx_N].clamp_min(torch.finfo(torch.float32).tiny)
 
     def __repr__(self) -> str:
         return f"OffloadDispatcher(layer={self.layer})"

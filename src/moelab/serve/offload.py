@@ -26,7 +26,9 @@ from moelab.layers.routers import require
 from moelab.model import TransformerLM
 from moelab.serve.cache import ExpertCache, check_policy
 from moelab.serve.hook import OffloadDispatcher
+from moelab.serve.lowprec import DEFAULT_THRESHOLD, LowPrecisionExperts, check_miss_options
 from moelab.serve.prefetch import Prefetcher
+from moelab.serve.startup import materialize
 from moelab.serve.store import PARTS, ExpertStore
 from moelab.serve.tiers import parse_bytes, tier
 
@@ -63,7 +65,7 @@ def check_offloadable(model: TransformerLM) -> list[tuple[int, MoE]]:
             )
     if not found:
         raise ValueError("--expert-memory: the model has no MoE layer (no experts to offload)")
-    if model.tok_emb.weight.device.type != "cpu":
+    if model.tok_emb.weight.device.type not in ("cpu", "meta"):
         raise ValueError("--expert-memory: offloaded serving runs on CPU models for now")
     return found
 
@@ -79,8 +81,11 @@ class OffloadSession:
         budget: int,
         policy: str,
         prefetch: bool,
+        miss_precision: str | None = None,
+        miss_threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
         self.store, self.policy, self.prefetch_enabled = store, policy, prefetch
+        self.miss_precision, self.miss_threshold = miss_precision, float(miss_threshold)
         self.slots = [
             store.slots(
                 f"blocks.{i}.ffn.experts.",
@@ -99,10 +104,40 @@ class OffloadSession:
                 f"--expert-memory: {budget} bytes is smaller than one expert ({biggest} bytes); "
                 f"allowed: {biggest} bytes up to the experts' {self.total_expert_bytes}"
             )
+        # the low-precision copies live inside the budget: the cache gets what they leave
+        self.lowprec = (
+            LowPrecisionExperts(miss_precision, [moe.experts for _, moe in layers])
+            if miss_precision is not None
+            else None
+        )
+        self.lowprec_bytes = 0 if self.lowprec is None else self.lowprec.nbytes()
+        if budget - self.lowprec_bytes < biggest:
+            need = self.lowprec_bytes + biggest
+            raise ValueError(
+                f"--expert-memory: {budget} bytes cannot hold the {miss_precision} copies of "
+                f"the experts ({self.lowprec_bytes} bytes) plus one full expert ({biggest} "
+                f"bytes); allowed with --miss-precision {miss_precision}: at least {need} bytes "
+                f"({100 * need / self.total_expert_bytes:.1f}% of the experts)"
+            )
         self.budget = budget
-        self.cache = ExpertCache(budget, policy, self._allocate)
+        self.cache = ExpertCache(budget - self.lowprec_bytes, policy, self._allocate)
         self.prefetcher = Prefetcher() if prefetch else None
+        self.lowprec_fill_s = 0.0
         self.reset_counters()
+
+    def fill_low_precision(self) -> None:
+        """Quantize every expert into its resident copy, reading one expert at a time."""
+        if self.lowprec is None:
+            return
+        t0 = time.perf_counter()
+
+        def read(layer: int, expert: int) -> list[torch.Tensor]:
+            buffers = self._allocate((layer, expert))
+            self.store.read(self.slots[layer], expert, buffers)
+            return buffers
+
+        self.lowprec.fill(read)
+        self.lowprec_fill_s = time.perf_counter() - t0
 
     # ---- called by the dispatchers --------------------------------------------------------------
 
@@ -123,6 +158,23 @@ class OffloadSession:
             return 2 if entry is None else (0 if entry.ready else 1)
 
         return sorted(needed, key=rank)
+
+    def use_low_precision(self, layer: int, expert: int, ratio_n: torch.Tensor) -> bool:
+        """HOBBIT's rule (:mod:`moelab.serve.lowprec`): a miss (neither held nor in flight)
+        whose rows all have a gate below ``miss_threshold`` x their token's top gate is computed
+        from its low-precision copy; counted, and the full expert is not read."""
+        if self.lowprec is None or not self.miss_threshold > 0:
+            return False
+        with self.cache.cond:
+            if (layer, expert) in self.cache.entries:
+                return False
+        if not bool((ratio_n < self.miss_threshold).all()):
+            return False
+        self.lowprec_hits += 1
+        self.lowprec_rows += int(ratio_n.numel())
+        self.bytes_saved += self.expert_bytes[layer]
+        self.lowprec_used.add((layer, expert))
+        return True
 
     def fetch(self, layer: int, expert: int, pinned: set) -> list[torch.Tensor]:
         t0 = time.perf_counter()
@@ -161,6 +213,8 @@ class OffloadSession:
             self.prefetcher.drain()
         self.cache.stats = type(self.cache.stats)(peak_bytes=self.cache.held)
         self.used_bytes, self.forwards, self.wait_s = 0, 0, 0.0
+        self.lowprec_hits, self.lowprec_rows, self.bytes_saved = 0, 0, 0
+        self.lowprec_used: set[tuple[int, int]] = set()  # (layer, expert) since the reset
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset (prefetches still in flight are waited for first)."""
@@ -174,7 +228,7 @@ class OffloadSession:
             "policy": self.policy,
             "prefetch": self.prefetch_enabled,
             "budget_bytes": self.budget,
-            "peak_bytes": s.peak_bytes,
+            "peak_bytes": s.peak_bytes + self.lowprec_bytes,  # the copies are always held
             "expert_bytes": self.total_expert_bytes,
             "hits": s.hits,
             "late": s.late,
@@ -189,6 +243,13 @@ class OffloadSession:
             "read_over_used": s.bytes_loaded / self.used_bytes if self.used_bytes else None,
             "load_wait_s": self.wait_s,
             "forwards": self.forwards,
+            "miss_precision": self.miss_precision,
+            "miss_threshold": self.miss_threshold if self.lowprec is not None else None,
+            "lowprec_bytes": self.lowprec_bytes,
+            "lowprec_hits": self.lowprec_hits,
+            "lowprec_rows": self.lowprec_rows,
+            "bytes_saved": self.bytes_saved,
+            "lowprec_fill_s": self.lowprec_fill_s,
         }
 
     def close(self) -> None:
@@ -206,15 +267,25 @@ def offload_model(
     prefetch: bool = False,
     tier_name: str = "disk",
     load_resident: bool = False,
+    miss_precision: str | None = None,
+    miss_threshold: float = DEFAULT_THRESHOLD,
 ) -> OffloadSession:
     """Serve ``model``'s experts from ``weights`` (its safetensors file) under ``expert_memory``
     bytes (``"64MB"``, ``"25%"`` of the experts, an int). The experts' parameters are dropped
     from the model (it is for inference only afterwards); ``load_resident`` also loads every
-    other weight from the file. Returns the session (also ``model.offload``)."""
+    other weight from the file (required for a model built on the meta device, see
+    :mod:`moelab.serve.startup`, whose resident tensors are materialised first).
+    ``miss_precision`` (``"int8"``/``"int4"``) keeps a low-precision copy of every expert inside
+    the budget for misses below ``miss_threshold`` (:mod:`moelab.serve.lowprec`). Returns the
+    session (also ``model.offload``)."""
     tier_ = tier(tier_name)
     budget = parse_bytes(expert_memory)
     check_policy(policy)
+    check_miss_options(miss_precision, miss_threshold)
     layers = check_offloadable(model)
+    on_meta = model.tok_emb.weight.device.type == "meta"
+    if on_meta and not load_resident:
+        raise ValueError("offload_model: a model built on the meta device needs load_resident")
     store = ExpertStore(Path(weights), tier_)
     try:
         if isinstance(budget, float):
@@ -223,8 +294,10 @@ def offload_model(
             ]
             size = model.blocks[layers[0][0]].ffn.experts.w13_EDF2.element_size()
             budget = int(budget * sum(shapes) * size)
-        session = OffloadSession(model, layers, store, budget, policy, prefetch)
-        if load_resident:
+        session = OffloadSession(
+            model, layers, store, budget, policy, prefetch, miss_precision, miss_threshold
+        )
+        if load_resident and not on_meta:
             _load_resident(model, store)
     except BaseException:
         store.close()
@@ -237,7 +310,16 @@ def offload_model(
         moe.dispatcher = dispatcher
         for part in PARTS:  # the experts now live in the file: free their memory
             old = getattr(moe.experts, part)
-            setattr(moe.experts, part, nn.Parameter(old.new_empty(0), requires_grad=False))
+            empty = torch.empty(0, dtype=old.dtype)  # on the CPU, also for a meta-built model
+            setattr(moe.experts, part, nn.Parameter(empty, requires_grad=False))
+    try:
+        if on_meta:
+            materialize(model)
+            _load_resident(model, store)
+        session.fill_low_precision()
+    except BaseException:
+        session.close()
+        raise
     model.offload = session
     return session
 

@@ -7,13 +7,15 @@ import argparse
 
 from moelab.serve.tiers import TIERS
 
-__all__ = ["POLICIES", "add_offload_arguments"]
+__all__ = ["MISS_PRECISIONS", "POLICIES", "add_offload_arguments"]
 
 POLICIES = ("lru", "lfu")  # eviction policies of moelab.serve.cache.ExpertCache
+MISS_PRECISIONS = ("int8", "int4")  # low-precision expert copies (moelab.serve.lowprec)
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
-    """``--expert-memory``, ``--expert-policy``, ``--prefetch``, ``--tier``."""
+    """``--expert-memory``, ``--expert-policy``, ``--prefetch``, ``--tier``, ``--miss-precision``,
+    ``--miss-threshold``."""
     p.add_argument(
         "--expert-memory",
         metavar="SIZE",
@@ -33,4 +35,19 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         default="disk",
         choices=list(TIERS),
         help="where experts come from: disk (real, page cache dropped) or a modelled link",
+    )
+    p.add_argument(
+        "--miss-precision",
+        default=None,
+        choices=MISS_PRECISIONS,
+        help="keep a resident int8/int4 copy of every expert (inside the budget); a missed expert "
+        "with a small gate weight is computed from it instead of loaded (HOBBIT)",
+    )
+    p.add_argument(
+        "--miss-threshold",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="with --miss-precision: a missed expert runs in low precision when its gate weight "
+        "is below SHARE x the token's top gate weight (default 0.5; 0 = never)",
     )

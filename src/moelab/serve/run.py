@@ -1,8 +1,10 @@
 """Offloading a run directory, and the counters' report ``moelab generate`` prints.
 
 ``moelab generate RUN --expert-memory 64MB [--expert-policy lru|lfu] [--prefetch]
-[--tier disk|pcie16|nvme3]`` builds the run's model, loads every weight but the experts from its
-checkpoint's ``model.safetensors``, and serves the experts from that file.
+[--tier disk|pcie16|nvme3] [--miss-precision int8|int4 [--miss-threshold 0.5]]`` builds the
+run's model on the meta device (no expert is ever allocated, :mod:`moelab.serve.startup`), loads
+every weight but the experts from its checkpoint's ``model.safetensors``, and serves the experts
+from that file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from moelab.checkpoint_io import CheckpointError
 from moelab.model import TransformerLM
 from moelab.rundir import RunDir
 from moelab.serve.cache import check_policy
+from moelab.serve.lowprec import DEFAULT_THRESHOLD, check_miss_options
 from moelab.serve.offload import OffloadSession, offload_model
+from moelab.serve.startup import build_meta, meta_buildable
 from moelab.serve.tiers import parse_bytes, tier
 from moelab.train import RunConfig, load_run_config
 
@@ -30,12 +34,18 @@ def load_offloaded(
     prefetch: bool = False,
     tier_name: str = "disk",
     checkpoint: str | int | None = None,
+    miss_precision: str | None = None,
+    miss_threshold: float = DEFAULT_THRESHOLD,
+    meta: bool = True,
 ) -> tuple[TransformerLM, RunConfig, OffloadSession]:
     """``(model, run_config, session)`` of a run with its experts offloaded (see
-    :func:`~moelab.serve.offload.offload_model`); options are checked before the model is built."""
+    :func:`~moelab.serve.offload.offload_model`); options are checked before the model is built.
+    ``meta``: build on the meta device, so no expert is ever allocated (falls back to a CPU build
+    for a model with non-persistent buffers outside its routers)."""
     tier(tier_name)
     parse_bytes(expert_memory)
     check_policy(policy)
+    check_miss_options(miss_precision, miss_threshold)
     config = load_run_config(run_dir)
     run = RunDir(run_dir)
     ckpt = run.find_checkpoint(checkpoint)
@@ -44,7 +54,9 @@ def load_offloaded(
             f"{ckpt}: a sharded checkpoint (several processes); --expert-memory reads "
             f"{run.WEIGHTS}: load and save it on one process first"
         )
-    model = TransformerLM(config.model).eval()
+    model = build_meta(config.model) if meta else None
+    if model is None or not meta_buildable(model):
+        model = TransformerLM(config.model).eval()
     session = offload_model(
         model,
         ckpt / run.WEIGHTS,
@@ -53,6 +65,8 @@ def load_offloaded(
         prefetch=prefetch,
         tier_name=tier_name,
         load_resident=True,
+        miss_precision=miss_precision,
+        miss_threshold=miss_threshold,
     )
     return model, config, session
 
@@ -84,3 +98,11 @@ def print_stats(stats: dict[str, Any], file: IO[str] = sys.stderr) -> None:
         + (" (modelled tier)" if stats["tier_modelled"] else ""),
         file=file,
     )
+    if stats.get("miss_precision"):
+        print(
+            f"  low precision ({stats['miss_precision']}, {stats['lowprec_bytes'] / mb:.2f} MB "
+            f"of copies in the budget, threshold {stats['miss_threshold']:g} x top gate): "
+            f"{stats['lowprec_hits']} misses served from the copies, "
+            f"{stats['bytes_saved'] / mb:.2f} MB not read",
+            file=file,
+        )
