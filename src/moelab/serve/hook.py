@@ -7,8 +7,9 @@ rows (hits first, then loads still in flight, then misses), runs that one expert
 the layer's own expert code (``GroupedExperts`` called on the fetched weights through
 ``torch.func.functional_call``, so the backend and the arithmetic are the fully loaded model's),
 and combines. With low-precision copies (:mod:`moelab.serve.lowprec`) a missed expert whose
-rows all have small gates is computed from its copy instead of fetched. A forward pre-hook on the layer keeps the token mask and routing context of the
-call, which the next layer's router needs for its prediction.
+rows all have small gates is computed from its copy instead of fetched. A forward pre-hook on
+the layer keeps the token mask and routing context of the call, which the next layer's router
+needs for its prediction.
 """
 
 from __future__ import annotations
