@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from moelab.compress.methods.base import LayerChange, module_bytes, module_params
-from moelab.compress.prune import moe_blocks
+from moelab.compress.prune import calibration_forwards, moe_blocks
 from moelab.layers.base import RoutingContext
 from moelab.model import TransformerLM
 
@@ -60,16 +60,11 @@ def layer_inputs(model: TransformerLM, batches: list[torch.Tensor]) -> dict[int,
         moe.register_forward_pre_hook(hook(i), with_kwargs=True)
         for i, moe in moe_blocks(model).items()
     ]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
+        calibration_forwards(model, batches)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return calls
 
 

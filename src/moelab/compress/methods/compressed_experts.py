@@ -47,10 +47,10 @@ from moelab.compress.methods.base import (
     module_params,
     register_method,
 )
-from moelab.compress.prune import moe_blocks, sliced_layer_state
+from moelab.compress.prune import build_model, config_with_ffn, moe_blocks, sliced_layer_state
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_base import ffn_params
-from moelab.model.ffn_configs import ROUTER_OPTION_FIELDS, MoEConfig
+from moelab.model.ffn_configs import MoEConfig
 
 
 @register_method
@@ -168,7 +168,7 @@ class CompressedExperts(CompressMethod):
         first = next(iter(blocks))
         keep, activation = blocks[first].num_experts - compressed, model.cfg.ffn.activation
         options = blocks[first].router.pruned_options(orders[first])
-        new = _build(_config(model.cfg, compressed, width, options))
+        new = build_model(_config(model.cfg, compressed, width, options))
         state = model.state_dict()
         for i, moe in blocks.items():
             prefix = f"blocks.{i}.ffn."
@@ -204,18 +204,5 @@ def _layer_state(moe, order, keep, width, activation, tokens) -> tuple[dict, dic
 def _config(cfg: ModelConfig, compressed: int, width: int, options: dict) -> ModelConfig:
     """``cfg`` with ``compressed`` stand-ins of ``width`` per layer and the router's options for
     its permuted experts (a hash router keeps its hash)."""
-    ffn = cfg.to_dict()["ffn"] | {"compressed_experts": compressed, "compressed_width": width}
-    for name, value in options.items():
-        if name in ROUTER_OPTION_FIELDS:
-            ffn[name] = value
-        else:
-            ffn["router_options"] = ffn.get("router_options", {}) | {name: value}
-    return ModelConfig.from_dict(cfg.to_dict() | {"ffn": ffn})
-
-
-def _build(cfg: ModelConfig) -> TransformerLM:
-    state = torch.random.get_rng_state()
-    try:
-        return TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
+    fields = {"compressed_experts": compressed, "compressed_width": width}
+    return config_with_ffn(cfg, fields, options)
