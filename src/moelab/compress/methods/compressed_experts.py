@@ -42,12 +42,12 @@ from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
-    LayerChange,
-    module_bytes,
-    module_params,
+    layer_changes,
     register_method,
 )
 from moelab.compress.prune import build_model, config_with_ffn, moe_blocks, sliced_layer_state
+from moelab.layers.compressed_experts import PartlyCompressedExperts
+from moelab.layers.moe import MoE
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_base import ffn_params
 from moelab.model.ffn_configs import MoEConfig
@@ -140,19 +140,7 @@ class CompressedExperts(CompressMethod):
             new = self._compressed(model, orders, compressed, width, tokens, details_blocks)
         else:  # the ratio keeps every expert: the same model
             new = copy.deepcopy(model)
-        after = moe_blocks(new)
-        changes = [
-            LayerChange(
-                block=i,
-                experts_before=moe.num_experts,
-                experts_after=keep,  # full experts; the compressed ones are in the details
-                params_before=module_params(moe),
-                params_after=module_params(after[i]),
-                bytes_before=module_bytes(moe),
-                bytes_after=module_bytes(after[i]),
-            )
-            for i, moe in blocks.items()
-        ]
+        changes = layer_changes(model, new, _full_experts)
         details = {
             "importance": "gate mass per expert on the calibration tokens (sum of gate weights)",
             "fit": "weighted least squares (vector + narrow FFN on the top units), closed form",
@@ -199,6 +187,12 @@ def _layer_state(moe, order, keep, width, activation, tokens) -> tuple[dict, dic
         state["experts.narrow.w13_EDF2"] = torch.stack([s.w13 for s in fits])
         state["experts.narrow.w2_EFD"] = torch.stack([s.w2 for s in fits])
     return state, {"error_compressed": fitted, "error_dropped": dropped}
+
+
+def _full_experts(moe: MoE) -> int:
+    """The routed experts a layer holds in full (the compressed ones are in the details)."""
+    experts = moe.experts
+    return experts.num_full if isinstance(experts, PartlyCompressedExperts) else moe.num_experts
 
 
 def _config(cfg: ModelConfig, compressed: int, width: int, options: dict) -> ModelConfig:
