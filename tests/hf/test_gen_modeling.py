@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moelab.hf import gen_modeling
 from moelab.hf.exportable import exportable_routers
@@ -70,3 +71,28 @@ def test_generation_does_not_depend_on_the_hash_seed() -> None:
         for seed in ("1", "2")
     }
     assert len(texts) == 1
+
+
+def test_generated_expert_banks_are_moelabs_and_refuse_quantized_ones() -> None:
+    """The exported file copies moelab's ``build_expert_bank`` (one definition); only the quant
+    check is the wrapper's, which refuses a quantized bank (its formats need torchao)."""
+    pytest.importorskip("transformers")
+    from moelab.layers.expert_banks import build_expert_bank
+
+    modeling_moelab = gen_modeling.load_module()
+    args = (4, 8, 16, "swiglu", 0.02, "loop")
+    with pytest.raises(
+        ValueError, match=r"expert_quant: a quantized run \('int8'\) is not exported"
+    ):
+        modeling_moelab.build_expert_bank(*args, expert_quant="int8")
+    for kwargs in ({}, {"expert_slots": 2}, {"compressed_experts": 1, "compressed_width": 4}):
+        torch.manual_seed(0)
+        ours = build_expert_bank(*args, **kwargs)
+        torch.manual_seed(0)
+        theirs = modeling_moelab.build_expert_bank(*args, **kwargs)
+        assert type(theirs).__name__ == type(ours).__name__
+        assert {k: v.shape for k, v in theirs.state_dict().items()} == {
+            k: v.shape for k, v in ours.state_dict().items()
+        }
+    with pytest.raises(ValueError, match="compressed_experts: cannot be combined"):
+        modeling_moelab.build_expert_bank(*args, compressed_experts=1, expert_slots=2)

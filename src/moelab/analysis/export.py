@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from moelab.analysis.compress_report import REPORT_FILE as COMPRESS_REPORT
 from moelab.analysis.report import ANALYSIS_FILE, read_analysis, write_analysis, write_report
 from moelab.analysis.runs import read_run
 from moelab.analysis.suite_record import (
@@ -84,6 +85,35 @@ def export_suite(src: str | Path, dest: str | Path) -> list[Path]:
         for f in RUN_FILES:
             if (run_src / f).is_file():
                 written.append(Path(shutil.copy2(run_src / f, run_dest / f)))
+    return written
+
+
+# the compress suite's record, as :data:`moelab.compress.suite.RECORD_FILE` names it (the
+# analysis package may not import the compress package)
+COMPRESS_RECORD = "compress_suite.json"
+COMPRESS_RUN_FILES = (RunDir.CONFIG, RunDir.PROVENANCE, RunDir.SUMMARY, RunDir.ACCOUNTING)
+
+
+def export_compress_suite(src: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the small files of a ``moelab compare --suite compress --out SRC`` directory into
+    ``DEST`` and return the files written: the report and its plots (``img/``), the record, the
+    rows and each compressed run's config, provenance, summary and accounting (no weights, no
+    checkpoints). ``DEST``'s own files (its README.md) are kept."""
+    src, dest = Path(src).expanduser(), Path(dest).expanduser()
+    if not (src / COMPRESS_RECORD).is_file():
+        raise ValueError(f"{src / COMPRESS_RECORD}: missing; give a compress suite's --out")
+    written = []
+    for name in (COMPRESS_REPORT, COMPRESS_RECORD):
+        if (src / name).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.copy2(src / name, dest / name)))
+    files = [*sorted(src.glob("img/*.png")), *sorted(src.glob("rows/*.json"))]
+    for run in sorted(p for p in src.glob(f"{RUNS_SUBDIR}/*") if p.is_dir()):
+        files += [run / f for f in COMPRESS_RUN_FILES if (run / f).is_file()]
+    for f in files:
+        target = dest / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written.append(Path(shutil.copy2(f, target)))
     return written
 
 

@@ -97,7 +97,7 @@ def run_compress(args: argparse.Namespace) -> int:
     """``--suite compress`` (see :mod:`moelab.compress.suite`): the runs and rows, then the
     report (:mod:`moelab.analysis.compress_report`)."""
     from moelab.analysis.compress_report import write_compress_report
-    from moelab.compress.suite import run_compress_suite
+    from moelab.compress.suite import run_compress_suite, shown_path
 
     sources = {}
     for item in args.sources:
@@ -107,7 +107,7 @@ def run_compress(args: argparse.Namespace) -> int:
         sources[label] = where
     out = args.out or f"runs/{COMPRESS}"
     words = ["moelab", "compare", "--suite", COMPRESS, "--out", str(out)]
-    words += ["--from", args.from_dir] if args.from_dir else []
+    words += ["--from", shown_path(args.from_dir)] if args.from_dir else []
     words += [w for s in args.sources for w in ("--source", s)]
     words += ["--methods", *args.methods] if args.methods else []
     words += ["--ratios", *map(str, args.ratios)] if args.ratios else []

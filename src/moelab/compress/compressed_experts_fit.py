@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moelab.compress.prune import moe_blocks
+from moelab.compress.prune import calibration_forwards, moe_blocks
 from moelab.layers.dense import activate, up_width
 from moelab.model import TransformerLM
 
@@ -76,18 +76,7 @@ def routed_tokens(model: TransformerLM, batches: list[Tensor]) -> dict[int, Rout
 
         return record
 
-    was_training = model.training
-    model.eval()
-    try:
-        for i, moe in blocks.items():
-            moe.routing_observer = observer(i)
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
-    finally:
-        for moe in blocks.values():
-            moe.routing_observer = None
-        model.train(was_training)
+    calibration_forwards(model, batches, observers={i: observer(i) for i in blocks})
     empty = (torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0))
     return {
         i: RoutedTokens(*(torch.cat(list(t)) for t in zip(*p, strict=True)))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moelab.layers.moe import MoE
+from moelab.compress.prune import build_model, calibration_forwards, moe_blocks
 from moelab.layers.routers import require
 from moelab.model import ModelConfig, TransformerLM
 
@@ -40,10 +40,6 @@ __all__ = [
 ]
 
 Groups = list[list[int]]  # per block: each slot's experts (the first one: its dominant expert)
-
-
-def moe_blocks(model: TransformerLM) -> dict[int, MoE]:
-    return {i: b.ffn for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)}
 
 
 def check_mergeable(model: TransformerLM) -> None:
@@ -114,18 +110,13 @@ def routing_profiles(
 
         return read
 
-    was_training = model.training
-    model.eval()
     try:
         for i, moe in blocks.items():
             handles.append(moe.router.register_forward_hook(hook(i)))
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
+        calibration_forwards(model, batches)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return profiles
 
 
@@ -137,14 +128,6 @@ def weighted_average(tensors: Tensor, weights: Tensor) -> Tensor:
         w = torch.ones_like(w)
     w = (w / w.sum()).to(tensors.dtype)
     return torch.tensordot(w, tensors, dims=1)
-
-
-def _build(cfg: ModelConfig) -> TransformerLM:
-    state = torch.random.get_rng_state()
-    try:
-        return TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building must not move the caller's RNG
 
 
 @torch.no_grad()
@@ -161,7 +144,7 @@ def merged_model(
     if set(groups) != set(blocks) or len(slots) != 1:
         raise ValueError("groups: one list of the same number of groups per MoE block")
     ffn = model.cfg.to_dict()["ffn"] | {"expert_slots": slots.pop()}
-    merged = _build(ModelConfig.from_dict(model.cfg.to_dict() | {"ffn": ffn}))
+    merged = build_model(ModelConfig.from_dict(model.cfg.to_dict() | {"ffn": ffn}))
     state = model.state_dict()
     for i, moe in blocks.items():
         slot_E = torch.full((moe.num_experts,), -1, dtype=torch.long)

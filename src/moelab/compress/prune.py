@@ -32,17 +32,21 @@ one is ``frequency``. :func:`prune_run` (``moelab prune``) is that method's shor
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from moelab.layers.base import RoutingObserver
 from moelab.layers.moe import MoE
 from moelab.layers.routers import require
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_configs import ROUTER_OPTION_FIELDS
 
 __all__ = [
+    "build_model",
+    "calibration_forwards",
     "check_prunable",
+    "config_with_ffn",
     "expert_usage",
     "keep_for_ratio",
     "kept_experts",
@@ -119,25 +123,52 @@ def _keeps(model: TransformerLM, keep: int) -> bool:
 
 
 @torch.no_grad()
+def calibration_forwards(
+    model: TransformerLM,
+    batches: Iterable[torch.Tensor],
+    observers: Mapping[int, RoutingObserver] | None = None,
+    after_each: Callable[[], None] | None = None,
+) -> None:
+    """Run ``batches`` of input ids through ``model`` in evaluation mode (no aux losses, no
+    controller update, nothing learnt), its training mode restored after: the calibration pass
+    of every compression method. ``observers[i]`` watches MoE block ``i``'s routing meanwhile
+    (its own observer put back after); ``after_each`` runs after every batch."""
+    blocks = moe_blocks(model)
+    observers = observers or {}
+    saved = {i: blocks[i].routing_observer for i in observers}
+    was_training = model.training
+    model.eval()
+    try:
+        for i, observer in observers.items():
+            blocks[i].routing_observer = observer
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(ids.to(device))
+            if after_each is not None:
+                after_each()
+    finally:
+        for i, observer in saved.items():
+            blocks[i].routing_observer = observer
+        model.train(was_training)
+
+
 def expert_usage(model: TransformerLM, batches: Iterable[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert of every MoE block (``{block: long [E]}``) over ``batches``
     of input ids, in evaluation mode (no aux losses, no controller update, nothing learnt)."""
     blocks = moe_blocks(model)
     counts = {i: torch.zeros(moe.num_experts, dtype=torch.long) for i, moe in blocks.items()}
-    was_training = model.training
-    model.eval()
+
+    def count() -> None:
+        for i, moe in blocks.items():
+            counts[i] += moe.last_stats.tokens_per_expert.cpu()
+
     try:
         for moe in blocks.values():
             moe.force_stats = True
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
-            for i, moe in blocks.items():
-                counts[i] += moe.last_stats.tokens_per_expert.cpu()
+        calibration_forwards(model, batches, after_each=count)
     finally:
         for moe in blocks.values():
             moe.force_stats = False
-        model.train(was_training)
     return counts
 
 
@@ -188,7 +219,7 @@ def prune_to(model: TransformerLM, kept_ids: dict[int, torch.Tensor]) -> Transfo
             )
     first = next(iter(blocks))
     options = blocks[first].router.pruned_options(kept_ids[first])  # the same in every block
-    pruned = _build(_pruned_config(model.cfg, keep, options))
+    pruned = build_model(_pruned_config(model.cfg, keep, options))
     source = model.state_dict()
     for i, moe in blocks.items():
         prefix = f"blocks.{i}.ffn."
@@ -203,11 +234,8 @@ def pruned_layer(model: TransformerLM, block: int, keep: int) -> MoE:
     :func:`sliced_layer_state`): candidate layers of criteria that compare kept sets."""
     first = next(iter(moe_blocks(model).values()))
     cfg = _pruned_config(model.cfg, keep, first.router.pruned_options(torch.arange(keep)))
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # building must not move the caller's RNG
         return cfg.ffn_for(block).build(cfg.d_model, cfg.init_std)
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def sliced_layer_state(moe: MoE, kept_K: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,11 +252,11 @@ def sliced_layer_state(moe: MoE, kept_K: torch.Tensor) -> dict[str, torch.Tensor
     return state | {"router." + k: v for k, v in moe.router.pruned_state(kept_K).items()}
 
 
-def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
-    """``cfg`` with ``keep`` routed experts per block and the router's pruned ``options`` (those
-    with a field of their own on the MoE config there, the others in ``router_options``)."""
-    ffn = cfg.to_dict()["ffn"]
-    ffn["num_experts"] = keep // cfg.ffn.granularity
+def config_with_ffn(cfg: ModelConfig, fields: dict, options: dict) -> ModelConfig:
+    """``cfg`` with the MoE config's ``fields`` replaced and the router's ``options`` for its
+    changed experts (those with a field of their own on the MoE config there, the others in
+    ``router_options``)."""
+    ffn = cfg.to_dict()["ffn"] | fields
     for name, value in options.items():
         if name in ROUTER_OPTION_FIELDS:
             ffn[name] = value
@@ -237,9 +265,12 @@ def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
     return ModelConfig.from_dict(cfg.to_dict() | {"ffn": ffn})
 
 
-def _build(cfg: ModelConfig) -> TransformerLM:
-    state = torch.random.get_rng_state()
-    try:
+def _pruned_config(cfg: ModelConfig, keep: int, options: dict) -> ModelConfig:
+    """``cfg`` with ``keep`` routed experts per block and the router's pruned ``options``."""
+    return config_with_ffn(cfg, {"num_experts": keep // cfg.ffn.granularity}, options)
+
+
+def build_model(cfg: ModelConfig) -> TransformerLM:
+    """``TransformerLM(cfg)`` (its weights to be loaded) without moving the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
         return TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.compress.prune import expert_usage, kept_experts, moe_blocks
+from moelab.compress.prune import (
+    build_model,
+    calibration_forwards,
+    expert_usage,
+    kept_experts,
+    moe_blocks,
+)
 from moelab.layers.dense import activate
 from moelab.layers.moe import MoE
 from moelab.layers.quant_experts import QuantizedExperts, check_quant_args
@@ -110,19 +116,7 @@ def routed_grams(
                 g[name][e] += torch.einsum("tgi,tgj->gij", r, r)
 
     index = {id(moe): i for i, moe in blocks.items()}
-    saved = {i: moe.routing_observer for i, moe in blocks.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        for moe in blocks.values():
-            moe.routing_observer = observe
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
-    finally:
-        for i, moe in blocks.items():
-            moe.routing_observer = saved[i]
-        model.train(was_training)
+    calibration_forwards(model, batches, observers=dict.fromkeys(blocks, observe))
     return grams
 
 
@@ -154,14 +148,6 @@ def _quantized_config(cfg: ModelConfig, fmt: str, group: int, keep: int) -> Mode
     return dataclasses.replace(cfg, ffn=ffn)
 
 
-def _build(cfg: ModelConfig) -> TransformerLM:
-    state = torch.random.get_rng_state()
-    try:
-        return TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
-
-
 @torch.no_grad()
 def quantize_model(
     model: TransformerLM,
@@ -182,7 +168,7 @@ def quantize_model(
         raise ValueError("calibration: --keep-high and --clip-search need calibration batches")
     usage = expert_usage(model, batches) if keep else {}
     grams = routed_grams(model, batches, group) if clip_search else {}
-    quantized = _build(_quantized_config(model.cfg, fmt, group, keep))
+    quantized = build_model(_quantized_config(model.cfg, fmt, group, keep))
     state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
     missing = quantized.load_state_dict(state, strict=False).missing_keys
     blocks = moe_blocks(model)

@@ -46,6 +46,7 @@ __all__ = [
     "CompressJob",
     "plan_compress",
     "run_compress_suite",
+    "shown_path",
 ]
 
 RUNS_SUBDIR = "runs"  # as a training suite's OUT/runs
@@ -182,13 +183,20 @@ def _heal_overrides(steps: int) -> list[str]:
     ]
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a record spells it: relative to the working directory (the repository root,
+    where the suite is run) when inside it, so a committed record names no machine's paths."""
+    full, here = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    return full.relative_to(here).as_posix() if full.is_relative_to(here) else str(full)
+
+
 def _source_row(label: str, src: Path) -> dict[str, Any]:
     ckpt = RunDir(src).find_checkpoint(None)
     return {
         "source": label,
         "method": "none",
         "setting": "source",
-        "run": str(src.resolve()),
+        "run": shown_path(src),
         "checkpoint": ckpt.name,
         "status": "ok",
         "kept": 1.0,
@@ -273,7 +281,7 @@ def run_compress_suite(
         "suite": "compress",
         "command": command,
         "sources": {
-            k: {"run": str(p.resolve()), "checkpoint": RunDir(p).find_checkpoint(None).name}
+            k: {"run": shown_path(p), "checkpoint": RunDir(p).find_checkpoint(None).name}
             for k, p in src.items()
         },
         "methods": sorted({j.method for j in plan}),

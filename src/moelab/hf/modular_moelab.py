@@ -4,8 +4,10 @@ Not imported by moelab: :mod:`moelab.hf.gen_modeling` reads this file, copies it
 after the moelab definitions they use (the blocks, attention, every FFN layer and every exportable
 router, verbatim) and writes the self-contained ``modeling_moelab.py``. Names defined here replace
 moelab's: :class:`ModelConfig` (what moelab's ``Attention`` and ``Block`` read, taken from the
-``transformers`` config) and :func:`float_kernel` (no C kernels in the exported file: moelab's
-eager fallbacks run, same numbers within float rounding).
+``transformers`` config), :func:`float_kernel` (no C kernels in the exported file: moelab's
+eager fallbacks run, same numbers within float rounding), and :func:`check_quant_args` with
+:class:`QuantizedExperts` (moelab's ``build_expert_bank`` is copied as it is, but a quantized bank
+needs torchao, so the exported file refuses one).
 
     tokens ─► embedding ─► moelab Blocks ─► RMSNorm ─► LM head
 
@@ -26,9 +28,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from moelab.layers.base import RoutingContext
-from moelab.layers.compressed_experts import PartlyCompressedExperts
 from moelab.layers.dense import DenseFFN
-from moelab.layers.experts import GroupedExperts
 from moelab.layers.moe import MoE
 from moelab.layers.peer import PEER
 from moelab.layers.pkm import PKM
@@ -53,42 +53,22 @@ _CACHE_FIELD = (
 LAYERS = {"dense": DenseFFN, "moe": MoE, "peer": PEER, "pkm": PKM}
 
 
-def build_expert_bank(
-    num_experts: int,
-    d_model: int,
-    expert_hidden: int,
-    activation: str,
-    init_std: float,
-    backend: str,
-    *,
-    merges_experts: bool = False,
-    expert_slots: int | None = None,
-    expert_quant: str = "none",
-    compressed_experts: int = 0,
-    compressed_width: int = 0,
-    **_: Any,
-) -> nn.Module:
-    """The exported file's expert banks: float experts (merged weight slots included) or full
-    experts followed by compressed stand-ins. Quantized experts stay in moelab: their formats
-    need torchao, which the exported file does not import."""
+def check_quant_args(expert_quant: str, *_: Any) -> None:
+    """Replaces moelab's check: the exported file holds float experts (merged weight slots
+    included) or compressed stand-ins, never quantized ones, whose formats need torchao, which
+    it does not import. moelab's ``build_expert_bank`` is copied and calls this first."""
     if expert_quant != "none":
         raise ValueError(
             f"expert_quant: a quantized run ({expert_quant!r}) is not exported; export the run "
             "it was quantized from"
         )
-    if compressed_experts:
-        return PartlyCompressedExperts(
-            num_experts,
-            compressed_experts,
-            d_model,
-            expert_hidden,
-            compressed_width,
-            activation,
-            init_std,
-            backend,
-        )
-    stored = num_experts if expert_slots is None else expert_slots
-    return GroupedExperts(stored, d_model, expert_hidden, activation, init_std, backend)
+
+
+class QuantizedExperts(nn.Module):
+    """Replaces moelab's quantized bank (never built here: :func:`check_quant_args` refuses)."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        raise ValueError("expert_quant: quantized experts are not exported")
 
 
 def float_kernel(name: str, source: str, *tensors: Tensor) -> None:

@@ -11,6 +11,7 @@ step count ``t_row`` in the bias corrections.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -53,6 +54,37 @@ DEFINE(sparse_adamw_f64, double, sqrt)
 _C_FUNCS = {torch.float32: "sparse_adamw_f32", torch.float64: "sparse_adamw_f64"}
 
 
+def call_row_kernel(
+    fn: Callable[..., None],
+    p2: Tensor,
+    state: tuple[Tensor | int, ...],
+    row_step: Tensor,
+    idx_U: Tensor,
+    g2: Tensor,
+    hp: tuple,
+) -> None:
+    """Call a C row-update kernel of the shared signature ``(T* p, <state>, int32_t* step,
+    const int64_t* rows, const T* g, int64_t n_rows, int64_t dim, double lr, double beta1,
+    double beta2, double eps, double wd, int nth)``: ``state`` holds the kernel's own moment
+    tensors (passed as pointers) and int flags; the rows go as int64, the gradient rows in
+    ``p2``'s dtype, both contiguous."""
+    idx = idx_U.to(torch.int64).contiguous()
+    g = g2.to(p2.dtype).contiguous()
+    ptr = ctypes.c_void_p
+    own = [ptr(a.data_ptr()) if isinstance(a, Tensor) else ctypes.c_int(a) for a in state]
+    fn(
+        ptr(p2.data_ptr()),
+        *own,
+        ptr(row_step.data_ptr()),
+        ptr(idx.data_ptr()),
+        ptr(g.data_ptr()),
+        ctypes.c_int64(idx.numel()),
+        ctypes.c_int64(p2.shape[1]),
+        *(ctypes.c_double(x) for x in hp),
+        ctypes.c_int(torch.get_num_threads()),
+    )
+
+
 def _c_update(
     p2: Tensor, m2: Tensor, v2: Tensor, row_step: Tensor, idx_U: Tensor, g2: Tensor, hp: tuple
 ) -> bool:
@@ -64,27 +96,7 @@ def _c_update(
     lib = load_c_kernel("sparse_adamw", _SPARSE_ADAMW_C)
     if lib is None:
         return False
-    fn = getattr(lib, _C_FUNCS[p2.dtype])
-    idx = idx_U.to(torch.int64).contiguous()
-    g = g2.to(p2.dtype).contiguous()
-    lr, beta1, beta2, eps, wd = hp
-    ptr = ctypes.c_void_p
-    fn(
-        ptr(p2.data_ptr()),
-        ptr(m2.data_ptr()),
-        ptr(v2.data_ptr()),
-        ptr(row_step.data_ptr()),
-        ptr(idx.data_ptr()),
-        ptr(g.data_ptr()),
-        ctypes.c_int64(idx.numel()),
-        ctypes.c_int64(p2.shape[1]),
-        ctypes.c_double(lr),
-        ctypes.c_double(beta1),
-        ctypes.c_double(beta2),
-        ctypes.c_double(eps),
-        ctypes.c_double(wd),
-        ctypes.c_int(torch.get_num_threads()),
-    )
+    call_row_kernel(getattr(lib, _C_FUNCS[p2.dtype]), p2, (m2, v2), row_step, idx_U, g2, hp)
     return True
 
 

@@ -26,12 +26,11 @@ default. Dense parameters always get exact AdamW.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import Tensor
 
 from moelab.native import adamw_state_dtype, advise_huge_pages, load_c_kernel
+from moelab.train.adamw_rows import call_row_kernel
 
 __all__ = ["ROWWISE_MODES", "moment_dtype", "rowwise_applies", "rowwise_step", "rowwise_update"]
 
@@ -198,27 +197,8 @@ def _c_update(
     lib = load_c_kernel("rowwise_adam", _ROWWISE_C)
     if lib is None:
         return False
-    idx = idx_U.to(torch.int64).contiguous()
-    g = g2.to(torch.float32).contiguous()
-    lr, beta1, beta2, eps, wd = hp
-    ptr = ctypes.c_void_p
-    lib.rowwise_f32(
-        ptr(p2.data_ptr()),
-        ptr(m2.data_ptr()),
-        ctypes.c_int(int(m2.dtype == torch.bfloat16)),
-        ptr(v.data_ptr()),
-        ptr(row_step.data_ptr()),
-        ptr(idx.data_ptr()),
-        ptr(g.data_ptr()),
-        ctypes.c_int64(idx.numel()),
-        ctypes.c_int64(p2.shape[1]),
-        ctypes.c_double(lr),
-        ctypes.c_double(beta1),
-        ctypes.c_double(beta2),
-        ctypes.c_double(eps),
-        ctypes.c_double(wd),
-        ctypes.c_int(torch.get_num_threads()),
-    )
+    bf16 = int(m2.dtype == torch.bfloat16)
+    call_row_kernel(lib.rowwise_f32, p2, (m2, bf16, v), row_step, idx_U, g2, hp)
     return True
 
 

@@ -8,30 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moelab.compress.methods.base import LayerChange, module_bytes, module_params
-from moelab.compress.prune import moe_blocks
+from moelab.compress.prune import calibration_forwards, moe_blocks
 from moelab.layers.base import RoutingContext
 from moelab.model import TransformerLM
-
-
-def pruning_changes(
-    model: TransformerLM, pruned: TransformerLM, *, nonzero: bool = False
-) -> list[LayerChange]:
-    """Per MoE block, experts, parameters (``nonzero``: only the nonzero ones of the pruned
-    layer, for methods that zero weights in place) and bytes of the layer before and after."""
-    after = moe_blocks(pruned)
-    return [
-        LayerChange(
-            block=i,
-            experts_before=moe.num_experts,
-            experts_after=after[i].num_experts,
-            params_before=module_params(moe),
-            params_after=module_params(after[i], nonzero=nonzero),
-            bytes_before=module_bytes(moe),
-            bytes_after=module_bytes(after[i]),
-        )
-        for i, moe in moe_blocks(model).items()
-    ]
 
 
 def ranked_keep(score_E: torch.Tensor, keep: int) -> torch.Tensor:
@@ -60,16 +39,11 @@ def layer_inputs(model: TransformerLM, batches: list[torch.Tensor]) -> dict[int,
         moe.register_forward_pre_hook(hook(i), with_kwargs=True)
         for i, moe in moe_blocks(model).items()
     ]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(ids.to(device))
+        calibration_forwards(model, batches)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return calls
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,7 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from moelab.compress.prune import moe_blocks
+
 if TYPE_CHECKING:
+    from moelab.layers.moe import MoE
     from moelab.model import TransformerLM
     from moelab.train.config import RunConfig
 
@@ -38,10 +42,13 @@ __all__ = [
     "SourceRun",
     "SuiteSetting",
     "get_method",
+    "layer_changes",
     "method_names",
     "module_bytes",
     "module_params",
     "register_method",
+    "routed_experts",
+    "stored_experts",
 ]
 
 
@@ -123,6 +130,43 @@ def module_bytes(module: nn.Module) -> int:
     """Bytes of ``module``'s state (parameters and buffers, each tensor once) as stored."""
     tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}.values()
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def routed_experts(moe: MoE) -> int:
+    """The layer's routed experts (what pruning keeps fewer of)."""
+    return moe.num_experts
+
+
+def stored_experts(moe: MoE) -> int:
+    """The expert weights the layer stores (the weight slots, after merging)."""
+    return moe.experts.num_experts
+
+
+def layer_changes(
+    model: TransformerLM,
+    changed: TransformerLM,
+    experts: Callable[[MoE], int] = routed_experts,
+    params_after: Callable[[MoE, MoE], int] | None = None,
+) -> list[LayerChange]:
+    """Per MoE block of ``model``, the :class:`LayerChange` to ``changed``: its ``experts`` (by
+    default the routed experts; a method counts weight slots or full experts), its parameters
+    (after: ``params_after(layer, changed layer)`` where a method counts them its own way) and
+    bytes."""
+    after = moe_blocks(changed)
+    return [
+        LayerChange(
+            block=i,
+            experts_before=experts(moe),
+            experts_after=experts(after[i]),
+            params_before=module_params(moe),
+            params_after=(
+                module_params(after[i]) if params_after is None else params_after(moe, after[i])
+            ),
+            bytes_before=module_bytes(moe),
+            bytes_after=module_bytes(after[i]),
+        )
+        for i, moe in moe_blocks(model).items()
+    ]
 
 
 class CompressMethod:

@@ -42,15 +42,15 @@ from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
-    LayerChange,
-    module_bytes,
-    module_params,
+    layer_changes,
     register_method,
 )
-from moelab.compress.prune import moe_blocks, sliced_layer_state
+from moelab.compress.prune import build_model, config_with_ffn, moe_blocks, sliced_layer_state
+from moelab.layers.compressed_experts import PartlyCompressedExperts
+from moelab.layers.moe import MoE
 from moelab.model import ModelConfig, TransformerLM
 from moelab.model.ffn_base import ffn_params
-from moelab.model.ffn_configs import ROUTER_OPTION_FIELDS, MoEConfig
+from moelab.model.ffn_configs import MoEConfig
 
 
 @register_method
@@ -140,19 +140,7 @@ class CompressedExperts(CompressMethod):
             new = self._compressed(model, orders, compressed, width, tokens, details_blocks)
         else:  # the ratio keeps every expert: the same model
             new = copy.deepcopy(model)
-        after = moe_blocks(new)
-        changes = [
-            LayerChange(
-                block=i,
-                experts_before=moe.num_experts,
-                experts_after=keep,  # full experts; the compressed ones are in the details
-                params_before=module_params(moe),
-                params_after=module_params(after[i]),
-                bytes_before=module_bytes(moe),
-                bytes_after=module_bytes(after[i]),
-            )
-            for i, moe in blocks.items()
-        ]
+        changes = layer_changes(model, new, _full_experts)
         details = {
             "importance": "gate mass per expert on the calibration tokens (sum of gate weights)",
             "fit": "weighted least squares (vector + narrow FFN on the top units), closed form",
@@ -168,7 +156,7 @@ class CompressedExperts(CompressMethod):
         first = next(iter(blocks))
         keep, activation = blocks[first].num_experts - compressed, model.cfg.ffn.activation
         options = blocks[first].router.pruned_options(orders[first])
-        new = _build(_config(model.cfg, compressed, width, options))
+        new = build_model(_config(model.cfg, compressed, width, options))
         state = model.state_dict()
         for i, moe in blocks.items():
             prefix = f"blocks.{i}.ffn."
@@ -201,21 +189,14 @@ def _layer_state(moe, order, keep, width, activation, tokens) -> tuple[dict, dic
     return state, {"error_compressed": fitted, "error_dropped": dropped}
 
 
+def _full_experts(moe: MoE) -> int:
+    """The routed experts a layer holds in full (the compressed ones are in the details)."""
+    experts = moe.experts
+    return experts.num_full if isinstance(experts, PartlyCompressedExperts) else moe.num_experts
+
+
 def _config(cfg: ModelConfig, compressed: int, width: int, options: dict) -> ModelConfig:
     """``cfg`` with ``compressed`` stand-ins of ``width`` per layer and the router's options for
     its permuted experts (a hash router keeps its hash)."""
-    ffn = cfg.to_dict()["ffn"] | {"compressed_experts": compressed, "compressed_width": width}
-    for name, value in options.items():
-        if name in ROUTER_OPTION_FIELDS:
-            ffn[name] = value
-        else:
-            ffn["router_options"] = ffn.get("router_options", {}) | {name: value}
-    return ModelConfig.from_dict(cfg.to_dict() | {"ffn": ffn})
-
-
-def _build(cfg: ModelConfig) -> TransformerLM:
-    state = torch.random.get_rng_state()
-    try:
-        return TransformerLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)  # building the model must not move the caller's RNG
+    fields = {"compressed_experts": compressed, "compressed_width": width}
+    return config_with_ffn(cfg, fields, options)

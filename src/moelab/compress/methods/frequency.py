@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from moelab.compress.methods._pruning import pruning_changes
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
+    layer_changes,
     register_method,
 )
 from moelab.compress.prune import check_prunable, expert_usage, keep_for_ratio, prune_experts
@@ -75,4 +75,4 @@ class Frequency(CompressMethod):
             "usage": {str(i): u.tolist() for i, u in usage.items()},
             "kept_share_of_routings": share,
         }
-        return CompressOutcome(pruned, pruning_changes(model, pruned), details)
+        return CompressOutcome(pruned, layer_changes(model, pruned), details)

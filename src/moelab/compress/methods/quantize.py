@@ -16,8 +16,8 @@ from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
-    LayerChange,
     SuiteSetting,
+    layer_changes,
     module_bytes,
     module_params,
     register_method,
@@ -27,6 +27,7 @@ from moelab.compress.quantization import check_quantizable, quant_format, quanti
 from moelab.layers.quant_formats import QUANT_GROUPS
 
 if TYPE_CHECKING:
+    from moelab.layers.moe import MoE
     from moelab.model import TransformerLM
 
 
@@ -136,23 +137,15 @@ class Quantize(CompressMethod):
             model, self.options["bits"], group, keep, calib.batches, self.clip_search
         )
         after = moe_blocks(quantized)
-        layers = []
-        for i, moe in moe_blocks(model).items():
-            experts = sum(p.numel() for p in moe.experts.parameters())
-            layers.append(
-                LayerChange(
-                    block=i,
-                    experts_before=moe.num_experts,
-                    experts_after=after[i].num_experts,
-                    params_before=module_params(moe),
-                    # the same weights, stored in fewer bits (buffers, not parameters)
-                    params_after=module_params(after[i]) + experts,
-                    bytes_before=module_bytes(moe),
-                    bytes_after=module_bytes(after[i]),
-                )
-            )
+        layers = layer_changes(model, quantized, params_after=_stored_params)
         details["expert_bytes"] = {
             str(i): {"before": module_bytes(moe.experts), "after": module_bytes(after[i].experts)}
             for i, moe in moe_blocks(model).items()
         }
         return CompressOutcome(quantized, layers, details)
+
+
+def _stored_params(before: MoE, after: MoE) -> int:
+    """The quantized layer's parameters plus its experts' weights: the same weights, stored in
+    fewer bits (buffers, not parameters)."""
+    return module_params(after) + sum(p.numel() for p in before.experts.parameters())

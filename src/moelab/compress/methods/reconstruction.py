@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from moelab.compress.methods._pruning import LayerCall, layer_inputs, pruning_changes
+from moelab.compress.methods._pruning import LayerCall, layer_inputs
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
+    layer_changes,
     register_method,
 )
 from moelab.compress.prune import (
@@ -152,4 +153,4 @@ class Reconstruction(CompressMethod):
             "reconstruction_loss": {str(i): v for i, v in losses.items()},
             "kept_experts": {str(i): ids.tolist() for i, ids in kept.items()},
         }
-        return CompressOutcome(pruned, pruning_changes(model, pruned), details)
+        return CompressOutcome(pruned, layer_changes(model, pruned), details)

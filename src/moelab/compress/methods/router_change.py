@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from moelab.compress.methods._pruning import pruning_changes, ranked_keep
+from moelab.compress.methods._pruning import ranked_keep
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
     SourceRun,
+    layer_changes,
     register_method,
 )
 from moelab.compress.prune import keep_for_ratio, moe_blocks, prune_to
@@ -150,4 +151,4 @@ class RouterChange(CompressMethod):
             "router_change": {str(i): s.tolist() for i, s in scores.items()},
             "kept_experts": {str(i): ids.tolist() for i, ids in kept.items()},
         }
-        return CompressOutcome(pruned, pruning_changes(model, pruned), details)
+        return CompressOutcome(pruned, layer_changes(model, pruned), details)

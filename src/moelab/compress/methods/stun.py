@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
-from moelab.compress.methods._pruning import layer_inputs, pruning_changes
+from moelab.compress.methods._pruning import layer_inputs
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
+    layer_changes,
+    module_params,
     register_method,
 )
 from moelab.compress.prune import expert_usage, keep_for_ratio, moe_blocks, prune_to
@@ -171,7 +173,9 @@ class Stun(CompressMethod):
             experts.w13_EDF2.copy_(zero_lowest(experts.w13_EDF2, norm_ED, sparsity))
             experts.w2_EFD.copy_(zero_lowest(experts.w2_EFD, norm_EF, sparsity))
         pruned.train(model.training)
-        changes = pruning_changes(model, pruned, nonzero=True)
+        changes = layer_changes(
+            model, pruned, params_after=lambda _, moe: module_params(moe, nonzero=True)
+        )
         experts_before = [m.experts for m in moe_blocks(model).values()]
         experts_after = [m.experts for m in moe_blocks(pruned).values()]
         before = sum(p.numel() for e in experts_before for p in e.parameters())

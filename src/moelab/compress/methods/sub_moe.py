@@ -21,12 +21,13 @@ from moelab.compress.merging import (
     routing_profiles,
     slots_for_ratio,
 )
-from moelab.compress.methods._merging import merge_changes
 from moelab.compress.methods.base import (
     Calibration,
     CompressMethod,
     CompressOutcome,
+    layer_changes,
     register_method,
+    stored_experts,
 )
 from moelab.compress.subspace import cluster_by_similarity, expert_output_similarity, merge_groups
 
@@ -105,4 +106,4 @@ class SubMoE(CompressMethod):
             "group_output_similarity": links,
             "usage": {str(i): p.counts_E.tolist() for i, p in profiles.items()},
         }
-        return CompressOutcome(merged, merge_changes(model, merged), details)
+        return CompressOutcome(merged, layer_changes(model, merged, stored_experts), details)
