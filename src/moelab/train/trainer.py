@@ -378,6 +378,7 @@ def train(
     A model that cannot train (quantized experts) is refused before anything is touched."""
     check_trainable(config)
     trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, preset=preset)
-    summary = trainer.run(stop_after=stop_after)
-    trainer.close()
-    return summary
+    try:
+        return trainer.run(stop_after=stop_after)
+    finally:  # also on an error: the lock, and the process group of a torchrun launch
+        trainer.close()
