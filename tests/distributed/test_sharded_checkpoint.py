@@ -11,6 +11,7 @@ import pytest
 import torch
 from launcher import check_ok, run_ranks
 
+from moelab.checkpoint_io import load_state
 from moelab.config import ConfigError
 from moelab.distributed import load_checkpoint
 from moelab.rundir import RunDir
@@ -116,3 +117,23 @@ def test_two_rank_checkpoint_resumes_on_four_ranks(
     assert [s for s, _ in got] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(got[2:], want[2:], strict=True):
         assert a == pytest.approx(b, rel=2e-3)  # steps 1-2 ran as 2 forwards of 2 sequences
+
+
+@pytest.mark.slow
+def test_each_rank_resumes_its_own_random_stream(tmp_path: Path, data_dir: Path) -> None:
+    """Ranks that draw different amounts of random numbers (here: rank r draws r + 1 per forward)
+    continue their own streams after a resume on the same ranks: the uninterrupted curve, bit for
+    bit (with rank 0's stream on every rank, rank 1's draws would differ)."""
+    cfg = config(data_dir, TOPK).to_dict()
+    args = {"config": cfg, "noisy_ranks": True}
+    check_ok(
+        run_ranks(2, "train_run", {**args, "run_dir": str(tmp_path / "full")}, tmp=tmp_path / "a")
+    )
+    run = {**args, "run_dir": str(tmp_path / "run")}
+    check_ok(run_ranks(2, "train_run", {**run, "stop_after": 2}, tmp=tmp_path / "b"))
+    state = load_state(RunDir(tmp_path / "run").latest_checkpoint() / RunDir.STATE)
+    assert len(state["rng_by_rank"]) == 2
+    assert not torch.equal(state["rng_by_rank"][0]["torch"], state["rng_by_rank"][1]["torch"])
+    check_ok(run_ranks(2, "train_run", {**run, "resume": True}, tmp=tmp_path / "c"))
+    assert curve(tmp_path / "run") == curve(tmp_path / "full")
+    assert [s for s, _ in curve(tmp_path / "run")] == [1, 2, 3, 4]

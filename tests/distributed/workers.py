@@ -107,13 +107,16 @@ def train_run(
     stop_after: int | None = None,
     fail_at_step: int | None = None,
     fail_rank: int = 1,
+    noisy_ranks: bool = False,
 ) -> dict[str, Any]:
     """``moelab.train`` on this rank (the Trainer sets up the process group from the
     environment, as under torchrun). Returns what the tests compare: rank 0's metrics, each
     rank's λ after every step and a digest of its replicated weights.
 
     ``fail_at_step``: rank ``fail_rank`` raises during that step (the launch must then end on
-    every rank, through :func:`moelab.distributed.run_guarded`).
+    every rank, through :func:`moelab.distributed.run_guarded`). ``noisy_ranks``: every forward
+    draws ``rank + 1`` numbers from torch's RNG and scales the logits by them, so each rank's
+    stream is its own and shows in the loss.
     """
     from moelab.distributed import run_guarded
     from moelab.rundir import RunDir
@@ -122,6 +125,17 @@ def train_run(
     cfg = RunConfig.from_dict(config)
     lams: list[float] = []
     out: dict[str, Any] = {}
+
+    if noisy_ranks:
+        from moelab.model import TransformerLM
+
+        forward = TransformerLM.forward
+
+        def noisy(self, *args, **kwargs):
+            logits = forward(self, *args, **kwargs)
+            return logits * (1.0 + 1e-3 * torch.rand(rank + 1).sum().item())
+
+        TransformerLM.forward = noisy  # type: ignore[method-assign]
 
     def command() -> int:
         trainer = Trainer(cfg, run_dir, resume=resume)

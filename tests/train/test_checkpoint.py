@@ -149,9 +149,16 @@ def test_resume_drops_metrics_after_the_checkpoint(tmp_path: Path, data_dir: Pat
     assert all(r["loss"] != 123.0 for r in RunDir(run).read_metrics("train"))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> None:
-    cfg = tiny_config(data_dir, train={"steps": 10})
-    trainer = Trainer(cfg, tmp_path / "run")
+@pytest.fixture
+def sigint_handler():
+    """Set SIGINT's handler for one test, whatever pytest inherited (``SIG_IGN`` when it was
+    started with ``&`` from a non-interactive shell), and put the inherited one back after."""
+    inherited = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, inherited)
+
+
+def _interrupted_at_step_2(trainer: Trainer) -> None:
     step = trainer.train_step
 
     def step_then_interrupt():
@@ -161,13 +168,33 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path: Path, data_dir: Path) -> 
         return record
 
     trainer.train_step = step_then_interrupt
-    inherited = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in the background
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(
+    tmp_path: Path, data_dir: Path, sigint_handler
+) -> None:
+    sigint_handler(signal.default_int_handler)  # an interactive terminal's Python
+    cfg = tiny_config(data_dir, train={"steps": 10})
+    trainer = Trainer(cfg, tmp_path / "run")
+    _interrupted_at_step_2(trainer)
     summary = trainer.run()
     assert summary["interrupted"] and summary["steps"] == 2
     assert RunDir(tmp_path / "run").latest_checkpoint().name == "step_00000002"
-    assert signal.getsignal(signal.SIGINT) is inherited  # the handler it found is restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     done = train(cfg, tmp_path / "run", resume=True)
     assert done["steps"] == 10 and not done.get("interrupted")
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path, data_dir: Path, sigint_handler) -> None:
+    """Started with SIGINT ignored (in the background), the run does not install its handler:
+    a SIGINT neither stops it nor raises, and SIG_IGN is still in place after."""
+    sigint_handler(signal.SIG_IGN)
+    cfg = tiny_config(data_dir, train={"steps": 4})
+    trainer = Trainer(cfg, tmp_path / "run")
+    _interrupted_at_step_2(trainer)
+    summary = trainer.run()
+    assert summary["steps"] == 4 and not summary.get("interrupted")
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 @pytest.mark.slow

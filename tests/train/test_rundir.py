@@ -4,6 +4,7 @@ and metrics read back what was written."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,37 @@ def test_checkpoints_list_latest_and_find(tmp_path: Path) -> None:
         run.latest_checkpoint()
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         RunDir(tmp_path / "empty").latest_checkpoint()
+
+
+def test_without_latest_the_newest_complete_checkpoint_is_found(tmp_path: Path) -> None:
+    """`latest` deleted in a run with several checkpoints: the newest complete `step_*` by step
+    number (saved out of order, one past 8 digits), never the oldest, never a temporary or a
+    `step_*` directory without its state or weights; and it is the one whose weights load."""
+    steps = [5, 2, 99_999_999, 100_000_000, 7]
+    run = _saved(tmp_path, steps)
+    root = run.path / RunDir.CHECKPOINTS
+    assert [RunDir.step_of(p) for p in run.checkpoints()] == sorted(steps)
+    (root / RunDir.LATEST).unlink()
+    newest = run.step_name(100_000_000)
+    assert run.latest_checkpoint().name == run.find_checkpoint().name == newest
+    (root / f"{RunDir.TMP_PREFIX}step_200000000-1").mkdir()  # a killed writer's leftovers
+    (root / "step_300000000").mkdir()  # empty: not a checkpoint
+    half = root / "step_400000000"
+    half.mkdir()
+    (half / RunDir.WEIGHTS).write_bytes((root / newest / RunDir.WEIGHTS).read_bytes())  # no state
+    (root / "step_notanumber").mkdir()
+    assert run.latest_checkpoint().name == newest
+    model = _model(0)
+    ckpt, state = run.load_checkpoint(model)
+    assert ckpt.name == newest and state == {"step": 100_000_000}
+    want = _model(100_000_000).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    for p in run.checkpoints()[::-1]:  # remove from the newest down: always the next newest
+        if run.is_complete(p):
+            assert run.latest_checkpoint() == p
+            shutil.rmtree(p)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        run.latest_checkpoint()
 
 
 def test_keep_last_and_load(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "check_layout",
     "init_topology",
     "resolve_backend",
+    "close_process_group",
     "run_guarded",
 ]
 
@@ -244,8 +245,9 @@ def run_guarded(command: Callable[[], int]) -> int:
     if env is None or env.world_size == 1:
         return command()
     try:
-        return command()
+        code = command()
     except SystemExit:
+        close_process_group()
         raise
     except BaseException as err:  # noqa: BLE001 - every failure must end the launch
         code = _report(err, env.rank, env.local_rank)
@@ -253,6 +255,19 @@ def run_guarded(command: Callable[[], int]) -> int:
         sys.stderr.flush()
         _abort_process_group()
         os._exit(code)
+    close_process_group()
+    return code
+
+
+def close_process_group() -> None:
+    """Destroy the process group, if one is left, before this process exits normally.
+
+    Why: a gloo group still alive at interpreter exit is torn down with the interpreter, and its
+    communication threads can then end the process with ``std::terminate`` ("terminate called
+    without an active exception", SIGABRT) after all its work is done. A failing rank leaves by
+    ``os._exit`` instead (see :func:`run_guarded`), which runs no teardown at all."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _report(err: BaseException, rank: int, local_rank: int) -> int:

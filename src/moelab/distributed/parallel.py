@@ -131,6 +131,10 @@ class SingleProcess:
         """``t`` summed over every rank (a CPU tensor in, a CPU tensor out)."""
         return t
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), by rank, on every rank (here: ``[obj]``)."""
+        return [obj]
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
@@ -340,6 +344,11 @@ class DataParallel(SingleProcess):
 
     def all_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t.clone())
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self._comm_device.type == "cuda":

@@ -71,17 +71,32 @@ class CheckpointFiles:
             raise CheckpointError(f"{checkpoint}: not a checkpoint directory name") from None
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first; temporary ones are ignored."""
+        """Checkpoint directories, oldest first (by step number, so ``step_100000000`` comes
+        after ``step_99999999``); temporary ones and other names are ignored."""
         root = self._ckpt_root
         if not root.is_dir():
             return []
-        return sorted(
-            p for p in root.iterdir() if p.is_dir() and p.name.startswith(self.STEP_PREFIX)
-        )
+        found = [
+            p
+            for p in root.iterdir()
+            if p.is_dir()
+            and p.name.startswith(self.STEP_PREFIX)
+            and p.name.removeprefix(self.STEP_PREFIX).isdigit()
+        ]
+        return sorted(found, key=self.step_of)
+
+    def is_complete(self, checkpoint: Path) -> bool:
+        """A checkpoint with its training state and its weights (safetensors, or a sharded
+        directory with its metadata): what a committed checkpoint always holds."""
+        weights = (checkpoint / self.WEIGHTS).is_file() or (
+            checkpoint / self.SHARDED / ".metadata"
+        ).is_file()
+        return weights and (checkpoint / self.STATE).is_file()
 
     def latest_checkpoint(self) -> Path:
         """The checkpoint ``latest`` names, or the newest complete one when ``latest`` is missing
-        (a run killed between committing a checkpoint and pointing at it)."""
+        (a run killed between committing a checkpoint and pointing at it; a ``step_*`` directory
+        without its state or weights, e.g. one copied in by hand, is passed over)."""
         root = self._ckpt_root
         latest = root / self.LATEST
         if latest.is_file():
@@ -92,10 +107,11 @@ class CheckpointFiles:
                     f"{latest}: names checkpoint {name!r}, which does not exist in {root}"
                 )
             return path
-        ckpts = self.checkpoints()
+        ckpts = [p for p in self.checkpoints() if self.is_complete(p)]
         if not ckpts:
             raise CheckpointError(
-                f"{self.path}: no checkpoint found (expected {root}/{self.STEP_PREFIX}*/)"
+                f"{self.path}: no checkpoint found (expected {root}/{self.STEP_PREFIX}*/ with "
+                f"{self.STATE})"
             )
         return ckpts[-1]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from moelab.config import ConfigError
 from moelab.distributed import load_checkpoint, save_checkpoint
 from moelab.rundir import RunDir
-from moelab.train.setup import rng_state, set_rng_state
+from moelab.train.rng import restore_rng, rng_state
 
 
 class CheckpointedTraining:
@@ -41,7 +41,8 @@ class CheckpointedTraining:
                 hook.load_state_dict(state[name])
             self.sampler.load_state_dict(state["sampler"])
             self._sampler_state = self.sampler.state_dict()
-            set_rng_state(state["rng"])
+            p = self.parallel
+            restore_rng(state, p.rank, p.world_size, str(ckpt / RunDir.STATE))
             self.step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
             self.flops_total = float(state.get("flops_total", 0.0))  # older checkpoints: 0
@@ -68,6 +69,8 @@ class CheckpointedTraining:
             "sampler": self._sampler_state,
             "rng": rng_state(),
         }
+        if self.parallel.distributed:  # each rank's own streams (a collective: every rank)
+            state["rng_by_rank"] = self.parallel.gather_objects(state["rng"])
         if self.parallel.distributed:  # every rank writes its shards (optimizer included)
             self.parallel.sync_buffers(self.model)
             del state["optimizer"]

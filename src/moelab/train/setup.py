@@ -1,4 +1,4 @@
-"""What a run needs before its first step: the dataset, the device, the λ controller, RNG state.
+"""What a run needs before its first step: the dataset, the device, the λ controller.
 
 Kept out of the trainer so that ``trainer.py`` shows the training step and the loop. Every check
 here raises a :class:`~moelab.config.ConfigError` naming the field, before any training.
@@ -6,7 +6,6 @@ here raises a :class:`~moelab.config.ConfigError` naming the field, before any t
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ __all__ = [
     "check_trainable",
     "open_dataset",
     "resolve_device",
-    "rng_state",
     "routed_by_block",
-    "set_rng_state",
     "use_bf16",
 ]
 
@@ -199,23 +196,3 @@ def routed_by_block(model: TransformerLM) -> dict[str, RoutedLayer]:
         for i, block in enumerate(model.blocks)
         if isinstance(block.ffn, RoutedLayer)
     }
-
-
-def rng_state() -> dict[str, Any]:
-    """Every random stream training draws from (saved in checkpoints for an exact resume)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    """``random.setstate`` wants tuples; a state read back from a checkpoint may hold lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from moelab.train.loop import TrainingLoop
 from moelab.train.metrics import check_backends
 from moelab.train.optim import build_optimizer, clip_grad_norm_
 from moelab.train.records import eval_record
+from moelab.train.rng import seed_everything
 from moelab.train.schedule import build_scheduler
 from moelab.train.setup import (
     build_controller,
@@ -166,8 +166,7 @@ class Trainer(CheckpointedTraining, TrainingLoop):
             torch.set_num_threads(config.train.threads)
         self.dataset = open_dataset(config)
 
-        torch.manual_seed(config.train.seed)
-        random.seed(config.train.seed)
+        seed_everything(config.train.seed)
         self.model = TransformerLM(config.model).to(self.device)
         self.accounting = accounting(self.model)  # the whole model, before any sharding
         self.layers = routed_by_block(self.model)
@@ -379,6 +378,7 @@ def train(
     A model that cannot train (quantized experts) is refused before anything is touched."""
     check_trainable(config)
     trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, preset=preset)
-    summary = trainer.run(stop_after=stop_after)
-    trainer.close()
-    return summary
+    try:
+        return trainer.run(stop_after=stop_after)
+    finally:  # also on an error: the lock, and the process group of a torchrun launch
+        trainer.close()
