@@ -230,12 +230,20 @@ def test_pair_topk_matches_a_loop_with_first_listed_pair_winning_ties(
     k, rows = 8, 40
     v0 = torch.randint(-3, 4, (rows, k), generator=g).double().sort(-1, descending=True).values
     v1 = torch.randint(-3, 4, (rows, k), generator=g).double().sort(-1, descending=True).values
+    S = 50  # sub-key ids of the two halves' lists, for the expert ids select_pairs writes
+    i0 = torch.randint(0, S, (rows, k), generator=g)
+    i1 = torch.randint(0, S, (rows, k), generator=g)
     for pa, pb in [pk.staircase_pairs(k), (torch.arange(k * k) // k, torch.arange(k * k) % k)]:
         got = pk.pair_topk(v0, v1, pa, pb, k)
+        a, b, ids = pkk.select_pairs(v0, v1, i0, i1, pa, pb, k, S)
         for r in range(rows):
             sums = [v0[r, a].item() + v1[r, b].item() for a, b in zip(pa, pb, strict=True)]
             ref = sorted(range(len(sums)), key=lambda c: (-sums[c], c))[:k]
             assert got[r].tolist() == ref, r
+            assert a[r].tolist() == [pa[c].item() for c in ref], r
+            assert b[r].tolist() == [pb[c].item() for c in ref], r
+            want_ids = [i0[r, pa[c]].item() * S + i1[r, pb[c]].item() for c in ref]
+            assert ids[r].tolist() == want_ids, r
 
 
 def lexicographic_brute_force(q_Td: torch.Tensor, sub_2Sd: torch.Tensor, k: int) -> torch.Tensor:
@@ -375,3 +383,55 @@ def test_pair_topk_finds_every_nan_sum(
         pk.pair_topk(
             torch.cat([ok, torch.tensor([v0])]), torch.cat([ok, torch.tensor([v1])]), pa, pb, 4
         )
+
+
+@pytest.mark.parametrize("N", [1, 7, 64, 5000])
+def test_row_groups_counting_sort_equals_the_stable_sort(N: int) -> None:
+    """The C counting sort (``num_rows`` given) returns exactly the groups of the stable sort:
+    same order (a row's retrievals in token order), tokens, distinct rows and offsets; an id out
+    of range falls back to the sort path, whose indexing reports it."""
+    if native.load_c_kernel("group_rows", sparse_rows._GROUP_C) is None:
+        pytest.skip("no C compiler: only the sort path exists")
+    g = torch.Generator().manual_seed(N)
+    for T, R in [(1, 1), (13, 5), (300, 24)]:
+        idx = torch.randint(0, N, (T, R), generator=g)
+        ref = RowGroups.build(idx)
+        got = RowGroups.build(idx, N)
+        for name in ("order_M", "tok_M", "rows_U", "offsets_U"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        if T * R > 100:
+            continue
+        # a loop reference for the grouping itself
+        for u, (row, start) in enumerate(zip(got.rows_U.tolist(), got.offsets_U.tolist())):
+            end = got.offsets_U[u + 1].item() if u + 1 < got.rows_U.numel() else T * R
+            flat = idx.reshape(-1)
+            want = [m for m in range(T * R) if flat[m] == row]
+            assert got.order_M[start:end].tolist() == want
+    bad = torch.tensor([[0, N]])  # N is out of range: the sort path takes it unchanged
+    assert torch.equal(RowGroups.build(bad, N).rows_U, torch.tensor([0, N]))
+
+
+@pytest.mark.parametrize("path", ["network", "buffer"])
+@pytest.mark.parametrize("S,k", [(1, 1), (5, 5), (50, 16), (64, 36), (64, 64), (100, 7), (128, 32)])
+def test_short_row_topk_orders_by_value_then_lower_index(
+    path: str, S: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 rows of S <= 128 go through the sorting network (8 rows per AVX2 vector), others
+    through the insertion buffer: both must return the stable descending order (a tie goes to the
+    lower index), with ties, ±inf and a row count that is not a multiple of 8."""
+    if native.load_c_kernel("topk", pk._TOPK_C) is None:
+        pytest.skip("no C compiler")
+    if path == "network" and pkk._network_lib() is None:
+        pytest.skip("no AVX2: the network is not built")
+    if path == "buffer":
+        monkeypatch.setattr(pkk, "_NET_MAX_S", 0)
+    g = torch.Generator().manual_seed(S * 131 + k)
+    for x in (
+        torch.randn(3, 13, S, generator=g),
+        torch.randint(-2, 3, (21, S), generator=g).float(),  # most entries tie
+    ):
+        x[0, ..., 0] = float("-inf")
+        x[-1, ..., -1] = float("inf")
+        v, i = pk.topk_last_dim(x, k)
+        ref = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(v, ref.values[..., :k]) and torch.equal(i, ref.indices[..., :k])

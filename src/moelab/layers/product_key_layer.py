@@ -162,7 +162,8 @@ class ProductKeyLayer(RoutedLayer):
             scores_VHK, idx_VHK = self.retrieve(x_VD)
             w_VHK = self.retrieval_weights(scores_VHK)
             idx_VR = idx_VHK.reshape(V, H * K)
-            groups = RowGroups.build(idx_VR)  # one sort per forward, shared by every table read
+            # one grouping per forward, shared by every table read
+            groups = RowGroups.build(idx_VR, self.num_experts)
             y_VD = self.read_rows(x_VD, idx_VR, w_VHK.reshape(V, H * K), groups)
         else:  # empty or all padding: no retrieval; the empty x_VD keeps the output in x's graph
             idx_VHK = torch.empty(0, H, K, dtype=torch.long, device=x.device)

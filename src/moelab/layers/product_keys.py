@@ -28,6 +28,7 @@ from moelab.layers.product_key_kernels import (
     NaNScoresError,
     _nan_error,
     pair_topk,
+    select_pairs,
     subkey_grads,
     topk_last_dim,
 )
@@ -248,10 +249,11 @@ def combine_halves(
     else:
         pa, pb = staircase_pairs(top_k, top_v.device)
         v = top_v.detach()
-        c = pair_topk(v[:, 0], v[:, 1], pa, pb, top_k)  # [H, T, k] pair numbers
-        a, b = pa[c], pb[c]
+        # [H, T, k] grid positions and expert ids i·S + j of the best listed pairs
+        a, b, idx = select_pairs(v[:, 0], v[:, 1], top_i[:, 0], top_i[:, 1], pa, pb, top_k, S)
         # the same IEEE sums the kernel ranked, now with a gradient to the two half entries
         best_v = _PairScores.apply(top_v, a, b)
+        return best_v.permute(1, 0, 2), idx.permute(1, 0, 2)
     i = top_i[:, 0].gather(-1, a)
     j = top_i[:, 1].gather(-1, b)
     idx = i * S + j

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.native import FLOAT_SUFFIX, advise_huge_pages, c_ptr, float_kernel
+from moelab.native import FLOAT_SUFFIX, advise_huge_pages, c_ptr, float_kernel, load_c_kernel
 
 _GATHER_ROWS = 4096  # gathered rows per chunk of gather_dot (4096 x 512 fp32 = 8 MB scratch)
 
@@ -50,15 +50,16 @@ void gather_dot_##SUF(const T* table, const int64_t* idx, const T* x, T* out, in
     }                                                                                           \
   }                                                                                             \
 }                                                                                               \
-void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64_t* offsets,  \
-                       T* out, int64_t U, int64_t M, int64_t D, int nth) {                      \
+void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64_t* ord,      \
+                       const int64_t* offsets, T* out, int64_t U, int64_t M, int64_t D,         \
+                       int nth) {                                                               \
   _Pragma("omp parallel for num_threads(nth) schedule(static)")                                \
   for (int64_t u = 0; u < U; ++u) {                                                             \
     const int64_t s = offsets[u], e = (u + 1 < U) ? offsets[u + 1] : M;                         \
     T* o = out + u * D;                                                                         \
     for (int64_t d = 0; d < D; ++d) o[d] = 0;                                                   \
     for (int64_t m = s; m < e; ++m) {                                                           \
-      const T wm = w[m];                                                                        \
+      const T wm = w[ord[m]];   /* the weights stay in retrieval order: no permuted copy */    \
       const T* sr = src + tok[m] * D;                                                           \
       _Pragma("omp simd")                                                                       \
       for (int64_t d = 0; d < D; ++d) o[d] += wm * sr[d];                                       \
@@ -68,6 +69,38 @@ void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64
 DEFINE(f32, float)
 DEFINE(f64, double)
 """
+
+
+# Counting sort of the retrievals by row (eager equivalent: a stable sort + unique_consecutive in
+# RowGroups.build). starts: N zeroed int64 counters, left holding each row's end. Returns U, the
+# number of distinct rows, or -1 if an id is outside [0, N) (the caller falls back to the sort).
+_GROUP_C = r"""
+#include <stdint.h>
+int64_t group_rows(const int64_t* idx, int64_t M, int64_t R, int64_t N, int64_t* starts,
+                   int64_t* order, int64_t* tok, int64_t* rows, int64_t* offsets) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = idx[m];
+    if (r < 0 || r >= N) return -1;
+    starts[r] += 1;
+  }
+  int64_t U = 0, pos = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t c = starts[r];
+    if (c) { rows[U] = r; offsets[U] = pos; ++U; }
+    starts[r] = pos;
+    pos += c;
+  }
+  for (int64_t m = 0; m < M; ++m) {   /* in retrieval order: stable */
+    const int64_t p = starts[idx[m]]++;
+    order[p] = m;
+    tok[p] = m / R;
+  }
+  return U;
+}
+"""
+# The counting sort scans all N counters: worth it while N is not much larger than the number of
+# retrievals M (training batches); a decode step of one token (M = H·K) sorts instead.
+_COUNTING_SORT_MAX_ROWS_PER_RETRIEVAL = 16
 
 
 def _rows_lib(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -92,13 +125,48 @@ class RowGroups:
     offsets_U: Tensor
 
     @staticmethod
-    def build(idx_TR: Tensor) -> RowGroups:
+    def build(idx_TR: Tensor, num_rows: int | None = None) -> RowGroups:
+        """Group ``idx_TR`` (ids in ``[0, num_rows)``) by row: a counting sort in C when
+        ``num_rows`` is given and not much larger than the number of retrievals, else a stable
+        sort. Both give the same groups in the same order."""
         flat = idx_TR.reshape(-1)
+        M = flat.numel()
+        if (
+            num_rows is not None
+            and M > 0
+            and num_rows <= _COUNTING_SORT_MAX_ROWS_PER_RETRIEVAL * M
+            and flat.device.type == "cpu"
+            and flat.dtype == torch.int64
+        ):
+            groups = RowGroups._counting_sort(flat.contiguous(), idx_TR.shape[1], num_rows)
+            if groups is not None:
+                return groups
         sorted_M, order_M = flat.sort(stable=True)  # measured: as fast as the unstable sort
         rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
         offsets_U = counts_U.cumsum(0) - counts_U
         tok_M = torch.div(order_M, idx_TR.shape[1], rounding_mode="floor")
         return RowGroups(order_M, tok_M, rows_U, offsets_U)
+
+    @staticmethod
+    def _counting_sort(flat_M: Tensor, R: int, num_rows: int) -> RowGroups | None:
+        lib = load_c_kernel("group_rows", _GROUP_C)
+        if lib is None:
+            return None
+        M = flat_M.numel()
+        starts = torch.zeros(num_rows, dtype=torch.int64)
+        order_M, tok_M = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
+        rows, offsets = torch.empty(M, dtype=torch.int64), torch.empty(M, dtype=torch.int64)
+        lib.group_rows.restype = ctypes.c_int64
+        U = lib.group_rows(
+            c_ptr(flat_M),
+            ctypes.c_int64(M),
+            ctypes.c_int64(R),
+            ctypes.c_int64(num_rows),
+            *(c_ptr(t) for t in (starts, order_M, tok_M, rows, offsets)),
+        )
+        if U < 0:  # an id out of range: let the sort path handle (and index errors report) it
+            return None
+        return RowGroups(order_M, tok_M, rows[:U], offsets[:U])
 
     def repeated_in_token(self) -> Tensor:
         """Number of retrievals (long scalar) that repeat a row their token already retrieved.
@@ -116,20 +184,21 @@ class RowGroups:
 
     def row_sums(self, weight_TR: Tensor, src_TD: Tensor) -> Tensor:
         """``out[u] = Σ_{(t,r): idx[t,r] = rows[u]} weight[t,r] · src[t]`` as ``[U, D]`` (fused)."""
-        w_M = weight_TR.reshape(-1)[self.order_M].contiguous()
+        w_flat = weight_TR.reshape(-1).contiguous()
         src_TD = src_TD.contiguous()
-        lib = _rows_lib(src_TD, w_M)
+        lib = _rows_lib(src_TD, w_flat)
         if lib is not None:
             U, D = self.rows_U.numel(), src_TD.shape[1]
             out = advise_huge_pages(torch.empty(U, D, dtype=src_TD.dtype))
             getattr(lib, f"segment_sum_{FLOAT_SUFFIX[src_TD.dtype]}")(
                 c_ptr(src_TD),
                 c_ptr(self.tok_M),
-                c_ptr(w_M),
+                c_ptr(w_flat),
+                c_ptr(self.order_M),
                 c_ptr(self.offsets_U),
                 c_ptr(out),
                 ctypes.c_int64(U),
-                ctypes.c_int64(w_M.numel()),
+                ctypes.c_int64(w_flat.numel()),
                 ctypes.c_int64(D),
                 ctypes.c_int(torch.get_num_threads()),
             )
@@ -139,7 +208,7 @@ class RowGroups:
             src_TD,
             self.offsets_U,
             mode="sum",
-            per_sample_weights=w_M,
+            per_sample_weights=w_flat.index_select(0, self.order_M),
         )
 
     def table_grad(self, weight_TR: Tensor, src_TD: Tensor, like: Tensor, sparse: bool) -> Tensor:
