@@ -25,9 +25,11 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
   the memory-bandwidth floor: only touching fewer rows or fewer bytes per row makes it faster.
 
 The dense baselines have the same active expert FLOPs as PEER (``H·k`` hidden ReLU units) and the
-usual ``4·D``. Children run with the system allocator (not
-:func:`moelab.runtime.keep_freed_memory`): with freed memory kept, the warm-up steps' scratch would
-already be resident and ``peak GB`` would read 0.
+usual ``4·D``. ``peak GB`` is measured on one step with the system allocator (with freed memory
+kept, the warm-up steps' scratch would already be resident and it would read 0); the timed steps
+then run with the allocator ``moelab train`` uses (:func:`moelab.runtime.keep_freed_memory`), so
+that they do not page-fault a step's scratch in again each step as a training run does not
+(``MOELAB_SYSTEM_MALLOC=1`` times the system default).
 
 ``--invocations N`` runs the whole set N times (every configuration a fresh process each time) and
 reports per-row medians with the min–max of ``ms`` and ``tok/s`` (:mod:`moelab.bench.invocations`).
@@ -49,6 +51,7 @@ from moelab.bench.peer_retrieval import (
     format_candidates_table,
     format_tiny,
 )
+from moelab.runtime import allocator_mode, keep_freed_memory
 
 SIZES = (128, 256, 512, 1024)
 # Columns that vary between invocations (medians and ranges are reported for these).
@@ -191,12 +194,18 @@ def _child(cfg: dict) -> dict:
     rss_kb = _status_kb("VmRSS") or 0
     clean = _reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # the peak of one step's scratch, every buffer freshly allocated (system allocator)
+    peak_kb = _status_kb("VmHWM") if clean else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # timed with the allocator of `moelab train` (freed memory kept, so a step's scratch is not
+    # page-faulted in again each step; MOELAB_SYSTEM_MALLOC=1 times the system default instead)
+    keep_freed_memory()
+    for _ in range(2):
+        step()
     for _ in range(cfg["steps"]):
         times.append(step())
         stats = getattr(layer, "last_stats", None)
         if stats is not None and stats.distinct_experts is not None:
             rows = int(stats.distinct_experts)
-    peak_kb = _status_kb("VmHWM") if clean else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     compare = None
     if kind in ("peer", "pkm") and cfg.get("compare"):
         compare = compare_candidates(layer, x, step, cfg["steps"])
@@ -220,7 +229,7 @@ def _child(cfg: dict) -> dict:
     f, b, o = times[med]
     ms = totals[med] * 1000
     name = kind if kind != "dense" else f"dense-{cfg['hidden']}"
-    return {"compare": compare} | asdict(
+    return {"compare": compare, "allocator": allocator_mode()} | asdict(
         Result(
             layer=name,
             experts=cfg.get("experts", 0),
@@ -324,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
     if n > 1:
         print(f"median (range) of {n} invocations, each config a fresh process per invocation")
     print(format_table(results))
+    print(f"timed steps' allocator: {results[0].get('allocator', 'system default')}")
     compared = [r["compare"] for r in runs[-1] if r.get("compare")]
     if compared:
         print(

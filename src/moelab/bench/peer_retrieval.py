@@ -99,9 +99,11 @@ def tiny_models(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from moelab.model import TransformerLM
+    from moelab.runtime import keep_freed_memory
     from moelab.train.config import resolve_run_config
     from moelab.train.optim import build_optimizer, clip_grad_norm_
 
+    keep_freed_memory()  # the allocator `moelab train` runs with
     torch.set_num_threads(cfg["threads"])
     steps: dict[str, Callable[[], None]] = {}
     tokens = 0
