@@ -13,7 +13,7 @@ from moelab.analysis.claims import (
     paper_mini_claims,
     routers_claims,
 )
-from moelab.analysis.claims_paper import paper_claims, remoe_collapse_claims
+from moelab.analysis.claims_paper import paper_claims, peer_optim_claims, remoe_collapse_claims
 from moelab.analysis.suite_data import SuiteData
 
 CLAIMS: dict[str, Callable[[SuiteData], list[tuple[str, str, Verdict | None]]]] = {
@@ -23,4 +23,5 @@ CLAIMS: dict[str, Callable[[SuiteData], list[tuple[str, str, Verdict | None]]]] 
     "load-balance": load_balance_claims,
     "routers": routers_claims,
     "remoe-collapse": remoe_collapse_claims,
+    "peer-optim": peer_optim_claims,
 }

@@ -22,6 +22,7 @@ from moelab.analysis.claims import (
     _usage,
 )
 from moelab.analysis.suite_data import SuiteData
+from moelab.analysis.verdict import sample_sd
 
 Claims = list[tuple[str, str, Verdict | None]]
 
@@ -125,4 +126,23 @@ def remoe_collapse_claims(sd: SuiteData) -> Claims:
                 ),
             )
         )
+    return out
+
+
+def peer_optim_claims(sd: SuiteData) -> Claims:
+    """The row-wise table optimizers against exact lazy AdamW on PEER's tables (paired by seed):
+    does either change the final validation loss, and is the change within the seed-to-seed
+    spread of the exact optimizer (the sample SD of its final losses over seeds)?"""
+    lazy = sd.losses("lazy")
+    spread = sample_sd(list(lazy.values())) if len(lazy) > 1 else float("nan")
+    out: Claims = []
+    for g, name in (("rowwise", "row-wise Adam"), ("rowwise_bf16", "row-wise Adam, bf16 m")):
+        for claim, higher in (
+            (f"{name} trains PEER's tables to a lower loss", False),
+            (f"{name} costs loss against exact AdamW", True),
+        ):
+            res = _compare(sd.losses(g), lazy, "val loss", higher=higher)
+            if res is not None:
+                res = (f"{res[0]}; seed SD of exact AdamW {spread:.3f}", res[1])
+            out.append((claim, "docs/peer.md (row-wise optimizer state)", res))
     return out
