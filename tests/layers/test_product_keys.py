@@ -402,7 +402,9 @@ def test_row_groups_counting_sort_equals_the_stable_sort(N: int) -> None:
         if T * R > 100:
             continue
         # a loop reference for the grouping itself
-        for u, (row, start) in enumerate(zip(got.rows_U.tolist(), got.offsets_U.tolist())):
+        for u, (row, start) in enumerate(
+            zip(got.rows_U.tolist(), got.offsets_U.tolist(), strict=True)
+        ):
             end = got.offsets_U[u + 1].item() if u + 1 < got.rows_U.numel() else T * R
             flat = idx.reshape(-1)
             want = [m for m in range(T * R) if flat[m] == row]
@@ -411,20 +413,24 @@ def test_row_groups_counting_sort_equals_the_stable_sort(N: int) -> None:
     assert torch.equal(RowGroups.build(bad, N).rows_U, torch.tensor([0, N]))
 
 
-@pytest.mark.parametrize("path", ["network", "buffer"])
-@pytest.mark.parametrize("S,k", [(1, 1), (5, 5), (50, 16), (64, 36), (64, 64), (100, 7), (128, 32)])
-def test_short_row_topk_orders_by_value_then_lower_index(
+@pytest.mark.parametrize("path", ["avx2", "buffer"])
+@pytest.mark.parametrize(
+    "S,k",
+    [(1, 1), (5, 5), (50, 16), (64, 36), (64, 64), (100, 7), (128, 32), (129, 5), (1000, 16)],
+)
+def test_topk_orders_by_value_then_lower_index_on_every_path(
     path: str, S: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """float32 rows of S <= 128 go through the sorting network (8 rows per AVX2 vector), others
-    through the insertion buffer: both must return the stable descending order (a tie goes to the
-    lower index), with ties, ±inf and a row count that is not a multiple of 8."""
+    """float32 rows of S <= 128 go through the sorting network (8 rows per AVX2 vector), longer
+    ones through the buffer with 8-wide rejection, and without AVX2 everything through the scalar
+    buffer: each must return the stable descending order (a tie goes to the lower index), with
+    ties, ±inf and a row count that is not a multiple of 8."""
     if native.load_c_kernel("topk", pk._TOPK_C) is None:
         pytest.skip("no C compiler")
-    if path == "network" and pkk._network_lib() is None:
-        pytest.skip("no AVX2: the network is not built")
+    if path == "avx2" and pkk._network_lib() is None:
+        pytest.skip("no AVX2: only the scalar buffer is built")
     if path == "buffer":
-        monkeypatch.setattr(pkk, "_NET_MAX_S", 0)
+        monkeypatch.setattr(pkk, "_network_lib", lambda: None)
     g = torch.Generator().manual_seed(S * 131 + k)
     for x in (
         torch.randn(3, 13, S, generator=g),
