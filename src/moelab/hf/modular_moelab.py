@@ -4,8 +4,9 @@ Not imported by moelab: :mod:`moelab.hf.gen_modeling` reads this file, copies it
 after the moelab definitions they use (the blocks, attention, every FFN layer and every exportable
 router, verbatim) and writes the self-contained ``modeling_moelab.py``. Names defined here replace
 moelab's: :class:`ModelConfig` (what moelab's ``Attention`` and ``Block`` read, taken from the
-``transformers`` config), :func:`float_kernel` and :func:`load_c_kernel` (no C kernels in the exported file: moelab's
-eager fallbacks run, same numbers within float rounding), and :func:`check_quant_args` with
+``transformers`` config), :func:`float_kernel` and :func:`load_c_kernel` (no C kernels in the
+exported file: moelab's eager fallbacks run, same numbers within float rounding), and
+:func:`check_quant_args` with
 :class:`QuantizedExperts` (moelab's ``build_expert_bank`` is copied as it is, but a quantized bank
 needs torchao, so the exported file refuses one).
 
