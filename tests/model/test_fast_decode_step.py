@@ -1,0 +1,67 @@
+"""The single-token decode step of generate (moelab.model.decode_step.FastStep) against the
+model's general forward: same logits (double precision) and same greedy tokens, for every router
+that decodes causally, at batch 1 and for a left-padded batch, and on the fallback paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_batched_generation import PROMPTS, decodable_routers, model_for
+
+from model_checks import tiny_lm
+from moelab.model import generate
+from moelab.model.decode_step import FastStep, model_decodes_fast
+from moelab.model.generate import PlainDecoder, left_pad
+
+NEW = 6
+
+
+def both(model, ids, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens of the general forward and of the fast step."""
+    slow = generate(
+        model, ids, NEW, temperature=0, attention_mask=mask, decoder=PlainDecoder(model, fast=False)
+    )
+    fast = generate(model, ids, NEW, temperature=0, attention_mask=mask)
+    return slow, fast
+
+
+@pytest.mark.parametrize("router", decodable_routers())
+def test_greedy_tokens_equal_the_general_forward(router: str) -> None:
+    model = model_for(router)
+    assert model_decodes_fast(model)
+    for prompt in PROMPTS:  # batch 1
+        slow, fast = both(model, torch.tensor(prompt))
+        assert fast.tolist() == slow.tolist(), prompt
+    ids, mask = left_pad(PROMPTS)  # a left-padded batch
+    slow, fast = both(model, ids, mask)
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("attn", [{}, {"qk_norm": "head"}, {"qkv_bias": True}])
+def test_step_logits_equal_the_forward(padded: bool, attn: dict) -> None:
+    """Each step's logits against ``model(ids[:, None], kv_cache)`` on a second cache, with
+    attention on the short path and on its fallback (q/k norms, biases)."""
+    model = tiny_lm("topk", max_seq_len=16, n_layers=3, **attn).double().eval()
+    ids, mask = left_pad(PROMPTS) if padded else (torch.tensor([PROMPTS[1]] * 2), None)
+    caches = [model.new_kv_cache(ids.shape[0], max_len=16) for _ in range(2)]
+    if padded:
+        for cache in caches:
+            cache.set_left_padding((mask == 0).sum(1))
+    with torch.no_grad():
+        logits = [model(ids, kv_cache=c)[:, -1] for c in caches][0]
+        step = FastStep(model, caches[1])
+        for _ in range(NEW):
+            next_B = logits.argmax(-1)
+            logits = model(next_B[:, None], kv_cache=caches[0])[:, -1]
+            torch.testing.assert_close(step(next_B), logits, rtol=1e-10, atol=1e-10)
+    assert caches[0].length == caches[1].length
+
+
+def test_generated_ids_train_like_any_tensor() -> None:
+    """The fast step runs in inference mode; what generate returns still goes into training."""
+    model = model_for("topk")
+    out = generate(model, torch.tensor(PROMPTS[0]), NEW, temperature=0)
+    model.train()
+    model(out[None]).sum().backward()
+    assert model.tok_emb.weight.grad is not None
