@@ -10,8 +10,9 @@ from test_batched_generation import PROMPTS, decodable_routers, model_for
 
 from model_checks import tiny_lm
 from moelab.model import generate
-from moelab.model.decode_step import FastStep, model_decodes_fast
+from moelab.model.decode_step import FastStep, _rms_norm, model_decodes_fast
 from moelab.model.generate import PlainDecoder, left_pad
+from moelab.model.transformer import RMSNorm
 
 NEW = 6
 
@@ -65,3 +66,21 @@ def test_generated_ids_train_like_any_tensor() -> None:
     model.train()
     model(out[None]).sum().backward()
     assert model.tok_emb.weight.grad is not None
+
+
+def test_float32_norm_is_the_modules_bit_for_bit() -> None:
+    norm = RMSNorm(8, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(3, 1, 8) * 5
+    assert torch.equal(_rms_norm(norm, x), norm(x))
+
+
+def test_float32_greedy_tokens_equal_the_general_forward() -> None:
+    """float32 (the inlined norm, the default dtype): the same greedy tokens, batch 1 and padded."""
+    model = tiny_lm("topk", max_seq_len=16, n_layers=3, init_std=0.2).eval()
+    slow, fast = both(model, torch.tensor(PROMPTS[1]))
+    assert torch.equal(fast, slow)
+    ids, mask = left_pad(PROMPTS)
+    slow, fast = both(model, ids, mask)
+    assert torch.equal(fast, slow)
