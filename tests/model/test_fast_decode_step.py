@@ -84,3 +84,18 @@ def test_float32_greedy_tokens_equal_the_general_forward() -> None:
     ids, mask = left_pad(PROMPTS)
     slow, fast = both(model, ids, mask)
     assert torch.equal(fast, slow)
+
+
+def test_bfloat16_step_is_close_to_the_forward() -> None:
+    """bf16 weights and cache (the rotation in float32, as apply_rope): logits of a step within
+    bf16 rounding of the forward's."""
+    model = tiny_lm("topk", max_seq_len=16, n_layers=3).to(torch.bfloat16).eval()
+    ids = torch.tensor([PROMPTS[1]])
+    caches = [model.new_kv_cache(1, max_len=16) for _ in range(2)]
+    with torch.no_grad():
+        logits = [model(ids, kv_cache=c)[:, -1] for c in caches][0]
+        next_B = logits.argmax(-1)
+        want = model(next_B[:, None], kv_cache=caches[0])[:, -1].float()
+        got = FastStep(model, caches[1])(next_B).float()
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

@@ -85,7 +85,7 @@ class FastStep:
         self.half = cos.shape[-1]
         self.attn_fast = [_plain_attention(b.attn) for b in model.blocks]
         self.moe_fast = [_plain_moe(b.ffn) for b in model.blocks]
-        # wq | wk | wv as one [D, q + 2·kv] matrix per layer (the weights are not copied again)
+        # wq | wk | wv as one [D, q + 2·kv] matrix per layer (copied once per generation)
         self.wqkv = [
             torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).t().contiguous()
             if fast
@@ -146,7 +146,7 @@ class FastStep:
         qk_BNd = qkv[:, : (H + G) * Hd].view(B, H + G, Hd)  # rotated together
         half = self.half
         swap_BNd = torch.cat([qk_BNd[..., half:], qk_BNd[..., :half]], dim=-1)
-        qk_BNd = qk_BNd * cos + swap_BNd * sin
+        qk_BNd = (qk_BNd * cos + swap_BNd * sin).to(qkv.dtype)  # rotated in >= float32
         q_BH1d = qk_BNd[:, :H, None]
         k_BG1d = qk_BNd[:, H:, None]
         v_BG1d = qkv[:, (H + G) * Hd :].view(B, G, 1, Hd)
