@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from moelab.model.decode_step import FastStep, model_decodes_fast
 from moelab.model.transformer import KVCache, TransformerLM
 
 
@@ -58,19 +59,30 @@ class Decoder(Protocol):
 
 
 class PlainDecoder:
-    """The model's own distribution: one KV cache, allocated once at its final size."""
+    """The model's own distribution: one KV cache, allocated once at its final size.
 
-    def __init__(self, model: TransformerLM) -> None:
+    The prompt runs through the model's forward; each new token, with ``fast`` (default), through
+    :class:`~moelab.model.decode_step.FastStep` (the same arithmetic with less per-step
+    overhead), else through the forward too.
+    """
+
+    def __init__(self, model: TransformerLM, fast: bool = True) -> None:
         self.model = model
+        self.fast = fast and model_decodes_fast(model)
         self.cache: KVCache | None = None
+        self._step: FastStep | None = None
 
     def prefill(self, ids_BL: Tensor, pad_B: Tensor | None, max_len: int) -> Tensor:
         self.cache = self.model.new_kv_cache(ids_BL.shape[0], max_len=max_len)
         if pad_B is not None:
             self.cache.set_left_padding(pad_B)
-        return self.model(ids_BL, kv_cache=self.cache)[:, -1]
+        logits_BV = self.model(ids_BL, kv_cache=self.cache)[:, -1]
+        self._step = FastStep(self.model, self.cache) if self.fast else None
+        return logits_BV
 
     def step(self, next_B: Tensor) -> Tensor:
+        if self._step is not None:
+            return self._step(next_B)
         return self.model(next_B[:, None], kv_cache=self.cache)[:, -1]
 
     def remove(self) -> None:

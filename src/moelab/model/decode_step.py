@@ -1,0 +1,195 @@
+"""A single-token decode step of moelab's own, for :func:`~moelab.model.generate`.
+
+A decode step of the tiny models moelab trains costs Python and dispatch overhead, not FLOPs:
+the general forward (:class:`~moelab.model.TransformerLM`) builds masks, slices RoPE tables and
+routes through the permute → grouped experts → combine pipeline that is built for thousands of
+rows. With one new token per row (``B`` rows, ``B`` small) the step below does the same
+arithmetic with less around it:
+
+* RoPE angles and the padding mask of the step are made once and shared by every layer;
+* queries, keys and values come from one matmul of the concatenated ``wq | wk | wv`` (made once);
+* keys and values are written into the cache at one position, attention reads the filled prefix;
+* a plain MoE layer routes as usual (its own router, so every router decides as it does in the
+  model) and then runs each *chosen* expert on its rows with one matmul pair, weighted by the
+  gates and summed per row — no grouped GEMM call (whose fixed cost dominates a few rows);
+* the step runs in inference mode (no autograd bookkeeping on any op).
+
+Anything else (a dense FFN, PEER / PKM, Chain-of-Experts, merged / quantized / compressed expert
+banks, an expert-parallel dispatcher, an observer, attention with biases or q/k norms) runs
+through its own module, so the step is exact wherever it is used; :func:`model_decodes_fast`
+says whether any layer uses the short path at all. The result equals the model's forward up to
+float rounding (summation order of the experts' outputs): the tests compare greedy tokens with
+the general path for every causal router.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelab.layers import dispatch
+from moelab.layers.base import RoutingContext
+from moelab.layers.dense import activate
+from moelab.layers.experts import GroupedExperts
+from moelab.layers.moe import MoE
+from moelab.model.transformer import Attention, KVCache, RMSNorm, TransformerLM
+
+
+def _plain_moe(ffn: torch.nn.Module) -> bool:
+    """A MoE layer whose output is ``Σ_e gate·expert_e(x)`` (+ direct and shared outputs)."""
+    return (
+        type(ffn) is MoE
+        and not ffn.merges_experts
+        and not ffn.chain_routers
+        and ffn.momentum == 0
+        and ffn.momentum_step == 1.0
+        and ffn.expert_slot is None
+        and not ffn.debug_uniform_routing
+        and type(ffn.experts) is GroupedExperts
+        and type(ffn.dispatcher) is dispatch.LocalDispatcher
+    )
+
+
+def _plain_attention(attn: Attention) -> bool:
+    return attn.qk_norm == "none" and attn.wq.bias is None
+
+
+def _rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
+    """:class:`RMSNorm`'s formula without its float32 round trip when ``x`` is float32 already
+    (the same ops on the same values: equal bits, two dispatches fewer)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def model_decodes_fast(model: TransformerLM) -> bool:
+    """Whether :class:`FastStep` shortens any layer of ``model`` (else it is no faster)."""
+    return any(_plain_moe(b.ffn) or _plain_attention(b.attn) for b in model.blocks)
+
+
+class FastStep:
+    """One new token per row on ``model``'s :class:`KVCache`, with the short paths above.
+
+    Built after the prefill (the cache holds the prompt); ``__call__(next_B)`` returns the logits
+    ``[B, V]`` and advances the cache, as ``model(next_B[:, None], kv_cache=cache)[:, -1]``.
+    """
+
+    def __init__(self, model: TransformerLM, cache: KVCache) -> None:
+        self.model, self.cache = model, cache
+        cos, sin = model._rope_tables(model.tok_emb.weight.device)
+        # full-width tables for rotating q and k in one go: x·cos2 + swap(x)·sin2 with
+        # swap(x) = (x2, x1) and sin2 = (−sin, sin) is apply_rope's x1·cos − x2·sin, x2·cos + x1·sin
+        self.cos2 = torch.cat([cos, cos], dim=-1)
+        self.sin2 = torch.cat([-sin, sin], dim=-1)
+        self.half = cos.shape[-1]
+        self.attn_fast = [_plain_attention(b.attn) for b in model.blocks]
+        self.moe_fast = [_plain_moe(b.ffn) for b in model.blocks]
+        # wq | wk | wv as one [D, q + 2·kv] matrix per layer (copied once per generation)
+        self.wqkv = [
+            torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]).t().contiguous()
+            if fast
+            else None
+            for b, fast in zip(model.blocks, self.attn_fast, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def __call__(self, next_B: Tensor) -> Tensor:
+        model, cache = self.model, self.cache
+        pos = cache.length
+        if pos + 1 > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {pos + 1}")
+        x_BD = model.tok_emb(next_B)
+        if cache.pad_B is None:  # every row at the same position
+            cos, sin = self.cos2[pos : pos + 1], self.sin2[pos : pos + 1]
+            key_mask = None
+        else:  # each row's own position; padded keys masked out
+            rows_B = (pos - cache.pad_B).clamp_min(0)
+            cos, sin = self.cos2[rows_B][:, None], self.sin2[rows_B][:, None]
+            key_mask = cache._key_valid_BP[:, None, None, : pos + 1]
+        x_B1D = x_BD[:, None]
+        context = RoutingContext(token_ids=next_B[:, None])
+        for i, block in enumerate(model.blocks):
+            h_B1D = _rms_norm(block.attn_norm, x_B1D)
+            if self.attn_fast[i]:
+                a_B1D = self._attention(i, block.attn, h_B1D, cos, sin, key_mask)
+            else:  # the cache's own mask and update; the same cos / sin shapes as the model's
+                half = self.half
+                c, s = cos[..., :half], sin[..., half:]
+                if key_mask is not None:
+                    c, s = c[:, None], s[:, None]
+                a_B1D = block.attn(h_B1D, c, s, cache)
+            x_B1D = x_B1D + a_B1D
+            h_B1D = _rms_norm(block.ffn_norm, x_B1D)
+            ffn = block.ffn
+            if self.moe_fast[i] and not ffn.should_record() and ffn.routing_observer is None:
+                x_B1D = x_B1D + self._moe(block.ffn, h_B1D, context)
+            else:
+                x_B1D = x_B1D + block.ffn(h_B1D, token_mask=None, context=context)
+            context = context.next_layer()
+        cache.length = pos + 1
+        return model.lm_head(_rms_norm(model.norm, x_B1D[:, 0]))
+
+    def _attention(
+        self,
+        i: int,
+        attn: Attention,
+        h_B1D: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_mask: Tensor | None,
+    ) -> Tensor:
+        cache, pos = self.cache, self.cache.length
+        B = h_B1D.shape[0]
+        H, G, Hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        qkv = h_B1D[:, 0] @ self.wqkv[i]
+        qk_BNd = qkv[:, : (H + G) * Hd].view(B, H + G, Hd)  # rotated together
+        half = self.half
+        swap_BNd = torch.cat([qk_BNd[..., half:], qk_BNd[..., :half]], dim=-1)
+        qk_BNd = (qk_BNd * cos + swap_BNd * sin).to(qkv.dtype)  # rotated in >= float32
+        q_BH1d = qk_BNd[:, :H, None]
+        k_BG1d = qk_BNd[:, H:, None]
+        v_BG1d = qkv[:, (H + G) * Hd :].view(B, G, 1, Hd)
+        k_all, v_all = cache.k[i], cache.v[i]
+        k_all[:, :, pos : pos + 1] = k_BG1d
+        v_all[:, :, pos : pos + 1] = v_BG1d
+        y_BH1d = F.scaled_dot_product_attention(
+            q_BH1d,
+            k_all[:, :, : pos + 1],
+            v_all[:, :, : pos + 1],
+            attn_mask=key_mask,
+            enable_gqa=G != H,
+        )
+        return attn.wo(y_BH1d.reshape(B, 1, H * Hd))
+
+    @staticmethod
+    def _moe(moe: MoE, h_B1D: Tensor, context: RoutingContext) -> Tensor:
+        """Route as the layer does, then each chosen expert once on its rows (a matmul pair per
+        expert instead of the grouped GEMM call), gate-weighted and summed as the layer's combine.
+        Measured against all experts over all rows in two matmuls (weights concatenated) and
+        against padded batched matmuls: neither was faster at batch 1, 4 or 16 (E = 8)."""
+        x_TD = h_B1D[:, 0]
+        routed = moe.router(x_TD, None, context)
+        d = routed.decision
+        experts = moe.experts
+        if x_TD.shape[0] == 1:  # one row: its experts in turn, no permutation
+            y_TD = None
+            weights = d.weight_N.to(x_TD.dtype)
+            for n, e in enumerate(d.expert_idx_N.tolist()):
+                a_TF = activate(x_TD @ experts.w13_EDF2[e], experts.activation)
+                out_TD = (a_TF @ experts.w2_EFD[e]) * weights[n]
+                y_TD = out_TD if y_TD is None else y_TD + out_TD
+            if y_TD is None:  # no expert chosen (ReLU routing may choose none)
+                y_TD = torch.zeros_like(x_TD)
+        else:  # rows sorted by expert, each expert on its block, summed back per row
+            perm = dispatch.permute(d)
+            x_ND = x_TD.index_select(0, perm.token_idx_N)
+            outs = [
+                activate(x_nD @ experts.w13_EDF2[e], experts.activation) @ experts.w2_EFD[e]
+                for e, x_nD in enumerate(x_ND.split(perm.counts))
+                if perm.counts[e]
+            ]
+            y_TD = dispatch.combine(torch.cat(outs), perm) if outs else torch.zeros_like(x_TD)
+        if routed.direct_TD is not None:
+            y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
+        return moe._add_shared(x_TD, y_TD)[:, None]
