@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from moelab.cli import main
 from moelab.data import TokenDataset, load_tokenizer
 from moelab.eval import evaluate, generate_text
+from moelab.model import decode_step
 from moelab.rundir import RunDir
 from moelab.train import Trainer, evaluate_run, train
 from run_fixtures import REMOE, TOPK, tiny_config
@@ -104,8 +105,22 @@ def test_generate_uses_kv_cache_and_matches_full_recompute(trained_run: Path) ->
         return original(ids, token_mask=token_mask, kv_cache=kv_cache)
 
     model.forward = spy
-    text = generate_text(model, tok, "the quick", max_new_tokens=8, temperature=0.0)
-    assert calls["cached"] >= 2  # prompt prefill + incremental steps through the cache
+    steps = {"fast": 0}
+    fast_call = decode_step.FastStep.__call__
+
+    def spy_step(self, next_B):  # noqa: ANN001, ANN202
+        steps["fast"] += 1
+        assert self.cache is not None and self.cache.length > 0  # decodes on the filled cache
+        return fast_call(self, next_B)
+
+    decode_step.FastStep.__call__ = spy_step
+    try:
+        text = generate_text(model, tok, "the quick", max_new_tokens=8, temperature=0.0)
+    finally:
+        decode_step.FastStep.__call__ = fast_call
+    # the prompt fills the cache through the forward; each new token is then either one cached
+    # forward (the general path) or one step of the decode step on the same cache
+    assert calls["cached"] >= 1 and calls["cached"] + steps["fast"] >= 2
     model.forward = original
     # greedy reference without a cache: recompute the whole sequence for each new token
     ids = [tok.eos_id, *tok.encode("the quick")]
