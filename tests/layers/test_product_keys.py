@@ -427,10 +427,10 @@ def test_topk_orders_by_value_then_lower_index_on_every_path(
     ties, ±inf and a row count that is not a multiple of 8."""
     if native.load_c_kernel("topk", pk._TOPK_C) is None:
         pytest.skip("no C compiler")
-    if path == "avx2" and pkk._network_lib() is None:
+    if path == "avx2" and pkk.avx2_topk_lib() is None:
         pytest.skip("no AVX2: only the scalar buffer is built")
     if path == "buffer":
-        monkeypatch.setattr(pkk, "_network_lib", lambda: None)
+        monkeypatch.setattr(pkk, "avx2_topk_lib", lambda: None)
     g = torch.Generator().manual_seed(S * 131 + k)
     for x in (
         torch.randn(3, 13, S, generator=g),

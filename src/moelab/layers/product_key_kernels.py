@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.layers.sparse_rows import RowGroups
-from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel, load_c_kernel
+from moelab.layers.topk_avx2 import NET_MAX_S, avx2_topk_lib
+from moelab.native import FLOAT_SUFFIX, c_ptr, float_kernel
 
 # Top-k selection per row (eager equivalent: torch.topk); see topk_last_dim. Returns the number of
 # rows holding a NaN (the caller raises): a NaN cannot be ranked, and inserted among the first k
@@ -96,114 +97,6 @@ DEFINE_TOPK(f32, float)
 DEFINE_TOPK(f64, double)
 """
 
-# Top-k of short float32 rows (S <= 128) by a bitonic sorting network run on 8 rows at once, one
-# row per AVX2 lane: no branches, so none mispredicted (the insertion buffer above mispredicts on
-# almost every entry once k is a sizeable share of S, e.g. peer-tiny's k = 36 of S = 64). Entries
-# are ordered by (value descending, index ascending), a strict order, so any correct network gives
-# exactly the buffer's result, ties included; rows are padded to a power of two with -inf entries
-# whose indices (>= S) lose every tie. topk_net_available() says whether the build had AVX2 (a
-# scalar network is no faster than the buffer).
-_TOPK_NET_C = r"""
-#include <stdint.h>
-#include <math.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#define LANES 8
-/* compare-exchange of 8 lanes: with desc, the better entry ends at a, else at b */
-static inline void ce(float* va, int32_t* ia, float* vb, int32_t* ib, int desc) {
-  const __m256 a = _mm256_load_ps(va), b = _mm256_load_ps(vb);
-  const __m256i x = _mm256_load_si256((const __m256i*)ia);
-  const __m256i y = _mm256_load_si256((const __m256i*)ib);
-  /* first: a ranks before b (higher value, or equal value and lower index) */
-  const __m256 lower_index = _mm256_castsi256_ps(_mm256_cmpgt_epi32(y, x));
-  __m256 first = _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ),
-                              _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ), lower_index));
-  if (desc) first = _mm256_xor_ps(first, _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
-  const __m256 xf = _mm256_castsi256_ps(x), yf = _mm256_castsi256_ps(y);
-  _mm256_store_ps(va, _mm256_blendv_ps(a, b, first));
-  _mm256_store_ps(vb, _mm256_blendv_ps(b, a, first));
-  _mm256_store_si256((__m256i*)ia, _mm256_castps_si256(_mm256_blendv_ps(xf, yf, first)));
-  _mm256_store_si256((__m256i*)ib, _mm256_castps_si256(_mm256_blendv_ps(yf, xf, first)));
-}
-int topk_net_available(void) { return 1; }
-
-/* The insertion buffer of topk_rows_f32 for long rows, with its rejection test run 8 entries at a
-   time once the buffer is full: one vector compare against the k-th value, and only the lanes that
-   pass (NaN passes too: _CMP_NLE_UQ) go through the scalar insertion, which tests them again
-   against the threshold as it rises, in index order (so ties still go to the lower index). */
-static inline void insert(const float* x, int64_t j, int64_t k, float* v, int64_t* ix, int64_t* n,
-                          int* nan) {
-  const float xj = x[j];
-  if (*n == k && xj <= v[k - 1]) return;
-  if (xj != xj) { *nan = 1; return; }
-  int64_t p = *n < k ? (*n)++ : k - 1;
-  while (p > 0 && v[p - 1] < xj) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }
-  v[p] = xj; ix[p] = j;
-}
-int64_t topk_scan_f32(const float* s, int64_t rows, int64_t S, int64_t k, float* out_v,
-                      int64_t* out_i, int nth) {
-  int64_t nan_rows = 0;
-  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = s + r * S;
-    float* v = out_v + r * k;
-    int64_t* ix = out_i + r * k;
-    int64_t n = 0, j = 0;
-    int nan = 0;
-    for (; j < S && n < k; ++j) insert(x, j, k, v, ix, &n, &nan);
-    for (; j + 8 <= S; j += 8) {
-      const __m256 t = _mm256_set1_ps(v[k - 1]);
-      int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), t, _CMP_NLE_UQ));
-      while (m) {
-        insert(x, j + __builtin_ctz(m), k, v, ix, &n, &nan);
-        m &= m - 1;
-      }
-    }
-    for (; j < S; ++j) insert(x, j, k, v, ix, &n, &nan);
-    nan_rows += nan;
-  }
-  return nan_rows;
-}
-int64_t topk_net_f32(const float* s, int64_t rows, int64_t S, int64_t P, int64_t k, float* out_v,
-                     int64_t* out_i, int nth) {
-  int64_t nan_rows = 0;
-  const int64_t blocks = (rows + LANES - 1) / LANES;
-  _Pragma("omp parallel for num_threads(nth) schedule(static) reduction(+:nan_rows)")
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    float v[128][LANES] __attribute__((aligned(32)));
-    int32_t ix[128][LANES] __attribute__((aligned(32)));
-    const int64_t r0 = blk * LANES;
-    for (int l = 0; l < LANES; ++l) {
-      const int64_t r = r0 + l;
-      int nan = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        const float x = (r < rows && p < S) ? s[r * S + p] : -INFINITY;
-        nan |= x != x;
-        v[p][l] = x;
-        ix[p][l] = (int32_t)p;
-      }
-      nan_rows += nan;
-    }
-    for (int64_t size = 2; size <= P; size *= 2)       /* bitonic sort, descending */
-      for (int64_t stride = size / 2; stride > 0; stride /= 2)
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t q = p ^ stride;
-          if (q > p) ce(v[p], ix[p], v[q], ix[q], (p & size) == 0);
-        }
-    for (int l = 0; l < LANES && r0 + l < rows; ++l)
-      for (int64_t j = 0; j < k; ++j) {
-        out_v[(r0 + l) * k + j] = v[j][l];
-        out_i[(r0 + l) * k + j] = ix[j][l];
-      }
-  }
-  return nan_rows;
-}
-#else
-int topk_net_available(void) { return 0; }
-#endif
-"""
-_NET_MAX_S = 128  # measured: beyond this the network's S·log²S work loses to the buffer
-
 
 class NaNScoresError(ValueError):
     """Product-key retrieval met NaN scores (NaN or inf in the queries or sub-keys).
@@ -218,13 +111,6 @@ def _nan_error(rows: int, total: int) -> NaNScoresError:
         f"product-key retrieval got NaN scores in {rows} of {total} rows: the queries or sub-keys "
         f"hold NaN/inf (diverged training, or NaN input); NaN scores cannot be ranked"
     )
-
-
-def _network_lib() -> ctypes.CDLL | None:
-    """The AVX2 selection kernels (sorting network, vector-rejection buffer) when the build had
-    AVX2, else None (use the plain buffer)."""
-    lib = load_c_kernel("topk_net", _TOPK_NET_C)
-    return lib if lib is not None and lib.topk_net_available() else None
 
 
 def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -254,8 +140,8 @@ def topk_last_dim(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     i = torch.empty(*x.shape[:-1], k, dtype=torch.int64)
     fn = getattr(lib, f"topk_rows_{FLOAT_SUFFIX[x.dtype]}")
     shape = [ctypes.c_int64(rows), ctypes.c_int64(S), ctypes.c_int64(k)]
-    avx2 = _network_lib() if x.dtype == torch.float32 and S > 0 else None
-    if avx2 is not None and S <= _NET_MAX_S:
+    avx2 = avx2_topk_lib() if x.dtype == torch.float32 and S > 0 else None
+    if avx2 is not None and S <= NET_MAX_S:
         fn = avx2.topk_net_f32
         shape.insert(2, ctypes.c_int64(1 << (S - 1).bit_length()))  # S padded to a power of 2
     elif avx2 is not None:
@@ -282,8 +168,7 @@ def select_pairs(
     c, ids = _pair_topk(v0, v1, pa, pb, k, (i0, i1, S))
     if ids is not None:
         return ids
-    a, b = pa.index_select(0, c.reshape(-1)).view(c.shape), pb.index_select(0, c.reshape(-1))
-    b = b.view(c.shape)
+    a, b = (p.index_select(0, c.reshape(-1)).view(c.shape) for p in (pa, pb))
     return a, b, i0.gather(-1, a) * S + i1.gather(-1, b)
 
 
