@@ -67,12 +67,14 @@ def test_retrieval_scores_are_differentiable_like_brute_force() -> None:
     torch.testing.assert_close(gk, rk)
 
 
+@pytest.mark.parametrize("bag_min_segment", [0, 10**9])  # segment sums: embedding_bag / C
 @pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("sparse", [True, False])
 def test_fused_row_ops_match_dense_autograd(
-    sparse: bool, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+    sparse: bool, c_kernels: bool, bag_min_segment: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sparse_rows, "_GATHER_ROWS", 7)  # force several token chunks (eager path)
+    monkeypatch.setattr(sparse_rows, "_BAG_MIN_SEGMENT", bag_min_segment)
     if not c_kernels:
         monkeypatch.setattr(native, "_KERNELS", {})
         monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
@@ -80,7 +82,7 @@ def test_fused_row_ops_match_dense_autograd(
         if native.load_c_kernel("rows", sparse_rows._ROWS_C) is None:
             pytest.skip("no C compiler: only the eager path can be checked")
     torch.manual_seed(1)
-    N, D, T, R = 20, 6, 11, 5
+    N, D, T, R = 20, 6, 11, 7  # R = 7: the gather-dot's blocks of four rows and its tail
     table = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     w = torch.randn(T, R, dtype=torch.float64, requires_grad=True)
