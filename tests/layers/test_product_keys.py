@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -331,23 +332,27 @@ def test_unknown_candidates_value_is_named() -> None:
         product_key_topk(torch.randn(2, 1, 4), torch.randn(1, 2, 4, 2), 2, candidates="k2")
 
 
+@pytest.mark.parametrize("S", [6, 20], ids=["dense", "sparse"])  # 2k >= S: dense score grads
 @pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
 def test_subkey_grads_match_a_one_hot_reference(
-    c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+    c_kernels: bool, S: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The half top-k's backward (a fused scatter in C, segment sums eagerly) against the dense
-    formula ``g`` scattered to one-hot ``[B, T, S]`` scores."""
+    """The half top-k's backward (a fused scatter in C, segment sums eagerly, a dense score
+    gradient when most scores are selected) against the dense formula ``g`` scattered to one-hot
+    ``[B, T, S]`` scores, written out as a loop."""
     if not c_kernels:
         no_c_kernels(monkeypatch)
     elif native.load_c_kernel("subkey_grads", pkk._SUBKEY_GRADS_C) is None:
         pytest.skip("no C compiler: only the eager path can be checked")
     g = torch.Generator().manual_seed(11)
-    B, T, K, S, d = 3, 9, 4, 6, 5
+    B, T, K, d = 3, 9, 4, 5
     q = torch.randn(B, T, d, generator=g, dtype=torch.float64)
     keys = torch.randn(B, S, d, generator=g, dtype=torch.float64)
     idx = torch.randint(0, S, (B, T, K), generator=g)  # repeats within and across tokens
     grad = torch.randn(B, T, K, generator=g, dtype=torch.float64)
-    dense = torch.zeros(B, T, S, dtype=torch.float64).scatter_add_(-1, idx, grad)
+    dense = torch.zeros(B, T, S, dtype=torch.float64)
+    for b, t, k in itertools.product(range(B), range(T), range(K)):
+        dense[b, t, idx[b, t, k]] += grad[b, t, k]
     g_q, g_keys = pkk.subkey_grads(q, keys, idx, grad, True, True)
     torch.testing.assert_close(g_q, torch.bmm(dense, keys))
     torch.testing.assert_close(g_keys, torch.bmm(dense.transpose(1, 2), q))

@@ -106,9 +106,11 @@ int64_t topk_net_f32(const float* s, int64_t rows, int64_t S, int64_t P, int64_t
     }
     for (int64_t size = 2; size <= P; size *= 2)       /* bitonic sort, descending */
       for (int64_t stride = size / 2; stride > 0; stride /= 2)
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t q = p ^ stride;
-          if (q > p) ce(v[p], ix[p], v[q], ix[q], (p & size) == 0);
+        for (int64_t base = 0; base < P; base += 2 * stride) {  /* pairs (p, p + stride) */
+          const int desc = (base & size) == 0;  /* one direction per block: no branch per pair */
+          for (int64_t p = base; p < base + stride; ++p)
+            if (desc) ce(v[p], ix[p], v[p + stride], ix[p + stride], 1);
+            else ce(v[p], ix[p], v[p + stride], ix[p + stride], 0);
         }
     for (int l = 0; l < LANES && r0 + l < rows; ++l)
       for (int64_t j = 0; j < k; ++j) {
