@@ -10,7 +10,12 @@ from test_batched_generation import PROMPTS, decodable_routers, model_for
 
 from model_checks import tiny_lm
 from moelab.model import generate
-from moelab.model.decode_step import FastStep, _rms_norm, model_decodes_fast
+from moelab.model.decode_step import (
+    HEAD_COPY_MIN_STEPS,
+    FastStep,
+    _rms_norm,
+    model_decodes_fast,
+)
 from moelab.model.generate import PlainDecoder, left_pad
 from moelab.model.transformer import RMSNorm
 
@@ -59,6 +64,28 @@ def test_step_logits_equal_the_forward(padded: bool, attn: dict) -> None:
     assert caches[0].length == caches[1].length
 
 
+@pytest.mark.parametrize("copy_head", [True, False])
+@pytest.mark.parametrize("router", ["topk", "relu"])
+def test_step_logits_with_and_without_the_head_copy(router: str, copy_head: bool) -> None:
+    """The LM head's transposed copy is made only when enough steps remain in the cache; with it
+    and without it each step's logits equal the forward's (float64, left-padded batch of 3)."""
+    model = model_for(router).double()
+    ids, mask = left_pad(PROMPTS)
+    room = HEAD_COPY_MIN_STEPS + 1 if copy_head else HEAD_COPY_MIN_STEPS - 1
+    max_len = ids.shape[1] + room
+    caches = [model.new_kv_cache(ids.shape[0], max_len=max_len) for _ in range(2)]
+    for cache in caches:
+        cache.set_left_padding((mask == 0).sum(1))
+    with torch.no_grad():
+        logits = [model(ids, kv_cache=c)[:, -1] for c in caches][0]
+        step = FastStep(model, caches[1])
+        assert (step.head_DV is not None) == copy_head
+        for _ in range(room):
+            next_B = logits.argmax(-1)
+            logits = model(next_B[:, None], kv_cache=caches[0])[:, -1]
+            torch.testing.assert_close(step(next_B), logits, rtol=1e-10, atol=1e-10)
+
+
 def test_generated_ids_train_like_any_tensor() -> None:
     """The fast step runs in inference mode; what generate returns still goes into training."""
     model = model_for("topk")
@@ -68,11 +95,14 @@ def test_generated_ids_train_like_any_tensor() -> None:
     assert model.tok_emb.weight.grad is not None
 
 
-def test_float32_norm_is_the_modules_bit_for_bit() -> None:
-    norm = RMSNorm(8, 1e-6)
+@pytest.mark.parametrize("dim", [8, 128, 344])
+def test_float32_norm_is_the_modules_bit_for_bit(dim: int) -> None:
+    """The fused ``F.rms_norm`` call against the module's formula: equal bits, rows of several
+    scales (the float64 and bf16 paths run the module itself)."""
+    norm = RMSNorm(dim, 1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
-    x = torch.randn(3, 1, 8) * 5
+    x = torch.randn(16, 1, dim) * torch.logspace(-3, 3, 16)[:, None, None]
     assert torch.equal(_rms_norm(norm, x), norm(x))
 
 

@@ -12,6 +12,10 @@ arithmetic with less around it:
 * a plain MoE layer routes as usual (its own router, so every router decides as it does in the
   model) and then runs each *chosen* expert on its rows with one matmul pair, weighted by the
   gates and summed per row — no grouped GEMM call (whose fixed cost dominates a few rows);
+* RMSNorm is one fused ``F.rms_norm`` call (float32: the same bits as the module's formula);
+* the LM head reads a transposed copy of its weight (``[D, V]``, made once per generation when
+  at least :data:`HEAD_COPY_MIN_STEPS` steps remain): ``x @ W^T`` on the contiguous copy is
+  faster on CPU than ``F.linear`` on the ``[V, D]`` weight, most at batch 1;
 * the step runs in inference mode (no autograd bookkeeping on any op).
 
 Anything else (a dense FFN, PEER / PKM, Chain-of-Experts, merged / quantized / compressed expert
@@ -55,12 +59,17 @@ def _plain_attention(attn: Attention) -> bool:
     return attn.qk_norm == "none" and attn.wq.bias is None
 
 
+HEAD_COPY_MIN_STEPS = 8
+"""Steps left in the cache from which :class:`FastStep` copies the LM head transposed: the copy
+reads and writes the head once, about what two steps' head matmuls read."""
+
+
 def _rms_norm(norm: RMSNorm, x: Tensor) -> Tensor:
-    """:class:`RMSNorm`'s formula without its float32 round trip when ``x`` is float32 already
-    (the same ops on the same values: equal bits, two dispatches fewer)."""
-    if x.dtype != torch.float32:
+    """:class:`RMSNorm`'s formula in one fused call when ``x`` is float32 already (no float32
+    round trip: one dispatch instead of six; the tests check equal bits with the module)."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
 
 def model_decodes_fast(model: TransformerLM) -> bool:
@@ -92,6 +101,15 @@ class FastStep:
             else None
             for b, fast in zip(model.blocks, self.attn_fast, strict=True)
         ]
+        head = model.lm_head
+        self.head_DV: Tensor | None = None
+        steps_left = cache.max_len - cache.length
+        if (
+            type(head) is torch.nn.Linear
+            and head.bias is None
+            and steps_left >= HEAD_COPY_MIN_STEPS
+        ):
+            self.head_DV = head.weight.t().contiguous()
 
     @torch.inference_mode()
     def __call__(self, next_B: Tensor) -> Tensor:
@@ -128,7 +146,8 @@ class FastStep:
                 x_B1D = x_B1D + block.ffn(h_B1D, token_mask=None, context=context)
             context = context.next_layer()
         cache.length = pos + 1
-        return model.lm_head(_rms_norm(model.norm, x_B1D[:, 0]))
+        h_BD = _rms_norm(model.norm, x_B1D[:, 0])
+        return model.lm_head(h_BD) if self.head_DV is None else h_BD @ self.head_DV
 
     def _attention(
         self,
@@ -166,8 +185,9 @@ class FastStep:
     def _moe(moe: MoE, h_B1D: Tensor, context: RoutingContext) -> Tensor:
         """Route as the layer does, then each chosen expert once on its rows (a matmul pair per
         expert instead of the grouped GEMM call), gate-weighted and summed as the layer's combine.
-        Measured against all experts over all rows in two matmuls (weights concatenated) and
-        against padded batched matmuls: neither was faster at batch 1, 4 or 16 (E = 8)."""
+        Measured against all experts over all rows in two matmuls (weights concatenated),
+        against padded batched matmuls and against each used expert on all rows with its gate
+        column (no permutation): none was faster at batch 1, 4 or 16 (E = 8; docs/inference.md)."""
         x_TD = h_B1D[:, 0]
         routed = moe.router(x_TD, None, context)
         d = routed.decision
