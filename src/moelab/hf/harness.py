@@ -151,7 +151,9 @@ def make_lm(
 ) -> Any:
     """A :class:`MoelabLM` (lm-eval ``LM``) for ``model`` and ``tokenizer`` that scores and
     generates under ``decoding`` (:data:`moelab.eval.decoding.DECODINGS`) with
-    ``decoding_options`` (:func:`moelab.eval.decoding.make_decoder`'s keywords), checked here."""
+    ``decoding_options`` (:func:`moelab.eval.decoding.make_decoder`'s keywords), checked here
+    in one line before anything else."""
+    make_decoder(model, decoding, **(decoding_options or {})).remove()
     return _moelab_lm_class()(model, tokenizer, decoding, decoding_options)
 
 
@@ -184,7 +186,6 @@ def _moelab_lm_class() -> type:
             self.max_len = model.cfg.max_seq_len
             self.device_ = next(model.parameters()).device
             options = decoding_options or {}
-            make_decoder(self.model, decoding, **options).remove()  # refused here, in one line
             self.decoding = decoding
             self.make = None
             if decoding != "plain":
