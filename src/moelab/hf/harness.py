@@ -204,7 +204,8 @@ def _moelab_lm_class() -> type:
         def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
             """``(log-likelihood, is_greedy)`` of ``continuation`` after ``context``."""
             ids = [self.eot_token_id, *context, *continuation][-(self.max_len + 1) :]
-            return score_continuation(self.model, ids, len(continuation), self.make)
+            n = min(len(continuation), len(ids) - 1)  # longer than the window: its last tokens
+            return score_continuation(self.model, ids, n, self.make)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list:
             out = []
