@@ -1,5 +1,5 @@
-"""The decoding options ``moelab generate`` and ``moelab eval-decoding`` share (MoE-aware
-decoding, :mod:`moelab.eval.decoding`)."""
+"""The decoding options ``moelab generate``, ``moelab eval-decoding`` and ``moelab lm-eval``
+share (MoE-aware decoding, :mod:`moelab.eval.decoding`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import argparse
 from typing import Any
 
 
-def add_decoding_options(p: argparse.ArgumentParser) -> None:
+def add_decoding_options(p: argparse.ArgumentParser, *, mode: bool = False) -> None:
+    """The options of each mode; with ``mode``, also ``--decoding`` (the one mode to use)."""
     g = p.add_argument_group("MoE-aware decoding (docs/inference.md#moe-aware-decoding)")
+    if mode:
+        g.add_argument(
+            "--decoding",
+            default="plain",
+            help="plain (default), scmoe or reroute: next-token scores",
+        )
     g.add_argument("--scmoe-alpha", type=float, default=0.1, help="plausibility cut-off α")
     g.add_argument("--scmoe-beta", type=float, default=0.5, help="contrast strength β")
     g.add_argument("--scmoe-weak-rank", type=int, default=2, help="weak pass: the rank-r expert")

@@ -17,10 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--decoding", default="plain", help="plain (default), scmoe or reroute: next-token scores"
-    )
-    add_decoding_options(p)
+    add_decoding_options(p, mode=True)
     add_checkpoint_option(p)
     add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier, --miss-*
     p.set_defaults(func=run)

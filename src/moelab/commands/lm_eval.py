@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moelab.commands._decoding import add_decoding_options, decoding_options
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run EleutherAI lm-eval tasks on a moelab run (through moelab's lm-eval "
         "model) or on a `moelab export-hf` directory (through lm-eval's hf model). The default "
         "task, moelab_cloze, is built locally from a dataset's held-out split: next-word "
-        "multiple choice, 4 choices. Needs `pip install lm-eval`.",
+        "multiple choice, 4 choices. A run is scored under --decoding (plain, scmoe or reroute: "
+        "MoE-aware decoding, teacher-forced); an export decodes plainly. Needs `pip install "
+        "lm-eval`.",
     )
     p.add_argument("path", metavar="RUN_OR_EXPORT")
     p.add_argument("--tasks", default="moelab_cloze", help="comma-separated lm-eval task names")
@@ -26,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-dir", default=None, help="where to write the cloze task")
     p.add_argument("--checkpoint", default=None, help="step number or step_* name")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_decoding_options(p, mode=True)
     p.set_defaults(func=run)
 
 
@@ -47,13 +52,17 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         task_dir=args.task_dir,
         checkpoint=args.checkpoint,
+        decoding=args.decoding,
+        decoding_options=decoding_options(args),
     )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for task, metrics in results.items():
-        shown = "  ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k
-        )
-        print(f"{task:<20} {shown}")
+        shown = []
+        for k, v in metrics.items():
+            if isinstance(v, float) and "stderr" not in k:
+                err = metrics.get(f"{k}_stderr")
+                shown.append(f"{k} {v:.4f}" + (f" ± {err:.4f}" if isinstance(err, float) else ""))
+        print(f"{task:<20} {'  '.join(shown)}")
     return 0

@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moelab.data import TokenDataset, default_dataset_dir
 from moelab.data.tokenizer import TextTokenizer
+from moelab.eval.continuation import score_continuation
+from moelab.eval.decoding import DECODINGS, make_decoder
+from moelab.hf.harness_network import download_hint, is_network_error
 from moelab.model import TransformerLM, generate
 from moelab.train import load_run, load_run_config, open_dataset, run_tokenizer
 
@@ -39,7 +41,7 @@ _WORD = re.compile(r"(?<=\S )([A-Za-z]{4,})\b")  # a word after one space
 
 def _offline() -> None:
     """Only local tasks asked for: never let datasets / the hub client go online (a hub task
-    keeps the network, and without one gets :func:`_download_hint`)."""
+    keeps the network, and without one gets :func:`~moelab.hf.harness_network.download_hint`)."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")
 
@@ -141,9 +143,18 @@ def _template_lm() -> type:
     return TemplateLM
 
 
-def make_lm(model: TransformerLM, tokenizer: TextTokenizer) -> Any:
-    """A :class:`MoelabLM` (lm-eval ``LM``) for ``model`` and ``tokenizer``."""
-    return _moelab_lm_class()(model, tokenizer)
+def make_lm(
+    model: TransformerLM,
+    tokenizer: TextTokenizer,
+    decoding: str = "plain",
+    decoding_options: dict[str, Any] | None = None,
+) -> Any:
+    """A :class:`MoelabLM` (lm-eval ``LM``) for ``model`` and ``tokenizer`` that scores and
+    generates under ``decoding`` (:data:`moelab.eval.decoding.DECODINGS`) with
+    ``decoding_options`` (:func:`moelab.eval.decoding.make_decoder`'s keywords), checked here
+    in one line before anything else."""
+    make_decoder(model, decoding, **(decoding_options or {})).remove()
+    return _moelab_lm_class()(model, tokenizer, decoding, decoding_options)
 
 
 _CLASS: dict[str, type] = {}
@@ -158,14 +169,27 @@ def _moelab_lm_class() -> type:
     class MoelabLM(_template_lm()):
         """A moelab :class:`TransformerLM` as an lm-eval model. Every sequence starts after the
         end-of-text token, as documents do in moelab's training data; inputs longer than the
-        model's ``max_seq_len`` keep their last tokens."""
+        model's ``max_seq_len`` keep their last tokens. Scores come from ``decoding``'s
+        next-token distribution, teacher-forced (:func:`score_continuation`); plain decoding is
+        one forward pass per request."""
 
-        def __init__(self, model: TransformerLM, tokenizer: TextTokenizer) -> None:
+        def __init__(
+            self,
+            model: TransformerLM,
+            tokenizer: TextTokenizer,
+            decoding: str = "plain",
+            decoding_options: dict[str, Any] | None = None,
+        ) -> None:
             super().__init__()
             self.model = model.eval()
             self.tok = tokenizer
             self.max_len = model.cfg.max_seq_len
             self.device_ = next(model.parameters()).device
+            options = decoding_options or {}
+            self.decoding = decoding
+            self.make = None
+            if decoding != "plain":
+                self.make = lambda: make_decoder(self.model, decoding, **options)
 
         @property
         def eot_token_id(self) -> int:
@@ -177,14 +201,11 @@ def _moelab_lm_class() -> type:
         def tok_decode(self, tokens: list[int], **kw) -> str:
             return self.tok.decode(tokens)
 
-        @torch.no_grad()
         def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            """``(log-likelihood, is_greedy)`` of ``continuation`` after ``context``."""
             ids = [self.eot_token_id, *context, *continuation][-(self.max_len + 1) :]
-            x = torch.tensor([ids[:-1]], device=self.device_)
-            logp = F.log_softmax(self.model(x)[0, -len(continuation) :].float(), dim=-1)
-            target = torch.tensor(continuation, device=self.device_)
-            greedy = bool((logp.argmax(-1) == target).all())
-            return float(logp.gather(1, target[:, None]).sum()), greedy
+            n = min(len(continuation), len(ids) - 1)  # longer than the window: its last tokens
+            return score_continuation(self.model, ids, n, self.make)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list:
             out = []
@@ -225,7 +246,14 @@ def _moelab_lm_class() -> type:
                 new = min(new, self.max_len - 1)
                 ids = [self.eot_token_id, *self.tok_encode(context)][-(self.max_len - new) :]
                 x = torch.tensor([ids], device=self.device_)
-                tokens = generate(self.model, x, new, temperature=0, eos_id=self.tok.eos_id)
+                decoder = None if self.make is None else self.make()
+                try:
+                    tokens = generate(
+                        self.model, x, new, temperature=0, eos_id=self.tok.eos_id, decoder=decoder
+                    )
+                finally:
+                    if decoder is not None:
+                        decoder.remove()
                 text = self.tok_decode(
                     [t for t in tokens[0, len(ids) :].tolist() if t != self.tok.eos_id]
                 )
@@ -248,17 +276,33 @@ def evaluate(
     limit: int | None = None,
     task_dir: str | Path | None = None,
     checkpoint: str | int | None = None,
+    decoding: str = "plain",
+    decoding_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run lm-eval on a moelab run (through :class:`MoelabLM`) or an export (through lm-eval's
-    ``hf`` model). ``tasks`` default to the local cloze task, built from the held-out split of
-    ``data`` (default: the run's own dataset; for an export, the embedded corpus) into
-    ``task_dir`` (default: ``<path>/lm_eval_tasks`` for a run, a temporary directory otherwise).
-    Returns ``{task: {metric: value}}``."""
+    """Run lm-eval on a moelab run (through :class:`MoelabLM`, scoring under ``decoding`` with
+    ``decoding_options``) or an export (through lm-eval's ``hf`` model: plain decoding only).
+    ``tasks`` default to the local cloze task, built from the held-out split of ``data``
+    (default: the run's own dataset; for an export, the embedded corpus) into ``task_dir``
+    (default: ``<path>/lm_eval_tasks`` for a run, a temporary directory otherwise). Returns
+    ``{task: {metric: value}}``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     path = Path(path).expanduser()
     exported = (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    if decoding not in DECODINGS:
+        raise ValueError(f"--decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if exported and decoding != "plain":
+        raise ValueError(
+            f"--decoding {decoding}: {path} is an export, scored by lm-eval's hf model with plain "
+            "decoding only; give the run directory for scmoe or reroute"
+        )
+    lm: Any = None
+    if not exported:  # the model and its decoding checked before the task is built
+        lm_model, config = load_run(path, checkpoint)
+        if config.train.threads is not None:  # the run's choice (tiny presets: 1)
+            torch.set_num_threads(config.train.threads)
+        lm = make_lm(lm_model, run_tokenizer(path), decoding, decoding_options)
     tasks = tasks or [CLOZE_TASK]
     with tempfile.TemporaryDirectory() as tmp:
         includes = [str(include_path)] if include_path else []
@@ -282,10 +326,7 @@ def evaluate(
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
             }
         else:
-            lm_model, config = load_run(path, checkpoint)
-            if config.train.threads is not None:  # the run's choice (tiny presets: 1)
-                torch.set_num_threads(config.train.threads)
-            model, model_args = make_lm(lm_model, run_tokenizer(path)), None
+            model, model_args = lm, None
         try:
             results = lm_eval.simple_evaluate(
                 model=model,
@@ -294,52 +335,17 @@ def evaluate(
                 task_manager=manager,
                 limit=limit,
                 log_samples=False,
-                bootstrap_iters=0,
+                bootstrap_iters=100,  # acc's stderr is closed-form; a few draws for the rest
             )
         except Exception as err:
-            if not _is_network_error(err):
+            if not is_network_error(err):
                 raise
             local = {CLOZE_TASK} | _task_names(include_path)
-            raise ValueError(_download_hint([t for t in tasks if t not in local], err)) from None
+            raise ValueError(download_hint([t for t in tasks if t not in local], err)) from None
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if not k.startswith("alias")}
         for task, metrics in results["results"].items()
     }
-
-
-# what the datasets / hub / requests stack raises without network or in offline mode
-_NETWORK_ERRORS = {
-    "ConnectionError",  # builtin (datasets' "Couldn't reach ...") and requests' own
-    "OfflineModeIsEnabled",
-    "LocalEntryNotFoundError",
-    "Timeout",
-    "MaxRetryError",
-    "NewConnectionError",
-}
-
-
-def _is_network_error(err: BaseException) -> bool:
-    """Whether ``err`` (or what it was raised from) is a failed download."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if any(cls.__name__ in _NETWORK_ERRORS for cls in type(err).__mro__):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _download_hint(tasks: list[str], err: BaseException) -> str:
-    """One line: which task's data could not be fetched, and the two ways to run it offline."""
-    first = (str(err).strip().splitlines() or [""])[0][:160]
-    names = ", ".join(tasks) or "the task"
-    return (
-        f"lm-eval: the data of {names} could not be downloaded ({type(err).__name__}: {first}); "
-        "run it once on a machine with network to fill the Hugging Face datasets cache "
-        "(HF_HOME, default ~/.cache/huggingface) and copy that cache here (with "
-        "HF_DATASETS_OFFLINE=1), or describe the task over local files in a YAML and give its "
-        "folder with --include-path"
-    )
 
 
 def _task_names(include_path: str | Path | None) -> set[str]:
