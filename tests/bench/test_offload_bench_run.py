@@ -43,7 +43,7 @@ def bench(run, tmp_path, *extra: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def test_run_path_decodes_the_loaded_runs_tokens_from_a_validation_prompt(
+def test_run_path_feeds_the_validation_text_and_offloaded_predictions_equal_the_loaded(
     tiny_run,
     data_dir,  # noqa: F811
     tmp_path,
@@ -51,18 +51,28 @@ def test_run_path_decodes_the_loaded_runs_tokens_from_a_validation_prompt(
 ):
     rows = bench(tiny_run, tmp_path, "--budgets", "25", "--policies", "lru,prefetch")
     loaded, *offloaded = rows
-    want_prompt = TokenDataset(data_dir).split("val")[:5].tolist()
-    assert loaded["prompt"] == want_prompt
+    val = TokenDataset(data_dir).split("val")[:11].tolist()
+    assert loaded["prompt"] == val[:5] and loaded["fed"] == val[5:]
     model, _ = load_run(tiny_run)
-    ref = generate(model, torch.tensor([want_prompt]), max_new_tokens=6, temperature=0)
-    # the bench's first decoded token is the prompt's argmax, then each step's: generate's tokens
-    assert loaded["decoded"] == ref[0, 5:].tolist()
+    with torch.no_grad():  # one full forward instead of the bench's KV-cache steps
+        want = model(torch.tensor([val]))[0, 4:].argmax(-1).tolist()
+    assert loaded["predicted"] == want
     assert [(r["budget"], r["policy"]) for r in offloaded] == [(25, "lru"), (25, "prefetch")]
-    for r in offloaded:  # the bench itself raises if an offloaded run's tokens differ
+    for r in offloaded:  # the bench itself raises if an offloaded run's predictions differ
         assert 0 <= r["hit_rate"] < 1 and r["read_per_token_mb"] > 0
         assert r["peak_over_budget"] <= 1
     assert "nll" not in loaded  # without --miss-precision: no quality columns
-    assert f"run {tiny_run} (step_00000003), 8 experts/layer, k=2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"run {tiny_run} (step_00000003), 8 experts/layer, k=2" in out
+    assert "validation tokens fed (teacher-forced)" in out
+
+
+def test_feed_greedy_decodes_the_loaded_runs_own_tokens(tiny_run, data_dir, tmp_path):  # noqa: F811
+    rows = bench(tiny_run, tmp_path, "--budgets", "25", "--policies", "lru", "--feed", "greedy")
+    prompt = TokenDataset(data_dir).split("val")[:5].tolist()
+    model, _ = load_run(tiny_run)
+    ref = generate(model, torch.tensor([prompt]), max_new_tokens=7, temperature=0)[0, 5:]
+    assert rows[0]["fed"] == ref[:6].tolist() and rows[0]["predicted"] == ref.tolist()
 
 
 def test_nll_column_equals_a_full_forward_for_loaded_and_plain_rows(tiny_run, tmp_path):
@@ -109,6 +119,13 @@ def test_random_init_options_are_refused_with_run_in_one_line(tmp_path, extra, m
     assert "\n" not in str(err.value)
 
 
-def test_checkpoint_needs_run():
-    with pytest.raises(ValueError, match="--checkpoint: needs --run RUN_DIR"):
-        bench_offload.run(parse(["--checkpoint", "3"]))
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--checkpoint", "3"], "--checkpoint: needs --run RUN_DIR"),
+        (["--feed", "text"], "--feed: text needs --run RUN_DIR"),
+    ],
+)
+def test_run_options_need_run(argv, message):
+    with pytest.raises(ValueError, match=message):
+        bench_offload.run(parse(argv))

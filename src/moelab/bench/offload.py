@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "copy (default 0.5)",
     )
     parser.add_argument(
+        "--feed",
+        choices=("text", "greedy"),
+        default=None,
+        help="tokens fed while decoding: the validation text after the prompt (needs --run; its "
+        "default) or the model's own greedy tokens (random init's default)",
+    )
+    parser.add_argument(
         "--nll-windows",
         type=int,
         default=8,
@@ -89,8 +96,9 @@ def _decode(
     force: list[int] | None = None,
     logits: list | None = None,
 ) -> tuple[float, list]:
-    """Seconds to decode ``tokens`` greedy tokens after a prefill (not timed), and the tokens fed.
-    ``force``: feed these tokens instead of the model's own; ``logits``: append each step's."""
+    """Seconds to decode ``tokens`` tokens after a prefill (not timed), the tokens fed, and the
+    greedy prediction after the prompt and after each step. ``force``: feed these tokens instead
+    of the model's own (greedy); ``logits``: append each step's."""
     import torch
 
     with torch.no_grad():
@@ -98,7 +106,7 @@ def _decode(
         nxt = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
         if session is not None:
             session.reset_counters()
-        out = []
+        out, preds = [], [int(nxt)]
         t0 = time.perf_counter()
         for i in range(tokens):
             if force is not None:
@@ -108,7 +116,8 @@ def _decode(
             if logits is not None:
                 logits.append(step)
             nxt = step.argmax(-1, keepdim=True)
-        return time.perf_counter() - t0, out
+            preds.append(int(nxt))
+        return time.perf_counter() - t0, out, preds
 
 
 def _check(args: argparse.Namespace, cfg: Any) -> None:
@@ -147,10 +156,11 @@ def run(args: argparse.Namespace) -> int:
     refused: dict[float, str] = {}
     with open_bench_model(args, cfg) as bench:
         model, prompt = bench.model, bench.prompt
-        _decode(model, prompt, args.tokens)  # warm-up (allocator, kernels), not timed
+        text = bench.text  # tokens fed: the validation text (--feed text) or greedy (None)
+        _decode(model, prompt, args.tokens, force=text)  # warm-up (allocator, kernels), not timed
         for r in range(args.repeats):
             ref: list | None = [] if miss else None
-            seconds, want = _decode(model, prompt, args.tokens, logits=ref)
+            seconds, want, want_preds = _decode(model, prompt, args.tokens, force=text, logits=ref)
             times["loaded"].append(seconds)
             for b in budgets:
                 for p in policies:
@@ -168,15 +178,15 @@ def run(args: argparse.Namespace) -> int:
                             continue
                         key = (b, p) if low is None else (b, p, low)
                         got_logits: list | None = [] if miss else None
-                        seconds, got = _decode(
+                        seconds, _, got = _decode(
                             served,
                             prompt,
                             args.tokens,
                             session,
-                            force=want if low else None,
+                            force=want if low else text,
                             logits=got_logits,
                         )
-                        if low is None and got != want:
+                        if low is None and got != want_preds:
                             raise RuntimeError(
                                 f"offloaded tokens differ from the loaded model's ({b}%, {p})"
                             )
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"round {r + 1}/{args.repeats} done", flush=True)
         nll = _nll(bench, list(times), miss_kw, args.prompt_len) if bench.windows else {}
     rows = rows_of(times, stats, args.tokens, diffs, nll)
-    rows[0] |= {"prompt": prompt[0].tolist(), "decoded": want}  # the loaded model's greedy text
+    rows[0] |= {"prompt": prompt[0].tolist(), "fed": want, "predicted": want_preds}
     rows += [
         {"budget": b, "policy": p, "miss_precision": miss, "refused": refused[b]}
         for b in budgets

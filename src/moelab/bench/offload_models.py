@@ -3,7 +3,9 @@
 Random init (the default) has untrained routing, and its greedy text from a random prompt soon
 repeats, which favours a cache; ``--run RUN_DIR`` instead benchmarks a trained run's own experts,
 read from its checkpoint's ``model.safetensors`` (never written), with a prompt taken from the
-run's own validation split (the start of the split), so decoding follows real text. With
+run's own validation split (the start of the split); by default (``--feed text``) the decode
+steps are then fed the split's next tokens instead of the model's greedy ones, because a briefly
+trained model's greedy text soon loops as a random one does (``--feed greedy`` measures that). With
 ``--miss-precision`` the run path also has held-out windows of that split to score the
 continuation NLL of every variant (a random-init model has no meaningful one).
 
@@ -37,13 +39,15 @@ Serve = Callable[[float, str, bool, dict[str, Any]], tuple[TransformerLM, Offloa
 class BenchModel:
     """The fully loaded ``model``, the decode ``prompt`` ``[1, P]``, ``serve(budget_pct, policy,
     prefetch, low_kw)`` building a fresh offloaded copy, the table's ``label``, and ``windows``
-    (``[B, P + tokens]`` validation windows for the NLL column; ``None`` for random init)."""
+    (``[B, P + tokens]`` validation windows for the NLL column; ``None`` for random init), and
+    ``text``: the tokens to feed while decoding (``None``: the model's own greedy tokens)."""
 
     model: TransformerLM
     prompt: torch.Tensor
     serve: Serve
     label: str
     windows: list[torch.Tensor] | None = None
+    text: list[int] | None = None
 
 
 def bench_config(args: argparse.Namespace) -> RunConfig:
@@ -52,6 +56,8 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
     if args.run is None:
         if args.checkpoint is not None:
             raise ValueError("--checkpoint: needs --run RUN_DIR")
+        if args.feed == "text":
+            raise ValueError("--feed: text needs --run RUN_DIR (a random-init model has no text)")
         return _fits(args, _random_config(args))
     given = [
         f"--{name.replace('_', '-')}" for name in RANDOM_ONLY if getattr(args, name) is not None
@@ -158,8 +164,10 @@ def _trained_run(args: argparse.Namespace, config: RunConfig) -> BenchModel:
     ckpt = RunDir(args.run).find_checkpoint(args.checkpoint)
     model, _ = load_run(args.run, checkpoint=ckpt)
     dataset = open_dataset(config)
-    first = next(iter_eval_batches(dataset, "val", args.prompt_len, 1, 1))
+    first = next(iter_eval_batches(dataset, "val", args.prompt_len + args.tokens, 1, 1))
     prompt = first["input_ids"][:, : args.prompt_len]
+    feed_text = args.feed in (None, "text")
+    text = first["input_ids"][0, args.prompt_len :].tolist() if feed_text else None
     windows = None
     if args.miss_precision is not None:  # the quality column: NLL of the true continuations
         length = args.prompt_len + args.tokens
@@ -181,6 +189,7 @@ def _trained_run(args: argparse.Namespace, config: RunConfig) -> BenchModel:
     slot = config.model.ffn_for(next(i for i, _ in check_offloadable(model)))
     label = (
         f"run {args.run} ({ckpt.name}), {slot.num_experts} experts/layer, k={slot.top_k}, "
-        f"router {slot.router}; prompt: the first {args.prompt_len} validation tokens"
+        f"router {slot.router}; prompt: the first {args.prompt_len} validation tokens, then "
+        + ("the next validation tokens fed (teacher-forced)" if feed_text else "greedy")
     )
-    return BenchModel(model, prompt, serve, label, windows)
+    return BenchModel(model, prompt, serve, label, windows, text)
