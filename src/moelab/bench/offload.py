@@ -229,6 +229,7 @@ def _nll(bench: Any, keys: list, miss_kw: dict, prompt_len: int) -> dict[Any, di
         out[key] = continuation_scores(
             lambda model=model: make_decoder(model, "plain"), bench.windows, prompt_len
         )
-        if session is not None:
+        if session is not None:  # how often the copies served a miss while scoring
+            out[key]["lowprec_hits"] = float(session.stats().get("lowprec_hits") or 0)
             session.close()
     return out

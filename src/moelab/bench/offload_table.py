@@ -75,6 +75,8 @@ def rows_of(times: dict, stats: dict, tokens: int, diffs: dict, nll: dict) -> li
     for row, key in zip(rows, times, strict=True):
         if key in nll:
             row |= {"nll": nll[key]["nll"], "nll_tokens": int(nll[key]["tokens"])}
+            if "lowprec_hits" in nll[key]:
+                row["nll_lowprec_hits"] = int(nll[key]["lowprec_hits"])
     return rows
 
 
@@ -96,13 +98,14 @@ def print_table(rows: list[dict], args: argparse.Namespace, stats: dict, label: 
             "the loaded model's decode logits, 'top1': steps with its top token"
             + (
                 f"; 'nll': nats/token of {rows[0]['nll_tokens']} true validation tokens "
-                "teacher-forced"
+                "teacher-forced (offloaded rows: the change from the loaded model's, and the "
+                "misses served from copies while scoring)"
                 if "nll" in rows[0]
                 else " (random init: no meaningful continuation loss)"
             )
         )
     extra = f" {'miss':>4} {'low hits':>8} {'saved MB/tok':>12} {'logit diff':>10} {'top1':>5}"
-    extra += f" {'nll':>7}" if "nll" in rows[0] else ""
+    extra += f" {'nll':>8} {'nll low':>7}" if "nll" in rows[0] else ""
     print(
         f"{'budget':>7} {'policy':>8} {'tok/s':>18} {'vs loaded':>9} {'hit':>6} {'pf acc':>6} "
         f"{'read MB/tok':>11} {'used MB/tok':>11} {'read/used':>9} {'wait':>5}"
@@ -115,7 +118,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, stats: dict, label: 
             continue
         rng = f"{r['tok_s']:.0f} ({r['tok_s_range'][0]:.0f}-{r['tok_s_range'][1]:.0f})"
         if r["budget"] == "loaded":
-            nll = f"{'':>98} {r['nll']:>7.4f}" if "nll" in r else ""
+            nll = f"{'':>98} {r['nll']:>8.4f}" if "nll" in r else ""
             print(f"{'loaded':>7} {'-':>8} {rng:>18} {1.0:>9.2f}" + nll)
             continue
         line = (
@@ -130,5 +133,6 @@ def print_table(rows: list[dict], args: argparse.Namespace, stats: dict, label: 
                 f"{r['saved_per_token_mb']:>12.2f} {r['logit_max_abs_diff']:>10.2e} "
                 f"{pct(r['top1_agree']):>5}"
             )
-            line += f" {r['nll']:>7.4f}" if "nll" in r else ""
+            if "nll" in r:
+                line += f" {r['nll'] - rows[0]['nll']:>+8.1e} {r['nll_lowprec_hits']:>7}"
         print(line)
