@@ -33,7 +33,7 @@ def load_offloaded(
     policy: str = "lru",
     prefetch: bool = False,
     tier_name: str = "disk",
-    checkpoint: str | int | None = None,
+    checkpoint: str | int | Path | None = None,
     miss_precision: str | None = None,
     miss_threshold: float = DEFAULT_THRESHOLD,
     meta: bool = True,
