@@ -37,9 +37,11 @@ def test_lm_eval_runs_the_cloze_task_on_a_run_and_an_export(
     run = tmp_path / "run"
     train(tiny_config(data_dir, ffn, train={"steps": 2, "eval_every": 0}), run)
     capsys.readouterr()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["lm-eval", str(run), "--items", "30", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)["moelab_cloze"]
     assert 0.0 <= ours["acc"] <= 1.0 and 0.0 <= ours["acc_norm"] <= 1.0
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the run is a source
 
     pytest.importorskip("transformers")
     assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 0

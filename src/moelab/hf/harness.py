@@ -283,7 +283,7 @@ def evaluate(
     ``decoding_options``) or an export (through lm-eval's ``hf`` model: plain decoding only).
     ``tasks`` default to the local cloze task, built from the held-out split of ``data``
     (default: the run's own dataset; for an export, the embedded corpus) into ``task_dir``
-    (default: ``<path>/lm_eval_tasks`` for a run, a temporary directory otherwise). Returns
+    (default: a temporary directory, removed afterwards; nothing is written into the run). Returns
     ``{task: {metric: value}}``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -309,7 +309,7 @@ def evaluate(
         if CLOZE_TASK in tasks:
             if data is None:
                 data = _default_data(path, exported)
-            where = task_dir or (tmp if exported else path / "lm_eval_tasks")
+            where = task_dir or tmp  # never into the run: it is a source, not ours to write
             includes.append(str(build_cloze_task(data, where, items=items)))
         # indexing lm-eval's thousands of shipped task files takes most of a run's time: skip it
         # when only local tasks are asked for
