@@ -241,3 +241,21 @@ def test_generate_command_offloads_a_run_and_prints_the_counters(tmp_path, data_
     assert main([*args, "--expert-memory", "1MB"]) == 2
     err = capsys.readouterr()
     assert err.out == "" and "truncated weights file" in err.err
+
+
+def test_print_stats_writes_to_the_current_stderr(tmp_path, monkeypatch):
+    """The counters go to ``sys.stderr`` as it is when printed: a default bound at import kept
+    writing to the stream of that moment (in the suite: a closed test capture)."""
+    import io
+    import sys
+
+    from moelab.serve import print_stats
+
+    model = preset_model("topk-tiny")
+    served = offloaded(model, saved(model, tmp_path), "20%")
+    greedy(served)
+    served.offload.close()
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    print_stats(served.offload.stats())
+    assert "experts offloaded: tier" in stream.getvalue()

@@ -71,8 +71,11 @@ def load_offloaded(
     return model, config, session
 
 
-def print_stats(stats: dict[str, Any], file: IO[str] = sys.stderr) -> None:
-    """The counters in a few lines (``moelab generate`` prints them to stderr after the text)."""
+def print_stats(stats: dict[str, Any], file: IO[str] | None = None) -> None:
+    """The counters in a few lines (``moelab generate`` prints them to stderr after the text).
+    ``file`` defaults to the *current* ``sys.stderr`` (a default bound at import would keep
+    writing to whatever stream was installed then, e.g. a closed test capture)."""
+    file = sys.stderr if file is None else file
 
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
