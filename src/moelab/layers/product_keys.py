@@ -113,7 +113,8 @@ class _HalfTopK(torch.autograd.Function):
 
     Same values/indices as ``torch.bmm(q, keysᵀ).topk(k)`` but the backward only touches the k
     selected sub-keys per row (:func:`subkey_grads`: O(T·k·d) instead of two dense O(T·S·d)
-    matmuls and a dense ``[B, T, S]`` zero-filled score gradient). Gradients are not
+    matmuls and a dense ``[B, T, S]`` zero-filled score gradient), unless half or more of each
+    row is selected, where the dense form is the faster one. Gradients are not
     materialised: autograd would otherwise zero-fill a ``[B, T, k]`` gradient for the index
     output in every backward, only for it to be ignored.
     """
