@@ -17,18 +17,10 @@ from moelab.layers.routers import router_class, routers_with
 from moelab.model import ModelConfig, TransformerLM, generate
 from moelab.serve import ExpertCache, offload_model
 from moelab.train.config import preset_path
-from run_fixtures import data_dir  # noqa: F401
+from run_fixtures import data_dir, one_torch_thread  # noqa: F401
 
 SMALL = {"vocab_size": 64, "d_model": 16, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1}
 SMALL |= {"max_seq_len": 32}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def preset_model(preset: str, **ffn) -> TransformerLM:

@@ -14,18 +14,11 @@ import torch.nn.functional as F
 
 from moelab.model import TransformerLM, generate
 from moelab.serve import offload_model
-from test_offload import PROMPT, preset_model, saved
+from run_fixtures import one_torch_thread  # noqa: F401
+from test_offload import PROMPT, offloaded, preset_model, saved
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
 SILU_LIPSCHITZ = 1.0999  # max |silu'(x)| (at x ≈ 2.4): silu moves at most this much per unit
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def top2() -> TransformerLM:
@@ -33,9 +26,7 @@ def top2() -> TransformerLM:
 
 
 def served(model: TransformerLM, weights, memory="60%", **kw) -> TransformerLM:
-    fresh = TransformerLM(model.cfg).eval()
-    offload_model(fresh, weights, memory, load_resident=True, **kw)
-    return fresh
+    return offloaded(model, weights, memory, **kw)
 
 
 def test_threshold_zero_is_the_plain_offloaded_model_exactly(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -130,3 +131,19 @@ def test_random_init_options_are_refused_with_run_in_one_line(tmp_path, extra, m
 def test_run_options_need_run(argv, message):
     with pytest.raises(ValueError, match=message):
         bench_offload.run(parse(argv))
+
+
+def test_a_sharded_checkpoint_is_refused_by_the_bench_and_the_server(tiny_run, tmp_path):
+    """One check (``serve.run.offload_source``) for both doors: no single file holds every
+    expert of a checkpoint written by several processes."""
+    from moelab.rundir import RunDir
+    from moelab.serve import load_offloaded
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (RunDir(run).find_checkpoint(None) / RunDir.SHARDED).mkdir()
+    with pytest.raises(ValueError, match="a sharded checkpoint") as err:
+        bench_offload.run(parse(["--run", str(run)]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="a sharded checkpoint"):
+        load_offloaded(run, "50%")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moelab.bench import peer as bench_peer
 from moelab.bench.peer_retrieval import (
+    combine_tiny,
     compare_candidates,
     format_candidates_table,
     format_tiny,
@@ -42,6 +44,32 @@ def test_tiny_models_ratio_is_the_tokens_per_second_ratio() -> None:
     ratio = res["peer-tiny"]["tokens_per_s"] / res["dense-tiny"]["tokens_per_s"]
     assert res["ratio"] == ratio
     assert "peer-tiny / dense-tiny = " in format_tiny(res)
+
+
+def test_tiny_runs_combine_as_medians_with_the_ratio_range() -> None:
+    def one(peer: float, dense: float) -> dict:
+        return {
+            "tokens": 8,
+            "steps": 2,
+            "peer-tiny": {"ms": 8000 / peer, "tokens_per_s": peer},
+            "dense-tiny": {"ms": 8000 / dense, "tokens_per_s": dense},
+            "ratio": peer / dense,
+        }
+
+    res = combine_tiny([one(60, 100), one(50, 100), one(66, 110)])
+    assert res["ratio"] == 0.6 and res["ratios"] == [0.6, 0.5, 0.6]  # median of 0.6, 0.5, 0.6
+    assert res["peer-tiny"]["tokens_per_s"] == 60 and res["dense-tiny"]["tokens_per_s"] == 100
+    line = format_tiny(res)
+    assert "each of 3 process(es)" in line and "= 0.60x (0.50–0.60)" in line
+
+
+def test_invocation_counts_below_one_are_refused() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench_peer.add_arguments(parser)
+    with pytest.raises(ValueError, match="--tiny-invocations: must be >= 1, got 0"):
+        bench_peer.run(parser.parse_args(["--tiny-invocations", "0"]))
 
 
 def test_bench_configs_ask_for_the_comparison_unless_disabled() -> None:

@@ -6,11 +6,10 @@ whole lm-eval run is marked slow)."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
+from test_harness_offline import fake_lm_eval
 
 from moelab.cli import main
 from moelab.train import load_run, run_tokenizer, train
@@ -29,19 +28,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, 
     return out
 
 
-def _stand_in(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """An lm_eval module whose evaluation only records that it was asked for."""
-    calls: list[dict] = []
-    lm_eval = types.ModuleType("lm_eval")
-    lm_eval.simple_evaluate = lambda **kw: calls.append(kw)
-    tasks = types.ModuleType("lm_eval.tasks")
-    tasks.TaskManager = lambda **kw: kw
-    lm_eval.tasks = tasks
-    monkeypatch.setitem(sys.modules, "lm_eval", lm_eval)
-    monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks)
-    return calls
-
-
 @pytest.mark.parametrize(
     ("which", "extra", "message"),
     [
@@ -55,7 +41,7 @@ def _stand_in(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 def test_bad_decoding_combinations_are_one_line_before_any_work(
     runs, tmp_path, monkeypatch, capsys, which, extra, message
 ) -> None:
-    calls = _stand_in(monkeypatch)
+    calls = fake_lm_eval(monkeypatch)
     if which == "export":
         path = tmp_path / "export"
         path.mkdir()
@@ -63,12 +49,13 @@ def test_bad_decoding_combinations_are_one_line_before_any_work(
     else:
         path = runs[which]
     capsys.readouterr()
-    assert main(["lm-eval", str(path), *extra]) == 2
+    tasks = tmp_path / "tasks"  # the cloze task is written only after the checks pass
+    assert main(["lm-eval", str(path), "--task-dir", str(tasks), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"moelab: error: {message}")
     if which == "export":
         assert "lm-eval's hf model with plain decoding only" in err
-    assert calls == [] and not (path / "lm_eval_tasks").exists()
+    assert calls == [] and not tasks.exists()
 
 
 def test_neutral_decodings_score_like_plain(runs) -> None:

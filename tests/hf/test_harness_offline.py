@@ -18,12 +18,14 @@ class _DatasetsOffline(Exception):
     """Like datasets' wrapper errors: the download failure is its cause."""
 
 
-def _fake_lm_eval(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[dict]:
+def fake_lm_eval(monkeypatch: pytest.MonkeyPatch, error: BaseException | None = None) -> list[dict]:
+    """An ``lm_eval`` module whose evaluation records its arguments, then raises ``error``."""
     calls: list[dict] = []
 
     def simple_evaluate(**kw):
         calls.append(kw)
-        raise error
+        if error is not None:
+            raise error
 
     lm_eval = types.ModuleType("lm_eval")
     lm_eval.simple_evaluate = simple_evaluate
@@ -61,7 +63,7 @@ def _chained() -> BaseException:
     ids=["connection-error", "wrapped"],
 )
 def test_a_hub_task_without_network_is_one_line(tmp_path, monkeypatch, capsys, error):
-    calls = _fake_lm_eval(monkeypatch, error or _chained())
+    calls = fake_lm_eval(monkeypatch, error or _chained())
     code = main(["lm-eval", str(_export(tmp_path)), "--tasks", "hellaswag"])
     err = capsys.readouterr().err
     assert code == 2 and len(calls) == 1
@@ -71,7 +73,7 @@ def test_a_hub_task_without_network_is_one_line(tmp_path, monkeypatch, capsys, e
 
 
 def test_other_lm_eval_failures_are_not_disguised_as_network(tmp_path, monkeypatch):
-    _fake_lm_eval(monkeypatch, KeyError("acc_norm"))
+    fake_lm_eval(monkeypatch, KeyError("acc_norm"))
     with pytest.raises(KeyError):
         main(["lm-eval", str(_export(tmp_path)), "--tasks", "hellaswag"])
 
@@ -80,6 +82,6 @@ def test_only_local_tasks_force_offline_mode(tmp_path, monkeypatch):
     """A hub task keeps the network (it needs it to download); local ones never go online."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    _fake_lm_eval(monkeypatch, ConnectionError("no network"))
+    fake_lm_eval(monkeypatch, ConnectionError("no network"))
     main(["lm-eval", str(_export(tmp_path)), "--tasks", "hellaswag"])
     assert "HF_DATASETS_OFFLINE" not in os.environ

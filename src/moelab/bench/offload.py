@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def _decode(
     session: Any = None,
     force: list[int] | None = None,
     logits: list | None = None,
-) -> tuple[float, list]:
+) -> tuple[float, list[int], list[int]]:
     """Seconds to decode ``tokens`` tokens after a prefill (not timed), the tokens fed, and the
     greedy prediction after the prompt and after each step. ``force``: feed these tokens instead
     of the model's own (greedy); ``logits``: append each step's."""
@@ -118,6 +119,16 @@ def _decode(
             nxt = step.argmax(-1, keepdim=True)
             preds.append(int(nxt))
         return time.perf_counter() - t0, out, preds
+
+
+def _variants(
+    budgets: list[float], policies: list[str], miss: str | None
+) -> Iterator[tuple[float, str, str | None]]:
+    """(budget, policy, low precision or None) in the order every round runs them: each budget
+    and policy plain, then (with ``--miss-precision``) with the copies."""
+    for b in budgets:
+        for p in policies:
+            yield from ((b, p, low) for low in ((None, miss) if miss else (None,)))
 
 
 def _check(args: argparse.Namespace, cfg: Any) -> None:
@@ -162,39 +173,33 @@ def run(args: argparse.Namespace) -> int:
             ref: list | None = [] if miss else None
             seconds, want, want_preds = _decode(model, prompt, args.tokens, force=text, logits=ref)
             times["loaded"].append(seconds)
-            for b in budgets:
-                for p in policies:
-                    policy, prefetch = POLICIES[p]
-                    for low in (None, miss) if miss else (None,):
-                        if low is not None and b in refused:
-                            continue
-                        low_kw = {} if low is None else {"miss_precision": low} | miss_kw
-                        try:
-                            served, session = bench.serve(b, policy, prefetch, low_kw)
-                        except ValueError as err:
-                            if low is None:
-                                raise
-                            refused[b] = str(err)
-                            continue
-                        key = (b, p) if low is None else (b, p, low)
-                        got_logits: list | None = [] if miss else None
-                        seconds, _, got = _decode(
-                            served,
-                            prompt,
-                            args.tokens,
-                            session,
-                            force=want if low else text,
-                            logits=got_logits,
-                        )
-                        if low is None and got != want_preds:
-                            raise RuntimeError(
-                                f"offloaded tokens differ from the loaded model's ({b}%, {p})"
-                            )
-                        times.setdefault(key, []).append(seconds)
-                        stats.setdefault(key, []).append(session.stats())
-                        if ref is not None and got_logits is not None:
-                            diffs.setdefault(key, []).append(compare(ref, got_logits))
-                        session.close()
+            for b, p, low in _variants(budgets, policies, miss):
+                if low is not None and b in refused:
+                    continue
+                policy, prefetch = POLICIES[p]
+                low_kw = {} if low is None else {"miss_precision": low} | miss_kw
+                try:
+                    served, session = bench.serve(b, policy, prefetch, low_kw)
+                except ValueError as err:
+                    if low is None:
+                        raise
+                    refused[b] = str(err)
+                    continue
+                key = (b, p) if low is None else (b, p, low)
+                got_logits: list | None = [] if miss else None
+                force = want if low else text
+                seconds, _, got = _decode(
+                    served, prompt, args.tokens, session, force=force, logits=got_logits
+                )
+                if low is None and got != want_preds:
+                    raise RuntimeError(
+                        f"offloaded tokens differ from the loaded model's ({b}%, {p})"
+                    )
+                times.setdefault(key, []).append(seconds)
+                stats.setdefault(key, []).append(session.stats())
+                if ref is not None and got_logits is not None:
+                    diffs.setdefault(key, []).append(compare(ref, got_logits))
+                session.close()
             print(f"round {r + 1}/{args.repeats} done", flush=True)
         nll = _nll(bench, list(times), miss_kw, args.prompt_len) if bench.windows else {}
     rows = rows_of(times, stats, args.tokens, diffs, nll)

@@ -67,19 +67,13 @@ def bench_config(args: argparse.Namespace) -> RunConfig:
             f"{', '.join(given)}: shape the random-init model only; --run benchmarks the run's "
             "own model"
         )
-    from moelab.rundir import RunDir
     from moelab.serve import check_offloadable
+    from moelab.serve.run import offload_source
     from moelab.serve.startup import build_meta
     from moelab.train import load_run_config
 
     config = load_run_config(args.run)
-    run = RunDir(args.run)
-    ckpt = run.find_checkpoint(args.checkpoint)
-    if run.is_sharded(ckpt):
-        raise ValueError(
-            f"--run: {ckpt} is a sharded checkpoint (several processes); load and save it on one "
-            "process first"
-        )
+    offload_source(args.run, args.checkpoint)  # the file exists and holds every expert
     check_offloadable(build_meta(config.model))  # no storage: refused before any weight is read
     return _fits(args, config)
 

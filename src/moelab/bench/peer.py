@@ -16,7 +16,8 @@ mark (``/proc/self/clear_refs``), and time ``--steps`` full steps of forward + b
   the staircase pairs, and its share of the layer's step in each mode, in the same process
   (:mod:`moelab.bench.peer_retrieval`; ``--no-compare`` skips it);
 * a last line: ``peer-tiny`` vs ``dense-tiny`` whole-model training tokens/s, alternating steps in
-  one process (``--tiny-steps 0`` skips it);
+  one process (``--tiny-steps 0`` skips it; ``--tiny-invocations N``: N fresh processes, median
+  and range of the ratio);
 * ``opt GB/s``: the bytes the lazy AdamW update must move (per touched row of each table: read the
   gradient, read and write the parameter and both moments, 7 x 4 bytes per element; 20 / 16 bytes
   with ``--table-optimizer rowwise`` / ``rowwise_bf16``, :mod:`moelab.train.rowwise`) over ``opt``;
@@ -47,6 +48,7 @@ from typing import Any
 
 from moelab.bench.invocations import aggregate_rows, run_child, spread
 from moelab.bench.peer_retrieval import (
+    combine_tiny,
     compare_candidates,
     format_candidates_table,
     format_tiny,
@@ -120,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=5,
         help="alternating peer-tiny / dense-tiny training steps for their tokens/s ratio (0: skip)",
+    )
+    parser.add_argument(
+        "--tiny-invocations",
+        type=int,
+        default=1,
+        help="fresh processes for the peer-tiny / dense-tiny ratio (median and range)",
     )
     parser.add_argument(
         "--invocations",
@@ -325,6 +333,9 @@ def _one_invocation(cfgs: list[dict], label: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("invocations", "tiny_invocations"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     cfgs, n = _configs(args), getattr(args, "invocations", 1)
     runs = [_one_invocation(cfgs, f"[{i + 1}/{n}] " if n > 1 else "") for i in range(n)]
     results: list[dict[str, Any]] = (
@@ -345,7 +356,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "tiny_steps", 0) > 0:
         payload = dict(presets=["peer-tiny", "dense-tiny"], steps=args.tiny_steps, threads=1)
         print("running peer-tiny vs dense-tiny ...", file=sys.stderr, flush=True)
-        tiny = run_child("moelab.bench.peer_retrieval", payload, 1)
+        tiny = combine_tiny(
+            [
+                run_child("moelab.bench.peer_retrieval", payload, 1)
+                for _ in range(getattr(args, "tiny_invocations", 1))
+            ]
+        )
         print("\n" + format_tiny(tiny))
     if getattr(args, "json", None):
         doc = {"config": vars(args) | {"func": None}, "results": results, "tiny_models": tiny}

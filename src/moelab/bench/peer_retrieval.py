@@ -143,12 +143,27 @@ def tiny_models(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def combine_tiny(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several :func:`tiny_models` results (fresh processes) as one: the median of each tokens/s
+    and of the ratio, with the ratio's range and the per-process ratios under ``ratios``."""
+    out = dict(runs[0])
+    for preset in (p for p in out if isinstance(out[p], dict)):
+        out[preset] = {
+            f: statistics.median(r[preset][f] for r in runs) for f in ("ms", "tokens_per_s")
+        }
+    ratios = [r["ratio"] for r in runs]
+    out |= {"ratio": statistics.median(ratios), "ratios": ratios}
+    return out
+
+
 def format_tiny(res: dict[str, Any]) -> str:
     a, b = (p for p in res if isinstance(res[p], dict))
+    ratios = res.get("ratios", [res["ratio"]])
+    spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
     return (
         f"{a}: {res[a]['tokens_per_s']:.0f} tok/s, {b}: {res[b]['tokens_per_s']:.0f} tok/s "
-        f"(median of {res['steps']} alternating steps, one process): {a} / {b} = "
-        f"{res['ratio']:.2f}x"
+        f"(median of {res['steps']} alternating steps in each of {len(ratios)} process(es)): "
+        f"{a} / {b} = {res['ratio']:.2f}x{spread}"
     )
 
 

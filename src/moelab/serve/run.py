@@ -23,7 +23,7 @@ from moelab.serve.startup import build_meta, meta_buildable
 from moelab.serve.tiers import parse_bytes, tier
 from moelab.train import RunConfig, load_run_config
 
-__all__ = ["load_offloaded", "print_stats"]
+__all__ = ["load_offloaded", "offload_source", "print_stats"]
 
 
 def load_offloaded(
@@ -47,19 +47,13 @@ def load_offloaded(
     check_policy(policy)
     check_miss_options(miss_precision, miss_threshold)
     config = load_run_config(run_dir)
-    run = RunDir(run_dir)
-    ckpt = run.find_checkpoint(checkpoint)
-    if run.is_sharded(ckpt):
-        raise CheckpointError(
-            f"{ckpt}: a sharded checkpoint (several processes); --expert-memory reads "
-            f"{run.WEIGHTS}: load and save it on one process first"
-        )
+    weights = offload_source(run_dir, checkpoint)
     model = build_meta(config.model) if meta else None
     if model is None or not meta_buildable(model):
         model = TransformerLM(config.model).eval()
     session = offload_model(
         model,
-        ckpt / run.WEIGHTS,
+        weights,
         expert_memory,
         policy=policy,
         prefetch=prefetch,
@@ -69,6 +63,19 @@ def load_offloaded(
         miss_threshold=miss_threshold,
     )
     return model, config, session
+
+
+def offload_source(run_dir: str | Path, checkpoint: str | int | Path | None = None) -> Path:
+    """The weights file experts are served from: the checkpoint's ``model.safetensors``, refused
+    in one line for a sharded checkpoint (no single file holds every expert)."""
+    run = RunDir(run_dir)
+    ckpt = run.find_checkpoint(checkpoint)
+    if run.is_sharded(ckpt):
+        raise CheckpointError(
+            f"{ckpt}: a sharded checkpoint (several processes); experts are served from "
+            f"{run.WEIGHTS}: load and save it on one process first"
+        )
+    return ckpt / run.WEIGHTS
 
 
 def print_stats(stats: dict[str, Any], file: IO[str] | None = None) -> None:
