@@ -136,13 +136,17 @@ class QuantizedExperts(nn.Module):
     def resolved_backend(self, x: Tensor, counts: list[int] | None = None) -> str:
         return self.backend
 
+    def expert_output(self, bank: ExpertBank, slot: int, x_nD: Tensor) -> Tensor:
+        """One expert (``slot`` of ``bank``) on float32 rows: ``act(x·w13)·w2``."""
+        return bank.linear(slot, "w2", activate(bank.linear(slot, "w13", x_nD), self.activation))
+
     def forward(self, x_ND: Tensor, counts: list[int], weight_N: Tensor | None = None) -> Tensor:
         x32 = x_ND.float()
-        outs = []
-        for (bank, slot), x_nD in zip(self.slots(), x32.split(counts), strict=True):
-            if x_nD.shape[0]:
-                h = activate(bank.linear(slot, "w13", x_nD), self.activation)
-                outs.append(bank.linear(slot, "w2", h))
+        outs = [
+            self.expert_output(bank, slot, x_nD)
+            for (bank, slot), x_nD in zip(self.slots(), x32.split(counts), strict=True)
+            if x_nD.shape[0]
+        ]
         if not outs:
             y_ND = x32.new_zeros(0, self.d_model)
         else:

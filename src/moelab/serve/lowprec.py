@@ -85,7 +85,6 @@ class LowPrecisionExperts:
                 ex.num_experts, ex.d_model, ex.d_hidden, ex.activation, precision, group
             )
             self.layers.append(q)
-        self.one_hot = [[0] * q.num_experts for q in self.layers]
 
     def nbytes(self) -> int:
         """Bytes of every copy, measured from the buffers' storages."""
@@ -101,10 +100,12 @@ class LowPrecisionExperts:
                 q.low.set_(e, "w2", w2)
 
     def run(self, layer: int, expert: int, x_nD: Tensor, weight_n: Tensor) -> Tensor:
-        """Expert ``expert`` of ``layer`` from its copy on rows ``x_nD``, times their gates."""
-        counts = self.one_hot[layer][:]
-        counts[expert] = x_nD.shape[0]
-        return self.layers[layer](x_nD, counts, weight_n)
+        """Expert ``expert`` of ``layer`` from its copy on rows ``x_nD``, times their gates: that
+        one expert's matmuls (every expert is in the low bank, at its own slot), not the layer's
+        forward over all E experts' (mostly empty) slices."""
+        q = self.layers[layer]
+        y_nD = q.expert_output(q.low, expert, x_nD.float()).to(x_nD.dtype)
+        return y_nD * weight_n.to(y_nD.dtype)[:, None]
 
     def dequantized(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
         """``(w13 [D, 2F], w2 [F, D])``: the float weights the copy computes with."""
