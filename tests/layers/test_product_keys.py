@@ -108,6 +108,24 @@ def test_fused_row_ops_match_dense_autograd(
         assert set(grads[0].coalesce().indices()[0].tolist()) == set(idx.flatten().tolist())
 
 
+@pytest.mark.parametrize("D", [6, 8, 72, 136])  # no streaming (D % 8), 8-float chunks, 64 + 8
+def test_short_segment_sums_equal_index_add(D: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C segment sums (float32 rows of D % 8 == 0 written with streaming stores, 64 then 8
+    floats per register block) against ``index_add_`` of the weighted rows, duplicates included."""
+    if native.load_c_kernel("rows", sparse_rows._ROWS_C) is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(sparse_rows, "_BAG_MIN_SEGMENT", 10**9)  # always the C kernel
+    g = torch.Generator().manual_seed(D)
+    N, T, R = 50, 23, 9
+    idx = torch.randint(0, N, (T, R), generator=g)
+    w, src = torch.randn(T, R, generator=g), torch.randn(T, D, generator=g)
+    groups = RowGroups.build(idx, N)
+    got = groups.row_sums(w, src)
+    terms = w.reshape(-1, 1).double() * src.double().repeat_interleave(R, 0)
+    want = torch.zeros(N, D, dtype=torch.float64).index_add_(0, idx.reshape(-1), terms)
+    torch.testing.assert_close(got.double(), want[groups.rows_U], rtol=1e-5, atol=1e-5)
+
+
 def test_usage_and_unevenness_hand_computed() -> None:
     # N = 4 experts, z' = [3, 1, 0, 0]: usage 2/4; z = [.75, .25]; log 4 + .75 log .75 + .25 log .25
     usage, unev = usage_and_unevenness(torch.tensor([3.0, 1.0, 0.0, 0.0]))
@@ -151,19 +169,21 @@ def test_argument_errors_name_the_argument(kwargs: dict, match: str) -> None:
         check_product_key_args(keys_name="num_keys", **kwargs)
 
 
+@pytest.mark.parametrize("S", [64, 1024], ids=["network", "scan"])
 @pytest.mark.parametrize("c_kernels", [True, False], ids=["c", "eager"])
-@pytest.mark.parametrize("where", [0, 2, 40], ids=["first", "among-first-k", "late"])
+@pytest.mark.parametrize("where", [0, 2, 40, -1], ids=["first", "among-first-k", "late", "last"])
 def test_nan_scores_raise_on_every_path(
-    where: int, c_kernels: bool, monkeypatch: pytest.MonkeyPatch
+    where: int, c_kernels: bool, S: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NaN among the first k entries used to be selected by the C kernel and block larger values
-    (torch.topk selects it first instead): both paths must refuse NaN scores the same way."""
+    (torch.topk selects it first instead): both paths must refuse NaN scores the same way, also
+    where the scan's group floor runs first (a NaN group maximum must not hide the NaN)."""
     if not c_kernels:
         monkeypatch.setattr(native, "_KERNELS", {})
         monkeypatch.setenv("MOELAB_NO_C_KERNELS", "1")
     elif native.load_c_kernel("topk", pk._TOPK_C) is None:
         pytest.skip("no C compiler: only the eager path can be checked")
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(where))
+    x = torch.randn(3, 5, S, generator=torch.Generator().manual_seed(where + S))
     pk.topk_last_dim(x, 4)  # finite scores are fine
     x[1, 2, where] = float("nan")
     with pytest.raises(pk.NaNScoresError, match=r"NaN scores in 1 of 15 rows"):
@@ -423,15 +443,29 @@ def test_row_groups_counting_sort_equals_the_stable_sort(N: int) -> None:
 @pytest.mark.parametrize("path", ["avx2", "buffer"])
 @pytest.mark.parametrize(
     "S,k",
-    [(1, 1), (5, 5), (50, 16), (64, 36), (64, 64), (100, 7), (128, 32), (129, 5), (1000, 16)],
+    [
+        (1, 1),
+        (5, 5),
+        (50, 16),
+        (64, 36),
+        (64, 64),
+        (100, 7),
+        (128, 32),
+        (129, 5),
+        (136, 17),  # groups of 8: the shortest the group floor takes
+        (256, 16),
+        (1000, 16),
+        (1024, 16),
+    ],
 )
 def test_topk_orders_by_value_then_lower_index_on_every_path(
     path: str, S: int, k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """float32 rows of S <= 128 go through the sorting network (8 rows per AVX2 vector), longer
-    ones through the buffer with 8-wide rejection, and without AVX2 everything through the scalar
-    buffer: each must return the stable descending order (a tie goes to the lower index), with
-    ties, ±inf and a row count that is not a multiple of 8."""
+    ones through the buffer with 8-wide rejection after the group floor (entries below the least
+    of k group maxima skipped), and without AVX2 everything through the scalar buffer: each must
+    return the stable descending order (a tie goes to the lower index), with ties, ±inf, the
+    largest entries all in one group and a row count that is not a multiple of 8."""
     if native.load_c_kernel("topk", pk._TOPK_C) is None:
         pytest.skip("no C compiler")
     if path == "avx2" and pkk.avx2_topk_lib() is None:
@@ -442,6 +476,7 @@ def test_topk_orders_by_value_then_lower_index_on_every_path(
     for x in (
         torch.randn(3, 13, S, generator=g),
         torch.randint(-2, 3, (21, S), generator=g).float(),  # most entries tie
+        torch.arange(S, dtype=torch.float32).flip(0).repeat(9, 1),  # the top k in group 0
     ):
         x[0, ..., 0] = float("-inf")
         x[-1, ..., -1] = float("inf")

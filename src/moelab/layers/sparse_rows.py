@@ -82,6 +82,46 @@ void segment_sum_##SUF(const T* src, const int64_t* tok, const T* w, const int64
 }
 DEFINE(f32, float)
 DEFINE(f64, double)
+/* segment_sum_f32 for rows of D % 8 == 0 into 32-byte aligned out: each output row summed in
+   registers 64 (then 8) floats at a time and written with streaming stores, so the [U, D] gradient
+   is written once, not read first (a plain store fetches each line before writing it; at 1024²
+   that is 0.4 GB per table per step), and does not evict src. Returns 0 without AVX. */
+#ifdef __AVX__
+#include <immintrin.h>
+#define SEG_CHUNK(CH)                                                                           \
+  {                                                                                             \
+    float acc[CH];                                                                              \
+    for (int j = 0; j < CH; ++j) acc[j] = 0;                                                    \
+    for (int64_t m = s; m < e; ++m) {                                                           \
+      const float wm = w[ord[m]];                                                               \
+      const float* sr = src + tok[m] * D + d0;                                                  \
+      _Pragma("omp simd")                                                                       \
+      for (int j = 0; j < CH; ++j) acc[j] += wm * sr[j];                                        \
+    }                                                                                           \
+    for (int j = 0; j < CH; j += 8) _mm256_stream_ps(o + d0 + j, _mm256_loadu_ps(acc + j));   \
+  }
+int segment_sum_stream_f32(const float* src, const int64_t* tok, const float* w,
+                           const int64_t* ord, const int64_t* offsets, float* out, int64_t U,
+                           int64_t M, int64_t D, int nth) {
+  _Pragma("omp parallel num_threads(nth)")
+  {
+    _Pragma("omp for schedule(static)")
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t s = offsets[u], e = (u + 1 < U) ? offsets[u + 1] : M;
+      float* o = out + u * D;
+      int64_t d0 = 0;
+      for (; d0 + 64 <= D; d0 += 64) SEG_CHUNK(64)
+      for (; d0 < D; d0 += 8) SEG_CHUNK(8)
+    }
+    _mm_sfence();
+  }
+  return 1;
+}
+#else
+int segment_sum_stream_f32(const float* src, const int64_t* tok, const float* w,
+                           const int64_t* ord, const int64_t* offsets, float* out, int64_t U,
+                           int64_t M, int64_t D, int nth) { return 0; }
+#endif
 """
 
 
@@ -205,7 +245,9 @@ class RowGroups:
         Long segments (rows retrieved by many tokens: small tables, big batches) run in
         ``F.embedding_bag`` (FBGEMM keeps a row's sum in registers along its segment; 2-3x the C
         kernel at 16+ retrievals per row), short ones in the C kernel (no permuted weight copy,
-        no per-bag overhead; 2-4x embedding_bag at 1-4 per row, docs/peer.md).
+        no per-bag overhead; 2-4x embedding_bag at 1-4 per row, docs/peer.md), float32 rows of
+        ``D % 8 == 0`` with streaming stores (0.65x the time at 1024², D 512: the output is
+        written without being read first).
         """
         w_flat = weight_TR.reshape(-1).contiguous()
         src_TD = src_TD.contiguous()
@@ -214,7 +256,7 @@ class RowGroups:
         if lib is not None:
             D = src_TD.shape[1]
             out = advise_huge_pages(torch.empty(U, D, dtype=src_TD.dtype))
-            getattr(lib, f"segment_sum_{FLOAT_SUFFIX[src_TD.dtype]}")(
+            args = (
                 c_ptr(src_TD),
                 c_ptr(self.tok_M),
                 c_ptr(w_flat),
@@ -226,6 +268,9 @@ class RowGroups:
                 ctypes.c_int64(D),
                 ctypes.c_int(torch.get_num_threads()),
             )
+            streams = src_TD.dtype == torch.float32 and D % 8 == 0 and out.data_ptr() % 32 == 0
+            if not (streams and lib.segment_sum_stream_f32(*args)):
+                getattr(lib, f"segment_sum_{FLOAT_SUFFIX[src_TD.dtype]}")(*args)
             return out
         return F.embedding_bag(
             self.tok_M,
