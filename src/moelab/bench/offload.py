@@ -99,24 +99,28 @@ def _decode(
 ) -> tuple[float, list[int], list[int]]:
     """Seconds to decode ``tokens`` tokens after a prefill (not timed), the tokens fed, and the
     greedy prediction after the prompt and after each step. ``force``: feed these tokens instead
-    of the model's own (greedy); ``logits``: append each step's."""
+    of the model's own (greedy); ``logits``: append each step's. Each step runs as ``moelab
+    generate`` runs it (:class:`~moelab.model.generate.PlainDecoder`, the short decode step),
+    for the loaded and the offloaded model alike."""
     import torch
 
+    from moelab.model.generate import PlainDecoder
+
     with torch.no_grad():
-        cache = model.new_kv_cache(1, prompt.shape[1] + tokens)
-        nxt = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        decoder = PlainDecoder(model)
+        nxt = decoder.prefill(prompt, None, prompt.shape[1] + tokens).argmax(-1)
         if session is not None:
             session.reset_counters()
         out, preds = [], [int(nxt)]
         t0 = time.perf_counter()
         for i in range(tokens):
             if force is not None:
-                nxt = torch.tensor([[force[i]]])
+                nxt = torch.tensor([force[i]])
             out.append(int(nxt))
-            step = model(nxt, kv_cache=cache)[:, -1]
+            step = decoder.step(nxt)
             if logits is not None:
                 logits.append(step)
-            nxt = step.argmax(-1, keepdim=True)
+            nxt = step.argmax(-1)
             preds.append(int(nxt))
         return time.perf_counter() - t0, out, preds
 
