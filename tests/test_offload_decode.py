@@ -114,3 +114,33 @@ def test_read_workers_is_checked_before_any_work(tmp_path):
         with pytest.raises(ValueError, match="read_workers: must be an integer >= 1"):
             offload_model(model, weights / "absent.safetensors", "30%", read_workers=bad)
     assert torch.equal(greedy(offloaded(model, weights, read_workers=1)), greedy(model))
+
+
+def test_a_modelled_link_is_shared_by_reads_in_flight(tmp_path):
+    """Two reads at once on a modelled 1 MB/s link take as long as two in a row (one link),
+    not as long as one (each its own bandwidth)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moelab.serve.store import ExpertStore
+    from moelab.serve.tiers import Tier
+
+    model = preset_model("topk-tiny")
+    weights = saved(model, tmp_path)
+    store = ExpertStore(weights, Tier("slow", 1e6, False, "a 1 MB/s link"))
+    experts = model.blocks[0].ffn.experts
+    shapes = {"w13_EDF2": experts.w13_EDF2.shape, "w2_EFD": experts.w2_EFD.shape}
+    slots = store.slots("blocks.0.ffn.experts.", 8, shapes)
+    one = sum(s.stride for s in slots) / 1e6  # seconds per expert on the link
+
+    def read(e: int) -> torch.Tensor:
+        into = [torch.empty(s.shape, dtype=s.dtype) for s in slots]
+        store.read(slots, e, into)
+        return into[1]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(read, [3, 5]))
+    elapsed = time.perf_counter() - t0
+    store.close()
+    assert elapsed >= 2 * one * 0.95
+    assert torch.equal(got[0], experts.w2_EFD[3]) and torch.equal(got[1], experts.w2_EFD[5])
