@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default) or the model's own greedy tokens (random init's default)",
     )
     parser.add_argument(
+        "--read-workers",
+        type=int,
+        default=None,
+        help="expert reads in flight at once (a layer's misses together, prefetches); 1 reads "
+        "one at a time (default 4)",
+    )
+    parser.add_argument(
         "--nll-windows",
         type=int,
         default=8,
@@ -99,24 +106,28 @@ def _decode(
 ) -> tuple[float, list[int], list[int]]:
     """Seconds to decode ``tokens`` tokens after a prefill (not timed), the tokens fed, and the
     greedy prediction after the prompt and after each step. ``force``: feed these tokens instead
-    of the model's own (greedy); ``logits``: append each step's."""
+    of the model's own (greedy); ``logits``: append each step's. Each step runs as ``moelab
+    generate`` runs it (:class:`~moelab.model.generate.PlainDecoder`, the short decode step),
+    for the loaded and the offloaded model alike."""
     import torch
 
+    from moelab.model.generate import PlainDecoder
+
     with torch.no_grad():
-        cache = model.new_kv_cache(1, prompt.shape[1] + tokens)
-        nxt = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        decoder = PlainDecoder(model)
+        nxt = decoder.prefill(prompt, None, prompt.shape[1] + tokens).argmax(-1)
         if session is not None:
             session.reset_counters()
         out, preds = [], [int(nxt)]
         t0 = time.perf_counter()
         for i in range(tokens):
             if force is not None:
-                nxt = torch.tensor([[force[i]]])
+                nxt = torch.tensor([force[i]])
             out.append(int(nxt))
-            step = model(nxt, kv_cache=cache)[:, -1]
+            step = decoder.step(nxt)
             if logits is not None:
                 logits.append(step)
-            nxt = step.argmax(-1, keepdim=True)
+            nxt = step.argmax(-1)
             preds.append(int(nxt))
         return time.perf_counter() - t0, out, preds
 
@@ -150,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moelab.bench.offload_models import bench_config, open_bench_model
     from moelab.bench.offload_table import compare, print_table, rows_of
+    from moelab.serve.options import check_read_workers
 
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")
@@ -160,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
     _check(args, cfg)
     miss = args.miss_precision
     miss_kw = {} if args.miss_threshold is None else {"miss_threshold": args.miss_threshold}
+    read_kw = {} if args.read_workers is None else {"read_workers": args.read_workers}
+    if read_kw:
+        check_read_workers(args.read_workers)
     torch.set_num_threads(args.threads)
     times: dict[Any, list[float]] = {"loaded": []}
     stats: dict[Any, list[dict]] = {}
@@ -177,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 if low is not None and b in refused:
                     continue
                 policy, prefetch = POLICIES[p]
-                low_kw = {} if low is None else {"miss_precision": low} | miss_kw
+                low_kw = read_kw | ({} if low is None else {"miss_precision": low} | miss_kw)
                 try:
                     served, session = bench.serve(b, policy, prefetch, low_kw)
                 except ValueError as err:

@@ -12,6 +12,8 @@ arithmetic with less around it:
 * a plain MoE layer routes as usual (its own router, so every router decides as it does in the
   model) and then runs each *chosen* expert on its rows with one matmul pair, weighted by the
   gates and summed per row — no grouped GEMM call (whose fixed cost dominates a few rows);
+  a dispatcher with a ``decode_rows(x_TD, decision, context)`` method (the offloading one,
+  :mod:`moelab.serve.hook`) supplies the experts' weights to the same arithmetic itself;
 * RMSNorm is one fused ``F.rms_norm`` call (float32: the same bits as the module's formula);
 * the LM head reads a transposed copy of its weight (``[D, V]``, made once per generation when
   at least :data:`HEAD_COPY_MIN_STEPS` steps remain): ``x @ W^T`` on the contiguous copy is
@@ -28,12 +30,14 @@ the general path for every causal router.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.layers import dispatch
-from moelab.layers.base import RoutingContext
+from moelab.layers.base import RoutingContext, RoutingDecision
 from moelab.layers.dense import activate
 from moelab.layers.experts import GroupedExperts
 from moelab.layers.moe import MoE
@@ -51,7 +55,10 @@ def _plain_moe(ffn: torch.nn.Module) -> bool:
         and ffn.expert_slot is None
         and not ffn.debug_uniform_routing
         and type(ffn.experts) is GroupedExperts
-        and type(ffn.dispatcher) is dispatch.LocalDispatcher
+        and (
+            type(ffn.dispatcher) is dispatch.LocalDispatcher
+            or hasattr(ffn.dispatcher, "decode_rows")
+        )
     )
 
 
@@ -183,33 +190,69 @@ class FastStep:
 
     @staticmethod
     def _moe(moe: MoE, h_B1D: Tensor, context: RoutingContext) -> Tensor:
-        """Route as the layer does, then each chosen expert once on its rows (a matmul pair per
-        expert instead of the grouped GEMM call), gate-weighted and summed as the layer's combine.
-        Measured against all experts over all rows in two matmuls (weights concatenated),
-        against padded batched matmuls and against each used expert on all rows with its gate
-        column (no permutation): none was faster at batch 1, 4 or 16 (E = 8; docs/inference.md)."""
+        """Route as the layer does, then each chosen expert once on its rows
+        (:func:`moe_rows`), and the layer's direct and shared outputs. An offloading dispatcher
+        (one with ``decode_rows``) fetches the weights itself and runs the same arithmetic."""
         x_TD = h_B1D[:, 0]
         routed = moe.router(x_TD, None, context)
         d = routed.decision
-        experts = moe.experts
-        if x_TD.shape[0] == 1:  # one row: its experts in turn, no permutation
-            y_TD = None
-            weights = d.weight_N.to(x_TD.dtype)
-            for n, e in enumerate(d.expert_idx_N.tolist()):
-                a_TF = activate(x_TD @ experts.w13_EDF2[e], experts.activation)
-                out_TD = (a_TF @ experts.w2_EFD[e]) * weights[n]
-                y_TD = out_TD if y_TD is None else y_TD + out_TD
-            if y_TD is None:  # no expert chosen (ReLU routing may choose none)
-                y_TD = torch.zeros_like(x_TD)
-        else:  # rows sorted by expert, each expert on its block, summed back per row
-            perm = dispatch.permute(d)
-            x_ND = x_TD.index_select(0, perm.token_idx_N)
-            outs = [
-                activate(x_nD @ experts.w13_EDF2[e], experts.activation) @ experts.w2_EFD[e]
-                for e, x_nD in enumerate(x_ND.split(perm.counts))
-                if perm.counts[e]
-            ]
-            y_TD = dispatch.combine(torch.cat(outs), perm) if outs else torch.zeros_like(x_TD)
+        decode_rows = getattr(moe.dispatcher, "decode_rows", None)
+        if decode_rows is not None:
+            y_TD = decode_rows(x_TD, d, context)
+        else:
+            experts = moe.experts
+            y_TD = moe_rows(
+                x_TD, d, experts.activation, lambda e: (experts.w13_EDF2[e], experts.w2_EFD[e])
+            )
         if routed.direct_TD is not None:
             y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
         return moe._add_shared(x_TD, y_TD)[:, None]
+
+
+def moe_rows(
+    x_TD: Tensor,
+    d: RoutingDecision,
+    activation: str,
+    weights_of: Callable[[int], tuple[Tensor, Tensor]],
+    order: Sequence[int] | None = None,
+    done: Callable[[int], None] | None = None,
+) -> Tensor:
+    """``Σ gate · expert_e(x)`` per row, each chosen expert once on its rows with one matmul pair
+    (instead of the grouped GEMM call, whose fixed cost dominates a few rows), where
+    ``weights_of(e)`` gives expert ``e``'s ``(w13 [D, 2F], w2 [F, D])``. Measured against all
+    experts over all rows in two matmuls (weights concatenated), against padded batched matmuls
+    and against each used expert on all rows with its gate column (no permutation): none was
+    faster at batch 1, 4 or 16 (E = 8; docs/inference.md).
+
+    ``order`` (the chosen experts, each once) is the order the weights are asked for, and
+    ``done(e)`` is called once ``e``'s rows are computed: an offloading dispatcher asks for the
+    experts it holds first and unpins each after use. The outputs are summed in the routing's
+    own order whatever ``order`` is, so the result has the same bits as the default order."""
+    if x_TD.shape[0] == 1:  # one row: its experts in turn, no permutation
+        chosen = d.expert_idx_N.tolist()
+        weights = d.weight_N.to(x_TD.dtype)
+        outs: dict[int, Tensor] = {}
+        for e in chosen if order is None else order:
+            w13, w2 = weights_of(e)
+            outs[e] = activate(x_TD @ w13, activation) @ w2
+            if done is not None:
+                done(e)
+        y_TD = None
+        for n, e in enumerate(chosen):
+            out_TD = outs[e] * weights[n]
+            y_TD = out_TD if y_TD is None else y_TD + out_TD
+        return torch.zeros_like(x_TD) if y_TD is None else y_TD  # ReLU may choose none
+    # rows sorted by expert, each expert on its block, summed back per row
+    perm = dispatch.permute(d)
+    x_ND = x_TD.index_select(0, perm.token_idx_N)
+    blocks = dict(enumerate(x_ND.split(perm.counts)))
+    used = [e for e, n in enumerate(perm.counts) if n]
+    if not used:
+        return torch.zeros_like(x_TD)
+    outs = {}
+    for e in used if order is None else order:
+        w13, w2 = weights_of(e)
+        outs[e] = activate(blocks[e] @ w13, activation) @ w2
+        if done is not None:
+            done(e)
+    return dispatch.combine(torch.cat([outs[e] for e in used]), perm)

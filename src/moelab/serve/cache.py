@@ -11,7 +11,9 @@ allocated, so at no instant do held bytes exceed the budget. Eviction follows a 
 
 Entries the current layer still needs are pinned (never evicted), and so are loads in flight;
 a demand load waits for in-flight loads to land when nothing else can be evicted. A prefetch
-never waits: it is skipped when room cannot be made from unpinned entries.
+never waits: it is skipped when room cannot be made from unpinned entries. A miss read ahead
+(:meth:`ExpertCache.reserve_miss`, several of a layer's misses read at once) does not wait
+either: without room it is left to the plain demand load.
 """
 
 from __future__ import annotations
@@ -170,12 +172,28 @@ class ExpertCache:
             entry = self._reserve(key, nbytes, prefetched=False)
             entry.used = True
         try:
-            self.stats.bytes_loaded += load(entry.tensors)
-        except BaseException:
+            n = load(entry.tensors)  # not `stats.bytes_loaded += load(...)`: that reads the
+        except BaseException:  # counter before the load and loses what other threads add
             self.drop(key)
             raise
-        self.finish(key)
+        self.finish(key, n)
         return entry.tensors, "miss"
+
+    def reserve_miss(self, key: Key, nbytes: int, pinned: Iterable[Key]) -> _Entry | None:
+        """A miss read ahead: counted and reserved as :meth:`get` would, for the caller to fill
+        on another thread (then :meth:`finish`) and to use once ready without asking again.
+        None, counting nothing, when ``key`` is here or in flight, or when room cannot be made
+        without waiting (the later :meth:`get` then waits, as a plain miss does)."""
+        with self.cond:
+            if key in self.entries or nbytes > self.budget:
+                return None
+            if not self._make_room(nbytes, pinned, wait=False):
+                return None
+            self._touch(key)
+            self.stats.misses += 1
+            entry = self._reserve(key, nbytes, prefetched=False)
+            entry.used = True
+            return entry
 
     def reserve_prefetch(self, key: Key, nbytes: int, pinned: Iterable[Key]) -> _Entry | None:
         """Room and buffers for a prefetch of ``key`` (the caller fills them on another thread,

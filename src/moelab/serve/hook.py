@@ -10,6 +10,13 @@ and combines. With low-precision copies (:mod:`moelab.serve.lowprec`) a missed e
 rows all have small gates is computed from its copy instead of fetched. A forward pre-hook on
 the layer keeps the token mask and routing context of the call, which the next layer's router
 needs for its prediction.
+
+Decoding a few rows (``moelab generate``'s short step, :class:`~moelab.model.decode_step.FastStep`)
+skips the layer's forward: the step routes, then calls :meth:`OffloadDispatcher.decode_rows`,
+which runs the loaded short step's arithmetic (:func:`~moelab.model.decode_step.moe_rows`, one
+matmul pair per chosen expert) on the fetched weights, so the offloaded step costs what the
+loaded one does plus the cache's bookkeeping, and gives the same bits. Either way a layer's
+misses are read together on the session's read pool (``read_workers``), not one after another.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch.func import functional_call
 from moelab.layers import dispatch
 from moelab.layers.base import RoutingContext, RoutingDecision
 from moelab.layers.experts import GroupedExperts
+from moelab.model.decode_step import moe_rows
 from moelab.serve.prefetch import predict_experts
 
 __all__ = ["OffloadDispatcher"]
@@ -60,10 +68,7 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         counts = perm.counts
         needed = [e for e, n in enumerate(counts) if n]
         self.session.note_layer(self.layer, needed)
-        remaining = {(self.layer, e) for e in needed}  # pinned until their rows are computed
-        if self.next_router is not None and self.session.prefetch_enabled:
-            guess = predict_experts(self.next_router, x_TD, self.valid_T, self.context)
-            self.session.prefetch(self.layer + 1, guess, remaining)
+        remaining = self._start(x_TD, needed)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
@@ -85,6 +90,43 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
             )
             remaining.discard((self.layer, e))
         return dispatch.combine(y_ND, perm, weighted=True)
+
+    def decode_rows(self, x_TD: Tensor, decision: RoutingDecision, context: Any) -> Tensor:
+        """:class:`~moelab.model.decode_step.FastStep`'s short MoE path for a few rows: the
+        loaded model's arithmetic (:func:`~moelab.model.decode_step.moe_rows`) on the weights
+        fetched here, held experts first, each unpinned once its rows are computed. With
+        low-precision copies, the general :meth:`run`."""
+        self.valid_T, self.context = None, context  # what the layer's pre-hook would keep
+        session = self.session
+        if session.lowprec is not None:
+            return self.run(x_TD, decision, None)
+        if torch.is_grad_enabled() and x_TD.requires_grad:
+            raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
+        if x_TD.shape[0] == 1:
+            needed = sorted(set(decision.expert_idx_N.tolist()))
+        else:
+            needed = [e for e, n in enumerate(decision.tokens_per_expert_E.tolist()) if n]
+        session.note_layer(self.layer, needed)
+        remaining = self._start(x_TD, needed)
+        layer = self.layer
+        return moe_rows(
+            x_TD,
+            decision,
+            self.shell.activation,
+            lambda e: session.fetch(layer, e, remaining),
+            session.fetch_order(layer, needed),
+            lambda e: remaining.discard((layer, e)),
+        )
+
+    def _start(self, x_TD: Tensor, needed: list[int]) -> set:
+        """Pin the layer's experts (until their rows are computed), start reading its misses
+        together, then prefetch the next layer's guess; returns the pinned keys."""
+        remaining = {(self.layer, e) for e in needed}
+        self.session.read_ahead(self.layer, needed, remaining)
+        if self.next_router is not None and self.session.prefetch_enabled:
+            guess = predict_experts(self.next_router, x_TD, self.valid_T, self.context)
+            self.session.prefetch(self.layer + 1, guess, remaining)
+        return remaining
 
     def _gate_ratios(self, perm: dispatch.Permutation, num_tokens: int) -> Tensor | None:
         """Each row's gate over its token's top gate (HOBBIT's importance), or None when no

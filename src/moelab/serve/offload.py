@@ -11,6 +11,7 @@ is decoded, and fails in one line.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from moelab.model import TransformerLM
 from moelab.serve.cache import ExpertCache, check_policy
 from moelab.serve.hook import OffloadDispatcher
 from moelab.serve.lowprec import DEFAULT_THRESHOLD, LowPrecisionExperts, check_miss_options
+from moelab.serve.options import READ_WORKERS, check_read_workers
 from moelab.serve.prefetch import Prefetcher
 from moelab.serve.startup import materialize
 from moelab.serve.store import PARTS, ExpertStore
@@ -83,7 +85,9 @@ class OffloadSession:
         prefetch: bool,
         miss_precision: str | None = None,
         miss_threshold: float = DEFAULT_THRESHOLD,
+        read_workers: int = READ_WORKERS,
     ) -> None:
+        check_read_workers(read_workers)
         self.store, self.policy, self.prefetch_enabled = store, policy, prefetch
         self.miss_precision, self.miss_threshold = miss_precision, float(miss_threshold)
         self.slots = [
@@ -121,7 +125,10 @@ class OffloadSession:
             )
         self.budget = budget
         self.cache = ExpertCache(budget - self.lowprec_bytes, policy, self._allocate)
-        self.prefetcher = Prefetcher() if prefetch else None
+        # one pool for prefetches and a layer's misses read ahead (``read_workers`` at a time)
+        self.read_workers = read_workers
+        self.prefetcher = Prefetcher(read_workers) if prefetch or read_workers > 1 else None
+        self.ahead: dict[tuple[int, int], Future] = {}  # misses read ahead, not yet used
         self.lowprec_fill_s = 0.0
         self.reset_counters()
 
@@ -176,8 +183,28 @@ class OffloadSession:
         self.lowprec_used.add((layer, expert))
         return True
 
+    def read_ahead(self, layer: int, needed: list[int], pinned: set) -> None:
+        """Start reading every miss of ``needed`` at once on the pool (with ``read_workers`` >
+        1 and at least two experts to fetch): the reads overlap each other and the computing of
+        the experts already held. A miss without room (the budget would need a wait) is left to
+        :meth:`fetch`. Counted as misses now; :meth:`fetch` waits for them and counts the wait."""
+        if self.read_workers < 2 or len(needed) < 2 or self.lowprec is not None:
+            return  # (with copies, a miss may be computed from its copy instead of read)
+        for e in needed:
+            key = (layer, e)
+            self.ahead.pop(key, None)  # a stale read of an interrupted call: the cache has it
+            entry = self.cache.reserve_miss(key, self.expert_bytes[layer], pinned)
+            if entry is not None:
+                self.ahead[key] = self.prefetcher.submit(self._load, key, entry.tensors)
+
     def fetch(self, layer: int, expert: int, pinned: set) -> list[torch.Tensor]:
         t0 = time.perf_counter()
+        read = self.ahead.pop((layer, expert), None)
+        if read is not None:  # counted when it was started; wait for it to land
+            read.result()
+            tensors = self.cache.entries[(layer, expert)].tensors  # pinned: still held
+            self.wait_s += time.perf_counter() - t0
+            return tensors
         tensors, how = self.cache.get(
             (layer, expert),
             self.expert_bytes[layer],
@@ -211,6 +238,7 @@ class OffloadSession:
         """Zero the counters (the cache keeps its contents): measure decoding apart from prefill."""
         if self.prefetcher is not None:
             self.prefetcher.drain()
+        self.ahead.clear()
         self.cache.stats = type(self.cache.stats)(peak_bytes=self.cache.held)
         self.used_bytes, self.forwards, self.wait_s = 0, 0, 0.0
         self.lowprec_hits, self.lowprec_rows, self.bytes_saved = 0, 0, 0
@@ -269,6 +297,7 @@ def offload_model(
     load_resident: bool = False,
     miss_precision: str | None = None,
     miss_threshold: float = DEFAULT_THRESHOLD,
+    read_workers: int = READ_WORKERS,
 ) -> OffloadSession:
     """Serve ``model``'s experts from ``weights`` (its safetensors file) under ``expert_memory``
     bytes (``"64MB"``, ``"25%"`` of the experts, an int). The experts' parameters are dropped
@@ -276,9 +305,11 @@ def offload_model(
     other weight from the file (required for a model built on the meta device, see
     :mod:`moelab.serve.startup`, whose resident tensors are materialised first).
     ``miss_precision`` (``"int8"``/``"int4"``) keeps a low-precision copy of every expert inside
-    the budget for misses below ``miss_threshold`` (:mod:`moelab.serve.lowprec`). Returns the
-    session (also ``model.offload``)."""
+    the budget for misses below ``miss_threshold`` (:mod:`moelab.serve.lowprec`).
+    ``read_workers``: reads in flight at once (a layer's misses read together, prefetches); 1
+    reads one expert at a time. Returns the session (also ``model.offload``)."""
     tier_ = tier(tier_name)
+    check_read_workers(read_workers)
     budget = parse_bytes(expert_memory)
     check_policy(policy)
     check_miss_options(miss_precision, miss_threshold)
@@ -295,7 +326,15 @@ def offload_model(
             size = model.blocks[layers[0][0]].ffn.experts.w13_EDF2.element_size()
             budget = int(budget * sum(shapes) * size)
         session = OffloadSession(
-            model, layers, store, budget, policy, prefetch, miss_precision, miss_threshold
+            model,
+            layers,
+            store,
+            budget,
+            policy,
+            prefetch,
+            miss_precision,
+            miss_threshold,
+            read_workers,
         )
         if load_resident and not on_meta:
             _load_resident(model, store)

@@ -7,10 +7,25 @@ import argparse
 
 from moelab.serve.tiers import TIERS
 
-__all__ = ["MISS_PRECISIONS", "POLICIES", "add_offload_arguments"]
+__all__ = [
+    "MISS_PRECISIONS",
+    "POLICIES",
+    "READ_WORKERS",
+    "add_offload_arguments",
+    "check_read_workers",
+]
 
 POLICIES = ("lru", "lfu")  # eviction policies of moelab.serve.cache.ExpertCache
 MISS_PRECISIONS = ("int8", "int4")  # low-precision expert copies (moelab.serve.lowprec)
+READ_WORKERS = 4
+"""Expert reads in flight at once (a layer's misses read together, and the prefetches); 1
+reads one expert at a time (beside one prefetch)."""
+
+
+def check_read_workers(read_workers: int) -> None:
+    """A one-line ValueError unless ``read_workers`` is an integer >= 1."""
+    if isinstance(read_workers, bool) or not isinstance(read_workers, int) or read_workers < 1:
+        raise ValueError(f"read_workers: must be an integer >= 1, got {read_workers!r}")
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:

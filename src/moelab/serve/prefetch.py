@@ -33,15 +33,17 @@ def predict_experts(
 
 
 class Prefetcher:
-    """One background thread that runs loads handed to it, in order."""
+    """Background threads that run loads handed to them, started in order (``workers`` at once:
+    ``os.preadv`` releases the GIL, and real storage serves concurrent reads faster)."""
 
-    def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moelab-prefetch")
+    def __init__(self, workers: int = 1) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moelab-read")
         self.pending: list[Future] = []
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args) -> Future:
         self.pending = [f for f in self.pending if not f.done()]
         self.pending.append(self.pool.submit(fn, *args))
+        return self.pending[-1]
 
     def drain(self) -> None:
         """Wait for every submitted load (and raise the first error one hit)."""

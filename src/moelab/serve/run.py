@@ -19,6 +19,7 @@ from moelab.rundir import RunDir
 from moelab.serve.cache import check_policy
 from moelab.serve.lowprec import DEFAULT_THRESHOLD, check_miss_options
 from moelab.serve.offload import OffloadSession, offload_model
+from moelab.serve.options import READ_WORKERS, check_read_workers
 from moelab.serve.startup import build_meta, meta_buildable
 from moelab.serve.tiers import parse_bytes, tier
 from moelab.train import RunConfig, load_run_config
@@ -37,6 +38,7 @@ def load_offloaded(
     miss_precision: str | None = None,
     miss_threshold: float = DEFAULT_THRESHOLD,
     meta: bool = True,
+    read_workers: int = READ_WORKERS,
 ) -> tuple[TransformerLM, RunConfig, OffloadSession]:
     """``(model, run_config, session)`` of a run with its experts offloaded (see
     :func:`~moelab.serve.offload.offload_model`); options are checked before the model is built.
@@ -46,6 +48,7 @@ def load_offloaded(
     parse_bytes(expert_memory)
     check_policy(policy)
     check_miss_options(miss_precision, miss_threshold)
+    check_read_workers(read_workers)
     config = load_run_config(run_dir)
     weights = offload_source(run_dir, checkpoint)
     model = build_meta(config.model) if meta else None
@@ -61,6 +64,7 @@ def load_offloaded(
         load_resident=True,
         miss_precision=miss_precision,
         miss_threshold=miss_threshold,
+        read_workers=read_workers,
     )
     return model, config, session
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ class ExpertStore:
         self.size = self.path.stat().st_size
         self.header, self.data_start = _read_header(self.path, self.size)
         self.fd = os.open(self.path, os.O_RDONLY)
+        self.link_lock = threading.Lock()
+        self.link_free = 0.0  # a modelled link: when the transfers booked so far end
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -96,7 +99,8 @@ class ExpertStore:
     def read(self, slots: list[ExpertSlot], expert: int, into: list[torch.Tensor]) -> int:
         """Read expert ``expert``'s slices into the CPU tensors ``into`` (preallocated, one per
         slot); returns the bytes read. Follows the tier: drop the page cache of the range first
-        (real disk), or sleep until ``bytes / bandwidth`` has passed (modelled)."""
+        (real disk), or sleep until the link has carried the bytes (modelled): one link, so
+        reads in flight together share its bandwidth, each booked after those before it."""
         start = time.perf_counter()
         total = 0
         for slot, out in zip(slots, into, strict=True):
@@ -109,7 +113,10 @@ class ExpertStore:
                 raise CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
             total += got
         if self.tier.bandwidth is not None:
-            left = total / self.tier.bandwidth - (time.perf_counter() - start)
+            with self.link_lock:
+                self.link_free = max(self.link_free, start) + total / self.tier.bandwidth
+                done = self.link_free
+            left = done - time.perf_counter()
             if left > 0:
                 time.sleep(left)
         return total

@@ -4,8 +4,9 @@
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the range, so the page cache does not turn a "cold"
 read into a memory copy (the kernel drops clean cached pages of that range first). The other
 tiers are *modelled*: the bytes are read the same way but without dropping the page cache, and
-the load then sleeps until ``bytes / bandwidth`` seconds have passed since it began, the time
-that link would have needed. Counters and docs say "modelled" for those, never "measured".
+the load then sleeps until the link would have carried its bytes: one link per file, so loads in
+flight together share its bandwidth (each is booked after those before it; concurrent reads get no
+free bandwidth from the model). Counters and docs say "modelled" for those, never "measured".
 """
 
 from __future__ import annotations
