@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moelab.compress import prune_run
+from moelab.compress import compress_run, prune_run
 from moelab.config import ConfigError
 from moelab.hf import upcycle_run
 from moelab.provenance import source_path, source_reference, weights_sha256
@@ -59,6 +59,11 @@ def test_upcycle_and_prune_record_portable_sources(tmp_path, monkeypatch, data_d
         weights = RunDir(source).latest_checkpoint() / RunDir.WEIGHTS
         assert origin["source"] == f"../../../{source.parent.parent.name}/runs/{source.name}"
         assert origin["source_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    with pytest.raises(
+        ValueError, match=f"started from the weights of {(tmp_path / dense).resolve()} "
+    ):
+        compress_run(moe, "results/rc", "router_change", 0.5)  # the source named where it is
 
     shutil.copytree("results", "moved")  # another clone, another machine: the sources follow
     shutil.rmtree("results")
