@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -97,6 +98,52 @@ def data_checksum(dataset_dir: Path) -> str | None:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def source_reference(source: str | Path, run_dir: str | Path) -> str:
+    """How a run's provenance ``origin`` names the run or checkpoint directory ``source`` its
+    weights came from: relative to the new run's directory ``run_dir`` (``"../topk-seed0"``)
+    when both lie inside the working directory (a project or results tree, copied or committed as
+    a whole, as ``compare --suite`` records its own paths), else absolute. Read it back with
+    :func:`source_path`."""
+    src = Path(source).expanduser().resolve()
+    out = Path(run_dir).expanduser().resolve()
+    here = Path.cwd().resolve()
+    if src.is_relative_to(here) and out.is_relative_to(here):
+        return Path(os.path.relpath(src, out)).as_posix()
+    return str(src)
+
+
+def source_path(run_dir: str | Path, recorded: str | Path) -> Path:
+    """The directory an ``origin``'s ``source`` names (:func:`source_reference`): relative ones
+    count from ``run_dir``; provenance written before names absolute paths, returned as they are."""
+    path = Path(recorded).expanduser()
+    return path if path.is_absolute() else Path(run_dir) / path
+
+
+def weights_sha256(files: list[Path]) -> str | None:
+    """sha256 of a checkpoint's weight files (None if there are none): of the bytes of a single
+    file (what ``sha256sum model.safetensors`` prints), over each name and its bytes in name
+    order for several (a sharded checkpoint)."""
+    files = sorted(f for f in files if f.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        if len(files) > 1:
+            digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def source_fields(source: str | Path, run_dir: str | Path, weights: list[Path]) -> dict[str, Any]:
+    """An ``origin``'s ``source`` (:func:`source_reference`) and ``source_sha256`` (the source
+    checkpoint's weight files, :func:`weights_sha256`): what identifies the weights a run started
+    from wherever its source is later found. Every command that writes a run from another
+    (``compress``, ``prune``, ``upcycle``, ``convert-hf``) records these."""
+    return {"source": source_reference(source, run_dir), "source_sha256": weights_sha256(weights)}
 
 
 def collect(

@@ -1,7 +1,8 @@
 """Teacher-forced scoring of one continuation (``moelab lm-eval``'s requests): the decoder path
 of plain decoding against the single forward pass, the neutral settings of SCMoE and rerouting
 against plain, and an SCMoE score against its scores computed from full forward passes of the
-strong and the weak routing."""
+strong and the weak routing; requests sharing a prompt (:func:`score_requests`) against each
+scored alone, and its adaptation counted."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import math
 import pytest
 import torch
 
+import moelab.eval.decoding as decoding_module
 from model_checks import tiny_lm
-from moelab.eval.continuation import score_continuation
+from moelab.eval.continuation import score_continuation, score_requests
 from moelab.eval.decoding import SCMoEDecoder, make_decoder, scmoe_scores
 from moelab.model import generate
+from moelab.model.generate import PlainDecoder, left_pad, left_padding
 
 
 def topk2(router: str = "topk"):
@@ -93,3 +96,73 @@ def test_scmoe_excluded_token_is_minus_inf_and_its_own_argmax_is_greedy() -> Non
     assert is_greedy and math.isfinite(logp)
     changed = [*greedy[:-1], (greedy[-1] + 1) % 50]
     assert score_continuation(model, changed, 4, make)[1] is False
+
+
+SHARING = [
+    ("scmoe", {"scmoe_alpha": 1e-3, "scmoe_beta": 0.7}),
+    ("reroute", {"reroute_steps": 2, "reroute_lr": 0.5, "reroute_interval": 2}),
+    ("reroute", {"reroute_steps": 1, "reroute_lr": 0.5, "reroute_interval": 16}),
+    ("plain", {}),
+]
+
+
+def _questions() -> list[tuple[list[int], int]]:
+    """Two prompts' answer choices of lengths 1 to 5, interleaved, plus a lone request."""
+    a, b = ids(5, seed=1), ids(3, seed=2)
+    reqs = []
+    for k, length in enumerate([1, 3, 5, 2]):
+        reqs.append(([*a, *ids(length, seed=10 + k)], length))
+        reqs.append(([*b, *ids(length + 1, seed=20 + k)], length + 1))
+    reqs.insert(3, (ids(7, seed=3), 2))
+    return reqs
+
+
+@pytest.mark.parametrize(("decoding", "options"), SHARING)
+def test_requests_sharing_a_prompt_score_exactly_as_each_alone(decoding, options) -> None:
+    """Forked decoders (KV caches, context and offsets copied) give the very floats of a fresh
+    decoder per request, re-adaptations inside the continuation (interval 2) included."""
+    model = topk2()
+    make = lambda: make_decoder(model, decoding, **options)  # noqa: E731
+    reqs = _questions()
+    alone = [score_continuation(model, seq, n, make) for seq, n in reqs]
+    shared = score_requests(model, reqs, make)
+    assert shared == alone  # same floats, same is_greedy, in the requests' order
+    assert len({s for s, _ in alone}) == len(reqs)  # the requests do differ
+    routers = [layer.router for layer in model.routed_layers()]
+    assert all(getattr(r, "logit_offset", None) is None for r in routers)  # taken off
+
+
+def test_rerouting_adapts_once_per_prompt(monkeypatch) -> None:
+    model = topk2()
+    calls = []
+    real = decoding_module.reroute_step
+
+    def counted(*args, **kw):
+        calls.append(args[2].shape[1])  # the length of the context adapted on
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decoding_module, "reroute_step", counted)
+    make = lambda: make_decoder(model, "reroute", reroute_steps=3, reroute_interval=16)  # noqa: E731
+    reqs = _questions()
+    score_requests(model, reqs, make)
+    assert calls == [5] * 3 + [3] * 3 + [7 - 2] * 3  # 3 steps per distinct prompt, first-seen order
+    calls.clear()
+    for seq, n in reqs:
+        score_continuation(model, seq, n, make)
+    assert len(calls) == 3 * len(reqs)  # alone: every request adapts its prompt again
+
+
+def test_forked_cache_with_left_padding_decodes_as_the_original() -> None:
+    model = topk2()
+    prompts = [ids(4, seed=5), ids(2, seed=6)]
+    x, mask = left_pad(prompts)
+    pad = left_padding(mask, tuple(x.shape))
+    steps = torch.tensor([[3, 9], [11, 1], [4, 4]])
+    with torch.no_grad():
+        original = PlainDecoder(model)
+        original.prefill(x, pad, 10)
+        fork = original.fork(8)
+        got = [fork.step(s) for s in steps]
+        want = [original.step(s) for s in steps]  # the original is untouched by its fork
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

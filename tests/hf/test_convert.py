@@ -4,6 +4,7 @@ switch to ReLU routing that the λ controller drives to its target."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -197,6 +198,10 @@ def test_convert_hf_cli_then_train_resume(
     assert "moelab train --resume" in capsys.readouterr().out
     step0, config = load_run(run)
     assert config.model.ffn.router == "relu" and config.model.ffn.num_experts == 4
+    origin = RunDir(run).provenance()[0]["origin"]
+    weights = (tmp_path / "mixtral" / "model.safetensors").read_bytes()
+    assert origin["source_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert origin["source"] == str((tmp_path / "mixtral").resolve())  # outside the working dir
     x = ids(8192)
     with torch.no_grad():
         torch.testing.assert_close(step0(x), convert(hf, router="relu").eval()(x))

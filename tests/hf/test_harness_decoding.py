@@ -86,3 +86,45 @@ def test_neutral_scmoe_gives_plain_accuracy_through_lm_eval(runs, capsys) -> Non
     assert main([*args, "--decoding", "scmoe", "--scmoe-alpha", "0", "--scmoe-beta", "0"]) == 0
     got = json.loads(capsys.readouterr().out)["moelab_cloze"]
     assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"])
+
+
+@pytest.mark.parametrize(
+    ("decoding", "options"),
+    [
+        ("scmoe", {"scmoe_alpha": 1e-3, "scmoe_beta": 0.7}),
+        ("reroute", {"reroute_steps": 2, "reroute_lr": 0.5, "reroute_interval": 64}),
+    ],
+)
+def test_answer_choices_share_their_context_and_score_as_alone(
+    runs, monkeypatch, decoding, options
+) -> None:
+    """lm-eval's requests of two 3-choice questions, interleaved: each scored exactly as alone,
+    in lm-eval's order, and (rerouting) the context adapted once per question, not per choice."""
+    pytest.importorskip("lm_eval")
+    import moelab.eval.decoding as decoding_module
+    from moelab.hf.harness import make_lm
+
+    model, _ = load_run(runs["topk2"])
+    tok = run_tokenizer(runs["topk2"])
+    lm = make_lm(model, tok, decoding, options)
+    eot = lm.eot_token_id
+    questions = [
+        ("The cat sat on the", [" mat", " old red chair", " dog"]),
+        ("a b c", [" d", " e f"]),
+    ]
+    requests = [
+        (None, [eot, *tok.encode(context)], tok.encode(choice))
+        for k in range(3)
+        for context, choices in questions
+        if k < len(choices)
+        for choice in [choices[k]]
+    ]
+    alone = [lm._score(ctx[1:], cont) for _, ctx, cont in requests]
+    calls = []
+    real = decoding_module.reroute_step
+    monkeypatch.setattr(
+        decoding_module, "reroute_step", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    assert lm._loglikelihood_tokens(requests) == alone
+    if decoding == "reroute":
+        assert len(calls) == 2 * len(questions)  # 2 steps per context, none per choice

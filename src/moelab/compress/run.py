@@ -9,7 +9,8 @@ run's training split (or a prepared dataset given as ``calib_data``), calls the 
 λ is carried, its sparsity target ``1 − k/E`` follows from the new model). The run's provenance
 ``origin`` records the method, ratio, options, each layer's :class:`LayerChange`, the weights
 file's bytes on disk (the source's and the new one's), the calibration source and seed, and the
-source run and checkpoint. The source run is only read.
+source run (relative to the new run where both are inside the working directory) and checkpoint
+with its weights' sha256 (:func:`moelab.provenance.source_fields`). The source run is only read.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from moelab.data import TokenDataset, check_vocab_compatible, dataset_checksum
 from moelab.eval.perplexity import eval_batches
 from moelab.layers.routers import require
 from moelab.model.moe_config import MoEConfig
+from moelab.provenance import source_fields
 from moelab.rundir import RunDir
 from moelab.train import load_run, load_run_config, open_dataset, run_config_for, start_run
 from moelab.train.config import RunConfig
@@ -102,7 +104,7 @@ def compress_run(
     run_config = run_config_for(outcome.model, config.to_dict(), overrides)
     origin = {
         "command": command,
-        "source": str(Path(source).resolve()),
+        **source_fields(source, output, [ckpt / RunDir.WEIGHTS]),
         "checkpoint": ckpt.name,
         "method": cls.name,
         "ratio": ratio,

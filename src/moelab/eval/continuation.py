@@ -6,13 +6,15 @@ true next token, the decoder's scores are turned into a distribution (softmax in
 tokens outside its plausibility set have probability 0, log-probability ``-inf``), the true
 token's log-probability and whether it is the argmax are yielded, and the true token (not the
 predicted one) is fed to the decoder. :func:`continuation_scores` (``moelab eval-decoding``,
-validation windows) and :func:`score_continuation` (``moelab lm-eval``'s requests) both read it.
+validation windows), :func:`score_continuation` (one ``moelab lm-eval`` request) and
+:func:`score_requests` (all of them, a prompt's prefill forked for its continuations) read it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -35,6 +37,15 @@ def teacher_forced_logprobs(
             f"prompt_len ({prompt_len}) must be in [1, {length - 1}] (window {length})"
         )
     scores_BV = decoder.prefill(ids_BL[:, :prompt_len], None, length - 1)
+    yield from _forced(decoder, scores_BV, ids_BL, prompt_len)
+
+
+def _forced(
+    decoder: Decoder, scores_BV: Tensor, ids_BL: Tensor, prompt_len: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """:func:`teacher_forced_logprobs` after the prefill: ``scores_BV`` predict position
+    ``prompt_len`` of ``ids_BL``."""
+    length = ids_BL.shape[1]
     for t in range(prompt_len, length):
         true_B = ids_BL[:, t]
         logp_BV = torch.log_softmax(scores_BV.double(), dim=-1)
@@ -93,10 +104,63 @@ def score_continuation(
         return float(logp_NV.gather(1, target_N[:, None]).sum()), greedy
     decoder = make()
     try:
-        total, greedy = 0.0, True
-        for logp_B, hit_B in teacher_forced_logprobs(decoder, ids_1L, len(ids) - n):
-            total += float(logp_B[0])
-            greedy = greedy and bool(hit_B[0])
-        return total, greedy
+        return _summed(teacher_forced_logprobs(decoder, ids_1L, len(ids) - n))
     finally:
         decoder.remove()
+
+
+def _summed(logprobs: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, bool]:
+    """lm-eval's ``(logprob, is_greedy)`` of one row from its per-token values."""
+    total, greedy = 0.0, True
+    for logp_B, hit_B in logprobs:
+        total += float(logp_B[0])
+        greedy = greedy and bool(hit_B[0])
+    return total, greedy
+
+
+class ForkableDecoder(Decoder, Protocol):
+    """A decoder that can be copied after its prefill (every moelab decoder can)."""
+
+    def fork(self, max_len: int) -> ForkableDecoder:
+        """A decoder going on from this one's state, with room for ``max_len`` positions."""
+        ...
+
+
+@torch.no_grad()
+def score_requests(
+    model: TransformerLM,
+    requests: Sequence[tuple[list[int], int]],
+    make: Callable[[], ForkableDecoder] | None = None,
+) -> list[tuple[float, bool]]:
+    """:func:`score_continuation` of each ``(ids, n)`` in ``requests``, in their order, with the
+    same values; under a decoder (``make``), requests with the same prompt (``ids[:-n]``: the
+    answer choices of one question) share its prefill, for rerouting its test-time adaptation:
+    one decoder prefills the prompt once with room for the longest continuation and is forked
+    (KV caches, context and adapted offsets copied, each fork with the room a lone decoder would
+    get) per continuation. ``make`` None: one forward pass per request."""
+    if make is None:
+        return [score_continuation(model, ids, n) for ids, n in requests]
+    for ids, n in requests:
+        if not 1 <= n < len(ids):
+            raise ValueError(f"n ({n}) must be in [1, {len(ids) - 1}] ({len(ids)} tokens)")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, n) in enumerate(requests):
+        groups.setdefault(tuple(ids[:-n]), []).append(i)
+    device = next(model.parameters()).device
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    for prompt, members in groups.items():
+        longest = max(len(requests[i][0]) for i in members)
+        decoder = make()
+        try:
+            scores_1V = decoder.prefill(torch.tensor([prompt], device=device), None, longest - 1)
+            for i in members:
+                ids = requests[i][0]
+                fork = decoder.fork(len(ids) - 1)
+                try:
+                    ids_1L = torch.tensor([ids], device=device)
+                    out[i] = _summed(_forced(fork, scores_1V, ids_1L, len(prompt)))
+                finally:
+                    fork.remove()
+        finally:
+            decoder.remove()
+    return out

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -97,6 +98,14 @@ class SCMoEDecoder:
             return strong
         weak = self._weak(self.weak.step, next_B)
         return scmoe_scores(strong, weak, self.alpha, self.beta)
+
+    def fork(self, max_len: int) -> SCMoEDecoder:
+        """A decoder going on from this one's state (both KV caches copied, room for
+        ``max_len``), this one untouched: the prompt's two passes shared by its continuations."""
+        new = copy.copy(self)
+        new.strong = self.strong.fork(max_len)
+        new.weak = self.weak.fork(max_len)
+        return new
 
     def remove(self) -> None:
         """Nothing stays on the model (the weak routing is set only around its own calls)."""
@@ -196,6 +205,23 @@ class RerouteDecoder:
         if self.steps > 0 and self.since % self.interval == 0:
             return self._adapt()
         return self.plain.step(next_B)
+
+    def fork(self, max_len: int) -> RerouteDecoder:
+        """A decoder going on from this one's state, room for ``max_len`` positions: the KV cache,
+        the context and the adapted offsets copied (so the prompt is adapted once for all of its
+        continuations). The copy's offsets go on the routers: the fork routes from now on, this
+        decoder may be forked again but not stepped."""
+        new = copy.copy(self)
+        new.plain = self.plain.fork(max_len)
+        new.offsets = [o.clone() for o in self.offsets]
+        new.losses = list(self.losses)
+        new.max_len = max_len
+        new.ids_BT = self.ids_BT.new_zeros((self.ids_BT.shape[0], max_len))
+        new.ids_BT[:, : self.length] = self.ids_BT[:, : self.length]
+        if new.offsets:  # none before the first adaptation, or with steps=0
+            for router, o in zip(self.routers, new.offsets, strict=True):
+                router.logit_offset = o
+        return new
 
     def remove(self) -> None:
         """Take the offsets off the routers (the model routes as trained again)."""

@@ -29,7 +29,7 @@ import torch
 
 from moelab.data import TokenDataset, default_dataset_dir
 from moelab.data.tokenizer import TextTokenizer
-from moelab.eval.continuation import score_continuation
+from moelab.eval.continuation import score_continuation, score_requests
 from moelab.eval.decoding import DECODINGS, make_decoder
 from moelab.hf.harness_network import download_hint, is_network_error
 from moelab.model import TransformerLM, generate
@@ -171,7 +171,8 @@ def _moelab_lm_class() -> type:
         end-of-text token, as documents do in moelab's training data; inputs longer than the
         model's ``max_seq_len`` keep their last tokens. Scores come from ``decoding``'s
         next-token distribution, teacher-forced (:func:`score_continuation`); plain decoding is
-        one forward pass per request."""
+        one forward pass per request, a decoder's prefill is shared by the requests of one
+        context (:func:`score_requests`)."""
 
         def __init__(
             self,
@@ -201,19 +202,27 @@ def _moelab_lm_class() -> type:
         def tok_decode(self, tokens: list[int], **kw) -> str:
             return self.tok.decode(tokens)
 
+        def _window(self, context: list[int], continuation: list[int]) -> tuple[list[int], int]:
+            """The ids scored (end-of-text, context, continuation; the last ``max_len + 1``)
+            and how many of them are the continuation's."""
+            ids = [self.eot_token_id, *context, *continuation][-(self.max_len + 1) :]
+            return ids, min(len(continuation), len(ids) - 1)  # too long: its last tokens
+
         def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
             """``(log-likelihood, is_greedy)`` of ``continuation`` after ``context``."""
-            ids = [self.eot_token_id, *context, *continuation][-(self.max_len + 1) :]
-            n = min(len(continuation), len(ids) - 1)  # longer than the window: its last tokens
-            return score_continuation(self.model, ids, n, self.make)
+            return score_continuation(self.model, *self._window(context, continuation), self.make)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list:
-            out = []
-            for cache_key, context, continuation in requests:
+            """Scores in the requests' order; under a decoder, the requests sharing a context
+            (a question's answer choices) share its prefill and adaptation
+            (:func:`score_requests`)."""
+            windows = []
+            for _, context, continuation in requests:
                 if context and context[0] == self.eot_token_id:
                     context = context[1:]  # the empty-context case: lm-eval's prefix is ours
-                result = self._score(context, continuation)
-                out.append(result)
+                windows.append(self._window(context, continuation))
+            out = score_requests(self.model, windows, self.make)
+            for (cache_key, _, _), result in zip(requests, out, strict=True):
                 self.cache_hook.add_partial("loglikelihood", cache_key, result)
             return out
 

@@ -20,6 +20,7 @@ from moelab.data import TokenDataset
 from moelab.data.tokenizer import file_sha256
 from moelab.hf.convert import convert
 from moelab.hf.upcycle import upcycle
+from moelab.provenance import source_fields
 from moelab.rundir import RunDir
 from moelab.train import load_run, run_config_for, start_run
 
@@ -57,7 +58,8 @@ def convert_checkpoint(
     )
     model = convert(hf_model, router=router)
     base: dict[str, Any] = {"data": {"path": None if data is None else str(data)}}
-    origin = {"command": "convert-hf", "source": str(path.resolve()), "router": router}
+    weights = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    origin = {"command": "convert-hf", **source_fields(path, run_dir, weights), "router": router}
     config = run_config_for(model, base, overrides)
     return start_run(model, config, run_dir, overwrite=overwrite, origin=origin)
 
@@ -106,7 +108,7 @@ def upcycle_run(
     )
     origin = {
         "command": "upcycle",
-        "source": str(Path(run_dir).resolve()),
+        **source_fields(run_dir, out_dir, [source / RunDir.WEIGHTS]),
         "checkpoint": source.name,
         "num_experts": num_experts,
         "top_k": top_k,

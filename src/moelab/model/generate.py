@@ -80,6 +80,15 @@ class PlainDecoder:
         self._step = FastStep(self.model, self.cache) if self.fast else None
         return logits_BV
 
+    def fork(self, max_len: int) -> PlainDecoder:
+        """A decoder that goes on from this one's state (its KV cache copied, room for
+        ``max_len`` positions) without touching it; unprefilled, a fresh one."""
+        new = PlainDecoder(self.model, self.fast)
+        if self.cache is not None:
+            new.cache = self.cache.fork(max_len)
+            new._step = FastStep(self.model, new.cache) if new.fast else None
+        return new
+
     def step(self, next_B: Tensor) -> Tensor:
         if self._step is not None:
             return self._step(next_B)

@@ -104,6 +104,27 @@ class KVCache:
         positions_P = torch.arange(self.max_len, device=device)
         self._key_valid_BP = positions_P[None, :] >= self.pad_B[:, None]
 
+    def fork(self, max_len: int) -> KVCache:
+        """A copy of the stored positions (and padding) with room for ``max_len``: decoding on
+        from it gives what decoding on from this cache would, and leaves this one as it is (one
+        prefilled prompt, several continuations scored from it)."""
+        if not self.length <= max_len:
+            raise ValueError(f"max_len ({max_len}) must be >= the stored positions ({self.length})")
+        new = KVCache.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.max_len = max_len
+
+        def resized(t_BGPd: Tensor) -> Tensor:
+            out = t_BGPd.new_zeros((*t_BGPd.shape[:2], max_len, t_BGPd.shape[3]))
+            out[:, :, : self.length] = t_BGPd[:, :, : self.length]
+            return out
+
+        new.k, new.v = [resized(t) for t in self.k], [resized(t) for t in self.v]
+        if self.pad_B is not None:
+            positions_P = torch.arange(max_len, device=self.pad_B.device)
+            new._key_valid_BP = positions_P[None, :] >= self.pad_B[:, None]
+        return new
+
     def positions(self, length: int, device: torch.device) -> Tensor | None:
         """RoPE positions ``[B, L]`` of the ``length`` new tokens, counted per row from its first
         real token (padded positions get 0); None without padding (positions are shared)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.model import TransformerLM
+from moelab.provenance import source_path
 from moelab.rundir import RunDir
 from moelab.train.config import RunConfig
 from moelab.train.trainer import Trainer
@@ -39,7 +40,10 @@ def start_run(
     source = (origin or {}).get("source")
     if source is not None:  # a run written over its own source would lose it
         RunDir(run_dir).check_new_run_from(
-            source, overwrite=overwrite, field="run_dir", source_field="the source of its weights"
+            source_path(run_dir, source),
+            overwrite=overwrite,
+            field="run_dir",
+            source_field="the source of its weights",
         )
     trainer = Trainer(config, run_dir, overwrite=overwrite)
     try:

@@ -34,6 +34,7 @@ from moelab.compress.methods.base import (
 )
 from moelab.compress.prune import keep_for_ratio, moe_blocks, prune_to
 from moelab.model import TransformerLM
+from moelab.provenance import source_path
 from moelab.rundir import RunDir
 from moelab.train.config import RunConfig
 
@@ -122,7 +123,8 @@ class RouterChange(CompressMethod):
         if origin is not None:
             raise ValueError(
                 f"--reference-checkpoint: run {source.path} started from the weights of "
-                f"{origin.get('source')} ({origin.get('command')}), so its seeded init is not "
+                f"{source_path(source.path, origin.get('source', '?')).resolve()} "
+                f"({origin.get('command')}), so its seeded init is not "
                 "its start, and it keeps no checkpoint earlier than "
                 f"{source.checkpoint.name}; compress a later checkpoint"
             )
