@@ -223,7 +223,8 @@ def test_generate_command_offloads_a_run_and_prints_the_counters(tmp_path, data_
     args += ["--max-new-tokens", "8"]
     assert main(args) == 0
     want = capsys.readouterr().out
-    assert main([*args, "--expert-memory", "30%", "--prefetch", "--tier", "pcie16"]) == 0
+    offload = ["--expert-memory", "30%", "--prefetch", "--tier", "pcie16", "--read-workers", "2"]
+    assert main([*args, *offload]) == 0
     got = capsys.readouterr()
     assert got.out == want
     assert "hit rate" in got.err and "modelled: 16 GB/s" in got.err
@@ -233,6 +234,22 @@ def test_generate_command_offloads_a_run_and_prints_the_counters(tmp_path, data_
     assert main([*args, "--expert-memory", "1MB"]) == 2
     err = capsys.readouterr()
     assert err.out == "" and "truncated weights file" in err.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--expert-memory", "30%", "--read-workers", "0"], "--read-workers: must be an integer"),
+        (["--read-workers", "2"], "--read-workers: needs --expert-memory"),
+    ],
+)
+def test_generate_refuses_bad_read_workers_before_any_work(extra, message, tmp_path, capsys):
+    from moelab.cli import main
+
+    missing = tmp_path / "no-such-run"  # refused before the run is even looked for
+    assert main(["generate", str(missing), "--prompt", "hi", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-such-run" not in err
 
 
 def test_print_stats_writes_to_the_current_stderr(tmp_path, monkeypatch):

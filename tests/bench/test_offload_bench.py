@@ -57,7 +57,13 @@ def test_default_table_has_no_low_precision_columns(tmp_path, capsys):
     assert bench_offload.run(args) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 2 and all("miss_precision" not in r for r in rows)
-    assert "logit diff" not in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "logit diff" not in text
+    if "O_DIRECT)" in text:  # aligned ranges: more bytes off the device than the experts' bytes
+        assert rows[1]["disk_per_token_mb"] > rows[1]["read_per_token_mb"] > 0
+        assert "O_DIRECT's aligned ranges took" in text
+    else:  # O_DIRECT refused here: the buffered path asks the file for the experts' bytes
+        assert rows[1]["disk_per_token_mb"] == rows[1]["read_per_token_mb"] > 0
 
 
 @pytest.mark.parametrize(
@@ -68,6 +74,7 @@ def test_default_table_has_no_low_precision_columns(tmp_path, capsys):
         (["--miss-threshold", "0.3"], "--miss-threshold: needs --miss-precision"),
         (["--miss-precision", "int4", "--d-hidden", "344"], "--miss-precision: int4 needs a group"),
         (["--top-k", "9"], r"--top-k: must be in \[1, --experts=8\], got 9"),
+        (["--read-workers", "0"], "--read-workers: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_are_one_line_before_any_model_is_built(monkeypatch, extra, message):

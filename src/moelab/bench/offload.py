@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     miss_kw = {} if args.miss_threshold is None else {"miss_threshold": args.miss_threshold}
     read_kw = {} if args.read_workers is None else {"read_workers": args.read_workers}
     if read_kw:
-        check_read_workers(args.read_workers)
+        check_read_workers(args.read_workers, "--read-workers")
     torch.set_num_threads(args.threads)
     times: dict[Any, list[float]] = {"loaded": []}
     stats: dict[Any, list[dict]] = {}

@@ -54,7 +54,8 @@ def rows_of(times: dict, stats: dict, tokens: int, diffs: dict, nll: dict) -> li
                 "ratio": loaded / statistics.median(ts),
                 "hit_rate": med("hit_rate"),
                 "prefetch_accuracy": med("prefetch_accuracy"),
-                "read_per_token_mb": med("bytes_read") / tokens / 1e6,
+                "read_per_token_mb": med("bytes_read") / tokens / 1e6,  # the experts' bytes
+                "disk_per_token_mb": med("disk_bytes") / tokens / 1e6,  # what the file gave
                 "used_per_token_mb": med("bytes_used") / tokens / 1e6,
                 "read_over_used": med("read_over_used"),
                 "wait_share": med("load_wait_s") / statistics.median(ts),
@@ -103,6 +104,13 @@ def print_table(rows: list[dict], args: argparse.Namespace, stats: dict, label: 
                 if "nll" in rows[0]
                 else " (random init: no meaningful continuation loss)"
             )
+        )
+    read = sum(r.get("read_per_token_mb", 0) for r in rows)
+    disk = sum(r.get("disk_per_token_mb", 0) for r in rows)
+    if read and disk != read:  # O_DIRECT reads aligned supersets of the experts' ranges
+        print(
+            f"'read' counts the experts' bytes; O_DIRECT's aligned ranges took "
+            f"{100 * (disk / read - 1):.1f}% more off the device (JSON: disk_per_token_mb)"
         )
     extra = f" {'miss':>4} {'low hits':>8} {'saved MB/tok':>12} {'logit diff':>10} {'top1':>5}"
     extra += f" {'nll':>8} {'nll low':>7}" if "nll" in rows[0] else ""

@@ -6,7 +6,7 @@ import argparse
 
 from moelab.commands import add_checkpoint_option
 from moelab.commands._decoding import add_decoding_options, decoding_options
-from moelab.serve.options import add_offload_arguments
+from moelab.serve.options import add_offload_arguments, check_read_workers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_decoding_options(p, mode=True)
     add_checkpoint_option(p)
-    add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier, --miss-*
+    add_offload_arguments(p)  # --expert-memory, --expert-policy, --prefetch, --tier, ...
     p.set_defaults(func=run)
 
 
@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--miss-precision/--miss-threshold: need --expert-memory")
     if args.miss_threshold is not None and args.miss_precision is None:
         raise ValueError("--miss-threshold: needs --miss-precision (int8 or int4)")
+    if args.read_workers is not None:
+        if args.expert_memory is None:
+            raise ValueError("--read-workers: needs --expert-memory")
+        check_read_workers(args.read_workers, "--read-workers")
     if args.expert_memory is not None:  # experts served from the checkpoint file (moelab.serve)
         from moelab.serve import load_offloaded
 
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             miss_precision=args.miss_precision,
             **({} if args.miss_threshold is None else {"miss_threshold": args.miss_threshold}),
+            **({} if args.read_workers is None else {"read_workers": args.read_workers}),
         )
     else:
         model, config = load_run(args.run_dir, checkpoint=args.checkpoint)

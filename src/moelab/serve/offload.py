@@ -240,6 +240,7 @@ class OffloadSession:
             self.prefetcher.drain()
         self.ahead.clear()
         self.cache.stats = type(self.cache.stats)(peak_bytes=self.cache.held)
+        self.store.reset_counters()
         self.used_bytes, self.forwards, self.wait_s = 0, 0, 0.0
         self.lowprec_hits, self.lowprec_rows, self.bytes_saved = 0, 0, 0
         self.lowprec_used: set[tuple[int, int]] = set()  # (layer, expert) since the reset
@@ -251,7 +252,7 @@ class OffloadSession:
         s = self.cache.stats
         uses = s.hits + s.late + s.misses
         return {
-            "tier": self.store.tier.label(),
+            "tier": self.store.label(),
             "tier_modelled": self.store.tier.modelled,
             "policy": self.policy,
             "prefetch": self.prefetch_enabled,
@@ -266,7 +267,8 @@ class OffloadSession:
             "prefetch_used": s.prefetch_used,
             "prefetch_accuracy": s.prefetch_used / s.prefetch_issued if s.prefetch_issued else None,
             "evictions": s.evictions,
-            "bytes_read": s.bytes_loaded,
+            "bytes_read": s.bytes_loaded,  # the experts' bytes (disk_bytes: what the file gave)
+            "disk_bytes": self.store.disk_bytes,
             "bytes_used": self.used_bytes,
             "read_over_used": s.bytes_loaded / self.used_bytes if self.used_bytes else None,
             "load_wait_s": self.wait_s,

@@ -22,15 +22,15 @@ READ_WORKERS = 4
 reads one expert at a time (beside one prefetch)."""
 
 
-def check_read_workers(read_workers: int) -> None:
-    """A one-line ValueError unless ``read_workers`` is an integer >= 1."""
+def check_read_workers(read_workers: int, field: str = "read_workers") -> None:
+    """A one-line ValueError naming ``field`` unless ``read_workers`` is an integer >= 1."""
     if isinstance(read_workers, bool) or not isinstance(read_workers, int) or read_workers < 1:
-        raise ValueError(f"read_workers: must be an integer >= 1, got {read_workers!r}")
+        raise ValueError(f"{field}: must be an integer >= 1, got {read_workers!r}")
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
-    """``--expert-memory``, ``--expert-policy``, ``--prefetch``, ``--tier``, ``--miss-precision``,
-    ``--miss-threshold``."""
+    """``--expert-memory``, ``--expert-policy``, ``--prefetch``, ``--tier``, ``--read-workers``,
+    ``--miss-precision``, ``--miss-threshold``."""
     p.add_argument(
         "--expert-memory",
         metavar="SIZE",
@@ -49,7 +49,16 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         "--tier",
         default="disk",
         choices=list(TIERS),
-        help="where experts come from: disk (real, page cache dropped) or a modelled link",
+        help="where experts come from: disk (real, O_DIRECT or page cache dropped) or a "
+        "modelled link",
+    )
+    p.add_argument(
+        "--read-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --expert-memory: expert reads in flight at once (a layer's misses together, "
+        f"prefetches); 1 reads one at a time (default {READ_WORKERS})",
     )
     p.add_argument(
         "--miss-precision",

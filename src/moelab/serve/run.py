@@ -99,6 +99,12 @@ def print_stats(stats: dict[str, Any], file: IO[str] | None = None) -> None:
         file=file,
     )
     ratio = stats["read_over_used"]
+    disk = stats.get("disk_bytes", stats["bytes_read"])
+    aligned = (
+        f" ({disk / mb:.2f} MB off the device in O_DIRECT's aligned ranges)"
+        if disk != stats["bytes_read"]
+        else ""
+    )
     print(
         f"  hits {stats['hits']}, late {stats['late']}, misses {stats['misses']} (hit rate "
         f"{pct(stats['hit_rate'])}); prefetch accuracy {pct(stats['prefetch_accuracy'])} "
@@ -106,8 +112,9 @@ def print_stats(stats: dict[str, Any], file: IO[str] | None = None) -> None:
         file=file,
     )
     print(
-        f"  read {stats['bytes_read'] / mb:.2f} MB for {stats['bytes_used'] / mb:.2f} MB of "
-        f"experts used ({'n/a' if ratio is None else f'{ratio:.2f}x'}); waited "
+        f"  read {stats['bytes_read'] / mb:.2f} MB{aligned} for "
+        f"{stats['bytes_used'] / mb:.2f} MB of experts used "
+        f"({'n/a' if ratio is None else f'{ratio:.2f}x'}); waited "
         f"{stats['load_wait_s']:.3f} s for loads"
         + (" (modelled tier)" if stats["tier_modelled"] else ""),
         file=file,

@@ -8,10 +8,15 @@ run would have to own and keep in step with its checkpoints) nor any copy. The h
 little-endian length, then JSON) is parsed once, and the file is checked before decoding starts:
 a missing file, a bad header, a tensor of the wrong shape or a file shorter than its header says
 is one line naming the file.
+
+A tier that reads cold (``disk``) reads through ``O_DIRECT`` (:mod:`moelab.serve.direct`): no page
+cache to drop and no kernel copy. Where the filesystem refuses it, the store says so in
+:meth:`ExpertStore.label` and reads buffered after dropping the range's page cache.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 from moelab.checkpoint_io import CheckpointError
+from moelab.serve.direct import DirectReader, open_direct
 from moelab.serve.tiers import Tier
 
 __all__ = ["ExpertSlot", "ExpertStore"]
@@ -50,10 +56,15 @@ class ExpertSlot:
 class ExpertStore:
     """Reads expert ``e`` of a layer (prefix ``blocks.3.ffn.experts.``) from a safetensors file.
 
-    Thread-safe: every read is a positional ``os.preadv`` on one shared descriptor.
+    Thread-safe: every read is a positional ``os.preadv`` on a shared descriptor (with
+    ``O_DIRECT``, into the reading thread's own staging buffer). ``direct``: read through
+    ``O_DIRECT`` where the tier asks for it (False: always the buffered path, to compare).
+    ``disk_bytes``: bytes the reads asked the file for since the last reset, with ``O_DIRECT``
+    the aligned ranges the device really transferred (buffered: the experts' ranges; the
+    kernel's readahead is not seen).
     """
 
-    def __init__(self, path: Path, tier: Tier) -> None:
+    def __init__(self, path: Path, tier: Tier, direct: bool = True) -> None:
         self.path = Path(path)
         self.tier = tier
         if not self.path.is_file():
@@ -63,11 +74,32 @@ class ExpertStore:
         self.fd = os.open(self.path, os.O_RDONLY)
         self.link_lock = threading.Lock()
         self.link_free = 0.0  # a modelled link: when the transfers booked so far end
+        self.direct: DirectReader | None = None
+        self.direct_refused: str | None = None  # why O_DIRECT is not used, where the tier wants it
+        if tier.direct and direct:
+            self.direct, self.direct_refused = open_direct(self.path)
+        self.count_lock = threading.Lock()
+        self.disk_bytes = 0
+
+    def reset_counters(self) -> None:
+        with self.count_lock:
+            self.disk_bytes = 0
+
+    def label(self) -> str:
+        """The tier's label and how this store reads it (``O_DIRECT``, or why not)."""
+        if not self.tier.direct:
+            return self.tier.label()
+        if self.direct is not None and self.direct_refused is None:
+            return f"{self.tier.name} (real reads, O_DIRECT)"
+        why = self.direct_refused or "O_DIRECT off"
+        return f"{self.tier.name} (real reads, page cache dropped; {why})"
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.direct is not None:
+            self.direct.close()
 
     def keys(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
@@ -98,20 +130,18 @@ class ExpertStore:
 
     def read(self, slots: list[ExpertSlot], expert: int, into: list[torch.Tensor]) -> int:
         """Read expert ``expert``'s slices into the CPU tensors ``into`` (preallocated, one per
-        slot); returns the bytes read. Follows the tier: drop the page cache of the range first
-        (real disk), or sleep until the link has carried the bytes (modelled): one link, so
+        slot); returns the expert's bytes (what the cache books; :attr:`disk_bytes` counts what
+        came off the device). Follows the tier: ``O_DIRECT`` or drop the page cache of the range
+        first (real disk), or sleep until the link has carried the bytes (modelled): one link, so
         reads in flight together share its bandwidth, each booked after those before it."""
         start = time.perf_counter()
-        total = 0
+        total = disk = 0
         for slot, out in zip(slots, into, strict=True):
             offset = slot.offset + expert * slot.stride
-            if self.tier.drop_page_cache:
-                os.posix_fadvise(self.fd, offset, slot.stride, os.POSIX_FADV_DONTNEED)
-            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-            got = os.preadv(self.fd, [view], offset)
-            if got != slot.stride:
-                raise CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
-            total += got
+            disk += self._read_range(offset, slot.stride, out)
+            total += slot.stride
+        with self.count_lock:
+            self.disk_bytes += disk
         if self.tier.bandwidth is not None:
             with self.link_lock:
                 self.link_free = max(self.link_free, start) + total / self.tier.bandwidth
@@ -120,6 +150,29 @@ class ExpertStore:
             if left > 0:
                 time.sleep(left)
         return total
+
+    def _read_range(self, offset: int, length: int, out: torch.Tensor) -> int:
+        """``length`` bytes at ``offset`` into ``out``; the bytes asked of the file."""
+        direct = self.direct
+        if direct is not None and self.direct_refused is None:
+            try:
+                return direct.read(offset, length, out)
+            except EOFError:
+                msg = f"{self.path}: short read at byte {offset} (file changed?)"
+                raise CheckpointError(msg) from None
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                # refused at the first read (opened fine): buffered from now on; the descriptor
+                # stays open until close(), another thread may still be in a read on it
+                self.direct_refused = f"O_DIRECT refused on read: {err.strerror or err}"
+        if self.tier.drop_page_cache:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        got = os.preadv(self.fd, [view], offset)
+        if got != length:
+            raise CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
+        return got
 
 
 def _read_header(path: Path, size: int) -> tuple[dict, int]:

@@ -1,8 +1,9 @@
 """Where offloaded expert weights come from: the slow tier a load pays for.
 
-``disk`` is real: the run's safetensors file read with ``pread`` after
-``posix_fadvise(POSIX_FADV_DONTNEED)`` on the range, so the page cache does not turn a "cold"
-read into a memory copy (the kernel drops clean cached pages of that range first). The other
+``disk`` is real: the run's safetensors file read with ``O_DIRECT`` (:mod:`moelab.serve.direct`:
+no page cache, the device writes into an aligned buffer), or, where the filesystem refuses it,
+with ``pread`` after ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the range, so the page cache does
+not turn a "cold" read into a memory copy (the kernel drops clean cached pages first). The other
 tiers are *modelled*: the bytes are read the same way but without dropping the page cache, and
 the load then sleeps until the link would have carried its bytes: one link per file, so loads in
 flight together share its bandwidth (each is booked after those before it; concurrent reads get no
@@ -18,12 +19,14 @@ __all__ = ["TIERS", "Tier", "parse_bytes", "tier"]
 
 @dataclass(frozen=True)
 class Tier:
-    """A slow tier: ``bandwidth`` in bytes/s for modelled tiers (None: real, unthrottled)."""
+    """A slow tier: ``bandwidth`` in bytes/s for modelled tiers (None: real, unthrottled);
+    ``direct``: read cold through ``O_DIRECT`` where the filesystem allows it."""
 
     name: str
     bandwidth: float | None
     drop_page_cache: bool
     description: str
+    direct: bool = False
 
     @property
     def modelled(self) -> bool:
@@ -38,7 +41,7 @@ class Tier:
 TIERS: dict[str, Tier] = {
     t.name: t
     for t in (
-        Tier("disk", None, True, "the run's file on local disk, page cache dropped per read"),
+        Tier("disk", None, True, "the run's local file: O_DIRECT, or page cache dropped", True),
         # PCIe 3.0 x16 host-to-device: ~16 GB/s nominal (15.75 GB/s after 128b/130b coding)
         Tier("pcie16", 16e9, False, "modelled PCIe x16 link at 16 GB/s"),
         # a PCIe 3.0 x4 NVMe drive's sequential read, ~3 GB/s
