@@ -108,15 +108,19 @@ def test_fused_row_ops_match_dense_autograd(
         assert set(grads[0].coalesce().indices()[0].tolist()) == set(idx.flatten().tolist())
 
 
-@pytest.mark.parametrize("D", [6, 8, 72, 136])  # no streaming (D % 8), 8-float chunks, 64 + 8
-def test_short_segment_sums_equal_index_add(D: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The C segment sums (float32 rows of D % 8 == 0 written with streaming stores, 64 then 8
-    floats per register block) against ``index_add_`` of the weighted rows, duplicates included."""
+@pytest.mark.parametrize("N", [50, 5000])  # most rows retrieved several times / once
+@pytest.mark.parametrize("D", [6, 8, 136])  # D % 8 != 0: never streamed
+def test_short_segment_sums_equal_index_add(
+    D: int, N: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C segment sums (float32 rows of D % 8 == 0: rows retrieved once written with streaming
+    stores, longer segments from their first term) against ``index_add_`` of the weighted rows,
+    and bit for bit against the plain kernel."""
     if native.load_c_kernel("rows", sparse_rows._ROWS_C) is None:
         pytest.skip("no C compiler")
     monkeypatch.setattr(sparse_rows, "_BAG_MIN_SEGMENT", 10**9)  # always the C kernel
-    g = torch.Generator().manual_seed(D)
-    N, T, R = 50, 23, 9
+    g = torch.Generator().manual_seed(D + N)
+    T, R = 23, 9
     idx = torch.randint(0, N, (T, R), generator=g)
     w, src = torch.randn(T, R, generator=g), torch.randn(T, D, generator=g)
     groups = RowGroups.build(idx, N)
@@ -124,6 +128,8 @@ def test_short_segment_sums_equal_index_add(D: int, monkeypatch: pytest.MonkeyPa
     terms = w.reshape(-1, 1).double() * src.double().repeat_interleave(R, 0)
     want = torch.zeros(N, D, dtype=torch.float64).index_add_(0, idx.reshape(-1), terms)
     torch.testing.assert_close(got.double(), want[groups.rows_U], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(sparse_rows, "_STREAM_STORES", False)
+    assert torch.equal(got, groups.row_sums(w, src))
 
 
 def test_usage_and_unevenness_hand_computed() -> None:
