@@ -148,3 +148,42 @@ def test_bad_values_are_one_line_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(ValueError, match=r"need torchao, the 'compress' extra \(pip install"):
         offload_model(TransformerLM(model.cfg), weights, "60%", miss_precision="int8")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_short_step_with_copies_equals_the_general_path(batch, tmp_path, monkeypatch):
+    """`generate`'s short decode step serves HOBBIT's misses from their copies as the layer's
+    general forward does: the same experts in low precision, the same reads, the same logits (to
+    float rounding: a matmul pair per expert against the shell's grouped call), for one row and
+    a left-padded batch; and the copies really ran (else the test would prove nothing)."""
+    from test_offload_decode import PROMPTS, left_pad, step_logits
+
+    model = top2()
+    weights = saved(model, tmp_path)
+    if batch == 1:
+        ids, pad_B = torch.tensor([PROMPTS[1]]), None
+    else:
+        ids, mask = left_pad(PROMPTS)
+        pad_B = (mask == 0).sum(1)
+    from moelab.serve.hook import OffloadDispatcher
+
+    general_calls = []
+    run = OffloadDispatcher.run
+    monkeypatch.setattr(
+        OffloadDispatcher, "run", lambda self, *a: general_calls.append(1) or run(self, *a)
+    )
+    runs = {}
+    for fast in (False, True):
+        general_calls.clear()
+        low = served(model, weights, "40%", miss_precision="int8", miss_threshold=1.0)
+        logits = step_logits(low, ids, pad_B, fast=fast)
+        runs[fast] = (logits, low.offload.stats(), set(low.offload.lowprec_used))
+        low.offload.close()
+        layers = len(model.blocks)
+        assert len(general_calls) == layers * (1 if fast else 1 + len(logits))  # prefill only
+    (general, g_stats, g_used), (short, s_stats, s_used) = runs[False], runs[True]
+    assert s_stats["lowprec_hits"] > 0 and s_used == g_used
+    for key in ("lowprec_hits", "misses", "hits", "bytes_read"):
+        assert s_stats[key] == g_stats[key], key
+    for want, have in zip(general, short, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)

@@ -202,39 +202,51 @@ class FastStep:
         else:
             experts = moe.experts
             y_TD = moe_rows(
-                x_TD, d, experts.activation, lambda e: (experts.w13_EDF2[e], experts.w2_EFD[e])
+                x_TD,
+                d,
+                lambda e, x_nD: expert_rows(x_nD, *experts_of(experts, e), experts.activation),
             )
         if routed.direct_TD is not None:
             y_TD = y_TD + routed.direct_TD.to(y_TD.dtype)
         return moe._add_shared(x_TD, y_TD)[:, None]
 
 
+def experts_of(experts: GroupedExperts, e: int) -> tuple[Tensor, Tensor]:
+    """Expert ``e``'s ``(w13 [D, 2F], w2 [F, D])`` in a :class:`GroupedExperts` bank."""
+    return experts.w13_EDF2[e], experts.w2_EFD[e]
+
+
+def expert_rows(x_nD: Tensor, w13: Tensor, w2: Tensor, activation: str) -> Tensor:
+    """One expert on its rows, ungated: ``act(x·w13)·w2`` (a matmul pair)."""
+    return activate(x_nD @ w13, activation) @ w2
+
+
 def moe_rows(
     x_TD: Tensor,
     d: RoutingDecision,
-    activation: str,
-    weights_of: Callable[[int], tuple[Tensor, Tensor]],
+    expert_out: Callable[[int, Tensor], Tensor],
     order: Sequence[int] | None = None,
     done: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """``Σ gate · expert_e(x)`` per row, each chosen expert once on its rows with one matmul pair
-    (instead of the grouped GEMM call, whose fixed cost dominates a few rows), where
-    ``weights_of(e)`` gives expert ``e``'s ``(w13 [D, 2F], w2 [F, D])``. Measured against all
-    experts over all rows in two matmuls (weights concatenated), against padded batched matmuls
-    and against each used expert on all rows with its gate column (no permutation): none was
-    faster at batch 1, 4 or 16 (E = 8; docs/inference.md).
+    """``Σ gate · expert_e(x)`` per row, each chosen expert once on its rows, where
+    ``expert_out(e, x_nD)`` is expert ``e``'s ungated output on rows ``x_nD`` (for a loaded
+    bank :func:`expert_rows`: one matmul pair, instead of the grouped GEMM call, whose fixed cost
+    dominates a few rows). Measured against all experts over all rows in two matmuls (weights
+    concatenated), against padded batched matmuls and against each used expert on all rows with
+    its gate column (no permutation): none was faster at batch 1, 4 or 16 (E = 8;
+    docs/inference.md).
 
-    ``order`` (the chosen experts, each once) is the order the weights are asked for, and
-    ``done(e)`` is called once ``e``'s rows are computed: an offloading dispatcher asks for the
-    experts it holds first and unpins each after use. The outputs are summed in the routing's
-    own order whatever ``order`` is, so the result has the same bits as the default order."""
+    ``order`` (the chosen experts, each once) is the order the experts are run in, and
+    ``done(e)`` is called once ``e``'s rows are computed: an offloading dispatcher runs the
+    experts it holds first (or serves one from a low-precision copy) and unpins each after use.
+    The outputs are summed in the routing's own order whatever ``order`` is, so the result has
+    the same bits as the default order."""
     if x_TD.shape[0] == 1:  # one row: its experts in turn, no permutation
         chosen = d.expert_idx_N.tolist()
         weights = d.weight_N.to(x_TD.dtype)
         outs: dict[int, Tensor] = {}
         for e in chosen if order is None else order:
-            w13, w2 = weights_of(e)
-            outs[e] = activate(x_TD @ w13, activation) @ w2
+            outs[e] = expert_out(e, x_TD)
             if done is not None:
                 done(e)
         y_TD = None
@@ -251,8 +263,7 @@ def moe_rows(
         return torch.zeros_like(x_TD)
     outs = {}
     for e in used if order is None else order:
-        w13, w2 = weights_of(e)
-        outs[e] = activate(blocks[e] @ w13, activation) @ w2
+        outs[e] = expert_out(e, blocks[e])
         if done is not None:
             done(e)
     return dispatch.combine(torch.cat([outs[e] for e in used]), perm)

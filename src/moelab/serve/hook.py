@@ -30,7 +30,7 @@ from torch.func import functional_call
 from moelab.layers import dispatch
 from moelab.layers.base import RoutingContext, RoutingDecision
 from moelab.layers.experts import GroupedExperts
-from moelab.model.decode_step import moe_rows
+from moelab.model.decode_step import expert_rows, moe_rows
 from moelab.serve.prefetch import predict_experts
 
 __all__ = ["OffloadDispatcher"]
@@ -68,19 +68,18 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         counts = perm.counts
         needed = [e for e, n in enumerate(counts) if n]
         self.session.note_layer(self.layer, needed)
-        remaining = self._start(x_TD, needed)
+        low = self._low_precision(decision, x_TD.shape[0], needed)
+        remaining = self._start(x_TD, needed, low)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
         y_ND = x_ND.new_empty(x_ND.shape[0], x_ND.shape[1])
-        ratio_N = self._gate_ratios(perm, x_TD.shape[0])
         for e in self.session.fetch_order(self.layer, needed):
             rows = slice(starts[e], starts[e + 1])
-            if ratio_N is not None and self.session.use_low_precision(self.layer, e, ratio_N[rows]):
+            if e in low:
                 y_ND[rows] = self.session.lowprec.run(
                     self.layer, e, x_ND[rows], perm.weight_N[rows]
                 )
-                remaining.discard((self.layer, e))
                 continue
             w13, w2 = self.session.fetch(self.layer, e, remaining)
             y_ND[rows] = functional_call(
@@ -94,12 +93,10 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
     def decode_rows(self, x_TD: Tensor, decision: RoutingDecision, context: Any) -> Tensor:
         """:class:`~moelab.model.decode_step.FastStep`'s short MoE path for a few rows: the
         loaded model's arithmetic (:func:`~moelab.model.decode_step.moe_rows`) on the weights
-        fetched here, held experts first, each unpinned once its rows are computed. With
-        low-precision copies, the general :meth:`run`."""
+        fetched here, held experts first, each unpinned once its rows are computed; a miss that
+        HOBBIT's rule sends to its low-precision copy is computed from the copy, not read."""
         self.valid_T, self.context = None, context  # what the layer's pre-hook would keep
         session = self.session
-        if session.lowprec is not None:
-            return self.run(x_TD, decision, None)
         if torch.is_grad_enabled() and x_TD.requires_grad:
             raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
         if x_TD.shape[0] == 1:
@@ -107,35 +104,48 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         else:
             needed = [e for e, n in enumerate(decision.tokens_per_expert_E.tolist()) if n]
         session.note_layer(self.layer, needed)
-        remaining = self._start(x_TD, needed)
-        layer = self.layer
+        low = self._low_precision(decision, x_TD.shape[0], needed)
+        remaining = self._start(x_TD, needed, low)
+        layer, activation = self.layer, self.shell.activation
+
+        def expert_out(e: int, x_nD: Tensor) -> Tensor:
+            if e in low:
+                return session.lowprec.expert(layer, e, x_nD)
+            return expert_rows(x_nD, *session.fetch(layer, e, remaining), activation)
+
         return moe_rows(
             x_TD,
             decision,
-            self.shell.activation,
-            lambda e: session.fetch(layer, e, remaining),
+            expert_out,
             session.fetch_order(layer, needed),
             lambda e: remaining.discard((layer, e)),
         )
 
-    def _start(self, x_TD: Tensor, needed: list[int]) -> set:
-        """Pin the layer's experts (until their rows are computed), start reading its misses
-        together, then prefetch the next layer's guess; returns the pinned keys."""
-        remaining = {(self.layer, e) for e in needed}
-        self.session.read_ahead(self.layer, needed, remaining)
+    def _start(self, x_TD: Tensor, needed: list[int], low: set[int]) -> set:
+        """Pin the layer's experts that are read (until their rows are computed), start reading
+        its misses together, then prefetch the next layer's guess; returns the pinned keys."""
+        remaining = {(self.layer, e) for e in needed if e not in low}
+        self.session.read_ahead(self.layer, [e for e in needed if e not in low], remaining)
         if self.next_router is not None and self.session.prefetch_enabled:
             guess = predict_experts(self.next_router, x_TD, self.valid_T, self.context)
             self.session.prefetch(self.layer + 1, guess, remaining)
         return remaining
 
-    def _gate_ratios(self, perm: dispatch.Permutation, num_tokens: int) -> Tensor | None:
-        """Each row's gate over its token's top gate (HOBBIT's importance), or None when no
-        low-precision copies are kept."""
-        if self.session.lowprec is None or not self.session.miss_threshold > 0:
-            return None
-        w_N = perm.weight_N.float()
-        top_T = w_N.new_zeros(num_tokens).scatter_reduce_(0, perm.token_idx_N, w_N, "amax")
-        return w_N / top_T[perm.token_idx_N].clamp_min(torch.finfo(torch.float32).tiny)
+    def _low_precision(self, d: RoutingDecision, num_tokens: int, needed: list[int]) -> set[int]:
+        """The experts of ``needed`` served from their low-precision copies (HOBBIT's rule,
+        :meth:`OffloadSession.use_low_precision`, on each row's gate over its token's top gate),
+        decided before any read starts; empty without copies."""
+        session = self.session
+        if session.lowprec is None or not session.miss_threshold > 0:
+            return set()
+        w_N = d.weight_N.float()
+        top_T = w_N.new_zeros(num_tokens).scatter_reduce_(0, d.token_idx_N, w_N, "amax")
+        ratio_N = w_N / top_T[d.token_idx_N].clamp_min(torch.finfo(torch.float32).tiny)
+        return {
+            e
+            for e in needed
+            if session.use_low_precision(self.layer, e, ratio_N[d.expert_idx_N == e])
+        }
 
     def __repr__(self) -> str:
         return f"OffloadDispatcher(layer={self.layer})"

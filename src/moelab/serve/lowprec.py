@@ -100,12 +100,16 @@ class LowPrecisionExperts:
                 q.low.set_(e, "w2", w2)
 
     def run(self, layer: int, expert: int, x_nD: Tensor, weight_n: Tensor) -> Tensor:
-        """Expert ``expert`` of ``layer`` from its copy on rows ``x_nD``, times their gates: that
-        one expert's matmuls (every expert is in the low bank, at its own slot), not the layer's
+        """:meth:`expert` times the rows' gates."""
+        y_nD = self.expert(layer, expert, x_nD)
+        return y_nD * weight_n.to(y_nD.dtype)[:, None]
+
+    def expert(self, layer: int, expert: int, x_nD: Tensor) -> Tensor:
+        """Expert ``expert`` of ``layer`` from its copy on rows ``x_nD``, ungated: that one
+        expert's matmuls (every expert is in the low bank, at its own slot), not the layer's
         forward over all E experts' (mostly empty) slices."""
         q = self.layers[layer]
-        y_nD = q.expert_output(q.low, expert, x_nD.float()).to(x_nD.dtype)
-        return y_nD * weight_n.to(y_nD.dtype)[:, None]
+        return q.expert_output(q.low, expert, x_nD.float()).to(x_nD.dtype)
 
     def dequantized(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
         """``(w13 [D, 2F], w2 [F, D])``: the float weights the copy computes with."""

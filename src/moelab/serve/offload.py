@@ -188,8 +188,8 @@ class OffloadSession:
         1 and at least two experts to fetch): the reads overlap each other and the computing of
         the experts already held. A miss without room (the budget would need a wait) is left to
         :meth:`fetch`. Counted as misses now; :meth:`fetch` waits for them and counts the wait."""
-        if self.read_workers < 2 or len(needed) < 2 or self.lowprec is not None:
-            return  # (with copies, a miss may be computed from its copy instead of read)
+        if self.read_workers < 2 or len(needed) < 2:
+            return  # (the caller leaves out the misses served from low-precision copies)
         for e in needed:
             key = (layer, e)
             self.ahead.pop(key, None)  # a stale read of an interrupted call: the cache has it
