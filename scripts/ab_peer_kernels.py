@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import moelab.layers.product_key_kernels as pkk
 import moelab.layers.sparse_rows as sparse_rows
+from moelab.bench.peer import make_state_resident, timed_step
 from moelab.layers.peer import PEER
 from moelab.native import load_c_kernel
 from moelab.runtime import keep_freed_memory
@@ -51,24 +51,12 @@ def main() -> None:
         pkk.avx2_topk_lib = lambda: libs[variant]
 
     def step() -> tuple[float, float, float]:
-        t0 = time.perf_counter()
-        y = layer(x)
-        t1 = time.perf_counter()
-        y.square().mean().backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        return tuple(t * 1e3 for t in timed_step(layer, opt, x))  # ms
 
     for variant in ("old", "new"):  # warm-up: kernels, optimizer state, then made resident
         use(variant)
         step()
-    with torch.no_grad():
-        for state in opt.state.values():
-            for t in state.values():
-                if torch.is_tensor(t) and t.is_floating_point() and t.numel() > 1:
-                    t.mul_(1.0)
+    make_state_resident(opt)
     keep_freed_memory()
     times: dict[str, list[tuple[float, float, float]]] = {"old": [], "new": []}
     for r in range(args.rounds):

@@ -40,16 +40,20 @@ def step_logits(model, ids, pad_B, fast: bool) -> list[torch.Tensor]:
     return out
 
 
+def prompt_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prompt (no padding) or all of :data:`PROMPTS` left-padded, with its padding counts."""
+    if batch == 1:
+        return torch.tensor([PROMPTS[1]]), None
+    ids, mask = left_pad(PROMPTS)
+    return ids, (mask == 0).sum(1)
+
+
 @pytest.mark.parametrize("preset", ["topk-tiny", "remoe-tiny"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_offloaded_short_step_equals_the_loaded_model(preset, batch, tmp_path):
     model = preset_model(preset, top_k=2) if preset == "topk-tiny" else preset_model(preset)
     weights = saved(model, tmp_path)
-    if batch == 1:
-        ids, pad_B = torch.tensor([PROMPTS[1]]), None
-    else:
-        ids, mask = left_pad(PROMPTS)
-        pad_B = (mask == 0).sum(1)
+    ids, pad_B = prompt_batch(batch)
     forward = step_logits(model, ids, pad_B, fast=False)
     short = step_logits(model, ids, pad_B, fast=True)
     served = offloaded(model, weights, "30%", tier_name="nvme3")

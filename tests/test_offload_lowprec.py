@@ -156,16 +156,12 @@ def test_short_step_with_copies_equals_the_general_path(batch, tmp_path, monkeyp
     general forward does: the same experts in low precision, the same reads, the same logits (to
     float rounding: a matmul pair per expert against the shell's grouped call), for one row and
     a left-padded batch; and the copies really ran (else the test would prove nothing)."""
-    from test_offload_decode import PROMPTS, left_pad, step_logits
+    from moelab.serve.hook import OffloadDispatcher
+    from test_offload_decode import prompt_batch, step_logits
 
     model = top2()
     weights = saved(model, tmp_path)
-    if batch == 1:
-        ids, pad_B = torch.tensor([PROMPTS[1]]), None
-    else:
-        ids, mask = left_pad(PROMPTS)
-        pad_B = (mask == 0).sum(1)
-    from moelab.serve.hook import OffloadDispatcher
+    ids, pad_B = prompt_batch(batch)
 
     general_calls = []
     run = OffloadDispatcher.run

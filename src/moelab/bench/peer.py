@@ -157,6 +157,31 @@ def _reset_peak() -> bool:
         return False
 
 
+def timed_step(layer: Any, opt: Any, x: Any) -> tuple[float, float, float]:
+    """One training step of ``layer`` on ``x`` (loss ``y.square().mean()``): forward, backward
+    and optimizer seconds."""
+    t0 = time.perf_counter()
+    y = layer(x)
+    t1 = time.perf_counter()
+    y.square().mean().backward()
+    t2 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def make_state_resident(opt: Any) -> None:
+    """Touch every page of the lazily allocated optimizer state, as a long run has."""
+    import torch
+
+    with torch.no_grad():
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1:
+                    v.mul_(1.0)
+
+
 def _child(cfg: dict) -> dict:
     """Measure one configuration in this (fresh) process."""
     import torch
@@ -182,23 +207,11 @@ def _child(cfg: dict) -> dict:
     rows = 0
 
     def step() -> tuple[float, float, float]:
-        t0 = time.perf_counter()
-        y = layer(x)
-        t1 = time.perf_counter()
-        y.square().mean().backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
+        return timed_step(layer, opt, x)
 
     for _ in range(2):
         step()
-    with torch.no_grad():  # make the lazily allocated AdamW state resident, as in a long run
-        for state in opt.state.values():
-            for v in state.values():
-                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1:
-                    v.mul_(1.0)
+    make_state_resident(opt)
     rss_kb = _status_kb("VmRSS") or 0
     clean = _reset_peak()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -61,15 +61,11 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         self.context = kwargs.get("context", args[2] if len(args) > 2 else None)
 
     def run(self, x_TD: Tensor, decision: RoutingDecision, experts: Any) -> Tensor:
-        if torch.is_grad_enabled() and x_TD.requires_grad:
-            raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
         perm = dispatch.permute(decision)
         x_ND = dispatch.gather(x_TD, perm)
         counts = perm.counts
         needed = [e for e, n in enumerate(counts) if n]
-        self.session.note_layer(self.layer, needed)
-        low = self._low_precision(decision, x_TD.shape[0], needed)
-        remaining = self._start(x_TD, needed, low)
+        low, remaining = self._start(x_TD, decision, needed)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
@@ -97,15 +93,11 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
         HOBBIT's rule sends to its low-precision copy is computed from the copy, not read."""
         self.valid_T, self.context = None, context  # what the layer's pre-hook would keep
         session = self.session
-        if torch.is_grad_enabled() and x_TD.requires_grad:
-            raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
         if x_TD.shape[0] == 1:
             needed = sorted(set(decision.expert_idx_N.tolist()))
         else:
             needed = [e for e, n in enumerate(decision.tokens_per_expert_E.tolist()) if n]
-        session.note_layer(self.layer, needed)
-        low = self._low_precision(decision, x_TD.shape[0], needed)
-        remaining = self._start(x_TD, needed, low)
+        low, remaining = self._start(x_TD, decision, needed)
         layer, activation = self.layer, self.shell.activation
 
         def expert_out(e: int, x_nD: Tensor) -> Tensor:
@@ -121,15 +113,24 @@ class OffloadDispatcher(dispatch.LocalDispatcher):
             lambda e: remaining.discard((layer, e)),
         )
 
-    def _start(self, x_TD: Tensor, needed: list[int], low: set[int]) -> set:
-        """Pin the layer's experts that are read (until their rows are computed), start reading
-        its misses together, then prefetch the next layer's guess; returns the pinned keys."""
-        remaining = {(self.layer, e) for e in needed if e not in low}
-        self.session.read_ahead(self.layer, [e for e in needed if e not in low], remaining)
+    def _start(
+        self, x_TD: Tensor, decision: RoutingDecision, needed: list[int]
+    ) -> tuple[set[int], set]:
+        """What both paths do before computing the layer's ``needed`` experts: note the use,
+        decide which misses come from low-precision copies (before any read), pin the experts
+        that are read (until their rows are computed), start reading their misses together, then
+        prefetch the next layer's guess. Returns the copies' experts and the pinned keys."""
+        if torch.is_grad_enabled() and x_TD.requires_grad:
+            raise RuntimeError("offloaded experts are read-only: run the model under no_grad")
+        self.session.note_layer(self.layer, needed)
+        low = self._low_precision(decision, x_TD.shape[0], needed)
+        read = [e for e in needed if e not in low]
+        remaining = {(self.layer, e) for e in read}
+        self.session.read_ahead(self.layer, read, remaining)
         if self.next_router is not None and self.session.prefetch_enabled:
             guess = predict_experts(self.next_router, x_TD, self.valid_T, self.context)
             self.session.prefetch(self.layer + 1, guess, remaining)
-        return remaining
+        return low, remaining
 
     def _low_precision(self, d: RoutingDecision, num_tokens: int, needed: list[int]) -> set[int]:
         """The experts of ``needed`` served from their low-precision copies (HOBBIT's rule,
