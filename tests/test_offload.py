@@ -108,6 +108,28 @@ def test_relu_tokens_with_zero_experts_fetch_nothing(tmp_path):
     assert 1 not in seen and {0, 2} <= seen
 
 
+def test_a_forward_with_gradients_is_refused_before_any_read(tmp_path):
+    """The offloaded experts are buffers read from disk, not parameters: a backward pass through
+    them cannot update anything. A forward that records gradients is refused in one line before
+    the first layer notes a use or starts a read; without gradients (no_grad, inference mode)
+    the same model serves the loaded model's logits."""
+    model = preset_model("topk-tiny")
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    served = offloaded(model, saved(model, tmp_path), prefetch=True, read_workers=2)
+    with pytest.raises(RuntimeError, match="^offloaded experts are read-only: run the model under"):
+        served(ids)
+    stats = served.offload.stats()
+    assert stats["forwards"] == stats["misses"] == stats["prefetch_issued"] == 0
+    assert stats["bytes_read"] == 0 and not served.offload.cache.entries
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(served(ids), want, rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(served(ids), want, rtol=1e-6, atol=1e-6)
+    assert served.offload.stats()["forwards"] == 2
+    served.offload.close()
+
+
 @pytest.mark.parametrize(("policy", "prefetch"), [("lru", True), ("lfu", True), ("lru", False)])
 def test_measured_bytes_never_exceed_the_budget(policy, prefetch, tmp_path):
     model = preset_model("remoe-tiny")
