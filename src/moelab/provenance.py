@@ -101,10 +101,11 @@ def data_checksum(dataset_dir: Path) -> str | None:
 
 
 def source_reference(source: str | Path, run_dir: str | Path) -> str:
-    """How a run's provenance ``origin`` names the run or checkpoint directory ``source`` its
-    weights came from: relative to the new run's directory ``run_dir`` (``"../topk-seed0"``)
-    when both lie inside the working directory (a project or results tree, copied or committed as
-    a whole, as ``compare --suite`` records its own paths), else absolute. Read it back with
+    """How a run's provenance ``origin`` names a directory ``source`` it was made from: the run
+    or checkpoint its weights came from, or a dataset it read (``compress``'s calibration data).
+    Relative to the new run's directory ``run_dir`` (``"../topk-seed0"``) when both lie inside
+    the working directory (a project or results tree, copied or committed as a whole, as
+    ``compare --suite`` records its own paths), else absolute. Read it back with
     :func:`source_path`."""
     src = Path(source).expanduser().resolve()
     out = Path(run_dir).expanduser().resolve()

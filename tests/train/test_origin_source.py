@@ -1,7 +1,8 @@
 """How a run made from another (``upcycle``, ``prune``/``compress``, ``convert-hf``) names its
-source in provenance: relative to the new run when both lie inside the working directory, so a
-results tree copied elsewhere still finds its sources; absolute otherwise; and the source
-checkpoint's weights by sha256 (checked against ``hashlib`` over the file's bytes)."""
+source (and ``compress`` its calibration data) in provenance: relative to the new run when both
+lie inside the working directory, so a results tree copied elsewhere still finds its sources;
+absolute otherwise; and the source checkpoint's weights by sha256 (checked against ``hashlib``
+over the file's bytes)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def test_weights_sha256_of_one_file_is_its_bytes_and_shards_count_their_names(tm
 
 def test_upcycle_and_prune_record_portable_sources(tmp_path, monkeypatch, data_dir):
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(data_dir, "data")  # the project's own data: prune calibrates on it
     dense = Path("results/paper/runs/dense")
-    train(tiny_config(data_dir, train={"steps": 1, "eval_every": 0}), dense)
+    train(tiny_config(Path("data"), train={"steps": 1, "eval_every": 0}), dense)
     moe = Path("results/upcycle/runs/moe")
     upcycle_run(dense, moe, num_experts=4, top_k=1)
     pruned = Path("results/compress/runs/pruned")
@@ -59,6 +61,8 @@ def test_upcycle_and_prune_record_portable_sources(tmp_path, monkeypatch, data_d
         weights = RunDir(source).latest_checkpoint() / RunDir.WEIGHTS
         assert origin["source"] == f"../../../{source.parent.parent.name}/runs/{source.name}"
         assert origin["source_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    calibration = RunDir(pruned).provenance()[0]["origin"]["calibration"]
+    assert calibration.startswith("../../../../data (sha256 ")  # named as the source is
 
     with pytest.raises(
         ValueError, match=f"started from the weights of {(tmp_path / dense).resolve()} "
@@ -70,6 +74,8 @@ def test_upcycle_and_prune_record_portable_sources(tmp_path, monkeypatch, data_d
     origin = RunDir(Path("moved/compress/runs/pruned")).provenance()[0]["origin"]
     found = source_path(Path("moved/compress/runs/pruned"), origin["source"]).resolve()
     assert found == (tmp_path / "moved/upcycle/runs/moe").resolve()
+    data = source_path(Path("moved/compress/runs/pruned"), calibration.split(" (sha256 ")[0])
+    assert data.resolve() == (tmp_path / "data").resolve()
     assert RunDir(found).latest_checkpoint() is not None
 
     model, cfg = load_run(found)  # a relative source still guards the run it came from

@@ -8,9 +8,10 @@ run's training split (or a prepared dataset given as ``calib_data``), calls the 
 :func:`~moelab.train.start_run` (the source's optimizer state is dropped; a ReLU router's trained
 λ is carried, its sparsity target ``1 − k/E`` follows from the new model). The run's provenance
 ``origin`` records the method, ratio, options, each layer's :class:`LayerChange`, the weights
-file's bytes on disk (the source's and the new one's), the calibration source and seed, and the
-source run (relative to the new run where both are inside the working directory) and checkpoint
-with its weights' sha256 (:func:`moelab.provenance.source_fields`). The source run is only read.
+file's bytes on disk (the source's and the new one's), the calibration source (its dataset named
+as the source run is) and seed, and the source run (relative to the new run where both are inside
+the working directory, :func:`moelab.provenance.source_reference`) and checkpoint with its
+weights' sha256 (:func:`moelab.provenance.source_fields`). The source run is only read.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from moelab.data import TokenDataset, check_vocab_compatible, dataset_checksum
 from moelab.eval.perplexity import eval_batches
 from moelab.layers.routers import require
 from moelab.model.moe_config import MoEConfig
-from moelab.provenance import source_fields
+from moelab.provenance import source_fields, source_reference
 from moelab.rundir import RunDir
 from moelab.train import load_run, load_run_config, open_dataset, run_config_for, start_run
 from moelab.train.config import RunConfig
@@ -92,7 +93,7 @@ def compress_run(
     open_dataset(run_config_for(model, config.to_dict(), overrides))
     compressor.check(model)
 
-    calib = _calibration(dataset, config, calib_batches, seed)
+    calib = _calibration(dataset, config, calib_batches, seed, output)
     threads = torch.get_num_threads()
     if config.train.threads is not None:  # the run's choice (tiny presets: 1, see training.md)
         torch.set_num_threads(config.train.threads)
@@ -228,8 +229,12 @@ def _calibration_dataset(
 
 
 def _calibration(
-    dataset: TokenDataset | None, config: RunConfig, batches: int, seed: int
+    dataset: TokenDataset | None, config: RunConfig, batches: int, seed: int, output: str | Path
 ) -> Calibration:
+    """The calibration batches, and their source as the new run ``output``'s provenance names
+    it: the dataset as :func:`~moelab.provenance.source_reference` names a source (relative to
+    ``output`` inside the working directory, so a results tree moved as a whole still finds it),
+    its checksum (which identifies the tokens wherever they are), the split and the batches."""
     if dataset is None:
         return Calibration([], "none", seed)
     d = config.data
@@ -241,7 +246,8 @@ def _calibration(
     ]
     shape = f"{len(windows)} batches of {d.eval_batch_size}x{d.seq_len} tokens"
     checksum = dataset_checksum(dataset.path)
-    source = f"{dataset.path} (sha256 {checksum}), split '{CALIBRATION_SPLIT}', {shape}"
+    where = source_reference(dataset.path, output)
+    source = f"{where} (sha256 {checksum}), split '{CALIBRATION_SPLIT}', {shape}"
     return Calibration(windows, source, seed)
 
 

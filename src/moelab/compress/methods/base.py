@@ -56,8 +56,9 @@ __all__ = [
 class Calibration:
     """Token batches a method measures the model on (no labels: next-token inputs)."""
 
-    batches: list[torch.Tensor]  # input ids [B, T]: the run's validation split, or --calib-data
-    source: str  # for provenance: dataset path/checksum, split, number of batches
+    batches: list[torch.Tensor]  # input ids [B, T]: the run's training split, or --calib-data
+    source: str  # for provenance: dataset (as provenance.source_reference names it), checksum,
+    # split, number of batches
     seed: int
 
     @property
