@@ -489,3 +489,17 @@ def test_topk_orders_by_value_then_lower_index_on_every_path(
         v, i = pk.topk_last_dim(x, k)
         ref = x.sort(dim=-1, descending=True, stable=True)
         assert torch.equal(v, ref.values[..., :k]) and torch.equal(i, ref.indices[..., :k])
+
+
+@pytest.mark.parametrize("S", [24, 64, 100])
+def test_network_counts_nan_rows_in_whole_and_partial_blocks(S: int) -> None:
+    """The network reads 8 whole rows at a time by transposes (S a multiple of 8) and the last
+    rows one entry at a time: NaN rows must be counted alike in both, one per row however many
+    NaNs it holds (rows 2 and 5 of the first block, 9 of the second, 17 of the partial one)."""
+    if native.load_c_kernel("topk", pk._TOPK_C) is None or pkk.avx2_topk_lib() is None:
+        pytest.skip("no C compiler or no AVX2")
+    x = torch.randn(19, S, generator=torch.Generator().manual_seed(S))
+    for row, cols in ((2, [0]), (5, [S - 1, 3]), (9, [S // 2]), (17, [1, 2, S - 2])):
+        x[row, cols] = float("nan")
+    with pytest.raises(pk.NaNScoresError, match=r"NaN scores in 4 of 19 rows"):
+        pk.topk_last_dim(x, 5)
