@@ -75,7 +75,7 @@ def fmt(values: list[float], spec: str = ".2f") -> str:
 def main() -> None:
     from moelab.bench.offload import add_arguments
     from moelab.bench.offload_models import bench_config, open_bench_model
-    from moelab.serve.offload import check_offloadable
+    from moelab.serve import check_offloadable
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True)

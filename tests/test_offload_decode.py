@@ -72,11 +72,13 @@ class SlowReads:
     def __init__(self, read) -> None:
         self.read, self.lock = read, threading.Lock()
         self.now = self.most = self.total = 0  # reads in flight, most at once, bytes returned
+        self.here = 0  # reads made by the decoding (main) thread itself
 
     def __call__(self, *args) -> int:
         with self.lock:
             self.now += 1
             self.most = max(self.most, self.now)
+            self.here += threading.current_thread() is threading.main_thread()
         time.sleep(0.003)
         n = self.read(*args)
         with self.lock:
@@ -148,3 +150,16 @@ def test_a_modelled_link_is_shared_by_reads_in_flight(tmp_path):
     store.close()
     assert elapsed >= 2 * one * 0.95
     assert torch.equal(got[0], experts.w2_EFD[3]) and torch.equal(got[1], experts.w2_EFD[5])
+
+
+def test_the_decoding_thread_reads_one_miss_itself(tmp_path):
+    """Of a layer's misses, all but one go to the read pool and the decoding thread reads the
+    last meanwhile: a lone miss costs no thread switch, two still overlap (k = 2 and a cold
+    cache: the pool alone used to read every miss here)."""
+    model = preset_model("topk-tiny", top_k=2)
+    served = offloaded(model, saved(model, tmp_path), "100%", read_workers=4)
+    reads = served.offload.store.read = SlowReads(served.offload.store.read)
+    assert torch.equal(greedy(served), greedy(model))
+    misses = served.offload.stats()["misses"]
+    served.offload.close()
+    assert 0 < reads.here < misses and reads.most >= 2

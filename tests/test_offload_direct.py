@@ -67,6 +67,23 @@ def test_direct_reads_equal_the_file_for_every_expert(tmp_path):
     store.close()
 
 
+def test_direct_read_refuses_an_output_it_cannot_fill_whole(tmp_path):
+    """The bytes are copied to ``out``'s address: a strided or wrongly sized ``out`` is refused
+    (it would be written past its elements), not filled wrongly."""
+    model = preset_model("topk-tiny")
+    store = ExpertStore(saved(model, tmp_path), tier("disk"))
+    slot = store.slots(
+        "blocks.0.ffn.experts.",
+        E,
+        {p: getattr(model.blocks[0].ffn.experts, p).shape for p in PARTS},
+    )[0]
+    whole = torch.empty(slot.shape, dtype=slot.dtype)
+    for bad in (whole.t(), whole[:-1]):
+        with pytest.raises(ValueError, match="contiguous tensor of"):
+            store.direct.read(slot.offset, slot.stride, bad)
+    store.close()
+
+
 def refuse_direct_open(monkeypatch) -> None:
     real_open = os.open
 

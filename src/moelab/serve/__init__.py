@@ -31,7 +31,7 @@ _HOME = {
     "parse_bytes": "tiers",
     "ExpertCache": "cache",
     "OffloadSession": "offload",
-    "check_offloadable": "offload",
+    "check_offloadable": "offloadable",
     "offload_model": "offload",
     "load_offloaded": "run",
     "print_stats": "run",
