@@ -95,13 +95,20 @@ class ExpertCache:
 
     # ---- policy ---------------------------------------------------------------------------------
 
-    def _victims(self, pinned: Iterable[Key]) -> list[Key]:
-        """Evictable keys (loaded, not pinned), first victim first."""
-        pinned = set(pinned)
-        keys = [k for k, e in self.entries.items() if e.ready and k not in pinned]
+    def _victim(self, pinned: set) -> Key | None:
+        """The next evictable key (loaded, not pinned) by the policy, or None: one pass, no sort
+        (a sort of every entry on each eviction cost ~60 us of a 0.5 ms miss at 64 entries)."""
+        last, uses = self.last_use, self.uses
         if self.policy == "lru":
-            return sorted(keys, key=lambda k: self.last_use[k])
-        return sorted(keys, key=lambda k: (self.uses[k], self.last_use[k]))
+            ranked = ((last[k], k) for k, e in self.entries.items() if e.ready and k not in pinned)
+        else:
+            ranked = (
+                (uses[k], last[k], k)
+                for k, e in self.entries.items()
+                if e.ready and k not in pinned
+            )
+        best = min(ranked, default=None)  # last_use ticks are unique: no tie reaches the key
+        return None if best is None else best[-1]
 
     def _touch(self, key: Key) -> None:
         self.tick += 1
@@ -119,9 +126,9 @@ class ExpertCache:
         else is evictable. False (nothing evicted beyond need) when it cannot."""
         pinned = set(pinned)
         while self.held + nbytes > self.budget:
-            victims = self._victims(pinned)
-            if victims:
-                self._evict(victims[0])
+            victim = self._victim(pinned)
+            if victim is not None:
+                self._evict(victim)
                 continue
             if wait and any(not e.ready for e in self.entries.values()):
                 self.cond.wait()
