@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="10,25,50,100", help="%% of the experts' bytes")
     parser.add_argument("--policies", default="lru,lfu,prefetch", help=", ".join(POLICIES))
     parser.add_argument("--tier", default="disk", help="disk (real), pcie16, nvme3 (modelled)")
-    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per run")
+    parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per run (64)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
