@@ -163,3 +163,34 @@ def test_the_decoding_thread_reads_one_miss_itself(tmp_path):
     misses = served.offload.stats()["misses"]
     served.offload.close()
     assert 0 < reads.here < misses and reads.most >= 2
+
+
+def test_a_call_interrupted_after_its_reads_are_reserved_leaves_nothing_stuck(tmp_path):
+    """An error (or Ctrl-C) between reserving a layer's misses and reading them leaves the miss
+    this thread was to read reserved but never loaded: the next call must give its room back
+    (not wait for it for ever) and decode the loaded model's tokens."""
+    model = preset_model("topk-tiny", top_k=2)
+    served = offloaded(model, saved(model, tmp_path), "100%", read_workers=4)
+    session = served.offload
+    real_fetch = session.fetch
+
+    def fail_once(*args):
+        session.fetch = real_fetch
+        raise KeyboardInterrupt
+
+    session.fetch = fail_once
+    with pytest.raises(KeyboardInterrupt):
+        greedy(served)
+    stuck = set(session.inline)  # the interrupted call's own miss, reserved and never read
+    assert stuck and not any(session.cache.entries[k].ready for k in stuck)
+    session.read_ahead(len(served.blocks) - 1, [], set())  # the next layer call starts
+    assert not stuck & set(session.cache.entries)  # its room is back, nothing waits for it
+    done: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: done.append(greedy(served)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    entries = dict(session.cache.entries)
+    session.close()
+    assert done and torch.equal(done[0], greedy(model))
+    # nothing left "in flight" for ever: the stale reservation was returned (or loaded)
+    assert all(e.ready for e in entries.values()), [k for k, e in entries.items() if not e.ready]

@@ -92,7 +92,7 @@ class OffloadSession:
         self.read_workers = read_workers
         self.prefetcher = Prefetcher(read_workers) if prefetch or read_workers > 1 else None
         self.ahead: dict[tuple[int, int], Future] = {}  # misses read ahead, not yet used
-        self.inline: dict[tuple[int, int], Any] = {}  # a miss reserved for this thread to read
+        self.inline: dict[tuple[int, int], list[torch.Tensor]] = {}  # a miss this thread reads
         self.lowprec_fill_s = 0.0
         self.reset_counters()
 
@@ -159,9 +159,7 @@ class OffloadSession:
         :meth:`fetch`. Counted as misses now; :meth:`fetch` waits for them, counting the wait."""
         if self.read_workers < 2:
             return  # (the caller leaves out the misses served from low-precision copies)
-        for key in self.inline:  # reserved by an interrupted call and never read
-            self.cache.drop(key)
-        self.inline.clear()
+        self._forget_inline()
         reserved = []
         for e in needed:
             key = (layer, e)
@@ -171,17 +169,24 @@ class OffloadSession:
                 reserved.append((key, entry))
         for i, (key, entry) in enumerate(reserved):
             if i == len(reserved) - 1:
-                self.inline[key] = entry
+                self.inline[key] = entry.tensors
             else:
                 self.ahead[key] = self.prefetcher.submit(self._load, key, entry.tensors)
+
+    def _forget_inline(self) -> None:
+        """Return the room of a miss reserved for this thread by a call that was interrupted
+        before reading it (it would otherwise stay "in flight" for ever)."""
+        for key in self.inline:
+            self.cache.drop(key)
+        self.inline.clear()
 
     def fetch(self, layer: int, expert: int, pinned: set) -> list[torch.Tensor]:
         t0 = time.perf_counter()
         mine = self.inline.pop((layer, expert), None)
         if mine is not None:  # reserved and counted by read_ahead, read by this thread
-            self._load((layer, expert), mine.tensors)
+            self._load((layer, expert), mine)
             self.wait_s += time.perf_counter() - t0
-            return mine.tensors
+            return mine
         read = self.ahead.pop((layer, expert), None)
         if read is not None:  # counted when it was started; wait for it to land
             read.result()
@@ -222,9 +227,7 @@ class OffloadSession:
         if self.prefetcher is not None:
             self.prefetcher.drain()
         self.ahead.clear()
-        for key in self.inline:
-            self.cache.drop(key)
-        self.inline.clear()
+        self._forget_inline()
         self.cache.stats = type(self.cache.stats)(peak_bytes=self.cache.held)
         self.store.reset_counters()
         self.used_bytes, self.forwards, self.wait_s = 0, 0, 0.0
