@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moelab.model import ModelConfig, TransformerLM, generate
-from moelab.model.generate import nucleus_filter, sample_next
+from moelab.model.generate import greedy_ids, nucleus_filter, sample_next
 
 HAS_MOE = importlib.util.find_spec("moelab.layers.moe") is not None
 
@@ -123,3 +123,20 @@ def test_generate_restores_training_mode_and_validates():
         generate(model, prompt(), 2, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, prompt(), 2, temperature=-1.0)
+
+
+@pytest.mark.parametrize("V", [8192, 1000, 256])
+def test_greedy_ids_equal_argmax_with_ties_inf_and_nan(V: int) -> None:
+    """The two-pass greedy pick must return argmax's ids exactly: the first maximum of a row on
+    ties (also ties across blocks), +inf, a row of -inf, and the first NaN where a row has NaNs."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(9, V, generator=g)
+    x[1, [5, V - 3]] = 9.0  # tie: two blocks apart, the first wins
+    x[2, [V // 2, V // 2 + 1]] = 9.0  # tie inside a block
+    x[3, V - 1] = float("inf")
+    x[4] = float("-inf")
+    x[5, [7, V - 2]] = float("nan")  # the first NaN wins, as argmax picks it
+    x[6, V - 1] = float("nan")
+    x[7] = torch.randint(-2, 3, (V,), generator=g).float()  # most entries tie
+    assert torch.equal(greedy_ids(x), x.argmax(dim=-1))
+    assert torch.equal(greedy_ids(x[:1]), x[:1].argmax(dim=-1))

