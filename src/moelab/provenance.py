@@ -79,6 +79,20 @@ def _meta_identity(raw: bytes) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
+def hash_file(digest: Any, path: Path) -> None:
+    """Feed ``path``'s bytes into ``digest`` (a ``hashlib`` object), 1 MiB at a time."""
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of one file's bytes (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    hash_file(digest, path)
+    return digest.hexdigest()
+
+
 def data_checksum(dataset_dir: Path) -> str | None:
     """sha256 over a prepared dataset's files (None if there are none), in name order: the token
     and domain files and the tokenizer byte for byte, ``meta.json`` without the fields that name
@@ -94,9 +108,7 @@ def data_checksum(dataset_dir: Path) -> str | None:
         if path.name == "meta.json":
             digest.update(_meta_identity(path.read_bytes()))
             continue
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(digest, path)
     return digest.hexdigest()
 
 
@@ -129,13 +141,12 @@ def weights_sha256(files: list[Path]) -> str | None:
     files = sorted(f for f in files if f.is_file())
     if not files:
         return None
+    if len(files) == 1:
+        return file_sha256(files[0])
     digest = hashlib.sha256()
     for path in files:
-        if len(files) > 1:
-            digest.update(path.name.encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(path.name.encode())
+        hash_file(digest, path)
     return digest.hexdigest()
 
 

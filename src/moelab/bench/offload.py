@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moelab.serve.options import add_read_workers_argument, check_read_workers
+
 POLICIES = {"lru": ("lru", False), "lfu": ("lfu", False), "prefetch": ("lru", True)}
 
 
@@ -81,13 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens fed while decoding: the validation text after the prompt (needs --run; its "
         "default) or the model's own greedy tokens (random init's default)",
     )
-    parser.add_argument(
-        "--read-workers",
-        type=int,
-        default=None,
-        help="expert reads in flight at once (a layer's misses together, prefetches); 1 reads "
-        "one at a time (default 4)",
-    )
+    add_read_workers_argument(parser)
     parser.add_argument(
         "--nll-windows",
         type=int,
@@ -161,7 +157,6 @@ def run(args: argparse.Namespace) -> int:
 
     from moelab.bench.offload_models import bench_config, open_bench_model
     from moelab.bench.offload_table import compare, print_table, rows_of
-    from moelab.serve.options import check_read_workers
 
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = args.policies.split(",")

@@ -7,12 +7,13 @@ must not depend on ``transformers`` or network access, so we read ``tokenizer.js
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moelab.provenance import file_sha256  # also imported from here by callers
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -21,14 +22,6 @@ SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
 
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "tokenizer" / "tokenizer.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TextTokenizer:

@@ -101,8 +101,7 @@ class KVCache:
             self.pad_B = None  # no row is padded: the plain (faster) path
             return
         self._pad_max = int(self.pad_B.max())  # one sync, at set-up
-        positions_P = torch.arange(self.max_len, device=device)
-        self._key_valid_BP = positions_P[None, :] >= self.pad_B[:, None]
+        self._key_valid_BP = self._key_valid(self.max_len)
 
     def fork(self, max_len: int) -> KVCache:
         """A copy of the stored positions (and padding) with room for ``max_len``: decoding on
@@ -121,9 +120,13 @@ class KVCache:
 
         new.k, new.v = [resized(t) for t in self.k], [resized(t) for t in self.v]
         if self.pad_B is not None:
-            positions_P = torch.arange(max_len, device=self.pad_B.device)
-            new._key_valid_BP = positions_P[None, :] >= self.pad_B[:, None]
+            new._key_valid_BP = self._key_valid(max_len)
         return new
+
+    def _key_valid(self, max_len: int) -> Tensor:
+        """``[B, max_len]``: True at the positions that hold a token (past each row's padding)."""
+        positions_P = torch.arange(max_len, device=self.pad_B.device)
+        return positions_P[None, :] >= self.pad_B[:, None]
 
     def positions(self, length: int, device: torch.device) -> Tensor | None:
         """RoPE positions ``[B, L]`` of the ``length`` new tokens, counted per row from its first

@@ -167,10 +167,10 @@ class OffloadSession:
             entry = self.cache.reserve_miss(key, self.expert_bytes[layer], pinned)
             if entry is not None:
                 reserved.append((key, entry))
-        for i, (key, entry) in enumerate(reserved):
-            if i == len(reserved) - 1:
-                self.inline[key] = entry.tensors
-            else:
+        if reserved:
+            *to_pool, (key, entry) = reserved
+            self.inline[key] = entry.tensors
+            for key, entry in to_pool:
                 self.ahead[key] = self.prefetcher.submit(self._load, key, entry.tensors)
 
     def _forget_inline(self) -> None:

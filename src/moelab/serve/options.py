@@ -12,6 +12,7 @@ __all__ = [
     "POLICIES",
     "READ_WORKERS",
     "add_offload_arguments",
+    "add_read_workers_argument",
     "check_read_workers",
 ]
 
@@ -26,6 +27,19 @@ def check_read_workers(read_workers: int, field: str = "read_workers") -> None:
     """A one-line ValueError naming ``field`` unless ``read_workers`` is an integer >= 1."""
     if isinstance(read_workers, bool) or not isinstance(read_workers, int) or read_workers < 1:
         raise ValueError(f"{field}: must be an integer >= 1, got {read_workers!r}")
+
+
+def add_read_workers_argument(p: argparse.ArgumentParser) -> None:
+    """``--read-workers N`` (default None: the session's :data:`READ_WORKERS`), for ``generate``
+    and ``bench offload``; check the value with :func:`check_read_workers`."""
+    p.add_argument(
+        "--read-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"expert reads in flight at once (a layer's misses together, prefetches); 1 reads "
+        f"one at a time (default {READ_WORKERS})",
+    )
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,14 +66,7 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
         help="where experts come from: disk (real, O_DIRECT or page cache dropped) or a "
         "modelled link",
     )
-    p.add_argument(
-        "--read-workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"with --expert-memory: expert reads in flight at once (a layer's misses together, "
-        f"prefetches); 1 reads one at a time (default {READ_WORKERS})",
-    )
+    add_read_workers_argument(p)
     p.add_argument(
         "--miss-precision",
         default=None,

@@ -85,11 +85,16 @@ class ExpertStore:
         with self.count_lock:
             self.disk_bytes = 0
 
+    @property
+    def reads_direct(self) -> bool:
+        """Whether reads go through ``O_DIRECT`` now (opened, and not refused since)."""
+        return self.direct is not None and self.direct_refused is None
+
     def label(self) -> str:
         """The tier's label and how this store reads it (``O_DIRECT``, or why not)."""
         if not self.tier.direct:
             return self.tier.label()
-        if self.direct is not None and self.direct_refused is None:
+        if self.reads_direct:
             return f"{self.tier.name} (real reads, O_DIRECT)"
         why = self.direct_refused or "O_DIRECT off"
         return f"{self.tier.name} (real reads, page cache dropped; {why})"
@@ -153,13 +158,11 @@ class ExpertStore:
 
     def _read_range(self, offset: int, length: int, out: torch.Tensor) -> int:
         """``length`` bytes at ``offset`` into ``out``; the bytes asked of the file."""
-        direct = self.direct
-        if direct is not None and self.direct_refused is None:
+        if self.reads_direct:
             try:
-                return direct.read(offset, length, out)
+                return self.direct.read(offset, length, out)
             except EOFError:
-                msg = f"{self.path}: short read at byte {offset} (file changed?)"
-                raise CheckpointError(msg) from None
+                raise self._short_read(offset) from None
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
@@ -171,8 +174,11 @@ class ExpertStore:
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")
         got = os.preadv(self.fd, [view], offset)
         if got != length:
-            raise CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
+            raise self._short_read(offset)
         return got
+
+    def _short_read(self, offset: int) -> CheckpointError:
+        return CheckpointError(f"{self.path}: short read at byte {offset} (file changed?)")
 
 
 def _read_header(path: Path, size: int) -> tuple[dict, int]:
